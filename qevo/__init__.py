@@ -1,0 +1,1 @@
+"""qevo: evolutionary compression of neural networks in JAX."""
