@@ -1,0 +1,588 @@
+"""Image-classification datasets as in-memory uint8 arrays, decoded once and cached.
+
+`load_dataset` returns a `Dataset` for one of:
+
+- ``"mnist"``: 28x28x1, 10 classes, 60,000 train / 10,000 test.
+- ``"cifar10"``: 32x32x3, 10 classes in CIFAR-10's own order, 50,000 / 10,000.
+- ``"imagenette"``: 224x224x3 (from the offline copy), 10 classes, 9,469 / 3,925; its
+  official ``val`` split serves as the test split.
+- ``"image_folder"``: the user's own ``<root>/{train,test}/<class>/*.{jpg,jpeg,png}``,
+  either as a folder or as a ``.tar.gz`` of one (a single top-level folder inside the
+  archive is fine); classes sorted alphabetically; every image converted to RGB.
+
+Sources (``source=``):
+
+- ``"local"``: the distributed archives under ``data_dir`` (the argument, else
+  ``$QEVO_DATA_DIR``)::
+
+      <data_dir>/mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz
+      <data_dir>/cifar10/CIFAR-10-images-jpg.tar.gz
+      <data_dir>/imagenette/imagenette-224-{train,val}.tar.gz
+
+  Each file's size and md5 are checked before it is first decoded.
+- ``"tfds"``: tensorflow-datasets (``pip install 'qevo[tfds]'``), downloading as usual;
+  for MNIST, ``<data_dir>/mnist`` is given to tfds as its manual folder, which lets it
+  prepare MNIST offline.
+- ``"auto"`` (default): ``"local"`` when a data folder is known, else ``"tfds"``.
+
+Decoded arrays are cached as an uncompressed ``.npz`` under ``cache_dir`` (the argument,
+else ``$QEVO_CACHE_DIR``, else ``~/.cache/qevo``), keyed by dataset, image size and the
+source files' names, sizes and modification times; a later call loads the cache instead
+of decoding. A validation split is carved from train with a fixed seed, so model search
+never looks at the test split.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import gzip
+import hashlib
+import importlib.util
+import io
+import json
+import multiprocessing
+import os
+import pathlib
+import tarfile
+import tempfile
+import warnings
+import zipfile
+import zlib
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+from PIL import Image
+
+DATASET_NAMES = ("mnist", "cifar10", "imagenette", "image_folder")
+SOURCES = ("auto", "local", "tfds")
+DATA_DIR_ENV = "QEVO_DATA_DIR"
+CACHE_DIR_ENV = "QEVO_CACHE_DIR"
+
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)
+IMAGENETTE_CLASSES = (
+    "n01440764", "n02102040", "n02979186", "n03000684", "n03028079",
+    "n03394916", "n03417042", "n03425413", "n03445777", "n03888257",
+)
+MNIST_CLASSES = tuple(str(d) for d in range(10))
+
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+_CACHE_FORMAT = 1
+_CHUNK = 1000  # images per decode task sent to a worker process
+_MAX_WORKERS = 8
+_IMAGENETTE_TFDS_SIZE = 224  # size of the offline copy; tfds images vary in size
+
+
+class DataError(ValueError):
+    """A dataset file is missing, corrupt, or not laid out as expected."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Archive:
+    """One distributed source file: its path under data_dir, size in bytes and md5."""
+
+    relpath: str
+    size: int
+    md5: str
+
+
+_ARCHIVES = {
+    "mnist": (
+        _Archive("mnist/train-images-idx3-ubyte.gz", 9_912_422, "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+        _Archive("mnist/train-labels-idx1-ubyte.gz", 28_881, "d53e105ee54ea40749a09fcbcd1e9432"),
+        _Archive("mnist/t10k-images-idx3-ubyte.gz", 1_648_877, "9fb629c4189551a2d022fa330f9573f3"),
+        _Archive("mnist/t10k-labels-idx1-ubyte.gz", 4_542, "ec29112dd5afa0611ce80d1b7f02629c"),
+    ),
+    "cifar10": (
+        _Archive("cifar10/CIFAR-10-images-jpg.tar.gz", 19_435_776, "adf37386f8f1c3971a941f1f9f8a8487"),
+    ),
+    "imagenette": (
+        _Archive("imagenette/imagenette-224-train.tar.gz", 93_307_097, "26dd1a3f1062f2dcee7cc167aa742725"),
+        _Archive("imagenette/imagenette-224-val.tar.gz", 38_914_658, "c1b3eff17ec8bf5c5054445fbafb1e02"),
+    ),
+}
+
+_TFDS_BUILDERS = {"mnist": "mnist", "cifar10": "cifar10", "imagenette": "imagenette/320px-v2"}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+    """A classification dataset held in memory.
+
+    Images are uint8 arrays ``[N, H, W, C]`` (pixel values 0..255, C = 1 for MNIST, 3
+    otherwise); labels are int32 ``[N]`` in ``0..num_classes-1``. ``val_*`` are carved from
+    the original train split, ``train_*`` is the rest. ``mean``/``std`` are per channel,
+    over the ``train_*`` pixels scaled to [0, 1]; pass them to `normalize`.
+    """
+
+    name: str
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    val_images: np.ndarray
+    val_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    num_classes: int
+    class_names: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(images [N,H,W,C] uint8, labels [N] int32)`` of ``"train"``, ``"val"`` or ``"test"``."""
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"unknown split {name!r}; expected 'train', 'val' or 'test'")
+        return getattr(self, f"{name}_images"), getattr(self, f"{name}_labels")
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{s}={getattr(self, f'{s}_images').shape}" for s in ("train", "val", "test"))
+        return f"Dataset({self.name!r}, {shapes}, num_classes={self.num_classes})"
+
+
+def normalize(images, mean, std):
+    """uint8 images ``[..., C]`` -> float32 ``(images / 255 - mean) / std``, per channel.
+
+    Accepts numpy or jax arrays (also under `jax.jit`); ``mean`` and ``std`` are length-C
+    sequences in [0, 1] units, e.g. ``Dataset.mean``/``Dataset.std``. Returns a jax array.
+    """
+    # Imported here so that the worker processes decoding images never import jax.
+    import jax.numpy as jnp
+
+    x = jnp.asarray(images, jnp.float32) / 255.0
+    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    val_size: int = 5000,
+    seed: int = 0,
+    image_size: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    source: str = "auto",
+) -> Dataset:
+    """Load a dataset, carve ``val_size`` validation images from train, compute statistics.
+
+    Args:
+      name: one of `DATASET_NAMES`.
+      data_dir: for the named datasets, the folder holding ``mnist/``, ``cifar10/``,
+        ``imagenette/`` (default ``$QEVO_DATA_DIR``); for ``"image_folder"``, the image
+        folder itself or a ``.tar.gz`` of it (required).
+      val_size: number of train images moved to the validation split (0 allowed).
+      seed: seed of the permutation that picks the validation images.
+      image_size: if given, every image is resized to ``image_size x image_size`` pixels
+        (PIL bilinear; JPEGs much larger than that are first decoded at reduced scale).
+      cache_dir: where decoded arrays are cached (default ``$QEVO_CACHE_DIR``, else
+        ``~/.cache/qevo``).
+      source: ``"auto"``, ``"local"`` or ``"tfds"`` (see the module docstring).
+
+    Raises:
+      ValueError: bad arguments. DataError (a ValueError): missing or corrupt data.
+    """
+    if name not in DATASET_NAMES:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASET_NAMES)}")
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}; expected one of {', '.join(SOURCES)}")
+    if isinstance(val_size, bool) or not isinstance(val_size, (int, np.integer)) or val_size < 0:
+        raise ValueError(f"val_size must be a non-negative integer, got {val_size!r}")
+    if image_size is not None and (
+        isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1
+    ):
+        raise ValueError(f"image_size must be a positive integer or None, got {image_size!r}")
+    image_size = None if image_size is None else int(image_size)
+    cache = pathlib.Path(cache_dir or os.environ.get(CACHE_DIR_ENV) or "~/.cache/qevo").expanduser()
+
+    if name == "image_folder":
+        if source == "tfds":
+            raise ValueError("source='tfds' does not apply to 'image_folder'; use source='local' or 'auto'")
+        if data_dir is None:
+            raise ValueError("'image_folder' needs data_dir: a folder <root>/{train,test}/<class>/ or a .tar.gz of one")
+        raw = _load_local(name, pathlib.Path(data_dir).expanduser(), "", image_size, cache)
+    else:
+        origin = "data_dir argument"
+        if data_dir is None and os.environ.get(DATA_DIR_ENV):
+            data_dir, origin = os.environ[DATA_DIR_ENV], f"${DATA_DIR_ENV}"
+        root = None if data_dir is None else pathlib.Path(data_dir).expanduser()
+        if source == "tfds" or (source == "auto" and root is None):
+            raw = _load_tfds(name, root, image_size, cache)
+        elif root is None:
+            raise DataError(
+                f"no data folder for {name!r}: pass data_dir= or set ${DATA_DIR_ENV} to the folder "
+                "holding mnist/, cifar10/, imagenette/ (or use source='tfds')"
+            )
+        else:
+            raw = _load_local(name, root, origin, image_size, cache)
+    return _make_dataset(name, raw, int(val_size), seed)
+
+
+# --------------------------------------------------------------------------- assembly
+
+
+@dataclasses.dataclass(frozen=True)
+class _Raw:
+    """Decoded train and test splits before the validation carve."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    class_names: tuple[str, ...]
+
+
+def _make_dataset(name: str, raw: _Raw, val_size: int, seed: int) -> Dataset:
+    n = len(raw.train_labels)
+    if val_size >= n:
+        raise ValueError(
+            f"val_size={val_size} leaves no training images: {name!r} has {n} train images; "
+            f"choose val_size < {n} (about 10% of them, {n // 10}, is usual; 0 disables validation)"
+        )
+    perm = np.random.default_rng(seed).permutation(n)
+    val_idx, train_idx = np.sort(perm[:val_size]), np.sort(perm[val_size:])
+    train_images = raw.train_images[train_idx]
+    mean, std = _channel_stats(train_images)
+    return Dataset(
+        name=name,
+        train_images=train_images,
+        train_labels=raw.train_labels[train_idx],
+        val_images=raw.train_images[val_idx],
+        val_labels=raw.train_labels[val_idx],
+        test_images=raw.test_images,
+        test_labels=raw.test_labels,
+        num_classes=len(raw.class_names),
+        class_names=raw.class_names,
+        mean=mean,
+        std=std,
+    )
+
+
+def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 ``[N, H, W, C]`` pixels / 255, from exact histograms."""
+    channels = images.shape[-1]
+    pixels = images.reshape(-1, channels)
+    hist = np.zeros((channels, 256), np.int64)
+    step = 1 << 22
+    for start in range(0, len(pixels), step):
+        block = pixels[start : start + step]
+        for c in range(channels):
+            hist[c] += np.bincount(block[:, c], minlength=256)
+    values = np.arange(256) / 255.0
+    count = hist.sum(axis=1)
+    mean = hist @ values / count
+    var = (hist * (values[None, :] - mean[:, None]) ** 2).sum(axis=1) / count
+    return tuple(float(m) for m in mean), tuple(float(s) for s in np.sqrt(var))
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def _cached(cache: pathlib.Path, name: str, image_size: int | None, key: object, build) -> _Raw:
+    """Load ``_Raw`` from the cache entry for ``key``, or ``build()`` it and store it atomically."""
+    digest = hashlib.sha1(json.dumps([_CACHE_FORMAT, name, image_size, key]).encode()).hexdigest()[:16]
+    path = cache / f"{name}-{image_size or 'orig'}-{digest}.npz"
+    if path.exists():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return _Raw(
+                    z["train_images"], z["train_labels"], z["test_images"], z["test_labels"],
+                    tuple(str(c) for c in z["class_names"]),
+                )
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            warnings.warn(f"ignoring unreadable cache file {path} ({e}); decoding again", stacklevel=3)
+    raw = build()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=cache, prefix=path.name, suffix=".tmp", delete=False) as f:
+            tmp = f.name
+            np.savez(
+                f, train_images=raw.train_images, train_labels=raw.train_labels,
+                test_images=raw.test_images, test_labels=raw.test_labels,
+                class_names=np.array(raw.class_names, dtype=str),
+            )
+        os.replace(tmp, path)
+    except OSError as e:
+        warnings.warn(f"could not write the dataset cache {path} ({e}); set ${CACHE_DIR_ENV} to a writable folder",
+                      stacklevel=3)
+    return raw
+
+
+# --------------------------------------------------------------------------- local files
+
+
+def _load_local(name: str, root: pathlib.Path, origin: str, image_size: int | None, cache: pathlib.Path) -> _Raw:
+    if name == "image_folder":
+        return _load_image_folder(root, image_size, cache)
+    files = [root / a.relpath for a in _ARCHIVES[name]]
+    for path in files:
+        if not path.is_file():
+            raise DataError(
+                f"{name} data not found: {path} does not exist (data folder {root}, from the {origin}). "
+                f"Point data_dir or ${DATA_DIR_ENV} at the folder holding mnist/, cifar10/, imagenette/, "
+                "or use source='tfds' to download with tensorflow-datasets"
+            )
+    key = [[a.relpath, a.md5, *_stat(p)] for a, p in zip(_ARCHIVES[name], files)]
+
+    def build() -> _Raw:
+        for archive, path in zip(_ARCHIVES[name], files):
+            _verify(path, archive)
+        if name == "mnist":
+            return _decode_mnist(files, image_size)
+        if name == "cifar10":
+            return _decode_tars([(files[0], "train", "train"), (files[0], "test", "test")], CIFAR10_CLASSES, image_size)
+        return _decode_tars([(files[0], "train", "train"), (files[1], "val", "test")], IMAGENETTE_CLASSES, image_size)
+
+    return _cached(cache, name, image_size, key, build)
+
+
+def _stat(path: pathlib.Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _verify(path: pathlib.Path, archive: _Archive) -> None:
+    """Raise DataError unless ``path`` has the size and md5 the archive table lists."""
+    md5 = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            md5.update(block)
+    actual, size = md5.hexdigest(), path.stat().st_size
+    if actual != archive.md5:
+        state = "truncated" if size < archive.size else "corrupt"
+        raise DataError(
+            f"{path} is {state}: md5 {actual} ({size:,} bytes), expected md5 {archive.md5} "
+            f"({archive.size:,} bytes). Download it again, or point data_dir / ${DATA_DIR_ENV} "
+            "at a folder holding an intact copy"
+        )
+
+
+def _decode_mnist(files: list[pathlib.Path], image_size: int | None) -> _Raw:
+    train_x, train_y, test_x, test_y = (_read_idx(p) for p in files)
+    if image_size is not None:
+        train_x, test_x = _resize_stack(train_x, image_size), _resize_stack(test_x, image_size)
+    return _Raw(train_x, train_y.astype(np.int32), test_x, test_y.astype(np.int32), MNIST_CLASSES)
+
+
+def _read_idx(path: pathlib.Path) -> np.ndarray:
+    """A gzipped idx file -> uint8 ``[N]`` labels or ``[N, 28, 28, 1]`` images."""
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path} is not a readable gzip file ({e}); download it again") from e
+    magic = int.from_bytes(data[:4], "big")
+    ndim = magic & 0xFF
+    if magic >> 8 != 0x08 or ndim not in (1, 3) or len(data) < 4 + 4 * ndim:
+        raise DataError(f"{path} is not an idx file of uint8 data (magic {magic:#x})")
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DataError(f"{path} holds {body.size} bytes of data, its header promises {dims}")
+    return body.reshape(dims) if ndim == 1 else body.reshape(*dims, 1)
+
+
+def _resize_stack(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 ``[N, H, W, C]`` -> ``[N, size, size, C]``, each image resized with PIL bilinear."""
+    if images.shape[1:3] == (size, size):
+        return images
+    out = np.empty((len(images), size, size, images.shape[-1]), np.uint8)
+    for i, img in enumerate(images):
+        pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+        out[i] = np.asarray(pil.resize((size, size), Image.Resampling.BILINEAR)).reshape(size, size, -1)
+    return out
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+def _load_image_folder(root: pathlib.Path, image_size: int | None, cache: pathlib.Path) -> _Raw:
+    if root.is_file():
+        if not root.name.endswith((".tar.gz", ".tgz", ".tar")):
+            raise DataError(f"image_folder archive {root} is not a .tar.gz, .tgz or .tar file")
+        return _cached(cache, "image_folder", image_size, [str(root.resolve()), *_stat(root)],
+                       lambda: _decode_tars([(root, "train", "train"), (root, "test", "test")], None, image_size))
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist; pass data_dir=<root> holding train/<class>/ and test/<class>/")
+    files = {}
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            found = sorted(p.name for p in root.iterdir())
+            raise DataError(f"image folder {root} has no {split}/ subfolder (found: {found or 'nothing'}); "
+                            "expected <root>/train/<class>/*.jpg|png and <root>/test/<class>/*.jpg|png")
+        files[split] = sorted(
+            p for p in (root / split).glob("*/*") if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file()
+        )
+    key = [str(root.resolve())] + [[str(p.relative_to(root)), *_stat(p)] for s in files for p in files[s]]
+
+    def blobs() -> Iterator[tuple[str, str, str, bytes]]:
+        for split, paths in files.items():
+            for p in paths:
+                yield split, p.parent.name, p.name, p.read_bytes()
+
+    return _cached(cache, "image_folder", image_size, key, lambda: _assemble(str(root), blobs(), None, image_size))
+
+
+def _decode_tars(parts: list[tuple[pathlib.Path, str, str]], classes: tuple[str, ...] | None,
+                 image_size: int | None) -> _Raw:
+    """Decode ``(archive, folder name inside, split)`` triples laid out as ``<top>/<folder>/<class>/<file>``."""
+    def blobs() -> Iterator[tuple[str, str, str, bytes]]:
+        by_archive: dict[pathlib.Path, dict[str, str]] = {}
+        for path, folder, split in parts:
+            by_archive.setdefault(path, {})[folder] = split
+        for path, folders in by_archive.items():
+            yield from _tar_images(path, folders)
+
+    where = ", ".join(sorted({str(p) for p, _, _ in parts}))
+    return _assemble(where, blobs(), classes, image_size)
+
+
+def _tar_images(path: pathlib.Path, folders: dict[str, str]) -> Iterator[tuple[str, str, str, bytes]]:
+    """Stream ``(split, class, member name, bytes)`` of the images in a tar archive, without extracting it."""
+    top = None
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for member in tar:
+                parts = member.name.strip("/").split("/")
+                if not member.isfile() or len(parts) < 3 or parts[-3] not in folders:
+                    continue
+                if not parts[-1].lower().endswith(_IMAGE_SUFFIXES) or parts[-1].startswith("."):
+                    continue
+                prefix = parts[:-3]
+                if top is None:
+                    top = prefix
+                elif prefix != top:
+                    raise DataError(f"{path} holds image folders under both {'/'.join(top) or '.'} and "
+                                    f"{'/'.join(prefix) or '.'}; pack a single <root>/{{train,test}}/<class>/ tree")
+                yield folders[parts[-3]], parts[-2], member.name, tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path} is truncated or not a readable tar archive ({e}); replace the file") from e
+
+
+def _assemble(where: str, blobs: Iterable[tuple[str, str, str, bytes]], classes: tuple[str, ...] | None,
+              image_size: int | None) -> _Raw:
+    """Decode ``(split, class, file name, bytes)`` items into a `_Raw` sorted by (class, file name).
+
+    ``classes`` fixes the class order; None means the sorted class folder names found.
+    """
+    meta: list[tuple[str, str, str]] = []
+
+    def encoded() -> Iterator[tuple[str, bytes]]:
+        for split, cls, fname, data in blobs:
+            meta.append((split, cls, fname))
+            yield f"{where}: {fname}", data
+
+    images = _decode_all(encoded(), image_size)
+    found = sorted({cls for _, cls, _ in meta})
+    if classes is None:
+        classes = tuple(found)
+    elif unknown := sorted(set(found) - set(classes)):
+        raise DataError(f"{where}: unexpected class folders {unknown}; expected only {list(classes)}")
+    index = {c: i for i, c in enumerate(classes)}
+    splits = {}
+    for split in ("train", "test"):
+        rows = sorted((index[cls], fname, i) for i, (s, cls, fname) in enumerate(meta) if s == split)
+        if not rows:
+            raise DataError(f"{where}: no {split} images found; expected <root>/{split}/<class>/*.jpg|jpeg|png")
+        shapes = {images[i].shape for _, _, i in rows}
+        if len(shapes) > 1:
+            raise DataError(f"{where}: {split} images differ in size ({sorted(shapes)[:3]}...); "
+                            "pass image_size=N to resize them all to N x N")
+        splits[split] = (np.stack([images[i] for _, _, i in rows]), np.array([r[0] for r in rows], np.int32))
+    if splits["train"][0].shape[1:] != splits["test"][0].shape[1:]:
+        raise DataError(f"{where}: train images are {splits['train'][0].shape[1:]} but test images are "
+                        f"{splits['test'][0].shape[1:]}; pass image_size=N to resize them all to N x N")
+    return _Raw(*splits["train"], *splits["test"], classes)
+
+
+def _decode_all(items: Iterable[tuple[str, bytes]], image_size: int | None) -> list[np.ndarray]:
+    """Decode ``(description, encoded bytes)`` items to RGB uint8 ``[H, W, 3]`` arrays, in order.
+
+    Chunks of `_CHUNK` images go to a pool of worker processes (one per available core)
+    while the items are still being read; fewer images than a chunk decode in-process.
+    """
+    pending: list[concurrent.futures.Future | list[np.ndarray]] = []
+    pool = None
+    chunk: list[tuple[str, bytes]] = []
+    try:
+        for item in items:
+            chunk.append(item)
+            if len(chunk) == _CHUNK:
+                if pool is None and _num_workers() > 1:
+                    pool = concurrent.futures.ProcessPoolExecutor(
+                        _num_workers(), mp_context=multiprocessing.get_context("spawn"))
+                pending.append(pool.submit(_decode_chunk, chunk, image_size) if pool
+                               else _decode_chunk(chunk, image_size))
+                chunk = []
+        pending.append(_decode_chunk(chunk, image_size))
+        out = []
+        for part in pending:
+            out.extend(part.result() if isinstance(part, concurrent.futures.Future) else part)
+        return out
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+def _num_workers() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cores, _MAX_WORKERS)
+
+
+def _decode_chunk(chunk: list[tuple[str, bytes]], image_size: int | None) -> list[np.ndarray]:
+    """Decode encoded images to RGB uint8 ``[H, W, 3]``, resized to ``image_size`` if given."""
+    out = []
+    for where, data in chunk:
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                if image_size is not None:
+                    img.draft("RGB", (image_size, image_size))  # JPEG: decode at reduced scale, at least this size
+                rgb = img.convert("RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise DataError(f"cannot decode image {where} ({e}); delete or replace that file") from None
+        if image_size is not None and rgb.size != (image_size, image_size):
+            rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        out.append(np.asarray(rgb, np.uint8))
+    return out
+
+
+# --------------------------------------------------------------------------- tensorflow-datasets
+
+
+def _load_tfds(name: str, root: pathlib.Path | None, image_size: int | None, cache: pathlib.Path) -> _Raw:
+    builder_name = _TFDS_BUILDERS[name]
+    if importlib.util.find_spec("tensorflow") is None:
+        raise ImportError(
+            f"loading {name!r} through tensorflow-datasets needs tensorflow: pip install 'qevo[tfds]'; "
+            f"or point data_dir / ${DATA_DIR_ENV} at the offline archives"
+        )
+    import tensorflow_datasets as tfds
+
+    manual = root / "mnist" if name == "mnist" and root is not None and (root / "mnist").is_dir() else None
+    size = _IMAGENETTE_TFDS_SIZE if name == "imagenette" and image_size is None else image_size
+
+    def build() -> _Raw:
+        builder = tfds.builder(builder_name, data_dir=str(cache / "tfds"))
+        config = tfds.download.DownloadConfig(manual_dir=str(manual)) if manual else None
+        try:
+            builder.download_and_prepare(download_config=config)
+        except Exception as e:  # tfds raises many kinds (network, checksum, missing manual files)
+            raise DataError(
+                f"tensorflow-datasets could not prepare {builder_name!r} in {cache / 'tfds'} ({e}). Without "
+                f"internet, point data_dir / ${DATA_DIR_ENV} at the offline archives and use source='local'"
+            ) from e
+        test_split = "validation" if name == "imagenette" else "test"
+        arrays = []
+        for split in ("train", test_split):
+            if None in builder.info.features["image"].shape:
+                pairs = [(_resize_stack(ex["image"][None], size)[0], ex["label"])
+                         for ex in tfds.as_numpy(builder.as_dataset(split=split))]
+                images, labels = np.stack([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+            else:
+                batch = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+                images, labels = batch["image"], batch["label"]
+                if size is not None:
+                    images = _resize_stack(images, size)
+            arrays += [images.astype(np.uint8), labels.astype(np.int32)]
+        return _Raw(*arrays, tuple(builder.info.features["label"].names))
+
+    return _cached(cache, name, size, ["tfds", builder_name], build)

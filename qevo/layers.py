@@ -1,0 +1,164 @@
+"""Quantizable Flax layers whose bit widths arrive as traced arrays.
+
+Every model threads a :class:`QuantContext` through its call: the per-layer bit widths
+(``None`` for the plain float path) and the per-layer activation clip ranges. Each
+quantizable layer has a fixed ``index`` into those arrays; a shortcut convolution shares
+the index of the convolution it runs beside, so both take the same widths.
+
+Two Flax collections carry side information out of an ``apply``:
+
+* ``"calibration"``: the 99.99th percentile of ``|input|`` per layer (for the clip ranges);
+* ``"layer_stats"``: per layer ``[MACs per image, weight count]`` (for the cost model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from qevo import quant
+
+CALIBRATION_QUANTILE = 0.9999
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantOptions:
+    """Static quantizer settings shared by every layer of a model.
+
+    Attributes:
+      per_channel: per-output-channel weight scales (else per tensor).
+      mode: ``"absmax"`` or ``"dorefa"`` (see :mod:`qevo.quant`).
+    """
+
+    per_channel: bool = True
+    mode: str = "absmax"
+
+    def __post_init__(self):
+        if self.mode not in quant.MODES:
+            raise ValueError(f"unknown quantization mode {self.mode!r}; use one of {quant.MODES}")
+
+
+@struct.dataclass
+class Bits:
+    """One bit configuration: ``w`` and ``a`` are int32 ``[L]`` (32 = float)."""
+
+    w: jax.Array
+    a: jax.Array
+
+
+@struct.dataclass
+class QuantContext:
+    """What a quantizable layer reads: widths (or ``None`` for float) and clips ``[L]``."""
+
+    bits: Bits | None
+    a_clip: jax.Array
+
+
+def _key(index: int) -> str:
+    return f"layer_{index:03d}"
+
+
+def _record(module: nn.Module, index: int, x: jax.Array, macs: int, n_weights: int) -> None:
+    """Sow calibration statistics and static layer costs when those collections are mutable."""
+    if module.is_mutable_collection("calibration"):
+        module.sow("calibration", _key(index), jnp.quantile(jnp.abs(x), CALIBRATION_QUANTILE))
+    if module.is_mutable_collection("layer_stats"):
+        module.sow("layer_stats", _key(index), jnp.array([macs, n_weights], jnp.int32))
+
+
+def _quantize(ctx: QuantContext, index: int, x, kernel, signed: bool, options: QuantOptions):
+    """Fake-quantize a layer's input and kernel; identity on the float path."""
+    if ctx.bits is None:
+        return x, kernel
+    x = quant.quantize_activation(
+        x, ctx.bits.a[index], ctx.a_clip[index], signed=signed, mode=options.mode
+    )
+    kernel = quant.quantize_weight(
+        kernel, ctx.bits.w[index], per_channel=options.per_channel, mode=options.mode
+    )
+    return x, kernel
+
+
+class QConv(nn.Module):
+    """2-D convolution (NHWC, HWIO kernel, no bias) with fake-quantized input and kernel.
+
+    Attributes:
+      features: output channels.
+      kernel_size: square kernel side.
+      index: position of this layer in the model's quantizable-layer order.
+      strides: square stride.
+      padding: ``"SAME"`` or ``"VALID"``.
+      groups: feature groups (``groups == in_channels`` is depthwise).
+      signed_input: the input can be negative (no ReLU before it).
+      options: static quantizer settings.
+    """
+
+    features: int
+    kernel_size: int
+    index: int
+    strides: int = 1
+    padding: str = "SAME"
+    groups: int = 1
+    use_bias: bool = False
+    signed_input: bool = False
+    options: QuantOptions = QuantOptions()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, ctx: QuantContext) -> jax.Array:
+        in_ch = x.shape[-1]
+        shape = (self.kernel_size, self.kernel_size, in_ch // self.groups, self.features)
+        kernel = self.param("kernel", nn.initializers.he_normal(), shape)
+        x, k = _quantize(ctx, self.index, x, kernel, self.signed_input, self.options)
+        y = jax.lax.conv_general_dilated(
+            x,
+            k,
+            window_strides=(self.strides, self.strides),
+            padding=self.padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=self.groups,
+        )
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,))
+        macs = y.shape[1] * y.shape[2] * self.features * self.kernel_size**2 * (in_ch // self.groups)
+        _record(self, self.index, x, macs, kernel.size)
+        return y
+
+
+class QDense(nn.Module):
+    """Dense layer (kernel ``[in, out]``, float bias) with fake-quantized input and kernel."""
+
+    features: int
+    index: int
+    signed_input: bool = False
+    options: QuantOptions = QuantOptions()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, ctx: QuantContext) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        x, k = _quantize(ctx, self.index, x, kernel, self.signed_input, self.options)
+        _record(self, self.index, x, kernel.size, kernel.size)
+        return x @ k + bias
+
+
+def collect_per_layer(tree, n_layers: int, reduce) -> list:
+    """Gather sown ``layer_XXX`` values from a collection into a list indexed by layer.
+
+    Args:
+      tree: the ``"calibration"`` or ``"layer_stats"`` collection of an ``apply``.
+      n_layers: ``L``.
+      reduce: combines the values sown under one index (a layer and its shortcut).
+    """
+    found: dict[int, list] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        names = [getattr(p, "key", None) for p in path]
+        index = next(int(n[len("layer_"):]) for n in names if isinstance(n, str) and n.startswith("layer_"))
+        found.setdefault(index, []).append(leaf)
+    missing = sorted(set(range(n_layers)) - set(found))
+    if missing:
+        raise ValueError(f"quantizable layers {missing} recorded nothing; the model's layer indices are inconsistent")
+    return [reduce(found[i]) for i in range(n_layers)]
