@@ -199,7 +199,7 @@ def load_dataset(
             raise ValueError("source='tfds' does not apply to 'image_folder'; use source='local' or 'auto'")
         if data_dir is None:
             raise ValueError("'image_folder' needs data_dir: a folder <root>/{train,test}/<class>/ or a .tar.gz of one")
-        raw = _load_local(name, pathlib.Path(data_dir).expanduser(), "", image_size, cache)
+        raw = _load_image_folder(pathlib.Path(data_dir).expanduser(), image_size, cache)
     else:
         origin = "data_dir argument"
         if data_dir is None and os.environ.get(DATA_DIR_ENV):
@@ -291,6 +291,7 @@ def _cached(cache: pathlib.Path, name: str, image_size: int | None, key: object,
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             warnings.warn(f"ignoring unreadable cache file {path} ({e}); decoding again", stacklevel=3)
     raw = build()
+    tmp = None
     try:
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=cache, prefix=path.name, suffix=".tmp", delete=False) as f:
@@ -302,6 +303,8 @@ def _cached(cache: pathlib.Path, name: str, image_size: int | None, key: object,
             )
         os.replace(tmp, path)
     except OSError as e:
+        if tmp is not None:
+            pathlib.Path(tmp).unlink(missing_ok=True)
         warnings.warn(f"could not write the dataset cache {path} ({e}); set ${CACHE_DIR_ENV} to a writable folder",
                       stacklevel=3)
     return raw
@@ -311,8 +314,6 @@ def _cached(cache: pathlib.Path, name: str, image_size: int | None, key: object,
 
 
 def _load_local(name: str, root: pathlib.Path, origin: str, image_size: int | None, cache: pathlib.Path) -> _Raw:
-    if name == "image_folder":
-        return _load_image_folder(root, image_size, cache)
     files = [root / a.relpath for a in _ARCHIVES[name]]
     for path in files:
         if not path.is_file():
@@ -410,14 +411,15 @@ def _load_image_folder(root: pathlib.Path, image_size: int | None, cache: pathli
             raise DataError(f"image folder {root} has no {split}/ subfolder (found: {found or 'nothing'}); "
                             "expected <root>/train/<class>/*.jpg|png and <root>/test/<class>/*.jpg|png")
         files[split] = sorted(
-            p for p in (root / split).glob("*/*") if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file()
+            p for p in (root / split).glob("*/*")
+            if p.suffix.lower() in _IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
         )
     key = [str(root.resolve())] + [[str(p.relative_to(root)), *_stat(p)] for s in files for p in files[s]]
 
     def blobs() -> Iterator[tuple[str, str, str, bytes]]:
         for split, paths in files.items():
             for p in paths:
-                yield split, p.parent.name, p.name, p.read_bytes()
+                yield split, p.parent.name, str(p), p.read_bytes()
 
     return _cached(cache, "image_folder", image_size, key, lambda: _assemble(str(root), blobs(), None, image_size))
 
@@ -437,7 +439,7 @@ def _decode_tars(parts: list[tuple[pathlib.Path, str, str]], classes: tuple[str,
 
 
 def _tar_images(path: pathlib.Path, folders: dict[str, str]) -> Iterator[tuple[str, str, str, bytes]]:
-    """Stream ``(split, class, member name, bytes)`` of the images in a tar archive, without extracting it."""
+    """Stream ``(split, class, "<archive>:<member>", bytes)`` of the images in a tar archive, without extracting it."""
     top = None
     try:
         with tarfile.open(path, mode="r|*") as tar:
@@ -453,23 +455,24 @@ def _tar_images(path: pathlib.Path, folders: dict[str, str]) -> Iterator[tuple[s
                 elif prefix != top:
                     raise DataError(f"{path} holds image folders under both {'/'.join(top) or '.'} and "
                                     f"{'/'.join(prefix) or '.'}; pack a single <root>/{{train,test}}/<class>/ tree")
-                yield folders[parts[-3]], parts[-2], member.name, tar.extractfile(member).read()
+                yield folders[parts[-3]], parts[-2], f"{path}:{member.name}", tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise DataError(f"{path} is truncated or not a readable tar archive ({e}); replace the file") from e
 
 
 def _assemble(where: str, blobs: Iterable[tuple[str, str, str, bytes]], classes: tuple[str, ...] | None,
               image_size: int | None) -> _Raw:
-    """Decode ``(split, class, file name, bytes)`` items into a `_Raw` sorted by (class, file name).
+    """Decode ``(split, class, file, bytes)`` items into a `_Raw`, each split sorted by (class, file).
 
-    ``classes`` fixes the class order; None means the sorted class folder names found.
+    ``where`` names the source in messages; ``classes`` fixes the class order, None means
+    the sorted names of the class folders found.
     """
     meta: list[tuple[str, str, str]] = []
 
     def encoded() -> Iterator[tuple[str, bytes]]:
         for split, cls, fname, data in blobs:
             meta.append((split, cls, fname))
-            yield f"{where}: {fname}", data
+            yield fname, data
 
     images = _decode_all(encoded(), image_size)
     found = sorted({cls for _, cls, _ in meta})
@@ -497,8 +500,9 @@ def _assemble(where: str, blobs: Iterable[tuple[str, str, str, bytes]], classes:
 def _decode_all(items: Iterable[tuple[str, bytes]], image_size: int | None) -> list[np.ndarray]:
     """Decode ``(description, encoded bytes)`` items to RGB uint8 ``[H, W, 3]`` arrays, in order.
 
-    Chunks of `_CHUNK` images go to a pool of worker processes (one per available core)
-    while the items are still being read; fewer images than a chunk decode in-process.
+    Chunks of `_CHUNK` images go to a pool of worker processes (one per available core,
+    started with "spawn", which re-imports the main script) while the items are still being
+    read; fewer images than a chunk decode in-process.
     """
     pending: list[concurrent.futures.Future | list[np.ndarray]] = []
     pool = None
@@ -518,6 +522,11 @@ def _decode_all(items: Iterable[tuple[str, bytes]], image_size: int | None) -> l
         for part in pending:
             out.extend(part.result() if isinstance(part, concurrent.futures.Future) else part)
         return out
+    except concurrent.futures.BrokenExecutor as e:
+        raise RuntimeError(
+            "the image-decoding worker processes died. If your script calls load_dataset at module level, "
+            "move that call under `if __name__ == '__main__':` (worker processes re-import the main script)"
+        ) from e
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -550,17 +559,17 @@ def _decode_chunk(chunk: list[tuple[str, bytes]], image_size: int | None) -> lis
 
 def _load_tfds(name: str, root: pathlib.Path | None, image_size: int | None, cache: pathlib.Path) -> _Raw:
     builder_name = _TFDS_BUILDERS[name]
-    if importlib.util.find_spec("tensorflow") is None:
-        raise ImportError(
-            f"loading {name!r} through tensorflow-datasets needs tensorflow: pip install 'qevo[tfds]'; "
-            f"or point data_dir / ${DATA_DIR_ENV} at the offline archives"
-        )
-    import tensorflow_datasets as tfds
-
     manual = root / "mnist" if name == "mnist" and root is not None and (root / "mnist").is_dir() else None
     size = _IMAGENETTE_TFDS_SIZE if name == "imagenette" and image_size is None else image_size
 
     def build() -> _Raw:
+        if importlib.util.find_spec("tensorflow") is None:
+            raise ImportError(
+                f"preparing {name!r} with tensorflow-datasets needs tensorflow: pip install 'qevo[tfds]'; "
+                f"or point data_dir / ${DATA_DIR_ENV} at the offline archives"
+            )
+        import tensorflow_datasets as tfds
+
         builder = tfds.builder(builder_name, data_dir=str(cache / "tfds"))
         config = tfds.download.DownloadConfig(manual_dir=str(manual)) if manual else None
         try:

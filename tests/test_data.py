@@ -1,0 +1,262 @@
+"""Tests of qevo.data on the stored real datasets and on small image folders made here."""
+
+import importlib.util
+import io
+import pathlib
+import shutil
+import tarfile
+import time
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from qevo.data import CIFAR10_CLASSES, DataError, Dataset, load_dataset, normalize
+
+CIFAR_MEAN = (0.4913, 0.4821, 0.4465)
+
+
+def row_keys(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Sorted byte strings of (label, image) rows: equal arrays <=> same multiset of examples."""
+    rows = np.concatenate([labels.astype(np.uint8)[:, None], images.reshape(len(images), -1)], axis=1)
+    return np.sort(np.ascontiguousarray(rows).view(np.dtype((np.void, rows.shape[1]))).ravel())
+
+
+@pytest.fixture(scope="session")
+def mnist_cache(tmp_path_factory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("mnist-cache")
+
+
+@pytest.fixture(scope="session")
+def mnist(data_dir, mnist_cache) -> Dataset:
+    return load_dataset("mnist", data_dir, cache_dir=mnist_cache)
+
+
+@pytest.fixture(scope="session")
+def cifar_cache(tmp_path_factory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("cifar-cache")
+
+
+@pytest.fixture(scope="session")
+def cifar(data_dir, cifar_cache) -> Dataset:
+    return load_dataset("cifar10", data_dir, cache_dir=cifar_cache)
+
+
+def test_mnist_shapes_labels_and_stats(mnist):
+    assert mnist.train_images.shape == (55000, 28, 28, 1) and mnist.train_images.dtype == np.uint8
+    assert mnist.val_images.shape == (5000, 28, 28, 1)
+    assert mnist.test_images.shape == (10000, 28, 28, 1)
+    for split in ("train", "val", "test"):
+        images, labels = mnist.split(split)
+        assert labels.dtype == np.int32 and len(labels) == len(images)
+        counts = np.bincount(labels, minlength=10)
+        assert len(counts) == 10 and counts.min() > 0.07 * len(labels) and counts.max() < 0.13 * len(labels)
+    assert mnist.num_classes == 10 and mnist.class_names == tuple("0123456789")
+    assert abs(mnist.mean[0] - 0.1307) < 1e-3 and abs(mnist.std[0] - 0.3081) < 1e-3
+
+
+def test_val_split_is_a_seeded_partition_of_train(data_dir, mnist, mnist_cache):
+    full = load_dataset("mnist", data_dir, val_size=0, cache_dir=mnist_cache)
+    assert full.train_images.shape == (60000, 28, 28, 1) and full.val_images.shape == (0, 28, 28, 1)
+    carved = np.concatenate([mnist.train_images, mnist.val_images]), np.concatenate([mnist.train_labels, mnist.val_labels])
+    assert np.array_equal(row_keys(*carved), row_keys(full.train_images, full.train_labels))
+
+    again = load_dataset("mnist", data_dir, cache_dir=mnist_cache)
+    assert np.array_equal(again.val_images, mnist.val_images) and np.array_equal(again.val_labels, mnist.val_labels)
+    other = load_dataset("mnist", data_dir, seed=1, cache_dir=mnist_cache)
+    assert not np.array_equal(other.val_images, mnist.val_images)
+
+
+def test_split_rejects_unknown_name(mnist):
+    with pytest.raises(ValueError, match="'train', 'val' or 'test'"):
+        mnist.split("validation")
+
+
+def test_normalize_numpy_jax_and_jit(mnist):
+    batch = mnist.test_images[:8]
+    expected = (batch.astype(np.float64) / 255 - mnist.mean[0]) / mnist.std[0]
+    for out in (normalize(batch, mnist.mean, mnist.std),
+                jax.jit(normalize)(jax.numpy.asarray(batch), mnist.mean, mnist.std)):
+        assert out.dtype == np.float32 and out.shape == batch.shape
+        np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5)
+
+
+def test_env_vars_give_data_and_cache_dirs(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("QEVO_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("QEVO_CACHE_DIR", str(tmp_path))
+    ds = load_dataset("mnist", val_size=100)
+    assert ds.train_images.shape == (59900, 28, 28, 1)
+    assert len(list(tmp_path.glob("mnist-orig-*.npz"))) == 1
+
+
+@pytest.mark.slow
+def test_mnist_image_size_resizes(data_dir, mnist_cache):
+    ds = load_dataset("mnist", data_dir, image_size=32, cache_dir=mnist_cache)
+    assert ds.train_images.shape == (55000, 32, 32, 1) and ds.test_images.shape == (10000, 32, 32, 1)
+
+
+def test_cifar10_shapes_classes_and_stats(cifar):
+    assert cifar.train_images.shape == (45000, 32, 32, 3) and cifar.train_images.dtype == np.uint8
+    assert cifar.val_images.shape == (5000, 32, 32, 3) and cifar.test_images.shape == (10000, 32, 32, 3)
+    assert cifar.class_names == CIFAR10_CLASSES and cifar.num_classes == 10
+    assert np.array_equal(np.bincount(cifar.test_labels), np.full(10, 1000))
+    assert np.array_equal(np.bincount(np.concatenate([cifar.train_labels, cifar.val_labels])), np.full(10, 5000))
+    np.testing.assert_allclose(cifar.mean, CIFAR_MEAN, atol=1e-3)
+
+
+def test_cifar10_labels_match_the_class_folders(cifar, data_dir):
+    """Test images sort by (class in CIFAR-10 order, file index): compare a few with the archive's files."""
+    wanted = {"CIFAR-10-images/test/airplane/0000.jpg": 0, "CIFAR-10-images/test/cat/0007.jpg": 3007,
+              "CIFAR-10-images/test/truck/0999.jpg": 9999}
+    with tarfile.open(data_dir / "cifar10" / "CIFAR-10-images-jpg.tar.gz", "r|gz") as tar:
+        for member in tar:
+            if member.name in wanted:
+                index = wanted.pop(member.name)
+                image = np.asarray(Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB"))
+                assert np.array_equal(cifar.test_images[index], image)
+                assert CIFAR10_CLASSES[cifar.test_labels[index]] == member.name.split("/")[2]
+            if not wanted:
+                break
+    assert not wanted, f"not in the archive: {wanted}"
+
+
+def test_cifar10_second_load_hits_the_cache(cifar, data_dir, cifar_cache):
+    start = time.perf_counter()
+    again = load_dataset("cifar10", data_dir, cache_dir=cifar_cache)
+    assert time.perf_counter() - start < 5.0
+    assert np.array_equal(again.train_images, cifar.train_images) and again.mean == cifar.mean
+    assert len(list(cifar_cache.glob("*.npz"))) == 1 and not list(cifar_cache.glob("*.tmp"))
+
+
+def test_unknown_dataset_and_source():
+    with pytest.raises(ValueError, match="mnist, cifar10, imagenette, image_folder"):
+        load_dataset("svhn")
+    with pytest.raises(ValueError, match="auto, local, tfds"):
+        load_dataset("mnist", source="web")
+
+
+def test_missing_data_folder_names_path_and_env_var(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DataError, match="QEVO_DATA_DIR") as err:
+        load_dataset("cifar10", missing, cache_dir=tmp_path)
+    assert str(missing / "cifar10" / "CIFAR-10-images-jpg.tar.gz") in str(err.value)
+
+
+def copy_mnist(data_dir: pathlib.Path, dest: pathlib.Path) -> pathlib.Path:
+    shutil.copytree(data_dir / "mnist", dest / "mnist")
+    for f in (dest / "mnist").iterdir():
+        f.chmod(0o644)
+    return dest / "mnist"
+
+
+def test_truncated_archive_is_reported(data_dir, tmp_path):
+    bad = copy_mnist(data_dir, tmp_path) / "train-labels-idx1-ubyte.gz"
+    bad.write_bytes(bad.read_bytes()[:10000])
+    with pytest.raises(DataError, match="truncated") as err:
+        load_dataset("mnist", tmp_path, cache_dir=tmp_path / "cache")
+    assert str(bad) in str(err.value) and "d53e105ee54ea40749a09fcbcd1e9432" in str(err.value)
+
+
+def test_md5_mismatch_is_reported(data_dir, tmp_path):
+    bad = copy_mnist(data_dir, tmp_path) / "t10k-labels-idx1-ubyte.gz"
+    data = bytearray(bad.read_bytes())
+    data[100] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="expected md5 ec29112dd5afa0611ce80d1b7f02629c") as err:
+        load_dataset("mnist", tmp_path, cache_dir=tmp_path / "cache")
+    assert str(bad) in str(err.value) and "Download it again" in str(err.value)
+
+
+@pytest.mark.parametrize("val_size", [60000, 70000, -1, 2.5])
+def test_bad_val_size(data_dir, mnist_cache, val_size):
+    with pytest.raises(ValueError, match="val_size"):
+        load_dataset("mnist", data_dir, val_size=val_size, cache_dir=mnist_cache)
+
+
+COLORS = {"zebra": (0, 0, 255), "ant": (255, 0, 0)}  # class folders, sorted: ant=0, zebra=1
+
+
+def make_image_folder(root: pathlib.Path, size=(6, 5)) -> pathlib.Path:
+    """train: 3 images per class, test: 2; one grayscale PNG; a stray README."""
+    for split, n in (("train", 3), ("test", 2)):
+        for cls, color in COLORS.items():
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", size, color).save(root / split / cls / f"{i}.png")
+    Image.new("L", size, 128).save(root / "train" / "ant" / "gray.png")
+    (root / "README.txt").write_text("not an image")
+    return root
+
+
+def check_image_folder(ds: Dataset):
+    assert ds.class_names == ("ant", "zebra") and ds.num_classes == 2
+    assert ds.train_images.shape[0] + ds.val_images.shape[0] == 7 and ds.test_images.shape == (4, 5, 6, 3)
+    assert np.array_equal(ds.test_labels, [0, 0, 1, 1])
+    for images, labels in (ds.split("train"), ds.split("test")):
+        for image, label in zip(images, labels):
+            pixel = tuple(image[0, 0])
+            assert pixel == COLORS[ds.class_names[label]] or pixel == (128, 128, 128)
+
+
+def test_image_folder_directory_and_tar(tmp_path):
+    root = make_image_folder(tmp_path / "pets")
+    check_image_folder(load_dataset("image_folder", root, val_size=2, cache_dir=tmp_path / "cache"))
+    archive = tmp_path / "pets.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root, arcname="pets")
+    from_tar = load_dataset("image_folder", archive, val_size=2, cache_dir=tmp_path / "cache")
+    check_image_folder(from_tar)
+    assert len(list((tmp_path / "cache").glob("image_folder-*.npz"))) == 2
+
+
+def test_image_folder_sizes_must_agree_unless_resized(tmp_path):
+    root = make_image_folder(tmp_path / "pets")
+    Image.new("RGB", (9, 9), COLORS["zebra"]).save(root / "test" / "zebra" / "big.png")
+    with pytest.raises(DataError, match="image_size"):
+        load_dataset("image_folder", root, val_size=0, cache_dir=tmp_path / "cache")
+    ds = load_dataset("image_folder", root, val_size=0, image_size=4, cache_dir=tmp_path / "cache")
+    assert ds.train_images.shape == (7, 4, 4, 3) and ds.test_images.shape == (5, 4, 4, 3)
+
+
+def test_image_folder_errors(tmp_path):
+    root = make_image_folder(tmp_path / "pets")
+    bad = root / "train" / "zebra" / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    with pytest.raises(DataError, match="broken.png"):
+        load_dataset("image_folder", root, val_size=0, cache_dir=tmp_path / "cache")
+    shutil.rmtree(root / "test")
+    with pytest.raises(DataError, match="no test/ subfolder"):
+        load_dataset("image_folder", root, val_size=0, cache_dir=tmp_path / "cache")
+    with pytest.raises(ValueError, match="needs data_dir"):
+        load_dataset("image_folder")
+
+
+def test_truncated_image_folder_tar(tmp_path):
+    root = make_image_folder(tmp_path / "pets", size=(64, 64))
+    archive = tmp_path / "pets.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root, arcname="pets")
+    archive.write_bytes(archive.read_bytes()[:-200])
+    with pytest.raises(DataError, match="pets.tar.gz"):
+        load_dataset("image_folder", archive, val_size=0, cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="tfds preparation needs tensorflow")
+def test_tfds_mnist_from_manual_dir_equals_idx_files(data_dir, mnist_cache, tmp_path):
+    via_tfds = load_dataset("mnist", data_dir, val_size=0, source="tfds", cache_dir=tmp_path)
+    local = load_dataset("mnist", data_dir, val_size=0, cache_dir=mnist_cache)
+    for split in ("train", "test"):
+        assert np.array_equal(row_keys(*via_tfds.split(split)), row_keys(*local.split(split)))
+    assert via_tfds.class_names == local.class_names and via_tfds.mean == local.mean
+
+
+@pytest.mark.slow
+def test_imagenette_at_64_pixels(data_dir, tmp_path):
+    ds = load_dataset("imagenette", data_dir, val_size=1000, image_size=64, cache_dir=tmp_path)
+    assert ds.train_images.shape == (9469 - 1000, 64, 64, 3)
+    assert ds.val_images.shape == (1000, 64, 64, 3) and ds.test_images.shape == (3925, 64, 64, 3)
+    assert ds.num_classes == 10 and ds.class_names[0] == "n01440764"
+    counts = np.bincount(ds.test_labels, minlength=10)
+    assert counts.min() > 300 and counts.sum() == 3925
