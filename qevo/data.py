@@ -289,7 +289,7 @@ def _cached(cache: pathlib.Path, name: str, image_size: int | None, key: object,
                     tuple(str(c) for c in z["class_names"]),
                 )
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-            warnings.warn(f"ignoring unreadable cache file {path} ({e}); decoding again", stacklevel=3)
+            warnings.warn(f"ignoring unreadable cache file {path} ({e}); decoding again")
     raw = build()
     tmp = None
     try:
@@ -305,8 +305,7 @@ def _cached(cache: pathlib.Path, name: str, image_size: int | None, key: object,
     except OSError as e:
         if tmp is not None:
             pathlib.Path(tmp).unlink(missing_ok=True)
-        warnings.warn(f"could not write the dataset cache {path} ({e}); set ${CACHE_DIR_ENV} to a writable folder",
-                      stacklevel=3)
+        warnings.warn(f"could not write the dataset cache {path} ({e}); set ${CACHE_DIR_ENV} to a writable folder")
     return raw
 
 
@@ -398,8 +397,8 @@ def _resize_stack(images: np.ndarray, size: int) -> np.ndarray:
 
 def _load_image_folder(root: pathlib.Path, image_size: int | None, cache: pathlib.Path) -> _Raw:
     if root.is_file():
-        if not root.name.endswith((".tar.gz", ".tgz", ".tar")):
-            raise DataError(f"image_folder archive {root} is not a .tar.gz, .tgz or .tar file")
+        if not root.name.endswith((".tar.gz", ".tgz")):
+            raise DataError(f"image_folder archive {root} is not a .tar.gz or .tgz file")
         return _cached(cache, "image_folder", image_size, [str(root.resolve()), *_stat(root)],
                        lambda: _decode_tars([(root, "train", "train"), (root, "test", "test")], None, image_size))
     if not root.is_dir():
@@ -439,10 +438,14 @@ def _decode_tars(parts: list[tuple[pathlib.Path, str, str]], classes: tuple[str,
 
 
 def _tar_images(path: pathlib.Path, folders: dict[str, str]) -> Iterator[tuple[str, str, str, bytes]]:
-    """Stream ``(split, class, "<archive>:<member>", bytes)`` of the images in a tar archive, without extracting it."""
+    """Stream ``(split, class, "<archive>:<member>", bytes)`` of the images in a .tar.gz, without extracting it.
+
+    The gzip stream is read to its end, so that a truncated archive fails its CRC and length
+    check even where the cut falls after the last image.
+    """
     top = None
     try:
-        with tarfile.open(path, mode="r|*") as tar:
+        with gzip.open(path, "rb") as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
                 parts = member.name.strip("/").split("/")
                 if not member.isfile() or len(parts) < 3 or parts[-3] not in folders:
@@ -456,6 +459,8 @@ def _tar_images(path: pathlib.Path, folders: dict[str, str]) -> Iterator[tuple[s
                     raise DataError(f"{path} holds image folders under both {'/'.join(top) or '.'} and "
                                     f"{'/'.join(prefix) or '.'}; pack a single <root>/{{train,test}}/<class>/ tree")
                 yield folders[parts[-3]], parts[-2], f"{path}:{member.name}", tar.extractfile(member).read()
+            while stream.read(1 << 20):
+                pass
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise DataError(f"{path} is truncated or not a readable tar archive ({e}); replace the file") from e
 
@@ -500,36 +505,55 @@ def _assemble(where: str, blobs: Iterable[tuple[str, str, str, bytes]], classes:
 def _decode_all(items: Iterable[tuple[str, bytes]], image_size: int | None) -> list[np.ndarray]:
     """Decode ``(description, encoded bytes)`` items to RGB uint8 ``[H, W, 3]`` arrays, in order.
 
-    Chunks of `_CHUNK` images go to a pool of worker processes (one per available core,
-    started with "spawn", which re-imports the main script) while the items are still being
-    read; fewer images than a chunk decode in-process.
+    Chunks of `_CHUNK` images go to a pool of worker processes (one per available core)
+    while the items are still being read; fewer images than a chunk decode in-process.
+    Workers are started with "spawn", which re-runs the main script unless it is guarded
+    by ``if __name__ == "__main__":``; where they cannot start, decoding continues here.
     """
-    pending: list[concurrent.futures.Future | list[np.ndarray]] = []
-    pool = None
-    chunk: list[tuple[str, bytes]] = []
+    pool, broken = None, False
+    pending: list[tuple[list[tuple[str, bytes]], concurrent.futures.Future | None]] = []
     try:
-        for item in items:
-            chunk.append(item)
-            if len(chunk) == _CHUNK:
-                if pool is None and _num_workers() > 1:
-                    pool = concurrent.futures.ProcessPoolExecutor(
-                        _num_workers(), mp_context=multiprocessing.get_context("spawn"))
-                pending.append(pool.submit(_decode_chunk, chunk, image_size) if pool
-                               else _decode_chunk(chunk, image_size))
-                chunk = []
-        pending.append(_decode_chunk(chunk, image_size))
+        for chunk in _batched(items, _CHUNK):
+            if pool is None and len(chunk) == _CHUNK and _num_workers() > 1:
+                pool = concurrent.futures.ProcessPoolExecutor(
+                    _num_workers(), mp_context=multiprocessing.get_context("spawn"))
+            future = None
+            if pool is not None and not broken:
+                try:
+                    future = pool.submit(_decode_chunk, chunk, image_size)
+                except concurrent.futures.BrokenExecutor:
+                    broken = True
+            pending.append((chunk, future))
         out = []
-        for part in pending:
-            out.extend(part.result() if isinstance(part, concurrent.futures.Future) else part)
-        return out
-    except concurrent.futures.BrokenExecutor as e:
-        raise RuntimeError(
-            "the image-decoding worker processes died. If your script calls load_dataset at module level, "
-            "move that call under `if __name__ == '__main__':` (worker processes re-import the main script)"
-        ) from e
+        for chunk, future in pending:
+            if future is not None and not broken:
+                try:
+                    out.extend(future.result())
+                    continue
+                except concurrent.futures.BrokenExecutor:
+                    broken = True
+            out.extend(_decode_chunk(chunk, image_size))
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+    if broken:
+        warnings.warn(
+            "image-decoding worker processes could not start, so images were decoded in this process "
+            "(slower). Worker processes re-run the main script: call load_dataset under "
+            "`if __name__ == '__main__':`, and not from a script read from standard input"
+        )
+    return out
+
+
+def _batched(items: Iterable, size: int) -> Iterator[list]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _num_workers() -> int:

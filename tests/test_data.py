@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import qevo.data
 from qevo.data import CIFAR10_CLASSES, DataError, Dataset, load_dataset, normalize
 
 CIFAR_MEAN = (0.4913, 0.4821, 0.4465)
@@ -121,7 +122,11 @@ def test_cifar10_labels_match_the_class_folders(cifar, data_dir):
     assert not wanted, f"not in the archive: {wanted}"
 
 
-def test_cifar10_second_load_hits_the_cache(cifar, data_dir, cifar_cache):
+def test_cifar10_second_load_hits_the_cache(cifar, data_dir, cifar_cache, monkeypatch):
+    def no_decoding(*args):
+        raise AssertionError("decoded again instead of loading the cache")
+
+    monkeypatch.setattr(qevo.data, "_decode_all", no_decoding)
     start = time.perf_counter()
     again = load_dataset("cifar10", data_dir, cache_dir=cifar_cache)
     assert time.perf_counter() - start < 5.0
@@ -210,6 +215,18 @@ def test_image_folder_directory_and_tar(tmp_path):
     assert len(list((tmp_path / "cache").glob("image_folder-*.npz"))) == 2
 
 
+def test_unreadable_cache_file_is_rebuilt(tmp_path):
+    root = make_image_folder(tmp_path / "pets")
+    first = load_dataset("image_folder", root, val_size=0, cache_dir=tmp_path / "cache")
+    (cached,) = (tmp_path / "cache").glob("*.npz")
+    cached.write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="unreadable cache file"):
+        again = load_dataset("image_folder", root, val_size=0, cache_dir=tmp_path / "cache")
+    assert np.array_equal(again.train_images, first.train_images)
+    assert np.array_equal(load_dataset("image_folder", root, val_size=0, cache_dir=tmp_path / "cache").test_labels,
+                          first.test_labels)
+
+
 def test_image_folder_sizes_must_agree_unless_resized(tmp_path):
     root = make_image_folder(tmp_path / "pets")
     Image.new("RGB", (9, 9), COLORS["zebra"]).save(root / "test" / "zebra" / "big.png")
@@ -232,12 +249,13 @@ def test_image_folder_errors(tmp_path):
         load_dataset("image_folder")
 
 
-def test_truncated_image_folder_tar(tmp_path):
+@pytest.mark.parametrize("cut", [4, 200])  # 4 bytes: only the gzip trailer, after every image
+def test_truncated_image_folder_tar(tmp_path, cut):
     root = make_image_folder(tmp_path / "pets", size=(64, 64))
     archive = tmp_path / "pets.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(root, arcname="pets")
-    archive.write_bytes(archive.read_bytes()[:-200])
+    archive.write_bytes(archive.read_bytes()[:-cut])
     with pytest.raises(DataError, match="pets.tar.gz"):
         load_dataset("image_folder", archive, val_size=0, cache_dir=tmp_path / "cache")
 
