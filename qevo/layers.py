@@ -14,6 +14,7 @@ Two Flax collections carry side information out of an ``apply``:
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -83,6 +84,71 @@ def _quantize(ctx: QuantContext, index: int, x, kernel, signed: bool, options: Q
     return x, kernel
 
 
+def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def _xla_conv2d(x, kernel, strides: int, padding: str, groups: int) -> jax.Array:
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=(strides, strides),
+        padding=padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def shifted_conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: str) -> jax.Array:
+    """Convolution as a sum of ``K*K`` shifted, scaled copies of the input.
+
+    For kernels with one input channel per group (a single-channel input, or depthwise):
+    ``x [N, H, W, C]``, ``kernel [K, K, 1, O]`` with ``C == O`` (depthwise) or ``C == 1``.
+    On CPUs the forward pass is several times faster than XLA's convolution for these
+    shapes; the backward pass is XLA's (faster than differentiating the sum).
+    """
+    k = kernel.shape[0]
+    if padding == "SAME":
+        pads = [_same_padding(x.shape[d], k, strides) for d in (1, 2)]
+        x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    out_h = (x.shape[1] - k) // strides + 1
+    out_w = (x.shape[2] - k) // strides + 1
+    y = 0.0
+    for i in range(k):
+        for j in range(k):
+            window = jax.lax.slice(
+                x,
+                (0, i, j, 0),
+                (x.shape[0], i + (out_h - 1) * strides + 1, j + (out_w - 1) * strides + 1, x.shape[3]),
+                (1, strides, strides, 1),
+            )
+            y = y + window * kernel[i, j, 0]
+    return y
+
+
+def _shifted_fwd(x, kernel, strides, padding):
+    return shifted_conv2d(x, kernel, strides, padding), (x, kernel)
+
+
+def _shifted_bwd(strides, padding, residuals, g):
+    x, kernel = residuals
+    _, vjp = jax.vjp(lambda x, k: _xla_conv2d(x, k, strides, padding, x.shape[-1]), x, kernel)
+    return vjp(g)
+
+
+shifted_conv2d.defvjp(_shifted_fwd, _shifted_bwd)
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: str, groups: int) -> jax.Array:
+    """NHWC/HWIO convolution; shifted sums on CPU where each group sees one input channel."""
+    if kernel.shape[2] == 1 and jax.default_backend() == "cpu":
+        return shifted_conv2d(x, kernel, strides, padding)
+    return _xla_conv2d(x, kernel, strides, padding, groups)
+
+
 class QConv(nn.Module):
     """2-D convolution (NHWC, HWIO kernel, no bias) with fake-quantized input and kernel.
 
@@ -111,16 +177,9 @@ class QConv(nn.Module):
     def __call__(self, x: jax.Array, ctx: QuantContext) -> jax.Array:
         in_ch = x.shape[-1]
         shape = (self.kernel_size, self.kernel_size, in_ch // self.groups, self.features)
-        kernel = self.param("kernel", nn.initializers.he_normal(), shape)
+        kernel = self.param("kernel", nn.initializers.variance_scaling(2.0, "fan_in", "normal"), shape)
         x, k = _quantize(ctx, self.index, x, kernel, self.signed_input, self.options)
-        y = jax.lax.conv_general_dilated(
-            x,
-            k,
-            window_strides=(self.strides, self.strides),
-            padding=self.padding,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=self.groups,
-        )
+        y = conv2d(x, k, self.strides, self.padding, self.groups)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,))
         macs = y.shape[1] * y.shape[2] * self.features * self.kernel_size**2 * (in_ch // self.groups)
@@ -138,7 +197,7 @@ class QDense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, ctx: QuantContext) -> jax.Array:
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+        kernel = self.param("kernel", nn.initializers.variance_scaling(1.0, "fan_in", "normal"), (x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         x, k = _quantize(ctx, self.index, x, kernel, self.signed_input, self.options)
         _record(self, self.index, x, kernel.size, kernel.size)

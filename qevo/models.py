@@ -217,5 +217,8 @@ VARIABLE_COLLECTIONS = ("params", "batch_stats", "quant")
 
 def init_variables(model: nn.Module, key: jax.Array, input_shape: tuple[int, ...]) -> dict:
     """Initialise a model for images of ``input_shape`` (HWC); keeps only the stored collections."""
-    variables = model.init(key, jnp.zeros((1, *input_shape), jnp.float32), None, train=False)
-    return {k: v for k, v in variables.items() if k in VARIABLE_COLLECTIONS}
+    def init(key):
+        variables = model.init(key, jnp.zeros((1, *input_shape), jnp.float32), None, train=False)
+        return {k: v for k, v in variables.items() if k in VARIABLE_COLLECTIONS}
+
+    return jax.jit(init)(key)

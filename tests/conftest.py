@@ -15,3 +15,10 @@ def data_dir() -> pathlib.Path:
     if not (path / "mnist").is_dir():
         pytest.fail(f"stored datasets not found at {path}; set QEVO_DATA_DIR to the folder holding mnist/, cifar10/")
     return path
+
+
+def pytest_configure(config):
+    """Match the command-line entry points: threefry keys that compile fast on the CPU."""
+    import jax
+
+    jax.config.update("jax_threefry_partitionable", False)

@@ -1,0 +1,77 @@
+"""Checkpoint I/O: pytrees to msgpack files, written atomically.
+
+A checkpoint is one file holding a pytree's state dict and a JSON-able metadata dict.
+Writes go to a temporary file in the same folder, are flushed to disk, then renamed over
+the target, so a run killed mid-write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import tempfile
+
+import jax
+import numpy as np
+from flax import serialization
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt, or does not match what was asked for."""
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save(path: str | os.PathLike, tree, meta: dict | None = None) -> None:
+    """Save a pytree (arrays become numpy) and a JSON-able ``meta`` dict to ``path``."""
+    state = serialization.to_state_dict(jax.device_get(tree))
+    payload = {"tree": state, "meta": json.dumps(meta or {})}
+    atomic_write_bytes(path, serialization.msgpack_serialize(payload))
+
+
+def load(path: str | os.PathLike, target=None):
+    """Load ``(tree, meta)`` from ``path``.
+
+    Args:
+      path: a file written by :func:`save`.
+      target: a pytree of the expected structure (its leaves give shapes); ``None``
+        returns the raw nested dict of numpy arrays.
+
+    Raises:
+      CheckpointError: missing or corrupt file, or a structure/shape mismatch with ``target``.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        payload = serialization.msgpack_restore(path.read_bytes())
+        meta = json.loads(payload["meta"])
+        state = payload["tree"]
+    except Exception as e:  # msgpack raises many types on garbage
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a qevo checkpoint ({type(e).__name__}: {e}); delete it to start over") from e
+    if target is None:
+        return state, meta
+    try:
+        tree = serialization.from_state_dict(target, state)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path} does not match the expected structure: {e}") from e
+    want = jax.tree_util.tree_map(np.shape, target)
+    got = jax.tree_util.tree_map(np.shape, tree)
+    if want != got:
+        raise CheckpointError(f"checkpoint {path} holds arrays of other shapes than this model/config expects")
+    return tree, meta

@@ -1,0 +1,146 @@
+"""Configs: ``get_config()`` files (ml_collections), command-line overrides, validation.
+
+Every command reads a config file whose ``get_config()`` returns a ConfigDict built on
+:func:`defaults`; ``--config.section.key=value`` overrides any field. Unknown keys and
+values of the wrong type or range fail with one message naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import pathlib
+
+import ml_collections
+from ml_collections import config_dict
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid."""
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """Every key a qevo command understands, with its default."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.data = ml_collections.ConfigDict(
+        dict(
+            name="mnist",
+            data_dir=config_dict.placeholder(str),
+            val_size=5000,
+            image_size=config_dict.placeholder(int),
+            max_train_images=config_dict.placeholder(int),
+        )
+    )
+    c.model = ml_collections.ConfigDict(dict(name="lenet5", activation="relu"))
+    c.quant = ml_collections.ConfigDict(dict(mode="absmax", per_channel=True, float_first_last=True))
+    c.train = ml_collections.ConfigDict(
+        dict(
+            epochs=10,
+            batch_size=128,
+            optimizer="adam",
+            learning_rate=1e-3,
+            momentum=0.9,
+            nesterov=False,
+            weight_decay=0.0,
+            schedule="cosine",
+            warmup_epochs=0,
+            augment=False,
+            w_bits=32,
+            a_bits=32,
+            init_from=config_dict.placeholder(str),
+            eval_batch_size=1000,
+        )
+    )
+    return c
+
+
+OPTIONS = {
+    "data.name": ("mnist", "cifar10", "imagenette", "image_folder"),
+    "model.name": ("lenet5", "resnet20", "resnet32", "resnet56", "mobilenetv2"),
+    "model.activation": ("relu", "tanh"),
+    "quant.mode": ("absmax", "dorefa"),
+    "train.optimizer": ("sgd", "adam"),
+    "train.schedule": ("cosine", "constant"),
+}
+POSITIVE = ("train.epochs", "train.batch_size", "train.learning_rate", "train.eval_batch_size")
+
+
+def _flat(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            out.update(_flat(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def check_keys(cfg: ml_collections.ConfigDict, known: ml_collections.ConfigDict) -> None:
+    """Fail on any key of ``cfg`` that ``known`` does not have."""
+    allowed = _flat(known)
+    sections = {k.rsplit(".", 1)[0] for k in allowed if "." in k}
+    for name in _flat(cfg):
+        if name not in allowed and name not in sections:
+            close = [k for k in allowed if k.split(".")[-1] == name.split(".")[-1]]
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {name!r}{hint}; known keys: {', '.join(sorted(allowed))}")
+
+
+def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Check names and ranges shared by every command; returns ``cfg``."""
+    check_keys(cfg, defaults())
+    flat = _flat(cfg)
+    for key, allowed in OPTIONS.items():
+        if flat.get(key) not in allowed:
+            raise ConfigError(f"config {key}={flat.get(key)!r} is not one of {allowed}")
+    for key in POSITIVE:
+        if not flat[key] > 0:
+            raise ConfigError(f"config {key}={flat[key]!r} must be > 0")
+    for key in ("train.w_bits", "train.a_bits"):
+        if not 1 <= flat[key] <= 32:
+            raise ConfigError(f"config {key}={flat[key]} is an impossible bit width; use 1..32 (32 = float)")
+    return cfg
+
+
+def load(path: str | pathlib.Path, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+    """Load ``get_config()`` from a config file and apply ``section.key=value`` overrides."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; pass --config configs/<name>.py")
+    spec = importlib.util.spec_from_file_location(f"qevo_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        cfg = module.get_config()
+    except AttributeError as e:
+        raise ConfigError(f"config file {path} has no get_config() returning a ConfigDict: {e}") from e
+    for item in overrides:
+        _override(cfg, item)
+    return cfg
+
+
+def _override(cfg: ml_collections.ConfigDict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like --config.section.key=value")
+    name, text = item.split("=", 1)
+    if name not in _flat(cfg):
+        raise ConfigError(f"unknown config key {name!r} in override --config.{item}; known keys: {', '.join(sorted(_flat(cfg)))}")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    *parents, leaf = name.split(".")
+    node = cfg
+    for p in parents:
+        node = node[p]
+    try:
+        node[leaf] = value
+    except TypeError as e:
+        raise ConfigError(f"override --config.{item}: {e}") from e
+
+
+def to_dict(cfg: ml_collections.ConfigDict) -> dict:
+    """Plain nested dict (JSON-able) of a config."""
+    return cfg.to_dict()

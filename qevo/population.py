@@ -1,0 +1,235 @@
+"""Population evaluator: a whole population of bit configurations in one compiled call.
+
+Given shared float variables and a population of bit configurations (``w_bits``,
+``a_bits``: int32 ``[P, L]``), each individual optionally gets ``K`` steps of
+quantization-aware fine-tuning (its own copy of the parameters and optimizer state, the
+same mini-batches for every individual) and is then scored on an evaluation split. The
+population axis is laid over every device of a ``pop`` mesh (padded when ``P`` does not
+divide), and on each device individuals run by one of three strategies:
+
+* ``"vmap"``: all local individuals at once;
+* ``"map"``: ``jax.lax.map`` in chunks of ``chunk_size`` individuals (1 = sequential);
+* ``"auto"``: ``"map"`` with chunk 1 on CPU (a vmapped convolution over per-individual
+  weights is several times slower there than a sequential map), ``"vmap"`` elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, PartitionSpec
+
+from qevo.data import normalize
+from qevo.layers import Bits
+from qevo.quant import validate_bits
+
+STRATEGIES = ("auto", "vmap", "map")
+
+
+@dataclasses.dataclass(frozen=True)
+class QATConfig:
+    """Per-individual fine-tuning before scoring.
+
+    Attributes:
+      steps: SGD steps ``K`` (0 = score the calibrated network as it is).
+      batch_size: training images per step.
+      learning_rate: constant step size.
+      momentum: SGD momentum (``optimizer="sgd"``).
+      weight_decay: decoupled weight decay.
+      optimizer: ``"sgd"`` or ``"adam"``.
+      learn_clip: also train the activation clip ranges (PACT).
+    """
+
+    steps: int = 0
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    optimizer: str = "sgd"
+    learn_clip: bool = True
+
+    def __post_init__(self):
+        if self.steps < 0 or self.batch_size < 1:
+            raise ValueError(f"QAT steps must be >= 0 and batch_size >= 1, got {self.steps}, {self.batch_size}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"QAT optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+
+    def make_optimizer(self) -> optax.GradientTransformation:
+        if self.optimizer == "adam":
+            return optax.adamw(self.learning_rate, weight_decay=self.weight_decay)
+        return optax.chain(
+            optax.add_decayed_weights(self.weight_decay), optax.sgd(self.learning_rate, momentum=self.momentum)
+        )
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy of ``logits [N, C]`` against int ``labels [N]``."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def resolve_strategy(strategy: str, chunk_size: int | None, backend: str) -> tuple[str, int | None]:
+    """Turn ``"auto"`` into a concrete strategy for ``backend``; returns (strategy, chunk)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown population strategy {strategy!r}; use one of {STRATEGIES}")
+    if strategy == "auto":
+        return ("map", 1) if backend == "cpu" else ("vmap", None)
+    return strategy, chunk_size
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PopulationEvaluator:
+    """Scores populations of bit configurations of one model on one evaluation split.
+
+    Attributes:
+      model: a qevo model (``apply(variables, images, bits, train)``).
+      mean, std: per-channel normalisation of uint8 images.
+      eval_batch_size: evaluation images per forward pass.
+      strategy: ``"auto"``, ``"vmap"`` or ``"map"``.
+      chunk_size: individuals per ``lax.map`` step for ``"map"`` (``None`` = 1).
+      qat: per-individual fine-tuning settings.
+      devices: devices of the ``pop`` mesh (default: all).
+    """
+
+    model: nn.Module
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    eval_batch_size: int = 1000
+    strategy: str = "auto"
+    chunk_size: int | None = None
+    qat: QATConfig = QATConfig()
+    devices: tuple | None = None
+
+    def __post_init__(self):
+        devices = tuple(self.devices or jax.devices())
+        strategy, chunk = resolve_strategy(self.strategy, self.chunk_size, devices[0].platform)
+        object.__setattr__(self, "devices", devices)
+        object.__setattr__(self, "_local", (strategy, chunk))
+        object.__setattr__(self, "_compiled", jax.jit(self._population))
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.devices)
+
+    def __call__(self, variables, w_bits, a_bits, eval_images, eval_labels, *, key=None, train_images=None, train_labels=None):
+        """Accuracy of every individual.
+
+        Args:
+          variables: shared float variables (``params``, ``batch_stats``, calibrated ``quant``).
+          w_bits, a_bits: int ``[P, L]`` widths in 1..32.
+          eval_images: uint8 ``[N, H, W, C]`` (ideally already on device); eval_labels int ``[N]``.
+          key: PRNG key for the fine-tuning mini-batches (needed when ``qat.steps > 0``).
+          train_images, train_labels: the fine-tuning data (needed when ``qat.steps > 0``).
+
+        Returns:
+          float32 ``[P]`` accuracy in [0, 1]; NaN where the network produced non-finite logits.
+        """
+        w, a = validate_bits(w_bits, a_bits, self.model.num_layers)
+        if w.ndim != 2:
+            raise ValueError(f"w_bits must be a population [P, {self.model.num_layers}], got shape {w.shape}")
+        if self.qat.steps > 0 and (key is None or train_images is None or train_labels is None):
+            raise ValueError("QAT fine-tuning (qat.steps > 0) needs key=, train_images= and train_labels=")
+        if self.qat.steps == 0:
+            key = jax.random.key(0)
+            train_images, train_labels = eval_images[:1], eval_labels[:1]
+        n = w.shape[0]
+        pad = -n % self.num_devices
+        w = np.concatenate([w, np.repeat(w[-1:], pad, axis=0)])
+        a = np.concatenate([a, np.repeat(a[-1:], pad, axis=0)])
+        acc = self._compiled(variables, jnp.asarray(w), jnp.asarray(a), key, train_images, train_labels, eval_images, eval_labels)
+        return acc[:n]
+
+    def _population(self, variables, w, a, key, train_x, train_y, eval_x, eval_y):
+        batches = batch_eval_set(eval_x, eval_y, self.eval_batch_size)
+        local = functools.partial(self._local_population, variables, key=key, train_x=train_x, train_y=train_y, batches=batches)
+        if self.num_devices == 1:
+            return local(w, a)
+        mesh = Mesh(np.array(self.devices), ("pop",))
+        spec = PartitionSpec("pop")
+        return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec), out_specs=spec)(w, a)
+
+    def _local_population(self, variables, w, a, *, key, train_x, train_y, batches):
+        one = functools.partial(self._individual, variables, key=key, train_x=train_x, train_y=train_y, batches=batches)
+        strategy, chunk = self._local
+        if strategy == "vmap":
+            return jax.vmap(one)(w, a)
+        return jax.lax.map(lambda wa: one(*wa), (w, a), batch_size=chunk if chunk and chunk > 1 else None)
+
+    def _individual(self, variables, w, a, *, key, train_x, train_y, batches):
+        bits = Bits(w=w, a=a)
+        if self.qat.steps > 0:
+            variables = self._finetune(variables, bits, key, train_x, train_y)
+        return self._accuracy(variables, bits, batches)
+
+    def _logits(self, variables, bits, images, train=False, rng=None):
+        x = normalize(images, self.mean, self.std)
+        if train:
+            return self.model.apply(variables, x, bits, train=True, mutable=["batch_stats"], rngs={"dropout": rng})
+        return self.model.apply(variables, x, bits, train=False)
+
+    def _accuracy(self, variables, bits, batches):
+        return batched_accuracy(lambda x: self._logits(variables, bits, x), batches)
+
+    def _finetune(self, variables, bits, key, train_x, train_y):
+        qat = self.qat
+        trainable = {"params": variables["params"]}
+        if qat.learn_clip:
+            trainable["quant"] = variables["quant"]
+        frozen = {k: v for k, v in variables.items() if k not in trainable and k != "batch_stats"}
+        tx = qat.make_optimizer()
+
+        def loss_fn(trainable, stats, x, y, rng):
+            v = {**frozen, **trainable, **({"batch_stats": stats} if stats is not None else {})}
+            logits, updates = self._logits(v, bits, x, train=True, rng=rng)
+            return cross_entropy(logits, y), updates.get("batch_stats")
+
+        def step(carry, step_key):
+            trainable, stats, opt_state = carry
+            idx_key, drop_key = jax.random.split(step_key)
+            idx = jax.random.randint(idx_key, (qat.batch_size,), 0, train_x.shape[0])
+            grads, stats = jax.grad(loss_fn, has_aux=True)(trainable, stats, train_x[idx], train_y[idx], drop_key)
+            updates, opt_state = tx.update(grads, opt_state, trainable)
+            return (optax.apply_updates(trainable, updates), stats, opt_state), None
+
+        stats = variables.get("batch_stats")
+        carry = (trainable, stats, tx.init(trainable))
+        (trainable, stats, _), _ = jax.lax.scan(step, carry, jax.random.split(key, qat.steps))
+        out = {**frozen, **trainable}
+        if stats is not None:
+            out["batch_stats"] = stats
+        return out
+
+
+def batched_accuracy(logits_fn, batches) -> jax.Array:
+    """Accuracy of ``logits_fn(uint8 images) -> logits`` over ``batches`` (from :func:`batch_eval_set`).
+
+    Returns float32 in [0, 1], or NaN when any logit is not finite.
+    """
+    images, labels, mask = batches
+
+    def body(carry, batch):
+        correct, finite = carry
+        x, y, m = batch
+        logits = logits_fn(x)
+        correct = correct + jnp.sum((jnp.argmax(logits, -1) == y) & m)
+        return (correct, finite & jnp.all(jnp.isfinite(logits))), None
+
+    (correct, finite), _ = jax.lax.scan(body, (jnp.int32(0), jnp.bool_(True)), (images, labels, mask))
+    return jnp.where(finite, correct / jnp.sum(mask), jnp.nan).astype(jnp.float32)
+
+
+def batch_eval_set(images: jax.Array, labels: jax.Array, batch_size: int):
+    """Pad and reshape ``[N, ...]`` to ``[B, batch, ...]`` with a validity mask ``[B, batch]``."""
+    n = images.shape[0]
+    batch_size = min(batch_size, n)
+    pad = -n % batch_size
+    mask = jnp.arange(n + pad) < n
+    images = jnp.concatenate([images, jnp.zeros((pad, *images.shape[1:]), images.dtype)])
+    labels = jnp.concatenate([labels, jnp.zeros((pad,), labels.dtype)])
+    shape = (-1, batch_size)
+    return images.reshape(*shape, *images.shape[1:]), labels.reshape(shape), mask.reshape(shape)

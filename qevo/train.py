@@ -1,0 +1,228 @@
+"""Float training and quantization-aware training: ``python -m qevo.train --config ...``.
+
+One epoch is one compiled call (``lax.scan`` over the shuffled mini-batches of the
+device-resident training set). A checkpoint is written atomically after every epoch and
+a rerun with the same ``--workdir`` resumes from it. Outputs in the work folder:
+``config.json``, ``checkpoint.msgpack`` (latest epoch), ``model.msgpack`` (final
+variables), ``results.json`` (validation and test accuracy, wall time).
+
+With ``train.w_bits``/``train.a_bits`` below 32 the run is QAT: the model starts from the
+float run in ``train.init_from``, clip ranges are calibrated, and every quantizable layer
+except (by default) the first and last trains through the straight-through estimator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import struct
+from tqdm import tqdm
+
+from qevo import checkpoint
+from qevo import config as config_lib
+from qevo.calibration import calibrate
+from qevo.data import Dataset, load_dataset, normalize
+from qevo.layers import Bits, QuantOptions
+from qevo.models import get_model, init_variables
+from qevo.population import batch_eval_set, batched_accuracy, cross_entropy
+from qevo.run import main, write_json
+
+CHECKPOINT = "checkpoint.msgpack"
+MODEL = "model.msgpack"
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes during training.
+
+    Attributes:
+      epoch: epochs completed (int).
+      variables: ``params``, ``batch_stats`` (if any) and ``quant`` of the model.
+      opt_state: optax state of the trainable part (``params``, and ``quant`` under QAT).
+    """
+
+    epoch: jax.Array
+    variables: dict
+    opt_state: optax.OptState
+
+
+def load_data(cfg: ml_collections.ConfigDict) -> Dataset:
+    """The dataset of ``cfg.data`` (train optionally truncated to ``max_train_images``)."""
+    d = cfg.data
+    ds = load_dataset(d.name, d.data_dir, val_size=d.val_size, seed=cfg.seed, image_size=d.image_size)
+    if d.max_train_images is not None:
+        n = d.max_train_images
+        ds = dataclasses.replace(ds, train_images=ds.train_images[:n], train_labels=ds.train_labels[:n])
+    return ds
+
+
+def build_model(cfg: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+    """The model of ``cfg.model`` with the quantizer settings of ``cfg.quant``."""
+    options = QuantOptions(per_channel=cfg.quant.per_channel, mode=cfg.quant.mode)
+    kwargs = {"activation": cfg.model.activation} if cfg.model.name == "lenet5" else {}
+    return get_model(cfg.model.name, num_classes, options, **kwargs)
+
+
+def uniform_bits(num_layers: int, w: int, a: int, float_first_last: bool = True) -> Bits:
+    """Widths ``w``/``a`` on every layer, first and last at 32 when ``float_first_last``."""
+    wb = np.full(num_layers, w, np.int32)
+    ab = np.full(num_layers, a, np.int32)
+    if float_first_last:
+        wb[[0, -1]] = ab[[0, -1]] = 32
+    return Bits(w=jnp.asarray(wb), a=jnp.asarray(ab))
+
+
+def make_optimizer(t: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
+    """SGD (momentum, optional Nesterov) or Adam with decoupled weight decay and a cosine schedule."""
+    total = t.epochs * steps_per_epoch
+    if t.schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(
+            0.0, t.learning_rate, t.warmup_epochs * steps_per_epoch, max(total, 1), end_value=0.0
+        )
+    else:
+        lr = t.learning_rate
+    if t.optimizer == "adam":
+        return optax.adamw(lr, weight_decay=t.weight_decay)
+    return optax.chain(optax.add_decayed_weights(t.weight_decay), optax.sgd(lr, momentum=t.momentum, nesterov=t.nesterov))
+
+
+def augment(key: jax.Array, images: jax.Array) -> jax.Array:
+    """Random 4-pixel-padded crop and horizontal flip of uint8 ``[B, H, W, C]`` (CIFAR style)."""
+    b, h, w, c = images.shape
+    crop_key, flip_key = jax.random.split(key)
+    offsets = jax.random.randint(crop_key, (b, 2), 0, 9)
+    padded = jnp.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
+    crop = jax.vmap(lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, c)))(padded, offsets)
+    flip = jax.random.bernoulli(flip_key, 0.5, (b,))
+    return jnp.where(flip[:, None, None, None], crop[:, :, ::-1], crop)
+
+
+class Trainer:
+    """Compiled epoch and evaluation functions for one model, dataset and config."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, ds: Dataset, model: nn.Module, bits: Bits | None):
+        self.cfg, self.model, self.bits = cfg, model, bits
+        self.mean, self.std = ds.mean, ds.std
+        self.steps_per_epoch = ds.train_images.shape[0] // cfg.train.batch_size
+        if self.steps_per_epoch < 1:
+            raise config_lib.ConfigError(
+                f"train.batch_size={cfg.train.batch_size} exceeds the {ds.train_images.shape[0]} training images"
+            )
+        self.tx = make_optimizer(cfg.train, self.steps_per_epoch)
+        self.trainable = ("params", "quant") if bits is not None else ("params",)
+        self.epoch = jax.jit(self._epoch)
+        self.accuracy = jax.jit(self._accuracy)
+
+    def init_state(self, variables: dict) -> TrainState:
+        opt_state = self.tx.init({k: variables[k] for k in self.trainable})
+        return TrainState(epoch=jnp.int32(0), variables=variables, opt_state=opt_state)
+
+    def _loss(self, trainable, variables, x, y, key):
+        v = {**variables, **trainable}
+        logits, updates = self.model.apply(
+            v, normalize(x, self.mean, self.std), self.bits, train=True, mutable=["batch_stats"], rngs={"dropout": key}
+        )
+        return cross_entropy(logits, y), updates
+
+    def _epoch(self, state: TrainState, key, images, labels):
+        bs = self.cfg.train.batch_size
+        perm_key, key = jax.random.split(key)
+        order = jax.random.permutation(perm_key, images.shape[0])[: self.steps_per_epoch * bs]
+        order = order.reshape(self.steps_per_epoch, bs)
+
+        def step(carry, inputs):
+            variables, opt_state = carry
+            idx, step_key = inputs
+            aug_key, drop_key = jax.random.split(step_key)
+            x = images[idx]
+            if self.cfg.train.augment:
+                x = augment(aug_key, x)
+            trainable = {k: variables[k] for k in self.trainable}
+            (loss, updates), grads = jax.value_and_grad(self._loss, has_aux=True)(
+                trainable, variables, x, labels[idx], drop_key
+            )
+            upd, opt_state = self.tx.update(grads, opt_state, trainable)
+            variables = {**variables, **optax.apply_updates(trainable, upd), **updates}
+            return (variables, opt_state), loss
+
+        keys = jax.random.split(key, self.steps_per_epoch)
+        (variables, opt_state), losses = jax.lax.scan(step, (state.variables, state.opt_state), (order, keys))
+        return TrainState(epoch=state.epoch + 1, variables=variables, opt_state=opt_state), jnp.mean(losses)
+
+    def _accuracy(self, variables, batches):
+        logits_fn = lambda x: self.model.apply(variables, normalize(x, self.mean, self.std), self.bits, train=False)  # noqa: E731
+        return batched_accuracy(logits_fn, batches)
+
+
+def initial_variables(cfg, ds: Dataset, model: nn.Module, bits: Bits | None, key) -> dict:
+    """Fresh variables, or (QAT) the float model of ``train.init_from`` with calibrated clips."""
+    shape = ds.train_images.shape[1:]
+    variables = init_variables(model, key, shape)
+    if cfg.train.init_from is None:
+        if bits is not None:
+            raise config_lib.ConfigError(
+                "QAT (train.w_bits/a_bits < 32) starts from a float model: set --config.train.init_from=<float run folder>"
+            )
+        return variables
+    variables, _ = checkpoint.load(pathlib.Path(cfg.train.init_from) / MODEL, variables)
+    calib = normalize(jnp.asarray(ds.train_images[:512]), ds.mean, ds.std)
+    return calibrate(model, variables, calib)
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+    """Train per ``cfg`` in ``workdir`` (resuming from its checkpoint); returns the results dict."""
+    ds = load_data(cfg)
+    model = build_model(cfg, ds.num_classes)
+    quantized = cfg.train.w_bits < 32 or cfg.train.a_bits < 32
+    bits = uniform_bits(model.num_layers, cfg.train.w_bits, cfg.train.a_bits, cfg.quant.float_first_last) if quantized else None
+    init_key, train_key = jax.random.split(jax.random.key(cfg.seed))
+    trainer = Trainer(cfg, ds, model, bits)
+    state = trainer.init_state(initial_variables(cfg, ds, model, bits, init_key))
+    ckpt = workdir / CHECKPOINT
+    meta = {"history": [], "train_seconds": 0.0}
+    if ckpt.exists():
+        state, meta = checkpoint.load(ckpt, state)
+        print(f"resuming {workdir} after epoch {int(state.epoch)}", file=sys.stderr)
+    images, labels = jax.device_put(ds.train_images), jax.device_put(ds.train_labels)
+    val = batch_eval_set(jnp.asarray(ds.val_images), jnp.asarray(ds.val_labels), cfg.train.eval_batch_size)
+    epoch_keys = jax.random.split(train_key, cfg.train.epochs)
+    bar = tqdm(total=cfg.train.epochs, initial=int(state.epoch), desc=f"train {cfg.model.name}", file=sys.stderr)
+    for epoch in range(int(state.epoch), cfg.train.epochs):
+        start = time.perf_counter()
+        state, loss = trainer.epoch(state, epoch_keys[epoch], images, labels)
+        loss = float(loss)
+        meta["train_seconds"] += time.perf_counter() - start
+        val_acc = float(trainer.accuracy(state.variables, val)) if ds.val_images.shape[0] else float("nan")
+        meta["history"].append({"epoch": epoch + 1, "loss": loss, "val_accuracy": val_acc})
+        checkpoint.save(ckpt, state, meta)
+        bar.update(1)
+        bar.write(f"epoch {epoch + 1:3d}/{cfg.train.epochs}  loss {loss:.4f}  val {100 * val_acc:.2f}%  ({meta['train_seconds']:.0f} s)", file=sys.stderr)
+    bar.close()
+    checkpoint.save(workdir / MODEL, state.variables, {"model": cfg.model.name})
+    test = batch_eval_set(jnp.asarray(ds.test_images), jnp.asarray(ds.test_labels), cfg.train.eval_batch_size)
+    results = {
+        "model": cfg.model.name,
+        "dataset": cfg.data.name,
+        "w_bits": cfg.train.w_bits,
+        "a_bits": cfg.train.a_bits,
+        "epochs": cfg.train.epochs,
+        "val_accuracy": meta["history"][-1]["val_accuracy"] if meta["history"] else None,
+        "test_accuracy": float(trainer.accuracy(state.variables, test)),
+        "train_seconds": round(meta["train_seconds"], 1),
+        "device": jax.devices()[0].device_kind,
+    }
+    write_json(workdir / "results.json", results)
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(main("qevo.train", run, config_lib.validate))
