@@ -1,1 +1,56 @@
-"""qevo: evolutionary compression of neural networks in JAX."""
+"""qevo: evolutionary compression of neural networks in JAX.
+
+The public API, imported lazily so that ``import qevo`` (and the data-decoding worker
+processes) stays light:
+
+* quantization: ``quantize_weight``, ``quantize_activation``, ``validate_bits``, ``Bits``, ``QuantOptions``
+* models: ``get_model``, ``init_variables``, ``LeNet5``, ``CifarResNet``, ``MobileNetV2``, ``calibrate``
+* cost model: ``layer_table``, ``LayerTable``, ``bitops``, ``size_bits``, ``reference_flops``, ``reference_params``
+* data: ``load_dataset``, ``Dataset``, ``DataError``, ``normalize``
+* population evaluation: ``PopulationEvaluator``, ``QATConfig``
+* checkpoints: ``save_checkpoint``, ``load_checkpoint``, ``CheckpointError``
+"""
+
+import importlib
+
+_EXPORTS = {
+    "quantize_weight": ("qevo.quant", "quantize_weight"),
+    "quantize_activation": ("qevo.quant", "quantize_activation"),
+    "validate_bits": ("qevo.quant", "validate_bits"),
+    "Bits": ("qevo.layers", "Bits"),
+    "QuantOptions": ("qevo.layers", "QuantOptions"),
+    "get_model": ("qevo.models", "get_model"),
+    "init_variables": ("qevo.models", "init_variables"),
+    "LeNet5": ("qevo.models", "LeNet5"),
+    "CifarResNet": ("qevo.models", "CifarResNet"),
+    "MobileNetV2": ("qevo.models", "MobileNetV2"),
+    "calibrate": ("qevo.calibration", "calibrate"),
+    "layer_table": ("qevo.cost", "layer_table"),
+    "LayerTable": ("qevo.cost", "LayerTable"),
+    "bitops": ("qevo.cost", "bitops"),
+    "size_bits": ("qevo.cost", "size_bits"),
+    "reference_flops": ("qevo.cost", "reference_flops"),
+    "reference_params": ("qevo.cost", "reference_params"),
+    "load_dataset": ("qevo.data", "load_dataset"),
+    "Dataset": ("qevo.data", "Dataset"),
+    "DataError": ("qevo.data", "DataError"),
+    "normalize": ("qevo.data", "normalize"),
+    "PopulationEvaluator": ("qevo.population", "PopulationEvaluator"),
+    "QATConfig": ("qevo.population", "QATConfig"),
+    "save_checkpoint": ("qevo.checkpoint", "save"),
+    "load_checkpoint": ("qevo.checkpoint", "load"),
+    "CheckpointError": ("qevo.checkpoint", "CheckpointError"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'qevo' has no attribute {name!r}")
+    module, attr = _EXPORTS[name]
+    return getattr(importlib.import_module(module), attr)
+
+
+def __dir__():
+    return __all__
