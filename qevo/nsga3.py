@@ -50,18 +50,15 @@ def _valid_rows(F: jax.Array) -> jax.Array:
     return jnp.all(jnp.isfinite(F), axis=1)
 
 
-def _dominates(A: jax.Array, B: jax.Array) -> jax.Array:
-    """bool ``[Na, Nb]``: row ``a`` of ``A [Na, M]`` Pareto-dominates row ``b`` of ``B [Nb, M]``.
+def _no_worse(A: jax.Array, B: jax.Array, first: int) -> jax.Array:
+    """bool ``[Na, Nb]``: ``A[a, m] <= B[b, m]`` for every objective ``m >= first``.
 
     Loops over the (static, small) objective axis so no ``[Na, Nb, M]`` array is built.
     """
     no_worse = jnp.ones((A.shape[0], B.shape[0]), dtype=bool)
-    better = jnp.zeros((A.shape[0], B.shape[0]), dtype=bool)
-    for m in range(A.shape[1]):
-        a, b = A[:, m, None], B[None, :, m]
-        no_worse &= a <= b
-        better |= a < b
-    return no_worse & better
+    for m in range(first, A.shape[1]):
+        no_worse &= A[:, m, None] <= B[None, :, m]
+    return no_worse
 
 
 @functools.partial(jax.jit, static_argnames=("block_size",))
@@ -69,10 +66,12 @@ def non_dominated_rank(F: jax.Array, block_size: int = 256) -> jax.Array:
     """Pareto front index of every row (0 = non-dominated), as pymoo's NonDominatedSorting.
 
     The front index of a point is the length of the longest chain of points dominating it.
-    Rows are sorted lexicographically, so every dominator of a row precedes it; rows are
-    then processed in blocks of ``block_size``: a block's ranks follow from the finished
-    ranks of all earlier blocks (block pairs, ``O(N^2 M / 2)`` comparisons in all, memory
-    ``O(block_size^2)``) and a fixed-point relaxation inside the block.
+    Rows are sorted lexicographically, so every dominator of a row precedes it, and a row
+    dominates another exactly when it is no worse in every objective and not identical
+    (runs of identical rows get one id). Rows are processed in blocks of ``block_size``:
+    a block's ranks follow from the finished ranks of all earlier blocks (block pairs; the
+    first objective needs no comparison there as it is sorted) and a fixed-point relaxation
+    inside the block. ``O(N^2 M / 2)`` comparisons in all, memory ``O(N M + block_size^2)``.
 
     Args:
         F: float ``[N, M]``, minimised.
@@ -91,26 +90,33 @@ def non_dominated_rank(F: jax.Array, block_size: int = 256) -> jax.Array:
     pad = n_blocks * block_size - n
     Fs = jnp.pad(F_clean[order], ((0, pad), (0, 0)))
     vs = jnp.pad(valid[order], (0, pad))
+    position = jnp.arange(n_blocks * block_size, dtype=jnp.int32)
+    starts_run = jnp.concatenate([jnp.ones(1, bool), jnp.any(Fs[1:] != Fs[:-1], axis=1) | (vs[1:] != vs[:-1])])
+    run = jax.lax.cummax(jnp.where(starts_run, position, 0))
 
     def block(b):
         start = b * block_size
         return (jax.lax.dynamic_slice_in_dim(Fs, start, block_size),
-                jax.lax.dynamic_slice_in_dim(vs, start, block_size))
+                jax.lax.dynamic_slice_in_dim(vs, start, block_size),
+                jax.lax.dynamic_slice_in_dim(run, start, block_size))
+
+    def dominates(Fa, va, run_a, Fb, run_b, first):
+        return _no_worse(Fa, Fb, first) & (run_a[:, None] != run_b[None, :]) & va[:, None]
 
     def from_earlier_blocks(b, rank):
-        Fb, _ = block(b)
+        Fb, _, run_b = block(b)
 
         def body(a, best):
-            Fa, va = block(a)
+            Fa, va, run_a = block(a)
             ra = jax.lax.dynamic_slice_in_dim(rank, a * block_size, block_size)
-            dom = _dominates(Fa, Fb) & va[:, None]
+            dom = dominates(Fa, va, run_a, Fb, run_b, 1)
             return jnp.maximum(best, jnp.max(jnp.where(dom, ra[:, None] + 1, 0), axis=0))
 
         return jax.lax.fori_loop(0, b, body, jnp.zeros(block_size, jnp.int32))
 
     def within_block(b, lower):
-        Fb, vb = block(b)
-        dom = _dominates(Fb, Fb) & vb[:, None]
+        Fb, vb, run_b = block(b)
+        dom = dominates(Fb, vb, run_b, Fb, run_b, 0)
 
         def relax(r):
             return jnp.maximum(lower, jnp.max(jnp.where(dom, r[:, None] + 1, 0), axis=0))
@@ -161,6 +167,7 @@ def init_state(n_obj: int, dtype=jnp.float32) -> NSGA3State:
     )
 
 
+@jax.jit
 def extreme_points(F: jax.Array, candidate: jax.Array, ideal: jax.Array,
                    previous: jax.Array) -> jax.Array:
     """Extreme point of each axis by the achievement scalarising function (pymoo's get_extreme_points_c).
@@ -189,6 +196,7 @@ def extreme_points(F: jax.Array, candidate: jax.Array, ideal: jax.Array,
     return pool[jnp.argmin(asf, axis=1)]
 
 
+@jax.jit
 def nadir_point(extremes: jax.Array, ideal: jax.Array, worst: jax.Array,
                 worst_of_front: jax.Array, worst_of_population: jax.Array) -> jax.Array:
     """Nadir estimate from the hyperplane through the extreme points (pymoo's get_nadir_point).
@@ -208,13 +216,15 @@ def nadir_point(extremes: jax.Array, ideal: jax.Array, worst: jax.Array,
     ones = jnp.ones_like(ideal)
     plane = jnp.linalg.solve(A, ones)
     intercepts = 1 / plane
-    accurate = jnp.all(jnp.abs(A @ plane - ones) <= 1e-8 + 1e-5 * ones)
+    residual = jnp.dot(A, plane, precision=jax.lax.Precision.HIGHEST) - ones
+    accurate = jnp.all(jnp.abs(residual) <= 1e-8 + 1e-5 * ones)  # numpy.allclose(A @ plane, 1)
     usable = accurate & ~jnp.any(intercepts <= _MIN_INTERCEPT)
     from_plane = jnp.minimum(ideal + intercepts, worst)
     nadir = jnp.where(usable, from_plane, worst_of_front)
     return jnp.where(nadir - ideal <= _MIN_INTERCEPT, worst_of_population, nadir)
 
 
+@jax.jit
 def normalize(F: jax.Array, state: NSGA3State, first_front: jax.Array | None = None
               ) -> tuple[jax.Array, NSGA3State, jax.Array]:
     """Hyperplane normalisation of ``F``, updating the carried state (pymoo's HyperplaneNormalization.update).
@@ -261,6 +271,7 @@ def perpendicular_distance(F_norm: jax.Array, ref_dirs: jax.Array) -> jax.Array:
     return jnp.sqrt(squared)
 
 
+@jax.jit
 def associate(F_norm: jax.Array, ref_dirs: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Nearest reference line of each normalised point (pymoo's associate_to_niches).
 
@@ -277,11 +288,11 @@ def associate(F_norm: jax.Array, ref_dirs: jax.Array) -> tuple[jax.Array, jax.Ar
     return niche, jnp.take_along_axis(dist, niche[:, None], axis=1)[:, 0]
 
 
-def _random_subset(mask: jax.Array, n: jax.Array, key: jax.Array) -> jax.Array:
-    """bool like ``mask``: ``min(n, mask.sum())`` of its set entries, uniformly at random."""
+def _random_subset(mask: jax.Array, n: jax.Array, priority: jax.Array) -> jax.Array:
+    """bool like ``mask``: the ``min(n, mask.sum())`` set entries with the smallest random
+    ``priority`` (uint32, same shape; equal priorities go to the lower index)."""
     size = mask.shape[0]
-    priority = jax.random.permutation(key, size)
-    order = jnp.argsort(jnp.where(mask, priority, size + priority))
+    order = jnp.lexsort((priority, ~mask))
     position = jnp.zeros(size, jnp.int32).at[order].set(jnp.arange(size, dtype=jnp.int32))
     return mask & (position < n)
 
@@ -291,74 +302,95 @@ def _segment_min(values: jax.Array, segment: jax.Array, n_segments: int, empty) 
     return jnp.full((n_segments,), empty, values.dtype).at[segment].min(values)
 
 
+def _water_level(available: jax.Array, count: jax.Array, n_places: jax.Array, top: int) -> jax.Array:
+    """Largest level ``L`` in ``[0, top]`` with ``sum(min(available, max(0, L - count))) <= n_places``.
+
+    Binary search with a static number of steps; ``available`` and ``count`` are int32 ``[K]``.
+    """
+
+    def placed(level):
+        return jnp.sum(jnp.minimum(available, jnp.maximum(0, level - count)))
+
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi + 1) // 2
+        fits = placed(mid) <= n_places
+        return jnp.where(fits, mid, lo), jnp.where(fits, hi, jnp.maximum(lo, mid - 1))
+
+    return jax.lax.fori_loop(0, int(top).bit_length(), step, (jnp.int32(0), jnp.int32(top)))[0]
+
+
 def niching(last_front: jax.Array, n_remaining: jax.Array, niche_count: jax.Array,
             niche: jax.Array, dist: jax.Array, key: jax.Array) -> jax.Array:
     """Niche-preserving choice of ``n_remaining`` members of the last front (pymoo's niching).
 
-    Each round takes the niches, among those still holding an unchosen last-front member,
-    with the smallest count; if there are more than places left a random subset of them.
-    Every such niche gets one member: the one closest to its line if the niche is empty
-    (random among equal distances), else a random one. Counts then grow and rounds repeat.
+    pymoo fills niches in rounds: each round every niche with the lowest count, among those
+    still holding an unchosen last-front member, gets one member (a random subset of these
+    niches in the final, partial round); the first member of an empty niche is the one
+    closest to its line (random among equal distances), any later one is random. The result
+    of these rounds is computed here in one pass with the same distribution: the rounds
+    raise every niche to a common "water level" ``L`` (niche ``j`` gets
+    ``min(available_j, max(0, L - count_j))`` members), a random subset of the niches that
+    could go one higher takes the places left, and each niche takes its quota from its
+    members ordered closest-first (empty niches only) and otherwise at random.
 
     Args:
         last_front: bool ``[N]``, members of the front that is split.
         n_remaining: int scalar, places left after the earlier fronts (<= last_front.sum()).
         niche_count: int32 ``[K]``, members of the earlier fronts per niche.
-        niche: int32 ``[N]``; dist: float ``[N]``, from :func:`associate`.
+        niche: int32 ``[N]``; dist: float ``[N]``, from :func:`associate` (NaN counts as +inf).
         key: PRNG key.
 
     Returns:
-        bool ``[N]``, the chosen last-front members.
+        bool ``[N]``, the chosen last-front members (``n_remaining`` of them).
     """
     n, n_niches = niche.shape[0], niche_count.shape[0]
+    count = niche_count.astype(jnp.int32)
+    bits = jax.random.bits(key, (n_niches + n,), jnp.uint32)
+    niche_bits, member_bits = bits[:n_niches], bits[n_niches:]
+    available = jnp.zeros(n_niches, jnp.int32).at[niche].add(last_front.astype(jnp.int32))
+    level = _water_level(available, count, n_remaining, 2 * n + 1)
+    share = jnp.minimum(available, jnp.maximum(0, level - count))
+    could_rise = (count <= level) & (available > level - count)
+    quota = share + _random_subset(could_rise, n_remaining - jnp.sum(share), niche_bits)
+
     dist = jnp.where(jnp.isnan(dist), jnp.inf, dist)
     index = jnp.arange(n, dtype=jnp.int32)
+    no_bits = jnp.uint32(jnp.iinfo(jnp.uint32).max)
+    closest = last_front & (count[niche] == 0)
+    closest &= dist == _segment_min(jnp.where(closest, dist, jnp.inf), niche, n_niches, jnp.inf)[niche]
+    closest &= member_bits == _segment_min(jnp.where(closest, member_bits, no_bits), niche, n_niches, no_bits)[niche]
+    closest &= index == _segment_min(jnp.where(closest, index, n), niche, n_niches, n)[niche]
 
-    def unfinished(carry):
-        return carry[2] < n_remaining
-
-    def round_(carry):
-        chosen, count, n_chosen, key = carry
-        key, k_niche, k_member = jax.random.split(key, 3)
-        available = last_front & ~chosen
-        has_member = jnp.zeros(n_niches, jnp.int32).at[niche].max(available.astype(jnp.int32)) > 0
-        lowest = jnp.min(jnp.where(has_member, count, jnp.iinfo(jnp.int32).max))
-        picked_niche = _random_subset(has_member & (count == lowest), n_remaining - n_chosen, k_niche)
-        contender = available & picked_niche[niche]
-        primary = jnp.where(count[niche] == 0, dist, 0)
-        contender &= primary == _segment_min(jnp.where(contender, primary, jnp.inf), niche, n_niches, jnp.inf)[niche]
-        bits = jax.random.bits(k_member, (n,), jnp.uint32)
-        no_bits = jnp.iinfo(jnp.uint32).max
-        contender &= bits == _segment_min(jnp.where(contender, bits, no_bits), niche, n_niches, no_bits)[niche]
-        winner = contender & (index == _segment_min(jnp.where(contender, index, n), niche, n_niches, n)[niche])
-        count = count + jnp.zeros(n_niches, jnp.int32).at[niche].add(winner.astype(jnp.int32))
-        return chosen | winner, count, n_chosen + jnp.sum(winner, dtype=jnp.int32), key
-
-    start = (jnp.zeros(n, bool), niche_count.astype(jnp.int32), jnp.int32(0), key)
-    return jax.lax.while_loop(unfinished, round_, start)[0]
+    group = jnp.where(last_front, niche, n_niches)
+    order = jnp.lexsort((member_bits, ~closest, group))
+    group_start = jnp.cumsum(available) - available
+    place_sorted = index - jnp.append(group_start, 0)[group[order]]
+    place = jnp.zeros(n, jnp.int32).at[order].set(place_sorted)
+    return last_front & (place < quota[niche])
 
 
-@functools.partial(jax.jit, static_argnames=("n_survive",))
-def survive(F: jax.Array, ref_dirs: jax.Array, n_survive: int, state: NSGA3State,
-            key: jax.Array) -> tuple[jax.Array, NSGA3State]:
-    """NSGA-III environmental selection of ``n_survive`` rows of a merged population.
+@jax.jit
+def select(F: jax.Array, ref_dirs: jax.Array, n_survive: jax.Array, state: NSGA3State,
+           key: jax.Array) -> tuple[jax.Array, jax.Array, NSGA3State]:
+    """NSGA-III environmental selection as a mask; ``n_survive`` may be traced.
 
     Fronts are taken whole until the next one would overflow ("last front"); the state
     is updated with the whole population and its first front; the last front is split by
-    :func:`niching` with niche counts from the earlier fronts. If the last front is the
-    front of invalid rows, a random subset of it fills the remaining places.
+    :func:`niching` with niche counts from the earlier fronts. Invalid rows form the last
+    front of all, so they are only taken when the valid rows do not suffice (then at random:
+    their distances count as +inf).
 
     Args:
-        F: float ``[N, M]``, e.g. parents and offspring (``N = 2 n_survive``).
+        F: float ``[N, M]``, e.g. parents and offspring.
         ref_dirs: ``[K, M]`` reference directions.
-        n_survive: survivors (static, <= N).
+        n_survive: int scalar, survivors (1 <= n_survive <= N).
         state: carried normalisation state.
         key: PRNG key (consumed).
 
     Returns:
-        ``(idx int32 [n_survive], new state)``; ``idx`` lists survivors by front, then index.
+        ``(selected bool [N] with n_survive set, rank int32 [N], new state)``.
     """
-    n = F.shape[0]
     rank = non_dominated_rank(F)
     last_rank = jnp.sort(rank)[n_survive - 1]
     F_norm, state, _ = normalize(F, state, rank == 0)
@@ -367,16 +399,35 @@ def survive(F: jax.Array, ref_dirs: jax.Array, n_survive: int, state: NSGA3State
     last_front = rank == last_rank
     n_remaining = n_survive - jnp.sum(earlier, dtype=jnp.int32)
     niche_count = jnp.zeros(ref_dirs.shape[0], jnp.int32).at[niche].add(earlier.astype(jnp.int32))
-    k_invalid, k_niche = jax.random.split(key)
-    invalid_last = ~jnp.any(last_front & _valid_rows(F))
-    chosen = jax.lax.cond(
-        invalid_last,
-        lambda: _random_subset(last_front, n_remaining, k_invalid),
-        lambda: niching(last_front, n_remaining, niche_count, niche, dist, k_niche),
-    )
-    selected = earlier | chosen
-    order = jnp.argsort(jnp.where(selected, rank, jnp.iinfo(jnp.int32).max), stable=True)
-    return order[:n_survive].astype(jnp.int32), state
+    chosen = niching(last_front, n_remaining, niche_count, niche, dist, key)
+    return earlier | chosen, rank, state
+
+
+@functools.partial(jax.jit, static_argnames=("n_survive",))
+def _survivor_indices(selected: jax.Array, n_survive: int) -> jax.Array:
+    """int32 ``[n_survive]``: the indices where ``selected`` is set, ascending."""
+    return jnp.flatnonzero(selected, size=n_survive).astype(jnp.int32)
+
+
+def survive(F: jax.Array, ref_dirs: jax.Array, n_survive: int, state: NSGA3State,
+            key: jax.Array) -> tuple[jax.Array, NSGA3State]:
+    """NSGA-III survival: indices of ``n_survive`` rows of a merged population (see :func:`select`).
+
+    Works eagerly (the heavy part, :func:`select`, is compiled once per input shape and
+    shared by every ``n_survive``) and inside ``jit``/``scan``.
+
+    Args:
+        F: float ``[N, M]``, e.g. parents and offspring (``N = 2 n_survive``).
+        ref_dirs: ``[K, M]`` reference directions.
+        n_survive: survivors, a Python int (static), 1 <= n_survive <= N.
+        state: carried normalisation state.
+        key: PRNG key (consumed).
+
+    Returns:
+        ``(idx int32 [n_survive] ascending, new state)``.
+    """
+    selected, _, state = select(F, ref_dirs, n_survive, state, key)
+    return _survivor_indices(selected, n_survive), state
 
 
 def igd(F: np.ndarray, pareto_front: np.ndarray) -> float:
