@@ -12,6 +12,7 @@ the weights). Prints JSON and writes ``benchmarks/results/population_<platform>.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -31,14 +32,17 @@ SHAPES = {"lenet5": (28, 28, 1), "resnet20": (32, 32, 3)}
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile and warm up
-    times = []
+def _interleaved_medians(fns: dict, repeats: int) -> dict:
+    """Median seconds per callable, timed round-robin so that load drift hits all alike."""
+    for fn in fns.values():
+        jax.block_until_ready(fn())  # compile and warm up
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def bench_model(name: str, sizes: list[int], n_images: int, repeats: int) -> list[dict]:
@@ -57,10 +61,12 @@ def bench_model(name: str, sizes: list[int], n_images: int, repeats: int) -> lis
         w = rng.choice([2, 4, 8], size=(p, model.num_layers)).astype(np.int32)
         a = rng.choice([2, 4, 8], size=(p, model.num_layers)).astype(np.int32)
         row = {"model": name, "population": p, "images": n_images}
-        row["loop"] = n_images * p / _median_seconds(lambda: [one(variables, w[i], a[i]) for i in range(p)], repeats)
+        fns = {"loop": lambda: [one(variables, w[i], a[i]) for i in range(p)]}
         for label, strategy, chunk in (("vmap", "vmap", None), ("map", "map", None), ("map8", "map", 8), ("auto", "auto", None)):
             ev = PopulationEvaluator(model, mean, std, eval_batch_size=n_images, strategy=strategy, chunk_size=chunk)
-            row[label] = n_images * p / _median_seconds(lambda: ev(variables, w, a, images, labels), repeats)
+            fns[label] = functools.partial(ev, variables, w, a, images, labels)
+        for label, seconds in _interleaved_medians(fns, repeats).items():
+            row[label] = n_images * p / seconds
         fastest = max(row[k] for k in ("vmap", "map", "map8"))
         row["auto_vs_fastest"] = row["auto"] / fastest
         row["auto_vs_loop"] = row["auto"] / row["loop"]
@@ -78,7 +84,7 @@ def main() -> None:
     jax.config.update("jax_threefry_partitionable", False)
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else ([1, 8, 32] if args.quick else [1, 8, 32, 128])
     images = {"lenet5": 512 if args.quick else 1000, "resnet20": 64 if args.quick else 256}
-    repeats = 3 if args.quick else 5
+    repeats = 5 if args.quick else 7
     rows = []
     for name in args.models.split(","):
         rows += bench_model(name, sizes, images[name], repeats)
