@@ -3,7 +3,8 @@
 For each population size N and objective count M, a merged population of 2N uniform random
 objective vectors is reduced to N survivors by ``qevo.nsga3.survive`` (float32, compiled
 and warmed up, timed with ``block_until_ready``) and by pymoo's ReferenceDirectionSurvival
-(float64); each time is the median of several repeats from a fresh normalisation state.
+(float64); each time is the median of several repeats from a fresh normalisation state,
+the two libraries' calls interleaved so that both see the same machine load.
 
     python -m benchmarks.nsga3 [--quick]
 
@@ -13,6 +14,7 @@ Prints JSON and writes it to ``benchmarks/results/nsga3_<platform>[_quick].json`
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -23,7 +25,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pymoo
 from pymoo.algorithms.moo.nsga3 import ReferenceDirectionSurvival
 from pymoo.core.population import Population
 from pymoo.core.problem import Problem
@@ -34,33 +35,60 @@ PARTITIONS = {2: 99, 3: 12, 5: 6}  # Das-Dennis divisions: 100, 91 and 210 refer
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
-def time_qevo(F: np.ndarray, ref_dirs: np.ndarray, n_survive: int, repeats: int) -> float:
-    """Median seconds of one compiled ``survive`` call (after a warm-up call)."""
+def package_version(name: str) -> str | None:
+    """Installed version of a distribution, None if it is absent."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def cpu_name() -> str:
+    """The host CPU's model name (Linux ``/proc/cpuinfo``), else the machine type."""
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def qevo_call(F: np.ndarray, ref_dirs: np.ndarray, n_survive: int):
+    """A warmed-up ``key -> seconds`` timer of one compiled ``survive`` call."""
     F_dev = jnp.asarray(F, jnp.float32)
     ref_dev = jnp.asarray(ref_dirs, jnp.float32)
     state = nsga3.init_state(F.shape[1])
-    keys = jax.random.split(jax.random.key(0), repeats + 1)
-    jax.block_until_ready(nsga3.survive(F_dev, ref_dev, n_survive, state, keys[0]))
-    times = []
-    for key in keys[1:]:
+
+    def timed(key):
         start = time.perf_counter()
         jax.block_until_ready(nsga3.survive(F_dev, ref_dev, n_survive, state, key))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return time.perf_counter() - start
+
+    timed(jax.random.key(0))
+    return timed
 
 
-def time_pymoo(F: np.ndarray, ref_dirs: np.ndarray, n_survive: int, repeats: int) -> float:
-    """Median seconds of pymoo's ReferenceDirectionSurvival on the same population."""
+def pymoo_call(F: np.ndarray, ref_dirs: np.ndarray, n_survive: int):
+    """A ``seed -> seconds`` timer of pymoo's ReferenceDirectionSurvival on a fresh state."""
     problem = Problem(n_var=1, n_obj=F.shape[1])
-    times = []
-    for seed in range(repeats):
+
+    def timed(seed):
         survival = ReferenceDirectionSurvival(ref_dirs)
         pop = Population.new("F", F)
         rng = np.random.default_rng(seed)
         start = time.perf_counter()
         survival.do(problem, pop, n_survive=n_survive, random_state=rng)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return time.perf_counter() - start
+
+    return timed
+
+
+def compare(F: np.ndarray, ref_dirs: np.ndarray, n_survive: int, repeats: int) -> tuple[float, float]:
+    """Median seconds of qevo and of pymoo, their calls interleaved so both see the same load."""
+    qevo, theirs = qevo_call(F, ref_dirs, n_survive), pymoo_call(F, ref_dirs, n_survive)
+    keys = jax.random.split(jax.random.key(1), repeats)
+    times = [(qevo(keys[i]), theirs(i)) for i in range(repeats)]
+    return statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
 
 
 def main() -> None:
@@ -74,11 +102,14 @@ def main() -> None:
         "device": str(device),
         "device_kind": device.device_kind,
         "platform": jax.default_backend(),
-        "host_cpu": platform.processor() or platform.machine(),
-        "versions": {"jax": jax.__version__, "pymoo": pymoo.__version__, "numpy": np.__version__},
+        "host_cpu": cpu_name(),
+        "versions": {name: package_version(name) for name in ("jax", "jaxlib", "pymoo", "moocore", "numpy")},
+        "note": ("pymoo 0.6.2 ranks with moocore.pareto_rank (compiled C); "
+                 "qevo ranks with O(N^2 M / 2) comparisons on fixed shapes"),
         "qevo_dtype": "float32",
         "pymoo_dtype": "float64",
-        "timing": "median seconds per survival call; qevo compiled, warmed up, block_until_ready",
+        "timing": ("median seconds per survival call, qevo and pymoo calls interleaved; "
+                   "qevo compiled, warmed up, block_until_ready"),
         "cpu_count": os.cpu_count(),
         "load_average_at_start": os.getloadavg(),
         "results": [],
@@ -88,8 +119,7 @@ def main() -> None:
         for n_obj, n_partitions in PARTITIONS.items():
             ref_dirs = nsga3.das_dennis(n_obj, n_partitions)
             F = np.random.default_rng(n * 10 + n_obj).random((2 * n, n_obj))
-            qevo_s = time_qevo(F, ref_dirs, n, repeats)
-            pymoo_s = time_pymoo(F, ref_dirs, n, repeats)
+            qevo_s, pymoo_s = compare(F, ref_dirs, n, repeats)
             row = {
                 "N": n, "merged": 2 * n, "M": n_obj, "ref_dirs": len(ref_dirs), "repeats": repeats,
                 "qevo_s": qevo_s, "pymoo_s": pymoo_s, "pymoo_over_qevo": pymoo_s / qevo_s,
