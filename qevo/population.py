@@ -151,7 +151,8 @@ class PopulationEvaluator:
             return local(w, a)
         mesh = Mesh(np.array(self.devices), ("pop",))
         spec = PartitionSpec("pop")
-        return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec), out_specs=spec)(w, a)
+        # Replicated data and per-shard scan carries mix inside; skip the varying-axis type check.
+        return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec), out_specs=spec, check_vma=False)(w, a)
 
     def _local_population(self, variables, w, a, *, key, train_x, train_y, batches):
         one = functools.partial(self._individual, variables, key=key, train_x=train_x, train_y=train_y, batches=batches)
