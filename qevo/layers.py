@@ -205,7 +205,7 @@ class QDense(nn.Module):
 
 
 def collect_per_layer(tree, n_layers: int, reduce) -> list:
-    """Gather sown ``layer_XXX`` values from a collection into a list indexed by layer.
+    """Gather sown ``layer_<index>`` values from a collection into a list indexed by layer.
 
     Args:
       tree: the ``"calibration"`` or ``"layer_stats"`` collection of an ``apply``.
