@@ -9,6 +9,10 @@ processes) stays light:
 * data: ``load_dataset``, ``Dataset``, ``DataError``, ``normalize``
 * population evaluation: ``PopulationEvaluator``, ``QATConfig``
 * checkpoints: ``save_checkpoint``, ``load_checkpoint``, ``CheckpointError``
+* bit-width genome variation: ``random_genes``, ``uniform_genes``, ``decode``, ``crossover``,
+  ``mutate``, ``dedupe``, ``make_offspring``
+* evosax drivers: ``make_driver``, ``Driver``, ``DriverState``, ``EVOSAX_STRATEGIES``,
+  ``relax_to_genes``, ``genes_to_relaxed``, ``weighted_sum``, ``tchebycheff``, ``budget``
 """
 
 import importlib
@@ -40,6 +44,22 @@ _EXPORTS = {
     "save_checkpoint": ("qevo.checkpoint", "save"),
     "load_checkpoint": ("qevo.checkpoint", "load"),
     "CheckpointError": ("qevo.checkpoint", "CheckpointError"),
+    "random_genes": ("qevo.variation", "random_genes"),
+    "uniform_genes": ("qevo.variation", "uniform_genes"),
+    "decode": ("qevo.variation", "decode"),
+    "crossover": ("qevo.variation", "crossover"),
+    "mutate": ("qevo.variation", "mutate"),
+    "dedupe": ("qevo.variation", "dedupe"),
+    "make_offspring": ("qevo.variation", "make_offspring"),
+    "make_driver": ("qevo.drivers", "make_driver"),
+    "Driver": ("qevo.drivers", "Driver"),
+    "DriverState": ("qevo.drivers", "DriverState"),
+    "EVOSAX_STRATEGIES": ("qevo.drivers", "EVOSAX_STRATEGIES"),
+    "relax_to_genes": ("qevo.drivers", "relax_to_genes"),
+    "genes_to_relaxed": ("qevo.drivers", "genes_to_relaxed"),
+    "weighted_sum": ("qevo.drivers", "weighted_sum"),
+    "tchebycheff": ("qevo.drivers", "tchebycheff"),
+    "budget": ("qevo.drivers", "budget"),
 }
 
 __all__ = sorted(_EXPORTS)
