@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qevo.layers import shifted_conv2d
+from qevo.layers import patch_conv2d, shifted_conv2d
 
 
 @pytest.mark.parametrize("padding", ["SAME", "VALID"])
@@ -33,3 +33,22 @@ def test_shifted_conv_gradients_equal_xla():
     want = jax.grad(loss(xla), argnums=(0, 1))(x, k)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("padding", ["SAME", "VALID"])
+@pytest.mark.parametrize("strides", [1, 2])
+@pytest.mark.parametrize("kernel, channels", [(5, 1), (3, 6), (1, 16)])
+def test_patch_conv_and_gradients_equal_xla(padding, strides, kernel, channels):
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((3, 11, 11, channels)).astype(np.float32))
+    k = jnp.asarray(rng.standard_normal((kernel, kernel, channels, 7)).astype(np.float32))
+    xla = lambda x, k: jax.lax.conv_general_dilated(  # noqa: E731
+        x, k, (strides, strides), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    mine = lambda x, k: patch_conv2d(x, k, strides, padding)  # noqa: E731
+    np.testing.assert_allclose(mine(x, k), xla(x, k), rtol=1e-5, atol=1e-4)
+    loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)))  # noqa: E731
+    got = jax.grad(loss(mine), argnums=(0, 1))(x, k)
+    want = jax.grad(loss(xla), argnums=(0, 1))(x, k)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
