@@ -1,0 +1,608 @@
+"""Weight-sharing compression: ``python -m qevo.compress --config configs/lenet5_sharing.py``.
+
+The seed's protocol (SPEC section 2), on the validation split:
+
+0. the float model (trained in ``<workdir>/float`` or loaded from ``float_from``);
+1. the k-means of every shared layer for every k in ``1..sharing.k_max``, in batched calls,
+   as a lookup table (:func:`qevo.sharing.build_table`);
+2. range optimisation: each layer alone shared with each k, all ``L * k_max`` networks in
+   one compiled population call; a layer keeps the k whose accuracy is at least the float
+   accuracy minus ``sharing.range_max_loss`` points;
+3. search over per-layer k (genes index the kept k of each layer) by ``sharing.driver``:
+   evosax ``ga`` (SimpleGA), ``pso``, ``cma_es``, ``de`` on the relaxed genome, ``random``
+   search, all with the seed's fitness Fit and dynamic targets; or ``nsga3`` on
+   (1 - accuracy, 1 / CR).  One compiled call per generation (ask, population accuracy,
+   fitness, tell, targets), ``population_size`` individuals for ``generations``
+   generations whatever the driver (equal evaluation budgets);
+4. the result: of every evaluated network whose validation accuracy is at least the float
+   accuracy minus ``sharing.max_accuracy_loss`` points, the one with the highest CR
+   (``sharing.fitness_cr``), then the seed's per-layer search of focus and spread, a
+   layer's 2-D clustering kept only where validation accuracy improves;
+5. validation and test accuracy and both CRs for every codebook format of
+   ``sharing.report_formats``; each compressed model saved as indices + codebooks and
+   reloaded to check its test accuracy.
+
+Fitness: Fit = 1 / sqrt((1 - ACC/ACC_t)^2 + (1 - CR/CR_t)^2) (maximised).  After each
+generation a target that the best value of the generation reached moves to that value plus
+its offset (``sharing.acc_offset``, ``sharing.cr_offset``).  With
+``sharing.constrain_fitness`` (default) a network under the accuracy floor ranks after
+every network above it (its fitness is ``1 + floor - accuracy`` against ``-Fit``), so the
+drivers spend their budget where the result is chosen.
+
+Outputs in the work folder: ``config.json``, ``range.json`` (accuracy of every (layer, k)),
+``history.jsonl`` (every individual of every generation: k, validation accuracy, both CRs,
+fitness), ``checkpoint.msgpack`` (resume), ``result.json``, ``compressed_<format>.msgpack``,
+and for ``nsga3`` ``front.csv`` and ``front.png`` (the non-dominated evaluated networks).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import json
+import pathlib
+import sys
+import time
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from qevo import checkpoint, nsga3, sharing
+from qevo import config as config_lib
+from qevo.codebook import CODEBOOK_BITS, quantize_codebook
+from qevo.drivers import EVOSAX_STRATEGIES, make_driver, relax_to_genes
+from qevo.population import batch_eval_set
+from qevo.pretrained import float_model
+from qevo.run import main, write_json
+from qevo.train import build_model, load_data
+from qevo.variation import make_offspring, random_genes
+
+DRIVERS = ("ga", "pso", "cma_es", "de", "random", "nsga3")
+_EVOSAX_NAMES = {"ga": "simple_ga", "pso": "pso", "cma_es": "cma_es", "de": "de"}
+CHECKPOINT = "checkpoint.msgpack"
+HISTORY = "history.jsonl"
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """:func:`qevo.config.defaults` plus the search size and the ``sharing`` section."""
+    c = config_lib.defaults()
+    c.population_size = 32
+    c.generations = 30
+    c.sharing = ml_collections.ConfigDict(
+        dict(
+            driver="ga",
+            k_max=64,
+            kmeans_iters=50,
+            range_max_loss=1.0,
+            max_accuracy_loss=1.0,
+            constrain_fitness=True,
+            fitness_cr="weighted",
+            acc_target=ml_collections.config_dict.placeholder(float),
+            cr_target=10.0,
+            acc_offset=0.001,
+            cr_offset=1.0,
+            codebook="float32",
+            report_formats=("float32", "float16", "float8", "int8"),
+            refine=True,
+            focus_max=9.8,
+            focus_step=0.2,
+            spreads=(2.0,),
+            nsga3_partitions=12,
+            strategy="auto",
+        )
+    )
+    return c
+
+
+def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """:func:`qevo.config.validate` with the keys of :func:`defaults`, and the sharing options."""
+    config_lib.validate(cfg, known=defaults())
+    s = cfg.sharing
+    err = config_lib.ConfigError
+    if s.driver not in DRIVERS:
+        raise err(f"config sharing.driver={s.driver!r} is not one of {DRIVERS}")
+    if not isinstance(s.k_max, int) or not 2 <= s.k_max <= 128:
+        raise err(f"config sharing.k_max={s.k_max!r} is invalid; use an int in 2..128 (k ranges over 1..k_max)")
+    for key in ("population_size", "generations"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise err(f"config {key}={cfg[key]!r} must be an int >= 1")
+    if s.driver == "nsga3" and cfg.population_size < 2:
+        raise err("config population_size must be >= 2 for sharing.driver='nsga3'")
+    if s.kmeans_iters < 1:
+        raise err(f"config sharing.kmeans_iters={s.kmeans_iters!r} must be >= 1")
+    for key in ("range_max_loss", "max_accuracy_loss"):
+        if not 0 <= s[key] <= 100:
+            raise err(f"config sharing.{key}={s[key]!r} is an accuracy loss in points; use 0..100")
+    if s.fitness_cr not in ("weighted", "mean"):
+        raise err(f"config sharing.fitness_cr={s.fitness_cr!r} is not one of ('weighted', 'mean')")
+    for fmt in (s.codebook, *s.report_formats):
+        if fmt not in CODEBOOK_BITS:
+            raise err(f"config sharing codebook format {fmt!r} is not one of {tuple(CODEBOOK_BITS)}")
+    if not s.cr_target > 0 or (s.acc_target is not None and not 0 < s.acc_target <= 1):
+        raise err("config sharing.cr_target must be > 0 and sharing.acc_target (a fraction) in (0, 1]")
+    if s.acc_offset < 0 or s.cr_offset < 0:
+        raise err("config sharing.acc_offset and sharing.cr_offset must be >= 0")
+    if s.focus_step <= 0 or s.focus_max < 0 or len(s.spreads) == 0:
+        raise err("config sharing.focus_step must be > 0, sharing.focus_max >= 0, sharing.spreads non-empty")
+    if s.nsga3_partitions < 1:
+        raise err(f"config sharing.nsga3_partitions={s.nsga3_partitions!r} must be >= 1")
+    if s.strategy not in ("auto", "vmap", "map"):
+        raise err(f"config sharing.strategy={s.strategy!r} is not one of ('auto', 'vmap', 'map')")
+    return cfg
+
+
+@flax.struct.dataclass
+class Problem:
+    """Everything a generation reads (device arrays; the arguments of the compiled steps).
+
+    Attributes:
+      variables: the float model's variables.
+      table: the cluster table of every (layer, k).
+      centroids: float32 ``[L, K, K]`` table codebooks rounded to the search format.
+      batches: the validation split as ``batch_eval_set`` batches.
+      allowed: int32 ``[L, K]``: gene ``g`` of layer ``l`` means ``k - 1 = allowed[l, g]``
+        (ascending; entries from ``n_choices[l]`` on repeat the last).
+      n_choices: int32 ``[L]``, kept k per layer.
+      floor: float32, the accuracy floor (float validation accuracy minus the allowed loss).
+      float_accuracy: float32, the float model's validation accuracy.
+    """
+
+    variables: dict
+    table: sharing.ClusterTable
+    centroids: jax.Array
+    batches: tuple
+    allowed: jax.Array
+    n_choices: jax.Array
+    floor: jax.Array
+    float_accuracy: jax.Array
+
+
+@flax.struct.dataclass
+class Scores:
+    """One generation: genes int32 ``[P, L]``, k int32 ``[P, L]``, validation accuracy,
+    mean-of-layers and size-weighted CR (search format) and the seed's Fit, float32 ``[P]``."""
+
+    genes: jax.Array
+    k: jax.Array
+    accuracy: jax.Array
+    cr_mean: jax.Array
+    cr_weighted: jax.Array
+    fit: jax.Array
+
+
+@flax.struct.dataclass
+class NSGA3Driver:
+    """NSGA-III population: genes int32 ``[P, L]``, objectives float32 ``[P, 2]``, normalisation."""
+
+    genes: jax.Array
+    objectives: jax.Array
+    normalisation: nsga3.NSGA3State
+
+
+@flax.struct.dataclass
+class SearchState:
+    """Search state carried across generations (checkpointed).
+
+    Attributes:
+      driver: the evosax ``DriverState``, an :class:`NSGA3Driver`, or a dummy for ``random``.
+      key: raw uint32 ``[2]`` PRNG key.
+      generation: int32, generations done.
+      acc_target, cr_target: float32, the fitness targets.
+    """
+
+    driver: object
+    key: jax.Array
+    generation: jax.Array
+    acc_target: jax.Array
+    cr_target: jax.Array
+
+
+def range_population(num_layers: int, k_max: int) -> np.ndarray:
+    """int32 ``[L * K, L]``: row ``l * K + k - 1`` shares only layer ``l``, with k clusters."""
+    rows = np.full((num_layers, k_max, num_layers), -1, np.int32)
+    for l in range(num_layers):
+        rows[l, :, l] = np.arange(k_max)
+    return rows.reshape(-1, num_layers)
+
+
+def allowed_k(range_acc: np.ndarray, float_acc: float, max_loss: float) -> tuple[np.ndarray, np.ndarray]:
+    """The range filter: ``(allowed int32 [L, K], n_choices int32 [L])`` from ``range_acc [L, K]``.
+
+    A layer keeps every k whose accuracy is at least ``float_acc - max_loss / 100``; a layer
+    where none passes keeps its most accurate k.
+    """
+    num_layers, k_max = range_acc.shape
+    allowed = np.zeros((num_layers, k_max), np.int32)
+    counts = np.zeros(num_layers, np.int32)
+    for l in range(num_layers):
+        keep = np.flatnonzero(range_acc[l] >= float_acc - max_loss / 100)
+        if keep.size == 0:
+            keep = np.array([int(np.nanargmax(range_acc[l]))])
+        allowed[l, : keep.size] = keep
+        allowed[l, keep.size :] = keep[-1]
+        counts[l] = keep.size
+    return allowed, counts
+
+
+class Search:
+    """Compiled generation steps of one driver on one problem.
+
+    ``first(state, problem)`` and ``step(state, problem)`` each run one generation (ask,
+    population accuracy, fitness, tell, targets) as one compiled call and return
+    ``(state, Scores)``; ``first`` is the first generation (NSGA-III's random start).
+    """
+
+    def __init__(self, cfg: ml_collections.ConfigDict, evaluator: sharing.SharedEvaluator, num_layers: int):
+        s = cfg.sharing
+        self.name, self.cfg, self.evaluator = s.driver, cfg, evaluator
+        self.size, self.num_layers = cfg.population_size, num_layers
+        if self.name in _EVOSAX_NAMES:
+            self.driver = make_driver(_EVOSAX_NAMES[self.name], self.size, num_layers)
+        if self.name == "nsga3":
+            self.ref_dirs = jnp.asarray(nsga3.das_dennis(2, s.nsga3_partitions), jnp.float32)
+        self.first = jax.jit(functools.partial(self._generation, first=True))
+        self.step = jax.jit(functools.partial(self._generation, first=False))
+
+    def init(self, key: jax.Array, acc_target: float, cr_target: float) -> SearchState:
+        """State before the first generation (``key``: raw uint32 key)."""
+        key, sub = jax.random.split(key)
+        if self.name in _EVOSAX_NAMES:
+            driver = self.driver.init(sub)
+        elif self.name == "nsga3":
+            driver = NSGA3Driver(
+                genes=jnp.zeros((self.size, self.num_layers), jnp.int32),
+                objectives=jnp.zeros((self.size, 2), jnp.float32),
+                normalisation=nsga3.init_state(2),
+            )
+        else:
+            driver = jnp.zeros((), jnp.int32)
+        return SearchState(driver=driver, key=key, generation=jnp.int32(0),
+                           acc_target=jnp.float32(acc_target), cr_target=jnp.float32(cr_target))
+
+    def score(self, problem: Problem, genes: jax.Array, state: SearchState) -> Scores:
+        """Scores of genes int32 ``[P, L]`` (one population call)."""
+        k_idx = problem.allowed[jnp.arange(self.num_layers)[None, :], genes]
+        acc = self.evaluator.accuracy_of_k(problem.variables, problem.table, problem.centroids, k_idx, problem.batches)
+        cr_mean, cr_weighted = sharing.compression_rates(k_idx + 1, problem.table.sizes, self.cfg.sharing.codebook)
+        cr = cr_weighted if self.cfg.sharing.fitness_cr == "weighted" else cr_mean
+        fit = sharing.seed_fitness(acc, cr, state.acc_target, state.cr_target)
+        return Scores(genes=genes, k=k_idx + 1, accuracy=acc, cr_mean=cr_mean, cr_weighted=cr_weighted, fit=fit)
+
+    def _minimised(self, problem: Problem, scores: Scores) -> jax.Array:
+        if self.cfg.sharing.constrain_fitness:
+            return sharing.constrained_fitness(scores.fit, scores.accuracy, problem.floor)
+        return jnp.where(jnp.isfinite(scores.fit), -scores.fit, jnp.inf)
+
+    def _generation(self, state: SearchState, problem: Problem, *, first: bool):
+        key, k_ask, k_tell = jax.random.split(state.key, 3)
+        driver = state.driver
+        if self.name in _EVOSAX_NAMES:
+            x, driver = self.driver.ask(k_ask, driver)
+            scores = self.score(problem, relax_to_genes(x, problem.n_choices), state)
+            driver = self.driver.tell(k_tell, x, self._minimised(problem, scores), driver)
+        elif self.name == "random" or first:
+            scores = self.score(problem, random_genes(k_ask, self.size, problem.n_choices), state)
+            if self.name == "nsga3":
+                driver = driver.replace(genes=scores.genes, objectives=_objectives(scores))
+        else:
+            children = make_offspring(k_ask, driver.genes, self.size, problem.n_choices)
+            scores = self.score(problem, children, state)
+            genes = jnp.concatenate([driver.genes, children])
+            objectives = jnp.concatenate([driver.objectives, _objectives(scores)])
+            idx, normalisation = nsga3.survive(objectives, self.ref_dirs, self.size, driver.normalisation, k_tell)
+            driver = NSGA3Driver(genes=genes[idx], objectives=objectives[idx], normalisation=normalisation)
+        state = state.replace(driver=driver, key=key, generation=state.generation + 1)
+        return _move_targets(state, problem, scores, self.cfg), scores
+
+
+def _objectives(scores: Scores) -> jax.Array:
+    """NSGA-III objectives float32 ``[P, 2]``: 1 - accuracy and 1 / size-weighted CR (NaN accuracy stays NaN)."""
+    return jnp.stack([1.0 - scores.accuracy, 1.0 / scores.cr_weighted], axis=1)
+
+
+def _move_targets(state: SearchState, problem: Problem, scores: Scores, cfg) -> SearchState:
+    """The seed's dynamic targets: a target reached by the generation's best value (CR among
+    the networks above the accuracy floor) moves to that value plus its offset."""
+    s = cfg.sharing
+    acc = jnp.where(jnp.isfinite(scores.accuracy), scores.accuracy, -jnp.inf)
+    cr = scores.cr_weighted if s.fitness_cr == "weighted" else scores.cr_mean
+    best_acc = jnp.max(acc)
+    best_cr = jnp.max(jnp.where(acc >= problem.floor, cr, -jnp.inf))
+    return state.replace(
+        acc_target=jnp.where(best_acc >= state.acc_target, best_acc + s.acc_offset, state.acc_target),
+        cr_target=jnp.where(best_cr >= state.cr_target, best_cr + s.cr_offset, state.cr_target),
+    )
+
+
+def scores_to_records(scores: Scores) -> list[dict]:
+    """JSON-able rows of one generation."""
+    s = jax.device_get(scores)
+    return [
+        {"k": s.k[i].tolist(), "val_accuracy": float(s.accuracy[i]), "cr_mean": float(s.cr_mean[i]),
+         "cr_weighted": float(s.cr_weighted[i]), "fitness": float(s.fit[i])}
+        for i in range(s.k.shape[0])
+    ]
+
+
+def pick(records: list[dict], floor: float, cr_key: str) -> dict:
+    """The result of a search: of the records with ``val_accuracy >= floor``, the highest
+    ``cr_key`` (ties: higher accuracy); if none, the most accurate record.  Adds ``feasible``."""
+    feasible = [r for r in records if r["val_accuracy"] >= floor]
+    if feasible:
+        return {**max(feasible, key=lambda r: (r[cr_key], r["val_accuracy"])), "feasible": True}
+    return {**max(records, key=lambda r: (r["val_accuracy"], r[cr_key])), "feasible": False}
+
+
+def front(records: list[dict]) -> list[dict]:
+    """Distinct non-dominated records on (validation accuracy, size-weighted CR), by CR."""
+    unique = {tuple(r["k"]): r for r in records if np.isfinite(r["val_accuracy"])}
+    rows = list(unique.values())
+    F = np.array([[1 - r["val_accuracy"], -r["cr_weighted"]] for r in rows], np.float32)
+    rank = np.asarray(nsga3.non_dominated_rank(jnp.asarray(F)))
+    return sorted((r for r, q in zip(rows, rank) if q == 0), key=lambda r: r["cr_weighted"])
+
+
+@dataclasses.dataclass
+class Prepared:
+    """The float model, data and cluster table of a run, shared by searches (benchmarks)."""
+
+    cfg: ml_collections.ConfigDict
+    model: object
+    evaluator: sharing.SharedEvaluator
+    variables: dict
+    paths: tuple
+    table: sharing.ClusterTable
+    val: tuple
+    test: tuple
+    float_val: float
+    float_test: float
+    range_acc: np.ndarray
+    seconds: dict
+
+
+def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> Prepared:
+    """Steps 0 to 2: float model, cluster table, range accuracy of every (layer, k)."""
+    seconds = {}
+    ds = load_data(cfg)
+    model = build_model(cfg, ds.num_classes)
+    t = time.perf_counter()
+    variables, _ = float_model(cfg, ds, model, workdir)
+    seconds["float_model"] = time.perf_counter() - t
+    paths = sharing.kernel_paths(variables["params"])
+    evaluator = sharing.SharedEvaluator(model, ds.mean, ds.std, paths, strategy=cfg.sharing.strategy)
+    if ds.val_images.shape[0] == 0:
+        raise config_lib.ConfigError("the search needs a validation split: set data.val_size > 0")
+    eb = cfg.train.eval_batch_size
+    val = batch_eval_set(jnp.asarray(ds.val_images), jnp.asarray(ds.val_labels), eb)
+    test = batch_eval_set(jnp.asarray(ds.test_images), jnp.asarray(ds.test_labels), eb)
+    plain = jax.jit(lambda v, b: evaluator.accuracy(v, sharing.get_kernels(v["params"], paths), b))
+    float_val, float_test = float(plain(variables, val)), float(plain(variables, test))
+
+    t = time.perf_counter()
+    kernels = sharing.get_kernels(variables["params"], paths)
+    table = sharing.build_table(kernels, cfg.sharing.k_max, n_iter=cfg.sharing.kmeans_iters)
+    jax.block_until_ready(table.assign)
+    seconds["kmeans_table"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    centroids = quantize_codebook(table.centroids, cfg.sharing.codebook)
+    rows = jnp.asarray(range_population(len(paths), cfg.sharing.k_max))
+    range_fn = jax.jit(evaluator.accuracy_of_k)
+    range_acc = np.asarray(range_fn(variables, table, centroids, rows, val)).reshape(len(paths), cfg.sharing.k_max)
+    seconds["range"] = time.perf_counter() - t
+    return Prepared(cfg, model, evaluator, variables, paths, table, val, test, float_val, float_test, range_acc, seconds)
+
+
+def make_problem(prep: Prepared, cfg: ml_collections.ConfigDict) -> Problem:
+    """The search problem of ``cfg``'s options (codebook format, range and accuracy limits)."""
+    allowed, counts = allowed_k(prep.range_acc, prep.float_val, cfg.sharing.range_max_loss)
+    return Problem(
+        variables=prep.variables, table=prep.table, centroids=quantize_codebook(prep.table.centroids, cfg.sharing.codebook),
+        batches=prep.val, allowed=jnp.asarray(allowed), n_choices=jnp.asarray(counts),
+        floor=jnp.float32(prep.float_val - cfg.sharing.max_accuracy_loss / 100), float_accuracy=jnp.float32(prep.float_val),
+    )
+
+
+def search(prep: Prepared, cfg: ml_collections.ConfigDict, workdir: pathlib.Path | None = None, log=None) -> list[dict]:
+    """Step 3: run ``cfg.generations`` generations; returns every record (see
+    :func:`scores_to_records`, plus ``generation``).  With ``workdir``, appends to
+    ``history.jsonl`` and checkpoints every generation, resuming from a checkpoint there."""
+    problem = make_problem(prep, cfg)
+    runner = Search(cfg, prep.evaluator, len(prep.paths))
+    acc_target = cfg.sharing.acc_target if cfg.sharing.acc_target is not None else prep.float_val
+    state = runner.init(jax.random.PRNGKey(cfg.seed), acc_target, cfg.sharing.cr_target)
+    lines: list[dict] = []
+    if workdir is not None and (workdir / CHECKPOINT).exists():
+        state, _ = checkpoint.load(workdir / CHECKPOINT, state)
+        done = int(state.generation)
+        lines = [json.loads(x) for x in (workdir / HISTORY).read_text().splitlines()[:done]] if (workdir / HISTORY).exists() else []
+        if len(lines) != done:
+            raise checkpoint.CheckpointError(f"{workdir / HISTORY} has {len(lines)} generations, the checkpoint {done}; delete {workdir} to start over")
+        if log:
+            log(f"resuming {workdir} after generation {done}")
+    for g in range(int(state.generation), cfg.generations):
+        t = time.perf_counter()
+        targets = (float(state.acc_target), float(state.cr_target))
+        state, scores = (runner.first if g == 0 else runner.step)(state, problem)
+        records = scores_to_records(scores)
+        seconds = time.perf_counter() - t
+        lines.append({"generation": g + 1, "acc_target": targets[0], "cr_target": targets[1], "seconds": seconds, "individuals": records})
+        if workdir is not None:
+            text = "".join(json.dumps(x) + "\n" for x in lines)
+            checkpoint.atomic_write_bytes(workdir / HISTORY, text.encode())
+            checkpoint.save(workdir / CHECKPOINT, state, {"generation": g + 1})
+        if log:
+            best = pick([r for x in lines for r in x["individuals"]], float(problem.floor), _cr_key(cfg))
+            log(f"gen {g + 1:3d}/{cfg.generations}  best CR {best['cr_weighted']:.2f} (mean-of-layers {best['cr_mean']:.2f}) "
+                f"at val {100 * best['val_accuracy']:.2f}%  targets acc {100 * float(state.acc_target):.2f}% CR {float(state.cr_target):.2f}  "
+                f"{cfg.population_size / seconds:.1f} evals/s")
+    return [{**r, "generation": x["generation"]} for x in lines for r in x["individuals"]]
+
+
+def _cr_key(cfg) -> str:
+    return "cr_weighted" if cfg.sharing.fitness_cr == "weighted" else "cr_mean"
+
+
+def table_layers(prep: Prepared, k: list[int]) -> list[sharing.Layer]:
+    """The stored form of the table clustering with ``k`` clusters per layer."""
+    cents, assign = jax.device_get((prep.table.centroids, prep.table.assign))
+    out = []
+    for l, (off, n, shape) in enumerate(zip(prep.table.offsets, prep.table.sizes, prep.table.shapes)):
+        out.append(sharing.Layer(indices=assign[k[l] - 1, off : off + n].reshape(shape), codebook=cents[l, k[l] - 1, : k[l]]))
+    return out
+
+
+def layer_kernels(layers: list[sharing.Layer], fmt: str) -> list[jax.Array]:
+    """Kernels of stored layers with codebooks rounded to ``fmt``."""
+    return [quantize_codebook(jnp.asarray(x.codebook), fmt)[jnp.asarray(x.indices, jnp.int32)] for x in layers]
+
+
+def refine(prep: Prepared, cfg, layers: list[sharing.Layer], accuracy: float, log=None) -> tuple[list[sharing.Layer], float, list[dict]]:
+    """Step 4b: per layer, k-means in the tanh space for every (spread, focus) of the grid
+    (one batched call), every variant network scored in one population call; a layer takes
+    its best variant where that beats the current validation accuracy.  Returns the layers,
+    the accuracy and one record per layer."""
+    s = cfg.sharing
+    fmt = s.codebook
+    focus = np.round(np.arange(0.0, s.focus_max + s.focus_step / 2, s.focus_step), 6)
+    grid = np.array([(sp, f) for sp in s.spreads for f in focus], np.float32)
+    fn = jax.jit(prep.evaluator.accuracy_of_variants, static_argnums=2)
+    layers = list(layers)
+    notes = []
+    for l, layer in enumerate(layers):
+        k = layer.codebook.shape[0]
+        kernel = sharing.get_kernels(prep.variables["params"], prep.paths)[l]
+        cents, assign = sharing.cluster_layer_2d(kernel, k, grid[:, 0], grid[:, 1], k_max=max(k, 2), n_iter=s.kmeans_iters)
+        variants = sharing.variant_kernels(cents, assign, prep.table.shapes[l], fmt)
+        acc = np.asarray(fn(prep.variables, layer_kernels(layers, fmt), l, variants, prep.val))
+        best = int(np.nanargmax(acc))
+        kept = bool(acc[best] > accuracy)
+        notes.append({"layer": sharing.layer_name(prep.paths[l]), "best_spread": float(grid[best, 0]),
+                      "best_focus": float(grid[best, 1]), "best_val_accuracy": float(acc[best]), "kept": kept})
+        if kept:
+            cents, assign = jax.device_get((cents, assign))
+            layers[l] = sharing.Layer(indices=assign[best].reshape(layer.indices.shape).astype(layer.indices.dtype),
+                                      codebook=cents[best, :k], spread=float(grid[best, 0]), focus=float(grid[best, 1]))
+            accuracy = float(acc[best])
+        if log:
+            log(f"refine {notes[-1]['layer']}: best spread {grid[best, 0]:.1f} focus {grid[best, 1]:.1f} "
+                f"val {100 * acc[best]:.2f}% ({'kept' if kept else 'not better'})")
+    return layers, accuracy, notes
+
+
+def report(prep: Prepared, cfg, layers: list[sharing.Layer], workdir: pathlib.Path | None) -> dict:
+    """Step 5: per codebook format, both CRs, validation and test accuracy; with ``workdir``
+    the compressed model saved and reloaded (its test accuracy checked)."""
+    plain = jax.jit(lambda v, kernels, b: prep.evaluator.accuracy(v, kernels, b))
+    reload_acc = jax.jit(lambda v, b: prep.evaluator.accuracy(v, sharing.get_kernels(v["params"], prep.paths), b))
+    k = np.array([x.codebook.shape[0] for x in layers], np.int32)
+    out = {}
+    for fmt in cfg.sharing.report_formats:
+        kernels = layer_kernels(layers, fmt)
+        cr_mean, cr_weighted = sharing.compression_rates(jnp.asarray(k), prep.table.sizes, fmt)
+        entry = {
+            "codebook_bits": CODEBOOK_BITS[fmt],
+            "cr_mean": float(cr_mean),
+            "cr_weighted": float(cr_weighted),
+            "val_accuracy": float(plain(prep.variables, kernels, prep.val)),
+            "test_accuracy": float(plain(prep.variables, kernels, prep.test)),
+        }
+        entry["test_loss_points"] = 100 * (prep.float_test - entry["test_accuracy"])
+        if workdir is not None:
+            path = workdir / f"compressed_{fmt}.msgpack"
+            meta = {"model": cfg.model.name, "activation": cfg.model.activation, "dataset": cfg.data.name,
+                    **{key: entry[key] for key in ("cr_mean", "cr_weighted", "val_accuracy", "test_accuracy")}}
+            sharing.save_compressed(path, prep.variables, prep.paths, layers, fmt, meta)
+            loaded, _ = sharing.load_compressed(path, prep.variables)
+            entry["file"] = path.name
+            entry["reloaded_test_accuracy"] = float(reload_acc(loaded, prep.test))
+        out[fmt] = entry
+    return out
+
+
+def write_front(workdir: pathlib.Path, rows: list[dict], names: list[str], float_val: float) -> None:
+    """``front.csv`` (k per layer, validation accuracy, both CRs) and ``front.png``."""
+    with open(workdir / "front.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([*[f"k_{n}" for n in names], "val_accuracy", "cr_mean", "cr_weighted"])
+        for r in rows:
+            w.writerow([*r["k"], f"{r['val_accuracy']:.6f}", f"{r['cr_mean']:.6f}", f"{r['cr_weighted']:.6f}"])
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["cr_weighted"] for r in rows], [100 * r["val_accuracy"] for r in rows], "o-", label="NSGA-III front")
+    ax.axhline(100 * float_val, color="gray", ls="--", label="float model")
+    ax.set_xlabel("size-weighted compression rate")
+    ax.set_ylabel("validation accuracy [%]")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(workdir / "front.png", dpi=120)
+    plt.close(fig)
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+    """The whole protocol (module docstring) in ``workdir``; returns ``result.json``'s dict."""
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    start = time.perf_counter()
+    prep = prepare(cfg, workdir)
+    names = [sharing.layer_name(p) for p in prep.paths]
+    allowed, counts = allowed_k(prep.range_acc, prep.float_val, cfg.sharing.range_max_loss)
+    ranges = {n: sorted({int(a) + 1 for a in allowed[l, : counts[l]]}) for l, n in enumerate(names)}
+    write_json(workdir / "range.json", {"float_val_accuracy": prep.float_val, "layers": names,
+                                        "accuracy": prep.range_acc.tolist(), "kept_k": ranges})
+    log(f"float val {100 * prep.float_val:.2f}% test {100 * prep.float_test:.2f}%; k-means table "
+        f"{prep.seconds['kmeans_table']:.1f} s, range {prep.seconds['range']:.1f} s; kept k per layer: "
+        + ", ".join(f"{n} {len(v)} ({v[0]}..{v[-1]})" for n, v in ranges.items()))
+
+    t = time.perf_counter()
+    records = search(prep, cfg, workdir, log)
+    search_seconds = time.perf_counter() - t
+    floor = prep.float_val - cfg.sharing.max_accuracy_loss / 100
+    best = pick(records, floor, _cr_key(cfg))
+    layers = table_layers(prep, best["k"])
+    accuracy = best["val_accuracy"]
+    refinement = []
+    t = time.perf_counter()
+    if cfg.sharing.refine:
+        layers, accuracy, refinement = refine(prep, cfg, layers, accuracy, log)
+    refine_seconds = time.perf_counter() - t
+    formats = report(prep, cfg, layers, workdir)
+    if cfg.sharing.driver == "nsga3":
+        write_front(workdir, front(records), names, prep.float_val)
+    result = {
+        "model": cfg.model.name,
+        "activation": cfg.model.activation,
+        "dataset": cfg.data.name,
+        "driver": cfg.sharing.driver,
+        "seed": cfg.seed,
+        "layers": names,
+        "layer_sizes": list(prep.table.sizes),
+        "k": best["k"],
+        "spread": [x.spread for x in layers],
+        "focus": [x.focus for x in layers],
+        "search": {"val_accuracy": best["val_accuracy"], "cr_mean": best["cr_mean"], "cr_weighted": best["cr_weighted"],
+                   "generation": best["generation"], "feasible": best["feasible"], "codebook": cfg.sharing.codebook,
+                   "evaluations": len(records), "val_accuracy_after_refinement": accuracy},
+        "refinement": refinement,
+        "float": {"val_accuracy": prep.float_val, "test_accuracy": prep.float_test},
+        "formats": formats,
+        "kept_k": ranges,
+        "seconds": {**{k: round(v, 2) for k, v in prep.seconds.items()}, "search": round(search_seconds, 2),
+                    "refine": round(refine_seconds, 2), "total": round(time.perf_counter() - start, 2)},
+        "device": jax.devices()[0].device_kind,
+    }
+    write_json(workdir / "result.json", result)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main("qevo.compress", run, validate))

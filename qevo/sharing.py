@@ -1,0 +1,428 @@
+"""Weight sharing of a trained network (SPEC section 2): cluster tables, shared networks,
+population accuracy, the seed's fitness, and the compressed-model file.
+
+A *shared layer* is every ``kernel`` of the model's ``params`` (biases, batch statistics
+and clip ranges stay float and are not counted in the compression rates).  Layers are in
+natural order of their parameter paths (``QConv_0``, ``QConv_1``, ..., ``QDense_0``, ...).
+
+The k-means of every shared layer for every ``k`` in ``1..k_max`` is computed once, in
+batched calls of :func:`qevo.kmeans.kmeans`, into a :class:`ClusterTable`: a lookup
+table indexed by (layer, k).  A candidate network is then an int32 vector ``k_idx [L]``
+(``k - 1`` per layer, ``-1`` = that layer left in float), and its kernels are gathers from
+the table, so a population ``[P, L]`` is scored in one compiled call.
+
+Shapes: ``L`` shared layers, ``n_l`` weights of layer ``l``, ``N = sum n_l``, ``P``
+individuals, ``K = k_max``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import pathlib
+import re
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from qevo import checkpoint
+from qevo.codebook import CODEBOOK_BITS, model_compression_rates, quantize_codebook
+from qevo.data import normalize
+from qevo.kmeans import kmeans, pack_layers, quantize_weights
+from qevo.population import batched_accuracy, resolve_strategy
+
+FORMAT_VERSION = 1
+_TABLE_CALL_BYTES = 1 << 30  # rows * n_max * 12 bytes (values, mask, assignments) per k-means call
+
+
+def _natural_key(path: tuple[str, ...]):
+    return [int(t) if t.isdigit() else t for part in path for t in re.split(r"(\d+)", part)]
+
+
+def kernel_paths(params: dict) -> tuple[tuple[str, ...], ...]:
+    """Paths (tuples of names, within ``params``) of every ``kernel``, in natural order."""
+    flat = traverse_util.flatten_dict(params)
+    return tuple(sorted((p for p in flat if p[-1] == "kernel"), key=_natural_key))
+
+
+def layer_name(path: tuple[str, ...]) -> str:
+    """``"QConv_0/kernel"`` style name of a kernel path."""
+    return "/".join(path)
+
+
+def get_kernels(params: dict, paths) -> list[jax.Array]:
+    """The kernels at ``paths`` of ``params``."""
+    flat = traverse_util.flatten_dict(params)
+    return [flat[p] for p in paths]
+
+
+def with_kernels(variables: dict, paths, kernels) -> dict:
+    """``variables`` with ``params`` kernels at ``paths`` replaced by ``kernels`` (jit-friendly)."""
+    flat = dict(traverse_util.flatten_dict(variables["params"]))
+    for p, k in zip(paths, kernels):
+        flat[p] = k
+    return {**variables, "params": traverse_util.unflatten_dict(flat)}
+
+
+@flax.struct.dataclass
+class ClusterTable:
+    """k-means of every shared layer for every k in 1..K.
+
+    Attributes:
+      centroids: float32 ``[L, K, K]``; ``centroids[l, k - 1, :k]`` is layer ``l``'s codebook
+        for ``k`` clusters (cluster means of the raw weights), later entries 0.
+      assign: uint8 (uint16 when ``K > 256``) ``[K, N]``; ``assign[k - 1, offsets[l]:offsets[l]
+        + n_l]`` is the cluster of each weight of layer ``l`` (flattened kernel order).
+      sse: float32 ``[L, K]``, squared error of the raw weights to their centroids.
+      sizes: static ``(n_0, ..., n_{L-1})``.
+      shapes: static kernel shapes.
+    """
+
+    centroids: jax.Array
+    assign: jax.Array
+    sse: jax.Array
+    sizes: tuple[int, ...] = flax.struct.field(pytree_node=False)
+    shapes: tuple[tuple[int, ...], ...] = flax.struct.field(pytree_node=False)
+
+    @property
+    def k_max(self) -> int:
+        return self.centroids.shape[1]
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        return tuple(int(o) for o in np.cumsum((0,) + self.sizes[:-1]))
+
+
+def index_dtype(k_max: int):
+    """Smallest unsigned integer type holding cluster indices ``0..k_max - 1``."""
+    return np.uint8 if k_max <= 256 else np.uint16
+
+
+def build_table(kernels, k_max: int, *, n_iter: int = 50, call_bytes: int = _TABLE_CALL_BYTES) -> ClusterTable:
+    """Cluster every layer for every k in ``1..k_max``.
+
+    Layers are taken largest first and grouped so that one :func:`qevo.kmeans.kmeans` call
+    holds at most ``call_bytes`` of padded rows (LeNet-5 with ``k_max = 64``: one call of
+    320 rows; a network with large layers: several calls, each batched over its layers'
+    (layer, k) pairs).
+
+    Args:
+      kernels: L float arrays (any shapes), finite.
+      k_max: largest number of clusters, ``1 <= k_max <= min(n_l)``, at most 128 (the
+        k-means DP start uses 256 bins).
+      n_iter: Lloyd iteration cap.
+      call_bytes: memory bound of one call.
+
+    Raises:
+      ValueError: ``k_max`` out of range for these layers.
+    """
+    kernels = [np.asarray(k, np.float32) for k in kernels]
+    sizes = tuple(int(k.size) for k in kernels)
+    if not 1 <= k_max <= 128:
+        raise ValueError(f"k_max={k_max} is out of range; use 1..128")
+    if k_max > min(sizes):
+        raise ValueError(f"k_max={k_max} exceeds the {min(sizes)} weights of the smallest shared layer; lower k_max")
+    n_layers = len(kernels)
+    offsets = np.cumsum((0,) + sizes[:-1])
+    centroids = np.zeros((n_layers, k_max, k_max), np.float32)
+    assign = np.zeros((k_max, sum(sizes)), index_dtype(k_max))
+    sse = np.zeros((n_layers, k_max), np.float32)
+    order = sorted(range(n_layers), key=lambda i: -sizes[i])
+    groups, current = [], []
+    for i in order:
+        n_max = sizes[current[0]] if current else sizes[i]
+        if current and (len(current) + 1) * k_max * n_max * 12 > call_bytes:
+            groups.append(current)
+            current = []
+        current.append(i)
+    groups.append(current)
+    ks = np.arange(1, k_max + 1, dtype=np.int32)
+    for group in groups:
+        values, mask = pack_layers([kernels[i] for i in group])
+        rows = jnp.repeat(jnp.arange(len(group)), k_max)
+        result = kmeans(values[rows], mask[rows], np.tile(ks, len(group)), k_max, n_iter=n_iter)
+        cents, labels, errs = jax.device_get((result.centroids, result.assign, result.sse))
+        for j, i in enumerate(group):
+            block = slice(j * k_max, (j + 1) * k_max)
+            centroids[i] = cents[block]
+            sse[i] = errs[block]
+            assign[:, offsets[i] : offsets[i] + sizes[i]] = labels[block, : sizes[i]]
+    return ClusterTable(
+        centroids=jnp.asarray(centroids), assign=jnp.asarray(assign), sse=jnp.asarray(sse),
+        sizes=sizes, shapes=tuple(tuple(k.shape) for k in kernels),
+    )
+
+
+def table_kernels(table: ClusterTable, centroids: jax.Array, k_idx: jax.Array, float_kernels) -> list[jax.Array]:
+    """Kernels of one candidate (jit-friendly).
+
+    Args:
+      table: the cluster table (its ``assign``, sizes and shapes are used).
+      centroids: float32 ``[L, K, K]`` codebooks to gather from (``table.centroids``, or
+        those rounded to a codebook format).
+      k_idx: int32 ``[L]``, ``k - 1`` per layer, ``-1`` for the float kernel.
+      float_kernels: the L float kernels.
+    """
+    out = []
+    for l, (off, n, shape) in enumerate(zip(table.offsets, table.sizes, table.shapes)):
+        i = jnp.maximum(k_idx[l], 0)
+        labels = jax.lax.dynamic_index_in_dim(table.assign[:, off : off + n], i, keepdims=False)
+        shared = centroids[l, i][labels.astype(jnp.int32)].reshape(shape)
+        out.append(jnp.where(k_idx[l] >= 0, shared, float_kernels[l]))
+    return out
+
+
+def compression_rates(k: jax.Array, sizes, fmt: str):
+    """(mean-of-layers CR, size-weighted CR) of cluster counts ``k [..., L]`` (int, >= 1) with
+    codebooks of format ``fmt``; float32 ``[...]`` each, jit-friendly."""
+    return model_compression_rates(jnp.asarray(sizes, jnp.int32), jnp.asarray(k, jnp.int32), jnp.int32(CODEBOOK_BITS[fmt]))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SharedEvaluator:
+    """Accuracy of populations of weight-shared networks of one float model.
+
+    Attributes:
+      model: a qevo model, called on the float path (``bits=None``).
+      mean, std: per-channel normalisation of uint8 images.
+      paths: kernel paths of the shared layers.
+      strategy: ``"auto"``, ``"vmap"`` or ``"map"`` (as :class:`qevo.population.PopulationEvaluator`).
+      chunk_size: individuals per ``lax.map`` step for ``"map"``.
+    """
+
+    model: nn.Module
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    paths: tuple[tuple[str, ...], ...]
+    strategy: str = "auto"
+    chunk_size: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "_local", resolve_strategy(self.strategy, self.chunk_size, jax.devices()[0].platform))
+
+    def _population(self, one, xs):
+        strategy, chunk = self._local
+        if strategy == "vmap":
+            return jax.vmap(one)(xs)
+        return jax.lax.map(one, xs, batch_size=chunk if chunk and chunk > 1 else None)
+
+    def accuracy(self, variables: dict, kernels, batches) -> jax.Array:
+        """Accuracy (float32 in [0, 1], NaN on non-finite logits) of ``variables`` with ``kernels``."""
+        v = with_kernels(variables, self.paths, kernels)
+        return batched_accuracy(lambda x: self.model.apply(v, normalize(x, self.mean, self.std), None, train=False), batches)
+
+    def accuracy_of_k(self, variables, table: ClusterTable, centroids, k_idx, batches) -> jax.Array:
+        """float32 ``[P]``: accuracy of each row of ``k_idx`` int32 ``[P, L]`` (see :func:`table_kernels`)."""
+        floats = get_kernels(variables["params"], self.paths)
+        return self._population(
+            lambda row: self.accuracy(variables, table_kernels(table, centroids, row, floats), batches), k_idx
+        )
+
+    def accuracy_of_variants(self, variables, kernels, layer: int, variants, batches) -> jax.Array:
+        """float32 ``[V]``: accuracy with layer ``layer`` (static) set to each of ``variants
+        [V, *shape]`` and the other layers at ``kernels``."""
+        def one(kernel):
+            return self.accuracy(variables, [kernel if i == layer else k for i, k in enumerate(kernels)], batches)
+
+        return self._population(one, variants)
+
+
+def seed_fitness(acc, cr, acc_target, cr_target) -> jax.Array:
+    """The seed's Fit = 1 / sqrt((1 - ACC/ACC_t)^2 + (1 - CR/CR_t)^2), maximised.
+
+    acc, cr: float ``[P]``; targets: scalars.  A point exactly on both targets gets
+    ``1 / 1e-6`` instead of infinity.
+    """
+    d = jnp.sqrt((1 - acc / acc_target) ** 2 + (1 - cr / cr_target) ** 2)
+    return 1.0 / jnp.maximum(d, 1e-6)
+
+
+def constrained_fitness(fit, acc, floor) -> jax.Array:
+    """float32 ``[P]`` to minimise: ``-fit`` where ``acc >= floor``, else ``1 + (floor - acc)``
+    (after every feasible row; closer to the floor is better).  NaN accuracy: ``+inf``."""
+    out = jnp.where(acc >= floor, -fit, 1.0 + (floor - acc))
+    return jnp.where(jnp.isfinite(acc), out, jnp.inf).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------- refinement (focus / spread)
+
+
+def cluster_layer_2d(kernel, k: int, spreads, focuses, *, k_max: int, n_iter: int = 50):
+    """k-means of one layer in the seed's tanh space for V (spread, focus) pairs, one call.
+
+    Args:
+      kernel: float array of one layer (n weights).
+      k: clusters (static for the call, as the search chose it).
+      spreads, focuses: float ``[V]``.
+      k_max: centroid slots (>= k).
+
+    Returns:
+      ``(centroids float32 [V, k_max], assign int32 [V, n])``.
+    """
+    values, mask = pack_layers([kernel])
+    v = len(spreads)
+    values, mask = jnp.repeat(values, v, axis=0), jnp.repeat(mask, v, axis=0)
+    result = _kmeans_2d(values, mask, jnp.full(v, k, jnp.int32), jnp.asarray(spreads, jnp.float32),
+                        jnp.asarray(focuses, jnp.float32), k_max=k_max, n_iter=n_iter)
+    return result.centroids, result.assign
+
+
+@functools.partial(jax.jit, static_argnames=("k_max", "n_iter"))
+def _kmeans_2d(values, mask, k, spread, focus, *, k_max, n_iter):
+    """Traced spread and focus select the 2-D path of :func:`qevo.kmeans.kmeans`."""
+    return kmeans(values, mask, k, k_max, n_iter=n_iter, spread=spread, focus=focus)
+
+
+def variant_kernels(centroids, assign, shape, fmt: str) -> jax.Array:
+    """``[V, *shape]`` kernels from V codebooks ``[V, k_max]`` and assignments ``[V, n]``,
+    codebooks rounded to ``fmt``."""
+    c = quantize_codebook(centroids, fmt)
+    return jnp.take_along_axis(c, assign, axis=1).reshape((-1, *shape))
+
+
+# ----------------------------------------------------------------- compressed model file
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """One shared layer as stored: ``indices`` (uint8/uint16, the kernel's shape), its
+    codebook of ``k`` entries in float32 (before rounding), ``spread``/``focus`` used."""
+
+    indices: np.ndarray
+    codebook: np.ndarray
+    spread: float = 0.0
+    focus: float = 0.0
+
+
+def encode_codebook(codebook: np.ndarray, fmt: str) -> tuple[np.ndarray, np.float32]:
+    """Storage form of a float32 codebook ``[k]`` in format ``fmt``: ``(values, scale)``.
+
+    float32 and float16: the values in that dtype, scale 1; float8: the e4m3 bit patterns
+    (uint8) of ``codebook / scale``; int8: int8 levels.  :func:`decode_codebook` gives back
+    exactly ``quantize_codebook(codebook, fmt)``.
+    """
+    c = np.asarray(codebook, np.float32)
+    if fmt not in CODEBOOK_BITS:
+        raise ValueError(f"unknown codebook format {fmt!r}; choose one of {sorted(CODEBOOK_BITS)}")
+    if fmt in ("float32", "float16"):
+        return c.astype(np.float32 if fmt == "float32" else np.float16), np.float32(1.0)
+    absmax = np.float32(np.max(np.abs(c))) if c.size else np.float32(0)
+    top = np.float32(448.0 if fmt == "float8" else 127.0)
+    scale = np.float32(absmax / top) if absmax > 0 else np.float32(1.0)
+    if fmt == "float8":
+        bits = np.asarray(jax.lax.bitcast_convert_type(jnp.asarray(c / scale).astype(jnp.float8_e4m3fn), jnp.uint8))
+        return bits, scale
+    return np.clip(np.round(c / scale), -127, 127).astype(np.int8), scale
+
+
+def decode_codebook(values: np.ndarray, scale, fmt: str) -> np.ndarray:
+    """float32 ``[k]`` codebook from its storage form (see :func:`encode_codebook`)."""
+    if fmt in ("float32", "float16"):
+        return np.asarray(values).astype(np.float32)
+    if fmt == "float8":
+        floats = jax.lax.bitcast_convert_type(jnp.asarray(values, jnp.uint8), jnp.float8_e4m3fn).astype(jnp.float32)
+        return np.asarray(floats * jnp.float32(scale))
+    return np.asarray(jnp.asarray(values, jnp.int8).astype(jnp.float32) * jnp.float32(scale))
+
+
+def _digest(tree) -> str:
+    h = hashlib.sha256()
+    for path, leaf in sorted(traverse_util.flatten_dict(tree, sep="/").items()):
+        a = np.ascontiguousarray(leaf)
+        h.update(f"{path}:{a.dtype.str}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def save_compressed(path, variables: dict, paths, layers: list[Layer], fmt: str, meta: dict) -> None:
+    """Write a compressed model: per shared layer its indices and encoded codebook, the
+    other variables (biases, batch statistics, clips) as they are, and a SHA-256 of it all.
+
+    ``meta`` (JSON-able: model name, accuracies, ...) is stored beside; ``load_compressed``
+    checks the digest, the format and the shapes.
+    """
+    params = dict(traverse_util.flatten_dict(jax.device_get(variables["params"])))
+    shared = {}
+    for i, (p, layer) in enumerate(zip(paths, layers)):
+        params.pop(p)
+        values, scale = encode_codebook(layer.codebook, fmt)
+        shared[f"{i:04d}"] = {"indices": np.asarray(layer.indices), "codebook": values, "scale": np.asarray(scale, np.float32)}
+    rest = {k: v for k, v in jax.device_get(variables).items() if k != "params"}
+    tree = {
+        "shared": shared,
+        "params": {"/".join(k): np.asarray(v) for k, v in params.items()},
+        "rest": rest,
+    }
+    info = {
+        "format_version": FORMAT_VERSION,
+        "codebook_format": fmt,
+        "layers": [layer_name(p) for p in paths],
+        "k": [int(layer.codebook.shape[0]) for layer in layers],
+        "spread": [float(layer.spread) for layer in layers],
+        "focus": [float(layer.focus) for layer in layers],
+        "sha256": _digest(tree),
+        **meta,
+    }
+    checkpoint.save(path, tree, info)
+
+
+def load_compressed(path, template: dict) -> tuple[dict, dict]:
+    """Float variables of a saved compressed model (shared kernels expanded) and its meta.
+
+    Args:
+      path: a file written by :func:`save_compressed`.
+      template: variables of the model it is loaded into (shapes are checked against it).
+
+    Raises:
+      CheckpointError: missing, corrupt (bad digest) or mismatched file (other model,
+        shapes, unknown format, index out of its codebook).
+    """
+    path = pathlib.Path(path)
+    tree, meta = checkpoint.load(path)
+    err = checkpoint.CheckpointError
+    if meta.get("format_version") != FORMAT_VERSION or "sha256" not in meta:
+        raise err(f"{path} is not a qevo compressed model (format_version {FORMAT_VERSION}); save it with python -m qevo.compress")
+    if _digest(tree) != meta["sha256"]:
+        raise err(f"{path} is corrupt: its contents do not match the SHA-256 recorded when it was saved; compress the model again")
+    fmt = meta["codebook_format"]
+    if fmt not in CODEBOOK_BITS:
+        raise err(f"{path}: unknown codebook format {fmt!r}")
+    paths = kernel_paths(template["params"])
+    names = [layer_name(p) for p in paths]
+    if meta["layers"] != names:
+        raise err(f"{path} holds shared layers {meta['layers']}, but this model has {names}; load it into the model it was compressed from")
+    flat = dict(traverse_util.flatten_dict(jax.device_get(template["params"])))
+    params = {}
+    for key, want in flat.items():
+        name = "/".join(key)
+        if key in paths:
+            i = paths.index(key)
+            entry = tree["shared"].get(f"{i:04d}") if isinstance(tree.get("shared"), dict) else None
+            if entry is None:
+                raise err(f"{path} lacks shared layer {name}")
+            codebook = decode_codebook(entry["codebook"], entry["scale"], fmt)
+            idx = np.asarray(entry["indices"])
+            if idx.shape != np.shape(want):
+                raise err(f"{path}: layer {name} has indices of shape {idx.shape}, the model expects {np.shape(want)}")
+            if idx.size and int(idx.max()) >= codebook.shape[0]:
+                raise err(f"{path}: layer {name} has an index {int(idx.max())} beyond its {codebook.shape[0]}-entry codebook")
+            params[key] = codebook[idx.astype(np.int64)]
+        else:
+            value = tree.get("params", {}).get(name)
+            if value is None or np.shape(value) != np.shape(want):
+                raise err(f"{path}: parameter {name} is missing or has another shape than this model's {np.shape(want)}")
+            params[key] = np.asarray(value)
+    variables = {"params": traverse_util.unflatten_dict(params)}
+    for collection, value in template.items():
+        if collection == "params":
+            continue
+        stored = tree.get("rest", {}).get(collection)
+        if stored is None or jax.tree_util.tree_map(np.shape, stored) != jax.tree_util.tree_map(np.shape, jax.device_get(value)):
+            raise err(f"{path}: collection {collection!r} is missing or does not match this model")
+        variables[collection] = stored
+    return jax.tree_util.tree_map(jnp.asarray, variables), meta
