@@ -17,10 +17,10 @@ def get_config():
     c.train.batch_size = 128
     c.train.optimizer = "adam"
     c.train.learning_rate = 2e-3
-    c.population_size = 32
-    c.generations = 30
+    c.population_size = 16
+    c.generations = 16
     c.sharing.driver = "ga"
-    c.sharing.k_max = 64
+    c.sharing.k_max = 16
     c.sharing.range_max_loss = 1.0
     c.sharing.max_accuracy_loss = 0.7
     return c

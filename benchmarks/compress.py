@@ -1,0 +1,143 @@
+"""Benchmark: weight-sharing compression of LeNet-5 on MNIST (``qevo.compress``), on real data.
+
+    python -m benchmarks.compress --float-from runs/float_lenet5_relu [--seeds 3] \\
+        [--driver-seeds 5] [--driver-population 8] [--driver-generations 6] [--out PATH]
+
+One float model (``--float-from``, a ``python -m qevo.train --config configs/lenet5.py``
+run; its seed-0 validation split is kept for every search), one cluster table and one
+range optimisation (timed once), then:
+
+* headline: the whole protocol of ``configs/lenet5_sharing.py`` (GA, its population and
+  generations, refinement, every codebook format) for search seeds ``0..seeds-1``;
+  per seed both CRs and test accuracy per format, and the medians over seeds;
+* drivers: ``ga``, ``pso``, ``random``, ``nsga3`` at one equal budget (population x
+  generations evaluations), search seeds ``0..driver_seeds-1``, no refinement, float32
+  codebooks: the picked network's size-weighted CR and validation/test accuracy, medians.
+
+Seconds per run count the search (and for the headline the refinement and report);
+table and range seconds are reported once.  Prints JSON and writes
+``benchmarks/results/compress_lenet5_<platform>.json`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jaxlib
+import ml_collections
+import numpy as np
+
+from qevo import compress
+from qevo import config as config_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DRIVERS = ("ga", "pso", "random", "nsga3")
+
+
+def _with(cfg: ml_collections.ConfigDict, **changes) -> ml_collections.ConfigDict:
+    out = ml_collections.ConfigDict(cfg.to_dict())
+    for key, value in changes.items():
+        node = out
+        *parents, leaf = key.split("__")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return compress.validate(out)
+
+
+def headline_run(prep: compress.Prepared, cfg, seed: int) -> dict:
+    """The command's protocol after step 2 for one search seed (nothing written)."""
+    cfg = _with(cfg, seed=seed)
+    start = time.perf_counter()
+    records = compress.search(prep, cfg)
+    best = compress.pick(records, prep.float_val - cfg.sharing.max_accuracy_loss / 100, "cr_weighted")
+    layers, accuracy, _ = compress.refine(prep, cfg, compress.table_layers(prep, best["k"]), best["val_accuracy"])
+    formats = compress.report(prep, cfg, layers, None)
+    return {"seed": seed, "k": best["k"], "focus": [x.focus for x in layers], "feasible": best["feasible"],
+            "val_accuracy_searched": best["val_accuracy"], "val_accuracy_refined": accuracy, "formats": formats,
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def driver_run(prep: compress.Prepared, cfg, driver: str, seed: int, population: int, generations: int) -> dict:
+    """One search of ``driver`` (no refinement, float32 codebooks)."""
+    cfg = _with(cfg, seed=seed, population_size=population, generations=generations,
+                sharing__driver=driver, sharing__refine=False, sharing__report_formats=("float32",))
+    start = time.perf_counter()
+    records = compress.search(prep, cfg)
+    seconds = time.perf_counter() - start
+    best = compress.pick(records, prep.float_val - cfg.sharing.max_accuracy_loss / 100, "cr_weighted")
+    fp32 = compress.report(prep, cfg, compress.table_layers(prep, best["k"]), None)["float32"]
+    return {"driver": driver, "seed": seed, "k": best["k"], "feasible": best["feasible"], "evaluations": len(records),
+            "cr_weighted": fp32["cr_weighted"], "cr_mean": fp32["cr_mean"], "val_accuracy": fp32["val_accuracy"],
+            "test_accuracy": fp32["test_accuracy"], "test_loss_points": fp32["test_loss_points"], "seconds": round(seconds, 1)}
+
+
+def _median(values):
+    return statistics.median(values)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.compress", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--float-from", required=True, help="a finished qevo.train run of configs/lenet5.py")
+    parser.add_argument("--config", default=str(REPO / "configs" / "lenet5_sharing.py"))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--driver-seeds", type=int, default=5)
+    parser.add_argument("--driver-population", type=int, default=8)
+    parser.add_argument("--driver-generations", type=int, default=6)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    jax.config.update("jax_threefry_partitionable", False)
+    cfg = compress.validate(config_lib.load(args.config, [f"float_from={args.float_from}"]))
+    load_before = list(os.getloadavg())
+    start = time.perf_counter()
+    prep = compress.prepare(cfg, pathlib.Path(args.float_from))
+    prepare_seconds = time.perf_counter() - start
+
+    headline = [headline_run(prep, cfg, s) for s in range(args.seeds)]
+    drivers = [driver_run(prep, cfg, d, s, args.driver_population, args.driver_generations)
+               for s in range(args.driver_seeds) for d in DRIVERS]
+    fmts = ("float32", "float16", "float8")
+    result = {
+        "benchmark": "weight-sharing compression of LeNet-5 (ReLU) on MNIST without retraining",
+        "command": "python -m benchmarks.compress " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "device": {"platform": jax.devices()[0].platform, "kind": jax.devices()[0].device_kind,
+                   "cpu_cores": os.cpu_count(), "machine": platform.machine(), "load_avg_before": load_before,
+                   "load_avg_after": list(os.getloadavg())},
+        "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "numpy": np.__version__},
+        "config": cfg.to_dict(),
+        "float": {"val_accuracy": prep.float_val, "test_accuracy": prep.float_test},
+        "prepare_seconds": {"total_with_float_load": round(prepare_seconds, 1),
+                            **{k: round(v, 1) for k, v in prep.seconds.items()}},
+        "headline": {
+            "runs": headline,
+            "median": {fmt: {key: _median([r["formats"][fmt][key] for r in headline])
+                             for key in ("cr_weighted", "cr_mean", "test_accuracy", "test_loss_points")} for fmt in fmts},
+            "median_seconds_per_run": _median([r["seconds"] for r in headline]),
+        },
+        "drivers": {
+            "budget": {"population": args.driver_population, "generations": args.driver_generations,
+                       "evaluations": args.driver_population * args.driver_generations},
+            "runs": drivers,
+            "median": {d: {key: _median([r[key] for r in drivers if r["driver"] == d])
+                           for key in ("cr_weighted", "cr_mean", "val_accuracy", "test_accuracy", "test_loss_points", "seconds")}
+                       for d in DRIVERS},
+        },
+    }
+    out = pathlib.Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"compress_lenet5_{result['device']['platform']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("float", "prepare_seconds")} | {
+        "headline_median": result["headline"]["median"], "drivers_median": result["drivers"]["median"]}, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

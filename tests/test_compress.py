@@ -1,0 +1,261 @@
+"""Weight-sharing compression: ``qevo.sharing`` pieces against hand values, the compressed
+model file, every driver's generation step, and ``python -m qevo.compress`` on real MNIST.
+
+Fast tests use a randomly initialised LeNet-5 (no training); the slow ones reuse the
+session's float LeNet-5 runs of ``conftest``.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO, run_command
+from qevo import compress, sharing
+from qevo import config as config_lib
+from qevo.checkpoint import CheckpointError
+from qevo.codebook import quantize_codebook
+from qevo.models import init_variables
+from qevo.population import batch_eval_set
+from qevo.train import build_model
+
+K_MAX = 4
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    """A random-init LeNet-5, its 5-layer cluster table (k <= 4), and 200 random images."""
+    cfg = compress.defaults()
+    model = build_model(cfg, 10)
+    variables = init_variables(model, jax.random.key(0), (28, 28, 1))
+    paths = sharing.kernel_paths(variables["params"])
+    table = sharing.build_table(sharing.get_kernels(variables["params"], paths), K_MAX)
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.integers(0, 256, (200, 28, 28, 1), dtype=np.uint8))
+    labels = jnp.asarray(rng.integers(0, 10, 200).astype(np.int32))
+    evaluator = sharing.SharedEvaluator(model, (0.13,), (0.31,), paths)
+    return model, variables, paths, table, evaluator, batch_eval_set(images, labels, 100)
+
+
+def test_layers_are_kernels_in_natural_order(lenet):
+    _, _, paths, table, _, _ = lenet
+    assert [sharing.layer_name(p) for p in paths] == [
+        "QConv_0/kernel", "QConv_1/kernel", "QDense_0/kernel", "QDense_1/kernel", "QDense_2/kernel"]
+    assert table.sizes == (150, 2400, 48000, 10080, 840)
+    assert sharing.kernel_paths({f"QConv_{i}": {"kernel": 0, "bias": 0} for i in (10, 2, 1)}) == (
+        ("QConv_1", "kernel"), ("QConv_2", "kernel"), ("QConv_10", "kernel"))
+
+
+def test_compression_rates_equal_hand_computation():
+    # LeNet-5, k = (8, 16, 2, 4, 8), float32 codebooks: b_key = (3, 4, 1, 2, 3).
+    sizes = (150, 2400, 48000, 10080, 840)
+    stored = [150 * 3 + 8 * 35, 2400 * 4 + 16 * 36, 48000 * 1 + 2 * 33, 10080 * 2 + 4 * 34, 840 * 3 + 8 * 35]
+    layer = [32 * n / s for n, s in zip(sizes, stored)]
+    cr_mean, cr_weighted = sharing.compression_rates(jnp.array([8, 16, 2, 4, 8]), sizes, "float32")
+    assert float(cr_mean) == pytest.approx(sum(layer) / 5, rel=1e-6)
+    assert float(cr_weighted) == pytest.approx(32 * 61470 / sum(stored), rel=1e-6)
+    assert sum(stored) == 82068 and float(cr_weighted) == pytest.approx(1967040 / 82068, rel=1e-6)  # 23.968
+    # float8 codebooks: b_red = 8.
+    _, cr8 = sharing.compression_rates(jnp.array([[2, 2, 2, 2, 2]]), sizes, "float8")
+    assert cr8.shape == (1,) and float(cr8[0]) == pytest.approx(32 * 61470 / (61470 + 5 * 2 * 9), rel=1e-6)
+
+
+def test_table_rows_are_the_kmeans_of_each_layer(lenet):
+    _, variables, paths, table, _, _ = lenet
+    kernels = sharing.get_kernels(variables["params"], paths)
+    assert table.assign.shape == (K_MAX, 61470) and table.assign.dtype == jnp.uint8
+    for l in (0, 2):
+        for k in (1, 3):
+            shared = sharing.table_kernels(table, table.centroids, jnp.full(5, -1).at[l].set(k - 1), kernels)
+            values = np.unique(np.asarray(shared[l]))
+            assert values.size == k
+            np.testing.assert_allclose(np.sort(values), np.sort(np.asarray(table.centroids[l, k - 1, :k])), rtol=1e-6)
+            others = [i for i in range(5) if i != l]
+            assert all(np.array_equal(shared[i], kernels[i]) for i in others)
+            sse = float(np.sum((np.asarray(shared[l]) - np.asarray(kernels[l])) ** 2))
+            assert sse == pytest.approx(float(table.sse[l, k - 1]), rel=1e-3)
+    with pytest.raises(ValueError, match="exceeds the 5 weights of the smallest"):
+        sharing.build_table([np.arange(50.0), np.arange(5.0)], 6)
+
+
+def test_population_accuracy_matches_single_networks(lenet):
+    _, variables, paths, table, evaluator, batches = lenet
+    k_idx = jnp.array([[-1] * 5, [3] * 5, [0, 1, 2, 3, 0]], jnp.int32)
+    acc = jax.jit(evaluator.accuracy_of_k)(variables, table, table.centroids, k_idx, batches)
+    floats = sharing.get_kernels(variables["params"], paths)
+    for row, a in zip(k_idx, acc):
+        kernels = sharing.table_kernels(table, table.centroids, row, floats)
+        assert float(a) == float(evaluator.accuracy(variables, kernels, batches))
+
+
+def test_range_population_and_filter():
+    rows = compress.range_population(2, 3)
+    assert rows.tolist() == [[0, -1], [1, -1], [2, -1], [-1, 0], [-1, 1], [-1, 2]]
+    range_acc = np.array([[0.5, 0.95, 0.97, 0.966], [0.1, 0.2, 0.3, 0.4]])
+    allowed, counts = compress.allowed_k(range_acc, 0.975, 1.0)
+    assert counts.tolist() == [2, 1]
+    assert allowed.tolist() == [[2, 3, 3, 3], [3, 3, 3, 3]]  # layer 1: none passes, its best k kept
+
+
+def test_seed_fitness_and_constraint():
+    fit = sharing.seed_fitness(jnp.array([0.9, 0.99]), jnp.array([10.0, 20.0]), 1.0, 20.0)
+    np.testing.assert_allclose(fit, [1 / np.hypot(0.1, 0.5), 1 / 0.01], rtol=1e-5)
+    f = sharing.constrained_fitness(jnp.array([5.0, 9.0, 1.0, 2.0]), jnp.array([0.98, 0.97, 0.90, jnp.nan]), 0.975)
+    assert float(f[0]) == -5.0 and float(f[1]) == pytest.approx(1.005, abs=1e-6)
+    assert f[0] < f[1] < f[2] < f[3] == np.inf
+
+
+def test_pick_and_front():
+    recs = [{"k": [2], "val_accuracy": 0.98, "cr_mean": 20.0, "cr_weighted": 20.0},
+            {"k": [3], "val_accuracy": 0.99, "cr_mean": 15.0, "cr_weighted": 15.0},
+            {"k": [4], "val_accuracy": 0.97, "cr_mean": 25.0, "cr_weighted": 25.0},
+            {"k": [5], "val_accuracy": 0.985, "cr_mean": 12.0, "cr_weighted": 12.0}]
+    assert compress.pick(recs, 0.975, "cr_weighted")["k"] == [2]
+    assert compress.pick(recs, 0.995, "cr_weighted") == {**recs[1], "feasible": False}
+    assert [r["k"] for r in compress.front(recs)] == [[3], [2], [4]]
+
+
+@pytest.mark.parametrize("fmt", ["float32", "float16", "float8", "int8"])
+def test_stored_codebook_decodes_to_the_rounded_codebook(fmt):
+    rng = np.random.default_rng(1)
+    for c in (rng.normal(0, 0.05, 7).astype(np.float32), np.array([-0.3, 1e-4, 0.02], np.float32), np.zeros(2, np.float32)):
+        values, scale = sharing.encode_codebook(c, fmt)
+        assert values.dtype == {"float32": np.float32, "float16": np.float16, "float8": np.uint8, "int8": np.int8}[fmt]
+        np.testing.assert_array_equal(sharing.decode_codebook(values, scale, fmt), np.asarray(quantize_codebook(c, fmt)))
+
+
+def _layers(lenet, k=(2, 3, 4, 2, 3)):
+    _, variables, paths, table, _, _ = lenet
+    cents, assign = jax.device_get((table.centroids, table.assign))
+    return [sharing.Layer(indices=assign[kk - 1, off:off + n].reshape(shape), codebook=cents[l, kk - 1, :kk])
+            for l, (kk, off, n, shape) in enumerate(zip(k, table.offsets, table.sizes, table.shapes))]
+
+
+@pytest.mark.parametrize("fmt", ["float32", "float8"])
+def test_saved_model_reloads_to_identical_kernels(lenet, tmp_path, fmt):
+    model, variables, paths, table, evaluator, batches = lenet
+    layers = _layers(lenet)
+    path = tmp_path / "m.msgpack"
+    sharing.save_compressed(path, variables, paths, layers, fmt, {"model": "lenet5"})
+    loaded, meta = sharing.load_compressed(path, variables)
+    assert meta["k"] == [2, 3, 4, 2, 3] and meta["codebook_format"] == fmt
+    want = compress.layer_kernels(layers, fmt)
+    for got, w in zip(sharing.get_kernels(loaded["params"], paths), want):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(w))
+    assert float(evaluator.accuracy(loaded, sharing.get_kernels(loaded["params"], paths), batches)) == float(
+        evaluator.accuracy(variables, want, batches))
+    flat = jax.tree_util.tree_leaves(loaded["params"])
+    assert all(np.isfinite(np.asarray(x)).all() for x in flat)
+
+
+def test_corrupt_or_mismatched_saved_model_is_refused(lenet, tmp_path):
+    _, variables, paths, _, _, _ = lenet
+    path = tmp_path / "m.msgpack"
+    sharing.save_compressed(path, variables, paths, _layers(lenet), "float16", {})
+    data = bytearray(path.read_bytes())
+    tampered = tmp_path / "flipped.msgpack"
+    i = data.index(b"QDense_0") + 200
+    tampered.write_bytes(bytes(data[:i]) + bytes([data[i] ^ 0x55]) + bytes(data[i + 1:]))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        sharing.load_compressed(tampered, variables)
+    truncated = tmp_path / "short.msgpack"
+    truncated.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        sharing.load_compressed(truncated, variables)
+    other = init_variables(build_model(compress.defaults(), 7), jax.random.key(0), (28, 28, 1))  # 7 classes
+    with pytest.raises(CheckpointError, match="QDense_2/.* shape"):
+        sharing.load_compressed(path, other)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        sharing.load_compressed(tmp_path / "missing.msgpack", variables)
+
+
+@pytest.mark.parametrize("driver", ["ga", "pso", "random", "nsga3"])
+def test_driver_generations(lenet, driver):
+    model, variables, paths, table, evaluator, batches = lenet
+    cfg = compress.defaults()
+    cfg.population_size, cfg.sharing.driver = 6, driver
+    allowed = np.tile(np.arange(K_MAX, dtype=np.int32), (5, 1))
+    allowed[0] = [1, 3, 3, 3]
+    problem = compress.Problem(variables=variables, table=table, centroids=table.centroids, batches=batches,
+                               allowed=jnp.asarray(allowed), n_choices=jnp.array([2, 4, 4, 4, 4], jnp.int32),
+                               floor=jnp.float32(0.0), float_accuracy=jnp.float32(0.1))
+    search = compress.Search(cfg, evaluator, 5)
+    state = search.init(jax.random.PRNGKey(0), 0.1, 10.0)
+    state, first = search.first(state, problem)
+    state, second = search.step(state, problem)
+    for s in (first, second):
+        assert s.k.shape == (6, 5) and s.accuracy.shape == (6,)
+        assert set(np.asarray(s.k[:, 0]).tolist()) <= {2, 4}  # layer 0 only takes its allowed k
+        cr_mean, cr_weighted = sharing.compression_rates(s.k, table.sizes, "float32")
+        np.testing.assert_allclose(s.cr_weighted, cr_weighted)
+        assert np.all(np.isfinite(np.asarray(s.fit)))
+    assert int(state.generation) == 2
+    assert float(state.cr_target) >= float(jnp.max(second.cr_weighted))  # target moved past the best CR
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config.sharing.driver=annealing"], "sharing.driver='annealing' is not one of"),
+        (["--config.sharing.k_max=1"], "sharing.k_max=1 is invalid"),
+        (["--config.sharing.k_max=500"], "sharing.k_max=500 is invalid"),
+        (["--config.sharing.codebook=float4"], "'float4' is not one of"),
+        (["--config.sharing.drivr=ga"], "unknown config key 'sharing.drivr'"),
+        (["--config.float_from=/nonexistent/qevo_float"], "float_from='/nonexistent/qevo_float' holds no model.msgpack"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(args, message, data_dir, tmp_path):
+    out = run_command("qevo.compress", "lenet5_sharing.py", tmp_path / "run", args, data_dir)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert message in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name", ["lenet5_sharing.py", "lenet5_tanh_sharing.py", "mobilenetv2_sharing.py"])
+def test_configs_load_and_validate(name):
+    cfg = compress.validate(config_lib.load(REPO / "configs" / name))
+    assert cfg.sharing.driver in compress.DRIVERS
+
+
+@pytest.mark.slow
+def test_lenet5_compresses_on_real_mnist(lenet5_float, data_dir, tmp_path):
+    """Small budget (8 x 6 GA evaluations, k <= 16, focus grid of 3): size-weighted CR >= 12
+    at <= 1 point of test-accuracy loss, and every saved model reloads to its accuracy."""
+    args = [f"--config.float_from={lenet5_float}", "--config.population_size=8", "--config.generations=6",
+            "--config.sharing.k_max=16", "--config.sharing.focus_step=4.9"]
+    out = run_command("qevo.compress", "lenet5_sharing.py", tmp_path / "run", args, data_dir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    fp32 = result["formats"]["float32"]
+    assert fp32["cr_weighted"] >= 12.0 and fp32["test_loss_points"] <= 1.0, result
+    for fmt, entry in result["formats"].items():
+        assert entry["reloaded_test_accuracy"] == entry["test_accuracy"], fmt
+    lines = (tmp_path / "run" / "history.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and all(len(json.loads(x)["individuals"]) == 8 for x in lines)
+
+
+@pytest.mark.slow
+def test_nsga3_front_and_resume(tiny_lenet5_float, data_dir, tmp_path):
+    """NSGA-III writes front.csv/front.png; rerunning a finished folder resumes to the same result."""
+    args = [f"--config.float_from={tiny_lenet5_float}", "--config.population_size=6", "--config.generations=3",
+            "--config.sharing.driver=nsga3", "--config.sharing.k_max=8", "--config.sharing.refine=False",
+            "--config.data.val_size=1000", "--config.sharing.report_formats=('float32','float8')"]
+    out = run_command("qevo.compress", "lenet5_sharing.py", tmp_path / "run", args, data_dir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "run"
+    header, *rows = (run / "front.csv").read_text().splitlines()
+    assert header.startswith("k_QConv_0/kernel,") and header.endswith("val_accuracy,cr_mean,cr_weighted") and rows
+    assert (run / "front.png").stat().st_size > 1000
+    first = json.loads((run / "result.json").read_text())
+    again = run_command("qevo.compress", "lenet5_sharing.py", run, args, data_dir)
+    assert again.returncode == 0 and "resuming" in again.stderr, again.stderr[-3000:]
+    second = json.loads((run / "result.json").read_text())
+    assert (first["k"], first["formats"]) == (second["k"], second["formats"])
+
+
+def test_widest_k_per_key_width():
+    range_acc = np.array([[0.1, 0.97, 0.98, 0.96, 0.99, 0.99, 0.98, 0.97, 0.99]])  # k = 1..9
+    allowed, counts = compress.allowed_k(range_acc, 0.975, 1.0, widest_per_key=True)
+    # kept k: 2, 3, 5, 6, 7, 8, 9 (k = 4 fails); widest per key width: 2 (1 bit), 3 (2 bits), 8 (3 bits), 9 (4 bits)
+    assert counts.tolist() == [4] and (allowed[0, :4] + 1).tolist() == [2, 3, 8, 9]
