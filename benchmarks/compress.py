@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.compress", description=__doc__.split("\n\n")[0])
     parser.add_argument("--float-from", required=True, help="a finished qevo.train run of configs/lenet5.py")
     parser.add_argument("--config", default=str(REPO / "configs" / "lenet5_sharing.py"))
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--driver-seeds", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=3, help="headline search seeds (0 skips the headline)")
+    parser.add_argument("--driver-seeds", type=int, default=5, help="seeds per driver (0 skips the driver table)")
     parser.add_argument("--driver-population", type=int, default=8)
     parser.add_argument("--driver-generations", type=int, default=6)
     parser.add_argument("--out", default=None)
@@ -116,26 +116,29 @@ def main(argv: list[str] | None = None) -> dict:
         "float": {"val_accuracy": prep.float_val, "test_accuracy": prep.float_test},
         "prepare_seconds": {"total_with_float_load": round(prepare_seconds, 1),
                             **{k: round(v, 1) for k, v in prep.seconds.items()}},
-        "headline": {
+    }
+    if headline:
+        result["headline"] = {
             "runs": headline,
             "median": {fmt: {key: _median([r["formats"][fmt][key] for r in headline])
                              for key in ("cr_weighted", "cr_mean", "test_accuracy", "test_loss_points")} for fmt in fmts},
             "median_seconds_per_run": _median([r["seconds"] for r in headline]),
-        },
-        "drivers": {
+        }
+    if drivers:
+        result["drivers"] = {
             "budget": {"population": args.driver_population, "generations": args.driver_generations,
                        "evaluations": args.driver_population * args.driver_generations},
             "runs": drivers,
             "median": {d: {key: _median([r[key] for r in drivers if r["driver"] == d])
                            for key in ("cr_weighted", "cr_mean", "val_accuracy", "test_accuracy", "test_loss_points", "seconds")}
                        for d in DRIVERS},
-        },
-    }
+        }
     out = pathlib.Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"compress_lenet5_{result['device']['platform']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("float", "prepare_seconds")} | {
-        "headline_median": result["headline"]["median"], "drivers_median": result["drivers"]["median"]}, indent=2))
+    summary = {k: result[k] for k in ("float", "prepare_seconds")}
+    summary |= {f"{k}_median": result[k]["median"] for k in ("headline", "drivers") if k in result}
+    print(json.dumps(summary, indent=2))
     return result
 
 

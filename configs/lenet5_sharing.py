@@ -22,5 +22,5 @@ def get_config():
     c.sharing.driver = "ga"
     c.sharing.k_max = 16
     c.sharing.range_max_loss = 1.0
-    c.sharing.max_accuracy_loss = 0.7
+    c.sharing.max_accuracy_loss = 0.9
     return c

@@ -13,6 +13,8 @@ processes) stays light:
   ``mutate``, ``dedupe``, ``make_offspring``
 * evosax drivers: ``make_driver``, ``Driver``, ``DriverState``, ``EVOSAX_STRATEGIES``,
   ``relax_to_genes``, ``genes_to_relaxed``, ``weighted_sum``, ``tchebycheff``, ``budget``
+* weight sharing: ``ClusterTable``, ``build_table``, ``SharedEvaluator``, ``seed_fitness``,
+  ``save_compressed``, ``load_compressed``
 """
 
 import importlib
@@ -60,6 +62,12 @@ _EXPORTS = {
     "weighted_sum": ("qevo.drivers", "weighted_sum"),
     "tchebycheff": ("qevo.drivers", "tchebycheff"),
     "budget": ("qevo.drivers", "budget"),
+    "ClusterTable": ("qevo.sharing", "ClusterTable"),
+    "build_table": ("qevo.sharing", "build_table"),
+    "SharedEvaluator": ("qevo.sharing", "SharedEvaluator"),
+    "seed_fitness": ("qevo.sharing", "seed_fitness"),
+    "save_compressed": ("qevo.sharing", "save_compressed"),
+    "load_compressed": ("qevo.sharing", "load_compressed"),
 }
 
 __all__ = sorted(_EXPORTS)

@@ -55,7 +55,7 @@ import numpy as np
 from qevo import checkpoint, nsga3, sharing
 from qevo import config as config_lib
 from qevo.codebook import CODEBOOK_BITS, key_bits, quantize_codebook
-from qevo.drivers import EVOSAX_STRATEGIES, make_driver, relax_to_genes
+from qevo.drivers import make_driver, relax_to_genes
 from qevo.population import batch_eval_set
 from qevo.pretrained import float_model
 from qevo.run import main, write_json
@@ -102,7 +102,7 @@ def defaults() -> ml_collections.ConfigDict:
 
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """:func:`qevo.config.validate` with the keys of :func:`defaults`, and the sharing options."""
-    config_lib.validate(cfg, known=defaults())
+    cfg = config_lib.validate(cfg, known=defaults())
     s = cfg.sharing
     err = config_lib.ConfigError
     if s.driver not in DRIVERS:

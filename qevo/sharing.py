@@ -33,7 +33,7 @@ from flax import traverse_util
 from qevo import checkpoint
 from qevo.codebook import CODEBOOK_BITS, model_compression_rates, quantize_codebook
 from qevo.data import normalize
-from qevo.kmeans import kmeans, pack_layers, quantize_weights
+from qevo.kmeans import kmeans, pack_layers
 from qevo.population import batched_accuracy, resolve_strategy
 
 FORMAT_VERSION = 1
