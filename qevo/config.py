@@ -33,6 +33,7 @@ def defaults() -> ml_collections.ConfigDict:
         )
     )
     c.model = ml_collections.ConfigDict(dict(name="lenet5", activation="relu"))
+    c.float_from = config_dict.placeholder(str)
     c.quant = ml_collections.ConfigDict(dict(mode="absmax", per_channel=True, float_first_last=True))
     c.train = ml_collections.ConfigDict(
         dict(
@@ -77,20 +78,55 @@ def _flat(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict:
     return out
 
 
+OWNED_BY_METHODS = ("population_size", "generations", "search", "final", "sharing", "coevolve")
+"""Top-level keys and sections that belong to one method's command: one config file can
+serve ``qevo.train`` and a method, and a command ignores the sections it does not run."""
+
+
 def check_keys(cfg: ml_collections.ConfigDict, known: ml_collections.ConfigDict) -> None:
-    """Fail on any key of ``cfg`` that ``known`` does not have."""
+    """Fail on any key of ``cfg`` that ``known`` does not have (other methods' sections excepted)."""
     allowed = _flat(known)
     sections = {k.rsplit(".", 1)[0] for k in allowed if "." in k}
     for name in _flat(cfg):
+        if name.split(".")[0] in OWNED_BY_METHODS and name.split(".")[0] not in known:
+            continue
         if name not in allowed and name not in sections:
             close = [k for k in allowed if k.split(".")[-1] == name.split(".")[-1]]
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown config key {name!r}{hint}; known keys: {', '.join(sorted(allowed))}")
 
 
-def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Check names and ranges shared by every command; returns ``cfg``."""
-    check_keys(cfg, defaults())
+def merge(known: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``known`` (a command's defaults) with every value ``cfg`` sets for its keys laid over it."""
+    out = ml_collections.ConfigDict(known.to_dict())
+    allowed = _flat(known)
+    for name, value in _flat(cfg).items():
+        if name in allowed:
+            *parents, leaf = name.split(".")
+            node = out
+            for p in parents:
+                node = node[p]
+            try:
+                node[leaf] = value
+            except TypeError as e:
+                raise ConfigError(f"config {name}={value!r}: {e}") from e
+    return out
+
+
+def validate(cfg: ml_collections.ConfigDict, known: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+    """Check names and ranges shared by every command.
+
+    Args:
+      cfg: the loaded config.
+      known: every key the command understands (default :func:`defaults`; commands with
+        their own sections pass their extended defaults).
+
+    Returns:
+      ``known`` with the values of ``cfg`` (keys the file leaves out keep their defaults).
+    """
+    known = defaults() if known is None else known
+    check_keys(cfg, known)
+    cfg = merge(known, cfg)
     flat = _flat(cfg)
     for key, allowed in OPTIONS.items():
         if flat.get(key) not in allowed:

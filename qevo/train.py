@@ -109,8 +109,8 @@ def augment(key: jax.Array, images: jax.Array) -> jax.Array:
 class Trainer:
     """Compiled epoch and evaluation functions for one model, dataset and config."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict, ds: Dataset, model: nn.Module, bits: Bits | None):
-        self.cfg, self.model, self.bits = cfg, model, bits
+    def __init__(self, cfg: ml_collections.ConfigDict, ds: Dataset, model: nn.Module, quantized: bool):
+        self.cfg, self.model = cfg, model
         self.mean, self.std = ds.mean, ds.std
         self.steps_per_epoch = ds.train_images.shape[0] // cfg.train.batch_size
         if self.steps_per_epoch < 1:
@@ -118,7 +118,7 @@ class Trainer:
                 f"train.batch_size={cfg.train.batch_size} exceeds the {ds.train_images.shape[0]} training images"
             )
         self.tx = make_optimizer(cfg.train, self.steps_per_epoch)
-        self.trainable = ("params", "quant") if bits is not None else ("params",)
+        self.trainable = ("params", "quant") if quantized else ("params",)
         self.epoch = jax.jit(self._epoch)
         self.accuracy = jax.jit(self._accuracy)
 
@@ -126,14 +126,14 @@ class Trainer:
         opt_state = self.tx.init({k: variables[k] for k in self.trainable})
         return TrainState(epoch=jnp.int32(0), variables=variables, opt_state=opt_state)
 
-    def _loss(self, trainable, variables, x, y, key):
+    def _loss(self, trainable, variables, bits, x, y, key):
         v = {**variables, **trainable}
         logits, updates = self.model.apply(
-            v, normalize(x, self.mean, self.std), self.bits, train=True, mutable=["batch_stats"], rngs={"dropout": key}
+            v, normalize(x, self.mean, self.std), bits, train=True, mutable=["batch_stats"], rngs={"dropout": key}
         )
         return cross_entropy(logits, y), updates
 
-    def _epoch(self, state: TrainState, key, images, labels):
+    def _epoch(self, state: TrainState, bits: Bits | None, key, images, labels):
         bs = self.cfg.train.batch_size
         perm_key, key = jax.random.split(key)
         order = jax.random.permutation(perm_key, images.shape[0])[: self.steps_per_epoch * bs]
@@ -148,7 +148,7 @@ class Trainer:
                 x = augment(aug_key, x)
             trainable = {k: variables[k] for k in self.trainable}
             (loss, updates), grads = jax.value_and_grad(self._loss, has_aux=True)(
-                trainable, variables, x, labels[idx], drop_key
+                trainable, variables, bits, x, labels[idx], drop_key
             )
             upd, opt_state = self.tx.update(grads, opt_state, trainable)
             variables = {**variables, **optax.apply_updates(trainable, upd), **updates}
@@ -158,8 +158,8 @@ class Trainer:
         (variables, opt_state), losses = jax.lax.scan(step, (state.variables, state.opt_state), (order, keys))
         return TrainState(epoch=state.epoch + 1, variables=variables, opt_state=opt_state), jnp.mean(losses)
 
-    def _accuracy(self, variables, batches):
-        logits_fn = lambda x: self.model.apply(variables, normalize(x, self.mean, self.std), self.bits, train=False)  # noqa: E731
+    def _accuracy(self, variables, bits: Bits | None, batches):
+        logits_fn = lambda x: self.model.apply(variables, normalize(x, self.mean, self.std), bits, train=False)  # noqa: E731
         return batched_accuracy(logits_fn, batches)
 
 
@@ -178,15 +178,18 @@ def initial_variables(cfg, ds: Dataset, model: nn.Module, bits: Bits | None, key
     return calibrate(model, variables, calib)
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
-    """Train per ``cfg`` in ``workdir`` (resuming from its checkpoint); returns the results dict."""
-    ds = load_data(cfg)
-    model = build_model(cfg, ds.num_classes)
-    quantized = cfg.train.w_bits < 32 or cfg.train.a_bits < 32
-    bits = uniform_bits(model.num_layers, cfg.train.w_bits, cfg.train.a_bits, cfg.quant.float_first_last) if quantized else None
-    init_key, train_key = jax.random.split(jax.random.key(cfg.seed))
-    trainer = Trainer(cfg, ds, model, bits)
-    state = trainer.init_state(initial_variables(cfg, ds, model, bits, init_key))
+def fit(cfg: ml_collections.ConfigDict, ds: Dataset, model: nn.Module, variables: dict, bits: Bits | None,
+        workdir: pathlib.Path, key: jax.Array, desc: str) -> tuple[dict, dict]:
+    """Train ``variables`` per ``cfg.train`` (float if ``bits`` is None, else QAT at ``bits``).
+
+    Checkpoints after every epoch in ``workdir/checkpoint.msgpack`` and resumes from it.
+
+    Returns:
+      ``(variables, results)``: trained variables and a dict with validation and test
+      accuracy (fractions), epochs and training seconds.
+    """
+    trainer = Trainer(cfg, ds, model, quantized=bits is not None)
+    state = trainer.init_state(variables)
     ckpt = workdir / CHECKPOINT
     meta = {"history": [], "train_seconds": 0.0}
     if ckpt.exists():
@@ -194,30 +197,45 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
         print(f"resuming {workdir} after epoch {int(state.epoch)}", file=sys.stderr)
     images, labels = jax.device_put(ds.train_images), jax.device_put(ds.train_labels)
     val = batch_eval_set(jnp.asarray(ds.val_images), jnp.asarray(ds.val_labels), cfg.train.eval_batch_size)
-    epoch_keys = jax.random.split(train_key, cfg.train.epochs)
-    bar = tqdm(total=cfg.train.epochs, initial=int(state.epoch), desc=f"train {cfg.model.name}", file=sys.stderr)
+    epoch_keys = jax.random.split(key, cfg.train.epochs)
+    bar = tqdm(total=cfg.train.epochs, initial=int(state.epoch), desc=desc, file=sys.stderr)
     for epoch in range(int(state.epoch), cfg.train.epochs):
         start = time.perf_counter()
-        state, loss = trainer.epoch(state, epoch_keys[epoch], images, labels)
+        state, loss = trainer.epoch(state, bits, epoch_keys[epoch], images, labels)
         loss = float(loss)
         meta["train_seconds"] += time.perf_counter() - start
-        val_acc = float(trainer.accuracy(state.variables, val)) if ds.val_images.shape[0] else float("nan")
+        val_acc = float(trainer.accuracy(state.variables, bits, val)) if ds.val_images.shape[0] else float("nan")
         meta["history"].append({"epoch": epoch + 1, "loss": loss, "val_accuracy": val_acc})
         checkpoint.save(ckpt, state, meta)
         bar.update(1)
         bar.write(f"epoch {epoch + 1:3d}/{cfg.train.epochs}  loss {loss:.4f}  val {100 * val_acc:.2f}%  ({meta['train_seconds']:.0f} s)", file=sys.stderr)
     bar.close()
-    checkpoint.save(workdir / MODEL, state.variables, {"model": cfg.model.name})
     test = batch_eval_set(jnp.asarray(ds.test_images), jnp.asarray(ds.test_labels), cfg.train.eval_batch_size)
+    results = {
+        "epochs": cfg.train.epochs,
+        "val_accuracy": meta["history"][-1]["val_accuracy"] if meta["history"] else None,
+        "test_accuracy": float(trainer.accuracy(state.variables, bits, test)),
+        "train_seconds": round(meta["train_seconds"], 1),
+    }
+    return state.variables, results
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+    """Train per ``cfg`` in ``workdir`` (resuming from its checkpoint); returns the results dict."""
+    ds = load_data(cfg)
+    model = build_model(cfg, ds.num_classes)
+    quantized = cfg.train.w_bits < 32 or cfg.train.a_bits < 32
+    bits = uniform_bits(model.num_layers, cfg.train.w_bits, cfg.train.a_bits, cfg.quant.float_first_last) if quantized else None
+    init_key, train_key = jax.random.split(jax.random.key(cfg.seed))
+    variables = initial_variables(cfg, ds, model, bits, init_key)
+    variables, fitted = fit(cfg, ds, model, variables, bits, workdir, train_key, f"train {cfg.model.name}")
+    checkpoint.save(workdir / MODEL, variables, {"model": cfg.model.name})
     results = {
         "model": cfg.model.name,
         "dataset": cfg.data.name,
         "w_bits": cfg.train.w_bits,
         "a_bits": cfg.train.a_bits,
-        "epochs": cfg.train.epochs,
-        "val_accuracy": meta["history"][-1]["val_accuracy"] if meta["history"] else None,
-        "test_accuracy": float(trainer.accuracy(state.variables, test)),
-        "train_seconds": round(meta["train_seconds"], 1),
+        **fitted,
         "device": jax.devices()[0].device_kind,
     }
     write_json(workdir / "results.json", results)

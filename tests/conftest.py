@@ -22,3 +22,33 @@ def pytest_configure(config):
     import jax
 
     jax.config.update("jax_threefry_partitionable", False)
+
+
+def run_command(module: str, config: str, workdir: pathlib.Path, args=(), data_dir=None, timeout=1800):
+    """Run ``python -m <module> --config configs/<config> --workdir <workdir> <args>`` in the repository."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, **({"QEVO_DATA_DIR": str(data_dir)} if data_dir else {})}
+    return subprocess.run(
+        [sys.executable, "-m", module, "--config", str(REPO / "configs" / config), "--workdir", str(workdir), *args],
+        env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+    )
+
+
+@pytest.fixture(scope="session")
+def lenet5_float(data_dir, tmp_path_factory) -> pathlib.Path:
+    """A finished ``qevo.train`` run of configs/lenet5.py (the full float recipe), shared by the slow tests."""
+    workdir = tmp_path_factory.mktemp("lenet5_float")
+    out = run_command("qevo.train", "lenet5.py", workdir, data_dir=data_dir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def tiny_lenet5_float(data_dir, tmp_path_factory) -> pathlib.Path:
+    """A LeNet-5 float run of one epoch on 3,000 images (fast; for plumbing tests)."""
+    workdir = tmp_path_factory.mktemp("tiny_lenet5_float")
+    out = run_command("qevo.train", "lenet5.py", workdir, ["--config.train.epochs=1", "--config.data.max_train_images=3000"], data_dir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return workdir

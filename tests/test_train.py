@@ -1,31 +1,22 @@
 """``python -m qevo.train`` end to end on real MNIST, and its input checks."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import run_command
 
 
 def _train(args, data_dir, tmp_path):
-    env = {**os.environ, "QEVO_DATA_DIR": str(data_dir)}
-    return subprocess.run(
-        [sys.executable, "-m", "qevo.train", "--config", str(REPO / "configs" / "lenet5.py"), "--workdir", str(tmp_path / "run"), *args],
-        env=env, capture_output=True, text=True, timeout=1800, cwd=REPO,
-    )
+    return run_command("qevo.train", "lenet5.py", tmp_path / "run", args, data_dir)
 
 
 @pytest.mark.slow
-def test_lenet5_reaches_99_percent(data_dir, tmp_path):
-    out = _train([], data_dir, tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
+def test_lenet5_reaches_99_percent(lenet5_float):
+    results = json.loads((lenet5_float / "results.json").read_text())
     assert results["test_accuracy"] >= 0.99, results
     for name in ("config.json", "checkpoint.msgpack", "model.msgpack"):
-        assert (tmp_path / "run" / name).is_file()
+        assert (lenet5_float / name).is_file()
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,54 @@
+"""The float model every compression method starts from.
+
+``float_from`` in a config names a finished ``python -m qevo.train`` run folder whose
+``model.msgpack`` is loaded; without it the float model is trained (per the config's
+``train`` section) in ``<workdir>/float``, resumably, before the method starts.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from qevo import checkpoint
+from qevo import config as config_lib
+from qevo import train
+from qevo.data import Dataset
+from qevo.models import init_variables
+
+
+def float_model(cfg: ml_collections.ConfigDict, ds: Dataset, model: nn.Module, workdir: pathlib.Path) -> tuple[dict, dict]:
+    """Float variables and the results of the run that made them.
+
+    Args:
+      cfg: a command config (``float_from``, ``train``, ``model``, ``seed``).
+      ds: the dataset (for the input shape).
+      model: the model built from ``cfg``.
+      workdir: the command's work folder (the float model trains in ``workdir/float``).
+
+    Returns:
+      ``(variables, results)``: the float ``params``/``batch_stats``/``quant`` and the
+      train run's ``results.json`` (test accuracy, wall time).
+    """
+    if cfg.float_from is None:
+        folder = workdir / "float"
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / "results.json").exists():
+            float_cfg = ml_collections.ConfigDict(cfg.to_dict())
+            float_cfg.train.w_bits = float_cfg.train.a_bits = 32
+            train.run(float_cfg, folder)
+    else:
+        folder = pathlib.Path(cfg.float_from)
+        if not (folder / train.MODEL).is_file():
+            raise config_lib.ConfigError(
+                f"float_from={cfg.float_from!r} holds no {train.MODEL}; point it at a finished `python -m qevo.train` run folder"
+            )
+    template = init_variables(model, jax.random.key(cfg.seed), ds.train_images.shape[1:])
+    variables, _ = checkpoint.load(folder / train.MODEL, template)
+    results_path = folder / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    return variables, results

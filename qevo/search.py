@@ -1,0 +1,610 @@
+"""Bit-width search (QuantEA): ``python -m qevo.search --config configs/lenet5.py``.
+
+The protocol of the spec, section 1:
+
+0. the float model is trained (or loaded from ``float_from``) and its activation clip
+   ranges calibrated;
+1. a population of per-layer (weight, activation) bit-width genomes evolves for
+   ``generations`` generations. Each generation is one compiled population evaluation
+   (``search.qat_steps`` steps of per-individual QAT from the float weights, then
+   accuracy on the validation split); objectives (minimised) are ``search.objectives``
+   (default error, BitOps, size). The driver is NSGA-III (:mod:`qevo.nsga3`) with the
+   integer variation of :mod:`qevo.variation`, random search, or an evosax strategy on
+   the relaxed genome with a scalarised fitness (:mod:`qevo.drivers`);
+2. the non-dominated models of everything evaluated, and the uniform baselines, are
+   trained with the same budget (``final``) and scored on the test split.
+
+Outputs in the work folder: ``config.json``, ``history.jsonl`` (every evaluated
+individual: generation, genes, bits, objectives), ``checkpoint.msgpack`` (after every
+generation; a rerun resumes from it and gives the same result), ``pareto.csv``,
+``final.csv``, ``pareto.png`` and ``results.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import struct
+import numpy as np
+from ml_collections import config_dict
+from tqdm import tqdm
+
+from qevo import checkpoint, cost, drivers, nsga3, train, variation
+from qevo import config as config_lib
+from qevo.calibration import calibrate
+from qevo.data import Dataset, normalize
+from qevo.layers import Bits
+from qevo.models import init_variables
+from qevo.population import PopulationEvaluator, QATConfig
+from qevo.pretrained import float_model
+from qevo.run import main, write_json
+
+CHECKPOINT = "checkpoint.msgpack"
+OBJECTIVES = ("error", "bitops", "size", "flops", "params")
+DRIVERS = ("nsga3", "random", *drivers.EVOSAX_STRATEGIES)
+SCALARIZATIONS = ("weighted", "tchebycheff", "budget")
+ALLOWED_BITS = (*range(1, 9), 16, 32)
+BASELINES = ((8, 8), (4, 4), (2, 2))
+
+
+def search_defaults() -> ml_collections.ConfigDict:
+    """Every key ``qevo.search`` understands: the shared defaults plus the search sections."""
+    c = config_lib.defaults()
+    c.population_size = 16
+    c.generations = 10
+    c.search = ml_collections.ConfigDict(
+        dict(
+            driver="nsga3",
+            w_candidates=(2, 4, 8),
+            a_candidates=(2, 4, 8),
+            objectives=("error", "bitops", "size"),
+            n_partitions=config_dict.placeholder(int),
+            initial_samples=config_dict.placeholder(int),
+            crossover_prob=0.9,
+            mutation_rate=config_dict.placeholder(float),
+            start="float",
+            qat_steps=20,
+            qat_batch_size=128,
+            qat_learning_rate=1e-3,
+            qat_optimizer="sgd",
+            qat_momentum=0.9,
+            qat_weight_decay=0.0,
+            eval_images=config_dict.placeholder(int),
+            strategy="auto",
+            chunk_size=config_dict.placeholder(int),
+            scalarization="weighted",
+            weights=config_dict.placeholder(tuple),
+            budget=0.5,
+        )
+    )
+    c.final = ml_collections.ConfigDict(
+        dict(
+            enabled=True,
+            start="float",
+            epochs=1,
+            optimizer="sgd",
+            learning_rate=1e-3,
+            max_models=8,
+        )
+    )
+    return c
+
+
+def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shared checks plus the search's own; raises ``ConfigError`` with the fix."""
+    cfg = config_lib.validate(cfg, search_defaults())
+    s, err = cfg.search, config_lib.ConfigError
+    for name in ("w_candidates", "a_candidates"):
+        values = tuple(s[name])
+        if not values:
+            raise err(f"config search.{name} is empty; give at least one bit width, e.g. (2, 4, 8)")
+        bad = [b for b in values if b not in ALLOWED_BITS]
+        if bad:
+            raise err(f"config search.{name} has impossible bit widths {bad}; use values from 1..8, 16, 32")
+        if len(set(values)) != len(values):
+            raise err(f"config search.{name}={values} repeats a width; list each once")
+    objectives = tuple(s.objectives)
+    unknown = [o for o in objectives if o not in OBJECTIVES]
+    if unknown or not objectives:
+        raise err(f"config search.objectives has unknown names {unknown}; choose from {OBJECTIVES}")
+    if "error" not in objectives or len(objectives) < 2 or len(set(objectives)) != len(objectives):
+        raise err(f"config search.objectives={objectives} must hold 'error' and at least one distinct cost")
+    if s.driver not in DRIVERS:
+        raise err(f"config search.driver={s.driver!r} is not one of {DRIVERS}")
+    if s.scalarization not in SCALARIZATIONS:
+        raise err(f"config search.scalarization={s.scalarization!r} is not one of {SCALARIZATIONS}")
+    if s.weights is not None and len(s.weights) != len(objectives):
+        raise err(f"config search.weights has {len(s.weights)} entries for {len(objectives)} objectives")
+    for section, key in (("search", "start"), ("final", "start")):
+        if cfg[section][key] not in ("float", "scratch"):
+            raise err(f"config {section}.{key}={cfg[section][key]!r} is not one of ('float', 'scratch')")
+    if cfg.final.optimizer not in ("sgd", "adam"):
+        raise err(f"config final.optimizer={cfg.final.optimizer!r} is not one of ('sgd', 'adam')")
+    if s.qat_optimizer not in ("sgd", "adam"):
+        raise err(f"config search.qat_optimizer={s.qat_optimizer!r} is not one of ('sgd', 'adam')")
+    if cfg.generations < 0 or s.qat_steps < 0 or cfg.final.epochs < 1 or cfg.final.max_models < 1:
+        raise err("config generations and search.qat_steps must be >= 0, final.epochs and final.max_models >= 1")
+    if not 0.0 <= s.crossover_prob <= 1.0 or not 0.0 <= s.budget <= 1.0:
+        raise err("config search.crossover_prob and search.budget must lie in [0, 1]")
+    n_ref = len(reference_directions(cfg))
+    if cfg.population_size < max(n_ref, 2):
+        raise err(
+            f"config population_size={cfg.population_size} is smaller than the {n_ref} NSGA-III reference "
+            f"directions of {len(objectives)} objectives (search.n_partitions={s.n_partitions}); "
+            f"raise population_size to >= {max(n_ref, 2)} or lower search.n_partitions"
+        )
+    if s.initial_samples is not None and s.initial_samples < cfg.population_size:
+        raise err(f"config search.initial_samples={s.initial_samples} must be >= population_size={cfg.population_size}")
+    return cfg
+
+
+def reference_directions(cfg: ml_collections.ConfigDict) -> np.ndarray:
+    """Das-Dennis directions ``[K, M]``: ``search.n_partitions``, else the most that fit the population."""
+    m = len(cfg.search.objectives)
+    if cfg.search.n_partitions is not None:
+        if cfg.search.n_partitions < 1:
+            raise config_lib.ConfigError(f"config search.n_partitions={cfg.search.n_partitions} must be >= 1")
+        return nsga3.das_dennis(m, cfg.search.n_partitions)
+    p = 1
+    while len(nsga3.das_dennis(m, p + 1)) <= cfg.population_size:
+        p += 1
+    return nsga3.das_dennis(m, p)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+    """Genome layout: which layers are searched and their candidate widths.
+
+    Attributes:
+      w_candidates, a_candidates: int32 ``[Cw]``, ``[Ca]`` candidate widths.
+      searched: bool ``[L]``, the searched quantizable layers (others stay float).
+    """
+
+    w_candidates: np.ndarray
+    a_candidates: np.ndarray
+    searched: np.ndarray
+
+    @property
+    def num_genes(self) -> int:
+        return 2 * int(self.searched.sum())
+
+    @property
+    def n_choices(self) -> np.ndarray:
+        s = int(self.searched.sum())
+        return np.array([len(self.w_candidates)] * s + [len(self.a_candidates)] * s, np.int32)
+
+    def decode(self, genes) -> Bits:
+        """Widths ``[P, L]`` of genes ``[P, G]``."""
+        w, a = variation.decode(jnp.asarray(genes), self.w_candidates, self.a_candidates, self.searched)
+        return Bits(w=np.asarray(w), a=np.asarray(a))
+
+
+def make_space(cfg: ml_collections.ConfigDict, num_layers: int) -> SearchSpace:
+    searched = np.ones(num_layers, bool)
+    if cfg.quant.float_first_last and num_layers > 2:
+        searched[[0, -1]] = False
+    return SearchSpace(np.array(cfg.search.w_candidates, np.int32), np.array(cfg.search.a_candidates, np.int32), searched)
+
+
+def costs(table: cost.LayerTable, bits: Bits) -> dict[str, np.ndarray]:
+    """BitOps, size (bits) and the reference's "flops"/"params" of a population ``[P, L]``."""
+    return {
+        "bitops": np.asarray(cost.bitops(table, bits.w, bits.a), np.float64),
+        "size": np.asarray(cost.size_bits(table, bits.w), np.float64),
+        "flops": np.asarray(cost.reference_flops(table, bits.w, bits.a), np.float64),
+        "params": np.asarray(cost.reference_params(table, bits.w), np.float64),
+    }
+
+
+@dataclasses.dataclass
+class Problem:
+    """Everything needed to score genomes: ``objectives(genes, key) -> F [P, M]``."""
+
+    cfg: ml_collections.ConfigDict
+    space: SearchSpace
+    table: cost.LayerTable
+    evaluator: PopulationEvaluator
+    variables: dict
+    final_variables: dict
+    float_results: dict
+    ds: Dataset
+    eval_images: jax.Array
+    eval_labels: jax.Array
+    train_images: jax.Array
+    train_labels: jax.Array
+
+    def objectives(self, genes: np.ndarray, key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+        """``(F [P, M] float64, validation accuracy [P])``; NaN error where the network diverged."""
+        bits = self.space.decode(genes)
+        acc = np.asarray(
+            self.evaluator(
+                self.variables, bits.w, bits.a, self.eval_images, self.eval_labels,
+                key=key, train_images=self.train_images, train_labels=self.train_labels,
+            ),
+            np.float64,
+        )
+        values = {"error": 1.0 - acc, **costs(self.table, bits)}
+        return np.stack([values[o] for o in self.cfg.search.objectives], axis=1), acc
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-objective ``(lower, upper)``: error in [0, 1], costs between all-min and all-max widths."""
+        s = int(self.space.searched.sum())
+        hi = np.concatenate([np.full(s, np.argmax(self.space.w_candidates)), np.full(s, np.argmax(self.space.a_candidates))])[None]
+        lo = np.concatenate([np.full(s, np.argmin(self.space.w_candidates)), np.full(s, np.argmin(self.space.a_candidates))])[None].astype(np.int32)
+        c_lo, c_hi = costs(self.table, self.space.decode(lo)), costs(self.table, self.space.decode(hi))
+        lower = np.array([0.0 if o == "error" else c_lo[o][0] for o in self.cfg.search.objectives])
+        upper = np.array([1.0 if o == "error" else c_hi[o][0] for o in self.cfg.search.objectives])
+        return lower, np.maximum(upper, lower + 1e-12)
+
+
+def build_problem(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> Problem:
+    """Data, float model (trained or loaded), calibration, cost table and evaluator."""
+    ds = train.load_data(cfg)
+    model = train.build_model(cfg, ds.num_classes)
+    calib = normalize(jnp.asarray(ds.train_images[:512]), ds.mean, ds.std)
+    starts, float_results = {}, {}
+    if "float" in (cfg.search.start, cfg.final.start):
+        float_vars, float_results = float_model(cfg, ds, model, workdir)
+        starts["float"] = calibrate(model, float_vars, calib)
+    if "scratch" in (cfg.search.start, cfg.final.start):
+        fresh = init_variables(model, jax.random.fold_in(jax.random.key(cfg.seed), 7), ds.train_images.shape[1:])
+        starts["scratch"] = calibrate(model, fresh, calib)
+    variables = starts[cfg.search.start]
+    s = cfg.search
+    qat = QATConfig(
+        steps=s.qat_steps, batch_size=s.qat_batch_size, learning_rate=s.qat_learning_rate,
+        momentum=s.qat_momentum, weight_decay=s.qat_weight_decay, optimizer=s.qat_optimizer,
+    )
+    evaluator = PopulationEvaluator(
+        model, ds.mean, ds.std, eval_batch_size=cfg.train.eval_batch_size,
+        strategy=s.strategy, chunk_size=s.chunk_size, qat=qat,
+    )
+    n_eval = ds.val_images.shape[0] if s.eval_images is None else min(s.eval_images, ds.val_images.shape[0])
+    if n_eval < 1:
+        raise config_lib.ConfigError("the search scores on the validation split: set data.val_size > 0")
+    return Problem(
+        cfg=cfg,
+        space=make_space(cfg, model.num_layers),
+        table=cost.layer_table(model, variables, ds.train_images.shape[1:]),
+        evaluator=evaluator,
+        variables=variables,
+        final_variables=starts[cfg.final.start],
+        float_results=float_results,
+        ds=ds,
+        eval_images=jax.device_put(ds.val_images[:n_eval]),
+        eval_labels=jax.device_put(ds.val_labels[:n_eval]),
+        train_images=jax.device_put(ds.train_images),
+        train_labels=jax.device_put(ds.train_labels),
+    )
+
+
+@struct.dataclass
+class SearchState:
+    """What survives a generation (checkpointed after each one).
+
+    Attributes:
+      generation: generations completed (the initial population is generation 0).
+      genes: int32 ``[N, G]`` the current population.
+      objectives: float64 ``[N, M]`` its objectives.
+      nsga: NSGA-III normalisation memory.
+      driver: the evosax driver's state (``None`` for ``nsga3``/``random``).
+      evaluations: individuals evaluated so far.
+      seconds: wall time spent in generations so far.
+    """
+
+    generation: int
+    genes: np.ndarray
+    objectives: np.ndarray
+    nsga: nsga3.NSGA3State
+    driver: drivers.DriverState | None
+    evaluations: int
+    seconds: float
+
+
+def _scalarize(cfg: ml_collections.ConfigDict, F: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> jax.Array:
+    m = F.shape[1]
+    weights = jnp.asarray(cfg.search.weights if cfg.search.weights is not None else np.full(m, 1.0 / m), jnp.float32)
+    F, lower, upper = (jnp.asarray(v, jnp.float32) for v in (F, lower, upper))
+    if cfg.search.scalarization == "weighted":
+        return drivers.weighted_sum(F, weights, lower, upper)
+    if cfg.search.scalarization == "tchebycheff":
+        return drivers.tchebycheff(F, weights, lower, lower, upper)
+    limit = lower[1] + cfg.search.budget * (upper[1] - lower[1])
+    return drivers.budget(F, limit, lower, upper, cost_index=1, error_index=0)
+
+
+class Search:
+    """The generation loop of one search run in one work folder (resumable)."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, problem: Problem, workdir: pathlib.Path):
+        self.cfg, self.problem, self.workdir = cfg, problem, workdir
+        self.space = problem.space
+        self.ref_dirs = jnp.asarray(reference_directions(cfg), jnp.float32)
+        self.lower, self.upper = problem.bounds()
+        self.key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
+        evosax = cfg.search.driver in drivers.EVOSAX_STRATEGIES
+        self.driver = drivers.make_driver(cfg.search.driver, cfg.population_size, self.space.num_genes) if evosax else None
+
+    def initial_state(self) -> SearchState:
+        m = len(self.cfg.search.objectives)
+        driver = self.driver.init(jax.random.fold_in(jax.random.key(self.cfg.seed), 3)) if self.driver else None
+        return SearchState(
+            generation=-1, genes=np.zeros((self.cfg.population_size, self.space.num_genes), np.int32),
+            objectives=np.zeros((self.cfg.population_size, m)), nsga=nsga3.init_state(m, jnp.float64 if jax.config.x64_enabled else jnp.float32),
+            driver=driver, evaluations=0, seconds=0.0,
+        )
+
+    def propose(self, state: SearchState, key: jax.Array) -> tuple[np.ndarray, jax.Array | None, drivers.DriverState | None]:
+        """Genes ``[n, G]`` to evaluate this generation (and the driver's relaxed ``x`` and state)."""
+        cfg, n_choices = self.cfg, jnp.asarray(self.space.n_choices)
+        n = cfg.population_size
+        if self.driver is not None:
+            x, dstate = self.driver.ask(key, state.driver)
+            return np.asarray(drivers.relax_to_genes(x, n_choices)), x, dstate
+        k_new, k_dedupe = jax.random.split(key)
+        if state.generation < 0:
+            seeds = variation.uniform_genes(self.space.w_candidates, self.space.a_candidates, self.space.num_genes // 2, BASELINES)
+            total = cfg.search.initial_samples or n
+            fresh = variation.random_genes(k_new, total - len(seeds), n_choices)
+            genes = variation.dedupe(k_dedupe, fresh, jnp.asarray(seeds), n_choices)
+            return np.concatenate([seeds, np.asarray(genes)])[:total], None, None
+        if cfg.search.driver == "random":
+            fresh = variation.random_genes(k_new, n, n_choices)
+        else:
+            fresh = variation.make_offspring(k_new, jnp.asarray(state.genes), n, n_choices, cfg.search.crossover_prob, cfg.search.mutation_rate)
+        return np.asarray(variation.dedupe(k_dedupe, fresh, jnp.asarray(state.genes), n_choices)), None, None
+
+    def step(self, state: SearchState) -> tuple[SearchState, dict]:
+        """One generation: propose, evaluate in one compiled call, survive. Returns (state, record)."""
+        gen = state.generation + 1
+        k_var, k_eval, k_surv, k_tell = jax.random.split(jax.random.fold_in(self.key, gen), 4)
+        start = time.perf_counter()
+        genes, x, dstate = self.propose(state, k_var)
+        F, acc = self.problem.objectives(genes, k_eval)
+        if self.driver is not None:
+            fitness = _scalarize(self.cfg, F, self.lower, self.upper)
+            dstate = self.driver.tell(k_tell, x, fitness, dstate)
+            pop_genes, pop_F, nsga = genes, F, state.nsga
+        else:
+            pool_genes = genes if gen == 0 else np.concatenate([state.genes, genes])
+            pool_F = F if gen == 0 else np.concatenate([state.objectives, F])
+            idx, nsga = nsga3.survive(jnp.asarray(pool_F, state.nsga.ideal_point.dtype), self.ref_dirs, self.cfg.population_size, state.nsga, k_surv)
+            idx = np.asarray(idx)
+            pop_genes, pop_F = pool_genes[idx], pool_F[idx]
+        seconds = time.perf_counter() - start
+        new = SearchState(
+            generation=gen, genes=pop_genes, objectives=pop_F, nsga=nsga, driver=dstate,
+            evaluations=state.evaluations + len(genes), seconds=state.seconds + seconds,
+        )
+        return new, {"genes": genes, "objectives": F, "accuracy": acc, "seconds": seconds}
+
+    def run(self) -> list[dict]:
+        """Run (or resume) every generation; returns all history records."""
+        ckpt, history_path = self.workdir / CHECKPOINT, self.workdir / "history.jsonl"
+        state = self.initial_state()
+        if ckpt.exists():
+            state, _ = checkpoint.load(ckpt, state)
+            state = state.replace(generation=int(state.generation), evaluations=int(state.evaluations), seconds=float(state.seconds))
+            print(f"resuming {self.workdir} after generation {state.generation}", file=sys.stderr)
+        history = read_history(history_path, state.generation)
+        write_history(history_path, history)
+        total = self.cfg.generations + 1
+        bar = tqdm(total=total, initial=state.generation + 1, desc=f"search {self.cfg.model.name}", file=sys.stderr)
+        while state.generation + 1 < total:
+            state, rec = self.step(state)
+            bits = self.space.decode(rec["genes"])
+            records = [
+                {
+                    "generation": state.generation, "genes": g.tolist(), "w_bits": w.tolist(), "a_bits": a.tolist(),
+                    "objectives": dict(zip(self.cfg.search.objectives, map(_finite_or_none, f))),
+                    "val_accuracy": _finite_or_none(acc),
+                }
+                for g, w, a, f, acc in zip(rec["genes"], bits.w, bits.a, rec["objectives"], rec["accuracy"])
+            ]
+            history.extend(records)
+            with history_path.open("a") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in records)
+            checkpoint.save(ckpt, state, {"generation": state.generation})
+            front = front_indices(history_objectives(history, self.cfg.search.objectives))
+            hv = nsga3.hypervolume(
+                (history_objectives(history, self.cfg.search.objectives)[front] - self.lower) / (self.upper - self.lower),
+                np.full(len(self.lower), 1.1),
+            )
+            best = max((r["val_accuracy"] or 0.0) for r in history)
+            bar.update(1)
+            bar.write(
+                f"gen {state.generation:3d}/{self.cfg.generations}  best acc {100 * best:.2f}%  front {len(front)}  "
+                f"hv {hv:.4f}  {len(rec['genes']) / rec['seconds']:.2f} eval/s",
+                file=sys.stderr,
+            )
+        bar.close()
+        return history
+
+
+def _finite_or_none(v) -> float | None:
+    v = float(v)
+    return v if np.isfinite(v) else None
+
+
+def read_history(path: pathlib.Path, last_generation: int) -> list[dict]:
+    """Records of ``history.jsonl`` up to ``last_generation`` (later ones belong to an interrupted generation)."""
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r["generation"] <= last_generation]
+
+
+def write_history(path: pathlib.Path, records: list[dict]) -> None:
+    checkpoint.atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
+
+
+def history_objectives(history: list[dict], names) -> np.ndarray:
+    """float64 ``[R, M]`` objectives of every record (NaN where missing)."""
+    return np.array([[np.nan if r["objectives"][n] is None else r["objectives"][n] for n in names] for r in history], np.float64).reshape(len(history), len(names))
+
+
+def front_indices(F: np.ndarray) -> np.ndarray:
+    """Indices of the distinct, finite, non-dominated rows of ``F [R, M]``, ascending."""
+    if len(F) == 0:
+        return np.zeros(0, int)
+    rank = np.asarray(nsga3.non_dominated_rank(jnp.asarray(F, jnp.float32)))
+    finite = np.all(np.isfinite(F), axis=1)
+    idx = np.flatnonzero((rank == 0) & finite)
+    _, first = np.unique(F[idx], axis=0, return_index=True)
+    return np.sort(idx[first])
+
+
+def pick_spread(order_key: np.ndarray, k: int) -> np.ndarray:
+    """Positions of ``k`` entries evenly spread over ``order_key`` sorted ascending (all if fewer)."""
+    order = np.argsort(order_key, kind="stable")
+    if len(order) <= k:
+        return order
+    return order[np.unique(np.round(np.linspace(0, len(order) - 1, k)).astype(int))]
+
+
+def final_candidates(cfg, space: SearchSpace, history: list[dict]) -> list[dict]:
+    """The front models (at most ``final.max_models``, spread over BitOps) and the uniform baselines."""
+    F = history_objectives(history, cfg.search.objectives)
+    front = front_indices(F)
+    cost_col = 1
+    chosen = front[pick_spread(F[front, cost_col], cfg.final.max_models)]
+    models = [
+        {"name": f"front_{i:02d}", "kind": "front", "w_bits": history[j]["w_bits"], "a_bits": history[j]["a_bits"],
+         "search_val_accuracy": history[j]["val_accuracy"]}
+        for i, j in enumerate(chosen)
+    ]
+    s = int(space.searched.sum())
+    for w, a in BASELINES:
+        genes = variation.uniform_genes([w], [a], s, ((w, a),))
+        bits = variation.decode(jnp.asarray(genes), np.array([w]), np.array([a]), space.searched)
+        models.append({"name": f"w{w}a{a}", "kind": "baseline", "w_bits": np.asarray(bits[0][0]).tolist(),
+                       "a_bits": np.asarray(bits[1][0]).tolist(), "search_val_accuracy": None})
+    return models
+
+
+def train_final(cfg, problem: Problem, models: list[dict], workdir: pathlib.Path) -> list[dict]:
+    """Train every model of ``models`` with the same budget (``final``); resumable per model."""
+    fcfg = ml_collections.ConfigDict(cfg.to_dict())
+    fcfg.train.epochs, fcfg.train.optimizer = cfg.final.epochs, cfg.final.optimizer
+    fcfg.train.learning_rate, fcfg.train.warmup_epochs = cfg.final.learning_rate, 0
+    model = problem.evaluator.model
+    key = jax.random.fold_in(jax.random.key(cfg.seed), 2)
+    rows = []
+    for m in models:
+        folder = workdir / "final" / m["name"]
+        done = folder / "results.json"
+        if done.exists():
+            fitted = json.loads(done.read_text())
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            bits = Bits(w=jnp.asarray(m["w_bits"], jnp.int32), a=jnp.asarray(m["a_bits"], jnp.int32))
+            _, fitted = train.fit(fcfg, problem.ds, model, problem.final_variables, bits, folder, key, f"final {m['name']}")
+            write_json(done, fitted)
+        bits = Bits(w=np.asarray([m["w_bits"]]), a=np.asarray([m["a_bits"]]))
+        c = costs(problem.table, bits)
+        rows.append({**m, "val_accuracy": fitted["val_accuracy"], "test_accuracy": fitted["test_accuracy"],
+                     "epochs": fitted["epochs"], **{k: float(v[0]) for k, v in c.items()}})
+    return rows
+
+
+def _bits_text(bits) -> str:
+    return " ".join(str(int(b)) for b in bits)
+
+
+def write_csv(path: pathlib.Path, rows: list[dict], columns: list[str]) -> None:
+    """Write ``rows`` (dicts) as CSV with ``columns``, atomically; bit lists as space-joined text."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: _bits_text(v) if isinstance(v, list) else v for k, v in r.items()})
+    checkpoint.atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def pareto_rows(cfg, problem: Problem, history: list[dict]) -> list[dict]:
+    """One row per distinct front model of the search, by ascending BitOps."""
+    F = history_objectives(history, cfg.search.objectives)
+    rows = []
+    for j in front_indices(F):
+        r = history[j]
+        c = costs(problem.table, Bits(w=np.asarray([r["w_bits"]]), a=np.asarray([r["a_bits"]])))
+        rows.append({"w_bits": r["w_bits"], "a_bits": r["a_bits"], "val_accuracy": r["val_accuracy"],
+                     "generation": r["generation"], **{k: float(v[0]) for k, v in c.items()}})
+    return sorted(rows, key=lambda r: (r["bitops"], -r["val_accuracy"]))
+
+
+def plot(path: pathlib.Path, history: list[dict], final: list[dict], float_acc: float | None, table: cost.LayerTable) -> None:
+    """``pareto.png``: accuracy against BitOps; searched models, the trained front, baselines, float."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    evaluated = [(float(cost.bitops(table, np.asarray(r["w_bits"]), np.asarray(r["a_bits"]))), r["val_accuracy"]) for r in history if r["val_accuracy"] is not None]
+    if evaluated:
+        x, y = zip(*evaluated)
+        ax.scatter(x, 100 * np.asarray(y), s=10, c="0.75", label="evaluated (validation, after search QAT)")
+    front = [r for r in final if r["kind"] == "front"]
+    if front:
+        ax.plot([r["bitops"] for r in front], [100 * r["test_accuracy"] for r in front], "o-", c="C0", label="front (test, after final training)")
+    for i, r in enumerate(r for r in final if r["kind"] == "baseline"):
+        ax.scatter([r["bitops"]], [100 * r["test_accuracy"]], marker="s", s=60, c=f"C{i + 1}", label=f"uniform {r['name']} (test)", zorder=3)
+    if float_acc is not None:
+        ax.axhline(100 * float_acc, c="k", ls="--", lw=1, label="float (test)")
+    ax.set_xscale("log")
+    ax.set_xlabel("BitOps per image")
+    ax.set_ylabel("accuracy (%)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+FINAL_COLUMNS = ["name", "kind", "w_bits", "a_bits", "search_val_accuracy", "val_accuracy", "test_accuracy", "epochs", "bitops", "size", "flops", "params"]
+PARETO_COLUMNS = ["w_bits", "a_bits", "val_accuracy", "generation", "bitops", "size", "flops", "params"]
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+    """The whole protocol in ``workdir`` (resuming where it stopped); returns the summary."""
+    start = time.perf_counter()
+    problem = build_problem(cfg, workdir)
+    history = Search(cfg, problem, workdir).run()
+    search_seconds = time.perf_counter() - start
+    write_csv(workdir / "pareto.csv", pareto_rows(cfg, problem, history), PARETO_COLUMNS)
+    final = train_final(cfg, problem, final_candidates(cfg, problem.space, history), workdir) if cfg.final.enabled else []
+    float_acc = problem.float_results.get("test_accuracy")
+    rows = final + ([{"name": "float", "kind": "float", "w_bits": [32] * problem.table.num_layers, "a_bits": [32] * problem.table.num_layers,
+                      "test_accuracy": float_acc, **{k: float(v[0]) for k, v in costs(problem.table, Bits(w=np.full((1, problem.table.num_layers), 32), a=np.full((1, problem.table.num_layers), 32))).items()}}]
+                    if float_acc is not None else [])
+    write_csv(workdir / "final.csv", rows, FINAL_COLUMNS)
+    plot(workdir / "pareto.png", history, final, float_acc, problem.table)
+    results = {
+        "model": cfg.model.name,
+        "dataset": cfg.data.name,
+        "driver": cfg.search.driver,
+        "evaluations": len(history),
+        "front_size": len(front_indices(history_objectives(history, cfg.search.objectives))),
+        "float_test_accuracy": float_acc,
+        "final": [{k: r[k] for k in ("name", "test_accuracy", "bitops", "size") if k in r} for r in rows],
+        "seconds": round(time.perf_counter() - start, 1),
+        "search_seconds": round(search_seconds, 1),
+        "device": jax.devices()[0].device_kind,
+    }
+    write_json(workdir / "results.json", results)
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(main("qevo.search", run, validate))

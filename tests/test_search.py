@@ -1,0 +1,116 @@
+"""``python -m qevo.search``: config checks, outputs, resume, and the LeNet-5 protocol on real MNIST."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO, run_command
+from qevo import checkpoint
+from qevo import config as config_lib
+from qevo import search
+from qevo.layers import Bits
+
+TINY = [
+    "--config.population_size=8",
+    "--config.generations=5",
+    "--config.search.qat_steps=3",
+    "--config.search.eval_images=500",
+    "--config.data.max_train_images=3000",
+    "--config.final.enabled=False",
+]
+
+
+def _search(workdir, args, data_dir):
+    return run_command("qevo.search", "lenet5.py", workdir, args, data_dir)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config.search.qat_stepz=3"], "unknown config key 'search.qat_stepz'"),
+        (["--config.search.w_candidates=()"], "search.w_candidates is empty"),
+        (["--config.search.a_candidates=(4, 9)"], "impossible bit widths [9]"),
+        (["--config.population_size=2"], "smaller than the 3 NSGA-III reference directions"),
+        (["--config.population_size=8", "--config.search.n_partitions=4"], "smaller than the 15 NSGA-III reference directions"),
+        (["--config.search.objectives=('error', 'bitop')"], "unknown names ['bitop']"),
+        (["--config.search.driver=nsga2"], "search.driver='nsga2' is not one of"),
+    ],
+)
+def test_config_errors_give_one_clear_line(args, message, tmp_path, data_dir):
+    out = _search(tmp_path / "run", args, data_dir)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert message in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
+
+
+def test_one_config_file_serves_train_and_search():
+    cfg = config_lib.load(REPO / "configs" / "lenet5.py")
+    trained = config_lib.validate(cfg)
+    assert "search" not in trained and trained.train.epochs == 12
+    searched = search.validate(cfg)
+    assert searched.search.qat_steps == cfg.search.qat_steps and searched.population_size == 16
+
+
+def test_costs_of_a_population_equal_hand_computation():
+    from qevo.cost import LayerTable
+
+    table = LayerTable(names=("a", "b"), macs=np.array([100, 10]), weights=np.array([20, 5]), other_params=7)
+    bits = Bits(w=np.array([[8, 4], [2, 32]]), a=np.array([[8, 2], [4, 32]]))
+    c = search.costs(table, bits)
+    np.testing.assert_allclose(c["bitops"], [100 * 64 + 10 * 8, 100 * 8 + 10 * 32 * 32])
+    np.testing.assert_allclose(c["size"], [20 * 8 + 5 * 4 + 7 * 32, 20 * 2 + 5 * 32 + 7 * 32])
+
+
+def test_front_indices_keeps_distinct_finite_nondominated_rows():
+    F = np.array([[0.1, 5.0], [0.2, 3.0], [0.1, 5.0], [0.3, 4.0], [np.nan, 1.0], [0.5, 1.0]])
+    np.testing.assert_array_equal(search.front_indices(F), [0, 1, 5])
+
+
+def _rows(path):
+    with path.open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_interrupted_search_resumes_to_the_same_front(tiny_lenet5_float, tmp_path, data_dir):
+    args = [f"--config.float_from={tiny_lenet5_float}", *TINY]
+    full = _search(tmp_path / "full", args, data_dir)
+    assert full.returncode == 0, full.stderr[-3000:]
+    history = (tmp_path / "full" / "history.jsonl").read_text().splitlines()
+    assert len(history) == 8 * 6 and json.loads(history[-1])["generation"] == 5
+    for name in ("config.json", "history.jsonl", "pareto.csv", "final.csv", "pareto.png", "results.json", "checkpoint.msgpack"):
+        assert (tmp_path / "full" / name).is_file(), name
+
+    # Kill a second run (SIGKILL, mid-generation) once generation 3 is checkpointed, then resume.
+    workdir = tmp_path / "resumed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qevo.search", "--config", str(REPO / "configs" / "lenet5.py"), "--workdir", str(workdir), *args],
+        env={**os.environ, "QEVO_DATA_DIR": str(data_dir)}, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    ckpt, deadline, done = workdir / "checkpoint.msgpack", time.monotonic() + 900, -1
+    while done < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+        if ckpt.exists():
+            done = checkpoint.load(ckpt)[1]["generation"]
+    proc.kill()
+    proc.wait()
+    assert 3 <= done < 5, f"the run was not caught between generations 3 and 5 (generation {done})"
+    resumed = _search(tmp_path / "resumed", args, data_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming {workdir} after generation {done}" in resumed.stderr
+    assert _rows(tmp_path / "resumed" / "pareto.csv") == _rows(tmp_path / "full" / "pareto.csv")
+    assert (tmp_path / "resumed" / "history.jsonl").read_text().splitlines() == history
+
+
+@pytest.mark.parametrize("driver", ["simple_ga", "random"])
+def test_other_drivers_run_and_write_a_front(driver, tiny_lenet5_float, tmp_path, data_dir):
+    args = [f"--config.float_from={tiny_lenet5_float}", *TINY, "--config.generations=2", f"--config.search.driver={driver}"]
+    out = _search(tmp_path / "run", args, data_dir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = _rows(tmp_path / "run" / "pareto.csv")
+    assert rows and all(len(r["w_bits"].split()) == 5 for r in rows)
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["evaluations"] == 24
