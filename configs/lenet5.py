@@ -3,7 +3,7 @@
 * ``python -m qevo.train --config configs/lenet5.py``: the float model (12 epochs, Adam).
 * ``python -m qevo.search --config configs/lenet5.py``: bit-width search over {2, 4, 8}
   for conv2, fc1, fc2 (conv1 and fc3 stay float), 16 individuals x 10 generations with
-  20 QAT steps each, then one QAT epoch for every front model and uniform baseline.
+  20 QAT steps each, then one QAT epoch for six front models and the uniform baselines.
 """
 
 from qevo.search import search_defaults
@@ -25,4 +25,5 @@ def get_config():
     c.final.epochs = 1
     c.final.optimizer = "adam"
     c.final.learning_rate = 1e-4
+    c.final.max_models = 6
     return c

@@ -1,13 +1,24 @@
-"""ResNet-20 on CIFAR-10 (JPEG copy): the He et al. recipe (SGD 0.1, Nesterov, wd 5e-4, 200 epochs).
+"""ResNet-20 on CIFAR-10 (JPEG copy).
 
-On a CPU, try a short run: ``--config.train.epochs=1 --config.data.max_train_images=5000``.
+* ``python -m qevo.train --config configs/resnet20.py``: the He et al. float recipe (SGD 0.1,
+  Nesterov, weight decay 5e-4, cosine, 200 epochs, crop+flip augmentation).
+* ``python -m qevo.search --config configs/resnet20.py``: bit-width search over {2, 4, 8} for
+  the 18 inner layers, 32 individuals x 30 generations with 100 QAT steps each, then 30
+  QAT epochs for every front model and uniform baseline. A GPU run.
+
+A reduced budget that finishes on a 2-core CPU in minutes (every output file, tiny accuracy)::
+
+    python -m qevo.search --config configs/resnet20.py --workdir runs/resnet20_cpu \\
+      --config.train.epochs=1 --config.data.max_train_images=2000 \\
+      --config.population_size=8 --config.generations=2 --config.search.qat_steps=2 \\
+      --config.search.eval_images=500 --config.final.epochs=1 --config.final.max_models=2
 """
 
-from qevo.config import defaults
+from qevo.search import search_defaults
 
 
 def get_config():
-    c = defaults()
+    c = search_defaults()
     c.data.name = "cifar10"
     c.model.name = "resnet20"
     c.train.epochs = 200
@@ -18,4 +29,12 @@ def get_config():
     c.train.nesterov = True
     c.train.weight_decay = 5e-4
     c.train.augment = True
+    c.population_size = 32
+    c.generations = 30
+    c.search.qat_steps = 100
+    c.search.qat_learning_rate = 0.01
+    c.search.qat_weight_decay = 5e-4
+    c.final.epochs = 30
+    c.final.learning_rate = 0.01
+    c.final.max_models = 8
     return c

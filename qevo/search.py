@@ -472,11 +472,19 @@ def pick_spread(order_key: np.ndarray, k: int) -> np.ndarray:
 
 
 def final_candidates(cfg, space: SearchSpace, history: list[dict]) -> list[dict]:
-    """The front models (at most ``final.max_models``, spread over BitOps) and the uniform baselines."""
+    """The models to train fully: front models and the uniform baselines.
+
+    The front models are the accuracy-against-first-cost front (error and, by default,
+    BitOps) of everything evaluated, at most ``final.max_models`` of them spread evenly
+    over the cost; the remaining slots go to the rest of the full front, spread likewise.
+    """
     F = history_objectives(history, cfg.search.objectives)
     front = front_indices(F)
-    cost_col = 1
-    chosen = front[pick_spread(F[front, cost_col], cfg.final.max_models)]
+    primary = front_indices(F[:, :2])
+    chosen = primary[pick_spread(F[primary, 1], cfg.final.max_models)]
+    rest = np.setdiff1d(front, primary)
+    chosen = np.concatenate([chosen, rest[pick_spread(F[rest, 1], cfg.final.max_models - len(chosen))]])
+    chosen = chosen[np.argsort(F[chosen, 1], kind="stable")]
     models = [
         {"name": f"front_{i:02d}", "kind": "front", "w_bits": history[j]["w_bits"], "a_bits": history[j]["a_bits"],
          "search_val_accuracy": history[j]["val_accuracy"]}

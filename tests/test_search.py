@@ -114,3 +114,17 @@ def test_other_drivers_run_and_write_a_front(driver, tiny_lenet5_float, tmp_path
     rows = _rows(tmp_path / "run" / "pareto.csv")
     assert rows and all(len(r["w_bits"].split()) == 5 for r in rows)
     assert json.loads((tmp_path / "run" / "results.json").read_text())["evaluations"] == 24
+
+
+@pytest.mark.slow
+def test_lenet5_search_front_beats_uniform_baselines(lenet5_float, tmp_path, data_dir):
+    """The protocol on real MNIST with a reduced budget: 16 x 5 generations, 3 front models."""
+    args = [f"--config.float_from={lenet5_float}", "--config.generations=4", "--config.final.max_models=3", "--config.search.eval_images=2000"]
+    out = _search(tmp_path / "run", args, data_dir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {r["name"]: r for r in _rows(tmp_path / "run" / "final.csv")}
+    acc = {k: float(r["test_accuracy"]) for k, r in rows.items()}
+    assert abs(acc["w8a8"] - acc["float"]) <= 0.003, acc
+    w4a4_bitops = float(rows["w4a4"]["bitops"])
+    front = [r for r in rows.values() if r["kind"] == "front"]
+    assert any(float(r["bitops"]) <= w4a4_bitops and float(r["test_accuracy"]) >= acc["w8a8"] - 0.002 for r in front), rows
