@@ -157,6 +157,8 @@ class PopulationEvaluator:
     def _local_population(self, variables, w, a, *, key, train_x, train_y, batches):
         one = functools.partial(self._individual, variables, key=key, train_x=train_x, train_y=train_y, batches=batches)
         strategy, chunk = self._local
+        if w.shape[0] == 1:
+            return one(w[0], a[0])[None]
         if strategy == "vmap":
             return jax.vmap(one)(w, a)
         return jax.lax.map(lambda wa: one(*wa), (w, a), batch_size=chunk if chunk and chunk > 1 else None)
