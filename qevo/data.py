@@ -171,7 +171,7 @@ def load_dataset(
         ``imagenette/`` (default ``$QEVO_DATA_DIR``); for ``"image_folder"``, the image
         folder itself or a ``.tar.gz`` of it (required).
       val_size: number of train images moved to the validation split (0 allowed).
-      seed: seed of the permutation that picks the validation images.
+      seed: seed of the permutation that picks the validation images and orders both splits.
       image_size: if given, every image is resized to ``image_size x image_size`` pixels
         (PIL bilinear; JPEGs much larger than that are first decoded at reduced scale).
       cache_dir: where decoded arrays are cached (default ``$QEVO_CACHE_DIR``, else
@@ -238,8 +238,10 @@ def _make_dataset(name: str, raw: _Raw, val_size: int, seed: int) -> Dataset:
             f"val_size={val_size} leaves no training images: {name!r} has {n} train images; "
             f"choose val_size < {n} (about 10% of them, {n // 10}, is usual; 0 disables validation)"
         )
+    # Both splits keep the seeded random order, so that any prefix (``max_train_images``,
+    # a search's ``eval_images``) is a class-balanced sample even of a class-sorted archive.
     perm = np.random.default_rng(seed).permutation(n)
-    val_idx, train_idx = np.sort(perm[:val_size]), np.sort(perm[val_size:])
+    val_idx, train_idx = perm[:val_size], perm[val_size:]
     train_images = raw.train_images[train_idx]
     mean, std = _channel_stats(train_images)
     return Dataset(

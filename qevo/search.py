@@ -587,6 +587,7 @@ PARETO_COLUMNS = ["w_bits", "a_bits", "val_accuracy", "generation", "bitops", "s
 def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     """The whole protocol in ``workdir`` (resuming where it stopped); returns the summary."""
     start = time.perf_counter()
+    workdir.mkdir(parents=True, exist_ok=True)
     problem = build_problem(cfg, workdir)
     history = Search(cfg, problem, workdir).run()
     search_seconds = time.perf_counter() - start

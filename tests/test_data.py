@@ -278,3 +278,11 @@ def test_imagenette_at_64_pixels(data_dir, tmp_path):
     assert ds.num_classes == 10 and ds.class_names[0] == "n01440764"
     counts = np.bincount(ds.test_labels, minlength=10)
     assert counts.min() > 300 and counts.sum() == 3925
+
+
+def test_split_prefixes_are_class_balanced_even_for_class_sorted_archives(data_dir):
+    """CIFAR-10's archive is sorted by class; the first 2,000 train and 500 validation images hold every class."""
+    ds = load_dataset("cifar10", data_dir, val_size=5000, seed=0)
+    for labels, n in ((ds.train_labels, 2000), (ds.val_labels, 500)):
+        counts = np.bincount(labels[:n], minlength=10)
+        assert counts.min() >= n // 20, counts
