@@ -6,12 +6,14 @@
   the 18 inner layers, 32 individuals x 30 generations with 100 QAT steps each, then 30
   QAT epochs for every front model and uniform baseline. A GPU run.
 
-A reduced budget that finishes on a 2-core CPU in minutes (every output file, tiny accuracy)::
+A reduced budget for a 2-core CPU (every output file, chance-level accuracy)::
 
     python -m qevo.search --config configs/resnet20.py --workdir runs/resnet20_cpu \\
-      --config.train.epochs=1 --config.data.max_train_images=2000 \\
-      --config.population_size=8 --config.generations=2 --config.search.qat_steps=2 \\
-      --config.search.eval_images=500 --config.final.epochs=1 --config.final.max_models=2
+      --config.train.epochs=1 --config.data.max_train_images=1000 \\
+      --config.population_size=8 --config.generations=1 --config.search.qat_steps=2 \\
+      --config.search.eval_images=500 --config.final.epochs=1 --config.final.max_models=1
+
+(With 2,000 training images, 2 generations and 2 front models it took 12 min 4 s.)
 """
 
 from qevo.search import search_defaults
