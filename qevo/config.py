@@ -102,15 +102,20 @@ def merge(known: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict) -> m
     allowed = _flat(known)
     for name, value in _flat(cfg).items():
         if name in allowed:
-            *parents, leaf = name.split(".")
-            node = out
-            for p in parents:
-                node = node[p]
-            try:
-                node[leaf] = value
-            except TypeError as e:
-                raise ConfigError(f"config {name}={value!r}: {e}") from e
+            _set(out, name, value, f"config {name}={value!r}")
     return out
+
+
+def _set(cfg: ml_collections.ConfigDict, name: str, value, what: str) -> None:
+    """Set the dotted key ``name``; a type clash is a ConfigError naming ``what``."""
+    *parents, leaf = name.split(".")
+    node = cfg
+    for p in parents:
+        node = node[p]
+    try:
+        node[leaf] = value
+    except TypeError as e:
+        raise ConfigError(f"{what}: {e}") from e
 
 
 def validate(cfg: ml_collections.ConfigDict, known: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
@@ -167,14 +172,7 @@ def _override(cfg: ml_collections.ConfigDict, item: str) -> None:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         value = text
-    *parents, leaf = name.split(".")
-    node = cfg
-    for p in parents:
-        node = node[p]
-    try:
-        node[leaf] = value
-    except TypeError as e:
-        raise ConfigError(f"override --config.{item}: {e}") from e
+    _set(cfg, name, value, f"override --config.{item}")
 
 
 def to_dict(cfg: ml_collections.ConfigDict) -> dict:

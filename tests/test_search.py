@@ -134,3 +134,20 @@ def test_lenet5_search_trains_front_and_baselines(lenet5_float, tmp_path, data_d
     pareto = {(r["w_bits"], r["a_bits"]) for r in _rows(tmp_path / "run" / "pareto.csv")}
     assert 1 <= len(front) <= 6 and all((r["w_bits"], r["a_bits"]) in pareto for r in front), (front, pareto)
     assert max(float(r["test_accuracy"]) for r in front) >= acc["float"] - 0.005, acc
+
+
+def test_final_candidates_take_the_accuracy_bitops_front_first():
+    cfg = search.validate(config_lib.load(REPO / "configs" / "lenet5.py", ["final.max_models=2"]))
+    space = search.SearchSpace(np.array([2, 4, 8]), np.array([2, 4, 8]), np.array([False, True, True, True, False]))
+
+    def record(error, bitops, size):
+        return {"generation": 0, "w_bits": [32, 4, 4, 4, 32], "a_bits": [32, 4, 4, 4, 32], "val_accuracy": 1 - error,
+                "objectives": {"error": error, "bitops": bitops, "size": size}}
+
+    # Rows 0-2 form the error-BitOps front; row 3 is only on the full front (smallest size).
+    history = [record(0.10, 1.0, 5.0), record(0.05, 2.0, 5.0), record(0.01, 3.0, 5.0), record(0.20, 4.0, 1.0), record(0.3, 5.0, 6.0)]
+    models = search.final_candidates(cfg, space, history)
+    front = [m for m in models if m["kind"] == "front"]
+    assert [m["search_val_accuracy"] for m in front] == [0.9, 0.99]
+    assert [m["name"] for m in models if m["kind"] == "baseline"] == ["w8a8", "w4a4", "w2a2"]
+    assert models[-1]["w_bits"] == [32, 2, 2, 2, 32] and models[-1]["a_bits"] == [32, 2, 2, 2, 32]
