@@ -506,6 +506,7 @@ def train_final(cfg, problem: Problem, models: list[dict], workdir: pathlib.Path
     fcfg.train.learning_rate, fcfg.train.warmup_epochs = cfg.final.learning_rate, 0
     model = problem.evaluator.model
     key = jax.random.fold_in(jax.random.key(cfg.seed), 2)
+    trainer = train.Trainer(fcfg, problem.ds, model, quantized=True)
     rows = []
     for m in models:
         folder = workdir / "final" / m["name"]
@@ -515,7 +516,7 @@ def train_final(cfg, problem: Problem, models: list[dict], workdir: pathlib.Path
         else:
             folder.mkdir(parents=True, exist_ok=True)
             bits = Bits(w=jnp.asarray(m["w_bits"], jnp.int32), a=jnp.asarray(m["a_bits"], jnp.int32))
-            _, fitted = train.fit(fcfg, problem.ds, model, problem.final_variables, bits, folder, key, f"final {m['name']}")
+            _, fitted = train.fit(fcfg, problem.ds, model, problem.final_variables, bits, folder, key, f"final {m['name']}", trainer)
             write_json(done, fitted)
         bits = Bits(w=np.asarray([m["w_bits"]]), a=np.asarray([m["a_bits"]]))
         c = costs(problem.table, bits)

@@ -179,16 +179,18 @@ def initial_variables(cfg, ds: Dataset, model: nn.Module, bits: Bits | None, key
 
 
 def fit(cfg: ml_collections.ConfigDict, ds: Dataset, model: nn.Module, variables: dict, bits: Bits | None,
-        workdir: pathlib.Path, key: jax.Array, desc: str) -> tuple[dict, dict]:
+        workdir: pathlib.Path, key: jax.Array, desc: str, trainer: Trainer | None = None) -> tuple[dict, dict]:
     """Train ``variables`` per ``cfg.train`` (float if ``bits`` is None, else QAT at ``bits``).
 
     Checkpoints after every epoch in ``workdir/checkpoint.msgpack`` and resumes from it.
+    Pass the same ``trainer`` to train several bit configurations with one compilation
+    (the widths are traced arguments).
 
     Returns:
       ``(variables, results)``: trained variables and a dict with validation and test
       accuracy (fractions), epochs and training seconds.
     """
-    trainer = Trainer(cfg, ds, model, quantized=bits is not None)
+    trainer = trainer or Trainer(cfg, ds, model, quantized=bits is not None)
     state = trainer.init_state(variables)
     ckpt = workdir / CHECKPOINT
     meta = {"history": [], "train_seconds": 0.0}
