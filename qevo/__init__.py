@@ -9,10 +9,10 @@ processes) stays light:
 * data: ``load_dataset``, ``Dataset``, ``DataError``, ``normalize``
 * population evaluation: ``PopulationEvaluator``, ``QATConfig``
 * checkpoints: ``save_checkpoint``, ``load_checkpoint``, ``CheckpointError``
-* bit-width genome variation: ``random_genes``, ``uniform_genes``, ``decode``, ``crossover``,
-  ``mutate``, ``dedupe``, ``make_offspring``
-* evosax drivers: ``make_driver``, ``Driver``, ``DriverState``, ``EVOSAX_STRATEGIES``,
-  ``relax_to_genes``, ``genes_to_relaxed``, ``weighted_sum``, ``tchebycheff``, ``budget``
+* bit-width search: ``random_genes``, ``uniform_genes``, ``make_offspring`` (the single
+  operators live in ``qevo.variation``), ``make_driver``, ``Driver``, ``DriverState``,
+  ``EVOSAX_STRATEGIES`` (relaxation and scalarisations in ``qevo.drivers``),
+  ``search_defaults``, ``run_search``
 * weight sharing: ``ClusterTable``, ``build_table``, ``SharedEvaluator``, ``seed_fitness``,
   ``save_compressed``, ``load_compressed``
 """
@@ -48,20 +48,13 @@ _EXPORTS = {
     "CheckpointError": ("qevo.checkpoint", "CheckpointError"),
     "random_genes": ("qevo.variation", "random_genes"),
     "uniform_genes": ("qevo.variation", "uniform_genes"),
-    "decode": ("qevo.variation", "decode"),
-    "crossover": ("qevo.variation", "crossover"),
-    "mutate": ("qevo.variation", "mutate"),
-    "dedupe": ("qevo.variation", "dedupe"),
     "make_offspring": ("qevo.variation", "make_offspring"),
+    "search_defaults": ("qevo.search", "search_defaults"),
+    "run_search": ("qevo.search", "run"),
     "make_driver": ("qevo.drivers", "make_driver"),
     "Driver": ("qevo.drivers", "Driver"),
     "DriverState": ("qevo.drivers", "DriverState"),
     "EVOSAX_STRATEGIES": ("qevo.drivers", "EVOSAX_STRATEGIES"),
-    "relax_to_genes": ("qevo.drivers", "relax_to_genes"),
-    "genes_to_relaxed": ("qevo.drivers", "genes_to_relaxed"),
-    "weighted_sum": ("qevo.drivers", "weighted_sum"),
-    "tchebycheff": ("qevo.drivers", "tchebycheff"),
-    "budget": ("qevo.drivers", "budget"),
     "ClusterTable": ("qevo.sharing", "ClusterTable"),
     "build_table": ("qevo.sharing", "build_table"),
     "SharedEvaluator": ("qevo.sharing", "SharedEvaluator"),
