@@ -414,11 +414,9 @@ class Search:
             with history_path.open("a") as fh:
                 fh.writelines(json.dumps(r) + "\n" for r in records)
             checkpoint.save(ckpt, state, {"generation": state.generation})
-            front = front_indices(history_objectives(history, self.cfg.search.objectives))
-            hv = nsga3.hypervolume(
-                (history_objectives(history, self.cfg.search.objectives)[front] - self.lower) / (self.upper - self.lower),
-                np.full(len(self.lower), 1.1),
-            )
+            F = history_objectives(history, self.cfg.search.objectives)
+            front = front_indices(F)
+            hv = nsga3.hypervolume((F[front] - self.lower) / (self.upper - self.lower), np.full(len(self.lower), 1.1))
             best = max((r["val_accuracy"] or 0.0) for r in history)
             bar.update(1)
             bar.write(
@@ -559,10 +557,11 @@ def plot(path: pathlib.Path, history: list[dict], final: list[dict], float_acc: 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    evaluated = [(float(cost.bitops(table, np.asarray(r["w_bits"]), np.asarray(r["a_bits"]))), r["val_accuracy"]) for r in history if r["val_accuracy"] is not None]
-    if evaluated:
-        x, y = zip(*evaluated)
-        ax.scatter(x, 100 * np.asarray(y), s=10, c="0.75", label="evaluated (validation, after search QAT)")
+    scored = [r for r in history if r["val_accuracy"] is not None]
+    if scored:
+        x = cost.bitops(table, np.array([r["w_bits"] for r in scored]), np.array([r["a_bits"] for r in scored]))
+        y = 100 * np.array([r["val_accuracy"] for r in scored])
+        ax.scatter(np.asarray(x), y, s=10, c="0.75", label="evaluated (validation, after search QAT)")
     front = [r for r in final if r["kind"] == "front"]
     if front:
         ax.plot([r["bitops"] for r in front], [100 * r["test_accuracy"] for r in front], "o-", c="C0", label="front (test, after final training)")
