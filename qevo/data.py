@@ -192,7 +192,7 @@ def load_dataset(
     ):
         raise ValueError(f"image_size must be a positive integer or None, got {image_size!r}")
     image_size = None if image_size is None else int(image_size)
-    cache = pathlib.Path(cache_dir or os.environ.get(CACHE_DIR_ENV) or "~/.cache/qevo").expanduser()
+    cache = pathlib.Path(cache_dir) if cache_dir else default_cache_dir()
 
     if name == "image_folder":
         if source == "tfds":
@@ -277,6 +277,11 @@ def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, 
 
 
 # --------------------------------------------------------------------------- cache
+
+
+def default_cache_dir() -> pathlib.Path:
+    """qevo's cache folder: ``$QEVO_CACHE_DIR``, else ``~/.cache/qevo``."""
+    return pathlib.Path(os.environ.get(CACHE_DIR_ENV) or "~/.cache/qevo").expanduser()
 
 
 def _cached(cache: pathlib.Path, name: str, image_size: int | None, key: object, build) -> _Raw:

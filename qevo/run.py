@@ -4,6 +4,10 @@
 loads and validates the config, makes the work folder (default ``runs/<config name>``),
 writes ``config.json`` (the resolved config) and refuses to resume a folder whose saved
 config differs. Errors that a user can fix end the command with one line, exit status 2.
+
+Compiled programs are kept in JAX's persistent compilation cache (``$JAX_COMPILATION_CACHE_DIR``,
+else ``<qevo cache>/jax``, see :func:`qevo.data.default_cache_dir`), so a rerun or a resumed
+run skips most compilation.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import ml_collections
 
 from qevo import config as config_lib
 from qevo.checkpoint import CheckpointError, atomic_write_bytes
-from qevo.data import DataError
+from qevo.data import DataError, default_cache_dir
 
 USER_ERRORS = (config_lib.ConfigError, DataError, CheckpointError, ValueError)
 
@@ -79,6 +83,8 @@ def main(prog: str, run: Callable[[ml_collections.ConfigDict, pathlib.Path], dic
       Exit status: 0 on success, 2 on a user error (one line on stderr).
     """
     jax.config.update("jax_threefry_partitionable", False)  # fast CPU compiles of PRNG code
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "jax"))
     try:
         path, overrides, workdir = parse_args(sys.argv[1:] if argv is None else argv, prog)
         cfg = validate(config_lib.load(path, overrides))
