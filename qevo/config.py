@@ -60,7 +60,7 @@ OPTIONS = {
     "data.name": ("mnist", "cifar10", "imagenette", "image_folder"),
     "model.name": ("lenet5", "resnet20", "resnet32", "resnet56", "mobilenetv2"),
     "model.activation": ("relu", "tanh"),
-    "quant.mode": ("absmax", "dorefa"),
+    "quant.mode": ("absmax", "mse", "dorefa"),
     "train.optimizer": ("sgd", "adam"),
     "train.schedule": ("cosine", "constant"),
 }

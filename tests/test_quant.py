@@ -25,6 +25,19 @@ def np_quantize_weight(w, b, per_channel):
     return (np.clip(np.round(w * (np.float32(1) / scale)), -n, n) * scale).astype(np.float32)
 
 
+def np_quantize_weight_mse(w, b, per_channel):
+    """The "mse" quantizer in numpy: every clip ratio's error in float64, the least kept."""
+    w = w.astype(np.float32)
+    axes = tuple(range(w.ndim - 1)) if per_channel else None
+    n = np.float32(2 ** (b - 1) - 1)
+    absmax = np.max(np.abs(w), axis=axes, keepdims=True)
+    candidates = [(absmax * (np.float32(1) / n)) * np.float32(r) for r in np.linspace(1.0, 0.2, 17)]
+    quantized = [np.clip(np.round(w * (np.float32(1) / s)), -n, n) * s for s in candidates]
+    errors = np.stack([np.sum((q.astype(np.float64) - w) ** 2, axis=axes, keepdims=True) for q in quantized])
+    best = np.argmin(errors, axis=0)
+    return np.choose(np.broadcast_to(best, w.shape), quantized).astype(np.float32), best
+
+
 def np_quantize_activation(x, b, clip, signed):
     x = x.astype(np.float32)
     clip = np.float32(clip)
@@ -58,6 +71,28 @@ def test_weight_matches_numpy(shape, per_channel, bits):
         scale = np.max(np.abs(w), axis=tuple(range(w.ndim - 1)) if per_channel else None, keepdims=True)
         levels = np.round(got / scale * (2 ** (bits - 1) - 1))
         assert len(np.unique(levels)) <= 2 ** bits - 1
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_mse_weight_matches_numpy_and_beats_absmax(shape, per_channel, bits):
+    w = np.random.default_rng(bits).standard_normal(shape).astype(np.float32) * 0.1
+    got = np.asarray(_weight(jnp.asarray(w), jnp.int32(bits), per_channel=per_channel, mode="mse"))
+    want, best = np_quantize_weight_mse(w, bits, per_channel)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+    absmax = np_quantize_weight(w, bits, per_channel)
+    axes = tuple(range(w.ndim - 1)) if per_channel else None
+    assert np.all(np.sum((got - w) ** 2, axis=axes) <= np.sum((absmax - w) ** 2, axis=axes))
+    if bits <= 3:  # Gaussian weights: the absmax scale is never the best at 2 or 3 bits
+        assert np.all(best > 0)
+
+
+def test_mse_keeps_1_and_32_bits():
+    w = np.random.default_rng(0).standard_normal((5, 7)).astype(np.float32)
+    for bits in (1, 32):
+        np.testing.assert_array_equal(_weight(jnp.asarray(w), jnp.int32(bits), mode="mse"),
+                                      _weight(jnp.asarray(w), jnp.int32(bits)))
 
 
 @pytest.mark.parametrize("signed", [False, True])
