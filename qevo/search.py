@@ -27,6 +27,7 @@ import dataclasses
 import io
 import json
 import pathlib
+import shutil
 import sys
 import time
 
@@ -470,31 +471,48 @@ def pick_spread(order_key: np.ndarray, k: int) -> np.ndarray:
 
 
 def final_candidates(cfg, space: SearchSpace, history: list[dict]) -> list[dict]:
-    """The models to train fully: front models and the uniform baselines.
+    """The models to train fully: front models, then the uniform baselines.
 
-    The front models are the accuracy-against-first-cost front (error and, by default,
-    BitOps) of everything evaluated, at most ``final.max_models`` of them spread evenly
-    over the cost; the remaining slots go to the rest of the full front, spread likewise.
+    At most ``final.max_models`` front models, taken in this order from the models the
+    search evaluated (a model with a baseline's bits is left to its baseline):
+
+    1. for each uniform baseline the search evaluated, from the cheapest baseline up, the
+       most accurate model of the accuracy-against-first-cost front (error and, by default,
+       BitOps) that costs no more than that baseline: mixed precision's answer to the
+       uniform configuration at its own cost;
+    2. the rest of that front, spread evenly over the cost;
+    3. the rest of the full front, spread likewise.
     """
+    s = int(space.searched.sum())
+    baselines = []
+    for w, a in BASELINES:
+        genes = variation.uniform_genes([w], [a], s, ((w, a),))
+        bits = variation.decode(jnp.asarray(genes), np.array([w]), np.array([a]), space.searched)
+        baselines.append({"name": f"w{w}a{a}", "kind": "baseline", "w_bits": np.asarray(bits[0][0]).tolist(),
+                          "a_bits": np.asarray(bits[1][0]).tolist(), "search_val_accuracy": None})
+    bits_of = lambda r: (tuple(r["w_bits"]), tuple(r["a_bits"]))  # noqa: E731
+    uniform = {bits_of(b) for b in baselines}
     F = history_objectives(history, cfg.search.objectives)
+    mixed = np.array([bits_of(r) not in uniform for r in history], bool)
     front = front_indices(F)
     primary = front_indices(F[:, :2])
-    chosen = primary[pick_spread(F[primary, 1], cfg.final.max_models)]
-    rest = np.setdiff1d(front, primary)
-    chosen = np.concatenate([chosen, rest[pick_spread(F[rest, 1], cfg.final.max_models - len(chosen))]])
+    front, primary = front[mixed[front]], primary[mixed[primary]]
+    chosen = []
+    for b in baselines[::-1]:
+        seen = [j for j, r in enumerate(history) if bits_of(r) == bits_of(b)]
+        cheaper = primary[F[primary, 1] <= min(F[j, 1] for j in seen)] if seen else primary[:0]
+        if cheaper.size and len(chosen) < cfg.final.max_models:
+            chosen.append(int(cheaper[np.argmin(F[cheaper, 0])]))
+    chosen = np.unique(np.asarray(chosen, int))
+    for pool in (np.setdiff1d(primary, chosen), np.setdiff1d(front, np.union1d(primary, chosen))):
+        chosen = np.concatenate([chosen, pool[pick_spread(F[pool, 1], cfg.final.max_models - len(chosen))]])
     chosen = chosen[np.argsort(F[chosen, 1], kind="stable")]
     models = [
         {"name": f"front_{i:02d}", "kind": "front", "w_bits": history[j]["w_bits"], "a_bits": history[j]["a_bits"],
          "search_val_accuracy": history[j]["val_accuracy"]}
         for i, j in enumerate(chosen)
     ]
-    s = int(space.searched.sum())
-    for w, a in BASELINES:
-        genes = variation.uniform_genes([w], [a], s, ((w, a),))
-        bits = variation.decode(jnp.asarray(genes), np.array([w]), np.array([a]), space.searched)
-        models.append({"name": f"w{w}a{a}", "kind": "baseline", "w_bits": np.asarray(bits[0][0]).tolist(),
-                       "a_bits": np.asarray(bits[1][0]).tolist(), "search_val_accuracy": None})
-    return models
+    return models + baselines
 
 
 def train_final(cfg, problem: Problem, models: list[dict], workdir: pathlib.Path) -> list[dict]:
@@ -509,12 +527,14 @@ def train_final(cfg, problem: Problem, models: list[dict], workdir: pathlib.Path
     for m in models:
         folder = workdir / "final" / m["name"]
         done = folder / "results.json"
-        if done.exists():
-            fitted = json.loads(done.read_text())
-        else:
+        fitted = json.loads(done.read_text()) if done.exists() else {}
+        if (fitted.get("w_bits"), fitted.get("a_bits")) != (m["w_bits"], m["a_bits"]):
+            if fitted:  # a finished model with other bits (the candidates changed): train afresh
+                shutil.rmtree(folder)
             folder.mkdir(parents=True, exist_ok=True)
             bits = Bits(w=jnp.asarray(m["w_bits"], jnp.int32), a=jnp.asarray(m["a_bits"], jnp.int32))
             _, fitted = train.fit(fcfg, problem.ds, model, problem.final_variables, bits, folder, key, f"final {m['name']}", trainer)
+            fitted = {**fitted, "w_bits": m["w_bits"], "a_bits": m["a_bits"]}
             write_json(done, fitted)
         bits = Bits(w=np.asarray([m["w_bits"]]), a=np.asarray([m["a_bits"]]))
         c = costs(problem.table, bits)

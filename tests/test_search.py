@@ -138,18 +138,33 @@ def test_lenet5_search_trains_front_and_baselines(lenet5_float, tmp_path, data_d
     assert max(float(r["test_accuracy"]) for r in front) >= acc["float"] - 0.005, acc
 
 
-def test_final_candidates_take_the_accuracy_bitops_front_first():
-    cfg = search.validate(config_lib.load(REPO / "configs" / "lenet5.py", ["final.max_models=2"]))
+def test_final_candidates_answer_each_baseline_then_spread_the_front():
+    cfg = search.validate(config_lib.load(REPO / "configs" / "lenet5.py", ["final.max_models=3"]))
     space = search.SearchSpace(np.array([2, 4, 8]), np.array([2, 4, 8]), np.array([False, True, True, True, False]))
 
-    def record(error, bitops, size):
-        return {"generation": 0, "w_bits": [32, 4, 4, 4, 32], "a_bits": [32, 4, 4, 4, 32], "val_accuracy": 1 - error,
+    def record(bits, error, bitops, size):
+        w = [32, *bits, 32]
+        return {"generation": 0, "w_bits": w, "a_bits": w, "val_accuracy": 1 - error,
                 "objectives": {"error": error, "bitops": bitops, "size": size}}
 
-    # Rows 0-2 form the error-BitOps front; row 3 is only on the full front (smallest size).
-    history = [record(0.10, 1.0, 5.0), record(0.05, 2.0, 5.0), record(0.01, 3.0, 5.0), record(0.20, 4.0, 1.0), record(0.3, 5.0, 6.0)]
+    history = [
+        record((8, 8, 8), 0.010, 9.0, 9.0),  # baseline w8a8
+        record((4, 4, 4), 0.020, 5.0, 5.0),  # baseline w4a4
+        record((2, 2, 2), 0.100, 1.0, 1.0),  # baseline w2a2
+        record((4, 2, 4), 0.015, 4.5, 4.0),  # beats w4a4 at a lower cost: its answer
+        record((4, 4, 2), 0.030, 4.0, 4.0),  # on the front, less accurate
+        record((8, 4, 4), 0.012, 7.0, 6.0),  # the answer to w8a8
+        record((2, 4, 2), 0.050, 3.0, 3.0),  # on the front, spread fill
+        record((2, 2, 4), 0.200, 8.0, 0.5),  # only on the full front (smallest size)
+    ]
     models = search.final_candidates(cfg, space, history)
     front = [m for m in models if m["kind"] == "front"]
-    assert [m["search_val_accuracy"] for m in front] == [0.9, 0.99]
+    # w2a2 has no cheaper mixed model; w4a4's answer is (4, 2, 4), w8a8's is (8, 4, 4); one slot left
+    # for the spread over the rest of the error-BitOps front: its cheapest and dearest, (2, 4, 2) first.
+    assert [m["w_bits"][1:4] for m in front] == [[2, 4, 2], [4, 2, 4], [8, 4, 4]]
     assert [m["name"] for m in models if m["kind"] == "baseline"] == ["w8a8", "w4a4", "w2a2"]
     assert models[-1]["w_bits"] == [32, 2, 2, 2, 32] and models[-1]["a_bits"] == [32, 2, 2, 2, 32]
+
+    cfg.final.max_models = 6  # room for the whole error-BitOps front, then the full front
+    front = [m["w_bits"][1:4] for m in search.final_candidates(cfg, space, history) if m["kind"] == "front"]
+    assert front == [[2, 4, 2], [4, 4, 2], [4, 2, 4], [8, 4, 4], [2, 2, 4]]
