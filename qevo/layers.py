@@ -32,7 +32,7 @@ class QuantOptions:
 
     Attributes:
       per_channel: per-output-channel weight scales (else per tensor).
-      mode: ``"absmax"`` or ``"dorefa"`` (see :mod:`qevo.quant`).
+      mode: ``"absmax"``, ``"mse"`` or ``"dorefa"`` (see :mod:`qevo.quant`).
     """
 
     per_channel: bool = True
@@ -163,11 +163,37 @@ def patch_conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: str) ->
     return patches @ kernel.reshape(k * k * c, o)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def dense_conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: str) -> jax.Array:
+    """Dense convolution with XLA's forward pass and :func:`patch_conv2d`'s gradients.
+
+    ``x [N, H, W, C]``, ``kernel [K, K, C, O]`` -> ``[N, H', W', O]``. On CPUs XLA's
+    forward convolution beats im2col (a ResNet-20 forward pass of 1,000 images: 2.0 s
+    against 5.2 s), while its gradients are far slower than im2col's; this takes the
+    faster of each.
+    """
+    return _xla_conv2d(x, kernel, strides, padding, 1)
+
+
+def _dense_fwd(x, kernel, strides, padding):
+    return dense_conv2d(x, kernel, strides, padding), (x, kernel)
+
+
+def _dense_bwd(strides, padding, residuals, g):
+    x, kernel = residuals
+    _, vjp = jax.vjp(lambda x, k: patch_conv2d(x, k, strides, padding), x, kernel)
+    return vjp(g)
+
+
+dense_conv2d.defvjp(_dense_fwd, _dense_bwd)
+
+
 def conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: str, groups: int) -> jax.Array:
-    """NHWC/HWIO convolution; on CPU, im2col for dense kernels and shifted sums for depthwise."""
+    """NHWC/HWIO convolution; on CPU, im2col gradients for dense kernels and shifted sums
+    for depthwise ones (see :func:`dense_conv2d`, :func:`shifted_conv2d`)."""
     if jax.default_backend() == "cpu":
         if groups == 1:
-            return patch_conv2d(x, kernel, strides, padding)
+            return dense_conv2d(x, kernel, strides, padding)
         if kernel.shape[2] == 1:
             return shifted_conv2d(x, kernel, strides, padding)
     return _xla_conv2d(x, kernel, strides, padding, groups)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qevo.layers import patch_conv2d, shifted_conv2d
+from qevo.layers import dense_conv2d, patch_conv2d, shifted_conv2d
 
 
 @pytest.mark.parametrize("padding", ["SAME", "VALID"])
@@ -38,14 +38,15 @@ def test_shifted_conv_gradients_equal_xla():
 @pytest.mark.parametrize("padding", ["SAME", "VALID"])
 @pytest.mark.parametrize("strides", [1, 2])
 @pytest.mark.parametrize("kernel, channels", [(5, 1), (3, 6), (1, 16)])
-def test_patch_conv_and_gradients_equal_xla(padding, strides, kernel, channels):
+@pytest.mark.parametrize("conv", [patch_conv2d, dense_conv2d])
+def test_dense_convs_and_gradients_equal_xla(padding, strides, kernel, channels, conv):
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.standard_normal((3, 11, 11, channels)).astype(np.float32))
     k = jnp.asarray(rng.standard_normal((kernel, kernel, channels, 7)).astype(np.float32))
     xla = lambda x, k: jax.lax.conv_general_dilated(  # noqa: E731
         x, k, (strides, strides), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
-    mine = lambda x, k: patch_conv2d(x, k, strides, padding)  # noqa: E731
+    mine = lambda x, k: conv(x, k, strides, padding)  # noqa: E731
     np.testing.assert_allclose(mine(x, k), xla(x, k), rtol=1e-5, atol=1e-4)
     loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)))  # noqa: E731
     got = jax.grad(loss(mine), argnums=(0, 1))(x, k)
