@@ -15,6 +15,8 @@ processes) stays light:
   ``search_defaults``, ``run_search``
 * weight sharing: ``ClusterTable``, ``build_table``, ``SharedEvaluator``, ``seed_fitness``,
   ``save_compressed``, ``load_compressed``
+* integer forward: ``IntKernel``, ``weight_levels``, ``integer_kernels``, ``integer_apply``
+* coevolution: ``Coevolution``, ``coevolve_defaults``, ``run_coevolve``, ``derivative_equations``
 """
 
 import importlib
@@ -61,6 +63,14 @@ _EXPORTS = {
     "seed_fitness": ("qevo.sharing", "seed_fitness"),
     "save_compressed": ("qevo.sharing", "save_compressed"),
     "load_compressed": ("qevo.sharing", "load_compressed"),
+    "IntKernel": ("qevo.intforward", "IntKernel"),
+    "weight_levels": ("qevo.intforward", "weight_levels"),
+    "integer_kernels": ("qevo.intforward", "integer_kernels"),
+    "integer_apply": ("qevo.intforward", "apply"),
+    "Coevolution": ("qevo.coevolve", "Coevolution"),
+    "coevolve_defaults": ("qevo.coevolve", "defaults"),
+    "run_coevolve": ("qevo.coevolve", "run"),
+    "derivative_equations": ("qevo.coevolve", "derivative_equations"),
 }
 
 __all__ = sorted(_EXPORTS)

@@ -112,7 +112,7 @@ def shifted_conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: str) 
     """
     k = kernel.shape[0]
     y = 0.0
-    for window, tap in zip(_windows(x, k, strides, padding), kernel.reshape(k * k, -1)):
+    for window, tap in zip(conv_windows(x, k, strides, padding), kernel.reshape(k * k, -1)):
         y = y + window * tap
     return y
 
@@ -130,21 +130,19 @@ def _shifted_bwd(strides, padding, residuals, g):
 shifted_conv2d.defvjp(_shifted_fwd, _shifted_bwd)
 
 
-def _windows(x: jax.Array, k: int, strides: int, padding: str):
-    """The ``k*k`` strided ``[N, H', W', C]`` windows of ``x [N, H, W, C]``, row-major over the kernel."""
+def conv_windows(x: jax.Array, k: int, strides: int, padding: str, pad_value=0) -> list[jax.Array]:
+    """The ``k*k`` strided ``[N, H', W', C]`` windows of ``x [N, H, W, C]``, row-major over
+    the kernel; ``"SAME"`` padding holds ``pad_value``."""
     if padding == "SAME":
         pads = [_same_padding(x.shape[d], k, strides) for d in (1, 2)]
-        x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+        x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)), constant_values=pad_value)
     out_h = (x.shape[1] - k) // strides + 1
     out_w = (x.shape[2] - k) // strides + 1
-    for i in range(k):
-        for j in range(k):
-            yield jax.lax.slice(
-                x,
-                (0, i, j, 0),
-                (x.shape[0], i + (out_h - 1) * strides + 1, j + (out_w - 1) * strides + 1, x.shape[3]),
-                (1, strides, strides, 1),
-            )
+    return [
+        jax.lax.slice(x, (0, i, j, 0), (x.shape[0], i + (out_h - 1) * strides + 1, j + (out_w - 1) * strides + 1, x.shape[3]),
+                      (1, strides, strides, 1))
+        for i in range(k) for j in range(k)
+    ]
 
 
 def patch_conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: str) -> jax.Array:
@@ -159,7 +157,7 @@ def patch_conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: str) ->
     k, _, c, o = kernel.shape
     if k == 1 and strides == 1:
         return x @ kernel.reshape(c, o)
-    patches = jnp.concatenate(list(_windows(x, k, strides, padding)), axis=-1)
+    patches = jnp.concatenate(list(conv_windows(x, k, strides, padding)), axis=-1)
     return patches @ kernel.reshape(k * k * c, o)
 
 

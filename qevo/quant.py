@@ -58,9 +58,10 @@ def _channel_axes(x: jax.Array, per_channel: bool) -> tuple[int, ...]:
     return tuple(range(x.ndim - 1)) if per_channel else tuple(range(x.ndim))
 
 
-def _mse_scale(w: jax.Array, absmax: jax.Array, n: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-    """The scale ``ratio * absmax / n`` (``ratio`` in :data:`MSE_CLIP_RATIOS`, the first of
-    equal errors) with the least squared error ``sum((Q(w) - w)^2)`` over ``axes``.
+def mse_scale(w: jax.Array, absmax: jax.Array, n: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """The weight scale of the ``"mse"`` mode: ``ratio * absmax / n`` with ``ratio`` in
+    :data:`MSE_CLIP_RATIOS` (the first of equal errors) giving the least squared error
+    ``sum((Q(w) - w)^2)`` over ``axes`` (``absmax`` and the result keep those axes as 1).
 
     One ratio at a time (``lax.scan``), so memory stays at one copy of ``w``."""
     base = absmax * (1.0 / jnp.maximum(n, 1.0))
@@ -101,7 +102,7 @@ def quantize_weight(
     axes = _channel_axes(w, per_channel)
     absmax = jnp.max(jnp.abs(w), axis=axes, keepdims=True)
     n = _max_level(bits, signed=True)
-    scale = _mse_scale(w, absmax, n, axes) if mode == "mse" else absmax * (1.0 / jnp.maximum(n, 1.0))
+    scale = mse_scale(w, absmax, n, axes) if mode == "mse" else absmax * (1.0 / jnp.maximum(n, 1.0))
     q = jnp.clip(jnp.round(w * _reciprocal(scale)), -n, n) * scale
     binary = jnp.sign(w) * jnp.mean(jnp.abs(w), axis=axes, keepdims=True)
     out = jnp.where(bits >= FLOAT_BITS, w, jnp.where(bits == 1, binary, q))

@@ -1,0 +1,620 @@
+"""Cooperative-coevolution training of integer weights: ``python -m qevo.coevolve --config configs/lenet5_cc.py``.
+
+The method of SPEC section 3, gradient-free:
+
+0. the float model (trained in ``<workdir>/float`` or loaded from ``float_from``), its
+   activation clip ranges calibrated; the layers of the bit configuration
+   (``coevolve.w_bits``/``a_bits`` on every layer, the first and last kept float with
+   ``quant.float_first_last``) get round-to-nearest integer levels ``q0`` with fixed
+   per-channel scales (``quant.mode``: ``"absmax"``, or ``"mse"``, the absmax clipped to the
+   least squared error; :mod:`qevo.intforward`); all their ``D`` levels form one genome;
+1. each weight ``i`` may take ``q0[i] + d`` for ``d`` in ``-r..r`` (``coevolve.radius``),
+   clipped to the level range, under an independent categorical distribution (``[D, 2r+1]``)
+   that starts with ``coevolve.initial_mass`` on ``q0``; the context vector (the best
+   assignment found) starts at ``q0``;
+2. every cycle (one compiled call, :meth:`Coevolution.cycle`):
+
+   * weights whose confidence (largest probability) is at least ``coevolve.threshold`` are
+     fixed at their most likely value and leave the search;
+   * the others are regrouped: sorted by confidence (ties in random order), the
+     ``num_groups * group_size`` least confident split into ``num_groups`` groups;
+   * each group in turn (``lax.scan``), with everything else held at the context: a fresh
+     training mini-batch; ``population_size`` assignments of the group, the context itself
+     and ``population_size - 1`` samples of the marginals; the cross-entropy of the integer
+     network (:func:`qevo.intforward.apply`) for each, in one population call (vmapped or
+     mapped per ``coevolve.strategy``, the population axis sharded over the devices of a
+     ``pop`` mesh); the best becomes the group's context and every marginal of the group
+     moves toward it: ``p <- (1 - lr) p + lr onehot(best)``;
+
+   no derivative is computed anywhere (:func:`derivative_equations` proves it on the
+   compiled cycle);
+3. baselines from the same float model: round to nearest (the starting point) and, with
+   ``coevolve.qat``, quantization-aware training through the straight-through estimator
+   (:class:`qevo.train.Trainer`) on as many training images as the coevolution drew.
+
+Outputs in the work folder: ``config.json``, ``checkpoint.msgpack`` (after every cycle; a
+rerun resumes from it and gives the same result), ``history.jsonl`` (one line per cycle),
+``integer_model.msgpack`` (the integer levels with their scales, and the float variables
+the integer network reads), ``qat/`` (the QAT baseline's run) and ``results.json`` (test
+accuracy of float, round to nearest, coevolution and QAT, evaluations, wall seconds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import struct
+from jax.sharding import Mesh, PartitionSpec
+from ml_collections import config_dict
+
+from qevo import checkpoint, intforward, train
+from qevo import config as config_lib
+from qevo.calibration import calibrate
+from qevo.data import normalize
+from qevo.layers import Bits
+from qevo.population import STRATEGIES, batch_eval_set, batched_accuracy, cross_entropy, resolve_strategy
+from qevo.pretrained import float_model
+from qevo.run import main, write_json
+
+CHECKPOINT = "checkpoint.msgpack"
+HISTORY = "history.jsonl"
+INTEGER_MODEL = "integer_model.msgpack"
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """:func:`qevo.config.defaults` plus the ``coevolve`` section."""
+    c = config_lib.defaults()
+    c.coevolve = ml_collections.ConfigDict(
+        dict(
+            w_bits=4,
+            a_bits=8,
+            radius=1,
+            initial_mass=0.98,
+            threshold=0.995,
+            group_size=256,
+            num_groups=32,
+            population_size=16,
+            learning_rate=0.5,
+            cycles=12,
+            batch_size=512,
+            eval_images=config_dict.placeholder(int),
+            strategy="auto",
+            chunk_size=config_dict.placeholder(int),
+            qat=True,
+            qat_optimizer="adam",
+            qat_learning_rate=1e-4,
+        )
+    )
+    return c
+
+
+def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """:func:`qevo.config.validate` with the keys of :func:`defaults`, and the coevolution options."""
+    cfg = config_lib.validate(cfg, known=defaults())
+    c, err = cfg.coevolve, config_lib.ConfigError
+    for key, lo in (("w_bits", 2), ("a_bits", intforward.MIN_ACTIVATION_BITS)):
+        if not isinstance(c[key], int) or not lo <= c[key] <= 8:
+            raise err(f"config coevolve.{key}={c[key]!r} is an impossible bit width for integer training; use {lo}..8 (int8 operands)")
+    levels = 2 * intforward.max_level(c.w_bits)
+    if not isinstance(c.radius, int) or not 1 <= c.radius <= levels:
+        raise err(f"config coevolve.radius={c.radius!r} is invalid; use an int in 1..{levels} "
+                  f"({c.w_bits}-bit levels span -{levels // 2}..{levels // 2})")
+    if not 0.0 < c.threshold <= 1.0 or not 1.0 / (2 * c.radius + 1) < c.initial_mass < c.threshold:
+        raise err(f"config coevolve.initial_mass={c.initial_mass!r} and coevolve.threshold={c.threshold!r} must satisfy "
+                  f"1/(2*radius+1) < initial_mass < threshold <= 1 (otherwise every weight starts confident)")
+    if not 0.0 < c.learning_rate <= 1.0:
+        raise err(f"config coevolve.learning_rate={c.learning_rate!r} must lie in (0, 1]")
+    for key, lo in (("group_size", 1), ("num_groups", 1), ("population_size", 2), ("cycles", 1), ("batch_size", 1)):
+        if not isinstance(c[key], int) or c[key] < lo:
+            raise err(f"config coevolve.{key}={c[key]!r} must be an int >= {lo}")
+    if c.eval_images is not None and c.eval_images < 1:
+        raise err(f"config coevolve.eval_images={c.eval_images!r} must be >= 1 (or unset for the whole validation split)")
+    if c.strategy not in STRATEGIES:
+        raise err(f"config coevolve.strategy={c.strategy!r} is not one of {STRATEGIES}")
+    if c.chunk_size is not None and c.chunk_size < 1:
+        raise err(f"config coevolve.chunk_size={c.chunk_size!r} must be >= 1")
+    if c.qat_optimizer not in ("sgd", "adam") or not c.qat_learning_rate > 0:
+        raise err("config coevolve.qat_optimizer must be 'sgd' or 'adam' and coevolve.qat_learning_rate > 0")
+    if cfg.quant.mode not in intforward.WEIGHT_MODES:
+        raise err(f"config quant.mode={cfg.quant.mode!r}: integer weights need a symmetric quantizer, one of {intforward.WEIGHT_MODES}")
+    return cfg
+
+
+# --------------------------------------------------------------------------- EDA pieces
+
+
+def initial_probs(q0: jax.Array, max_level: int, radius: int, mass: float) -> jax.Array:
+    """Marginals ``float32 [D, 2r+1]``: category ``k`` is level ``q0 + k - r``.
+
+    ``mass`` on ``q0`` (category ``r``), the rest shared equally by the other levels inside
+    ``-max_level..max_level`` (at least one for ``max_level >= 1``); levels outside get 0.
+    """
+    others = allowed(q0, max_level, radius) & (jnp.arange(2 * radius + 1) != radius)
+    rest = (1.0 - mass) / jnp.sum(others, axis=1, keepdims=True)
+    return jnp.where(others, rest, jnp.where(jnp.arange(2 * radius + 1) == radius, mass, 0.0)).astype(jnp.float32)
+
+
+def allowed(q0: jax.Array, max_level: int, radius: int) -> jax.Array:
+    """bool ``[D, 2r+1]``: level ``q0 + k - r`` lies in ``-max_level..max_level``."""
+    levels = q0.astype(jnp.int32)[:, None] + jnp.arange(-radius, radius + 1)
+    return jnp.abs(levels) <= max_level
+
+
+def freeze(probs: jax.Array, context: jax.Array, q0: jax.Array, radius: int, threshold: float) -> tuple[jax.Array, jax.Array]:
+    """Fix confident weights at their most likely level.
+
+    Returns:
+      ``(context, frozen)``: int8 ``[D]`` with the frozen weights at ``q0 + argmax - r``, and
+      bool ``[D]``, confidence ``>= threshold``.
+    """
+    frozen = jnp.max(probs, axis=1) >= threshold
+    likely = (q0.astype(jnp.int32) + jnp.argmax(probs, axis=1) - radius).astype(context.dtype)
+    return jnp.where(frozen, likely, context), frozen
+
+
+def regroup(key: jax.Array, probs: jax.Array, num_groups: int, group_size: int) -> jax.Array:
+    """int32 ``[num_groups, group_size]``: the least confident weights, ascending by
+    confidence (equal confidences in random order), split into consecutive groups."""
+    perm = jax.random.permutation(key, probs.shape[0])
+    confidence = jnp.max(probs, axis=1)[perm]
+    order = perm[jnp.argsort(confidence, stable=True)]
+    return order[: num_groups * group_size].reshape(num_groups, group_size).astype(jnp.int32)
+
+
+def update_marginals(probs: jax.Array, best: jax.Array, active: jax.Array, learning_rate: float) -> jax.Array:
+    """One EDA step of a group: ``p <- (1 - lr) p + lr onehot(best)`` where ``active``.
+
+    Args:
+      probs: float32 ``[G, K]`` the group's marginals.
+      best: int ``[G]`` the winning category of each weight.
+      active: bool ``[G]``, weights under search (frozen ones keep their marginals).
+      learning_rate: ``lr`` in (0, 1].
+    """
+    target = jax.nn.one_hot(best, probs.shape[1], dtype=probs.dtype)
+    return jnp.where(active[:, None], (1.0 - learning_rate) * probs + learning_rate * target, probs)
+
+
+def population_map(fn, xs: jax.Array, shared, devices: tuple, strategy: str, chunk: int | None):
+    """``fn(x, shared)`` for every ``x`` on the leading (population) axis of ``xs``, sharded over ``devices``.
+
+    ``shared`` (a pytree) is replicated on every device. The population is padded to a
+    multiple of the device count (the padding repeats the last individual and is dropped
+    from the result); on each device individuals run by ``strategy`` (``"vmap"``, or
+    ``"map"`` in chunks of ``chunk``) as in :class:`qevo.population.PopulationEvaluator`.
+    """
+    n = xs.shape[0]
+
+    def local(part, shared):
+        def one(x):
+            return fn(x, shared)
+
+        if part.shape[0] == 1:
+            return jax.tree_util.tree_map(lambda v: v[None], one(part[0]))
+        if strategy == "vmap":
+            return jax.vmap(one)(part)
+        return jax.lax.map(one, part, batch_size=chunk if chunk and chunk > 1 else None)
+
+    if len(devices) == 1:
+        return local(xs, shared)
+    pad = -n % len(devices)
+    xs = jnp.concatenate([xs, jnp.repeat(xs[-1:], pad, axis=0)])
+    mesh = Mesh(np.array(devices), ("pop",))
+    # Replicated inputs and per-shard map carries mix inside; skip the varying-axis type check.
+    out = jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec("pop"), PartitionSpec()), out_specs=PartitionSpec("pop"),
+                        check_vma=False)(xs, shared)
+    return jax.tree_util.tree_map(lambda v: v[:n], out)
+
+
+# --------------------------------------------------------------------------- the compiled cycle
+
+
+@struct.dataclass
+class Problem:
+    """What a cycle reads (device arrays; arguments of the compiled cycle).
+
+    Attributes:
+      variables: calibrated float variables (float layers, biases, BatchNorm, ``quant/a_clip``).
+      scales: ``{module path: float32 [O]}`` per-channel weight scales of the integer layers.
+      bits: int32 ``[L]`` widths of the network.
+      q0: int8 ``[D]`` round-to-nearest levels of every integer weight (genome order).
+      images: uint8 ``[N, H, W, C]`` training images; labels: int32 ``[N]``.
+      val: the validation subset as :func:`qevo.population.batch_eval_set` batches.
+    """
+
+    variables: dict
+    scales: dict
+    bits: Bits
+    q0: jax.Array
+    images: jax.Array
+    labels: jax.Array
+    val: tuple
+
+
+@struct.dataclass
+class State:
+    """The EDA's state (checkpointed after every cycle).
+
+    Attributes:
+      probs: float32 ``[D, 2r+1]`` marginals.
+      context: int8 ``[D]`` the best assignment found (integer levels).
+      key: raw uint32 ``[2]`` PRNG key of the next cycle.
+      cycle: int32, cycles done.
+    """
+
+    probs: jax.Array
+    context: jax.Array
+    key: jax.Array
+    cycle: jax.Array
+
+
+@struct.dataclass
+class CycleStats:
+    """One cycle, per group (``[num_groups]``): the context's cross-entropy and accuracy on
+    the group's mini-batch before its step, the winner's loss, whether a sample beat the
+    context; and, at the end, the fraction of confident weights and the validation accuracy."""
+
+    loss: jax.Array
+    accuracy: jax.Array
+    best_loss: jax.Array
+    improved: jax.Array
+    confident: jax.Array
+    val_accuracy: jax.Array
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Coevolution:
+    """The cooperative-coevolution EDA over the integer levels of one model.
+
+    Attributes:
+      model: the qevo model.
+      layers: ``{module path: (kernel shape)}`` of the integer layers, in genome order.
+      mean, std: image normalisation.
+      options: the ``coevolve`` config section.
+      max_level: ``2^(b-1) - 1`` for the weight width ``b``.
+      devices: devices of the ``pop`` mesh (default: all).
+    """
+
+    model: nn.Module
+    layers: dict
+    mean: tuple
+    std: tuple
+    options: ml_collections.ConfigDict
+    max_level: int
+    devices: tuple | None = None
+
+    def __post_init__(self):
+        devices = tuple(self.devices or jax.devices())
+        object.__setattr__(self, "devices", devices)
+        object.__setattr__(self, "_local", resolve_strategy(self.options.strategy, self.options.chunk_size, devices[0].platform))
+        object.__setattr__(self, "cycle", jax.jit(self._cycle))
+        object.__setattr__(self, "accuracy", jax.jit(self._accuracy))
+
+    @property
+    def num_weights(self) -> int:
+        """``D``, the genome length."""
+        return sum(math.prod(s) for s in self.layers.values())
+
+    def flatten(self, kernels: dict) -> jax.Array:
+        """int8 ``[D]`` genome of ``{path: IntKernel}``."""
+        return jnp.concatenate([jnp.ravel(kernels[p].q) for p in self.layers])
+
+    def kernels(self, genome: jax.Array, scales: dict) -> dict:
+        """``{path: IntKernel}`` of an int8 genome ``[D]`` with the per-channel ``scales``."""
+        out, start = {}, 0
+        for path, shape in self.layers.items():
+            size = math.prod(shape)
+            out[path] = intforward.IntKernel(q=genome[start : start + size].reshape(shape), scale=scales[path])
+            start += size
+        return out
+
+    def init_state(self, q0: jax.Array, key: jax.Array) -> State:
+        """Marginals around ``q0``, context ``q0``, cycle 0 (``key``: raw uint32 key)."""
+        o = self.options
+        return State(probs=initial_probs(q0, self.max_level, o.radius, o.initial_mass), context=q0,
+                     key=key, cycle=jnp.int32(0))
+
+    def logits(self, problem: Problem, genome: jax.Array, images: jax.Array) -> jax.Array:
+        """Logits ``[N, classes]`` of the integer network ``genome`` on uint8 ``images``."""
+        x = normalize(images, self.mean, self.std)
+        return intforward.apply(self.model, problem.variables, self.kernels(genome, problem.scales), problem.bits, x)
+
+    def _accuracy(self, problem: Problem, genome: jax.Array, batches) -> jax.Array:
+        return batched_accuracy(lambda x: self.logits(problem, genome, x), batches)
+
+    def population_loss(self, problem: Problem, context: jax.Array, idx: jax.Array, values: jax.Array,
+                        images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Cross-entropy and accuracy, float32 ``[P]``, of ``context`` with the weights
+        ``idx [G]`` set to each row of ``values int8 [P, G]``, on one mini-batch; a
+        non-finite loss becomes ``+inf`` (never selected)."""
+        def one(row, shared):
+            problem, context, idx, images, labels = shared
+            logits = self.logits(problem, context.at[idx].set(row), images)
+            loss = cross_entropy(logits, labels)
+            return jnp.where(jnp.isfinite(loss), loss, jnp.inf), jnp.mean(jnp.argmax(logits, -1) == labels)
+
+        strategy, chunk = self._local
+        return population_map(one, values, (problem, context, idx, images, labels), self.devices, strategy, chunk)
+
+    def _group_step(self, problem: Problem, carry, inputs):
+        """One group: a fresh mini-batch, ``P`` assignments of its weights (the context first),
+        their losses in one population call, the best kept as the context, the marginals moved
+        toward it.
+
+        Args:
+          carry: ``(probs float32 [D, K], context int8 [D])``.
+          inputs: ``(idx int32 [G], active bool [G], key)``, the group, its unfrozen weights.
+
+        Returns:
+          ``(carry, (context loss, context accuracy, best loss, whether a sample won))``.
+        """
+        probs, context = carry
+        idx, active, key = inputs
+        o = self.options
+        batch_key, sample_key = jax.random.split(key)
+        pick = jax.random.randint(batch_key, (o.batch_size,), 0, problem.images.shape[0])
+        p = probs[idx]
+        draws = jax.random.categorical(sample_key, jnp.log(p), shape=(o.population_size - 1, idx.shape[0]))
+        levels = (problem.q0[idx].astype(jnp.int32) + draws - o.radius).astype(jnp.int8)
+        current = context[idx]
+        values = jnp.concatenate([current[None], jnp.where(active, levels, current)])
+        loss, acc = self.population_loss(problem, context, idx, values, problem.images[pick], problem.labels[pick])
+        best = jnp.argmin(loss)
+        winner = values[best]
+        category = winner.astype(jnp.int32) - problem.q0[idx].astype(jnp.int32) + o.radius
+        probs = probs.at[idx].set(update_marginals(p, category, active, o.learning_rate))
+        context = context.at[idx].set(winner)
+        return (probs, context), (loss[0], acc[0], loss[best], best > 0)
+
+    def _cycle(self, state: State, problem: Problem) -> tuple[State, CycleStats]:
+        """One cycle (module docstring, step 2): freeze, regroup, every group in turn."""
+        o = self.options
+        key, group_key, step_key = jax.random.split(state.key, 3)
+        context, frozen = freeze(state.probs, state.context, problem.q0, o.radius, o.threshold)
+        groups = regroup(group_key, state.probs, o.num_groups, o.group_size)
+        keys = jax.random.split(step_key, o.num_groups)
+        (probs, context), (loss, acc, best, improved) = jax.lax.scan(
+            lambda carry, inputs: self._group_step(problem, carry, inputs), (state.probs, context), (groups, ~frozen[groups], keys)
+        )
+        confident = jnp.mean(jnp.max(probs, axis=1) >= o.threshold)
+        stats = CycleStats(loss=loss, accuracy=acc, best_loss=best, improved=improved, confident=confident,
+                           val_accuracy=self._accuracy(problem, context, problem.val))
+        return State(probs=probs, context=context, key=key, cycle=state.cycle + 1), stats
+
+
+# --------------------------------------------------------------------------- derivative check
+
+
+AD_PRIMITIVES = ("add_any", "custom_lin", "linear_call")
+"""Primitives that only differentiation creates (cotangent sums, linearised custom rules)."""
+
+
+def derivative_equations(jaxpr) -> list[str]:
+    """Every equation of a (closed) jaxpr, nested ones included, that belongs to a derivative.
+
+    JAX records each equation's transformations in its name stack: forward-mode
+    differentiation (``jax.jvp``, the first half of ``jax.grad``/``jax.vjp``) as ``jvp(...)``
+    and reverse mode as ``transpose(...)``; nested calls traced under them carry the same
+    words in their names, and the accumulation of cotangents is the AD-only ``add_any``.
+    Primitive names alone would mislead: a derivative-free forward pass holds
+    ``custom_jvp_call``/``custom_vjp_call`` (ReLU, qevo's CPU convolution: functions that
+    carry derivative rules, not derivatives) and the array ``transpose``.
+
+    Returns:
+      ``"<primitive> [<name stack>]"`` for each such equation (empty: derivative-free).
+    """
+    found = []
+
+    def walk(j):
+        j = getattr(j, "jaxpr", j)
+        for eqn in j.eqns:
+            stack = str(eqn.source_info.name_stack)
+            name = str(eqn.params.get("name", ""))
+            words = f"{stack} {name}"
+            if eqn.primitive.name in AD_PRIMITIVES or any(w in words for w in ("jvp(", "vjp(", "transpose(")):
+                found.append(f"{eqn.primitive.name} [{stack or name}]")
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (list, tuple)) else (value,):
+                    if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                        walk(sub)
+
+    walk(jaxpr)
+    return found
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def integer_bits(cfg: ml_collections.ConfigDict, num_layers: int) -> Bits:
+    """Concrete int32 ``[L]`` widths: ``coevolve.w_bits``/``a_bits``, first and last float with ``quant.float_first_last``."""
+    bits = train.uniform_bits(num_layers, cfg.coevolve.w_bits, cfg.coevolve.a_bits, cfg.quant.float_first_last)
+    return Bits(w=np.asarray(bits.w), a=np.asarray(bits.a))
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A run's model, data and starting point (shared by the coevolution and the baselines)."""
+
+    cfg: ml_collections.ConfigDict
+    ds: object
+    model: nn.Module
+    variables: dict
+    bits: Bits
+    runner: Coevolution
+    problem: Problem
+    test: tuple
+    val: tuple
+
+
+def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> Prepared:
+    """Float model (calibrated), round-to-nearest levels, the runner and its problem."""
+    c = cfg.coevolve
+    ds = train.load_data(cfg)
+    model = train.build_model(cfg, ds.num_classes)
+    variables, _ = float_model(cfg, ds, model, workdir)
+    variables = calibrate(model, variables, normalize(jnp.asarray(ds.train_images[:512]), ds.mean, ds.std))
+    bits = integer_bits(cfg, model.num_layers)
+    paths = intforward.quantized_layers(model, variables, ds.train_images.shape[1:])
+    rtn = intforward.integer_kernels(variables, paths, bits.w, cfg.quant.per_channel, cfg.quant.mode)
+    if not rtn:
+        raise config_lib.ConfigError("no layer is quantized: with quant.float_first_last=True the model needs more than two layers")
+    runner = Coevolution(model, {p: k.q.shape for p, k in rtn.items()}, ds.mean, ds.std, c, intforward.max_level(c.w_bits))
+    if c.num_groups * c.group_size > runner.num_weights:
+        raise config_lib.ConfigError(
+            f"config coevolve.num_groups * coevolve.group_size = {c.num_groups * c.group_size} exceeds the "
+            f"{runner.num_weights} integer weights of {cfg.model.name}; lower one of them")
+    if ds.val_images.shape[0] == 0:
+        raise config_lib.ConfigError("the coevolution reports validation accuracy per cycle: set data.val_size > 0")
+    eb = cfg.train.eval_batch_size
+    n_val = ds.val_images.shape[0] if c.eval_images is None else min(c.eval_images, ds.val_images.shape[0])
+    problem = Problem(
+        variables=variables, scales={p: k.scale for p, k in rtn.items()},
+        bits=Bits(w=jnp.asarray(bits.w), a=jnp.asarray(bits.a)), q0=runner.flatten(rtn),
+        images=jax.device_put(ds.train_images), labels=jax.device_put(ds.train_labels),
+        val=batch_eval_set(jnp.asarray(ds.val_images[:n_val]), jnp.asarray(ds.val_labels[:n_val]), eb),
+    )
+    test = batch_eval_set(jnp.asarray(ds.test_images), jnp.asarray(ds.test_labels), eb)
+    val = batch_eval_set(jnp.asarray(ds.val_images), jnp.asarray(ds.val_labels), eb)
+    return Prepared(cfg, ds, model, variables, bits, runner, problem, test, val)
+
+
+def read_history(path: pathlib.Path, cycles: int) -> list[dict]:
+    """The first ``cycles`` lines of ``history.jsonl`` (a checkpoint of ``cycles`` cycles needs them all)."""
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    if len(lines) < cycles:
+        raise checkpoint.CheckpointError(f"{path} has {len(lines)} cycles, the checkpoint {cycles}; delete {path.parent} to start over")
+    return lines[:cycles]
+
+
+def evolve(prep: Prepared, workdir: pathlib.Path | None = None, log=None) -> tuple[State, list[dict]]:
+    """Run ``coevolve.cycles`` cycles; with ``workdir``, checkpoint and append ``history.jsonl``
+    after each one and resume from a checkpoint there. Returns the final state and the history."""
+    c = prep.cfg.coevolve
+    runner, problem = prep.runner, prep.problem
+    state = runner.init_state(problem.q0, jax.random.PRNGKey(prep.cfg.seed))
+    history: list[dict] = []
+    if workdir is not None and (workdir / CHECKPOINT).exists():
+        state, _ = checkpoint.load(workdir / CHECKPOINT, state)
+        history = read_history(workdir / HISTORY, int(state.cycle))
+        if log:
+            log(f"resuming {workdir} after cycle {int(state.cycle)}")
+    evals = c.num_groups * c.population_size
+    for cycle in range(int(state.cycle), c.cycles):
+        start = time.perf_counter()
+        state, stats = runner.cycle(state, problem)
+        stats = jax.device_get(stats)
+        seconds = time.perf_counter() - start
+        record = {
+            "cycle": cycle + 1,
+            "loss": float(np.mean(stats.loss)),
+            "train_accuracy": float(np.mean(stats.accuracy)),
+            "best_loss": float(np.mean(stats.best_loss)),
+            "improved_groups": int(np.sum(stats.improved)),
+            "confident": float(stats.confident),
+            "val_accuracy": float(stats.val_accuracy),
+            "evaluations": (cycle + 1) * evals,
+            "images": (cycle + 1) * c.num_groups * c.batch_size,
+            "seconds": seconds,
+        }
+        history.append(record)
+        if workdir is not None:
+            checkpoint.atomic_write_bytes(workdir / HISTORY, "".join(json.dumps(r) + "\n" for r in history).encode())
+            checkpoint.save(workdir / CHECKPOINT, state, {"cycle": cycle + 1})
+        if log:
+            log(f"cycle {cycle + 1:3d}/{c.cycles}  loss {record['loss']:.4f}  train acc {100 * record['train_accuracy']:.2f}%  "
+                f"val {100 * record['val_accuracy']:.2f}%  confident {100 * record['confident']:.1f}%  "
+                f"improved {record['improved_groups']}/{c.num_groups}  {evals / seconds:.0f} evals/s")
+    return state, history
+
+
+def qat_baseline(prep: Prepared, images: int, workdir: pathlib.Path) -> dict:
+    """QAT (straight-through estimator) from the calibrated float model at the same widths,
+    on as many training images as ``images``: ``E = ceil(images / N)`` epochs over the first
+    ``images // E`` training images (whole mini-batches only, so at most ``images``).
+    Resumable in ``workdir``; returns :func:`qevo.train.fit`'s results and ``images``."""
+    cfg, ds, c = prep.cfg, prep.ds, prep.cfg.coevolve
+    epochs = -(-images // ds.train_images.shape[0])
+    size = images // epochs
+    subset = dataclasses.replace(ds, train_images=ds.train_images[:size], train_labels=ds.train_labels[:size])
+    qcfg = ml_collections.ConfigDict(cfg.to_dict())
+    qcfg.train.epochs = epochs
+    qcfg.train.optimizer, qcfg.train.learning_rate, qcfg.train.warmup_epochs = c.qat_optimizer, c.qat_learning_rate, 0
+    qcfg.train.batch_size = min(cfg.train.batch_size, subset.train_images.shape[0])
+    workdir.mkdir(parents=True, exist_ok=True)
+    bits = Bits(w=jnp.asarray(prep.bits.w), a=jnp.asarray(prep.bits.a))
+    key = jax.random.fold_in(jax.random.key(cfg.seed), 5)
+    _, fitted = train.fit(qcfg, subset, prep.model, prep.variables, bits, workdir, key, "qat baseline")
+    steps = qcfg.train.epochs * (subset.train_images.shape[0] // qcfg.train.batch_size)
+    return {**fitted, "images": steps * qcfg.train.batch_size}
+
+
+def save_integer_model(path: pathlib.Path, prep: Prepared, genome: jax.Array, meta: dict) -> None:
+    """``integer_model.msgpack``: ``{"kernels": {path: IntKernel}, "variables": float variables}``."""
+    tree = {"kernels": prep.runner.kernels(genome, prep.problem.scales), "variables": prep.variables}
+    checkpoint.save(path, tree, meta)
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+    """The whole protocol (module docstring) in ``workdir``; returns ``results.json``'s dict."""
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    start = time.perf_counter()
+    c = cfg.coevolve
+    prep = prepare(cfg, workdir)
+    runner, problem = prep.runner, prep.problem
+    fake_quant = train.Trainer(cfg, prep.ds, prep.model, quantized=False).accuracy
+    scores = {
+        "float": {"val_accuracy": float(fake_quant(prep.variables, None, prep.val)),
+                  "test_accuracy": float(fake_quant(prep.variables, None, prep.test))},
+        "round_to_nearest": {"val_accuracy": float(runner.accuracy(problem, problem.q0, prep.val)),
+                             "test_accuracy": float(runner.accuracy(problem, problem.q0, prep.test)),
+                             "fake_quant_test_accuracy": float(fake_quant(prep.variables, problem.bits, prep.test))},
+    }
+    log(f"{cfg.model.name} w{c.w_bits}a{c.a_bits}: {runner.num_weights} integer weights; float test "
+        f"{100 * scores['float']['test_accuracy']:.2f}%, round to nearest {100 * scores['round_to_nearest']['test_accuracy']:.2f}%")
+
+    state, history = evolve(prep, workdir, log)
+    genome = state.context
+    coevolved = {"val_accuracy": float(runner.accuracy(problem, genome, prep.val)),
+                 "test_accuracy": float(runner.accuracy(problem, genome, prep.test)),
+                 "evaluations": history[-1]["evaluations"], "images": history[-1]["images"],
+                 "seconds": round(sum(r["seconds"] for r in history), 2),
+                 "changed_weights": int(jnp.sum(genome != problem.q0)), "confident": history[-1]["confident"]}
+    scores["coevolution"] = coevolved
+    meta = {"model": cfg.model.name, "dataset": cfg.data.name, "w_bits": prep.bits.w.tolist(), "a_bits": prep.bits.a.tolist(),
+            "test_accuracy": coevolved["test_accuracy"]}
+    save_integer_model(workdir / INTEGER_MODEL, prep, genome, meta)
+    if c.qat:
+        t = time.perf_counter()
+        qat = qat_baseline(prep, coevolved["images"], workdir / "qat")
+        scores["qat"] = {"val_accuracy": qat["val_accuracy"], "test_accuracy": qat["test_accuracy"], "images": qat["images"],
+                         "epochs": qat["epochs"], "seconds": round(time.perf_counter() - t, 2)}
+    log("test accuracy: " + ", ".join(f"{k} {100 * v['test_accuracy']:.2f}%" for k, v in scores.items()))
+    results = {
+        "model": cfg.model.name,
+        "dataset": cfg.data.name,
+        "seed": cfg.seed,
+        "w_bits": prep.bits.w.tolist(),
+        "a_bits": prep.bits.a.tolist(),
+        "layers": list(runner.layers),
+        "integer_weights": runner.num_weights,
+        **scores,
+        "seconds": round(time.perf_counter() - start, 2),
+        "device": jax.devices()[0].device_kind,
+    }
+    write_json(workdir / "results.json", results)
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(main("qevo.coevolve", run, validate))

@@ -1,0 +1,302 @@
+"""Cooperative coevolution: the EDA pieces against hand computation, a compiled cycle with no
+derivative in it, config errors, resume to the same result, and the real-MNIST claim.
+
+Fast tests use the session's tiny float LeNet-5 (``conftest``) at 2 bits with a small budget;
+the slow one uses the full float LeNet-5.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO, run_command
+from qevo import coevolve
+from qevo import config as config_lib
+from qevo import train
+from qevo.checkpoint import load as load_checkpoint
+from qevo.intforward import IntKernel
+
+TINY = {
+    "coevolve.w_bits": 2,
+    "coevolve.cycles": 3,
+    "coevolve.num_groups": 3,
+    "coevolve.group_size": 64,
+    "coevolve.population_size": 4,
+    "coevolve.batch_size": 64,
+    "coevolve.eval_images": 500,
+    "data.max_train_images": 3000,
+}
+
+
+def _args(values: dict) -> list[str]:
+    return [f"--config.{k}={v}" for k, v in values.items()]
+
+
+def _config(float_dir, data_dir, **extra):
+    overrides = {**TINY, "float_from": str(float_dir), "data.data_dir": str(data_dir), **extra}
+    return coevolve.validate(config_lib.load(REPO / "configs" / "lenet5_cc.py", [f"{k}={v}" for k, v in overrides.items()]))
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_lenet5_float, data_dir, tmp_path_factory):
+    return coevolve.prepare(_config(tiny_lenet5_float, data_dir), tmp_path_factory.mktemp("cc"))
+
+
+# --------------------------------------------------------------------------- EDA pieces
+
+
+def test_initial_marginals_by_hand():
+    q0 = jnp.array([-1, 0, 1], jnp.int8)  # 2-bit levels -1..1
+    np.testing.assert_allclose(coevolve.initial_probs(q0, 1, 1, 0.9), [[0, 0.9, 0.1], [0.05, 0.9, 0.05], [0.1, 0.9, 0]], rtol=1e-6)
+    np.testing.assert_allclose(coevolve.initial_probs(q0, 1, 2, 0.9)[0], [0, 0, 0.9, 0.05, 0.05], rtol=1e-6)
+    q0 = jnp.array([7, -5], jnp.int8)  # 4-bit levels -7..7
+    probs = coevolve.initial_probs(q0, 7, 2, 0.8)
+    np.testing.assert_allclose(probs, [[0.1, 0.1, 0.8, 0, 0], [0.05, 0.05, 0.8, 0.05, 0.05]], rtol=1e-6)
+    np.testing.assert_array_equal(coevolve.allowed(q0, 7, 2), probs > 0)
+
+
+def test_marginal_update_by_hand():
+    probs = np.array([[0.1, 0.8, 0.1], [0.0, 0.9, 0.1], [0.3, 0.3, 0.4]], np.float32)
+    best, active, lr = np.array([2, 1, 0]), np.array([True, True, False]), 0.25
+    want = probs.copy()
+    for i in range(2):
+        want[i] = (1 - lr) * probs[i]
+        want[i, best[i]] += lr
+    got = coevolve.update_marginals(jnp.asarray(probs), jnp.asarray(best), jnp.asarray(active), lr)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(np.sum(got, axis=1), 1.0, rtol=1e-6)
+
+
+def test_freeze_fixes_confident_weights_at_their_most_likely_level():
+    probs = jnp.array([[0.0, 0.99, 0.01], [0.96, 0.04, 0.0], [0.2, 0.5, 0.3], [0.0, 0.0, 1.0]])
+    context = jnp.array([0, 1, -1, 2], jnp.int8)
+    q0 = jnp.array([0, 1, 0, 2], jnp.int8)
+    fixed, frozen = coevolve.freeze(probs, context, q0, 1, 0.95)
+    np.testing.assert_array_equal(frozen, [True, True, False, True])
+    np.testing.assert_array_equal(fixed, [0, 0, -1, 3])  # q0 + argmax - r; the unconfident keeps its context
+
+
+def test_regroup_takes_the_least_confident_in_random_order_of_ties():
+    conf = np.array([0.9, 0.5, 0.7, 0.5, 0.99, 0.6, 0.5, 0.8])
+    probs = jnp.asarray(np.stack([conf, 1 - conf], axis=1), jnp.float32)
+    orders = set()
+    for seed in range(8):
+        groups = np.asarray(coevolve.regroup(jax.random.key(seed), probs, 2, 3))
+        assert groups.shape == (2, 3)
+        assert set(groups[0]) == {1, 3, 6} and list(groups[1]) == [5, 2, 7]
+        orders.add(tuple(groups[0]))
+    assert len(orders) > 1  # ties broken at random
+
+
+@pytest.mark.parametrize("strategy, chunk", [("vmap", None), ("map", None), ("map", 3)])
+def test_population_map_strategies_agree(strategy, chunk):
+    xs = jnp.arange(20.0).reshape(5, 4)
+    fn = lambda row, shared: (jnp.sum(row**2) + shared[0], jnp.max(row[shared[1]]))  # noqa: E731
+    got = jax.jit(lambda x: coevolve.population_map(fn, x, (1.0, jnp.arange(2)), tuple(jax.devices()), strategy, chunk))(xs)
+    np.testing.assert_array_equal(got[0], np.sum(np.asarray(xs) ** 2, axis=1) + 1.0)
+    np.testing.assert_array_equal(got[1], np.asarray(xs)[:, 1])
+
+
+def test_population_map_shards_over_devices():
+    """Four host devices, a population of 5 (padded to 8): the same as one device."""
+    code = textwrap.dedent("""
+        import jax, jax.numpy as jnp, numpy as np
+        from qevo.coevolve import population_map
+        assert len(jax.devices()) == 4
+        xs = jnp.arange(20.0).reshape(5, 4)
+        fn = lambda row, shared: jnp.sum(row * shared[0]) + row[shared[1]].sum()
+        for strategy in ("vmap", "map"):
+            got = jax.jit(lambda x: population_map(fn, x, (jnp.arange(4.0), jnp.array([0, 2])), tuple(jax.devices()), strategy, None))(xs)
+            want = np.asarray(xs) @ np.arange(4.0) + np.asarray(xs)[:, [0, 2]].sum(1)
+            np.testing.assert_array_equal(got, want)
+        print("ok")
+    """)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- no derivatives
+
+
+def test_compiled_cycle_computes_no_derivative(prepared):
+    runner = prepared.runner
+    state = runner.init_state(prepared.problem.q0, jax.random.PRNGKey(0))
+    jaxpr = jax.make_jaxpr(runner._cycle)(state, prepared.problem)
+    assert coevolve.derivative_equations(jaxpr) == []
+    text = str(jaxpr)
+    assert "scan" in text and "preferred_element_type=int32" in text  # the inspected jaxpr holds the real loop
+
+
+def test_derivative_check_flags_gradients(prepared):
+    """The checker finds jax.grad (QAT's epoch, and a gradient slipped into the population
+    loss), jax.vjp and jax.jvp."""
+    runner, problem = prepared.runner, prepared.problem
+    trainer = train.Trainer(prepared.cfg, prepared.ds, prepared.model, quantized=True)
+    bits = train.uniform_bits(5, 2, 8)
+    epoch = jax.make_jaxpr(trainer._epoch)(trainer.init_state(prepared.variables), bits, jax.random.key(0),
+                                           problem.images, problem.labels)
+    found = coevolve.derivative_equations(epoch)
+    assert found and any("transpose(" in f for f in found)
+
+    idx = jnp.arange(8)
+    values = jnp.zeros((2, 8), jnp.int8)
+
+    def with_gradient(scales):
+        def loss(s):
+            return jnp.sum(runner.population_loss(problem.replace(scales=s), problem.q0, idx, values,
+                                                  problem.images[:32], problem.labels[:32])[0])
+        return jax.grad(loss)(scales)
+
+    assert coevolve.derivative_equations(jax.make_jaxpr(with_gradient)(problem.scales))
+    f = lambda w: jnp.tanh(w @ w)  # noqa: E731
+    w = jnp.ones((3, 3))
+    assert coevolve.derivative_equations(jax.make_jaxpr(lambda w: jax.vjp(f, w)[1](w))(w))
+    assert coevolve.derivative_equations(jax.make_jaxpr(lambda w: jax.jvp(f, (w,), (w,))[1])(w))
+    assert coevolve.derivative_equations(jax.make_jaxpr(f)(w)) == []
+
+
+# --------------------------------------------------------------------------- the cycle
+
+
+def test_cycle_keeps_the_best_and_valid_marginals(prepared):
+    runner, problem = prepared.runner, prepared.problem
+    state = runner.init_state(problem.q0, jax.random.PRNGKey(3))
+    new, stats = runner.cycle(state, problem)
+    assert np.all(stats.best_loss <= stats.loss) and np.array_equal(stats.improved, stats.best_loss < stats.loss)
+    probs = np.asarray(new.probs)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    assert np.all(probs[~np.asarray(coevolve.allowed(problem.q0, 1, 1))] == 0)
+    changed = np.flatnonzero(np.asarray(new.context) != np.asarray(problem.q0))
+    moved = np.flatnonzero(np.any(probs != np.asarray(state.probs), axis=1))
+    assert changed.size and set(changed) <= set(moved)
+    assert moved.size == 3 * 64  # every weight of every group, and no other
+    # the new context's levels are each one step at most from round to nearest, inside -1..1
+    assert np.all(np.abs(np.asarray(new.context, int) - np.asarray(problem.q0, int)) <= 1) and np.all(np.abs(np.asarray(new.context)) <= 1)
+    assert int(new.cycle) == 1 and not np.array_equal(new.key, state.key)
+
+
+def test_interrupted_evolution_resumes_to_the_same_state(tiny_lenet5_float, data_dir, prepared, tmp_path):
+    whole_state, whole = coevolve.evolve(prepared, tmp_path / "whole")
+    first = coevolve.Prepared(**{**prepared.__dict__, "cfg": _config(tiny_lenet5_float, data_dir, **{"coevolve.cycles": 1})})
+    coevolve.evolve(first, tmp_path / "split")
+    assert load_checkpoint(tmp_path / "split" / coevolve.CHECKPOINT)[1] == {"cycle": 1}
+    state, history = coevolve.evolve(prepared, tmp_path / "split")
+    for a, b in zip(jax.tree_util.tree_leaves(whole_state), jax.tree_util.tree_leaves(state)):
+        np.testing.assert_array_equal(a, b)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(history) == strip(whole) and [r["cycle"] for r in history] == [1, 2, 3]
+    assert history[-1]["evaluations"] == 3 * 3 * 4 and history[-1]["images"] == 3 * 3 * 64
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_command_writes_every_output(tiny_lenet5_float, data_dir, tmp_path):
+    args = [f"--config.float_from={tiny_lenet5_float}", *_args(TINY)]
+    run = tmp_path / "run"
+    out = run_command("qevo.coevolve", "lenet5_cc.py", run, args, data_dir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "cycle   3/3  loss" in out.stderr and "evals/s" in out.stderr and "confident" in out.stderr
+    for name in ("config.json", "checkpoint.msgpack", "history.jsonl", "integer_model.msgpack", "results.json", "qat/checkpoint.msgpack"):
+        assert (run / name).is_file(), name
+    result = json.loads((run / "results.json").read_text())
+    assert result["w_bits"] == [32, 2, 2, 2, 32] and result["a_bits"] == [32, 8, 8, 8, 32]
+    for method in ("float", "round_to_nearest", "coevolution", "qat"):
+        assert 0.0 < result[method]["test_accuracy"] <= 1.0, method
+    assert result["coevolution"]["evaluations"] == 36 and result["coevolution"]["images"] == 576
+    assert result["qat"]["images"] <= 576 and result["seconds"] > 0
+    saved, meta = load_checkpoint(run / "integer_model.msgpack")
+    assert meta["test_accuracy"] == result["coevolution"]["test_accuracy"]
+    levels = saved["kernels"]["QDense_0"]["q"]
+    assert levels.dtype == np.int8 and levels.shape == (400, 120) and np.abs(levels).max() <= 1
+    assert saved["kernels"]["QDense_0"]["scale"].shape == (120,)
+    history = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]
+    assert [r["cycle"] for r in history] == [1, 2, 3] and history[-1]["evaluations"] == 36
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"coevolve.w_bits": 9}, "coevolve.w_bits=9 is an impossible bit width"),
+        ({"coevolve.w_bits": 1}, "coevolve.w_bits=1 is an impossible bit width"),
+        ({"coevolve.a_bits": 32}, "coevolve.a_bits=32 is an impossible bit width"),
+        ({"coevolve.radius": 0}, "coevolve.radius=0 is invalid"),
+        ({"coevolve.w_bits": 2, "coevolve.radius": 3}, "coevolve.radius=3 is invalid; use an int in 1..2"),
+        ({"coevolve.initial_mass": 0.999}, "must satisfy 1/(2*radius+1) < initial_mass < threshold"),
+        ({"coevolve.threshold": 1.5}, "must satisfy"),
+        ({"coevolve.learning_rate": 0.0}, "coevolve.learning_rate=0.0 must lie in (0, 1]"),
+        ({"coevolve.population_size": 1}, "coevolve.population_size=1 must be an int >= 2"),
+        ({"coevolve.cycles": 0}, "coevolve.cycles=0 must be an int >= 1"),
+        ({"coevolve.strategy": "pmap"}, "coevolve.strategy='pmap' is not one of"),
+        ({"quant.mode": "dorefa"}, "integer weights need a symmetric quantizer, one of ('absmax', 'mse')"),
+    ],
+)
+def test_bad_config_is_refused_with_the_fix(overrides, message):
+    cfg = config_lib.load(REPO / "configs" / "lenet5_cc.py", [f"{k}={v}" for k, v in overrides.items()])
+    with pytest.raises(config_lib.ConfigError) as err:
+        coevolve.validate(cfg)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config.coevolve.w_bits=9"], "qevo.coevolve: error: config coevolve.w_bits=9 is an impossible bit width"),
+        (["--config.coevolve.radiuz=1"], "unknown config key 'coevolve.radiuz'"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(args, message, tiny_lenet5_float, data_dir, tmp_path):
+    out = run_command("qevo.coevolve", "lenet5_cc.py", tmp_path / "run", [f"--config.float_from={tiny_lenet5_float}", *args], data_dir)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert message in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
+
+
+def test_groups_larger_than_the_network_are_refused(tiny_lenet5_float, data_dir, tmp_path):
+    cfg = _config(tiny_lenet5_float, data_dir, **{"coevolve.num_groups": 1000, "coevolve.group_size": 256})
+    with pytest.raises(config_lib.ConfigError, match=r"num_groups \* coevolve.group_size = 256000 exceeds the 60480 integer weights"):
+        coevolve.prepare(cfg, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["lenet5_cc.py", "resnet20_cc.py"])
+def test_configs_load_and_validate(name):
+    cfg = coevolve.validate(config_lib.load(REPO / "configs" / name))
+    assert cfg.coevolve.w_bits == 4 and cfg.coevolve.a_bits == 8
+
+
+def test_saved_kernels_reload_as_int_kernels(prepared, tmp_path):
+    genome = prepared.problem.q0
+    coevolve.save_integer_model(tmp_path / "m.msgpack", prepared, genome, {"note": 1})
+    template = {"kernels": prepared.runner.kernels(genome, prepared.problem.scales), "variables": prepared.variables}
+    tree, meta = load_checkpoint(tmp_path / "m.msgpack", template)
+    assert meta == {"note": 1} and isinstance(tree["kernels"]["QConv_1"], IntKernel)
+    np.testing.assert_array_equal(prepared.runner.flatten(tree["kernels"]), genome)
+    val = prepared.problem.val
+    acc = prepared.runner.accuracy(prepared.problem.replace(variables=tree["variables"]), genome, val)
+    assert float(acc) == float(prepared.runner.accuracy(prepared.problem, genome, val))
+
+
+@pytest.mark.slow
+def test_lenet5_coevolution_on_real_mnist(lenet5_float, data_dir, tmp_path):
+    """The must-show claims on a reduced budget (6 of the config's 12 cycles, no QAT): at
+    2 bits the coevolution closes at least half of the gap between round to nearest and
+    float; at 4 bits (2 cycles) it ends within 0.3 points of float."""
+    base = [f"--config.float_from={lenet5_float}", "--config.coevolve.qat=False"]
+    out = run_command("qevo.coevolve", "lenet5_cc.py", tmp_path / "w2", [*base, "--config.coevolve.w_bits=2", "--config.coevolve.cycles=6"], data_dir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads((tmp_path / "w2" / "results.json").read_text())
+    fp, rtn, cc = (r[k]["test_accuracy"] for k in ("float", "round_to_nearest", "coevolution"))
+    assert rtn < fp - 0.1 and cc - rtn >= 0.5 * (fp - rtn), r
+    assert abs(rtn - r["round_to_nearest"]["fake_quant_test_accuracy"]) <= 2e-4, r  # integer forward = fake quant
+    out = run_command("qevo.coevolve", "lenet5_cc.py", tmp_path / "w4", [*base, "--config.coevolve.w_bits=4", "--config.coevolve.cycles=2"], data_dir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads((tmp_path / "w4" / "results.json").read_text())
+    assert r["coevolution"]["test_accuracy"] >= r["float"]["test_accuracy"] - 0.003, r
+    assert abs(r["round_to_nearest"]["test_accuracy"] - r["round_to_nearest"]["fake_quant_test_accuracy"]) <= 2e-4, r
