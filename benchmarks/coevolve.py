@@ -1,0 +1,127 @@
+"""Benchmark: evaluations per second of the coevolution loop against a per-candidate Python loop.
+
+    python -m benchmarks.coevolve --float-from runs/lenet5_float [--w-bits 4] [--groups 8] [--repeats 3] [--out PATH]
+
+The problem of ``configs/lenet5_cc.py`` (the float model of ``--float-from``, a
+``python -m qevo.train --config configs/lenet5.py`` run) with ``--groups`` groups per cycle:
+
+* qevo: one compiled cycle (``Coevolution.cycle``: freeze, regroup, for every group a
+  population of ``population_size`` integer networks scored on a training mini-batch, the
+  marginal update; and the cycle's validation pass on ``--eval-images`` images), warmed up,
+  then the median of ``--repeats`` timed cycles;
+* baseline: the same number of integer-network evaluations, one jitted network call per
+  candidate from a Python loop (the candidate's genome written on the host side of the
+  call), the median of ``--repeats`` passes.
+
+Both count ``groups * population_size`` evaluations of one mini-batch each; qevo's time
+also holds its freeze/regroup/update work and the validation pass, so the ratio understates
+the evaluation speed-up. Prints JSON and writes ``benchmarks/results/coevolve_<platform>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+from qevo import coevolve
+from qevo import config as config_lib
+from qevo.population import cross_entropy
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.coevolve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--float-from", required=True, help="a finished qevo.train run of configs/lenet5.py")
+    parser.add_argument("--w-bits", type=int, default=4)
+    parser.add_argument("--groups", type=int, default=8, help="groups per cycle")
+    parser.add_argument("--eval-images", type=int, default=1000, help="validation images of the cycle's accuracy pass")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    jax.config.update("jax_threefry_partitionable", False)
+    overrides = [f"float_from={args.float_from}", f"coevolve.w_bits={args.w_bits}", f"coevolve.num_groups={args.groups}",
+                 f"coevolve.eval_images={args.eval_images}"]
+    cfg = coevolve.validate(config_lib.load(REPO / "configs" / "lenet5_cc.py", overrides))
+    c = cfg.coevolve
+    load_before = list(os.getloadavg())
+    prep = coevolve.prepare(cfg, pathlib.Path(args.float_from))
+    runner, problem = prep.runner, prep.problem
+    evaluations = c.num_groups * c.population_size
+
+    state = runner.init_state(problem.q0, jax.random.PRNGKey(0))
+    start = time.perf_counter()
+    state, _ = jax.block_until_ready(runner.cycle(state, problem))
+    qevo_first = time.perf_counter() - start
+    qevo_times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        state, _ = jax.block_until_ready(runner.cycle(state, problem))
+        qevo_times.append(time.perf_counter() - start)
+
+    @jax.jit
+    def one_loss(genome, images, labels):
+        return cross_entropy(runner.logits(problem, genome, images), labels)
+
+    rng = np.random.default_rng(0)
+    q0 = np.asarray(problem.q0)
+    groups = [rng.choice(q0.size, c.group_size, replace=False) for _ in range(c.num_groups)]
+    batches = [rng.integers(0, problem.images.shape[0], c.batch_size) for _ in range(c.num_groups)]
+    images, labels = np.asarray(problem.images), np.asarray(problem.labels)
+
+    def loop_pass():
+        for idx, pick in zip(groups, batches):
+            x, y = jnp.asarray(images[pick]), jnp.asarray(labels[pick])
+            for _ in range(c.population_size):
+                genome = q0.copy()
+                genome[idx] = np.clip(q0[idx] + rng.integers(-c.radius, c.radius + 1, idx.size), -runner.max_level, runner.max_level)
+                float(one_loss(jnp.asarray(genome), x, y))
+
+    start = time.perf_counter()
+    loop_pass()
+    loop_first = time.perf_counter() - start
+    loop_times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        loop_pass()
+        loop_times.append(time.perf_counter() - start)
+
+    qevo_s, loop_s = statistics.median(qevo_times), statistics.median(loop_times)
+    device = jax.devices()[0]
+    result = {
+        "benchmark": "coevolution evaluations per second, LeNet-5 integer networks on MNIST mini-batches",
+        "command": "python -m benchmarks.coevolve " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "device": {"platform": device.platform, "kind": device.device_kind, "count": jax.device_count(),
+                   "cpu_cores": os.cpu_count(), "machine": platform.machine(), "load_avg_before": load_before,
+                   "load_avg_after": list(os.getloadavg())},
+        "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "numpy": np.__version__,
+                     "python": platform.python_version()},
+        "inputs": {"w_bits": c.w_bits, "a_bits": c.a_bits, "integer_weights": runner.num_weights, "groups": c.num_groups,
+                   "group_size": c.group_size, "population_size": c.population_size, "batch_size": c.batch_size,
+                   "strategy": c.strategy, "eval_images": c.eval_images, "evaluations_per_cycle": evaluations,
+                   "repeats": args.repeats},
+        "seconds": {"qevo_cycle_median": qevo_s, "qevo_cycle_runs": qevo_times, "qevo_first_with_compile": qevo_first,
+                    "loop_pass_median": loop_s, "loop_pass_runs": loop_times, "loop_first_with_compile": loop_first},
+        "evaluations_per_second": {"qevo": evaluations / qevo_s, "python_loop": evaluations / loop_s},
+        "speedup_qevo_over_loop": loop_s / qevo_s,
+    }
+    out = pathlib.Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"coevolve_{device.platform}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
