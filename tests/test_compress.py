@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, run_command
+from conftest import REPO, run_command, run_main
 from qevo import compress, sharing
 from qevo import config as config_lib
 from qevo.checkpoint import CheckpointError
@@ -207,9 +207,8 @@ def test_driver_generations(lenet, driver):
     ],
 )
 def test_bad_input_gives_one_clear_line(args, message, data_dir, tmp_path):
-    out = run_command("qevo.compress", "lenet5_sharing.py", tmp_path / "run", args, data_dir)
-    assert out.returncode == 2, out.stderr[-3000:]
-    assert message in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
+    status, stderr = run_main("qevo.compress", "lenet5_sharing.py", tmp_path / "run", args, data_dir)
+    assert status == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr[-3000:]
 
 
 @pytest.mark.parametrize("name", ["lenet5_sharing.py", "lenet5_tanh_sharing.py", "mobilenetv2_sharing.py"])

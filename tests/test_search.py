@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, run_command
+from conftest import REPO, run_command, run_main
 from qevo import checkpoint
 from qevo import config as config_lib
 from qevo import search
@@ -43,9 +43,14 @@ def _search(workdir, args, data_dir):
     ],
 )
 def test_config_errors_give_one_clear_line(args, message, tmp_path, data_dir):
-    out = _search(tmp_path / "run", args, data_dir)
+    status, stderr = run_main("qevo.search", "lenet5.py", tmp_path / "run", args, data_dir)
+    assert status == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr[-3000:]
+
+
+def test_a_config_error_ends_the_command_with_status_2(tmp_path, data_dir):
+    out = _search(tmp_path / "run", ["--config.search.qat_stepz=3"], data_dir)
     assert out.returncode == 2, out.stderr[-3000:]
-    assert message in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "unknown config key 'search.qat_stepz'" in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
 
 
 def test_one_config_file_serves_train_and_search():
