@@ -13,7 +13,7 @@ A reduced budget for a 2-core CPU (every output file, chance-level accuracy)::
       --config.population_size=8 --config.generations=1 --config.search.qat_steps=2 \\
       --config.search.eval_images=500 --config.final.epochs=1 --config.final.max_models=1
 
-(With 2,000 training images, 2 generations and 2 front models it took 12 min 4 s.)
+(4 min 51 s on an idle 2-core CPU, with the decoded CIFAR-10 cache already built.)
 """
 
 from qevo.search import search_defaults
