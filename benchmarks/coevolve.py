@@ -1,9 +1,11 @@
 """Benchmark: evaluations per second of the coevolution loop against a per-candidate Python loop.
 
-    python -m benchmarks.coevolve --float-from runs/lenet5_float [--w-bits 4] [--groups 8] [--repeats 3] [--out PATH]
+    python -m benchmarks.coevolve [--float-from runs/lenet5_float] [--w-bits 4] [--groups 8] [--repeats 3] [--out PATH]
 
-The problem of ``configs/lenet5_cc.py`` (the float model of ``--float-from``, a
-``python -m qevo.train --config configs/lenet5.py`` run) with ``--groups`` groups per cycle:
+The problem of ``configs/lenet5_cc.py`` with ``--groups`` groups per cycle, on the float
+model of ``--float-from`` (a ``python -m qevo.train --config configs/lenet5.py`` run) and
+MNIST, or without it on random calibrated weights and random MNIST-shaped images (the
+speed does not depend on either):
 
 * qevo: one compiled cycle (``Coevolution.cycle``: freeze, regroup, for every group a
   population of ``population_size`` integer networks scored on a training mini-batch, the
@@ -36,28 +38,41 @@ import numpy as np
 
 from qevo import coevolve
 from qevo import config as config_lib
+from qevo.calibration import calibrate
+from qevo.data import normalize
+from qevo.models import get_model, init_variables
 from qevo.population import cross_entropy
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.coevolve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--float-from", required=True, help="a finished qevo.train run of configs/lenet5.py")
-    parser.add_argument("--w-bits", type=int, default=4)
-    parser.add_argument("--groups", type=int, default=8, help="groups per cycle")
-    parser.add_argument("--eval-images", type=int, default=1000, help="validation images of the cycle's accuracy pass")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
-    jax.config.update("jax_threefry_partitionable", False)
-    overrides = [f"float_from={args.float_from}", f"coevolve.w_bits={args.w_bits}", f"coevolve.num_groups={args.groups}",
-                 f"coevolve.eval_images={args.eval_images}"]
+def synthetic(cfg, n_train: int = 6000, n_val: int = 1000):
+    """``coevolve.build`` on random calibrated LeNet-5 weights and random uint8 MNIST-shaped images."""
+    rng = np.random.default_rng(0)
+    shape = (28, 28, 1)
+    images = rng.integers(0, 256, (n_train + n_val, *shape), dtype=np.uint8)
+    labels = rng.integers(0, 10, n_train + n_val).astype(np.int32)
+    model = get_model(cfg.model.name, 10)
+    mean, std = (0.5,), (0.25,)
+    variables = init_variables(model, jax.random.key(0), shape)
+    variables = calibrate(model, variables, normalize(jnp.asarray(images[:512]), mean, std))
+    _, runner, problem = coevolve.build(cfg, model, variables, mean, std, images[:n_train], labels[:n_train],
+                                        images[n_train:], labels[n_train:])
+    return runner, problem
+
+
+def measure(float_from: str | None, w_bits: int, groups: int, eval_images: int, repeats: int) -> dict:
+    """One compiled coevolution cycle against the same evaluations from a Python loop."""
+    overrides = [f"coevolve.w_bits={w_bits}", f"coevolve.num_groups={groups}", f"coevolve.eval_images={eval_images}"]
+    if float_from:
+        overrides.append(f"float_from={float_from}")
     cfg = coevolve.validate(config_lib.load(REPO / "configs" / "lenet5_cc.py", overrides))
     c = cfg.coevolve
-    load_before = list(os.getloadavg())
-    prep = coevolve.prepare(cfg, pathlib.Path(args.float_from))
-    runner, problem = prep.runner, prep.problem
+    if float_from:
+        prep = coevolve.prepare(cfg, pathlib.Path(float_from))
+        runner, problem = prep.runner, prep.problem
+    else:
+        runner, problem = synthetic(cfg)
     evaluations = c.num_groups * c.population_size
 
     state = runner.init_state(problem.q0, jax.random.PRNGKey(0))
@@ -65,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     state, _ = jax.block_until_ready(runner.cycle(state, problem))
     qevo_first = time.perf_counter() - start
     qevo_times = []
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         start = time.perf_counter()
         state, _ = jax.block_until_ready(runner.cycle(state, problem))
         qevo_times.append(time.perf_counter() - start)
@@ -92,29 +107,48 @@ def main(argv: list[str] | None = None) -> dict:
     loop_pass()
     loop_first = time.perf_counter() - start
     loop_times = []
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         start = time.perf_counter()
         loop_pass()
         loop_times.append(time.perf_counter() - start)
 
     qevo_s, loop_s = statistics.median(qevo_times), statistics.median(loop_times)
+    return {
+        "benchmark": "coevolution evaluations per second, LeNet-5 integer networks on MNIST-shaped mini-batches",
+        "inputs": {"weights": f"float model of {float_from}" if float_from else "random, calibrated",
+                   "data": "MNIST" if float_from else "random uint8 images",
+                   "w_bits": c.w_bits, "a_bits": c.a_bits, "integer_weights": runner.num_weights, "groups": c.num_groups,
+                   "group_size": c.group_size, "population_size": c.population_size, "batch_size": c.batch_size,
+                   "strategy": c.strategy, "eval_images": c.eval_images, "evaluations_per_cycle": evaluations,
+                   "repeats": repeats},
+        "seconds": {"qevo_cycle_median": qevo_s, "qevo_cycle_runs": qevo_times, "qevo_first_with_compile": qevo_first,
+                    "loop_pass_median": loop_s, "loop_pass_runs": loop_times, "loop_first_with_compile": loop_first},
+        "evaluations_per_second": {"qevo": evaluations / qevo_s, "python_loop": evaluations / loop_s},
+        "speedup_qevo_over_loop": loop_s / qevo_s,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.coevolve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--float-from", default=None, help="a finished qevo.train run of configs/lenet5.py (default: random weights)")
+    parser.add_argument("--w-bits", type=int, default=4)
+    parser.add_argument("--groups", type=int, default=8, help="groups per cycle")
+    parser.add_argument("--eval-images", type=int, default=1000, help="validation images of the cycle's accuracy pass")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    jax.config.update("jax_threefry_partitionable", False)
+    load_before = list(os.getloadavg())
+    measured = measure(args.float_from, args.w_bits, args.groups, args.eval_images, args.repeats)
     device = jax.devices()[0]
     result = {
-        "benchmark": "coevolution evaluations per second, LeNet-5 integer networks on MNIST mini-batches",
         "command": "python -m benchmarks.coevolve " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": {"platform": device.platform, "kind": device.device_kind, "count": jax.device_count(),
                    "cpu_cores": os.cpu_count(), "machine": platform.machine(), "load_avg_before": load_before,
                    "load_avg_after": list(os.getloadavg())},
         "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
-        "inputs": {"w_bits": c.w_bits, "a_bits": c.a_bits, "integer_weights": runner.num_weights, "groups": c.num_groups,
-                   "group_size": c.group_size, "population_size": c.population_size, "batch_size": c.batch_size,
-                   "strategy": c.strategy, "eval_images": c.eval_images, "evaluations_per_cycle": evaluations,
-                   "repeats": args.repeats},
-        "seconds": {"qevo_cycle_median": qevo_s, "qevo_cycle_runs": qevo_times, "qevo_first_with_compile": qevo_first,
-                    "loop_pass_median": loop_s, "loop_pass_runs": loop_times, "loop_first_with_compile": loop_first},
-        "evaluations_per_second": {"qevo": evaluations / qevo_s, "python_loop": evaluations / loop_s},
-        "speedup_qevo_over_loop": loop_s / qevo_s,
+        **measured,
     }
     out = pathlib.Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"coevolve_{device.platform}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

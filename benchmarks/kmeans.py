@@ -58,16 +58,10 @@ def load_layers(params: str | None) -> dict[str, np.ndarray]:
     return layers
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="k in (2, 5, 16, 50) instead of 1..50")
-    parser.add_argument("--params", help="saved params .npz; its >=2-D arrays are the layers")
-    parser.add_argument("--out", help="JSON path (default benchmarks/results/kmeans_<platform>[_quick].json)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed qevo runs (median reported)")
-    args = parser.parse_args(argv)
-
-    layers = load_layers(args.params)
-    ks = (2, 5, 16, 50) if args.quick else tuple(range(1, K_MAX + 1))
+def measure(params: str | None, quick: bool, repeats: int) -> dict:
+    """qevo's batched k-means over every (layer, k) pair against scikit-learn's loop."""
+    layers = load_layers(params)
+    ks = (2, 5, 16, 50) if quick else tuple(range(1, K_MAX + 1))
     pairs = [(name, k) for name, w in layers.items() for k in ks if k <= w.size]
     values, mask = pack_layers([layers[name] for name, _ in pairs])
     k = jnp.asarray([k for _, k in pairs], jnp.int32)
@@ -77,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = jax.block_until_ready(kmeans(values, mask, k, K_MAX))
     first_call = time.perf_counter() - t0
     times = []
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         t0 = time.perf_counter()
         result = jax.block_until_ready(kmeans(values, mask, k, K_MAX))
         times.append(time.perf_counter() - t0)
@@ -100,9 +94,9 @@ def main(argv: list[str] | None = None) -> dict:
                    "cpu_cores": os.cpu_count(), "machine": platform.machine(), "load_avg_before": load_before},
         "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "numpy": np.__version__,
                      "sklearn": sklearn.__version__, "python": platform.python_version()},
-        "inputs": {"weights": args.params or f"random, trained-like, seed {SEED}",
+        "inputs": {"weights": params or f"random, trained-like, seed {SEED}",
                    "layers": {name: int(w.size) for name, w in layers.items()},
-                   "k": [min(ks), max(ks)] if not args.quick else list(ks), "pairs": len(pairs), "k_max": K_MAX,
+                   "k": [min(ks), max(ks)] if not quick else list(ks), "pairs": len(pairs), "k_max": K_MAX,
                    "qevo": "kmeans(values [pairs, n_max], mask, k, k_max=50), defaults (n_iter 50, n_bins 256)",
                    "sklearn": "KMeans(n_clusters=k, n_init=10, random_state=0).fit loop over pairs"},
         "seconds": {"qevo_median": qevo_seconds, "qevo_runs": times, "qevo_first_call_with_compile": first_call,
@@ -115,6 +109,18 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "qevo_lloyd_iterations": {"max": int(np.max(result.n_iter_run)), "median": float(np.median(result.n_iter_run))},
     }
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.kmeans", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="k in (2, 5, 16, 50) instead of 1..50")
+    parser.add_argument("--params", help="saved params .npz; its >=2-D arrays are the layers")
+    parser.add_argument("--out", help="JSON path (default benchmarks/results/kmeans_<platform>[_quick].json)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed qevo runs (median reported)")
+    args = parser.parse_args(argv)
+    report = measure(args.params, args.quick, args.repeats)
+    device = jax.devices()[0]
     text = json.dumps(report, indent=2)
     print(text)
     name = f"kmeans_{device.platform}{'_quick' if args.quick else ''}.json"

@@ -14,6 +14,7 @@ Prints JSON and writes it to ``benchmarks/results/nsga3_<platform>[_quick].json`
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.metadata
 import json
 import os
@@ -91,31 +92,38 @@ def compare(F: np.ndarray, ref_dirs: np.ndarray, n_survive: int, repeats: int) -
     return statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="N in {100, 1000} only, fewer repeats")
-    args = parser.parse_args()
-    sizes = [100, 1000] if args.quick else [100, 1000, 10000]
-    device = jax.devices()[0]
+def rank_tilings(F: np.ndarray, repeats: int) -> list[dict]:
+    """Median seconds of ``non_dominated_rank`` alone under several (block, chunk) tilings."""
+    F_dev = jnp.asarray(F, jnp.float32)
+    rows = []
+    for block, chunk in ((256, 1), (256, None), (1024, None), (2048, None), (4096, None)):
+        rank = functools.partial(nsga3.non_dominated_rank, block_size=block, chunk_blocks=chunk or 10**6)
+        jax.block_until_ready(rank(F_dev))
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(rank(F_dev))
+            times.append(time.perf_counter() - start)
+        rows.append({"block_size": block, "chunk_blocks": chunk or "all", "seconds": statistics.median(times)})
+    return rows
+
+
+def measure(sizes: list[int], repeats_small: int, tilings: bool) -> dict:
+    """qevo's and pymoo's survival time for every N in ``sizes`` and M in (2, 3, 5)."""
     report = {
         "benchmark": "NSGA-III survival, 2N uniform random objective vectors -> N survivors",
-        "device": str(device),
-        "device_kind": device.device_kind,
-        "platform": jax.default_backend(),
-        "host_cpu": cpu_name(),
         "versions": {name: package_version(name) for name in ("jax", "jaxlib", "pymoo", "moocore", "numpy")},
         "note": ("pymoo 0.6.2 ranks with moocore.pareto_rank (compiled C); "
                  "qevo ranks with O(N^2 M / 2) comparisons on fixed shapes"),
         "qevo_dtype": "float32",
         "pymoo_dtype": "float64",
         "timing": ("median seconds per survival call, qevo and pymoo calls interleaved; "
-                   "qevo compiled, warmed up, block_until_ready"),
-        "cpu_count": os.cpu_count(),
-        "load_average_at_start": os.getloadavg(),
+                   "qevo compiled, warmed up, block_until_ready; pymoo on the host CPU"),
+        "inputs": {"sizes": sizes, "partitions": PARTITIONS},
         "results": [],
     }
     for n in sizes:
-        repeats = 3 if n >= 10000 else (5 if args.quick else 9)
+        repeats = 3 if n >= 10000 else repeats_small
         for n_obj, n_partitions in PARTITIONS.items():
             ref_dirs = nsga3.das_dennis(n_obj, n_partitions)
             F = np.random.default_rng(n * 10 + n_obj).random((2 * n, n_obj))
@@ -126,12 +134,30 @@ def main() -> None:
             }
             report["results"].append(row)
             print(json.dumps(row), flush=True)
+    if tilings:
+        F = np.random.default_rng(2).random((2 * max(sizes), 2))
+        report["rank_tilings_M2"] = rank_tilings(F, 5)
+        print(json.dumps({"rank_tilings_M2": report["rank_tilings_M2"]}), flush=True)
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.nsga3", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="N in {100, 1000} only, fewer repeats")
+    parser.add_argument("--tilings", action="store_true", help="also time the ranking alone under several tilings")
+    args = parser.parse_args(argv)
+    device = jax.devices()[0]
+    report = {"device": str(device), "device_kind": device.device_kind, "platform": jax.default_backend(),
+              "host_cpu": cpu_name(), "cpu_count": os.cpu_count(), "load_average_at_start": os.getloadavg()}
+    sizes = [100, 1000] if args.quick else [100, 1000, 10000]
+    report.update(measure(sizes, 5 if args.quick else 9, args.tilings))
     report["load_average_at_end"] = os.getloadavg()
     text = json.dumps(report, indent=2)
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
     (RESULTS / f"nsga3_{report['platform']}{suffix}.json").write_text(text + "\n")
+    return report
 
 
 if __name__ == "__main__":

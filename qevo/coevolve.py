@@ -455,33 +455,45 @@ class Prepared:
     val: tuple
 
 
-def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> Prepared:
-    """Float model (calibrated), round-to-nearest levels, the runner and its problem."""
+def build(cfg: ml_collections.ConfigDict, model: nn.Module, variables: dict, mean, std, train_images, train_labels,
+          val_images, val_labels) -> tuple[Bits, Coevolution, Problem]:
+    """The runner and its problem for float ``variables`` (calibrated) and uint8 ``[N, H, W, C]`` splits.
+
+    Returns the network's bit widths, the :class:`Coevolution` runner and the
+    :class:`Problem` that starts from the round-to-nearest integer weights.
+    """
     c = cfg.coevolve
-    ds = train.load_data(cfg)
-    model = train.build_model(cfg, ds.num_classes)
-    variables, _ = float_model(cfg, ds, model, workdir)
-    variables = calibrate(model, variables, normalize(jnp.asarray(ds.train_images[:512]), ds.mean, ds.std))
     bits = integer_bits(cfg, model.num_layers)
-    paths = intforward.quantized_layers(model, variables, ds.train_images.shape[1:])
+    paths = intforward.quantized_layers(model, variables, train_images.shape[1:])
     rtn = intforward.integer_kernels(variables, paths, bits.w, cfg.quant.per_channel, cfg.quant.mode)
     if not rtn:
         raise config_lib.ConfigError("no layer is quantized: with quant.float_first_last=True the model needs more than two layers")
-    runner = Coevolution(model, {p: k.q.shape for p, k in rtn.items()}, ds.mean, ds.std, c, intforward.max_level(c.w_bits))
+    runner = Coevolution(model, {p: k.q.shape for p, k in rtn.items()}, mean, std, c, intforward.max_level(c.w_bits))
     if c.num_groups * c.group_size > runner.num_weights:
         raise config_lib.ConfigError(
             f"config coevolve.num_groups * coevolve.group_size = {c.num_groups * c.group_size} exceeds the "
             f"{runner.num_weights} integer weights of {cfg.model.name}; lower one of them")
-    if ds.val_images.shape[0] == 0:
+    if val_images.shape[0] == 0:
         raise config_lib.ConfigError("the coevolution reports validation accuracy per cycle: set data.val_size > 0")
-    eb = cfg.train.eval_batch_size
-    n_val = ds.val_images.shape[0] if c.eval_images is None else min(c.eval_images, ds.val_images.shape[0])
+    n_val = val_images.shape[0] if c.eval_images is None else min(c.eval_images, val_images.shape[0])
     problem = Problem(
         variables=variables, scales={p: k.scale for p, k in rtn.items()},
         bits=Bits(w=jnp.asarray(bits.w), a=jnp.asarray(bits.a)), q0=runner.flatten(rtn),
-        images=jax.device_put(ds.train_images), labels=jax.device_put(ds.train_labels),
-        val=batch_eval_set(jnp.asarray(ds.val_images[:n_val]), jnp.asarray(ds.val_labels[:n_val]), eb),
+        images=jax.device_put(train_images), labels=jax.device_put(train_labels),
+        val=batch_eval_set(jnp.asarray(val_images[:n_val]), jnp.asarray(val_labels[:n_val]), cfg.train.eval_batch_size),
     )
+    return bits, runner, problem
+
+
+def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> Prepared:
+    """Float model (calibrated), round-to-nearest levels, the runner and its problem."""
+    ds = train.load_data(cfg)
+    model = train.build_model(cfg, ds.num_classes)
+    variables, _ = float_model(cfg, ds, model, workdir)
+    variables = calibrate(model, variables, normalize(jnp.asarray(ds.train_images[:512]), ds.mean, ds.std))
+    bits, runner, problem = build(cfg, model, variables, ds.mean, ds.std, ds.train_images, ds.train_labels,
+                                  ds.val_images, ds.val_labels)
+    eb = cfg.train.eval_batch_size
     test = batch_eval_set(jnp.asarray(ds.test_images), jnp.asarray(ds.test_labels), eb)
     val = batch_eval_set(jnp.asarray(ds.val_images), jnp.asarray(ds.val_labels), eb)
     return Prepared(cfg, ds, model, variables, bits, runner, problem, test, val)

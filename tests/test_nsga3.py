@@ -74,10 +74,12 @@ def test_rank_integer_ties_and_duplicates(n_obj):
         assert len(set(ranks[np.all(F == row, axis=1)])) == 1
 
 
-@pytest.mark.parametrize("block_size", [8, 64, 256])
-def test_rank_independent_of_block_size(block_size):
+@pytest.mark.parametrize("block_size, chunk_blocks", [(8, 1), (64, 1), (256, 1), (8, 3), (32, 1000), (1024, 1000)])
+def test_rank_independent_of_tiling(block_size, chunk_blocks):
     F = np.random.default_rng(7).random((300, 2))
-    np.testing.assert_array_equal(nsga3.non_dominated_rank(jnp.asarray(F), block_size=block_size), pymoo_rank(F))
+    F[::7] = F[3]  # duplicated rows across blocks and chunks
+    ranks = nsga3.non_dominated_rank(jnp.asarray(F), block_size=block_size, chunk_blocks=chunk_blocks)
+    np.testing.assert_array_equal(ranks, pymoo_rank(F))
 
 
 def test_rank_invalid_rows_last():

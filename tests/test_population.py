@@ -14,7 +14,14 @@ from qevo.calibration import calibrate
 from qevo.data import load_dataset, normalize
 from qevo.layers import Bits
 from qevo.models import get_model, init_variables
-from qevo.population import PopulationEvaluator, QATConfig, batch_eval_set, batched_accuracy
+from qevo.population import (
+    VMAP_QAT_MAX_MACS,
+    PopulationEvaluator,
+    QATConfig,
+    batch_eval_set,
+    batched_accuracy,
+    resolve_strategy,
+)
 
 N_EVAL = 300
 
@@ -117,3 +124,13 @@ def test_unknown_strategy(setup):
     ds, model, *_ = setup
     with pytest.raises(ValueError, match="unknown population strategy"):
         PopulationEvaluator(model, ds.mean, ds.std, strategy="pmap")
+
+
+def test_auto_strategy_by_backend_and_qat_step_size():
+    assert resolve_strategy("auto", None, "cpu") == ("map", 1)
+    assert resolve_strategy("auto", None, "gpu") == ("vmap", None)
+    assert resolve_strategy("auto", None, "gpu", VMAP_QAT_MAX_MACS) == ("vmap", None)
+    assert resolve_strategy("auto", None, "gpu", VMAP_QAT_MAX_MACS + 1) == ("map", 1)
+    assert resolve_strategy("vmap", 4, "gpu", 10**12) == ("vmap", 4)
+    with pytest.raises(ValueError, match="unknown population strategy"):
+        PopulationEvaluator(get_model("lenet5", 10), (0.5,), (0.25,), strategy="pmap")

@@ -1,0 +1,148 @@
+"""The performance report: every benchmark in one run, a table, one JSON per device.
+
+    python -m benchmarks.run [--quick] [--only nsga3,population,coevolve,kmeans,devices] [--models lenet5,resnet20] [--out PATH]
+
+Runs, in this order, with each baseline measured in the same run:
+
+* ``nsga3``: NSGA-III survival (2N -> N), N in {100, 1000, 10000} (``--quick``: 100,
+  1000), M in {2, 3, 5}, qevo against pymoo 0.6 on the host CPU;
+* ``population``: population scoring and vmapped QAT steps of LeNet-5 and ResNet-20
+  against a per-individual loop, achieved FLOP/s (and the fraction of peak on a GPU), on
+  an accelerator also the memory each population size needs and the largest that fits;
+* ``coevolve``: coevolution evaluations per second against a per-candidate Python loop;
+* ``kmeans``: every (LeNet-5 layer, k in {2, 5, 16, 50}) clustering in one batched call
+  against scikit-learn's ``KMeans`` loop;
+* ``devices`` (CPU only): population scoring over 1..4 forced host devices.
+
+All inputs are random (speed does not depend on them), so no dataset is needed. The
+report is rewritten after each benchmark (a cut-short run keeps what finished) to
+``benchmarks/results/run_<device>[_quick].json`` or ``--out``. ``--quick`` takes about
+7 minutes on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import pathlib
+import platform
+import re
+import sys
+import time
+
+import jax
+
+from benchmarks import coevolve, devices, kmeans, nsga3, population
+
+BENCHMARKS = ("nsga3", "population", "coevolve", "kmeans", "devices")
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "evosax", "numpy", "pymoo", "scikit-learn")
+
+
+def environment() -> dict:
+    """Device, host and package versions of this run."""
+    device = jax.devices()[0]
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"device": {"platform": device.platform, "kind": device.device_kind, "count": jax.device_count()},
+            "host": {"cpu": nsga3.cpu_name(), "cores": os.cpu_count(), "machine": platform.machine(),
+                     "load_avg_at_start": list(os.getloadavg())},
+            "versions": {**versions, "python": platform.python_version()},
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def default_out(quick: bool) -> pathlib.Path:
+    device = jax.devices()[0]
+    kind = "cpu" if device.platform == "cpu" else re.sub(r"[^a-z0-9]+", "_", device.device_kind.lower()).strip("_")
+    return RESULTS / f"run_{kind}{'_quick' if quick else ''}.json"
+
+
+def run_one(name: str, quick: bool, gpu: bool, models: str) -> dict:
+    """One benchmark's report."""
+    if name == "nsga3":
+        return nsga3.measure([100, 1000] if quick else [100, 1000, 10000], 5 if quick else 9, tilings=gpu)
+    if name == "population":
+        args = population.parser().parse_args(["--quick"] * quick + ["--memory"] * gpu + ["--models", models])
+        return population.measure(**population.options(args))
+    if name == "coevolve":
+        return coevolve.measure(None, 4, 4 if quick else 8, 1000, 3)
+    if name == "kmeans":
+        return kmeans.measure(None, quick=True, repeats=3)
+    return devices.measure(4, quick)
+
+
+def table(report: dict) -> str:
+    """The headline figures of a report, one line each."""
+    lines = [f"device {report['device']['kind']} ({report['device']['platform']}), host {report['host']['cpu']} "
+             f"x{report['host']['cores']}, jax {report['versions']['jax']}"]
+    parts = report["benchmarks"]
+    for row in parts.get("nsga3", {}).get("results", []):
+        lines.append(f"nsga3      N={row['N']:<6} M={row['M']}  qevo {row['qevo_s'] * 1e3:9.2f} ms  "
+                     f"pymoo {row['pymoo_s'] * 1e3:9.2f} ms  pymoo/qevo {row['pymoo_over_qevo']:6.2f}x")
+    for row in parts.get("population", {}).get("rows", []):
+        if "error" in row:
+            lines.append(f"population {row['model']:<8} {row['mode']:<5} P={row['population']:<5} {row['error'][:80]}")
+            continue
+        vs_loop = f"  auto/loop {row['auto_vs_loop']:5.2f}x" if "auto_vs_loop" in row else ""
+        others = "  " + " ".join(f"{k} {v:,.0f}" for k, v in row["throughput"].items() if k not in ("auto", "loop"))
+        lines.append(f"population {row['model']:<8} {row['mode']:<5} P={row['population']:<5} auto {row['throughput']['auto']:12,.0f} "
+                     f"img*ind/s  {row['auto_tflops']:7.3f} TFLOP/s{vs_loop}{others if len(others) > 2 else ''}")
+    for name, mem in parts.get("population", {}).get("memory", {}).items():
+        if "largest_run" in mem:
+            run = mem["largest_run"]
+            lines.append(f"population {name:<8} largest P that fits: {run['population']} "
+                         f"({mem['bytes_per_individual'] / 2**20:.1f} MiB per individual), {run['throughput']:,.0f} img*ind/s")
+    if "coevolve" in parts:
+        c = parts["coevolve"]
+        lines.append(f"coevolve   {c['evaluations_per_second']['qevo']:8.1f} evals/s against a Python loop's "
+                     f"{c['evaluations_per_second']['python_loop']:.1f}: {c['speedup_qevo_over_loop']:.2f}x")
+    if "kmeans" in parts:
+        k = parts["kmeans"]
+        lines.append(f"kmeans     {k['inputs']['pairs']} (layer, k) pairs: qevo {k['seconds']['qevo_median']:.2f} s, "
+                     f"scikit-learn loop {k['seconds']['sklearn_loop']:.1f} s: {k['speedup_sklearn_over_qevo']:.1f}x")
+    for row in parts.get("devices", {}).get("rows", []):
+        lines.append(f"devices    {row['model']:<8} D={row['devices']} P={row['population']:<3} "
+                     f"{row['throughput']:10,.0f} img*ind/s  {row['speedup_vs_1']:.2f}x of D=1")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes: about 7 minutes on a 2-core CPU")
+    parser.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {','.join(BENCHMARKS)}")
+    parser.add_argument("--models", default="lenet5,resnet20", help="models of the population benchmark")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/run_<device>[_quick].json)")
+    args = parser.parse_args(argv)
+    names = args.only.split(",")
+    unknown = sorted(set(names) - set(BENCHMARKS))
+    if unknown:
+        parser.error(f"unknown benchmark(s) {unknown}; choose from {','.join(BENCHMARKS)}")
+    jax.config.update("jax_threefry_partitionable", False)
+    gpu = jax.default_backend() != "cpu"
+    if gpu and "devices" in names:
+        names.remove("devices")  # forced host devices are a CPU measurement
+    out = pathlib.Path(args.out) if args.out else default_out(args.quick)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {"command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+              **environment(), "quick": args.quick, "benchmarks": {}, "seconds": {}}
+    for name in names:
+        print(f"== {name}", flush=True)
+        start = time.perf_counter()
+        report["benchmarks"][name] = run_one(name, args.quick, gpu, args.models)
+        report["seconds"][name] = time.perf_counter() - start
+        report["host"]["load_avg_at_end"] = list(os.getloadavg())
+        out.write_text(json.dumps(report, indent=2) + "\n")
+    print(table(report))
+    print(f"wrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
