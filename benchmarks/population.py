@@ -6,11 +6,11 @@ For each model and population size P, on random bit configurations and random-in
 calibrated weights (throughput does not depend on the weights), all in the same run:
 
 * **scoring**: the evaluator's ``auto`` strategy against a per-individual Python loop over
-  the evaluator compiled for one individual (the baseline); at the sizes of
-  ``--compare-at`` also the explicit strategies (``vmap``, ``map`` sequential, ``map`` in
+  the evaluator compiled for one individual (the baseline); at P = 8, 32 and 64
+  (``--quick``: 8) also the explicit strategies (``vmap``, ``map`` sequential, ``map`` in
   chunks of 8). The loop runs up to ``--loop-max`` individuals.
-* **QAT** (``--qat-steps K > 0``): ``K`` vmapped quantization-aware SGD steps per individual,
-  then scoring, against the same loop.
+* **QAT** (``--qat-steps K > 0``): ``K`` quantization-aware SGD steps per individual, then
+  scoring, by the same strategies against the same loop.
 * achieved FLOP/s (2 x MACs per image x images x P / seconds) and, on a GPU, its fraction
   of the device's peak;
 * with ``--memory``: the device memory the compiled scoring program needs at each P (XLA's
