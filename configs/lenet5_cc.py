@@ -12,17 +12,14 @@ first convolution, the same for every candidate, is then computed once per mini-
 (on this 2-core CPU about 1.2x the evaluations per second of a sequential map).
 """
 
+import pathlib
+
 from qevo.coevolve import defaults
+from qevo.config import take_sections
 
 
 def get_config():
-    c = defaults()
-    c.data.name = "mnist"
-    c.model.name = "lenet5"
-    c.train.epochs = 12
-    c.train.batch_size = 128
-    c.train.optimizer = "adam"
-    c.train.learning_rate = 2e-3
+    c = take_sections(defaults(), pathlib.Path(__file__).with_name("lenet5.py"))
     c.coevolve.w_bits = 4
     c.coevolve.a_bits = 8
     c.coevolve.radius = 1

@@ -5,18 +5,14 @@ gives the seed's tanh network.  The float model trains as ``configs/lenet5.py`` 
 (Adam 2e-3, 12 epochs, batch 128) unless ``--config.float_from`` names a trained run.
 """
 
+import pathlib
+
 from qevo.compress import defaults
+from qevo.config import take_sections
 
 
 def get_config():
-    c = defaults()
-    c.data.name = "mnist"
-    c.model.name = "lenet5"
-    c.model.activation = "relu"
-    c.train.epochs = 12
-    c.train.batch_size = 128
-    c.train.optimizer = "adam"
-    c.train.learning_rate = 2e-3
+    c = take_sections(defaults(), pathlib.Path(__file__).with_name("lenet5.py"))
     c.population_size = 16
     c.generations = 16
     c.sharing.driver = "ga"

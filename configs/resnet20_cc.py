@@ -17,21 +17,14 @@ loaded CPU, about 5 evaluations per second)::
       --config.coevolve.eval_images=200 --config.coevolve.qat=False
 """
 
+import pathlib
+
 from qevo.coevolve import defaults
+from qevo.config import take_sections
 
 
 def get_config():
-    c = defaults()
-    c.data.name = "cifar10"
-    c.model.name = "resnet20"
-    c.train.epochs = 200
-    c.train.batch_size = 128
-    c.train.optimizer = "sgd"
-    c.train.learning_rate = 0.1
-    c.train.momentum = 0.9
-    c.train.nesterov = True
-    c.train.weight_decay = 5e-4
-    c.train.augment = True
+    c = take_sections(defaults(), pathlib.Path(__file__).with_name("resnet20.py"))
     c.coevolve.w_bits = 4
     c.coevolve.a_bits = 8
     c.coevolve.group_size = 1024

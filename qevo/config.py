@@ -162,6 +162,19 @@ def load(path: str | pathlib.Path, overrides: list[str] = ()) -> ml_collections.
     return cfg
 
 
+def take_sections(cfg: ml_collections.ConfigDict, config_file: str | pathlib.Path,
+                  sections: tuple[str, ...] = ("data", "model", "train")) -> ml_collections.ConfigDict:
+    """``cfg`` with ``sections`` replaced by those of another config file's ``get_config()``.
+
+    A method's config takes its model's float recipe this way (``take_sections(defaults(),
+    pathlib.Path(__file__).with_name("lenet5.py"))``), so the two cannot drift apart.
+    """
+    source = load(config_file)
+    for section in sections:
+        cfg[section] = source[section]
+    return cfg
+
+
 def _override(cfg: ml_collections.ConfigDict, item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like --config.section.key=value")
