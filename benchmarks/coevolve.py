@@ -23,19 +23,16 @@ the evaluation speed-up. Prints JSON and writes ``benchmarks/results/coevolve_<p
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 
+from benchmarks import common
 from qevo import coevolve
 from qevo import config as config_lib
 from qevo.calibration import calibrate
@@ -138,24 +135,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     jax.config.update("jax_threefry_partitionable", False)
-    load_before = list(os.getloadavg())
-    measured = measure(args.float_from, args.w_bits, args.groups, args.eval_images, args.repeats)
-    device = jax.devices()[0]
-    result = {
-        "command": "python -m benchmarks.coevolve " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "device": {"platform": device.platform, "kind": device.device_kind, "count": jax.device_count(),
-                   "cpu_cores": os.cpu_count(), "machine": platform.machine(), "load_avg_before": load_before,
-                   "load_avg_after": list(os.getloadavg())},
-        "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "numpy": np.__version__,
-                     "python": platform.python_version()},
-        **measured,
-    }
-    out = pathlib.Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"coevolve_{device.platform}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    return result
-
+    result = {"command": "python -m benchmarks.coevolve " + " ".join(argv if argv is not None else sys.argv[1:]),
+              **common.environment(),
+              **measure(args.float_from, args.w_bits, args.groups, args.eval_images, args.repeats)}
+    out = pathlib.Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"coevolve_{jax.default_backend()}.json"
+    return common.write(result, out)
 
 if __name__ == "__main__":
     main()

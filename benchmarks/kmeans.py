@@ -17,20 +17,16 @@ Prints JSON and writes ``benchmarks/results/kmeans_<platform>[_quick].json`` (or
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import pathlib
-import platform
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
-import sklearn
 from sklearn.cluster import KMeans
 
+from benchmarks import common
 from qevo.kmeans import kmeans, pack_layers
 
 LENET5_SIZES = {"conv1": 150, "conv2": 2400, "fc1": 48000, "fc2": 10080, "fc3": 840}
@@ -65,7 +61,6 @@ def measure(params: str | None, quick: bool, repeats: int) -> dict:
     pairs = [(name, k) for name, w in layers.items() for k in ks if k <= w.size]
     values, mask = pack_layers([layers[name] for name, _ in pairs])
     k = jnp.asarray([k for _, k in pairs], jnp.int32)
-    load_before = os.getloadavg()
 
     t0 = time.perf_counter()
     result = jax.block_until_ready(kmeans(values, mask, k, K_MAX))
@@ -87,13 +82,8 @@ def measure(params: str | None, quick: bool, repeats: int) -> dict:
     exact = np.asarray(inertia) <= 1e-12  # k = n: both zero
     ratio[exact] = 1.0
     worst = int(np.argmax(ratio))
-    device = jax.devices()[0]
     report = {
         "benchmark": "kmeans: all (layer, k) pairs of LeNet-5",
-        "device": {"platform": device.platform, "kind": device.device_kind, "count": jax.device_count(),
-                   "cpu_cores": os.cpu_count(), "machine": platform.machine(), "load_avg_before": load_before},
-        "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "numpy": np.__version__,
-                     "sklearn": sklearn.__version__, "python": platform.python_version()},
         "inputs": {"weights": params or f"random, trained-like, seed {SEED}",
                    "layers": {name: int(w.size) for name, w in layers.items()},
                    "k": [min(ks), max(ks)] if not quick else list(ks), "pairs": len(pairs), "k_max": K_MAX,
@@ -119,16 +109,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", help="JSON path (default benchmarks/results/kmeans_<platform>[_quick].json)")
     parser.add_argument("--repeats", type=int, default=3, help="timed qevo runs (median reported)")
     args = parser.parse_args(argv)
-    report = measure(args.params, args.quick, args.repeats)
-    device = jax.devices()[0]
-    text = json.dumps(report, indent=2)
-    print(text)
-    name = f"kmeans_{device.platform}{'_quick' if args.quick else ''}.json"
-    out = pathlib.Path(args.out or pathlib.Path(__file__).parent / "results" / name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
-    return report
-
+    report = {**common.environment(), **measure(args.params, args.quick, args.repeats)}
+    name = f"kmeans_{jax.default_backend()}{'_quick' if args.quick else ''}.json"
+    return common.write(report, pathlib.Path(args.out or pathlib.Path(__file__).parent / "results" / name))
 
 if __name__ == "__main__":
     main()

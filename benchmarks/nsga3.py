@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.metadata
 import json
-import os
 import pathlib
-import platform
 import statistics
 import time
 
@@ -30,28 +27,11 @@ from pymoo.algorithms.moo.nsga3 import ReferenceDirectionSurvival
 from pymoo.core.population import Population
 from pymoo.core.problem import Problem
 
+from benchmarks import common
 from qevo import nsga3
 
 PARTITIONS = {2: 99, 3: 12, 5: 6}  # Das-Dennis divisions: 100, 91 and 210 reference directions
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-
-
-def package_version(name: str) -> str | None:
-    """Installed version of a distribution, None if it is absent."""
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def cpu_name() -> str:
-    """The host CPU's model name (Linux ``/proc/cpuinfo``), else the machine type."""
-    cpuinfo = pathlib.Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def qevo_call(F: np.ndarray, ref_dirs: np.ndarray, n_survive: int):
@@ -112,7 +92,6 @@ def measure(sizes: list[int], repeats_small: int, tilings: bool) -> dict:
     """qevo's and pymoo's survival time for every N in ``sizes`` and M in (2, 3, 5)."""
     report = {
         "benchmark": "NSGA-III survival, 2N uniform random objective vectors -> N survivors",
-        "versions": {name: package_version(name) for name in ("jax", "jaxlib", "pymoo", "moocore", "numpy")},
         "note": ("pymoo 0.6.2 ranks with moocore.pareto_rank (compiled C); "
                  "qevo ranks with O(N^2 M / 2) comparisons on fixed shapes"),
         "qevo_dtype": "float32",
@@ -146,19 +125,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="N in {100, 1000} only, fewer repeats")
     parser.add_argument("--tilings", action="store_true", help="also time the ranking alone under several tilings")
     args = parser.parse_args(argv)
-    device = jax.devices()[0]
-    report = {"device": str(device), "device_kind": device.device_kind, "platform": jax.default_backend(),
-              "host_cpu": cpu_name(), "cpu_count": os.cpu_count(), "load_average_at_start": os.getloadavg()}
     sizes = [100, 1000] if args.quick else [100, 1000, 10000]
-    report.update(measure(sizes, 5 if args.quick else 9, args.tilings))
-    report["load_average_at_end"] = os.getloadavg()
-    text = json.dumps(report, indent=2)
-    print(text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if args.quick else ""
-    (RESULTS / f"nsga3_{report['platform']}{suffix}.json").write_text(text + "\n")
-    return report
-
+    report = {**common.environment(), **measure(sizes, 5 if args.quick else 9, args.tilings)}
+    return common.write(report, RESULTS / f"nsga3_{jax.default_backend()}{'_quick' if args.quick else ''}.json")
 
 if __name__ == "__main__":
     main()

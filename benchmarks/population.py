@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import platform
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
 from qevo.calibration import calibrate
 from qevo.cost import layer_table
 from qevo.models import get_model, init_variables
@@ -197,13 +196,6 @@ def measure(plan: dict, repeats: int, loop_max: int, compare_at, qat_steps: int,
     return report
 
 
-def environment() -> dict:
-    device = jax.devices()[0]
-    return {"device": {"platform": device.platform, "kind": device.device_kind, "count": jax.device_count()},
-            "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "load_avg": list(os.getloadavg())},
-            "versions": {"jax": jax.__version__, "python": platform.python_version()}}
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.population", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="P in {1, 8, 32}, fewer images and repeats")
@@ -241,12 +233,9 @@ def options(args) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
     jax.config.update("jax_threefry_partitionable", False)
-    report = {**environment(), **measure(**options(args)), "quick": args.quick}
+    report = {**common.environment(), **measure(**options(args)), "quick": args.quick}
     out = pathlib.Path(args.out) if args.out else RESULTS / f"population_{jax.default_backend()}{'_quick' if args.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
-    return report
+    return common.write(report, out)
 
 
 if __name__ == "__main__":

@@ -23,39 +23,17 @@ report is rewritten after each benchmark (a cut-short run keeps what finished) t
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata
-import json
-import os
 import pathlib
-import platform
 import re
 import sys
 import time
 
 import jax
 
-from benchmarks import coevolve, devices, kmeans, nsga3, population
+from benchmarks import coevolve, common, devices, kmeans, nsga3, population
 
 BENCHMARKS = ("nsga3", "population", "coevolve", "kmeans", "devices")
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-PACKAGES = ("jax", "jaxlib", "flax", "optax", "evosax", "numpy", "pymoo", "scikit-learn")
-
-
-def environment() -> dict:
-    """Device, host and package versions of this run."""
-    device = jax.devices()[0]
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return {"device": {"platform": device.platform, "kind": device.device_kind, "count": jax.device_count()},
-            "host": {"cpu": nsga3.cpu_name(), "cores": os.cpu_count(), "machine": platform.machine(),
-                     "load_avg_at_start": list(os.getloadavg())},
-            "versions": {**versions, "python": platform.python_version()},
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def default_out(quick: bool) -> pathlib.Path:
@@ -129,16 +107,14 @@ def main(argv: list[str] | None = None) -> dict:
     if gpu and "devices" in names:
         names.remove("devices")  # forced host devices are a CPU measurement
     out = pathlib.Path(args.out) if args.out else default_out(args.quick)
-    out.parent.mkdir(parents=True, exist_ok=True)
     report = {"command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
-              **environment(), "quick": args.quick, "benchmarks": {}, "seconds": {}}
+              **common.environment(), "quick": args.quick, "benchmarks": {}, "seconds": {}}
     for name in names:
         print(f"== {name}", flush=True)
         start = time.perf_counter()
         report["benchmarks"][name] = run_one(name, args.quick, gpu, args.models)
         report["seconds"][name] = time.perf_counter() - start
-        report["host"]["load_avg_at_end"] = list(os.getloadavg())
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        common.write(report, out, echo=False)
     print(table(report))
     print(f"wrote {out}")
     return report

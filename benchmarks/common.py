@@ -1,0 +1,55 @@
+"""What every benchmark report records about its run, and how a report is written."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import pathlib
+import platform
+
+import jax
+
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "evosax", "numpy", "pymoo", "scikit-learn", "moocore")
+
+
+def package_version(name: str) -> str | None:
+    """Installed version of a distribution, None if it is absent."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def cpu_name() -> str:
+    """The host CPU's model name (Linux ``/proc/cpuinfo``), else the machine type."""
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict:
+    """Device, host (with the load average now) and package versions of this run."""
+    device = jax.devices()[0]
+    return {"device": {"platform": device.platform, "kind": device.device_kind, "count": jax.device_count()},
+            "host": {"cpu": cpu_name(), "cores": os.cpu_count(), "machine": platform.machine(),
+                     "load_avg_at_start": list(os.getloadavg())},
+            "versions": {**{name: package_version(name) for name in PACKAGES}, "python": platform.python_version()},
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def write(report: dict, out: pathlib.Path, echo: bool = True) -> dict:
+    """Record the load average at the end, write ``report`` as JSON to ``out`` and, with
+    ``echo``, print it."""
+    if "host" in report:
+        report["host"]["load_avg_at_end"] = list(os.getloadavg())
+    text = json.dumps(report, indent=2)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+    if echo:
+        print(text)
+    return report
