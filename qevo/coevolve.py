@@ -54,7 +54,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import struct
-from jax.sharding import Mesh, PartitionSpec
 from ml_collections import config_dict
 
 from qevo import checkpoint, intforward, train
@@ -62,7 +61,7 @@ from qevo import config as config_lib
 from qevo.calibration import calibrate
 from qevo.data import normalize
 from qevo.layers import Bits
-from qevo.population import STRATEGIES, batch_eval_set, batched_accuracy, cross_entropy, resolve_strategy
+from qevo.population import STRATEGIES, batch_eval_set, batched_accuracy, cross_entropy, population_map, resolve_strategy
 from qevo.pretrained import float_model
 from qevo.run import main, write_json
 
@@ -182,37 +181,6 @@ def update_marginals(probs: jax.Array, best: jax.Array, active: jax.Array, learn
     """
     target = jax.nn.one_hot(best, probs.shape[1], dtype=probs.dtype)
     return jnp.where(active[:, None], (1.0 - learning_rate) * probs + learning_rate * target, probs)
-
-
-def population_map(fn, xs: jax.Array, shared, devices: tuple, strategy: str, chunk: int | None):
-    """``fn(x, shared)`` for every ``x`` on the leading (population) axis of ``xs``, sharded over ``devices``.
-
-    ``shared`` (a pytree) is replicated on every device. The population is padded to a
-    multiple of the device count (the padding repeats the last individual and is dropped
-    from the result); on each device individuals run by ``strategy`` (``"vmap"``, or
-    ``"map"`` in chunks of ``chunk``) as in :class:`qevo.population.PopulationEvaluator`.
-    """
-    n = xs.shape[0]
-
-    def local(part, shared):
-        def one(x):
-            return fn(x, shared)
-
-        if part.shape[0] == 1:
-            return jax.tree_util.tree_map(lambda v: v[None], one(part[0]))
-        if strategy == "vmap":
-            return jax.vmap(one)(part)
-        return jax.lax.map(one, part, batch_size=chunk if chunk and chunk > 1 else None)
-
-    if len(devices) == 1:
-        return local(xs, shared)
-    pad = -n % len(devices)
-    xs = jnp.concatenate([xs, jnp.repeat(xs[-1:], pad, axis=0)])
-    mesh = Mesh(np.array(devices), ("pop",))
-    # Replicated inputs and per-shard map carries mix inside; skip the varying-axis type check.
-    out = jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec("pop"), PartitionSpec()), out_specs=PartitionSpec("pop"),
-                        check_vma=False)(xs, shared)
-    return jax.tree_util.tree_map(lambda v: v[:n], out)
 
 
 # --------------------------------------------------------------------------- the compiled cycle

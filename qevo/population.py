@@ -18,7 +18,6 @@ divide), and on each device individuals run by one of three strategies:
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import flax.linen as nn
 import jax
@@ -146,7 +145,7 @@ class PopulationEvaluator:
           float32 ``[P]`` accuracy in [0, 1]; NaN where the network produced non-finite logits.
         """
         args = self._arguments(variables, w_bits, a_bits, eval_images, eval_labels, key, train_images, train_labels)
-        return self._compiled(*args)[: np.shape(w_bits)[0]]
+        return self._compiled(*args)
 
     def lower(self, variables, w_bits, a_bits, eval_images, eval_labels, *, key=None, train_images=None, train_labels=None):
         """The call's ``jax.stages.Lowered`` program (same arguments as calling the evaluator),
@@ -155,7 +154,7 @@ class PopulationEvaluator:
         return self._compiled.lower(*args)
 
     def _arguments(self, variables, w_bits, a_bits, eval_images, eval_labels, key, train_images, train_labels):
-        """Validate the inputs and pad the population to a multiple of the device count."""
+        """Validate the inputs; resolve ``"auto"`` at the first call."""
         w, a = validate_bits(w_bits, a_bits, self.model.num_layers)
         if w.ndim != 2:
             raise ValueError(f"w_bits must be a population [P, {self.model.num_layers}], got shape {w.shape}")
@@ -169,32 +168,15 @@ class PopulationEvaluator:
             if self.qat.steps > 0:
                 step_macs = int(layer_table(self.model, variables, eval_images.shape[1:]).macs.sum()) * self.qat.batch_size
             object.__setattr__(self, "_local", resolve_strategy(self.strategy, self.chunk_size, self.devices[0].platform, step_macs))
-        pad = -w.shape[0] % self.num_devices
-        w = np.concatenate([w, np.repeat(w[-1:], pad, axis=0)])
-        a = np.concatenate([a, np.repeat(a[-1:], pad, axis=0)])
         return variables, jnp.asarray(w), jnp.asarray(a), key, train_images, train_labels, eval_images, eval_labels
 
     def _population(self, variables, w, a, key, train_x, train_y, eval_x, eval_y):
         batches = batch_eval_set(eval_x, eval_y, self.eval_batch_size)
-        local = functools.partial(self._local_population, variables, key=key, train_x=train_x, train_y=train_y, batches=batches)
-        if self.num_devices == 1:
-            return local(w, a)
-        mesh = Mesh(np.array(self.devices), ("pop",))
-        spec = PartitionSpec("pop")
-        # Replicated data and per-shard scan carries mix inside; skip the varying-axis type check.
-        return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec), out_specs=spec, check_vma=False)(w, a)
+        return population_map(self._individual, (w, a), (variables, key, train_x, train_y, batches), self.devices, *self._local)
 
-    def _local_population(self, variables, w, a, *, key, train_x, train_y, batches):
-        one = functools.partial(self._individual, variables, key=key, train_x=train_x, train_y=train_y, batches=batches)
-        strategy, chunk = self._local
-        if w.shape[0] == 1:
-            return one(w[0], a[0])[None]
-        if strategy == "vmap":
-            return jax.vmap(one)(w, a)
-        return jax.lax.map(lambda wa: one(*wa), (w, a), batch_size=chunk if chunk and chunk > 1 else None)
-
-    def _individual(self, variables, w, a, *, key, train_x, train_y, batches):
-        bits = Bits(w=w, a=a)
+    def _individual(self, wa, shared):
+        variables, key, train_x, train_y, batches = shared
+        bits = Bits(w=wa[0], a=wa[1])
         if self.qat.steps > 0:
             variables = self._finetune(variables, bits, key, train_x, train_y)
         return self._accuracy(variables, bits, batches)
@@ -236,6 +218,38 @@ class PopulationEvaluator:
         if stats is not None:
             out["batch_stats"] = stats
         return out
+
+
+def population_map(fn, xs, shared, devices: tuple, strategy: str, chunk: int | None):
+    """``fn(x, shared)`` for every ``x`` on the leading (population) axis of the pytree ``xs``,
+    sharded over ``devices``: the one population mechanism of every evaluator.
+
+    ``shared`` (a pytree) is replicated on every device. The population is padded to a
+    multiple of the device count (the padding repeats the last individual and is dropped
+    from the result); on each device individuals run by ``strategy`` (``"vmap"``, or
+    ``"map"`` in chunks of ``chunk``; see :func:`resolve_strategy`).
+    """
+    n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+
+    def local(part, shared):
+        def one(x):
+            return fn(x, shared)
+
+        if jax.tree_util.tree_leaves(part)[0].shape[0] == 1:
+            return jax.tree_util.tree_map(lambda v: v[None], one(jax.tree_util.tree_map(lambda v: v[0], part)))
+        if strategy == "vmap":
+            return jax.vmap(one)(part)
+        return jax.lax.map(one, part, batch_size=chunk if chunk and chunk > 1 else None)
+
+    if len(devices) == 1:
+        return local(xs, shared)
+    pad = -n % len(devices)
+    xs = jax.tree_util.tree_map(lambda v: jnp.concatenate([v, jnp.repeat(v[-1:], pad, axis=0)]), xs)
+    mesh = Mesh(np.array(devices), ("pop",))
+    # Replicated inputs and per-shard map carries mix inside; skip the varying-axis type check.
+    out = jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec("pop"), PartitionSpec()), out_specs=PartitionSpec("pop"),
+                        check_vma=False)(xs, shared)
+    return jax.tree_util.tree_map(lambda v: v[:n], out)
 
 
 def batched_accuracy(logits_fn, batches) -> jax.Array:

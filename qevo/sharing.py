@@ -34,7 +34,7 @@ from qevo import checkpoint
 from qevo.codebook import CODEBOOK_BITS, model_compression_rates, quantize_codebook
 from qevo.data import normalize
 from qevo.kmeans import kmeans, pack_layers
-from qevo.population import batched_accuracy, resolve_strategy
+from qevo.population import batched_accuracy, population_map, resolve_strategy
 
 FORMAT_VERSION = 1
 _TABLE_CALL_BYTES = 1 << 30  # rows * n_max * 12 bytes (values, mask, assignments) per k-means call
@@ -206,10 +206,7 @@ class SharedEvaluator:
         object.__setattr__(self, "_local", resolve_strategy(self.strategy, self.chunk_size, jax.devices()[0].platform))
 
     def _population(self, one, xs):
-        strategy, chunk = self._local
-        if strategy == "vmap":
-            return jax.vmap(one)(xs)
-        return jax.lax.map(one, xs, batch_size=chunk if chunk and chunk > 1 else None)
+        return population_map(lambda x, _: one(x), xs, (), jax.devices()[:1], *self._local)
 
     def accuracy(self, variables: dict, kernels, batches) -> jax.Array:
         """Accuracy (float32 in [0, 1], NaN on non-finite logits) of ``variables`` with ``kernels``."""
