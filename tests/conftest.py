@@ -58,9 +58,11 @@ def run_main(module: str, config: str, workdir: pathlib.Path, args=(), data_dir=
 
 @pytest.fixture(scope="session")
 def lenet5_float(data_dir, tmp_path_factory) -> pathlib.Path:
-    """A finished ``qevo.train`` run of configs/lenet5.py (the full float recipe), shared by the slow tests."""
+    """A finished ``qevo.train`` run of configs/lenet5.py shortened to 5 of its 12 epochs (the
+    cosine schedule spans the 5), shared by the slow tests: 99.01% test in 81 s on the 2-core
+    CPU against 99.21% in 188 s for the full recipe (the README's float model)."""
     workdir = tmp_path_factory.mktemp("lenet5_float")
-    out = run_command("qevo.train", "lenet5.py", workdir, data_dir=data_dir)
+    out = run_command("qevo.train", "lenet5.py", workdir, ["--config.train.epochs=5"], data_dir)
     assert out.returncode == 0, out.stderr[-3000:]
     return workdir
 

@@ -2,7 +2,7 @@
 derivative in it, config errors, resume to the same result, and the real-MNIST claim.
 
 Fast tests use the session's tiny float LeNet-5 (``conftest``) at 2 bits with a small budget;
-the slow one uses the full float LeNet-5.
+the slow one uses the 5-epoch float LeNet-5 of ``conftest``.
 """
 
 import json

@@ -12,9 +12,11 @@ def _train(args, data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_lenet5_reaches_99_percent(lenet5_float):
+def test_lenet5_five_epochs_reach_98_8_percent(lenet5_float):
+    """The float recipe at 5 of its 12 epochs (measured 99.01%; the full recipe, 99.21%, is
+    the README's ``python -m qevo.train --config configs/lenet5.py``)."""
     results = json.loads((lenet5_float / "results.json").read_text())
-    assert results["test_accuracy"] >= 0.99, results
+    assert results["epochs"] == 5 and results["test_accuracy"] >= 0.988, results
     for name in ("config.json", "checkpoint.msgpack", "model.msgpack"):
         assert (lenet5_float / name).is_file()
 
