@@ -131,14 +131,14 @@ def test_other_drivers_run_and_write_a_front(driver, tiny_lenet5_float, tmp_path
 @pytest.mark.slow
 def test_lenet5_search_trains_front_and_baselines(lenet5_float, tmp_path, data_dir):
     """The protocol of configs/lenet5.py on real MNIST with a smaller budget (16 x 2
-    generations scored on 2,000 validation images, 1 front model, the final QAT epoch on
-    30,000 of the 55,000 training images).
+    generations of 10 QAT steps scored on 1,000 validation images, 1 front model, the final
+    QAT epoch on 30,000 of the 55,000 training images).
 
     After one QAT epoch, w8a8 and w4a4 are within 0.3 and 0.5 points of float, and the most
     accurate trained front model, a model of the search front, is within 0.5 points of float.
     """
-    args = [f"--config.float_from={lenet5_float}", "--config.generations=1", "--config.search.eval_images=2000",
-            "--config.final.max_models=1", "--config.data.max_train_images=30000"]
+    args = [f"--config.float_from={lenet5_float}", "--config.generations=1", "--config.search.eval_images=1000",
+            "--config.search.qat_steps=10", "--config.final.max_models=1", "--config.data.max_train_images=30000"]
     out = _search(tmp_path / "run", args, data_dir)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {r["name"]: r for r in _rows(tmp_path / "run" / "final.csv")}
