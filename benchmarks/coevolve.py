@@ -141,5 +141,6 @@ def main(argv: list[str] | None = None) -> dict:
     out = pathlib.Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"coevolve_{jax.default_backend()}.json"
     return common.write(result, out)
 
+
 if __name__ == "__main__":
     main()

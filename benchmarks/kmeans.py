@@ -113,5 +113,6 @@ def main(argv: list[str] | None = None) -> dict:
     name = f"kmeans_{jax.default_backend()}{'_quick' if args.quick else ''}.json"
     return common.write(report, pathlib.Path(args.out or pathlib.Path(__file__).parent / "results" / name))
 
+
 if __name__ == "__main__":
     main()

@@ -129,5 +129,6 @@ def main(argv: list[str] | None = None) -> dict:
     report = {**common.environment(), **measure(sizes, 5 if args.quick else 9, args.tilings)}
     return common.write(report, RESULTS / f"nsga3_{jax.default_backend()}{'_quick' if args.quick else ''}.json")
 
+
 if __name__ == "__main__":
     main()

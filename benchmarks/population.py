@@ -33,6 +33,7 @@ import numpy as np
 from benchmarks import common
 from qevo.calibration import calibrate
 from qevo.cost import layer_table
+from qevo.data import normalize
 from qevo.models import get_model, init_variables
 from qevo.population import PopulationEvaluator, QATConfig
 
@@ -75,7 +76,7 @@ class Bench:
         self.images = jnp.asarray(self.rng.integers(0, 256, (n_images, *shape), dtype=np.uint8))
         self.labels = jnp.asarray(self.rng.integers(0, 10, n_images).astype(np.int32))
         variables = init_variables(self.model, jax.random.key(0), shape)
-        self.variables = calibrate(self.model, variables, (self.images[:64].astype(jnp.float32) / 255 - MEAN) / STD)
+        self.variables = calibrate(self.model, variables, normalize(self.images[:64], (MEAN,) * self.channels, (STD,) * self.channels))
         self.macs = int(layer_table(self.model, self.variables, shape).macs.sum())
         self.qat = QATConfig(steps=qat_steps, batch_size=qat_batch, learning_rate=0.01)
 

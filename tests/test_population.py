@@ -132,5 +132,3 @@ def test_auto_strategy_by_backend_and_qat_step_size():
     assert resolve_strategy("auto", None, "gpu", VMAP_QAT_MAX_MACS) == ("vmap", None)
     assert resolve_strategy("auto", None, "gpu", VMAP_QAT_MAX_MACS + 1) == ("map", 1)
     assert resolve_strategy("vmap", 4, "gpu", 10**12) == ("vmap", 4)
-    with pytest.raises(ValueError, match="unknown population strategy"):
-        PopulationEvaluator(get_model("lenet5", 10), (0.5,), (0.25,), strategy="pmap")
