@@ -7,7 +7,7 @@ processes) stays light:
 * models: ``get_model``, ``init_variables``, ``LeNet5``, ``CifarResNet``, ``MobileNetV2``, ``calibrate``
 * cost model: ``layer_table``, ``LayerTable``, ``bitops``, ``size_bits``, ``reference_flops``, ``reference_params``
 * data: ``load_dataset``, ``Dataset``, ``DataError``, ``normalize``
-* population evaluation: ``PopulationEvaluator``, ``QATConfig``
+* population evaluation: ``PopulationEvaluator``, ``QATConfig``, ``PopulationMemoryError``
 * checkpoints: ``save_checkpoint``, ``load_checkpoint``, ``CheckpointError``
 * bit-width search: ``random_genes``, ``uniform_genes``, ``make_offspring`` (the single
   operators live in ``qevo.variation``), ``make_driver``, ``Driver``, ``DriverState``,
@@ -45,6 +45,7 @@ _EXPORTS = {
     "normalize": ("qevo.data", "normalize"),
     "PopulationEvaluator": ("qevo.population", "PopulationEvaluator"),
     "QATConfig": ("qevo.population", "QATConfig"),
+    "PopulationMemoryError": ("qevo.population", "PopulationMemoryError"),
     "save_checkpoint": ("qevo.checkpoint", "save"),
     "load_checkpoint": ("qevo.checkpoint", "load"),
     "CheckpointError": ("qevo.checkpoint", "CheckpointError"),

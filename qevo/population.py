@@ -34,6 +34,15 @@ from qevo.quant import validate_bits
 STRATEGIES = ("auto", "vmap", "map")
 
 
+class PopulationMemoryError(ValueError):
+    """A population program asked for more memory than its devices have."""
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is XLA's out-of-memory error (``RESOURCE_EXHAUSTED``) from running a program."""
+    return isinstance(err, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(err)
+
+
 @dataclasses.dataclass(frozen=True)
 class QATConfig:
     """Per-individual fine-tuning before scoring.
@@ -82,6 +91,14 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 VMAP_QAT_MAX_MACS = 2**30
 
 
+def validate_strategy(strategy: str, chunk_size: int | None) -> None:
+    """Raise ``ValueError`` for a strategy name not in ``STRATEGIES`` or a chunk size below 1."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown population strategy {strategy!r}; use one of {STRATEGIES}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"population chunk_size must be >= 1 (or None for 1), got {chunk_size!r}")
+
+
 def resolve_strategy(strategy: str, chunk_size: int | None, backend: str,
                      qat_step_macs: int | None = None) -> tuple[str, int | None]:
     """Turn ``"auto"`` into a concrete strategy for ``backend``; returns (strategy, chunk).
@@ -89,8 +106,7 @@ def resolve_strategy(strategy: str, chunk_size: int | None, backend: str,
     ``qat_step_macs``: MACs of one individual's QAT step when individuals fine-tune (None
     when they are only scored); large steps run sequentially on accelerators too.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown population strategy {strategy!r}; use one of {STRATEGIES}")
+    validate_strategy(strategy, chunk_size)
     if strategy == "auto":
         sequential = backend == "cpu" or (qat_step_macs is not None and qat_step_macs > VMAP_QAT_MAX_MACS)
         return ("map", 1) if sequential else ("vmap", None)
@@ -121,7 +137,7 @@ class PopulationEvaluator:
     devices: tuple | None = None
 
     def __post_init__(self):
-        resolve_strategy(self.strategy, self.chunk_size, "cpu")  # fail on a bad name now, not at the first call
+        validate_strategy(self.strategy, self.chunk_size)  # fail now, not at the first call
         devices = tuple(self.devices or jax.devices())
         object.__setattr__(self, "devices", devices)
         object.__setattr__(self, "_local", None)  # (strategy, chunk), resolved at the first call
@@ -142,10 +158,26 @@ class PopulationEvaluator:
           train_images, train_labels: the fine-tuning data (needed when ``qat.steps > 0``).
 
         Returns:
-          float32 ``[P]`` accuracy in [0, 1]; NaN where the network produced non-finite logits.
+          float32 ``[P]`` accuracy in [0, 1] (computed: the call blocks); NaN where the network
+          produced non-finite logits.
+
+        Raises:
+          PopulationMemoryError: the program needs more memory than the devices have.
         """
         args = self._arguments(variables, w_bits, a_bits, eval_images, eval_labels, key, train_images, train_labels)
-        return self._compiled(*args)
+        try:
+            return jax.block_until_ready(self._compiled(*args))
+        except jax.errors.JaxRuntimeError as err:
+            if not is_out_of_memory(err):
+                raise
+            (strategy, chunk), population = self._local, args[1].shape[0]
+            at_once = f"vmap over all {-(-population // self.num_devices)}" if strategy == "vmap" else f"map in chunks of {chunk or 1}"
+            batch = min(self.eval_batch_size, eval_images.shape[0])
+            raise PopulationMemoryError(
+                f"evaluating {population} individuals ({at_once} per device, {batch} images per forward "
+                f"pass) does not fit the memory of {self.num_devices} {self.devices[0].platform} device(s): "
+                f"{str(err).splitlines()[0]}; score fewer at once (strategy='map' with a small chunk_size), lower "
+                f"eval_batch_size or the QAT batch size, or spread the population over more devices") from err
 
     def lower(self, variables, w_bits, a_bits, eval_images, eval_labels, *, key=None, train_images=None, train_labels=None):
         """The call's ``jax.stages.Lowered`` program (same arguments as calling the evaluator),

@@ -23,8 +23,16 @@ import ml_collections
 from qevo import config as config_lib
 from qevo.checkpoint import CheckpointError, atomic_write_bytes
 from qevo.data import DataError, default_cache_dir
+from qevo.population import PopulationMemoryError, is_out_of_memory
 
 USER_ERRORS = (config_lib.ConfigError, DataError, CheckpointError, ValueError)
+
+# The settings that decide how much device memory a command's programs take.
+MEMORY_KEYS = (
+    "population_size", "search.strategy", "search.chunk_size", "search.qat_batch_size",
+    "sharing.strategy", "coevolve.population_size", "coevolve.strategy", "coevolve.chunk_size",
+    "coevolve.batch_size", "train.batch_size", "train.eval_batch_size",
+)
 
 
 def parse_args(argv: list[str], prog: str) -> tuple[pathlib.Path, list[str], pathlib.Path | None]:
@@ -70,6 +78,17 @@ def write_json(path: pathlib.Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def memory_settings(cfg: ml_collections.ConfigDict | None) -> str:
+    """The settings of ``cfg`` that decide device memory, as the flags that set them."""
+    flags = []
+    for key in MEMORY_KEYS if cfg is not None else ():
+        section, _, name = key.rpartition(".")
+        holder = cfg.get(section) if section else cfg
+        if holder is not None and name in holder:
+            flags.append(f"--config.{key}={holder[name]}")
+    return f"memory settings now: {' '.join(flags)}" if flags else "no memory settings in this config"
+
+
 def main(prog: str, run: Callable[[ml_collections.ConfigDict, pathlib.Path], dict], validate, argv=None) -> int:
     """Entry point shared by the commands: parse, validate, prepare the folder, run.
 
@@ -80,18 +99,27 @@ def main(prog: str, run: Callable[[ml_collections.ConfigDict, pathlib.Path], dic
       argv: arguments (default ``sys.argv[1:]``).
 
     Returns:
-      Exit status: 0 on success, 2 on a user error (one line on stderr).
+      Exit status: 0 on success, 2 on a user error or when the devices run out of memory
+      (one line on stderr; for memory, the config settings that decide it).
     """
     jax.config.update("jax_threefry_partitionable", False)  # fast CPU compiles of PRNG code
     if not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "jax"))
+    cfg = None
     try:
         path, overrides, workdir = parse_args(sys.argv[1:] if argv is None else argv, prog)
         cfg = validate(config_lib.load(path, overrides))
         workdir = prepare_workdir(workdir or pathlib.Path("runs") / path.stem, cfg)
         results = run(cfg, workdir)
+    except jax.errors.JaxRuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        print(f"{prog}: error: out of device memory ({str(e).splitlines()[0]}); lower the population or batch sizes, "
+              f"or score fewer individuals at once (strategy=map, a small chunk_size); {memory_settings(cfg)}", file=sys.stderr)
+        return 2
     except USER_ERRORS as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        settings = f"; {memory_settings(cfg)}" if isinstance(e, PopulationMemoryError) else ""
+        print(f"{prog}: error: {e}{settings}", file=sys.stderr)
         return 2
     print(json.dumps(results, indent=2, sort_keys=True))
     return 0

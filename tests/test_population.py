@@ -17,6 +17,7 @@ from qevo.models import get_model, init_variables
 from qevo.population import (
     VMAP_QAT_MAX_MACS,
     PopulationEvaluator,
+    PopulationMemoryError,
     QATConfig,
     batch_eval_set,
     batched_accuracy,
@@ -120,10 +121,33 @@ def test_bad_bits(setup, w, a, match):
         PopulationEvaluator(model, ds.mean, ds.std)(variables, w, a, x, y)
 
 
-def test_unknown_strategy(setup):
+@pytest.mark.parametrize("strategy, chunk, message", [("pmap", None, "unknown population strategy 'pmap'"),
+                                                      ("map", 0, "chunk_size must be >= 1")])
+def test_bad_strategy_fails_at_construction(setup, strategy, chunk, message):
     ds, model, *_ = setup
-    with pytest.raises(ValueError, match="unknown population strategy"):
-        PopulationEvaluator(model, ds.mean, ds.std, strategy="pmap")
+    with pytest.raises(ValueError, match=message):
+        PopulationEvaluator(model, ds.mean, ds.std, strategy=strategy, chunk_size=chunk)
+
+
+def _overcommits_always() -> bool:
+    path = "/proc/sys/vm/overcommit_memory"
+    return os.path.exists(path) and open(path).read().strip() == "1"
+
+
+@pytest.mark.skipif(_overcommits_always(), reason="the OS grants any allocation here and kills the process instead")
+def test_population_too_big_for_memory_says_how_to_fit(setup):
+    """2^18 LeNet-5s vmapped over 10,000 images at once: the first convolution's output alone
+    is 2^18 x 10,000 x 28 x 28 x 6 float32, 5 x 10^13 bytes, far beyond any host's memory."""
+    ds, model, variables, *_ = setup
+    x, y = jnp.asarray(ds.test_images), jnp.asarray(ds.test_labels)
+    w = np.full((2**18, 5), 8, np.int32)
+    ev = PopulationEvaluator(model, ds.mean, ds.std, eval_batch_size=x.shape[0], strategy="vmap")
+    with pytest.raises(PopulationMemoryError) as err:
+        ev(variables, w, w, x, y)
+    message = str(err.value)
+    assert message.startswith(f"evaluating {2**18} individuals (vmap over all {2**18} per device, 10000 images per forward pass)")
+    assert "does not fit the memory of 1 cpu device(s): RESOURCE_EXHAUSTED" in message
+    assert "strategy='map' with a small chunk_size" in message
 
 
 def test_auto_strategy_by_backend_and_qat_step_size():
