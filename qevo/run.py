@@ -78,15 +78,23 @@ def write_json(path: pathlib.Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def memory_settings(cfg: ml_collections.ConfigDict | None) -> str:
-    """The settings of ``cfg`` that decide device memory, as the flags that set them."""
+def memory_settings(cfg: ml_collections.ConfigDict | None, workdir: pathlib.Path | None) -> str:
+    """The settings of ``cfg`` that decide device memory, as the flags that set them, and
+    where a float model trained by this run can be reused from (a changed config needs a new
+    work folder)."""
     flags = []
     for key in MEMORY_KEYS if cfg is not None else ():
         section, _, name = key.rpartition(".")
         holder = cfg.get(section) if section else cfg
         if holder is not None and name in holder:
             flags.append(f"--config.{key}={holder[name]}")
-    return f"memory settings now: {' '.join(flags)}" if flags else "no memory settings in this config"
+    out = f"memory settings now: {' '.join(flags)}" if flags else "no memory settings in this config"
+    from qevo.train import MODEL  # imported here: qevo.train imports this module
+
+    trained = workdir / "float" if workdir is not None else None
+    if trained is not None and cfg.get("float_from", 1) is None and (trained / MODEL).is_file():
+        out += f"; with a new --workdir, --config.float_from={trained} reuses this run's float model"
+    return out
 
 
 def main(prog: str, run: Callable[[ml_collections.ConfigDict, pathlib.Path], dict], validate, argv=None) -> int:
@@ -105,7 +113,7 @@ def main(prog: str, run: Callable[[ml_collections.ConfigDict, pathlib.Path], dic
     jax.config.update("jax_threefry_partitionable", False)  # fast CPU compiles of PRNG code
     if not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "jax"))
-    cfg = None
+    cfg = workdir = None
     try:
         path, overrides, workdir = parse_args(sys.argv[1:] if argv is None else argv, prog)
         cfg = validate(config_lib.load(path, overrides))
@@ -115,10 +123,10 @@ def main(prog: str, run: Callable[[ml_collections.ConfigDict, pathlib.Path], dic
         if not is_out_of_memory(e):
             raise
         print(f"{prog}: error: out of device memory ({str(e).splitlines()[0]}); lower the population or batch sizes, "
-              f"or score fewer individuals at once (strategy=map, a small chunk_size); {memory_settings(cfg)}", file=sys.stderr)
+              f"or score fewer individuals at once (strategy=map, a small chunk_size); {memory_settings(cfg, workdir)}", file=sys.stderr)
         return 2
     except USER_ERRORS as e:
-        settings = f"; {memory_settings(cfg)}" if isinstance(e, PopulationMemoryError) else ""
+        settings = f"; {memory_settings(cfg, workdir)}" if isinstance(e, PopulationMemoryError) else ""
         print(f"{prog}: error: {e}{settings}", file=sys.stderr)
         return 2
     print(json.dumps(results, indent=2, sort_keys=True))

@@ -33,6 +33,14 @@ def test_out_of_memory_ends_the_command_with_its_memory_settings(fn, start, tmp_
     assert err.count("\n") == 1 and err.startswith(start), err
     assert ("memory settings now: --config.population_size=24 --config.search.strategy=vmap --config.search.chunk_size=None "
             "--config.search.qat_batch_size=") in err
+    assert "float_from" not in err
+
+
+def test_out_of_memory_after_float_training_says_how_to_reuse_the_float_model(tmp_path, capsys):
+    (tmp_path / "float").mkdir()
+    (tmp_path / "float" / "model.msgpack").write_bytes(b"")
+    assert run.main("qevo.search", _exhaust_memory, lambda cfg: cfg, ["--config", CONFIG, "--workdir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.endswith(f"; with a new --workdir, --config.float_from={tmp_path / 'float'} reuses this run's float model\n")
 
 
 def test_other_runtime_errors_are_not_called_memory(tmp_path):
