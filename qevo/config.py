@@ -8,6 +8,7 @@ values of the wrong type or range fail with one message naming the key and the f
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
 import pathlib
 
@@ -67,12 +68,13 @@ OPTIONS = {
 POSITIVE = ("train.epochs", "train.batch_size", "train.learning_rate", "train.eval_batch_size")
 
 
-def _flat(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict:
+def flatten(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict:
+    """``{"section.key": value}`` for every leaf of ``cfg``."""
     out = {}
     for key, value in cfg.items():
         name = f"{prefix}{key}"
         if isinstance(value, ml_collections.ConfigDict):
-            out.update(_flat(value, name + "."))
+            out.update(flatten(value, name + "."))
         else:
             out[name] = value
     return out
@@ -85,22 +87,28 @@ serve ``qevo.train`` and a method, and a command ignores the sections it does no
 
 def check_keys(cfg: ml_collections.ConfigDict, known: ml_collections.ConfigDict) -> None:
     """Fail on any key of ``cfg`` that ``known`` does not have (other methods' sections excepted)."""
-    allowed = _flat(known)
+    allowed = flatten(known)
     sections = {k.rsplit(".", 1)[0] for k in allowed if "." in k}
-    for name in _flat(cfg):
+    for name in flatten(cfg):
         if name.split(".")[0] in OWNED_BY_METHODS and name.split(".")[0] not in known:
             continue
         if name not in allowed and name not in sections:
-            close = [k for k in allowed if k.split(".")[-1] == name.split(".")[-1]]
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown config key {name!r}{hint}; known keys: {', '.join(sorted(allowed))}")
+            raise ConfigError(f"unknown config key {name!r}{_did_you_mean(name, allowed)}; known keys: {', '.join(sorted(allowed))}")
+
+
+def _did_you_mean(name: str, keys) -> str:
+    """`` (did you mean 'x'?)`` for the known key ``name`` most likely stands for, else ``""``:
+    the same key in another section, or a close spelling."""
+    keys = sorted(keys)
+    close = [k for k in keys if k.split(".")[-1] == name.split(".")[-1]] or difflib.get_close_matches(name, keys, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def merge(known: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """``known`` (a command's defaults) with every value ``cfg`` sets for its keys laid over it."""
     out = ml_collections.ConfigDict(known.to_dict())
-    allowed = _flat(known)
-    for name, value in _flat(cfg).items():
+    allowed = flatten(known)
+    for name, value in flatten(cfg).items():
         if name in allowed:
             _set(out, name, value, f"config {name}={value!r}")
     return out
@@ -132,7 +140,7 @@ def validate(cfg: ml_collections.ConfigDict, known: ml_collections.ConfigDict | 
     known = defaults() if known is None else known
     check_keys(cfg, known)
     cfg = merge(known, cfg)
-    flat = _flat(cfg)
+    flat = flatten(cfg)
     for key, allowed in OPTIONS.items():
         if flat.get(key) not in allowed:
             raise ConfigError(f"config {key}={flat.get(key)!r} is not one of {allowed}")
@@ -179,8 +187,9 @@ def _override(cfg: ml_collections.ConfigDict, item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like --config.section.key=value")
     name, text = item.split("=", 1)
-    if name not in _flat(cfg):
-        raise ConfigError(f"unknown config key {name!r} in override --config.{item}; known keys: {', '.join(sorted(_flat(cfg)))}")
+    if name not in flatten(cfg):
+        raise ConfigError(f"unknown config key {name!r} in override --config.{item}{_did_you_mean(name, flatten(cfg))}; "
+                          f"known keys: {', '.join(sorted(flatten(cfg)))}")
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):

@@ -36,15 +36,18 @@ MEMORY_KEYS = (
 
 
 def parse_args(argv: list[str], prog: str) -> tuple[pathlib.Path, list[str], pathlib.Path | None]:
-    """Split ``argv`` into (config path, ``key=value`` overrides, workdir or None)."""
+    """Split ``argv`` into (config path, ``key=value`` overrides, workdir or None).
+
+    ``-h``/``--help`` prints the usage and, with ``--config``, every key of that config with
+    its value after the overrides, then exits."""
     usage = f"usage: python -m {prog} --config configs/<name>.py [--config.key=value ...] [--workdir DIR]"
-    path, overrides, workdir = None, [], None
+    path, overrides, workdir, wants_help = None, [], None, False
     args = list(argv)
     while args:
         arg = args.pop(0)
         if arg in ("-h", "--help"):
-            print(usage)
-            sys.exit(0)
+            wants_help = True
+            continue
         if "=" in arg and not arg.startswith("--config."):
             arg, value = arg.split("=", 1)
             args.insert(0, value)
@@ -55,6 +58,13 @@ def parse_args(argv: list[str], prog: str) -> tuple[pathlib.Path, list[str], pat
             path, workdir = (value, workdir) if arg == "--config" else (path, value)
         else:
             raise config_lib.ConfigError(f"unexpected argument {arg!r}; {usage}")
+    if wants_help:
+        print(usage)
+        if path is not None:
+            print(f"\nthe keys of {path} with the overrides given, each settable as --config.key=value:")
+            for key, value in sorted(config_lib.flatten(config_lib.load(path, overrides)).items()):
+                print(f"  {key} = {value!r}")
+        sys.exit(0)
     if path is None:
         raise config_lib.ConfigError(f"--config is required; {usage}")
     return path, overrides, workdir

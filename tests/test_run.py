@@ -1,4 +1,4 @@
-"""The command harness: a program that runs out of device memory ends the command with one line."""
+"""The command harness: --help, unknown keys, and runs that exhaust device memory."""
 
 import pathlib
 
@@ -49,3 +49,23 @@ def test_other_runtime_errors_are_not_called_memory(tmp_path):
 
     with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
         run.main("qevo.search", fails, lambda cfg: cfg, ["--config", CONFIG, "--workdir", str(tmp_path)])
+
+
+def test_help_lists_every_key_of_the_config_with_the_overrides(capsys):
+    with pytest.raises(SystemExit) as done:
+        run.parse_args(["--config", CONFIG, "--config.population_size=32", "--help"], "qevo.search")
+    out = capsys.readouterr().out.splitlines()
+    assert done.value.code == 0 and out[0].startswith("usage: python -m qevo.search --config")
+    assert "  population_size = 32" in out and "  search.qat_steps = 20" in out and "  train.epochs = 12" in out
+
+
+@pytest.mark.parametrize("override, suggestion", [
+    ("search.qat_stepz=3", "search.qat_steps"),   # misspelt
+    ("qat_steps=3", "search.qat_steps"),          # right key, wrong section
+    ("popsize=8", "population_size"),
+])
+def test_unknown_key_suggests_the_known_one(override, suggestion, tmp_path, capsys):
+    assert run.main("qevo.search", None, lambda cfg: cfg, ["--config", CONFIG, "--workdir", str(tmp_path), f"--config.{override}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"qevo.search: error: unknown config key '{override.split('=')[0]}' in override --config.{override} "
+                          f"(did you mean '{suggestion}'?); known keys: data.data_dir, ")
