@@ -1,6 +1,6 @@
 """The performance report: every benchmark in one run, a table, one JSON per device.
 
-    python -m benchmarks.run [--quick] [--only nsga3,population,coevolve,kmeans,devices] [--models lenet5,resnet20] [--out PATH]
+    python -m benchmarks.run [--quick] [--only nsga3,population,coevolve,kmeans,devices,convs] [--models lenet5,resnet20] [--out PATH]
 
 Runs, in this order, with each baseline measured in the same run:
 
@@ -12,7 +12,9 @@ Runs, in this order, with each baseline measured in the same run:
 * ``coevolve``: coevolution evaluations per second against a per-candidate Python loop;
 * ``kmeans``: every (LeNet-5 layer, k in {2, 5, 16, 50}) clustering in one batched call
   against scikit-learn's ``KMeans`` loop;
-* ``devices`` (CPU only): population scoring over 1..4 forced host devices.
+* ``devices`` (CPU only): population scoring over 1..4 forced host devices;
+* ``convs`` (CPU only): qevo's CPU convolution paths against XLA's convolution, per layer
+  and in LeNet-5 population scoring.
 
 All inputs are random (speed does not depend on them), so no dataset is needed. The
 report is rewritten after each benchmark (a cut-short run keeps what finished) to
@@ -30,9 +32,10 @@ import time
 
 import jax
 
-from benchmarks import coevolve, common, devices, kmeans, nsga3, population
+from benchmarks import coevolve, common, convs, devices, kmeans, nsga3, population
 
-BENCHMARKS = ("nsga3", "population", "coevolve", "kmeans", "devices")
+BENCHMARKS = ("nsga3", "population", "coevolve", "kmeans", "devices", "convs")
+CPU_ONLY = ("devices", "convs")  # forced host devices, and convolution paths that only the CPU takes
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
@@ -53,6 +56,8 @@ def run_one(name: str, quick: bool, gpu: bool, models: str) -> dict:
         return coevolve.measure(None, 4, 4 if quick else 8, 1000, 3)
     if name == "kmeans":
         return kmeans.measure(None, quick=True, repeats=3)
+    if name == "convs":
+        return convs.measure(3 if quick else 5)
     return devices.measure(4, quick)
 
 
@@ -88,6 +93,13 @@ def table(report: dict) -> str:
     for row in parts.get("devices", {}).get("rows", []):
         lines.append(f"devices    {row['model']:<8} D={row['devices']} P={row['population']:<3} "
                      f"{row['throughput']:10,.0f} img*ind/s  {row['speedup_vs_1']:.2f}x of D=1")
+    for row in parts.get("convs", {}).get("layers", []):
+        lines.append(f"convs      {row['layer']:<13} XLA/qevo forward {row['forward_xla_over_qevo']:5.2f}x  "
+                     f"gradients {row['gradients_xla_over_qevo']:5.2f}x")
+    if "convs" in parts:
+        scoring = parts["convs"]["lenet5_scoring"]
+        lines.append(f"convs      LeNet-5 scoring {scoring['images_per_second']['row_products']:,.0f} img*ind/s with row products, "
+                     f"{scoring['images_per_second']['xla']:,.0f} with XLA's convolution: {scoring['xla_over_row_products']:.2f}x")
     return "\n".join(lines)
 
 
@@ -104,8 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"unknown benchmark(s) {unknown}; choose from {','.join(BENCHMARKS)}")
     jax.config.update("jax_threefry_partitionable", False)
     gpu = jax.default_backend() != "cpu"
-    if gpu and "devices" in names:
-        names.remove("devices")  # forced host devices are a CPU measurement
+    if gpu:
+        names = [name for name in names if name not in CPU_ONLY]
     out = pathlib.Path(args.out) if args.out else default_out(args.quick)
     report = {"command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
               **common.environment(), "quick": args.quick, "benchmarks": {}, "seconds": {}}

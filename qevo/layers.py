@@ -186,10 +186,47 @@ def _dense_bwd(strides, padding, residuals, g):
 dense_conv2d.defvjp(_dense_fwd, _dense_bwd)
 
 
+# Single-channel inputs at most this wide (padded) convolve as row products on CPU.
+TOEPLITZ_MAX_WIDTH = 64
+
+
+def toeplitz_conv2d(x: jax.Array, kernel: jax.Array, padding: str) -> jax.Array:
+    """Stride-1 convolution as ``K`` matrix products of image rows with banded (Toeplitz)
+    matrices of the kernel.
+
+    ``x [N, H, W, C]``, ``kernel [K, K, C, O]`` -> ``[N, H', W', O]``: kernel row ``i``
+    becomes ``T_i [W_pad * C, W' * O]`` with ``T_i[(w + j) C + c, w O + o] = kernel[i, j, c, o]``,
+    and ``y[n, h] = sum_i x[n, h + i] @ T_i``. The products do ``W_pad / K`` times the
+    convolution's multiply-adds, but for a single input channel they beat XLA's CPU
+    convolution, whose cost there is per output pixel: LeNet-5's first layer
+    (28x28x1 -> 6, 5x5, then ReLU and 2x2 max pooling), 1,000 images on 2 cores, took
+    22 ms against 77 ms, and its gradients at 128 images 24 ms against 31 ms.
+    """
+    k, _, c, o = kernel.shape
+    if padding == "SAME":
+        pads = [_same_padding(x.shape[d], k, 1) for d in (1, 2)]
+        x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    n, h_pad, w_pad, _ = x.shape
+    h_out, w_out = h_pad - k + 1, w_pad - k + 1
+    # shift[j, a, b] = 1 where input column a feeds output column b through kernel column j
+    shift = (jnp.arange(w_pad)[None, :, None] == jnp.arange(w_out)[None, None, :] + jnp.arange(k)[:, None, None])
+    rows = x.reshape(n, h_pad, w_pad * c)
+    y = 0.0
+    for i in range(k):
+        band = jnp.einsum("jab,jco->acbo", shift.astype(kernel.dtype), kernel[i]).reshape(w_pad * c, w_out * o)
+        y = y + rows[:, i:i + h_out] @ band
+    return y.reshape(n, h_out, w_out, o)
+
+
 def conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: str, groups: int) -> jax.Array:
-    """NHWC/HWIO convolution; on CPU, im2col gradients for dense kernels and shifted sums
-    for depthwise ones (see :func:`dense_conv2d`, :func:`shifted_conv2d`)."""
+    """NHWC/HWIO convolution; on CPU, row products for small single-channel inputs, im2col
+    gradients for other dense kernels and shifted sums for depthwise ones (see
+    :func:`toeplitz_conv2d`, :func:`dense_conv2d`, :func:`shifted_conv2d`)."""
     if jax.default_backend() == "cpu":
+        k = kernel.shape[0]
+        width = x.shape[2] + (k - 1 if padding == "SAME" else 0)
+        if groups == 1 and kernel.shape[2] == 1 and strides == 1 and width <= TOEPLITZ_MAX_WIDTH:
+            return toeplitz_conv2d(x, kernel, padding)
         if groups == 1:
             return dense_conv2d(x, kernel, strides, padding)
         if kernel.shape[2] == 1:

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qevo.layers import dense_conv2d, patch_conv2d, shifted_conv2d
+from qevo.layers import conv2d, dense_conv2d, patch_conv2d, shifted_conv2d, toeplitz_conv2d
 
 
 @pytest.mark.parametrize("padding", ["SAME", "VALID"])
@@ -53,3 +53,32 @@ def test_dense_convs_and_gradients_equal_xla(padding, strides, kernel, channels,
     want = jax.grad(loss(xla), argnums=(0, 1))(x, k)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("padding", ["SAME", "VALID"])
+@pytest.mark.parametrize("kernel, channels", [(5, 1), (3, 3), (1, 2)])
+def test_toeplitz_conv_and_gradients_equal_xla(padding, kernel, channels):
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((3, 12, 10, channels)).astype(np.float32))
+    k = jnp.asarray(rng.standard_normal((kernel, kernel, channels, 6)).astype(np.float32))
+    xla = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))  # noqa: E731
+    mine = lambda x, k: toeplitz_conv2d(x, k, padding)  # noqa: E731
+    np.testing.assert_allclose(mine(x, k), xla(x, k), rtol=1e-5, atol=1e-4)
+    loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)))  # noqa: E731
+    for g, w in zip(jax.grad(loss(mine), argnums=(0, 1))(x, k), jax.grad(loss(xla), argnums=(0, 1))(x, k)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape, kernel, strides, groups", [
+    ((2, 28, 28, 1), (5, 5, 1, 6), 1, 1),     # row products (LeNet-5's first layer)
+    ((2, 28, 28, 1), (5, 5, 1, 6), 2, 1),     # strided: im2col gradients
+    ((2, 70, 70, 1), (3, 3, 1, 4), 1, 1),     # too wide for row products
+    ((2, 9, 9, 4), (3, 3, 1, 4), 1, 4),       # depthwise
+])
+def test_conv2d_equals_xla_on_every_path(shape, kernel, strides, groups):
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
+    k = jnp.asarray(rng.standard_normal(kernel).astype(np.float32))
+    want = jax.lax.conv_general_dilated(x, k, (strides, strides), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=groups)
+    np.testing.assert_allclose(jax.jit(conv2d, static_argnums=(2, 3, 4))(x, k, strides, "SAME", groups), want, rtol=1e-5, atol=1e-4)
