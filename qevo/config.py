@@ -187,9 +187,10 @@ def _override(cfg: ml_collections.ConfigDict, item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like --config.section.key=value")
     name, text = item.split("=", 1)
-    if name not in flatten(cfg):
-        raise ConfigError(f"unknown config key {name!r} in override --config.{item}{_did_you_mean(name, flatten(cfg))}; "
-                          f"known keys: {', '.join(sorted(flatten(cfg)))}")
+    keys = flatten(cfg)
+    if name not in keys:
+        raise ConfigError(f"unknown config key {name!r} in override --config.{item}{_did_you_mean(name, keys)}; "
+                          f"known keys: {', '.join(sorted(keys))}")
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):

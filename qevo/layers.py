@@ -130,12 +130,17 @@ def _shifted_bwd(strides, padding, residuals, g):
 shifted_conv2d.defvjp(_shifted_fwd, _shifted_bwd)
 
 
+def _pad_same(x: jax.Array, k: int, strides: int, pad_value=0) -> jax.Array:
+    """``x [N, H, W, C]`` padded on H and W as a ``"SAME"`` convolution of size ``k`` needs."""
+    pads = [_same_padding(x.shape[d], k, strides) for d in (1, 2)]
+    return jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)), constant_values=pad_value)
+
+
 def conv_windows(x: jax.Array, k: int, strides: int, padding: str, pad_value=0) -> list[jax.Array]:
     """The ``k*k`` strided ``[N, H', W', C]`` windows of ``x [N, H, W, C]``, row-major over
     the kernel; ``"SAME"`` padding holds ``pad_value``."""
     if padding == "SAME":
-        pads = [_same_padding(x.shape[d], k, strides) for d in (1, 2)]
-        x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)), constant_values=pad_value)
+        x = _pad_same(x, k, strides, pad_value)
     out_h = (x.shape[1] - k) // strides + 1
     out_w = (x.shape[2] - k) // strides + 1
     return [
@@ -208,8 +213,7 @@ def toeplitz_conv2d(x: jax.Array, kernel: jax.Array, padding: str) -> jax.Array:
     """
     k, _, c, o = kernel.shape
     if padding == "SAME":
-        pads = [_same_padding(x.shape[d], k, 1) for d in (1, 2)]
-        x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+        x = _pad_same(x, k, 1)
     n, h_pad, w_pad, _ = x.shape
     h_out, w_out = h_pad - k + 1, w_pad - k + 1
     # shift[j, a, b] = 1 where input column a feeds output column b through kernel column j

@@ -92,18 +92,15 @@ def memory_settings(cfg: ml_collections.ConfigDict | None, workdir: pathlib.Path
     """The settings of ``cfg`` that decide device memory, as the flags that set them, and
     where a float model trained by this run can be reused from (a changed config needs a new
     work folder)."""
-    flags = []
-    for key in MEMORY_KEYS if cfg is not None else ():
-        section, _, name = key.rpartition(".")
-        holder = cfg.get(section) if section else cfg
-        if holder is not None and name in holder:
-            flags.append(f"--config.{key}={holder[name]}")
-    out = f"memory settings now: {' '.join(flags)}" if flags else "no memory settings in this config"
     from qevo.train import MODEL  # imported here: qevo.train imports this module
 
-    trained = workdir / "float" if workdir is not None else None
-    if trained is not None and cfg.get("float_from", 1) is None and (trained / MODEL).is_file():
-        out += f"; with a new --workdir, --config.float_from={trained} reuses this run's float model"
+    if cfg is None:
+        return "no config was loaded"
+    flat = config_lib.flatten(cfg)
+    flags = [f"--config.{key}={flat[key]}" for key in MEMORY_KEYS if key in flat]
+    out = f"memory settings now: {' '.join(flags)}" if flags else "no memory settings in this config"
+    if workdir is not None and "float_from" in flat and flat["float_from"] is None and (workdir / "float" / MODEL).is_file():
+        out += f"; with a new --workdir, --config.float_from={workdir / 'float'} reuses this run's float model"
     return out
 
 

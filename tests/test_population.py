@@ -1,6 +1,7 @@
 """Population evaluator: strategies, sharding over devices, QAT, bad input."""
 
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -130,8 +131,8 @@ def test_bad_strategy_fails_at_construction(setup, strategy, chunk, message):
 
 
 def _overcommits_always() -> bool:
-    path = "/proc/sys/vm/overcommit_memory"
-    return os.path.exists(path) and open(path).read().strip() == "1"
+    path = pathlib.Path("/proc/sys/vm/overcommit_memory")
+    return path.exists() and path.read_text().strip() == "1"
 
 
 @pytest.mark.skipif(_overcommits_always(), reason="the OS grants any allocation here and kills the process instead")
