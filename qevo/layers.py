@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from qevo import quant
+from qevo import onednn, quant
 
 CALIBRATION_QUANTILE = 0.9999
 
@@ -84,12 +84,6 @@ def _quantize(ctx: QuantContext, index: int, x, kernel, signed: bool, options: Q
     return x, kernel
 
 
-def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
-    out = -(-size // stride)
-    total = max((out - 1) * stride + kernel - size, 0)
-    return total // 2, total - total // 2
-
-
 def _xla_conv2d(x, kernel, strides: int, padding: str, groups: int) -> jax.Array:
     return jax.lax.conv_general_dilated(
         x,
@@ -132,7 +126,7 @@ shifted_conv2d.defvjp(_shifted_fwd, _shifted_bwd)
 
 def _pad_same(x: jax.Array, k: int, strides: int, pad_value=0) -> jax.Array:
     """``x [N, H, W, C]`` padded on H and W as a ``"SAME"`` convolution of size ``k`` needs."""
-    pads = [_same_padding(x.shape[d], k, strides) for d in (1, 2)]
+    pads = [onednn.same_padding(x.shape[d], k, strides) for d in (1, 2)]
     return jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)), constant_values=pad_value)
 
 
@@ -227,10 +221,14 @@ def toeplitz_conv2d(x: jax.Array, kernel: jax.Array, padding: str) -> jax.Array:
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: str, groups: int) -> jax.Array:
-    """NHWC/HWIO convolution; on CPU, row products for small single-channel inputs, im2col
-    gradients for other dense kernels and shifted sums for depthwise ones (see
-    :func:`toeplitz_conv2d`, :func:`dense_conv2d`, :func:`shifted_conv2d`)."""
+    """NHWC/HWIO convolution. On CPU, oneDNN's kernels for float32 where they are
+    available (:mod:`qevo.onednn`), else row products for small single-channel inputs,
+    im2col gradients for other dense kernels and shifted sums for depthwise ones (see
+    :func:`toeplitz_conv2d`, :func:`dense_conv2d`, :func:`shifted_conv2d`); elsewhere
+    XLA's convolution."""
     if jax.default_backend() == "cpu":
+        if x.dtype == kernel.dtype == jnp.float32 and onednn.available():
+            return onednn.conv2d(x, kernel, strides, padding, groups)
         k = kernel.shape[0]
         width = x.shape[2] + (k - 1 if padding == "SAME" else 0)
         if groups == 1 and kernel.shape[2] == 1 and strides == 1 and width <= TOEPLITZ_MAX_WIDTH:

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from qevo import onednn
 from qevo.layers import conv2d, dense_conv2d, patch_conv2d, shifted_conv2d, toeplitz_conv2d
 
 
@@ -75,7 +76,9 @@ def test_toeplitz_conv_and_gradients_equal_xla(padding, kernel, channels):
     ((2, 70, 70, 1), (3, 3, 1, 4), 1, 1),     # too wide for row products
     ((2, 9, 9, 4), (3, 3, 1, 4), 1, 4),       # depthwise
 ])
-def test_conv2d_equals_xla_on_every_path(shape, kernel, strides, groups):
+def test_conv2d_equals_xla_on_every_path_without_onednn(shape, kernel, strides, groups, monkeypatch):
+    """The CPU paths qevo takes where oneDNN is not available."""
+    monkeypatch.setattr(onednn, "available", lambda: False)
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
     k = jnp.asarray(rng.standard_normal(kernel).astype(np.float32))
