@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qevo.layers import Bits, QConv, QDense, QuantContext, QuantOptions
+from qevo.layers import BatchNorm, Bits, QConv, QDense, QuantContext, QuantOptions
 
 
 def _context(module: nn.Module, bits: Bits | None, n_layers: int) -> QuantContext:
@@ -24,8 +24,8 @@ def _context(module: nn.Module, bits: Bits | None, n_layers: int) -> QuantContex
     return QuantContext(bits=bits, a_clip=clip.value)
 
 
-def _batch_norm(train: bool) -> nn.BatchNorm:
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+def _batch_norm(train: bool) -> BatchNorm:
+    return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
 
 
 class LeNet5(nn.Module):

@@ -85,3 +85,35 @@ def test_conv2d_equals_xla_on_every_path_without_onednn(shape, kernel, strides, 
     want = jax.lax.conv_general_dilated(x, k, (strides, strides), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                         feature_group_count=groups)
     np.testing.assert_allclose(jax.jit(conv2d, static_argnums=(2, 3, 4))(x, k, strides, "SAME", groups), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_batch_norm_equals_flax(train):
+    """Outputs, running statistics and gradients (through a ReLU, as the models use it) of
+    :class:`qevo.layers.BatchNorm` against ``flax.linen.BatchNorm`` on the same variables."""
+    import flax.linen as nn
+
+    from qevo.layers import BatchNorm
+
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(3 + 2 * rng.standard_normal((4, 6, 5, 7)).astype(np.float32))
+    ours = BatchNorm(use_running_average=not train)
+    flax_bn = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+    variables = flax_bn.init(jax.random.key(0), x)
+    variables = {"params": {"scale": jnp.asarray(rng.uniform(0.5, 2, 7), jnp.float32),
+                            "bias": jnp.asarray(rng.standard_normal(7), jnp.float32)},
+                 "batch_stats": {"mean": jnp.asarray(rng.standard_normal(7), jnp.float32),
+                                 "var": jnp.asarray(rng.uniform(0.5, 2, 7), jnp.float32)}}
+    assert jax.tree.structure(ours.init(jax.random.key(0), x)) == jax.tree.structure(variables)
+
+    def loss(module):
+        def f(params, x):
+            y, stats = module.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+            return jnp.sum(jnp.sin(nn.relu(y))), stats
+        return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)
+
+    (got, got_stats), got_grads = loss(ours)(variables["params"], x)
+    (want, want_stats), want_grads = loss(flax_bn)(variables["params"], x)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, w in zip(jax.tree.leaves((got_stats, got_grads)), jax.tree.leaves((want_stats, want_grads))):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
