@@ -1,6 +1,6 @@
 """The performance report: every benchmark in one run, a table, one JSON per device.
 
-    python -m benchmarks.run [--quick] [--only nsga3,population,coevolve,kmeans,devices,convs] [--models lenet5,resnet20] [--out PATH]
+    python -m benchmarks.run [--quick] [--only nsga3,population,coevolve,kmeans,devices,convs,train_speed] [--models lenet5,resnet20] [--out PATH]
 
 Runs, in this order, with each baseline measured in the same run:
 
@@ -13,13 +13,16 @@ Runs, in this order, with each baseline measured in the same run:
 * ``kmeans``: every (LeNet-5 layer, k in {2, 5, 16, 50}) clustering in one batched call
   against scikit-learn's ``KMeans`` loop;
 * ``devices`` (CPU only): population scoring over 1..4 forced host devices;
-* ``convs`` (CPU only): qevo's CPU convolution paths against XLA's convolution, per layer
-  and in LeNet-5 population scoring.
+* ``convs`` (CPU only): qevo's CPU convolution paths (oneDNN, row products) against XLA's
+  convolution, per layer;
+* ``train_speed``: training (float and w4a4 QAT) and forward images/s of ResNet-20,
+  MobileNetV2 and LeNet-5 against PyTorch's best layout (needs the ``bench`` extra:
+  torch and torchvision; ``--quick`` leaves out ``torch.compile``).
 
 All inputs are random (speed does not depend on them), so no dataset is needed. The
 report is rewritten after each benchmark (a cut-short run keeps what finished) to
 ``benchmarks/results/run_<device>[_quick].json`` or ``--out``. ``--quick`` takes about
-7 minutes on a 2-core CPU.
+12 minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ import time
 
 import jax
 
-from benchmarks import coevolve, common, convs, devices, kmeans, nsga3, population
+from benchmarks import coevolve, common, convs, devices, kmeans, nsga3, population, train_speed
 
-BENCHMARKS = ("nsga3", "population", "coevolve", "kmeans", "devices", "convs")
+BENCHMARKS = ("nsga3", "population", "coevolve", "kmeans", "devices", "convs", "train_speed")
 CPU_ONLY = ("devices", "convs")  # forced host devices, and convolution paths that only the CPU takes
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -58,6 +61,9 @@ def run_one(name: str, quick: bool, gpu: bool, models: str) -> dict:
         return kmeans.measure(None, quick=True, repeats=3)
     if name == "convs":
         return convs.measure(3 if quick else 5)
+    if name == "train_speed":
+        rows = train_speed.measure(list(train_speed.MODELS), 3 if quick else 5, 5 if quick else 10, not quick, False)
+        return {"rows": rows}
     return devices.measure(4, quick)
 
 
@@ -95,6 +101,8 @@ def table(report: dict) -> str:
                      f"{row['throughput']:10,.0f} img*ind/s  {row['speedup_vs_1']:.2f}x of D=1")
     for row in parts.get("convs", {}).get("layers", []):
         lines.append(f"convs      {row['layer']:<13} XLA time / " + ", ".join(f"{k} {v:5.2f}x" for k, v in row["xla_over"].items()))
+    if "train_speed" in parts:
+        lines += ["train      " + line for line in train_speed.table(parts["train_speed"]["rows"]).splitlines()]
     return "\n".join(lines)
 
 
