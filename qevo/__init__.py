@@ -4,7 +4,8 @@ The public API, imported lazily so that ``import qevo`` (and the data-decoding w
 processes) stays light:
 
 * quantization: ``quantize_weight``, ``quantize_activation``, ``validate_bits``, ``Bits``, ``QuantOptions``
-* models: ``get_model``, ``init_variables``, ``LeNet5``, ``CifarResNet``, ``MobileNetV2``, ``calibrate``
+* models: ``get_model``, ``init_variables``, ``LeNet5``, ``CifarResNet``, ``MobileNetV2``, ``calibrate``,
+  ``BatchNorm``; ``onednn_status`` (None when CPU convolutions run through oneDNN, else why not)
 * cost model: ``layer_table``, ``LayerTable``, ``bitops``, ``size_bits``, ``reference_flops``, ``reference_params``
 * data: ``load_dataset``, ``Dataset``, ``DataError``, ``normalize``
 * population evaluation: ``PopulationEvaluator``, ``QATConfig``, ``PopulationMemoryError``
@@ -33,6 +34,8 @@ _EXPORTS = {
     "CifarResNet": ("qevo.models", "CifarResNet"),
     "MobileNetV2": ("qevo.models", "MobileNetV2"),
     "calibrate": ("qevo.calibration", "calibrate"),
+    "BatchNorm": ("qevo.layers", "BatchNorm"),
+    "onednn_status": ("qevo.onednn", "status"),
     "layer_table": ("qevo.cost", "layer_table"),
     "LayerTable": ("qevo.cost", "LayerTable"),
     "bitops": ("qevo.cost", "bitops"),
