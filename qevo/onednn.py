@@ -4,10 +4,9 @@ XLA:CPU runs every convolution, forward or backward, through one generic kernel,
 gradients are slow: a ResNet-20 training step at batch 128 ran at about 190 images/s on a
 2-core CPU with XLA's convolutions, against 719 for PyTorch (channels_last) on the same
 cores, and at 697 with this module (``python -m benchmarks.train_speed``). PyTorch's CPU
-convolutions are oneDNN's
-direct kernels; this module calls the same library (Intel's ``onednn-cpu-gomp`` wheel,
-installed with qevo on x86-64 Linux) for the forward pass and both gradients, inside the
-compiled program, with no copy: images stay NHWC, kernels HWIO.
+convolutions are oneDNN's direct kernels; this module calls the same library (Intel's
+``onednn-cpu-gomp`` wheel, installed with qevo on x86-64 Linux) for the forward pass and
+both gradients, inside the compiled program, with no copy: images stay NHWC, kernels HWIO.
 
 The bridge, ``qevo/kernels/onednn_conv.cc``, is compiled on first use with the system
 C++ compiler (``$CXX``, else ``c++``) against the installed jaxlib's FFI headers and
@@ -142,11 +141,10 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: str, groups: 
     ``[N, H', W', O]``, as ``jax.lax.conv_general_dilated`` with NHWC/HWIO/NHWC
     dimension numbers computes it; both gradients are oneDNN's too. Call only when
     :func:`available`; batching (``vmap``) runs the calls one after another."""
-    attributes = _attributes(x.shape, kernel.shape, strides, padding, groups)
-    (pt, pb), (pl, pr) = padding_pairs(x.shape[1:3], kernel.shape[:2], strides, padding)
-    out_h = (x.shape[1] + pt + pb - kernel.shape[0]) // strides + 1
-    out_w = (x.shape[2] + pl + pr - kernel.shape[1]) // strides + 1
-    return _call("forward", (x.shape[0], out_h, out_w, kernel.shape[3]), x, kernel, **attributes)
+    a = _attributes(x.shape, kernel.shape, strides, padding, groups)
+    out_h = (x.shape[1] + int(a["pt"] + a["pb"]) - kernel.shape[0]) // strides + 1
+    out_w = (x.shape[2] + int(a["pl"] + a["pr"]) - kernel.shape[1]) // strides + 1
+    return _call("forward", (x.shape[0], out_h, out_w, kernel.shape[3]), x, kernel, **a)
 
 
 def _conv_fwd(x, kernel, strides, padding, groups):
