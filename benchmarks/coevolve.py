@@ -72,7 +72,7 @@ def measure(float_from: str | None, w_bits: int, groups: int, eval_images: int, 
         runner, problem = synthetic(cfg)
     evaluations = c.num_groups * c.population_size
 
-    state = runner.init_state(problem.q0, jax.random.PRNGKey(0))
+    state = runner.init_state(problem, jax.random.PRNGKey(0))
     start = time.perf_counter()
     state, _ = jax.block_until_ready(runner.cycle(state, problem))
     qevo_first = time.perf_counter() - start

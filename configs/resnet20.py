@@ -1,19 +1,13 @@
-"""ResNet-20 on CIFAR-10 (JPEG copy).
+"""ResNet-20 on CIFAR-10 (JPEG copy): the GPU budget. ``configs/resnet20_cpu.py`` is the
+same protocol cut to a 2-core CPU.
 
-* ``python -m qevo.train --config configs/resnet20.py``: the He et al. float recipe (SGD 0.1,
-  Nesterov, weight decay 5e-4, cosine, 200 epochs, crop+flip augmentation).
-* ``python -m qevo.search --config configs/resnet20.py``: bit-width search over {2, 4, 8} for
-  the 18 inner layers, 32 individuals x 30 generations with 100 QAT steps each, then 30
-  QAT epochs for every front model and uniform baseline. A GPU run.
-
-A reduced budget for a 2-core CPU (every output file, chance-level accuracy)::
-
-    python -m qevo.search --config configs/resnet20.py --workdir runs/resnet20_cpu \\
-      --config.train.epochs=1 --config.data.max_train_images=1000 \\
-      --config.population_size=8 --config.generations=1 --config.search.qat_steps=2 \\
-      --config.search.eval_images=500 --config.final.epochs=1 --config.final.max_models=1
-
-(4 min 51 s on an idle 2-core CPU, with the decoded CIFAR-10 cache already built.)
+* ``python -m qevo.train --config configs/resnet20.py``: the float recipe (SGD 0.1 with
+  Nesterov momentum 0.9, weight decay 5e-4 on the convolution and dense kernels only,
+  label smoothing 0.1, 2 warm-up epochs then cosine, batch 128, crop+flip), 200 epochs.
+* ``python -m qevo.search --config configs/resnet20.py``: bit-width search over weights
+  {1, 2, 4, 8} and activations {2, 4, 8} for the 18 inner layers (MSE-clipped weight
+  scales), 32 individuals x 30 generations with 100 QAT steps each, then 30 QAT epochs for
+  every front model and uniform baseline.
 """
 
 from qevo.search import search_defaults
@@ -30,7 +24,12 @@ def get_config():
     c.train.momentum = 0.9
     c.train.nesterov = True
     c.train.weight_decay = 5e-4
+    c.train.weight_decay_on = "kernels"
+    c.train.label_smoothing = 0.1
+    c.train.warmup_epochs = 2
     c.train.augment = True
+    c.quant.mode = "mse"
+    c.search.w_candidates = (1, 2, 4, 8)
     c.population_size = 32
     c.generations = 30
     c.search.qat_steps = 100

@@ -21,14 +21,20 @@ The method of SPEC section 3, gradient-free:
    * each group in turn (``lax.scan``), with everything else held at the context: a fresh
      training mini-batch; ``population_size`` assignments of the group, the context itself
      and ``population_size - 1`` samples of the marginals; the cross-entropy of the integer
-     network (:func:`qevo.intforward.apply`) for each, in one population call (vmapped or
-     mapped per ``coevolve.strategy``, the population axis sharded over the devices of a
-     ``pop`` mesh); the best becomes the group's context and every marginal of the group
+     network (:func:`qevo.intforward.apply`, computed in float arithmetic: the dequantized
+     levels through the model's own convolutions, the same logits up to float rounding) for
+     each, in one population call (vmapped or mapped per ``coevolve.strategy``, the
+     population axis sharded over the devices of a ``pop`` mesh); the best becomes the group's context and every marginal of the group
      moves toward it: ``p <- (1 - lr) p + lr onehot(best)``;
+   * for models with BatchNorm, the statistics of the new context are re-estimated on
+     ``coevolve.bn_images`` training images (one forward pass,
+     :func:`qevo.intforward.batch_statistics`): the per-channel scale and offset after every
+     convolution move with its levels (the round-to-nearest start gets the same);
 
    no derivative is computed anywhere (:func:`derivative_equations` proves it on the
    compiled cycle);
-3. baselines from the same float model: round to nearest (the starting point) and, with
+3. baselines from the same float model: round to nearest (the starting point; also with
+   re-estimated BatchNorm statistics, ``round_to_nearest_bn``) and, with
    ``coevolve.qat``, quantization-aware training through the straight-through estimator
    (:class:`qevo.train.Trainer`) on as many training images as the coevolution drew.
 
@@ -84,6 +90,7 @@ def defaults() -> ml_collections.ConfigDict:
             num_groups=32,
             population_size=16,
             learning_rate=0.5,
+            bn_images=1024,
             cycles=12,
             batch_size=512,
             eval_images=config_dict.placeholder(int),
@@ -116,6 +123,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key, lo in (("group_size", 1), ("num_groups", 1), ("population_size", 2), ("cycles", 1), ("batch_size", 1)):
         if not isinstance(c[key], int) or c[key] < lo:
             raise err(f"config coevolve.{key}={c[key]!r} must be an int >= {lo}")
+    if not isinstance(c.bn_images, int) or c.bn_images < 0:
+        raise err(f"config coevolve.bn_images={c.bn_images!r} must be an int >= 0 (0 keeps the float model's BatchNorm statistics)")
     if c.eval_images is not None and c.eval_images < 1:
         raise err(f"config coevolve.eval_images={c.eval_images!r} must be >= 1 (or unset for the whole validation split)")
     if c.strategy not in STRATEGIES:
@@ -215,12 +224,16 @@ class State:
     Attributes:
       probs: float32 ``[D, 2r+1]`` marginals.
       context: int8 ``[D]`` the best assignment found (integer levels).
+      batch_stats: the context network's BatchNorm statistics (``{}`` for models without
+        BatchNorm): re-estimated after every cycle on ``coevolve.bn_images`` training
+        images (:func:`qevo.intforward.batch_statistics`), or the float model's with 0.
       key: raw uint32 ``[2]`` PRNG key of the next cycle.
       cycle: int32, cycles done.
     """
 
     probs: jax.Array
     context: jax.Array
+    batch_stats: dict
     key: jax.Array
     cycle: jax.Array
 
@@ -266,6 +279,7 @@ class Coevolution:
         object.__setattr__(self, "_local", resolve_strategy(self.options.strategy, self.options.chunk_size, devices[0].platform))
         object.__setattr__(self, "cycle", jax.jit(self._cycle))
         object.__setattr__(self, "accuracy", jax.jit(self._accuracy))
+        object.__setattr__(self, "statistics", jax.jit(self._statistics))
 
     @property
     def num_weights(self) -> int:
@@ -285,19 +299,31 @@ class Coevolution:
             start += size
         return out
 
-    def init_state(self, q0: jax.Array, key: jax.Array) -> State:
-        """Marginals around ``q0``, context ``q0``, cycle 0 (``key``: raw uint32 key)."""
+    def init_state(self, problem: Problem, key: jax.Array) -> State:
+        """Marginals around ``problem.q0``, context ``q0`` with its BatchNorm statistics, cycle 0
+        (``key``: raw uint32 key)."""
         o = self.options
-        return State(probs=initial_probs(q0, self.max_level, o.radius, o.initial_mass), context=q0,
-                     key=key, cycle=jnp.int32(0))
+        return State(probs=initial_probs(problem.q0, self.max_level, o.radius, o.initial_mass), context=problem.q0,
+                     batch_stats=self.statistics(problem, problem.q0, jax.random.fold_in(key, 7)), key=key, cycle=jnp.int32(0))
 
-    def logits(self, problem: Problem, genome: jax.Array, images: jax.Array) -> jax.Array:
-        """Logits ``[N, classes]`` of the integer network ``genome`` on uint8 ``images``."""
+    def _statistics(self, problem: Problem, genome: jax.Array, key: jax.Array) -> dict:
+        """BatchNorm statistics of the network ``genome`` on ``coevolve.bn_images`` random
+        training images (the float model's with 0; ``{}`` without BatchNorm)."""
+        stats = problem.variables.get("batch_stats", {})
+        if not stats or not self.options.bn_images:
+            return stats
+        pick = jax.random.randint(key, (self.options.bn_images,), 0, problem.images.shape[0])
+        x = normalize(problem.images[pick], self.mean, self.std)
+        return intforward.batch_statistics(self.model, problem.variables, self.kernels(genome, problem.scales), problem.bits, x)
+
+    def logits(self, problem: Problem, genome: jax.Array, images: jax.Array, arithmetic: str = "integer") -> jax.Array:
+        """Logits ``[N, classes]`` of the integer network ``genome`` on uint8 ``images``, in
+        ``"integer"`` or (the same network, faster) ``"float"`` arithmetic (:func:`qevo.intforward.apply`)."""
         x = normalize(images, self.mean, self.std)
-        return intforward.apply(self.model, problem.variables, self.kernels(genome, problem.scales), problem.bits, x)
+        return intforward.apply(self.model, problem.variables, self.kernels(genome, problem.scales), problem.bits, x, arithmetic)
 
-    def _accuracy(self, problem: Problem, genome: jax.Array, batches) -> jax.Array:
-        return batched_accuracy(lambda x: self.logits(problem, genome, x), batches)
+    def _accuracy(self, problem: Problem, genome: jax.Array, batches, arithmetic: str = "integer") -> jax.Array:
+        return batched_accuracy(lambda x: self.logits(problem, genome, x, arithmetic), batches)
 
     def population_loss(self, problem: Problem, context: jax.Array, idx: jax.Array, values: jax.Array,
                         images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -306,7 +332,7 @@ class Coevolution:
         non-finite loss becomes ``+inf`` (never selected)."""
         def one(row, shared):
             problem, context, idx, images, labels = shared
-            logits = self.logits(problem, context.at[idx].set(row), images)
+            logits = self.logits(problem, context.at[idx].set(row), images, "float")
             loss = cross_entropy(logits, labels)
             return jnp.where(jnp.isfinite(loss), loss, jnp.inf), jnp.mean(jnp.argmax(logits, -1) == labels)
 
@@ -347,6 +373,7 @@ class Coevolution:
         """One cycle (module docstring, step 2): freeze, regroup, every group in turn."""
         o = self.options
         key, group_key, step_key = jax.random.split(state.key, 3)
+        problem = with_statistics(problem, state.batch_stats)
         context, frozen = freeze(state.probs, state.context, problem.q0, o.radius, o.threshold)
         groups = regroup(group_key, state.probs, o.num_groups, o.group_size)
         keys = jax.random.split(step_key, o.num_groups)
@@ -354,9 +381,15 @@ class Coevolution:
             lambda carry, inputs: self._group_step(problem, carry, inputs), (state.probs, context), (groups, ~frozen[groups], keys)
         )
         confident = jnp.mean(jnp.max(probs, axis=1) >= o.threshold)
-        stats = CycleStats(loss=loss, accuracy=acc, best_loss=best, improved=improved, confident=confident,
-                           val_accuracy=self._accuracy(problem, context, problem.val))
-        return State(probs=probs, context=context, key=key, cycle=state.cycle + 1), stats
+        batch_stats = self._statistics(problem, context, jax.random.fold_in(key, 7))
+        val_accuracy = self._accuracy(with_statistics(problem, batch_stats), context, problem.val, "float")
+        stats = CycleStats(loss=loss, accuracy=acc, best_loss=best, improved=improved, confident=confident, val_accuracy=val_accuracy)
+        return State(probs=probs, context=context, batch_stats=batch_stats, key=key, cycle=state.cycle + 1), stats
+
+
+def with_statistics(problem: Problem, batch_stats: dict) -> Problem:
+    """``problem`` whose network normalises with ``batch_stats`` (unchanged for ``{}``)."""
+    return problem.replace(variables={**problem.variables, "batch_stats": batch_stats}) if batch_stats else problem
 
 
 # --------------------------------------------------------------------------- derivative check
@@ -476,12 +509,17 @@ def read_history(path: pathlib.Path, cycles: int) -> list[dict]:
     return lines[:cycles]
 
 
+def initial_state(prep: Prepared) -> State:
+    """The run's starting point: round to nearest, its BatchNorm statistics, the seed's key."""
+    return prep.runner.init_state(prep.problem, jax.random.PRNGKey(prep.cfg.seed))
+
+
 def evolve(prep: Prepared, workdir: pathlib.Path | None = None, log=None) -> tuple[State, list[dict]]:
     """Run ``coevolve.cycles`` cycles; with ``workdir``, checkpoint and append ``history.jsonl``
     after each one and resume from a checkpoint there. Returns the final state and the history."""
     c = prep.cfg.coevolve
     runner, problem = prep.runner, prep.problem
-    state = runner.init_state(problem.q0, jax.random.PRNGKey(prep.cfg.seed))
+    state = initial_state(prep)
     history: list[dict] = []
     if workdir is not None and (workdir / CHECKPOINT).exists():
         state, _ = checkpoint.load(workdir / CHECKPOINT, state)
@@ -538,9 +576,11 @@ def qat_baseline(prep: Prepared, images: int, workdir: pathlib.Path) -> dict:
     return {**fitted, "images": steps * qcfg.train.batch_size}
 
 
-def save_integer_model(path: pathlib.Path, prep: Prepared, genome: jax.Array, meta: dict) -> None:
-    """``integer_model.msgpack``: ``{"kernels": {path: IntKernel}, "variables": float variables}``."""
-    tree = {"kernels": prep.runner.kernels(genome, prep.problem.scales), "variables": prep.variables}
+def save_integer_model(path: pathlib.Path, prep: Prepared, genome: jax.Array, meta: dict, batch_stats: dict | None = None) -> None:
+    """``integer_model.msgpack``: ``{"kernels": {path: IntKernel}, "variables": float variables}``
+    (with ``batch_stats`` in place of the float model's BatchNorm statistics, if given)."""
+    variables = {**prep.variables, "batch_stats": batch_stats} if batch_stats else prep.variables
+    tree = {"kernels": prep.runner.kernels(genome, prep.problem.scales), "variables": variables}
     checkpoint.save(path, tree, meta)
 
 
@@ -561,20 +601,25 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
                              "test_accuracy": float(runner.accuracy(problem, problem.q0, prep.test)),
                              "fake_quant_test_accuracy": float(fake_quant(prep.variables, problem.bits, prep.test))},
     }
-    log(f"{cfg.model.name} w{c.w_bits}a{c.a_bits}: {runner.num_weights} integer weights; float test "
-        f"{100 * scores['float']['test_accuracy']:.2f}%, round to nearest {100 * scores['round_to_nearest']['test_accuracy']:.2f}%")
+    if problem.variables.get("batch_stats") and c.bn_images:
+        rebatched = with_statistics(problem, initial_state(prep).batch_stats)
+        scores["round_to_nearest_bn"] = {"val_accuracy": float(runner.accuracy(rebatched, problem.q0, prep.val)),
+                                         "test_accuracy": float(runner.accuracy(rebatched, problem.q0, prep.test))}
+    log(f"{cfg.model.name} w{c.w_bits}a{c.a_bits}: {runner.num_weights} integer weights; test accuracy: "
+        + ", ".join(f"{k} {100 * v['test_accuracy']:.2f}%" for k, v in scores.items()))
 
     state, history = evolve(prep, workdir, log)
     genome = state.context
-    coevolved = {"val_accuracy": float(runner.accuracy(problem, genome, prep.val)),
-                 "test_accuracy": float(runner.accuracy(problem, genome, prep.test)),
+    evolved = with_statistics(problem, state.batch_stats)
+    coevolved = {"val_accuracy": float(runner.accuracy(evolved, genome, prep.val)),
+                 "test_accuracy": float(runner.accuracy(evolved, genome, prep.test)),
                  "evaluations": history[-1]["evaluations"], "images": history[-1]["images"],
                  "seconds": round(sum(r["seconds"] for r in history), 2),
                  "changed_weights": int(jnp.sum(genome != problem.q0)), "confident": history[-1]["confident"]}
     scores["coevolution"] = coevolved
     meta = {"model": cfg.model.name, "dataset": cfg.data.name, "w_bits": prep.bits.w.tolist(), "a_bits": prep.bits.a.tolist(),
             "test_accuracy": coevolved["test_accuracy"]}
-    save_integer_model(workdir / INTEGER_MODEL, prep, genome, meta)
+    save_integer_model(workdir / INTEGER_MODEL, prep, genome, meta, state.batch_stats)
     if c.qat:
         t = time.perf_counter()
         qat = qat_baseline(prep, coevolved["images"], workdir / "qat")

@@ -31,6 +31,7 @@ def defaults() -> ml_collections.ConfigDict:
             val_size=5000,
             image_size=config_dict.placeholder(int),
             max_train_images=config_dict.placeholder(int),
+            max_test_images=config_dict.placeholder(int),
         )
     )
     c.model = ml_collections.ConfigDict(dict(name="lenet5", activation="relu"))
@@ -45,6 +46,8 @@ def defaults() -> ml_collections.ConfigDict:
             momentum=0.9,
             nesterov=False,
             weight_decay=0.0,
+            weight_decay_on="all",
+            label_smoothing=0.0,
             schedule="cosine",
             warmup_epochs=0,
             augment=False,
@@ -64,6 +67,7 @@ OPTIONS = {
     "quant.mode": ("absmax", "mse", "dorefa"),
     "train.optimizer": ("sgd", "adam"),
     "train.schedule": ("cosine", "constant"),
+    "train.weight_decay_on": ("all", "kernels"),
 }
 POSITIVE = ("train.epochs", "train.batch_size", "train.learning_rate", "train.eval_batch_size")
 
@@ -147,6 +151,11 @@ def validate(cfg: ml_collections.ConfigDict, known: ml_collections.ConfigDict | 
     for key in POSITIVE:
         if not flat[key] > 0:
             raise ConfigError(f"config {key}={flat[key]!r} must be > 0")
+    for key in ("data.max_train_images", "data.max_test_images"):
+        if flat[key] is not None and flat[key] < 1:
+            raise ConfigError(f"config {key}={flat[key]!r} must be >= 1 (or unset for the whole split)")
+    if not 0.0 <= flat["train.label_smoothing"] < 1.0:
+        raise ConfigError(f"config train.label_smoothing={flat['train.label_smoothing']!r} must be in [0, 1)")
     for key in ("train.w_bits", "train.a_bits"):
         if not 1 <= flat[key] <= 32:
             raise ConfigError(f"config {key}={flat[key]} is an impossible bit width; use 1..32 (32 = float)")

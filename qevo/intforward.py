@@ -36,7 +36,7 @@ import numpy as np
 from flax import struct, traverse_util
 
 from qevo import quant
-from qevo.layers import Bits, QConv, QDense, conv_windows
+from qevo.layers import BatchNorm, Bits, QConv, QDense, conv2d, conv_windows
 
 MAX_WEIGHT_BITS = 8
 MIN_ACTIVATION_BITS = 2
@@ -179,7 +179,11 @@ def int_conv(x8: jax.Array, offset: jax.Array, q: jax.Array, strides: int, paddi
     raise ValueError(f"integer convolution supports dense and depthwise kernels, not {groups} groups of {c} channels")
 
 
-def apply(model: nn.Module, variables: dict, kernels: dict[str, IntKernel], bits: Bits, images: jax.Array) -> jax.Array:
+ARITHMETICS = ("integer", "float")
+
+
+def apply(model: nn.Module, variables: dict, kernels: dict[str, IntKernel], bits: Bits, images: jax.Array,
+          arithmetic: str = "integer") -> jax.Array:
     """Logits of ``model`` with the layers of ``kernels`` in integer arithmetic.
 
     Args:
@@ -189,10 +193,25 @@ def apply(model: nn.Module, variables: dict, kernels: dict[str, IntKernel], bits
       kernels: ``{module path: IntKernel}`` (:func:`integer_kernels`, or evolved levels).
       bits: int32 ``[L]`` widths; an integer layer's activation width must be in 2..8.
       images: normalised float32 ``[N, H, W, C]``.
+      arithmetic: ``"integer"`` (int8 operands, int32 sums), or ``"float"``: the same network
+        in float32, each integer layer's input fake-quantized at its width and multiplied
+        with the dequantized kernel ``q * scale`` by the model's own convolution (oneDNN on
+        CPUs). Both give the same logits up to the rounding of float sums; ``"float"`` is
+        the faster way to score many candidate networks.
 
     Returns:
       float32 logits ``[N, num_classes]``.
     """
+    if arithmetic not in ARITHMETICS:
+        raise ValueError(f"arithmetic must be one of {ARITHMETICS}, got {arithmetic!r}")
+
+    with nn.intercept_methods(_integer_layers(kernels, arithmetic)):
+        return model.apply(variables, images, bits, train=False)
+
+
+def _integer_layers(kernels: dict[str, IntKernel], arithmetic: str):
+    """A Flax method interceptor that runs the layers of ``kernels`` on their integer levels."""
+
     def integer(next_fun, args, kwargs, context):
         module = context.module
         path = "/".join(module.path)
@@ -201,15 +220,54 @@ def apply(model: nn.Module, variables: dict, kernels: dict[str, IntKernel], bits
         x, ctx = args
         k = kernels[path]
         a_bits, clip = ctx.bits.a[module.index], ctx.a_clip[module.index]
-        x8, offset, step = _int8_input(x, a_bits, clip, module.signed_input)
-        if isinstance(module, QConv):
-            acc = int_conv(x8, offset, k.q, module.strides, module.padding, module.groups)
+        if arithmetic == "float":
+            xq = quant.quantize_activation(x, a_bits, clip, signed=module.signed_input, mode=module.options.mode)
+            w = dequantize(k)
+            y = conv2d(xq, w, module.strides, module.padding, module.groups) if isinstance(module, QConv) else xq @ w
         else:
-            acc = _int_matmul(x8, k.q) + offset * jnp.sum(k.q.astype(jnp.int32), axis=0)
-        y = acc.astype(jnp.float32) * (step * k.scale)
+            x8, offset, step = _int8_input(x, a_bits, clip, module.signed_input)
+            if isinstance(module, QConv):
+                acc = int_conv(x8, offset, k.q, module.strides, module.padding, module.groups)
+            else:
+                acc = _int_matmul(x8, k.q) + offset * jnp.sum(k.q.astype(jnp.int32), axis=0)
+            y = acc.astype(jnp.float32) * (step * k.scale)
         if isinstance(module, QDense) or module.use_bias:
             y = y + module.get_variable("params", "bias")
         return y
 
-    with nn.intercept_methods(integer):
-        return model.apply(variables, images, bits, train=False)
+    return integer
+
+
+def batch_statistics(model: nn.Module, variables: dict, kernels: dict[str, IntKernel], bits: Bits, images: jax.Array) -> dict:
+    """BatchNorm statistics of the integer network, re-estimated on ``images``.
+
+    One forward pass in training mode (float arithmetic, as :func:`apply` with
+    ``arithmetic="float"``): each BatchNorm normalises with the mean and (biased) variance of
+    its input over ``images`` and keeps them as its statistics. Integer levels shift each
+    channel's output distribution away from the float model's; this moves the
+    normalisation (the per-channel scale and offset after each convolution) with them.
+    No derivative is taken.
+
+    Args:
+      model, variables, kernels, bits: as :func:`apply`.
+      images: normalised float32 ``[N, H, W, C]`` (a large batch: 1,024 images or more).
+
+    Returns:
+      the ``batch_stats`` collection (``variables["batch_stats"]``'s structure).
+    """
+    layers = _integer_layers(kernels, "float")
+
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name == "__call__" and isinstance(module, BatchNorm):
+            x = args[0]
+            axes = tuple(range(x.ndim - 1))
+            y = next_fun(*args, **kwargs)
+            module.put_variable("batch_stats", "mean", jnp.mean(x, axis=axes))
+            module.put_variable("batch_stats", "var", jnp.var(x, axis=axes))
+            return y
+        return layers(next_fun, args, kwargs, context)
+
+    with nn.intercept_methods(intercept):
+        _, updates = model.apply(variables, images, bits, train=True, mutable=["batch_stats"])
+    return updates["batch_stats"]

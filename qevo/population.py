@@ -79,9 +79,16 @@ class QATConfig:
         )
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy of ``logits [N, C]`` against int ``labels [N]``."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
+    """Mean softmax cross-entropy of ``logits [N, C]`` against int ``labels [N]``.
+
+    With ``smoothing`` > 0 the target is the one-hot label mixed with the uniform
+    distribution: ``(1 - smoothing) * onehot + smoothing / C``.
+    """
+    if smoothing == 0.0:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
+    return optax.softmax_cross_entropy(logits, targets).mean()
 
 
 # Above this many multiply-accumulates per individual QAT step (MACs per image x batch),

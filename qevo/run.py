@@ -12,6 +12,8 @@ run skips most compilation.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import pathlib
 import sys
@@ -86,6 +88,16 @@ def prepare_workdir(workdir: pathlib.Path, cfg: ml_collections.ConfigDict) -> pa
 def write_json(path: pathlib.Path, obj) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_csv(path: pathlib.Path, rows: list[dict], columns: list[str]) -> None:
+    """Write ``rows`` (dicts) as CSV with ``columns``, atomically; lists (bit widths) as space-joined text."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: " ".join(str(int(b)) for b in v) if isinstance(v, list) else v for k, v in r.items()})
+    atomic_write_bytes(path, buf.getvalue().encode())
 
 
 def memory_settings(cfg: ml_collections.ConfigDict | None, workdir: pathlib.Path | None) -> str:

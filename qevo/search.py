@@ -22,9 +22,7 @@ generation; a rerun resumes from it and gives the same result), ``pareto.csv``,
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import pathlib
 import shutil
@@ -47,7 +45,7 @@ from qevo.layers import Bits
 from qevo.models import init_variables
 from qevo.population import PopulationEvaluator, QATConfig
 from qevo.pretrained import float_model
-from qevo.run import main, write_json
+from qevo.run import main, write_csv, write_json
 
 CHECKPOINT = "checkpoint.msgpack"
 OBJECTIVES = ("error", "bitops", "size", "flops", "params")
@@ -541,20 +539,6 @@ def train_final(cfg, problem: Problem, models: list[dict], workdir: pathlib.Path
         rows.append({**m, "val_accuracy": fitted["val_accuracy"], "test_accuracy": fitted["test_accuracy"],
                      "epochs": fitted["epochs"], **{k: float(v[0]) for k, v in c.items()}})
     return rows
-
-
-def _bits_text(bits) -> str:
-    return " ".join(str(int(b)) for b in bits)
-
-
-def write_csv(path: pathlib.Path, rows: list[dict], columns: list[str]) -> None:
-    """Write ``rows`` (dicts) as CSV with ``columns``, atomically; bit lists as space-joined text."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: _bits_text(v) if isinstance(v, list) else v for k, v in r.items()})
-    checkpoint.atomic_write_bytes(path, buf.getvalue().encode())
 
 
 def pareto_rows(cfg, problem: Problem, history: list[dict]) -> list[dict]:

@@ -3,8 +3,9 @@
 One epoch is one compiled call (``lax.scan`` over the shuffled mini-batches of the
 device-resident training set). A checkpoint is written atomically after every epoch and
 a rerun with the same ``--workdir`` resumes from it. Outputs in the work folder:
-``config.json``, ``checkpoint.msgpack`` (latest epoch), ``model.msgpack`` (final
-variables), ``results.json`` (validation and test accuracy, wall time).
+``config.json``, ``checkpoint.msgpack`` (latest epoch), ``history.csv`` (per epoch: loss,
+validation accuracy, cumulative training seconds), ``model.msgpack`` (final variables),
+``results.json`` (validation and test accuracy, wall time).
 
 With ``train.w_bits``/``train.a_bits`` below 32 the run is QAT: the model starts from the
 float run in ``train.init_from``, clip ranges are calibrated, and every quantizable layer
@@ -34,9 +35,10 @@ from qevo.data import Dataset, load_dataset, normalize
 from qevo.layers import Bits, QuantOptions
 from qevo.models import get_model, init_variables
 from qevo.population import batch_eval_set, batched_accuracy, cross_entropy
-from qevo.run import main, write_json
+from qevo.run import main, write_csv, write_json
 
 CHECKPOINT = "checkpoint.msgpack"
+HISTORY = "history.csv"
 MODEL = "model.msgpack"
 
 
@@ -56,12 +58,17 @@ class TrainState:
 
 
 def load_data(cfg: ml_collections.ConfigDict) -> Dataset:
-    """The dataset of ``cfg.data`` (train optionally truncated to ``max_train_images``)."""
+    """The dataset of ``cfg.data``: train optionally cut to its first ``max_train_images``
+    (a random sample: the split is in seeded random order), test to a seeded random sample
+    of ``max_test_images`` (for quick runs; figures on it are not the test split's)."""
     d = cfg.data
     ds = load_dataset(d.name, d.data_dir, val_size=d.val_size, seed=cfg.seed, image_size=d.image_size)
     if d.max_train_images is not None:
         n = d.max_train_images
         ds = dataclasses.replace(ds, train_images=ds.train_images[:n], train_labels=ds.train_labels[:n])
+    if d.max_test_images is not None:
+        keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(ds.test_labels))[: d.max_test_images])
+        ds = dataclasses.replace(ds, test_images=ds.test_images[keep], test_labels=ds.test_labels[keep])
     return ds
 
 
@@ -82,7 +89,11 @@ def uniform_bits(num_layers: int, w: int, a: int, float_first_last: bool = True)
 
 
 def make_optimizer(t: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
-    """SGD (momentum, optional Nesterov) or Adam with decoupled weight decay and a cosine schedule."""
+    """SGD (momentum, optional Nesterov) or Adam with weight decay and a warm-up + cosine schedule.
+
+    ``t.weight_decay_on`` is ``"all"`` (every trainable array) or ``"kernels"`` (arrays of
+    rank >= 2: convolution and dense kernels, not BatchNorm scales, biases or clip ranges).
+    """
     total = t.epochs * steps_per_epoch
     if t.schedule == "cosine":
         lr = optax.warmup_cosine_decay_schedule(
@@ -90,9 +101,11 @@ def make_optimizer(t: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.
         )
     else:
         lr = t.learning_rate
+    mask = None if t.weight_decay_on == "all" else (lambda tree: jax.tree.map(lambda p: p.ndim >= 2, tree))
     if t.optimizer == "adam":
-        return optax.adamw(lr, weight_decay=t.weight_decay)
-    return optax.chain(optax.add_decayed_weights(t.weight_decay), optax.sgd(lr, momentum=t.momentum, nesterov=t.nesterov))
+        return optax.adamw(lr, weight_decay=t.weight_decay, mask=mask)
+    return optax.chain(optax.add_decayed_weights(t.weight_decay, mask=mask),
+                       optax.sgd(lr, momentum=t.momentum, nesterov=t.nesterov))
 
 
 def augment(key: jax.Array, images: jax.Array) -> jax.Array:
@@ -131,7 +144,7 @@ class Trainer:
         logits, updates = self.model.apply(
             v, normalize(x, self.mean, self.std), bits, train=True, mutable=["batch_stats"], rngs={"dropout": key}
         )
-        return cross_entropy(logits, y), updates
+        return cross_entropy(logits, y, self.cfg.train.label_smoothing), updates
 
     def _epoch(self, state: TrainState, bits: Bits | None, key, images, labels):
         bs = self.cfg.train.batch_size
@@ -182,7 +195,9 @@ def fit(cfg: ml_collections.ConfigDict, ds: Dataset, model: nn.Module, variables
         workdir: pathlib.Path, key: jax.Array, desc: str, trainer: Trainer | None = None) -> tuple[dict, dict]:
     """Train ``variables`` per ``cfg.train`` (float if ``bits`` is None, else QAT at ``bits``).
 
-    Checkpoints after every epoch in ``workdir/checkpoint.msgpack`` and resumes from it.
+    Checkpoints after every epoch in ``workdir/checkpoint.msgpack`` and resumes from it;
+    ``workdir/history.csv`` holds one row per epoch (mean training loss, validation
+    accuracy, cumulative training seconds).
     Pass the same ``trainer`` to train several bit configurations with one compilation
     (the widths are traced arguments).
 
@@ -207,8 +222,10 @@ def fit(cfg: ml_collections.ConfigDict, ds: Dataset, model: nn.Module, variables
         loss = float(loss)
         meta["train_seconds"] += time.perf_counter() - start
         val_acc = float(trainer.accuracy(state.variables, bits, val)) if ds.val_images.shape[0] else float("nan")
-        meta["history"].append({"epoch": epoch + 1, "loss": loss, "val_accuracy": val_acc})
+        meta["history"].append({"epoch": epoch + 1, "loss": loss, "val_accuracy": val_acc,
+                                "train_seconds": round(meta["train_seconds"], 1)})
         checkpoint.save(ckpt, state, meta)
+        write_csv(workdir / HISTORY, meta["history"], ["epoch", "loss", "val_accuracy", "train_seconds"])
         bar.update(1)
         bar.write(f"epoch {epoch + 1:3d}/{cfg.train.epochs}  loss {loss:.4f}  val {100 * val_acc:.2f}%  ({meta['train_seconds']:.0f} s)", file=sys.stderr)
     bar.close()

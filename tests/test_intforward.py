@@ -124,7 +124,7 @@ def test_integer_logits_equal_fake_quant_on_mnist_test(mnist_lenet, w_bits):
 def test_evolved_levels_equal_fake_quant_of_their_weights(mnist_lenet):
     """Levels moved off round-to-nearest (so a channel's absmax scale no longer matches) run
     as the network with kernels ``q * scale`` and only the activations fake-quantized."""
-    _, variables, layers, x, fake_fn, integer_fn = mnist_lenet
+    model, variables, layers, x, fake_fn, integer_fn = mnist_lenet
     bits = uniform_bits(5, 3, 8)
     kernels = intforward.integer_kernels(variables, layers, np.asarray(bits.w))
     rng = np.random.default_rng(2)
@@ -141,6 +141,9 @@ def test_evolved_levels_equal_fake_quant_of_their_weights(mnist_lenet):
     integer = np.asarray(integer_fn(variables, moved, bits, x))
     np.testing.assert_array_equal(np.argmax(integer, 1), np.argmax(fake, 1))
     assert np.mean(np.abs(integer - fake).max(axis=1) <= 1e-5 * np.abs(fake).max(axis=1)) >= 0.99
+    # arithmetic="float" (how the coevolution scores candidates) is exactly that network.
+    in_float = np.asarray(jax.jit(lambda k, x: intforward.apply(model, variables, k, bits, x, "float"))(moved, x))
+    np.testing.assert_allclose(in_float, fake, rtol=1e-6, atol=1e-6 * np.abs(fake).max())
 
 
 def test_resnet_integer_forward_equals_fake_quant():
@@ -163,3 +166,28 @@ def test_resnet_integer_forward_equals_fake_quant():
     np.testing.assert_array_equal(np.argmax(integer, 1), np.argmax(fake, 1))
     assert np.mean(np.abs(integer - fake).max(axis=1) <= 1e-5 * np.abs(fake).max(axis=1)) >= 0.5
     np.testing.assert_allclose(integer, fake, atol=0.01 * np.abs(fake).max())
+
+
+def test_reestimated_batch_statistics_make_inference_equal_training_mode():
+    """With statistics re-estimated on a batch, the inference-mode network gives on that batch
+    the logits of the training-mode network (each BatchNorm normalised by the batch's own
+    statistics), here the fake-quantized ResNet-8 with the dequantized kernels."""
+    model = CifarResNet(depth=8)
+    x = jax.random.normal(jax.random.key(1), (64, 16, 16, 3))
+    variables = init_variables(model, jax.random.key(0), (16, 16, 3))
+    variables = {**variables, "quant": {"a_clip": jnp.full(model.num_layers, 3.0)}}
+    layers = intforward.quantized_layers(model, variables, (16, 16, 3))
+    bits = uniform_bits(model.num_layers, 2, 8)
+    kernels = intforward.integer_kernels(variables, layers, np.asarray(bits.w))
+    stats = jax.jit(lambda k, x: intforward.batch_statistics(model, variables, k, bits, x))(kernels, x)
+    assert jax.tree.structure(stats) == jax.tree.structure(variables["batch_stats"])
+    flat = traverse_util.flatten_dict(variables["params"], sep="/")
+    for path, k in kernels.items():
+        flat[f"{path}/kernel"] = intforward.dequantize(k)
+    dequantized = {**variables, "params": traverse_util.unflatten_dict(flat, sep="/")}
+    float_weights = Bits(w=jnp.where(bits.w < 32, 32, bits.w), a=bits.a)
+    training, _ = model.apply(dequantized, x, float_weights, train=True, mutable=["batch_stats"])
+    before = intforward.apply(model, variables, kernels, bits, x, "float")
+    after = intforward.apply(model, {**variables, "batch_stats": stats}, kernels, bits, x, "float")
+    np.testing.assert_allclose(after, training, rtol=1e-3, atol=1e-3 * float(jnp.max(jnp.abs(training))))
+    assert float(jnp.max(jnp.abs(before - training))) > 0.1 * float(jnp.max(jnp.abs(training)))

@@ -61,7 +61,8 @@ def test_one_config_file_serves_train_and_search():
     assert searched.search.qat_steps == cfg.search.qat_steps and searched.population_size == 16
 
 
-@pytest.mark.parametrize("method, model", [("lenet5_cc", "lenet5"), ("lenet5_sharing", "lenet5"), ("resnet20_cc", "resnet20")])
+@pytest.mark.parametrize("method, model", [("lenet5_cc", "lenet5"), ("lenet5_sharing", "lenet5"), ("resnet20_cc", "resnet20"),
+                                           ("resnet20_cc_cpu", "resnet20_cpu")])
 def test_method_configs_train_their_float_model_by_the_model_config(method, model):
     method_cfg, model_cfg = (config_lib.load(REPO / "configs" / f"{name}.py") for name in (method, model))
     for section in ("data", "model", "train"):

@@ -19,6 +19,9 @@ def test_lenet5_five_epochs_reach_98_8_percent(lenet5_float):
     assert results["epochs"] == 5 and results["test_accuracy"] >= 0.988, results
     for name in ("config.json", "checkpoint.msgpack", "model.msgpack"):
         assert (lenet5_float / name).is_file()
+    rows = (lenet5_float / "history.csv").read_text().splitlines()
+    assert rows[0] == "epoch,loss,val_accuracy,train_seconds" and [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4", "5"]
+    assert float(rows[-1].split(",")[2]) == pytest.approx(results["val_accuracy"])
 
 
 @pytest.mark.parametrize(
@@ -35,3 +38,42 @@ def test_bad_input_gives_one_clear_line(args, message, data_dir, tmp_path):
     out = _train(args, data_dir, tmp_path)
     assert out.returncode == 2, out.stderr[-3000:]
     assert message in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
+
+
+def test_label_smoothing_matches_the_formula():
+    import jax.numpy as jnp
+    import numpy as np
+
+    from qevo.population import cross_entropy
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(5, 4)).astype(np.float32)
+    labels = np.array([0, 3, 1, 1, 2])
+    logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    target = np.full((5, 4), 0.2 / 4)
+    target[np.arange(5), labels] += 0.8
+    expected = -(target * logp).sum(1).mean()
+    assert float(cross_entropy(jnp.asarray(logits), jnp.asarray(labels), 0.2)) == pytest.approx(expected, rel=1e-5)
+    assert float(cross_entropy(jnp.asarray(logits), jnp.asarray(labels))) == pytest.approx(-logp[np.arange(5), labels].mean(), rel=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_weight_decay_on_kernels_leaves_norms_and_biases_alone(optimizer):
+    """With zero gradients the only update is the decay: kernels shrink, rank-1 arrays stay."""
+    import jax
+    import jax.numpy as jnp
+
+    from qevo import config as config_lib
+    from qevo.train import make_optimizer
+
+    t = config_lib.defaults().train
+    t.update(dict(optimizer=optimizer, weight_decay=0.1, learning_rate=1.0, schedule="constant", weight_decay_on="kernels"))
+    params = {"conv": {"kernel": jnp.ones((3, 3, 2, 4)), "bias": jnp.ones(4)}, "bn": {"scale": jnp.ones(4)}}
+    tx = make_optimizer(t, steps_per_epoch=1)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    assert float(jnp.max(jnp.abs(updates["conv"]["bias"]))) == 0.0 and float(jnp.max(jnp.abs(updates["bn"]["scale"]))) == 0.0
+    assert float(jnp.min(-updates["conv"]["kernel"])) > 0.0
+    t.weight_decay_on = "all"
+    tx = make_optimizer(t, steps_per_epoch=1)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    assert float(jnp.min(-updates["bn"]["scale"])) > 0.0

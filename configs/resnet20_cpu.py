@@ -1,0 +1,29 @@
+"""ResNet-20 on CIFAR-10 (JPEG copy) at a 2-core CPU budget: ``configs/resnet20.py`` cut down.
+
+* ``python -m qevo.train --config configs/resnet20_cpu.py --workdir runs/resnet20_cpu_float``:
+  the float recipe of ``configs/resnet20.py`` (SGD with Nesterov momentum 0.9, learning rate
+  0.1, weight decay 5e-4 on the kernels only, label smoothing 0.1, 2 warm-up epochs then
+  cosine, batch 128, crop+flip) for the 28 epochs that fit about an hour on a 2-core CPU.
+* ``python -m qevo.search --config configs/resnet20_cpu.py --workdir runs/resnet20_cpu_search
+  --config.float_from=runs/resnet20_cpu_float``: the bit-width search from that model.
+  Weights {1, 2, 4, 8} and activations {2, 4, 8} bits for the 18 inner convolutions;
+  16 individuals, the first population and 10 generations, 20 QAT steps each (batch 128),
+  scored on 2,000 validation images; then 2 QAT epochs for 5 front models and for w8a8,
+  w4a4 and w2a2 alike.
+"""
+
+import pathlib
+
+from qevo import config as config_lib
+
+
+def get_config():
+    c = config_lib.load(pathlib.Path(__file__).with_name("resnet20.py"))
+    c.train.epochs = 28
+    c.population_size = 16
+    c.generations = 10
+    c.search.qat_steps = 20
+    c.search.eval_images = 2000
+    c.final.epochs = 2
+    c.final.max_models = 5
+    return c
