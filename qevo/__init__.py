@@ -16,7 +16,8 @@ processes) stays light:
   ``search_defaults``, ``run_search``
 * weight sharing: ``ClusterTable``, ``build_table``, ``SharedEvaluator``, ``seed_fitness``,
   ``save_compressed``, ``load_compressed``
-* integer forward: ``IntKernel``, ``weight_levels``, ``integer_kernels``, ``integer_apply``
+* integer forward: ``IntKernel``, ``weight_levels``, ``integer_kernels``, ``integer_apply``,
+  ``integer_batch_statistics``
 * coevolution: ``Coevolution``, ``coevolve_defaults``, ``run_coevolve``, ``derivative_equations``
 """
 
@@ -71,6 +72,7 @@ _EXPORTS = {
     "weight_levels": ("qevo.intforward", "weight_levels"),
     "integer_kernels": ("qevo.intforward", "integer_kernels"),
     "integer_apply": ("qevo.intforward", "apply"),
+    "integer_batch_statistics": ("qevo.intforward", "batch_statistics"),
     "Coevolution": ("qevo.coevolve", "Coevolution"),
     "coevolve_defaults": ("qevo.coevolve", "defaults"),
     "run_coevolve": ("qevo.coevolve", "run"),
