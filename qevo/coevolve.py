@@ -24,8 +24,8 @@ The method of SPEC section 3, gradient-free:
      network (:func:`qevo.intforward.apply`, computed in float arithmetic: the dequantized
      levels through the model's own convolutions, the same logits up to float rounding) for
      each, in one population call (vmapped or mapped per ``coevolve.strategy``, the
-     population axis sharded over the devices of a ``pop`` mesh); the best becomes the group's context and every marginal of the group
-     moves toward it: ``p <- (1 - lr) p + lr onehot(best)``;
+     population axis sharded over the devices of a ``pop`` mesh); the best becomes the
+     group's context and every marginal of the group moves toward it: ``p <- (1 - lr) p + lr onehot(best)``;
    * for models with BatchNorm, the statistics of the new context are re-estimated on
      ``coevolve.bn_images`` training images (one forward pass,
      :func:`qevo.intforward.batch_statistics`): the per-channel scale and offset after every
