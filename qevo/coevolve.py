@@ -27,7 +27,7 @@ The method of SPEC section 3, gradient-free:
      population axis sharded over the devices of a ``pop`` mesh); the best becomes the
      group's context and every marginal of the group moves toward it: ``p <- (1 - lr) p + lr onehot(best)``;
    * for models with BatchNorm, the statistics of the new context are re-estimated on
-     ``coevolve.bn_images`` training images (one forward pass,
+     ``coevolve.bn_images`` training images, augmented as the float model's were (one forward pass,
      :func:`qevo.intforward.batch_statistics`): the per-channel scale and offset after every
      convolution move with its levels (the round-to-nearest start gets the same);
 
@@ -65,7 +65,7 @@ from ml_collections import config_dict
 from qevo import checkpoint, intforward, train
 from qevo import config as config_lib
 from qevo.calibration import calibrate
-from qevo.data import normalize
+from qevo.data import augment, normalize
 from qevo.layers import Bits
 from qevo.population import STRATEGIES, batch_eval_set, batched_accuracy, cross_entropy, population_map, resolve_strategy
 from qevo.pretrained import float_model
@@ -263,6 +263,9 @@ class Coevolution:
       options: the ``coevolve`` config section.
       max_level: ``2^(b-1) - 1`` for the weight width ``b``.
       devices: devices of the ``pop`` mesh (default: all).
+      augment: the float model trained on augmented images (``train.augment``): the images
+        that BatchNorm statistics are re-estimated on are augmented the same way, since
+        the network learned under the normalisation of that distribution.
     """
 
     model: nn.Module
@@ -272,6 +275,7 @@ class Coevolution:
     options: ml_collections.ConfigDict
     max_level: int
     devices: tuple | None = None
+    augment: bool = False
 
     def __post_init__(self):
         devices = tuple(self.devices or jax.devices())
@@ -308,12 +312,14 @@ class Coevolution:
 
     def _statistics(self, problem: Problem, genome: jax.Array, key: jax.Array) -> dict:
         """BatchNorm statistics of the network ``genome`` on ``coevolve.bn_images`` random
-        training images (the float model's with 0; ``{}`` without BatchNorm)."""
+        training images, augmented as the float model was (``augment``); the float model's
+        with 0; ``{}`` without BatchNorm."""
         stats = problem.variables.get("batch_stats", {})
         if not stats or not self.options.bn_images:
             return stats
-        pick = jax.random.randint(key, (self.options.bn_images,), 0, problem.images.shape[0])
-        x = normalize(problem.images[pick], self.mean, self.std)
+        pick_key, aug_key = jax.random.split(key)
+        images = problem.images[jax.random.randint(pick_key, (self.options.bn_images,), 0, problem.images.shape[0])]
+        x = normalize(augment(aug_key, images) if self.augment else images, self.mean, self.std)
         return intforward.batch_statistics(self.model, problem.variables, self.kernels(genome, problem.scales), problem.bits, x)
 
     def logits(self, problem: Problem, genome: jax.Array, images: jax.Array, arithmetic: str = "integer") -> jax.Array:
@@ -469,7 +475,8 @@ def build(cfg: ml_collections.ConfigDict, model: nn.Module, variables: dict, mea
     rtn = intforward.integer_kernels(variables, paths, bits.w, cfg.quant.per_channel, cfg.quant.mode)
     if not rtn:
         raise config_lib.ConfigError("no layer is quantized: with quant.float_first_last=True the model needs more than two layers")
-    runner = Coevolution(model, {p: k.q.shape for p, k in rtn.items()}, mean, std, c, intforward.max_level(c.w_bits))
+    runner = Coevolution(model, {p: k.q.shape for p, k in rtn.items()}, mean, std, c, intforward.max_level(c.w_bits),
+                         augment=cfg.train.augment)
     if c.num_groups * c.group_size > runner.num_weights:
         raise config_lib.ConfigError(
             f"config coevolve.num_groups * coevolve.group_size = {c.num_groups * c.group_size} exceeds the "

@@ -153,6 +153,21 @@ def normalize(images, mean, std):
     return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
+def augment(key: jax.Array, images: jax.Array) -> jax.Array:
+    """Random 4-pixel-padded crop and horizontal flip of uint8 ``[B, H, W, C]`` (CIFAR style)."""
+    # Imported here so that the worker processes decoding images never import jax.
+    import jax
+    import jax.numpy as jnp
+
+    b, h, w, c = images.shape
+    crop_key, flip_key = jax.random.split(key)
+    offsets = jax.random.randint(crop_key, (b, 2), 0, 9)
+    padded = jnp.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
+    crop = jax.vmap(lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, c)))(padded, offsets)
+    flip = jax.random.bernoulli(flip_key, 0.5, (b,))
+    return jnp.where(flip[:, None, None, None], crop[:, :, ::-1], crop)
+
+
 def load_dataset(
     name: str,
     data_dir: str | os.PathLike | None = None,

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from qevo import checkpoint
 from qevo import config as config_lib
 from qevo.calibration import calibrate
-from qevo.data import Dataset, load_dataset, normalize
+from qevo.data import Dataset, augment, load_dataset, normalize
 from qevo.layers import Bits, QuantOptions
 from qevo.models import get_model, init_variables
 from qevo.population import batch_eval_set, batched_accuracy, cross_entropy
@@ -106,17 +106,6 @@ def make_optimizer(t: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.
         return optax.adamw(lr, weight_decay=t.weight_decay, mask=mask)
     return optax.chain(optax.add_decayed_weights(t.weight_decay, mask=mask),
                        optax.sgd(lr, momentum=t.momentum, nesterov=t.nesterov))
-
-
-def augment(key: jax.Array, images: jax.Array) -> jax.Array:
-    """Random 4-pixel-padded crop and horizontal flip of uint8 ``[B, H, W, C]`` (CIFAR style)."""
-    b, h, w, c = images.shape
-    crop_key, flip_key = jax.random.split(key)
-    offsets = jax.random.randint(crop_key, (b, 2), 0, 9)
-    padded = jnp.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
-    crop = jax.vmap(lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, c)))(padded, offsets)
-    flip = jax.random.bernoulli(flip_key, 0.5, (b,))
-    return jnp.where(flip[:, None, None, None], crop[:, :, ::-1], crop)
 
 
 class Trainer:

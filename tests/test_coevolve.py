@@ -22,6 +22,7 @@ from qevo import config as config_lib
 from qevo import train
 from qevo.checkpoint import load as load_checkpoint
 from qevo.intforward import IntKernel
+from qevo.models import CifarResNet, init_variables
 
 TINY = {
     "coevolve.w_bits": 2,
@@ -301,3 +302,36 @@ def test_lenet5_coevolution_on_real_mnist(lenet5_float, data_dir, tmp_path):
     r = json.loads((tmp_path / "w4" / "results.json").read_text())
     assert r["coevolution"]["test_accuracy"] >= r["float"]["test_accuracy"] - 0.003, r
     assert abs(r["round_to_nearest"]["test_accuracy"] - r["round_to_nearest"]["fake_quant_test_accuracy"]) <= 2e-4, r
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_batch_statistics_are_those_of_the_float_models_training_images(augment):
+    """A float model trained with ``train.augment`` learned under the normalisation of padded,
+    cropped and flipped images, so its re-estimated statistics must be theirs. Oracle: the
+    first BatchNorm follows the float first convolution, so its statistics are the moments of
+    XLA's convolution over 8,192 independently drawn crops and flips (numpy; 4-pixel zero
+    padding, offsets 0..8, flip with probability 1/2). Bright images make the black borders
+    of the crops move the moments far beyond the sampling error."""
+    model = CifarResNet(depth=8)
+    rng = np.random.default_rng(0)
+    images = rng.integers(150, 250, (256, 16, 16, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, 256).astype(np.int32)
+    variables = {**init_variables(model, jax.random.key(0), (16, 16, 3)), "quant": {"a_clip": jnp.full(model.num_layers, 3.0)}}
+    cfg = coevolve.validate(config_lib.load(REPO / "configs" / "resnet20_cc_cpu.py", [
+        f"train.augment={augment}", "coevolve.num_groups=1", "coevolve.group_size=8", "coevolve.bn_images=1024"]))
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    _, runner, problem = coevolve.build(cfg, model, variables, mean, std, images, labels, images[:32], labels[:32])
+    stats = runner.statistics(problem, problem.q0, jax.random.PRNGKey(3))["BatchNorm_0"]
+
+    n = 8192
+    padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
+    pick, dy, dx, flip = rng.integers(0, 256, n), rng.integers(0, 9, n), rng.integers(0, 9, n), rng.random(n) < 0.5
+    crops = np.stack([padded[i, y:y + 16, x:x + 16] for i, y, x in zip(pick, dy, dx)])
+    crops = np.where(flip[:, None, None, None], crops[:, :, ::-1], crops)
+    x = (crops.astype(np.float32) / 255 - 0.5) / 0.25
+    y = jax.lax.conv_general_dilated(x, variables["params"]["QConv_0"]["kernel"], (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    oracle_mean, oracle_var = np.mean(y, (0, 1, 2)), np.var(y, (0, 1, 2))
+    close = np.allclose(stats["mean"], oracle_mean, atol=0.05 * oracle_var.max() ** 0.5) and np.allclose(
+        stats["var"], oracle_var, rtol=0.1)
+    assert close == augment, (np.asarray(stats["var"]), oracle_var)
