@@ -33,12 +33,12 @@ drivers spend their budget where the result is chosen.
 Outputs in the work folder: ``config.json``, ``range.json`` (accuracy of every (layer, k)),
 ``history.jsonl`` (every individual of every generation: k, validation accuracy, both CRs,
 fitness), ``checkpoint.msgpack`` (resume), ``result.json``, ``compressed_<format>.msgpack``,
-and for ``nsga3`` ``front.csv`` and ``front.png`` (the non-dominated evaluated networks).
+and for ``nsga3`` ``front.csv`` and ``front.png`` (the non-dominated evaluated networks,
+also under ``"front"`` in ``result.json``, so that a user can pick a point).
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
 import json
@@ -58,7 +58,7 @@ from qevo.codebook import CODEBOOK_BITS, key_bits, quantize_codebook
 from qevo.drivers import make_driver, relax_to_genes
 from qevo.population import batch_eval_set
 from qevo.pretrained import float_model
-from qevo.run import main, write_json
+from qevo.run import main, write_csv, write_json
 from qevo.train import build_model, load_data
 from qevo.variation import make_offspring, random_genes
 
@@ -345,6 +345,9 @@ def pick(records: list[dict], floor: float, cr_key: str) -> dict:
     return {**max(records, key=lambda r: (r["val_accuracy"], r[cr_key])), "feasible": False}
 
 
+FRONT_KEYS = ("val_accuracy", "cr_mean", "cr_weighted")
+
+
 def front(records: list[dict]) -> list[dict]:
     """Distinct non-dominated records on (validation accuracy, size-weighted CR), by CR."""
     unique = {tuple(r["k"]): r for r in records if np.isfinite(r["val_accuracy"])}
@@ -533,12 +536,10 @@ def report(prep: Prepared, cfg, layers: list[sharing.Layer], workdir: pathlib.Pa
 
 
 def write_front(workdir: pathlib.Path, rows: list[dict], names: list[str], float_val: float) -> None:
-    """``front.csv`` (k per layer, validation accuracy, both CRs) and ``front.png``."""
-    with open(workdir / "front.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow([*[f"k_{n}" for n in names], "val_accuracy", "cr_mean", "cr_weighted"])
-        for r in rows:
-            w.writerow([*r["k"], f"{r['val_accuracy']:.6f}", f"{r['cr_mean']:.6f}", f"{r['cr_weighted']:.6f}"])
+    """``front.csv`` (k per layer, validation accuracy, both CRs; atomic) and ``front.png``."""
+    columns = [f"k_{n}" for n in names]
+    write_csv(workdir / "front.csv", [{**dict(zip(columns, r["k"])), **{k: f"{r[k]:.6f}" for k in FRONT_KEYS}} for r in rows],
+              [*columns, *FRONT_KEYS])
     import matplotlib
 
     matplotlib.use("Agg")
@@ -584,8 +585,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
         layers, accuracy, refinement = refine(prep, cfg, layers, accuracy, log)
     refine_seconds = time.perf_counter() - t
     formats = report(prep, cfg, layers, workdir)
-    if cfg.sharing.driver == "nsga3":
-        write_front(workdir, front(records), names, prep.float_val)
+    fronts = front(records) if cfg.sharing.driver == "nsga3" else []
+    if fronts:
+        write_front(workdir, fronts, names, prep.float_val)
     result = {
         "model": cfg.model.name,
         "activation": cfg.model.activation,
@@ -604,6 +606,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
         "float": {"val_accuracy": prep.float_val, "test_accuracy": prep.float_test},
         "formats": formats,
         "kept_k": ranges,
+        **({"front": [{"k": r["k"], **{k: r[k] for k in FRONT_KEYS}} for r in fronts]} if fronts else {}),
         "seconds": {**{k: round(v, 2) for k, v in prep.seconds.items()}, "search": round(search_seconds, 2),
                     "refine": round(refine_seconds, 2), "total": round(time.perf_counter() - start, 2)},
         "device": jax.devices()[0].device_kind,

@@ -34,6 +34,7 @@ never looks at the test split.
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import dataclasses
 import gzip
@@ -44,6 +45,7 @@ import json
 import multiprocessing
 import os
 import pathlib
+import sys
 import tarfile
 import tempfile
 import warnings
@@ -196,12 +198,74 @@ def load_dataset(
     Raises:
       ValueError: bad arguments. DataError (a ValueError): missing or corrupt data.
     """
+    if isinstance(val_size, bool) or not isinstance(val_size, (int, np.integer)) or val_size < 0:
+        raise ValueError(f"val_size must be a non-negative integer, got {val_size!r}")
+    return _make_dataset(name, _load_raw(name, data_dir, image_size, cache_dir, source), int(val_size), seed)
+
+
+def write_image_folder(
+    name: str,
+    out: str | os.PathLike,
+    image_size: int | None = None,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    source: str = "auto",
+    quality: int | None = 90,
+) -> dict:
+    """Write dataset ``name`` as an image-folder archive that ``load_dataset("image_folder", out)`` reads.
+
+    The archive ``out`` (``.tar.gz``) holds ``<stem>/{train,test}/<class>/<index>.jpg``
+    (``.png`` with ``quality=None``, lossless), every image resized to ``image_size`` (as
+    :func:`load_dataset` resizes). Files are numbered in the dataset's own order, so the
+    reloaded splits keep that order and the same seed carves the same validation images.
+    Use it to carry a smaller copy of a dataset to another machine (a GPU host with a cap on
+    its inputs). Written to a temporary file beside ``out``, then renamed.
+
+    Args:
+      name, data_dir, cache_dir, source: as :func:`load_dataset`.
+      out: the archive's path; it must end in ``.tar.gz`` or ``.tgz``.
+      image_size: side in pixels, or None to keep the stored size.
+      quality: JPEG quality 1..95, or None for PNG.
+
+    Returns:
+      ``{"path", "images", "bytes", "image_size"}`` of the written archive.
+    """
+    out = pathlib.Path(out).expanduser()
+    if not out.name.endswith((".tar.gz", ".tgz")):
+        raise ValueError(f"archive name {out.name!r} must end in .tar.gz or .tgz")
+    if quality is not None and (isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 95):
+        raise ValueError(f"quality must be an int in 1..95 (JPEG) or None (PNG), got {quality!r}")
+    raw = _load_raw(name, data_dir, image_size, cache_dir, source)
+    stem = out.name.removesuffix(".gz").removesuffix(".tar").removesuffix(".tgz")
+    suffix, options = (".png", {"format": "PNG"}) if quality is None else (".jpg", {"format": "JPEG", "quality": quality})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out.parent, prefix=out.name, suffix=".tmp", delete=False) as f:
+        tmp = pathlib.Path(f.name)
+    try:
+        with tarfile.open(tmp, "w:gz") as tar:
+            for split, images, labels in (("train", raw.train_images, raw.train_labels), ("test", raw.test_images, raw.test_labels)):
+                for i, (image, label) in enumerate(zip(images, labels)):
+                    buffer = io.BytesIO()
+                    Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(buffer, **options)
+                    member = tarfile.TarInfo(f"{stem}/{split}/{raw.class_names[label]}/{i:06d}{suffix}")
+                    member.size = buffer.tell()
+                    buffer.seek(0)
+                    tar.addfile(member, buffer)
+        tmp.chmod(0o644)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    images = len(raw.train_labels) + len(raw.test_labels)
+    return {"path": str(out), "images": images, "bytes": out.stat().st_size, "image_size": int(raw.train_images.shape[1])}
+
+
+def _load_raw(name: str, data_dir, image_size: int | None, cache_dir, source: str) -> _Raw:
+    """The decoded train and test splits of ``name`` (arguments as :func:`load_dataset`'s)."""
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASET_NAMES)}")
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; expected one of {', '.join(SOURCES)}")
-    if isinstance(val_size, bool) or not isinstance(val_size, (int, np.integer)) or val_size < 0:
-        raise ValueError(f"val_size must be a non-negative integer, got {val_size!r}")
     if image_size is not None and (
         isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1
     ):
@@ -214,22 +278,19 @@ def load_dataset(
             raise ValueError("source='tfds' does not apply to 'image_folder'; use source='local' or 'auto'")
         if data_dir is None:
             raise ValueError("'image_folder' needs data_dir: a folder <root>/{train,test}/<class>/ or a .tar.gz of one")
-        raw = _load_image_folder(pathlib.Path(data_dir).expanduser(), image_size, cache)
-    else:
-        origin = "data_dir argument"
-        if data_dir is None and os.environ.get(DATA_DIR_ENV):
-            data_dir, origin = os.environ[DATA_DIR_ENV], f"${DATA_DIR_ENV}"
-        root = None if data_dir is None else pathlib.Path(data_dir).expanduser()
-        if source == "tfds" or (source == "auto" and root is None):
-            raw = _load_tfds(name, root, image_size, cache)
-        elif root is None:
-            raise DataError(
-                f"no data folder for {name!r}: pass data_dir= or set ${DATA_DIR_ENV} to the folder "
-                "holding mnist/, cifar10/, imagenette/ (or use source='tfds')"
-            )
-        else:
-            raw = _load_local(name, root, origin, image_size, cache)
-    return _make_dataset(name, raw, int(val_size), seed)
+        return _load_image_folder(pathlib.Path(data_dir).expanduser(), image_size, cache)
+    origin = "data_dir argument"
+    if data_dir is None and os.environ.get(DATA_DIR_ENV):
+        data_dir, origin = os.environ[DATA_DIR_ENV], f"${DATA_DIR_ENV}"
+    root = None if data_dir is None else pathlib.Path(data_dir).expanduser()
+    if source == "tfds" or (source == "auto" and root is None):
+        return _load_tfds(name, root, image_size, cache)
+    if root is None:
+        raise DataError(
+            f"no data folder for {name!r}: pass data_dir= or set ${DATA_DIR_ENV} to the folder "
+            "holding mnist/, cifar10/, imagenette/ (or use source='tfds')"
+        )
+    return _load_local(name, root, origin, image_size, cache)
 
 
 # --------------------------------------------------------------------------- assembly
@@ -641,3 +702,62 @@ def _load_tfds(name: str, root: pathlib.Path | None, image_size: int | None, cac
         return _Raw(*arrays, tuple(builder.info.features["label"].names))
 
     return _cached(cache, name, size, ["tfds", builder_name], build)
+
+
+# --------------------------------------------------------------------------- command
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _quality(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 95:
+        raise argparse.ArgumentTypeError(f"expected a JPEG quality in 1..95, got {text!r}")
+    return int(text)
+
+
+def _archive(text: str) -> str:
+    if not text.endswith((".tar.gz", ".tgz")):
+        raise argparse.ArgumentTypeError(f"the archive name must end in .tar.gz or .tgz, got {text!r}")
+    return text
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Refuses bad arguments with one line (what was wrong, and where the usage is), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m qevo.data --name imagenette --image-size 128 --out imagenette-128.tar.gz``:
+    :func:`write_image_folder` as a command; prints its summary as JSON. A missing or corrupt
+    source ends it with one line, exit status 2."""
+    parser = _OneLineParser(prog="python -m qevo.data", description=(
+        "Write a dataset as an image-folder archive (resized, JPEG or PNG) that "
+        "--config.data.name=image_folder --config.data.data_dir=<archive> reads back."))
+    parser.add_argument("--name", required=True, choices=DATASET_NAMES)
+    parser.add_argument("--out", required=True, type=_archive, help="the archive to write (.tar.gz)")
+    parser.add_argument("--image-size", type=_positive, help="side in pixels (default: the stored size)")
+    parser.add_argument("--data-dir", help=f"the folder holding mnist/, cifar10/, imagenette/ (default ${DATA_DIR_ENV}); "
+                        "for image_folder, the folder or archive itself")
+    parser.add_argument("--quality", type=_quality, default=90, help="JPEG quality (default 90)")
+    parser.add_argument("--png", action="store_true", help="lossless PNG instead of JPEG")
+    args = parser.parse_args(argv)
+    if args.name == "image_folder" and args.data_dir is None:
+        parser.error("--name image_folder needs --data-dir: the folder <root>/{train,test}/<class>/ or a .tar.gz of one")
+    try:
+        summary = write_image_folder(args.name, args.out, args.image_size, data_dir=args.data_dir,
+                                     quality=None if args.png else args.quality)
+    except DataError as e:
+        print(f"{parser.prog}: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -252,6 +252,11 @@ def test_nsga3_front_and_resume(tiny_lenet5_float, data_dir, tmp_path):
     assert header.startswith("k_QConv_0/kernel,") and header.endswith("val_accuracy,cr_mean,cr_weighted") and rows
     assert (run / "front.png").stat().st_size > 1000
     first = json.loads((run / "result.json").read_text())
+    in_result = [[*map(str, r["k"]), f"{r['val_accuracy']:.6f}", f"{r['cr_mean']:.6f}", f"{r['cr_weighted']:.6f}"] for r in first["front"]]
+    assert in_result == [row.split(",") for row in rows]
+    cr = [r["cr_weighted"] for r in first["front"]]
+    accuracy = [r["val_accuracy"] for r in first["front"]]
+    assert cr == sorted(cr) and accuracy == sorted(accuracy, reverse=True)  # non-dominated: more CR, less accuracy
     again = run_command("qevo.compress", "lenet5_sharing.py", run, args, data_dir)
     assert again.returncode == 0 and "resuming" in again.stderr, again.stderr[-3000:]
     second = json.loads((run / "result.json").read_text())

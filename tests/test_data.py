@@ -286,3 +286,60 @@ def test_split_prefixes_are_class_balanced_even_for_class_sorted_archives(data_d
     for labels, n in ((ds.train_labels, 2000), (ds.val_labels, 500)):
         counts = np.bincount(labels[:n], minlength=10)
         assert counts.min() >= n // 20, counts
+
+
+def make_noise_folder(root: pathlib.Path, counts: dict[str, tuple[int, int]], size=(7, 5)) -> pathlib.Path:
+    """Distinct smooth images (a random plane per image), ``counts[class] = (train, test)``."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[: size[1], : size[0]]
+    for cls, (n_train, n_test) in counts.items():
+        for split, n in (("train", n_train), ("test", n_test)):
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                a, b, c = rng.uniform(0, 12, 3), rng.uniform(0, 12, 3), rng.uniform(20, 150, 3)
+                image = (c + a * yy[..., None] + b * xx[..., None]).astype(np.uint8)
+                Image.fromarray(image).save(root / split / cls / f"img{i:02d}.png")
+    return root
+
+
+@pytest.mark.parametrize("quality", [None, 95])
+def test_written_image_folder_reloads_to_the_same_splits(tmp_path, quality):
+    """Order, labels, validation carve and (PNG) pixels survive the round trip; JPEG stays close."""
+    root = make_noise_folder(tmp_path / "src", {"cat": (5, 2), "ant": (4, 3), "bee": (6, 1)})
+    source = load_dataset("image_folder", root, val_size=4, seed=3, cache_dir=tmp_path / "cache")
+    out = tmp_path / "copy.tar.gz"
+    summary = qevo.data.write_image_folder("image_folder", out, data_dir=root, cache_dir=tmp_path / "cache", quality=quality)
+    assert summary["images"] == 21 and summary["bytes"] == out.stat().st_size and summary["image_size"] == 5
+    with tarfile.open(out) as tar:
+        names = tar.getnames()
+    suffix = ".png" if quality is None else ".jpg"
+    assert f"copy/train/ant/000000{suffix}" in names and f"copy/test/cat/000005{suffix}" in names
+    copy = load_dataset("image_folder", out, val_size=4, seed=3, cache_dir=tmp_path / "cache")
+    assert copy.class_names == source.class_names == ("ant", "bee", "cat")
+    for split in ("train", "val", "test"):
+        (a, la), (b, lb) = source.split(split), copy.split(split)
+        assert np.array_equal(la, lb)
+        error = np.abs(a.astype(int) - b.astype(int))
+        assert error.max() == 0 if quality is None else error.mean() < 3, (split, error.mean())
+
+
+def test_data_command_writes_a_resized_archive_and_refuses_bad_input(tmp_path):
+    import subprocess
+    import sys
+
+    def command(*args):
+        return subprocess.run([sys.executable, "-m", "qevo.data", *args], capture_output=True, text=True, cwd=tmp_path,
+                              env={**__import__("os").environ, "QEVO_CACHE_DIR": str(tmp_path / "cache")})
+
+    root = make_noise_folder(tmp_path / "src", {"ant": (3, 1), "bee": (2, 2)})
+    out = command("--name", "image_folder", "--data-dir", str(root), "--image-size", "4", "--png", "--out", "m.tar.gz")
+    assert out.returncode == 0, out.stderr
+    ds = load_dataset("image_folder", tmp_path / "m.tar.gz", val_size=0, cache_dir=tmp_path / "cache")
+    assert ds.train_images.shape == (5, 4, 4, 3) and ds.test_images.shape == (3, 4, 4, 3)
+    assert ds.class_names == ("ant", "bee") and np.array_equal(ds.test_labels, [0, 1, 1])
+    for args, message in ((["--name", "mnist", "--out", "m.zip"], "must end in .tar.gz"),
+                          (["--name", "mnist", "--out", "m.tar.gz", "--quality", "100"], "JPEG quality in 1..95"),
+                          (["--name", "image_folder", "--out", "m.tar.gz"], "needs --data-dir"),
+                          (["--name", "cifar10", "--data-dir", str(tmp_path / "nowhere"), "--out", "c.tar.gz"], "nowhere")):
+        bad = command(*args)
+        assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
