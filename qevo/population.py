@@ -53,6 +53,7 @@ class QATConfig:
       learning_rate: constant step size.
       momentum: SGD momentum (``optimizer="sgd"``).
       weight_decay: decoupled weight decay.
+      weight_decay_on: what it decays, as :func:`decay_mask`.
       optimizer: ``"sgd"`` or ``"adam"``.
       learn_clip: also train the activation clip ranges (PACT).
     """
@@ -62,6 +63,7 @@ class QATConfig:
     learning_rate: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 0.0
+    weight_decay_on: str = "all"
     optimizer: str = "sgd"
     learn_clip: bool = True
 
@@ -72,11 +74,27 @@ class QATConfig:
             raise ValueError(f"QAT optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
 
     def make_optimizer(self) -> optax.GradientTransformation:
-        if self.optimizer == "adam":
-            return optax.adamw(self.learning_rate, weight_decay=self.weight_decay)
-        return optax.chain(
-            optax.add_decayed_weights(self.weight_decay), optax.sgd(self.learning_rate, momentum=self.momentum)
-        )
+        return sgd_or_adam(self.optimizer, self.learning_rate, self.momentum, False, self.weight_decay, self.weight_decay_on)
+
+
+def decay_mask(weight_decay_on: str):
+    """The mask of the parameters that weight decay acts on: ``"all"`` (None: every array) or
+    ``"kernels"`` (arrays of rank >= 2: convolution and dense kernels, not BatchNorm scales,
+    biases or clip ranges)."""
+    if weight_decay_on not in ("all", "kernels"):
+        raise ValueError(f"weight_decay_on must be 'all' or 'kernels', got {weight_decay_on!r}")
+    return None if weight_decay_on == "all" else (lambda tree: jax.tree.map(lambda p: p.ndim >= 2, tree))
+
+
+def sgd_or_adam(optimizer: str, learning_rate, momentum: float, nesterov: bool, weight_decay: float,
+                weight_decay_on: str) -> optax.GradientTransformation:
+    """SGD with momentum (optionally Nesterov) after decoupled weight decay, or AdamW; the
+    decay acts on :func:`decay_mask`'s parameters. ``learning_rate``: a float or an optax schedule."""
+    mask = decay_mask(weight_decay_on)
+    if optimizer == "adam":
+        return optax.adamw(learning_rate, weight_decay=weight_decay, mask=mask)
+    return optax.chain(optax.add_decayed_weights(weight_decay, mask=mask),
+                       optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov))
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:

@@ -261,7 +261,8 @@ def build_problem(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> Prob
     s = cfg.search
     qat = QATConfig(
         steps=s.qat_steps, batch_size=s.qat_batch_size, learning_rate=s.qat_learning_rate,
-        momentum=s.qat_momentum, weight_decay=s.qat_weight_decay, optimizer=s.qat_optimizer,
+        momentum=s.qat_momentum, weight_decay=s.qat_weight_decay, weight_decay_on=cfg.train.weight_decay_on,
+        optimizer=s.qat_optimizer,
     )
     evaluator = PopulationEvaluator(
         model, ds.mean, ds.std, eval_batch_size=cfg.train.eval_batch_size,

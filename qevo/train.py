@@ -34,7 +34,7 @@ from qevo.calibration import calibrate
 from qevo.data import Dataset, augment, load_dataset, normalize
 from qevo.layers import Bits, QuantOptions
 from qevo.models import get_model, init_variables
-from qevo.population import batch_eval_set, batched_accuracy, cross_entropy
+from qevo.population import batch_eval_set, batched_accuracy, cross_entropy, sgd_or_adam
 from qevo.run import main, write_csv, write_json
 
 CHECKPOINT = "checkpoint.msgpack"
@@ -91,8 +91,7 @@ def uniform_bits(num_layers: int, w: int, a: int, float_first_last: bool = True)
 def make_optimizer(t: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
     """SGD (momentum, optional Nesterov) or Adam with weight decay and a warm-up + cosine schedule.
 
-    ``t.weight_decay_on`` is ``"all"`` (every trainable array) or ``"kernels"`` (arrays of
-    rank >= 2: convolution and dense kernels, not BatchNorm scales, biases or clip ranges).
+    ``t.weight_decay_on`` is ``"all"`` or ``"kernels"`` (:func:`qevo.population.decay_mask`).
     """
     total = t.epochs * steps_per_epoch
     if t.schedule == "cosine":
@@ -101,11 +100,7 @@ def make_optimizer(t: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.
         )
     else:
         lr = t.learning_rate
-    mask = None if t.weight_decay_on == "all" else (lambda tree: jax.tree.map(lambda p: p.ndim >= 2, tree))
-    if t.optimizer == "adam":
-        return optax.adamw(lr, weight_decay=t.weight_decay, mask=mask)
-    return optax.chain(optax.add_decayed_weights(t.weight_decay, mask=mask),
-                       optax.sgd(lr, momentum=t.momentum, nesterov=t.nesterov))
+    return sgd_or_adam(t.optimizer, lr, t.momentum, t.nesterov, t.weight_decay, t.weight_decay_on)
 
 
 class Trainer:

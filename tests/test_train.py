@@ -58,22 +58,28 @@ def test_label_smoothing_matches_the_formula():
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_weight_decay_on_kernels_leaves_norms_and_biases_alone(optimizer):
-    """With zero gradients the only update is the decay: kernels shrink, rank-1 arrays stay."""
+@pytest.mark.parametrize("builder", ["train", "search_qat"])
+def test_weight_decay_on_kernels_leaves_norms_and_biases_alone(optimizer, builder):
+    """With zero gradients the only update is the decay: kernels shrink, rank-1 arrays stay;
+    for float training (``qevo.train``) and the search's per-candidate QAT alike."""
     import jax
     import jax.numpy as jnp
 
     from qevo import config as config_lib
+    from qevo.population import QATConfig
     from qevo.train import make_optimizer
 
-    t = config_lib.defaults().train
-    t.update(dict(optimizer=optimizer, weight_decay=0.1, learning_rate=1.0, schedule="constant", weight_decay_on="kernels"))
+    def decay_updates(on):
+        if builder == "search_qat":
+            tx = QATConfig(steps=1, learning_rate=1.0, weight_decay=0.1, weight_decay_on=on, optimizer=optimizer).make_optimizer()
+        else:
+            t = config_lib.defaults().train
+            t.update(dict(optimizer=optimizer, weight_decay=0.1, learning_rate=1.0, schedule="constant", weight_decay_on=on))
+            tx = make_optimizer(t, steps_per_epoch=1)
+        return tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)[0]
+
     params = {"conv": {"kernel": jnp.ones((3, 3, 2, 4)), "bias": jnp.ones(4)}, "bn": {"scale": jnp.ones(4)}}
-    tx = make_optimizer(t, steps_per_epoch=1)
-    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    updates = decay_updates("kernels")
     assert float(jnp.max(jnp.abs(updates["conv"]["bias"]))) == 0.0 and float(jnp.max(jnp.abs(updates["bn"]["scale"]))) == 0.0
     assert float(jnp.min(-updates["conv"]["kernel"])) > 0.0
-    t.weight_decay_on = "all"
-    tx = make_optimizer(t, steps_per_epoch=1)
-    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
-    assert float(jnp.min(-updates["bn"]["scale"])) > 0.0
+    assert float(jnp.min(-decay_updates("all")["bn"]["scale"])) > 0.0
