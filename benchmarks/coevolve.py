@@ -93,11 +93,12 @@ def measure(float_from: str | None, w_bits: int, groups: int, eval_images: int, 
     images, labels = np.asarray(problem.images), np.asarray(problem.labels)
 
     def loop_pass():
-        for idx, pick in zip(groups, batches):
+        for idx, pick in zip(groups, batches, strict=True):
             x, y = jnp.asarray(images[pick]), jnp.asarray(labels[pick])
             for _ in range(c.population_size):
                 genome = q0.copy()
-                genome[idx] = np.clip(q0[idx] + rng.integers(-c.radius, c.radius + 1, idx.size), -runner.max_level, runner.max_level)
+                genome[idx] = np.clip(q0[idx] + rng.integers(-c.radius, c.radius + 1, idx.size),
+                                      -runner.max_level, runner.max_level)
                 float(one_loss(jnp.asarray(genome), x, y))
 
     start = time.perf_counter()
@@ -114,10 +115,10 @@ def measure(float_from: str | None, w_bits: int, groups: int, eval_images: int, 
         "benchmark": "coevolution evaluations per second, LeNet-5 integer networks on MNIST-shaped mini-batches",
         "inputs": {"weights": f"float model of {float_from}" if float_from else "random, calibrated",
                    "data": "MNIST" if float_from else "random uint8 images",
-                   "w_bits": c.w_bits, "a_bits": c.a_bits, "integer_weights": runner.num_weights, "groups": c.num_groups,
-                   "group_size": c.group_size, "population_size": c.population_size, "batch_size": c.batch_size,
-                   "strategy": c.strategy, "eval_images": c.eval_images, "evaluations_per_cycle": evaluations,
-                   "repeats": repeats},
+                   "w_bits": c.w_bits, "a_bits": c.a_bits, "integer_weights": runner.num_weights,
+                   "groups": c.num_groups, "group_size": c.group_size, "population_size": c.population_size,
+                   "batch_size": c.batch_size, "strategy": c.strategy, "eval_images": c.eval_images,
+                   "evaluations_per_cycle": evaluations, "repeats": repeats},
         "seconds": {"qevo_cycle_median": qevo_s, "qevo_cycle_runs": qevo_times, "qevo_first_with_compile": qevo_first,
                     "loop_pass_median": loop_s, "loop_pass_runs": loop_times, "loop_first_with_compile": loop_first},
         "evaluations_per_second": {"qevo": evaluations / qevo_s, "python_loop": evaluations / loop_s},
@@ -127,7 +128,8 @@ def measure(float_from: str | None, w_bits: int, groups: int, eval_images: int, 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.coevolve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--float-from", default=None, help="a finished qevo.train run of configs/lenet5.py (default: random weights)")
+    parser.add_argument("--float-from", default=None,
+                        help="a finished qevo.train run of configs/lenet5.py (default: random weights)")
     parser.add_argument("--w-bits", type=int, default=4)
     parser.add_argument("--groups", type=int, default=8, help="groups per cycle")
     parser.add_argument("--eval-images", type=int, default=1000, help="validation images of the cycle's accuracy pass")
@@ -138,7 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"command": "python -m benchmarks.coevolve " + " ".join(argv if argv is not None else sys.argv[1:]),
               **common.environment(),
               **measure(args.float_from, args.w_bits, args.groups, args.eval_images, args.repeats)}
-    out = pathlib.Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"coevolve_{jax.default_backend()}.json"
+    default_out = REPO / "benchmarks" / "results" / f"coevolve_{jax.default_backend()}.json"
+    out = pathlib.Path(args.out) if args.out else default_out
     return common.write(result, out)
 
 

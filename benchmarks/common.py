@@ -39,7 +39,7 @@ def environment() -> dict:
             "host": {"cpu": cpu_name(), "cores": os.cpu_count(), "machine": platform.machine(),
                      "load_avg_at_start": list(os.getloadavg())},
             "versions": {**{name: package_version(name) for name in PACKAGES}, "python": platform.python_version()},
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
 
 
 def write(report: dict, out: pathlib.Path, echo: bool = True) -> dict:

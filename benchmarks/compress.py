@@ -77,7 +77,8 @@ def driver_run(prep: compress.Prepared, cfg, driver: str, seed: int, population:
     fp32 = compress.report(prep, cfg, compress.table_layers(prep, best["k"]), None)["float32"]
     return {"driver": driver, "seed": seed, "k": best["k"], "feasible": best["feasible"], "evaluations": len(records),
             "cr_weighted": fp32["cr_weighted"], "cr_mean": fp32["cr_mean"], "val_accuracy": fp32["val_accuracy"],
-            "test_accuracy": fp32["test_accuracy"], "test_loss_points": fp32["test_loss_points"], "seconds": round(seconds, 1)}
+            "test_accuracy": fp32["test_accuracy"], "test_loss_points": fp32["test_loss_points"],
+            "seconds": round(seconds, 1)}
 
 
 def _median(values):
@@ -121,7 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["headline"] = {
             "runs": headline,
             "median": {fmt: {key: _median([r["formats"][fmt][key] for r in headline])
-                             for key in ("cr_weighted", "cr_mean", "test_accuracy", "test_loss_points")} for fmt in fmts},
+                             for key in ("cr_weighted", "cr_mean", "test_accuracy", "test_loss_points")}
+                       for fmt in fmts},
             "median_seconds_per_run": _median([r["seconds"] for r in headline]),
         }
     if drivers:
@@ -130,10 +132,12 @@ def main(argv: list[str] | None = None) -> dict:
                        "evaluations": args.driver_population * args.driver_generations},
             "runs": drivers,
             "median": {d: {key: _median([r[key] for r in drivers if r["driver"] == d])
-                           for key in ("cr_weighted", "cr_mean", "val_accuracy", "test_accuracy", "test_loss_points", "seconds")}
+                           for key in ("cr_weighted", "cr_mean", "val_accuracy", "test_accuracy", "test_loss_points",
+                                       "seconds")}
                        for d in DRIVERS},
         }
-    out = pathlib.Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"compress_lenet5_{result['device']['platform']}.json"
+    default_out = REPO / "benchmarks" / "results" / f"compress_lenet5_{result['device']['platform']}.json"
+    out = pathlib.Path(args.out) if args.out else default_out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     summary = {k: result[k] for k in ("float", "prepare_seconds")}

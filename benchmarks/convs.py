@@ -65,11 +65,11 @@ def measure_layers(repeats: int) -> list[dict]:
             block = _block(conv, pool)
             forward = jax.jit(block)
             grads = jax.jit(jax.grad(lambda x, k, b=block: jnp.sum(b(x, k) ** 2), argnums=(0, 1)))
-            fns[f"{path}_forward"] = lambda f=forward: f(x, kernel)
-            fns[f"{path}_gradients"] = lambda g=grads: g(x[:128], kernel)
+            fns[f"{path}_forward"] = lambda f=forward, x=x, k=kernel: f(x, k)
+            fns[f"{path}_gradients"] = lambda g=grads, x=x, k=kernel: g(x[:128], k)
         seconds = interleaved_medians(fns, repeats)
-        rows.append({"layer": name, "input": list(shape), "kernel": list(kernel_shape), "padding": padding, "max_pool": pool,
-                     "seconds": seconds,
+        rows.append({"layer": name, "input": list(shape), "kernel": list(kernel_shape), "padding": padding,
+                     "max_pool": pool, "seconds": seconds,
                      "xla_over": {f"{path}_{part}": seconds[f"xla_{part}"] / seconds[f"{path}_{part}"]
                                   for path in paths if path != "xla" for part in ("forward", "gradients")}})
     return rows

@@ -41,7 +41,8 @@ def measure(max_devices: int, quick: bool) -> dict:
     """Rows of throughput by device count, each from its own process; speed-up against D = 1."""
     rows = []
     for d in range(1, max_devices + 1):
-        env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={d}",
+        env = {**os.environ,
+               "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={d}",
                "JAX_PLATFORMS": "cpu"}
         args = [sys.executable, "-m", "benchmarks.devices", WORKER] + (["--quick"] if quick else [])
         done = subprocess.run(args, env=env, capture_output=True, text=True, check=False)

@@ -1,6 +1,7 @@
 """Population evaluation throughput: images x individuals per second, scoring and QAT.
 
-``python -m benchmarks.population [--quick] [--models lenet5,resnet20] [--sizes 1,8,32,128] [--qat-steps 10] [--memory]``
+``python -m benchmarks.population [--quick] [--models lenet5,resnet20] [--sizes 1,8,32,128]
+[--qat-steps 10] [--memory]``
 
 For each model and population size P, on random bit configurations and random-initialised,
 calibrated weights (throughput does not depend on the weights), all in the same run:
@@ -76,22 +77,26 @@ class Bench:
         self.images = jnp.asarray(self.rng.integers(0, 256, (n_images, *shape), dtype=np.uint8))
         self.labels = jnp.asarray(self.rng.integers(0, 10, n_images).astype(np.int32))
         variables = init_variables(self.model, jax.random.key(0), shape)
-        self.variables = calibrate(self.model, variables, normalize(self.images[:64], (MEAN,) * self.channels, (STD,) * self.channels))
+        self.variables = calibrate(self.model, variables,
+                                   normalize(self.images[:64], (MEAN,) * self.channels, (STD,) * self.channels))
         self.macs = int(layer_table(self.model, self.variables, shape).macs.sum())
         self.qat = QATConfig(steps=qat_steps, batch_size=qat_batch, learning_rate=0.01)
 
     def evaluator(self, strategy="auto", chunk=None, qat=False, devices=None) -> PopulationEvaluator:
-        return PopulationEvaluator(self.model, (MEAN,) * self.channels, (STD,) * self.channels, eval_batch_size=self.n_images, strategy=strategy,
-                                   chunk_size=chunk, qat=self.qat if qat else QATConfig(), devices=devices)
+        return PopulationEvaluator(self.model, (MEAN,) * self.channels, (STD,) * self.channels,
+                                   eval_batch_size=self.n_images, strategy=strategy, chunk_size=chunk,
+                                   qat=self.qat if qat else QATConfig(), devices=devices)
 
     def population(self, p: int) -> tuple[np.ndarray, np.ndarray]:
         shape = (p, self.model.num_layers)
-        return self.rng.choice([2, 4, 8], size=shape).astype(np.int32), self.rng.choice([2, 4, 8], size=shape).astype(np.int32)
+        w = self.rng.choice([2, 4, 8], size=shape).astype(np.int32)
+        a = self.rng.choice([2, 4, 8], size=shape).astype(np.int32)
+        return w, a
 
     def call(self, ev: PopulationEvaluator, w, a):
         kwargs = {}
         if ev.qat.steps:
-            kwargs = dict(key=jax.random.key(1), train_images=self.images, train_labels=self.labels)
+            kwargs = {"key": jax.random.key(1), "train_images": self.images, "train_labels": self.labels}
         return lambda: ev(self.variables, w, a, self.images, self.labels, **kwargs)
 
     def loop(self, ev_one: PopulationEvaluator, w, a):
@@ -193,7 +198,8 @@ def measure(plan: dict, repeats: int, loop_max: int, compare_at, qat_steps: int,
         if qat_steps and sizes["qat_sizes"]:
             report["rows"] += time_sizes(bench, sizes["qat_sizes"], repeats, loop_max, compare_at, qat=True)
         if memory:
-            report["memory"][name] = memory_probe(bench, [s for s in sizes["sizes"] if s >= 64] or sizes["sizes"], repeats)
+            probe_sizes = [s for s in sizes["sizes"] if s >= 64] or sizes["sizes"]
+            report["memory"][name] = memory_probe(bench, probe_sizes, repeats)
     return report
 
 
@@ -226,16 +232,17 @@ def options(args) -> dict:
         for sizes in plan.values():
             sizes["sizes"] = [int(s) for s in args.sizes.split(",")]
     qat_steps = args.qat_steps if args.qat_steps is not None else (2 if args.quick else 10)
-    return dict(plan=plan, repeats=3 if args.quick else 7, loop_max=args.loop_max,
-                compare_at=(8,) if args.quick else (8, 32, 64), qat_steps=qat_steps,
-                qat_batch=16 if args.quick else 128, memory=args.memory)
+    return {"plan": plan, "repeats": 3 if args.quick else 7, "loop_max": args.loop_max,
+            "compare_at": (8,) if args.quick else (8, 32, 64), "qat_steps": qat_steps,
+            "qat_batch": 16 if args.quick else 128, "memory": args.memory}
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
     jax.config.update("jax_threefry_partitionable", False)
     report = {**common.environment(), **measure(**options(args)), "quick": args.quick}
-    out = pathlib.Path(args.out) if args.out else RESULTS / f"population_{jax.default_backend()}{'_quick' if args.quick else ''}.json"
+    default_out = RESULTS / f"population_{jax.default_backend()}{'_quick' if args.quick else ''}.json"
+    out = pathlib.Path(args.out) if args.out else default_out
     return common.write(report, out)
 
 

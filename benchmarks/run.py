@@ -1,6 +1,7 @@
 """The performance report: every benchmark in one run, a table, one JSON per device.
 
-    python -m benchmarks.run [--quick] [--only nsga3,population,coevolve,kmeans,devices,convs,train_speed] [--models lenet5,resnet20] [--out PATH]
+    python -m benchmarks.run [--quick] [--only nsga3,population,coevolve,kmeans,devices,convs,train_speed]
+                             [--models lenet5,resnet20] [--out PATH]
 
 Runs, in this order, with each baseline measured in the same run:
 
@@ -81,13 +82,15 @@ def table(report: dict) -> str:
             continue
         vs_loop = f"  auto/loop {row['auto_vs_loop']:5.2f}x" if "auto_vs_loop" in row else ""
         others = "  " + " ".join(f"{k} {v:,.0f}" for k, v in row["throughput"].items() if k not in ("auto", "loop"))
-        lines.append(f"population {row['model']:<8} {row['mode']:<5} P={row['population']:<5} auto {row['throughput']['auto']:12,.0f} "
-                     f"img*ind/s  {row['auto_tflops']:7.3f} TFLOP/s{vs_loop}{others if len(others) > 2 else ''}")
+        lines.append(f"population {row['model']:<8} {row['mode']:<5} P={row['population']:<5} "
+                     f"auto {row['throughput']['auto']:12,.0f} img*ind/s  {row['auto_tflops']:7.3f} TFLOP/s"
+                     f"{vs_loop}{others if len(others) > 2 else ''}")
     for name, mem in parts.get("population", {}).get("memory", {}).items():
         if "largest_run" in mem:
             run = mem["largest_run"]
             lines.append(f"population {name:<8} largest P that fits: {run['population']} "
-                         f"({mem['bytes_per_individual'] / 2**20:.1f} MiB per individual), {run['throughput']:,.0f} img*ind/s")
+                         f"({mem['bytes_per_individual'] / 2**20:.1f} MiB per individual), "
+                         f"{run['throughput']:,.0f} img*ind/s")
     if "coevolve" in parts:
         c = parts["coevolve"]
         lines.append(f"coevolve   {c['evaluations_per_second']['qevo']:8.1f} evals/s against a Python loop's "
@@ -100,7 +103,8 @@ def table(report: dict) -> str:
         lines.append(f"devices    {row['model']:<8} D={row['devices']} P={row['population']:<3} "
                      f"{row['throughput']:10,.0f} img*ind/s  {row['speedup_vs_1']:.2f}x of D=1")
     for row in parts.get("convs", {}).get("layers", []):
-        lines.append(f"convs      {row['layer']:<13} XLA time / " + ", ".join(f"{k} {v:5.2f}x" for k, v in row["xla_over"].items()))
+        lines.append(f"convs      {row['layer']:<13} XLA time / "
+                     + ", ".join(f"{k} {v:5.2f}x" for k, v in row["xla_over"].items()))
     if "train_speed" in parts:
         lines += ["train      " + line for line in train_speed.table(parts["train_speed"]["rows"]).splitlines()]
     return "\n".join(lines)
@@ -109,7 +113,8 @@ def table(report: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes: about 7 minutes on a 2-core CPU")
-    parser.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {','.join(BENCHMARKS)}")
+    parser.add_argument("--only", default=",".join(BENCHMARKS),
+                        help=f"comma-separated subset of {','.join(BENCHMARKS)}")
     parser.add_argument("--models", default="lenet5,resnet20", help="models of the population benchmark")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/run_<device>[_quick].json)")
     args = parser.parse_args(argv)

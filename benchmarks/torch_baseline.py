@@ -151,7 +151,7 @@ def measure(name: str, repeats: int, steps: int, forward_images: int, compile_: 
             if mode == "forward":
                 model.eval()
 
-                def call():
+                def call(run=run, images=images):
                     with torch.no_grad():
                         run(images)
                 seconds = median_seconds(call, repeats)
@@ -159,7 +159,7 @@ def measure(name: str, repeats: int, steps: int, forward_images: int, compile_: 
                 continue
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
-            def train():
+            def train(opt=opt, run=run, inputs=inputs):
                 for _ in range(steps):
                     opt.zero_grad(set_to_none=True)
                     F.cross_entropy(run(inputs), y).backward()

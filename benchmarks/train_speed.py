@@ -35,7 +35,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
@@ -47,7 +46,8 @@ from qevo.train import Trainer, uniform_bits
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 # model: (input [H, W, C], training batch, forward images)
-MODELS = {"resnet20": ((32, 32, 3), 128, 1000), "mobilenetv2": ((128, 128, 3), 64, 256), "lenet5": ((28, 28, 1), 128, 1000)}
+MODELS = {"resnet20": ((32, 32, 3), 128, 1000), "mobilenetv2": ((128, 128, 3), 64, 256),
+          "lenet5": ((28, 28, 1), 128, 1000)}
 MODES = ("float", "qat_w4a4", "forward")
 
 
@@ -55,8 +55,8 @@ def train_config(name: str, batch: int):
     """The benchmark's training recipe as a qevo config (the PyTorch side matches it)."""
     cfg = config_lib.defaults()
     cfg.model.name = name
-    cfg.train.update(dict(epochs=1, batch_size=batch, optimizer="sgd", learning_rate=0.01, momentum=0.9,
-                          nesterov=True, weight_decay=5e-4, augment=False))
+    cfg.train.update({"epochs": 1, "batch_size": batch, "optimizer": "sgd", "learning_rate": 0.01, "momentum": 0.9,
+                      "nesterov": True, "weight_decay": 5e-4, "augment": False})
     return cfg
 
 
@@ -90,7 +90,11 @@ def measure_qevo(name: str, repeats: int, steps: int) -> dict:
         bits = uniform_bits(model.num_layers, 4, 4) if mode == "qat_w4a4" else None
         trainer = Trainer(cfg, ds, model, quantized=bits is not None)
         state = trainer.init_state(variables)
-        seconds = _median_seconds(lambda: trainer.epoch(state, bits, jax.random.key(1), images_d, labels_d), repeats)
+
+        def epoch(trainer=trainer, state=state, bits=bits):
+            return trainer.epoch(state, bits, jax.random.key(1), images_d, labels_d)
+
+        seconds = _median_seconds(epoch, repeats)
         result[mode] = steps * batch / seconds
     x = jax.device_put(rng.integers(0, 256, (forward_images, *shape), dtype=np.uint8))
     forward = jax.jit(lambda v, x: model.apply(v, normalize(x, mean, std), None, train=False))
@@ -101,8 +105,8 @@ def measure_qevo(name: str, repeats: int, steps: int) -> dict:
 
 def _child(argv: list[str], env: dict | None = None) -> dict:
     """Run a measurement in a child process; its last stdout line is the JSON report."""
-    done = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, env={**os.environ, **(env or {})},
-                          cwd=pathlib.Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, check=False,
+                          env={**os.environ, **(env or {})}, cwd=pathlib.Path(__file__).resolve().parents[1])
     if done.returncode:
         raise RuntimeError(f"{' '.join(argv)} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -118,8 +122,8 @@ def measure(models: list[str], repeats: int, steps: int, compile_: bool, with_xl
                "forward_images": MODELS[name][2], "steps_per_call": steps, "qevo": qevo, "torch": torch,
                "qevo_over_torch": {m: qevo["images_per_second"][m] / torch[m]["best_images_per_second"] for m in MODES}}
         if with_xla:
-            xla = _child(["benchmarks.train_speed", "--child-qevo", name, "--repeats", str(repeats), "--steps", str(steps)],
-                         {onednn.DISABLE_ENV: "0"})
+            xla = _child(["benchmarks.train_speed", "--child-qevo", name, "--repeats", str(repeats),
+                          "--steps", str(steps)], {onednn.DISABLE_ENV: "0"})
             row["qevo_xla"] = xla
             row["onednn_over_xla"] = {m: qevo["images_per_second"][m] / xla["images_per_second"][m] for m in MODES}
         rows.append(row)
@@ -132,8 +136,9 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         for m in MODES:
             t = r["torch"][m]
-            line = (f"{r['model']:<12} {m:<9} {r['qevo']['images_per_second'][m]:11,.1f} {t['best_images_per_second']:13,.1f} "
-                    f"{'(' + t['best'] + ')':<14} {r['qevo_over_torch'][m]:11.2f}x")
+            line = (f"{r['model']:<12} {m:<9} {r['qevo']['images_per_second'][m]:11,.1f} "
+                    f"{t['best_images_per_second']:13,.1f} {'(' + t['best'] + ')':<14} "
+                    f"{r['qevo_over_torch'][m]:11.2f}x")
             if "qevo_xla" in r:
                 line += f"  {r['qevo_xla']['images_per_second'][m]:14,.1f}"
             lines.append(line)
@@ -146,8 +151,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per figure (default 5, --quick 3)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per timed call (default 10, --quick 5)")
-    parser.add_argument("--with-xla", action="store_true", help="also measure qevo with XLA's convolutions (QEVO_ONEDNN=0)")
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_speed_<platform>[_quick].json)")
+    parser.add_argument("--with-xla", action="store_true",
+                        help="also measure qevo with XLA's convolutions (QEVO_ONEDNN=0)")
+    parser.add_argument("--out", default=None,
+                        help="JSON path (default benchmarks/results/train_speed_<platform>[_quick].json)")
     parser.add_argument("--child-qevo", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 5)
@@ -162,7 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {','.join(MODELS)}")
     platform = jax.devices()[0].platform
-    out = pathlib.Path(args.out) if args.out else RESULTS / f"train_speed_{platform}{'_quick' if args.quick else ''}.json"
+    default_out = RESULTS / f"train_speed_{platform}{'_quick' if args.quick else ''}.json"
+    out = pathlib.Path(args.out) if args.out else default_out
     report = {"command": "python -m benchmarks.train_speed " + " ".join(argv if argv is not None else sys.argv[1:]),
               **common.environment(), "quick": args.quick, "repeats": repeats}
     start = time.perf_counter()

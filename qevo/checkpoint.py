@@ -64,7 +64,8 @@ def load(path: str | os.PathLike, target=None):
         meta = json.loads(payload["meta"])
         state = payload["tree"]
     except Exception as e:  # msgpack raises many types on garbage
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a qevo checkpoint ({type(e).__name__}: {e}); delete it to start over") from e
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a qevo checkpoint ({type(e).__name__}: {e}); "
+                              "delete it to start over") from e
     if target is None:
         return state, meta
     try:

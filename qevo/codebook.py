@@ -93,7 +93,8 @@ def model_compression_rates(n_w, k, codebook_bits):
     Validation and array type as in ``layer_compression_rate``.
     """
     if np.ndim(n_w) != 1 or np.shape(k)[-1:] != np.shape(n_w):
-        raise ValueError(f"model_compression_rates: n_w must be [L] and k [..., L], got {np.shape(n_w)} and {np.shape(k)}")
+        raise ValueError(f"model_compression_rates: n_w must be [L] and k [..., L], "
+                         f"got {np.shape(n_w)} and {np.shape(k)}")
     xp = _validate(n_w, k, codebook_bits)
     n_w, k, b_red = (xp.asarray(a) for a in (n_w, k, codebook_bits))
     mean_cr = xp.mean(layer_compression_rate(n_w, k, b_red), axis=-1)

@@ -67,7 +67,14 @@ from qevo import config as config_lib
 from qevo.calibration import calibrate
 from qevo.data import augment, normalize
 from qevo.layers import Bits
-from qevo.population import STRATEGIES, batch_eval_set, batched_accuracy, cross_entropy, population_map, resolve_strategy
+from qevo.population import (
+    STRATEGIES,
+    batch_eval_set,
+    batched_accuracy,
+    cross_entropy,
+    population_map,
+    resolve_strategy,
+)
 from qevo.pretrained import float_model
 from qevo.run import main, write_json
 
@@ -80,26 +87,26 @@ def defaults() -> ml_collections.ConfigDict:
     """:func:`qevo.config.defaults` plus the ``coevolve`` section."""
     c = config_lib.defaults()
     c.coevolve = ml_collections.ConfigDict(
-        dict(
-            w_bits=4,
-            a_bits=8,
-            radius=1,
-            initial_mass=0.98,
-            threshold=0.995,
-            group_size=256,
-            num_groups=32,
-            population_size=16,
-            learning_rate=0.5,
-            bn_images=1024,
-            cycles=12,
-            batch_size=512,
-            eval_images=config_dict.placeholder(int),
-            strategy="auto",
-            chunk_size=config_dict.placeholder(int),
-            qat=True,
-            qat_optimizer="adam",
-            qat_learning_rate=1e-4,
-        )
+        {
+            "w_bits": 4,
+            "a_bits": 8,
+            "radius": 1,
+            "initial_mass": 0.98,
+            "threshold": 0.995,
+            "group_size": 256,
+            "num_groups": 32,
+            "population_size": 16,
+            "learning_rate": 0.5,
+            "bn_images": 1024,
+            "cycles": 12,
+            "batch_size": 512,
+            "eval_images": config_dict.placeholder(int),
+            "strategy": "auto",
+            "chunk_size": config_dict.placeholder(int),
+            "qat": True,
+            "qat_optimizer": "adam",
+            "qat_learning_rate": 1e-4,
+        }
     )
     return c
 
@@ -110,23 +117,27 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c, err = cfg.coevolve, config_lib.ConfigError
     for key, lo in (("w_bits", 2), ("a_bits", intforward.MIN_ACTIVATION_BITS)):
         if not isinstance(c[key], int) or not lo <= c[key] <= 8:
-            raise err(f"config coevolve.{key}={c[key]!r} is an impossible bit width for integer training; use {lo}..8 (int8 operands)")
+            raise err(f"config coevolve.{key}={c[key]!r} is an impossible bit width for integer training; "
+                      f"use {lo}..8 (int8 operands)")
     levels = 2 * intforward.max_level(c.w_bits)
     if not isinstance(c.radius, int) or not 1 <= c.radius <= levels:
         raise err(f"config coevolve.radius={c.radius!r} is invalid; use an int in 1..{levels} "
                   f"({c.w_bits}-bit levels span -{levels // 2}..{levels // 2})")
     if not 0.0 < c.threshold <= 1.0 or not 1.0 / (2 * c.radius + 1) < c.initial_mass < c.threshold:
-        raise err(f"config coevolve.initial_mass={c.initial_mass!r} and coevolve.threshold={c.threshold!r} must satisfy "
-                  f"1/(2*radius+1) < initial_mass < threshold <= 1 (otherwise every weight starts confident)")
+        raise err(f"config coevolve.initial_mass={c.initial_mass!r} and coevolve.threshold={c.threshold!r} "
+                  f"must satisfy 1/(2*radius+1) < initial_mass < threshold <= 1 "
+                  f"(otherwise every weight starts confident)")
     if not 0.0 < c.learning_rate <= 1.0:
         raise err(f"config coevolve.learning_rate={c.learning_rate!r} must lie in (0, 1]")
     for key, lo in (("group_size", 1), ("num_groups", 1), ("population_size", 2), ("cycles", 1), ("batch_size", 1)):
         if not isinstance(c[key], int) or c[key] < lo:
             raise err(f"config coevolve.{key}={c[key]!r} must be an int >= {lo}")
     if not isinstance(c.bn_images, int) or c.bn_images < 0:
-        raise err(f"config coevolve.bn_images={c.bn_images!r} must be an int >= 0 (0 keeps the float model's BatchNorm statistics)")
+        raise err(f"config coevolve.bn_images={c.bn_images!r} must be an int >= 0 "
+                  "(0 keeps the float model's BatchNorm statistics)")
     if c.eval_images is not None and c.eval_images < 1:
-        raise err(f"config coevolve.eval_images={c.eval_images!r} must be >= 1 (or unset for the whole validation split)")
+        raise err(f"config coevolve.eval_images={c.eval_images!r} must be >= 1 "
+                  "(or unset for the whole validation split)")
     if c.strategy not in STRATEGIES:
         raise err(f"config coevolve.strategy={c.strategy!r} is not one of {STRATEGIES}")
     if c.chunk_size is not None and c.chunk_size < 1:
@@ -134,7 +145,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if c.qat_optimizer not in ("sgd", "adam") or not c.qat_learning_rate > 0:
         raise err("config coevolve.qat_optimizer must be 'sgd' or 'adam' and coevolve.qat_learning_rate > 0")
     if cfg.quant.mode not in intforward.WEIGHT_MODES:
-        raise err(f"config quant.mode={cfg.quant.mode!r}: integer weights need a symmetric quantizer, one of {intforward.WEIGHT_MODES}")
+        raise err(f"config quant.mode={cfg.quant.mode!r}: integer weights need a symmetric quantizer, "
+                  f"one of {intforward.WEIGHT_MODES}")
     return cfg
 
 
@@ -158,7 +170,8 @@ def allowed(q0: jax.Array, max_level: int, radius: int) -> jax.Array:
     return jnp.abs(levels) <= max_level
 
 
-def freeze(probs: jax.Array, context: jax.Array, q0: jax.Array, radius: int, threshold: float) -> tuple[jax.Array, jax.Array]:
+def freeze(probs: jax.Array, context: jax.Array, q0: jax.Array, radius: int,
+           threshold: float) -> tuple[jax.Array, jax.Array]:
     """Fix confident weights at their most likely level.
 
     Returns:
@@ -280,7 +293,8 @@ class Coevolution:
     def __post_init__(self):
         devices = tuple(self.devices or jax.devices())
         object.__setattr__(self, "devices", devices)
-        object.__setattr__(self, "_local", resolve_strategy(self.options.strategy, self.options.chunk_size, devices[0].platform))
+        object.__setattr__(self, "_local",
+                           resolve_strategy(self.options.strategy, self.options.chunk_size, devices[0].platform))
         object.__setattr__(self, "cycle", jax.jit(self._cycle))
         object.__setattr__(self, "accuracy", jax.jit(self._accuracy))
         object.__setattr__(self, "statistics", jax.jit(self._statistics))
@@ -308,7 +322,8 @@ class Coevolution:
         (``key``: raw uint32 key)."""
         o = self.options
         return State(probs=initial_probs(problem.q0, self.max_level, o.radius, o.initial_mass), context=problem.q0,
-                     batch_stats=self.statistics(problem, problem.q0, jax.random.fold_in(key, 7)), key=key, cycle=jnp.int32(0))
+                     batch_stats=self.statistics(problem, problem.q0, jax.random.fold_in(key, 7)), key=key,
+                     cycle=jnp.int32(0))
 
     def _statistics(self, problem: Problem, genome: jax.Array, key: jax.Array) -> dict:
         """BatchNorm statistics of the network ``genome`` on ``coevolve.bn_images`` random
@@ -320,13 +335,15 @@ class Coevolution:
         pick_key, aug_key = jax.random.split(key)
         images = problem.images[jax.random.randint(pick_key, (self.options.bn_images,), 0, problem.images.shape[0])]
         x = normalize(augment(aug_key, images) if self.augment else images, self.mean, self.std)
-        return intforward.batch_statistics(self.model, problem.variables, self.kernels(genome, problem.scales), problem.bits, x)
+        return intforward.batch_statistics(self.model, problem.variables, self.kernels(genome, problem.scales),
+                                           problem.bits, x)
 
     def logits(self, problem: Problem, genome: jax.Array, images: jax.Array, arithmetic: str = "integer") -> jax.Array:
         """Logits ``[N, classes]`` of the integer network ``genome`` on uint8 ``images``, in
         ``"integer"`` or (the same network, faster) ``"float"`` arithmetic (:func:`qevo.intforward.apply`)."""
         x = normalize(images, self.mean, self.std)
-        return intforward.apply(self.model, problem.variables, self.kernels(genome, problem.scales), problem.bits, x, arithmetic)
+        return intforward.apply(self.model, problem.variables, self.kernels(genome, problem.scales), problem.bits, x,
+                                arithmetic)
 
     def _accuracy(self, problem: Problem, genome: jax.Array, batches, arithmetic: str = "integer") -> jax.Array:
         return batched_accuracy(lambda x: self.logits(problem, genome, x, arithmetic), batches)
@@ -384,12 +401,15 @@ class Coevolution:
         groups = regroup(group_key, state.probs, o.num_groups, o.group_size)
         keys = jax.random.split(step_key, o.num_groups)
         (probs, context), (loss, acc, best, improved) = jax.lax.scan(
-            lambda carry, inputs: self._group_step(problem, carry, inputs), (state.probs, context), (groups, ~frozen[groups], keys)
+            lambda carry, inputs: self._group_step(problem, carry, inputs),
+            (state.probs, context),
+            (groups, ~frozen[groups], keys),
         )
         confident = jnp.mean(jnp.max(probs, axis=1) >= o.threshold)
         batch_stats = self._statistics(problem, context, jax.random.fold_in(key, 7))
         val_accuracy = self._accuracy(with_statistics(problem, batch_stats), context, problem.val, "float")
-        stats = CycleStats(loss=loss, accuracy=acc, best_loss=best, improved=improved, confident=confident, val_accuracy=val_accuracy)
+        stats = CycleStats(loss=loss, accuracy=acc, best_loss=best, improved=improved, confident=confident,
+                           val_accuracy=val_accuracy)
         return State(probs=probs, context=context, batch_stats=batch_stats, key=key, cycle=state.cycle + 1), stats
 
 
@@ -442,7 +462,8 @@ def derivative_equations(jaxpr) -> list[str]:
 
 
 def integer_bits(cfg: ml_collections.ConfigDict, num_layers: int) -> Bits:
-    """Concrete int32 ``[L]`` widths: ``coevolve.w_bits``/``a_bits``, first and last float with ``quant.float_first_last``."""
+    """Concrete int32 ``[L]`` widths: ``coevolve.w_bits``/``a_bits``, first and last float with
+    ``quant.float_first_last``."""
     bits = train.uniform_bits(num_layers, cfg.coevolve.w_bits, cfg.coevolve.a_bits, cfg.quant.float_first_last)
     return Bits(w=np.asarray(bits.w), a=np.asarray(bits.a))
 
@@ -474,7 +495,8 @@ def build(cfg: ml_collections.ConfigDict, model: nn.Module, variables: dict, mea
     paths = intforward.quantized_layers(model, variables, train_images.shape[1:])
     rtn = intforward.integer_kernels(variables, paths, bits.w, cfg.quant.per_channel, cfg.quant.mode)
     if not rtn:
-        raise config_lib.ConfigError("no layer is quantized: with quant.float_first_last=True the model needs more than two layers")
+        raise config_lib.ConfigError("no layer is quantized: with quant.float_first_last=True "
+                                     "the model needs more than two layers")
     runner = Coevolution(model, {p: k.q.shape for p, k in rtn.items()}, mean, std, c, intforward.max_level(c.w_bits),
                          augment=cfg.train.augment)
     if c.num_groups * c.group_size > runner.num_weights:
@@ -512,7 +534,8 @@ def read_history(path: pathlib.Path, cycles: int) -> list[dict]:
     """The first ``cycles`` lines of ``history.jsonl`` (a checkpoint of ``cycles`` cycles needs them all)."""
     lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
     if len(lines) < cycles:
-        raise checkpoint.CheckpointError(f"{path} has {len(lines)} cycles, the checkpoint {cycles}; delete {path.parent} to start over")
+        raise checkpoint.CheckpointError(f"{path} has {len(lines)} cycles, the checkpoint {cycles}; "
+                                         f"delete {path.parent} to start over")
     return lines[:cycles]
 
 
@@ -556,8 +579,9 @@ def evolve(prep: Prepared, workdir: pathlib.Path | None = None, log=None) -> tup
             checkpoint.atomic_write_bytes(workdir / HISTORY, "".join(json.dumps(r) + "\n" for r in history).encode())
             checkpoint.save(workdir / CHECKPOINT, state, {"cycle": cycle + 1})
         if log:
-            log(f"cycle {cycle + 1:3d}/{c.cycles}  loss {record['loss']:.4f}  train acc {100 * record['train_accuracy']:.2f}%  "
-                f"val {100 * record['val_accuracy']:.2f}%  confident {100 * record['confident']:.1f}%  "
+            log(f"cycle {cycle + 1:3d}/{c.cycles}  loss {record['loss']:.4f}  "
+                f"train acc {100 * record['train_accuracy']:.2f}%  val {100 * record['val_accuracy']:.2f}%  "
+                f"confident {100 * record['confident']:.1f}%  "
                 f"improved {record['improved_groups']}/{c.num_groups}  {evals / seconds:.0f} evals/s")
     return state, history
 
@@ -583,7 +607,8 @@ def qat_baseline(prep: Prepared, images: int, workdir: pathlib.Path) -> dict:
     return {**fitted, "images": steps * qcfg.train.batch_size}
 
 
-def save_integer_model(path: pathlib.Path, prep: Prepared, genome: jax.Array, meta: dict, batch_stats: dict | None = None) -> None:
+def save_integer_model(path: pathlib.Path, prep: Prepared, genome: jax.Array, meta: dict,
+                       batch_stats: dict | None = None) -> None:
     """``integer_model.msgpack``: ``{"kernels": {path: IntKernel}, "variables": float variables}``
     (with ``batch_stats`` in place of the float model's BatchNorm statistics, if given)."""
     variables = {**prep.variables, "batch_stats": batch_stats} if batch_stats else prep.variables
@@ -624,14 +649,14 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
                  "seconds": round(sum(r["seconds"] for r in history), 2),
                  "changed_weights": int(jnp.sum(genome != problem.q0)), "confident": history[-1]["confident"]}
     scores["coevolution"] = coevolved
-    meta = {"model": cfg.model.name, "dataset": cfg.data.name, "w_bits": prep.bits.w.tolist(), "a_bits": prep.bits.a.tolist(),
-            "test_accuracy": coevolved["test_accuracy"]}
+    meta = {"model": cfg.model.name, "dataset": cfg.data.name, "w_bits": prep.bits.w.tolist(),
+            "a_bits": prep.bits.a.tolist(), "test_accuracy": coevolved["test_accuracy"]}
     save_integer_model(workdir / INTEGER_MODEL, prep, genome, meta, state.batch_stats)
     if c.qat:
         t = time.perf_counter()
         qat = qat_baseline(prep, coevolved["images"], workdir / "qat")
-        scores["qat"] = {"val_accuracy": qat["val_accuracy"], "test_accuracy": qat["test_accuracy"], "images": qat["images"],
-                         "epochs": qat["epochs"], "seconds": round(time.perf_counter() - t, 2)}
+        scores["qat"] = {"val_accuracy": qat["val_accuracy"], "test_accuracy": qat["test_accuracy"],
+                         "images": qat["images"], "epochs": qat["epochs"], "seconds": round(time.perf_counter() - t, 2)}
     log("test accuracy: " + ", ".join(f"{k} {100 * v['test_accuracy']:.2f}%" for k, v in scores.items()))
     results = {
         "model": cfg.model.name,

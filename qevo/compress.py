@@ -74,28 +74,28 @@ def defaults() -> ml_collections.ConfigDict:
     c.population_size = 32
     c.generations = 30
     c.sharing = ml_collections.ConfigDict(
-        dict(
-            driver="ga",
-            k_max=64,
-            kmeans_iters=50,
-            range_max_loss=1.0,
-            widest_per_key=True,
-            max_accuracy_loss=1.0,
-            constrain_fitness=True,
-            fitness_cr="weighted",
-            acc_target=ml_collections.config_dict.placeholder(float),
-            cr_target=10.0,
-            acc_offset=0.001,
-            cr_offset=1.0,
-            codebook="float32",
-            report_formats=("float32", "float16", "float8", "int8"),
-            refine=True,
-            focus_max=9.8,
-            focus_step=0.2,
-            spreads=(2.0,),
-            nsga3_partitions=12,
-            strategy="auto",
-        )
+        {
+            "driver": "ga",
+            "k_max": 64,
+            "kmeans_iters": 50,
+            "range_max_loss": 1.0,
+            "widest_per_key": True,
+            "max_accuracy_loss": 1.0,
+            "constrain_fitness": True,
+            "fitness_cr": "weighted",
+            "acc_target": ml_collections.config_dict.placeholder(float),
+            "cr_target": 10.0,
+            "acc_offset": 0.001,
+            "cr_offset": 1.0,
+            "codebook": "float32",
+            "report_formats": ("float32", "float16", "float8", "int8"),
+            "refine": True,
+            "focus_max": 9.8,
+            "focus_step": 0.2,
+            "spreads": (2.0,),
+            "nsga3_partitions": 12,
+            "strategy": "auto",
+        }
     )
     return c
 
@@ -206,12 +206,13 @@ class SearchState:
 def range_population(num_layers: int, k_max: int) -> np.ndarray:
     """int32 ``[L * K, L]``: row ``l * K + k - 1`` shares only layer ``l``, with k clusters."""
     rows = np.full((num_layers, k_max, num_layers), -1, np.int32)
-    for l in range(num_layers):
-        rows[l, :, l] = np.arange(k_max)
+    for i in range(num_layers):
+        rows[i, :, i] = np.arange(k_max)
     return rows.reshape(-1, num_layers)
 
 
-def allowed_k(range_acc: np.ndarray, float_acc: float, max_loss: float, widest_per_key: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def allowed_k(range_acc: np.ndarray, float_acc: float, max_loss: float,
+              widest_per_key: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The range filter: ``(allowed int32 [L, K], n_choices int32 [L])`` from ``range_acc [L, K]``.
 
     A layer keeps every k whose accuracy is at least ``float_acc - max_loss / 100``; a layer
@@ -224,15 +225,15 @@ def allowed_k(range_acc: np.ndarray, float_acc: float, max_loss: float, widest_p
     allowed = np.zeros((num_layers, k_max), np.int32)
     counts = np.zeros(num_layers, np.int32)
     widths = np.asarray(key_bits(np.arange(1, k_max + 1)))
-    for l in range(num_layers):
-        keep = np.flatnonzero(range_acc[l] >= float_acc - max_loss / 100)
+    for i in range(num_layers):
+        keep = np.flatnonzero(range_acc[i] >= float_acc - max_loss / 100)
         if keep.size == 0:
-            keep = np.array([int(np.nanargmax(range_acc[l]))])
+            keep = np.array([int(np.nanargmax(range_acc[i]))])
         if widest_per_key:
             keep = np.array([keep[widths[keep] == b].max() for b in np.unique(widths[keep])])
-        allowed[l, : keep.size] = keep
-        allowed[l, keep.size :] = keep[-1]
-        counts[l] = keep.size
+        allowed[i, : keep.size] = keep
+        allowed[i, keep.size :] = keep[-1]
+        counts[i] = keep.size
     return allowed, counts
 
 
@@ -354,7 +355,7 @@ def front(records: list[dict]) -> list[dict]:
     rows = list(unique.values())
     F = np.array([[1 - r["val_accuracy"], -r["cr_weighted"]] for r in rows], np.float32)
     rank = np.asarray(nsga3.non_dominated_rank(jnp.asarray(F)))
-    return sorted((r for r, q in zip(rows, rank) if q == 0), key=lambda r: r["cr_weighted"])
+    return sorted((r for r, q in zip(rows, rank, strict=True) if q == 0), key=lambda r: r["cr_weighted"])
 
 
 @dataclasses.dataclass
@@ -405,16 +406,19 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> Prepared:
     range_fn = jax.jit(evaluator.accuracy_of_k)
     range_acc = np.asarray(range_fn(variables, table, centroids, rows, val)).reshape(len(paths), cfg.sharing.k_max)
     seconds["range"] = time.perf_counter() - t
-    return Prepared(cfg, model, evaluator, variables, paths, table, val, test, float_val, float_test, range_acc, seconds)
+    return Prepared(cfg, model, evaluator, variables, paths, table, val, test, float_val, float_test, range_acc,
+                    seconds)
 
 
 def make_problem(prep: Prepared, cfg: ml_collections.ConfigDict) -> Problem:
     """The search problem of ``cfg``'s options (codebook format, range and accuracy limits)."""
     allowed, counts = allowed_k(prep.range_acc, prep.float_val, cfg.sharing.range_max_loss, cfg.sharing.widest_per_key)
     return Problem(
-        variables=prep.variables, table=prep.table, centroids=quantize_codebook(prep.table.centroids, cfg.sharing.codebook),
+        variables=prep.variables, table=prep.table,
+        centroids=quantize_codebook(prep.table.centroids, cfg.sharing.codebook),
         batches=prep.val, allowed=jnp.asarray(allowed), n_choices=jnp.asarray(counts),
-        floor=jnp.float32(prep.float_val - cfg.sharing.max_accuracy_loss / 100), float_accuracy=jnp.float32(prep.float_val),
+        floor=jnp.float32(prep.float_val - cfg.sharing.max_accuracy_loss / 100),
+        float_accuracy=jnp.float32(prep.float_val),
     )
 
 
@@ -430,9 +434,11 @@ def search(prep: Prepared, cfg: ml_collections.ConfigDict, workdir: pathlib.Path
     if workdir is not None and (workdir / CHECKPOINT).exists():
         state, _ = checkpoint.load(workdir / CHECKPOINT, state)
         done = int(state.generation)
-        lines = [json.loads(x) for x in (workdir / HISTORY).read_text().splitlines()[:done]] if (workdir / HISTORY).exists() else []
+        lines = ([json.loads(x) for x in (workdir / HISTORY).read_text().splitlines()[:done]]
+                 if (workdir / HISTORY).exists() else [])
         if len(lines) != done:
-            raise checkpoint.CheckpointError(f"{workdir / HISTORY} has {len(lines)} generations, the checkpoint {done}; delete {workdir} to start over")
+            raise checkpoint.CheckpointError(f"{workdir / HISTORY} has {len(lines)} generations, "
+                                             f"the checkpoint {done}; delete {workdir} to start over")
         if log:
             log(f"resuming {workdir} after generation {done}")
     for g in range(int(state.generation), cfg.generations):
@@ -441,15 +447,17 @@ def search(prep: Prepared, cfg: ml_collections.ConfigDict, workdir: pathlib.Path
         state, scores = (runner.first if g == 0 else runner.step)(state, problem)
         records = scores_to_records(scores)
         seconds = time.perf_counter() - t
-        lines.append({"generation": g + 1, "acc_target": targets[0], "cr_target": targets[1], "seconds": seconds, "individuals": records})
+        lines.append({"generation": g + 1, "acc_target": targets[0], "cr_target": targets[1], "seconds": seconds,
+                      "individuals": records})
         if workdir is not None:
             text = "".join(json.dumps(x) + "\n" for x in lines)
             checkpoint.atomic_write_bytes(workdir / HISTORY, text.encode())
             checkpoint.save(workdir / CHECKPOINT, state, {"generation": g + 1})
         if log:
             best = pick([r for x in lines for r in x["individuals"]], float(problem.floor), _cr_key(cfg))
-            log(f"gen {g + 1:3d}/{cfg.generations}  best CR {best['cr_weighted']:.2f} (mean-of-layers {best['cr_mean']:.2f}) "
-                f"at val {100 * best['val_accuracy']:.2f}%  targets acc {100 * float(state.acc_target):.2f}% CR {float(state.cr_target):.2f}  "
+            log(f"gen {g + 1:3d}/{cfg.generations}  best CR {best['cr_weighted']:.2f} "
+                f"(mean-of-layers {best['cr_mean']:.2f}) at val {100 * best['val_accuracy']:.2f}%  "
+                f"targets acc {100 * float(state.acc_target):.2f}% CR {float(state.cr_target):.2f}  "
                 f"{cfg.population_size / seconds:.1f} evals/s")
     return [{**r, "generation": x["generation"]} for x in lines for r in x["individuals"]]
 
@@ -462,8 +470,9 @@ def table_layers(prep: Prepared, k: list[int]) -> list[sharing.Layer]:
     """The stored form of the table clustering with ``k`` clusters per layer."""
     cents, assign = jax.device_get((prep.table.centroids, prep.table.assign))
     out = []
-    for l, (off, n, shape) in enumerate(zip(prep.table.offsets, prep.table.sizes, prep.table.shapes)):
-        out.append(sharing.Layer(indices=assign[k[l] - 1, off : off + n].reshape(shape), codebook=cents[l, k[l] - 1, : k[l]]))
+    for i, (off, n, shape) in enumerate(zip(prep.table.offsets, prep.table.sizes, prep.table.shapes, strict=True)):
+        out.append(sharing.Layer(indices=assign[k[i] - 1, off : off + n].reshape(shape),
+                                 codebook=cents[i, k[i] - 1, : k[i]]))
     return out
 
 
@@ -472,7 +481,8 @@ def layer_kernels(layers: list[sharing.Layer], fmt: str) -> list[jax.Array]:
     return [quantize_codebook(jnp.asarray(x.codebook), fmt)[jnp.asarray(x.indices, jnp.int32)] for x in layers]
 
 
-def refine(prep: Prepared, cfg, layers: list[sharing.Layer], accuracy: float, log=None) -> tuple[list[sharing.Layer], float, list[dict]]:
+def refine(prep: Prepared, cfg, layers: list[sharing.Layer], accuracy: float,
+           log=None) -> tuple[list[sharing.Layer], float, list[dict]]:
     """Step 4b: per layer, k-means in the tanh space for every (spread, focus) of the grid
     (one batched call), every variant network scored in one population call; a layer takes
     its best variant where that beats the current validation accuracy.  Returns the layers,
@@ -484,19 +494,20 @@ def refine(prep: Prepared, cfg, layers: list[sharing.Layer], accuracy: float, lo
     fn = jax.jit(prep.evaluator.accuracy_of_variants, static_argnums=2)
     layers = list(layers)
     notes = []
-    for l, layer in enumerate(layers):
+    for i, layer in enumerate(layers):
         k = layer.codebook.shape[0]
-        kernel = sharing.get_kernels(prep.variables["params"], prep.paths)[l]
-        cents, assign = sharing.cluster_layer_2d(kernel, k, grid[:, 0], grid[:, 1], k_max=max(k, 2), n_iter=s.kmeans_iters)
-        variants = sharing.variant_kernels(cents, assign, prep.table.shapes[l], fmt)
-        acc = np.asarray(fn(prep.variables, layer_kernels(layers, fmt), l, variants, prep.val))
+        kernel = sharing.get_kernels(prep.variables["params"], prep.paths)[i]
+        cents, assign = sharing.cluster_layer_2d(kernel, k, grid[:, 0], grid[:, 1], k_max=max(k, 2),
+                                                 n_iter=s.kmeans_iters)
+        variants = sharing.variant_kernels(cents, assign, prep.table.shapes[i], fmt)
+        acc = np.asarray(fn(prep.variables, layer_kernels(layers, fmt), i, variants, prep.val))
         best = int(np.nanargmax(acc))
         kept = bool(acc[best] > accuracy)
-        notes.append({"layer": sharing.layer_name(prep.paths[l]), "best_spread": float(grid[best, 0]),
+        notes.append({"layer": sharing.layer_name(prep.paths[i]), "best_spread": float(grid[best, 0]),
                       "best_focus": float(grid[best, 1]), "best_val_accuracy": float(acc[best]), "kept": kept})
         if kept:
             cents, assign = jax.device_get((cents, assign))
-            layers[l] = sharing.Layer(indices=assign[best].reshape(layer.indices.shape).astype(layer.indices.dtype),
+            layers[i] = sharing.Layer(indices=assign[best].reshape(layer.indices.shape).astype(layer.indices.dtype),
                                       codebook=cents[best, :k], spread=float(grid[best, 0]), focus=float(grid[best, 1]))
             accuracy = float(acc[best])
         if log:
@@ -538,7 +549,8 @@ def report(prep: Prepared, cfg, layers: list[sharing.Layer], workdir: pathlib.Pa
 def write_front(workdir: pathlib.Path, rows: list[dict], names: list[str], float_val: float) -> None:
     """``front.csv`` (k per layer, validation accuracy, both CRs; atomic) and ``front.png``."""
     columns = [f"k_{n}" for n in names]
-    write_csv(workdir / "front.csv", [{**dict(zip(columns, r["k"])), **{k: f"{r[k]:.6f}" for k in FRONT_KEYS}} for r in rows],
+    write_csv(workdir / "front.csv",
+              [{**dict(zip(columns, r["k"], strict=True)), **{k: f"{r[k]:.6f}" for k in FRONT_KEYS}} for r in rows],
               [*columns, *FRONT_KEYS])
     import matplotlib
 
@@ -565,7 +577,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     prep = prepare(cfg, workdir)
     names = [sharing.layer_name(p) for p in prep.paths]
     allowed, counts = allowed_k(prep.range_acc, prep.float_val, cfg.sharing.range_max_loss, cfg.sharing.widest_per_key)
-    ranges = {n: sorted({int(a) + 1 for a in allowed[l, : counts[l]]}) for l, n in enumerate(names)}
+    ranges = {n: sorted({int(a) + 1 for a in allowed[i, : counts[i]]}) for i, n in enumerate(names)}
     write_json(workdir / "range.json", {"float_val_accuracy": prep.float_val, "layers": names,
                                         "accuracy": prep.range_acc.tolist(), "kept_k": ranges})
     log(f"float val {100 * prep.float_val:.2f}% test {100 * prep.float_test:.2f}%; k-means table "

@@ -25,37 +25,37 @@ def defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.data = ml_collections.ConfigDict(
-        dict(
-            name="mnist",
-            data_dir=config_dict.placeholder(str),
-            val_size=5000,
-            image_size=config_dict.placeholder(int),
-            max_train_images=config_dict.placeholder(int),
-            max_test_images=config_dict.placeholder(int),
-        )
+        {
+            "name": "mnist",
+            "data_dir": config_dict.placeholder(str),
+            "val_size": 5000,
+            "image_size": config_dict.placeholder(int),
+            "max_train_images": config_dict.placeholder(int),
+            "max_test_images": config_dict.placeholder(int),
+        }
     )
-    c.model = ml_collections.ConfigDict(dict(name="lenet5", activation="relu"))
+    c.model = ml_collections.ConfigDict({"name": "lenet5", "activation": "relu"})
     c.float_from = config_dict.placeholder(str)
-    c.quant = ml_collections.ConfigDict(dict(mode="absmax", per_channel=True, float_first_last=True))
+    c.quant = ml_collections.ConfigDict({"mode": "absmax", "per_channel": True, "float_first_last": True})
     c.train = ml_collections.ConfigDict(
-        dict(
-            epochs=10,
-            batch_size=128,
-            optimizer="adam",
-            learning_rate=1e-3,
-            momentum=0.9,
-            nesterov=False,
-            weight_decay=0.0,
-            weight_decay_on="all",
-            label_smoothing=0.0,
-            schedule="cosine",
-            warmup_epochs=0,
-            augment=False,
-            w_bits=32,
-            a_bits=32,
-            init_from=config_dict.placeholder(str),
-            eval_batch_size=1000,
-        )
+        {
+            "epochs": 10,
+            "batch_size": 128,
+            "optimizer": "adam",
+            "learning_rate": 1e-3,
+            "momentum": 0.9,
+            "nesterov": False,
+            "weight_decay": 0.0,
+            "weight_decay_on": "all",
+            "label_smoothing": 0.0,
+            "schedule": "cosine",
+            "warmup_epochs": 0,
+            "augment": False,
+            "w_bits": 32,
+            "a_bits": 32,
+            "init_from": config_dict.placeholder(str),
+            "eval_batch_size": 1000,
+        }
     )
     return c
 
@@ -97,7 +97,8 @@ def check_keys(cfg: ml_collections.ConfigDict, known: ml_collections.ConfigDict)
         if name.split(".")[0] in OWNED_BY_METHODS and name.split(".")[0] not in known:
             continue
         if name not in allowed and name not in sections:
-            raise ConfigError(f"unknown config key {name!r}{_did_you_mean(name, allowed)}; known keys: {', '.join(sorted(allowed))}")
+            raise ConfigError(f"unknown config key {name!r}{_did_you_mean(name, allowed)}; "
+                              f"known keys: {', '.join(sorted(allowed))}")
 
 
 def _did_you_mean(name: str, keys) -> str:
@@ -130,7 +131,8 @@ def _set(cfg: ml_collections.ConfigDict, name: str, value, what: str) -> None:
         raise ConfigError(f"{what}: {e}") from e
 
 
-def validate(cfg: ml_collections.ConfigDict, known: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+def validate(cfg: ml_collections.ConfigDict,
+             known: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
     """Check names and ranges shared by every command.
 
     Args:

@@ -52,9 +52,13 @@ import warnings
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:  # annotations only: the worker processes decoding images never import jax
+    import jax
 
 DATASET_NAMES = ("mnist", "cifar10", "imagenette", "image_folder")
 SOURCES = ("auto", "local", "tfds")
@@ -238,14 +242,18 @@ def write_image_folder(
         raise ValueError(f"quality must be an int in 1..95 (JPEG) or None (PNG), got {quality!r}")
     raw = _load_raw(name, data_dir, image_size, cache_dir, source)
     stem = out.name.removesuffix(".gz").removesuffix(".tar").removesuffix(".tgz")
-    suffix, options = (".png", {"format": "PNG"}) if quality is None else (".jpg", {"format": "JPEG", "quality": quality})
+    if quality is None:
+        suffix, options = ".png", {"format": "PNG"}
+    else:
+        suffix, options = ".jpg", {"format": "JPEG", "quality": quality}
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=out.parent, prefix=out.name, suffix=".tmp", delete=False) as f:
         tmp = pathlib.Path(f.name)
     try:
         with tarfile.open(tmp, "w:gz") as tar:
-            for split, images, labels in (("train", raw.train_images, raw.train_labels), ("test", raw.test_images, raw.test_labels)):
-                for i, (image, label) in enumerate(zip(images, labels)):
+            for split, images, labels in (("train", raw.train_images, raw.train_labels),
+                                          ("test", raw.test_images, raw.test_labels)):
+                for i, (image, label) in enumerate(zip(images, labels, strict=True)):
                     buffer = io.BytesIO()
                     Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(buffer, **options)
                     member = tarfile.TarInfo(f"{stem}/{split}/{raw.class_names[label]}/{i:06d}{suffix}")
@@ -257,7 +265,8 @@ def write_image_folder(
     finally:
         tmp.unlink(missing_ok=True)
     images = len(raw.train_labels) + len(raw.test_labels)
-    return {"path": str(out), "images": images, "bytes": out.stat().st_size, "image_size": int(raw.train_images.shape[1])}
+    return {"path": str(out), "images": images, "bytes": out.stat().st_size,
+            "image_size": int(raw.train_images.shape[1])}
 
 
 def _load_raw(name: str, data_dir, image_size: int | None, cache_dir, source: str) -> _Raw:
@@ -372,7 +381,7 @@ def _cached(cache: pathlib.Path, name: str, image_size: int | None, key: object,
                     tuple(str(c) for c in z["class_names"]),
                 )
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-            warnings.warn(f"ignoring unreadable cache file {path} ({e}); decoding again")
+            warnings.warn(f"ignoring unreadable cache file {path} ({e}); decoding again", stacklevel=1)
     raw = build()
     tmp = None
     try:
@@ -388,7 +397,9 @@ def _cached(cache: pathlib.Path, name: str, image_size: int | None, key: object,
     except OSError as e:
         if tmp is not None:
             pathlib.Path(tmp).unlink(missing_ok=True)
-        warnings.warn(f"could not write the dataset cache {path} ({e}); set ${CACHE_DIR_ENV} to a writable folder")
+        warnings.warn(
+            f"could not write the dataset cache {path} ({e}); set ${CACHE_DIR_ENV} to a writable folder", stacklevel=1
+        )
     return raw
 
 
@@ -404,10 +415,10 @@ def _load_local(name: str, root: pathlib.Path, origin: str, image_size: int | No
                 f"Point data_dir or ${DATA_DIR_ENV} at the folder holding mnist/, cifar10/, imagenette/, "
                 "or use source='tfds' to download with tensorflow-datasets"
             )
-    key = [[a.relpath, a.md5, *_stat(p)] for a, p in zip(_ARCHIVES[name], files)]
+    key = [[a.relpath, a.md5, *_stat(p)] for a, p in zip(_ARCHIVES[name], files, strict=True)]
 
     def build() -> _Raw:
-        for archive, path in zip(_ARCHIVES[name], files):
+        for archive, path in zip(_ARCHIVES[name], files, strict=True):
             _verify(path, archive)
         if name == "mnist":
             return _decode_mnist(files, image_size)
@@ -485,7 +496,8 @@ def _load_image_folder(root: pathlib.Path, image_size: int | None, cache: pathli
         return _cached(cache, "image_folder", image_size, [str(root.resolve()), *_stat(root)],
                        lambda: _decode_tars([(root, "train", "train"), (root, "test", "test")], None, image_size))
     if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist; pass data_dir=<root> holding train/<class>/ and test/<class>/")
+        raise DataError(f"image folder {root} does not exist; "
+                        "pass data_dir=<root> holding train/<class>/ and test/<class>/")
     files = {}
     for split in ("train", "test"):
         if not (root / split).is_dir():
@@ -623,7 +635,8 @@ def _decode_all(items: Iterable[tuple[str, bytes]], image_size: int | None) -> l
         warnings.warn(
             "image-decoding worker processes could not start, so images were decoded in this process "
             "(slower). Worker processes re-run the main script: call load_dataset under "
-            "`if __name__ == '__main__':`, and not from a script read from standard input"
+            "`if __name__ == '__main__':`, and not from a script read from standard input",
+            stacklevel=1,
         )
     return out
 
@@ -742,13 +755,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", required=True, choices=DATASET_NAMES)
     parser.add_argument("--out", required=True, type=_archive, help="the archive to write (.tar.gz)")
     parser.add_argument("--image-size", type=_positive, help="side in pixels (default: the stored size)")
-    parser.add_argument("--data-dir", help=f"the folder holding mnist/, cifar10/, imagenette/ (default ${DATA_DIR_ENV}); "
+    parser.add_argument("--data-dir",
+                        help=f"the folder holding mnist/, cifar10/, imagenette/ (default ${DATA_DIR_ENV}); "
                         "for image_folder, the folder or archive itself")
     parser.add_argument("--quality", type=_quality, default=90, help="JPEG quality (default 90)")
     parser.add_argument("--png", action="store_true", help="lossless PNG instead of JPEG")
     args = parser.parse_args(argv)
     if args.name == "image_folder" and args.data_dir is None:
-        parser.error("--name image_folder needs --data-dir: the folder <root>/{train,test}/<class>/ or a .tar.gz of one")
+        parser.error("--name image_folder needs --data-dir: "
+                     "the folder <root>/{train,test}/<class>/ or a .tar.gz of one")
     try:
         summary = write_image_folder(args.name, args.out, args.image_size, data_dir=args.data_dir,
                                      quality=None if args.png else args.quality)

@@ -238,7 +238,8 @@ def _integer_layers(kernels: dict[str, IntKernel], arithmetic: str):
     return integer
 
 
-def batch_statistics(model: nn.Module, variables: dict, kernels: dict[str, IntKernel], bits: Bits, images: jax.Array) -> dict:
+def batch_statistics(model: nn.Module, variables: dict, kernels: dict[str, IntKernel], bits: Bits,
+                     images: jax.Array) -> dict:
     """BatchNorm statistics of the integer network, re-estimated on ``images``.
 
     One forward pass in training mode (float arithmetic, as :func:`apply` with

@@ -170,7 +170,8 @@ def kmeans(
     values = jnp.asarray(values, jnp.float32)
     mask = jnp.asarray(mask, bool)
     if values.ndim != 2 or values.shape != mask.shape:
-        raise ValueError(f"kmeans: values and mask must be [B, n_max] of one shape, got {values.shape} and {mask.shape}")
+        raise ValueError(f"kmeans: values and mask must be [B, n_max] of one shape, "
+                         f"got {values.shape} and {mask.shape}")
     n_rows, n_max = values.shape
     if not isinstance(k_max, (int, np.integer)) or k_max < 1:
         raise ValueError(f"kmeans: k_max must be a positive int, got {k_max!r}")
@@ -218,7 +219,7 @@ def _statically_untransformed(spread, focus) -> bool:
 def _kmeans_jit(values, mask, k, spread, focus, tol, *, k_max, n_iter, n_bins, n_chunks, chunk, two_d):
     """Rows sorted by k (so that the loops of a chunk stop at similar counts), padded to
     n_chunks * chunk rows (padding rows: one valid weight, k = 1), run chunk by chunk."""
-    n_rows, n_max = values.shape
+    n_rows, _n_max = values.shape
     pad = n_chunks * chunk - n_rows
     k = jnp.clip(k, 1, k_max)
     order = jnp.argsort(k)
@@ -228,10 +229,10 @@ def _kmeans_jit(values, mask, k, spread, focus, tol, *, k_max, n_iter, n_bins, n
     spread = jnp.pad(spread[order], (0, pad))
     focus = jnp.pad(focus[order], (0, pad))
     run = functools.partial(_kmeans_chunk, tol=tol, k_max=k_max, n_iter=n_iter, n_bins=n_bins, two_d=two_d)
-    chunked = [a.reshape((n_chunks, chunk) + a.shape[1:]) for a in (values, mask, k, spread, focus)]
+    chunked = [a.reshape((n_chunks, chunk, *a.shape[1:])) for a in (values, mask, k, spread, focus)]
     out = jax.lax.map(lambda a: run(*a), chunked)
     back = jnp.zeros(n_rows, jnp.int32).at[order].set(jnp.arange(n_rows, dtype=jnp.int32))
-    centroids, assign, sse, n_run = (o.reshape((n_chunks * chunk,) + o.shape[2:])[back] for o in out)
+    centroids, assign, sse, n_run = (o.reshape((n_chunks * chunk, *o.shape[2:]))[back] for o in out)
     return KMeansResult(centroids=centroids, assign=assign, sse=sse, n_iter_run=n_run)
 
 

@@ -106,7 +106,7 @@ def shifted_conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: str) 
     """
     k = kernel.shape[0]
     y = 0.0
-    for window, tap in zip(conv_windows(x, k, strides, padding), kernel.reshape(k * k, -1)):
+    for window, tap in zip(conv_windows(x, k, strides, padding), kernel.reshape(k * k, -1), strict=True):
         y = y + window * tap
     return y
 
@@ -138,7 +138,8 @@ def conv_windows(x: jax.Array, k: int, strides: int, padding: str, pad_value=0) 
     out_h = (x.shape[1] - k) // strides + 1
     out_w = (x.shape[2] - k) // strides + 1
     return [
-        jax.lax.slice(x, (0, i, j, 0), (x.shape[0], i + (out_h - 1) * strides + 1, j + (out_w - 1) * strides + 1, x.shape[3]),
+        jax.lax.slice(x, (0, i, j, 0),
+                      (x.shape[0], i + (out_h - 1) * strides + 1, j + (out_w - 1) * strides + 1, x.shape[3]),
                       (1, strides, strides, 1))
         for i in range(k) for j in range(k)
     ]
@@ -361,7 +362,8 @@ class QDense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, ctx: QuantContext) -> jax.Array:
-        kernel = self.param("kernel", nn.initializers.variance_scaling(1.0, "fan_in", "normal"), (x.shape[-1], self.features))
+        kernel = self.param("kernel", nn.initializers.variance_scaling(1.0, "fan_in", "normal"),
+                            (x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         x, k = _quantize(ctx, self.index, x, kernel, self.signed_input, self.options)
         _record(self, self.index, x, kernel.size, kernel.size)

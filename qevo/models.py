@@ -130,7 +130,8 @@ class CifarResNet(nn.Module):
         return QDense(self.num_classes, index=index, options=self.options)(x, ctx)
 
 
-_MOBILENET_V2_STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+_MOBILENET_V2_STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                        (6, 320, 1, 1))
 
 
 def _mobilenet_layer_names() -> tuple[str, ...]:

@@ -40,7 +40,7 @@ def das_dennis(n_obj: int, n_partitions: int) -> np.ndarray:
         return np.full((1, n_obj), 1.0 / n_obj)
     rows = []
     for bars in itertools.combinations(range(n_partitions + n_obj - 1), n_obj - 1):
-        edges = (-1,) + bars + (n_partitions + n_obj - 1,)
+        edges = (-1, *bars, n_partitions + n_obj - 1)
         rows.append([edges[i + 1] - edges[i] - 1 for i in range(n_obj)])
     return np.asarray(rows, dtype=np.float64) / n_partitions
 
@@ -491,5 +491,5 @@ def hypervolume(F: np.ndarray, ref_point: np.ndarray) -> float:
     """
     F = np.asarray(F, np.float64)
     ref_point = np.asarray(ref_point, np.float64)
-    inside = np.all(F < ref_point, axis=1)
+    inside = np.all(F < ref_point, axis=1)  # noqa: SIM300 - F is the objective matrix, not a constant
     return _hv_recursive(F[inside], ref_point)

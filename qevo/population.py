@@ -74,7 +74,8 @@ class QATConfig:
             raise ValueError(f"QAT optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
 
     def make_optimizer(self) -> optax.GradientTransformation:
-        return sgd_or_adam(self.optimizer, self.learning_rate, self.momentum, False, self.weight_decay, self.weight_decay_on)
+        return sgd_or_adam(self.optimizer, self.learning_rate, self.momentum, False, self.weight_decay,
+                           self.weight_decay_on)
 
 
 def decay_mask(weight_decay_on: str):
@@ -172,7 +173,8 @@ class PopulationEvaluator:
     def num_devices(self) -> int:
         return len(self.devices)
 
-    def __call__(self, variables, w_bits, a_bits, eval_images, eval_labels, *, key=None, train_images=None, train_labels=None):
+    def __call__(self, variables, w_bits, a_bits, eval_images, eval_labels, *, key=None, train_images=None,
+                 train_labels=None):
         """Accuracy of every individual.
 
         Args:
@@ -196,7 +198,8 @@ class PopulationEvaluator:
             if not is_out_of_memory(err):
                 raise
             (strategy, chunk), population = self._local, args[1].shape[0]
-            at_once = f"vmap over all {-(-population // self.num_devices)}" if strategy == "vmap" else f"map in chunks of {chunk or 1}"
+            at_once = (f"vmap over all {-(-population // self.num_devices)}" if strategy == "vmap"
+                       else f"map in chunks of {chunk or 1}")
             batch = min(self.eval_batch_size, eval_images.shape[0])
             raise PopulationMemoryError(
                 f"evaluating {population} individuals ({at_once} per device, {batch} images per forward "
@@ -204,7 +207,8 @@ class PopulationEvaluator:
                 f"{str(err).splitlines()[0]}; score fewer at once (strategy='map' with a small chunk_size), lower "
                 f"eval_batch_size or the QAT batch size, or spread the population over more devices") from err
 
-    def lower(self, variables, w_bits, a_bits, eval_images, eval_labels, *, key=None, train_images=None, train_labels=None):
+    def lower(self, variables, w_bits, a_bits, eval_images, eval_labels, *, key=None, train_images=None,
+              train_labels=None):
         """The call's ``jax.stages.Lowered`` program (same arguments as calling the evaluator),
         e.g. ``.compile().memory_analysis()`` for the device memory a population size needs."""
         args = self._arguments(variables, w_bits, a_bits, eval_images, eval_labels, key, train_images, train_labels)
@@ -223,13 +227,16 @@ class PopulationEvaluator:
         if self._local is None:
             step_macs = None
             if self.qat.steps > 0:
-                step_macs = int(layer_table(self.model, variables, eval_images.shape[1:]).macs.sum()) * self.qat.batch_size
-            object.__setattr__(self, "_local", resolve_strategy(self.strategy, self.chunk_size, self.devices[0].platform, step_macs))
+                image_macs = int(layer_table(self.model, variables, eval_images.shape[1:]).macs.sum())
+                step_macs = image_macs * self.qat.batch_size
+            object.__setattr__(self, "_local",
+                               resolve_strategy(self.strategy, self.chunk_size, self.devices[0].platform, step_macs))
         return variables, jnp.asarray(w), jnp.asarray(a), key, train_images, train_labels, eval_images, eval_labels
 
     def _population(self, variables, w, a, key, train_x, train_y, eval_x, eval_y):
         batches = batch_eval_set(eval_x, eval_y, self.eval_batch_size)
-        return population_map(self._individual, (w, a), (variables, key, train_x, train_y, batches), self.devices, *self._local)
+        return population_map(self._individual, (w, a), (variables, key, train_x, train_y, batches), self.devices,
+                              *self._local)
 
     def _individual(self, wa, shared):
         variables, key, train_x, train_y, batches = shared
@@ -304,8 +311,8 @@ def population_map(fn, xs, shared, devices: tuple, strategy: str, chunk: int | N
     xs = jax.tree_util.tree_map(lambda v: jnp.concatenate([v, jnp.repeat(v[-1:], pad, axis=0)]), xs)
     mesh = Mesh(np.array(devices), ("pop",))
     # Replicated inputs and per-shard map carries mix inside; skip the varying-axis type check.
-    out = jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec("pop"), PartitionSpec()), out_specs=PartitionSpec("pop"),
-                        check_vma=False)(xs, shared)
+    out = jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec("pop"), PartitionSpec()),
+                        out_specs=PartitionSpec("pop"), check_vma=False)(xs, shared)
     return jax.tree_util.tree_map(lambda v: v[:n], out)
 
 

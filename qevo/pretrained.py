@@ -14,14 +14,14 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from qevo import checkpoint
+from qevo import checkpoint, train
 from qevo import config as config_lib
-from qevo import train
 from qevo.data import Dataset
 from qevo.models import init_variables
 
 
-def float_model(cfg: ml_collections.ConfigDict, ds: Dataset, model: nn.Module, workdir: pathlib.Path) -> tuple[dict, dict]:
+def float_model(cfg: ml_collections.ConfigDict, ds: Dataset, model: nn.Module,
+                workdir: pathlib.Path) -> tuple[dict, dict]:
     """Float variables and the results of the run that made them.
 
     Args:
@@ -45,7 +45,8 @@ def float_model(cfg: ml_collections.ConfigDict, ds: Dataset, model: nn.Module, w
         folder = pathlib.Path(cfg.float_from)
         if not (folder / train.MODEL).is_file():
             raise config_lib.ConfigError(
-                f"float_from={cfg.float_from!r} holds no {train.MODEL}; point it at a finished `python -m qevo.train` run folder"
+                f"float_from={cfg.float_from!r} holds no {train.MODEL}; "
+                "point it at a finished `python -m qevo.train` run folder"
             )
     template = init_variables(model, jax.random.key(cfg.seed), ds.train_images.shape[1:])
     variables, _ = checkpoint.load(folder / train.MODEL, template)

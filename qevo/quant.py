@@ -68,7 +68,8 @@ def mse_scale(w: jax.Array, absmax: jax.Array, n: jax.Array, axes: tuple[int, ..
 
     def step(best, ratio):
         scale = base * ratio
-        err = jnp.sum(jnp.square(jnp.clip(jnp.round(w * _reciprocal(scale)), -n, n) * scale - w), axis=axes, keepdims=True)
+        err = jnp.sum(jnp.square(jnp.clip(jnp.round(w * _reciprocal(scale)), -n, n) * scale - w),
+                      axis=axes, keepdims=True)
         better = err < best[0]
         return (jnp.where(better, err, best[0]), jnp.where(better, scale, best[1])), None
 
@@ -166,9 +167,10 @@ def validate_bits(w_bits, a_bits, n_layers: int) -> tuple[np.ndarray, np.ndarray
                 f"{name} has shape {arr.shape}; expected [{n_layers}] or [population, {n_layers}]"
                 f" (one width per quantizable layer of the model)"
             )
-        if not np.issubdtype(arr.dtype, np.integer):
-            if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
-                raise ValueError(f"{name} holds non-integer widths {arr.ravel()[:8]}; use whole numbers of bits")
+        if not np.issubdtype(arr.dtype, np.integer) and (
+            not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr))
+        ):
+            raise ValueError(f"{name} holds non-integer widths {arr.ravel()[:8]}; use whole numbers of bits")
         bad = arr[(arr < 1) | (arr > FLOAT_BITS)]
         if bad.size:
             raise ValueError(

@@ -111,7 +111,8 @@ def memory_settings(cfg: ml_collections.ConfigDict | None, workdir: pathlib.Path
     flat = config_lib.flatten(cfg)
     flags = [f"--config.{key}={flat[key]}" for key in MEMORY_KEYS if key in flat]
     out = f"memory settings now: {' '.join(flags)}" if flags else "no memory settings in this config"
-    if workdir is not None and "float_from" in flat and flat["float_from"] is None and (workdir / "float" / MODEL).is_file():
+    if (workdir is not None and "float_from" in flat and flat["float_from"] is None
+            and (workdir / "float" / MODEL).is_file()):
         out += f"; with a new --workdir, --config.float_from={workdir / 'float'} reuses this run's float model"
     return out
 
@@ -142,7 +143,8 @@ def main(prog: str, run: Callable[[ml_collections.ConfigDict, pathlib.Path], dic
         if not is_out_of_memory(e):
             raise
         print(f"{prog}: error: out of device memory ({str(e).splitlines()[0]}); lower the population or batch sizes, "
-              f"or score fewer individuals at once (strategy=map, a small chunk_size); {memory_settings(cfg, workdir)}", file=sys.stderr)
+              f"or score fewer individuals at once (strategy=map, a small chunk_size); {memory_settings(cfg, workdir)}",
+              file=sys.stderr)
         return 2
     except USER_ERRORS as e:
         settings = f"; {memory_settings(cfg, workdir)}" if isinstance(e, PopulationMemoryError) else ""

@@ -32,8 +32,8 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
-from flax import struct
 import numpy as np
+from flax import struct
 from ml_collections import config_dict
 from tqdm import tqdm
 
@@ -61,39 +61,39 @@ def search_defaults() -> ml_collections.ConfigDict:
     c.population_size = 16
     c.generations = 10
     c.search = ml_collections.ConfigDict(
-        dict(
-            driver="nsga3",
-            w_candidates=(2, 4, 8),
-            a_candidates=(2, 4, 8),
-            objectives=("error", "bitops", "size"),
-            n_partitions=config_dict.placeholder(int),
-            initial_samples=config_dict.placeholder(int),
-            crossover_prob=0.9,
-            mutation_rate=config_dict.placeholder(float),
-            start="float",
-            qat_steps=20,
-            qat_batch_size=128,
-            qat_learning_rate=1e-3,
-            qat_optimizer="sgd",
-            qat_momentum=0.9,
-            qat_weight_decay=0.0,
-            eval_images=config_dict.placeholder(int),
-            strategy="auto",
-            chunk_size=config_dict.placeholder(int),
-            scalarization="weighted",
-            weights=config_dict.placeholder(tuple),
-            budget=0.5,
-        )
+        {
+            "driver": "nsga3",
+            "w_candidates": (2, 4, 8),
+            "a_candidates": (2, 4, 8),
+            "objectives": ("error", "bitops", "size"),
+            "n_partitions": config_dict.placeholder(int),
+            "initial_samples": config_dict.placeholder(int),
+            "crossover_prob": 0.9,
+            "mutation_rate": config_dict.placeholder(float),
+            "start": "float",
+            "qat_steps": 20,
+            "qat_batch_size": 128,
+            "qat_learning_rate": 1e-3,
+            "qat_optimizer": "sgd",
+            "qat_momentum": 0.9,
+            "qat_weight_decay": 0.0,
+            "eval_images": config_dict.placeholder(int),
+            "strategy": "auto",
+            "chunk_size": config_dict.placeholder(int),
+            "scalarization": "weighted",
+            "weights": config_dict.placeholder(tuple),
+            "budget": 0.5,
+        }
     )
     c.final = ml_collections.ConfigDict(
-        dict(
-            enabled=True,
-            start="float",
-            epochs=1,
-            optimizer="sgd",
-            learning_rate=1e-3,
-            max_models=8,
-        )
+        {
+            "enabled": True,
+            "start": "float",
+            "epochs": 1,
+            "optimizer": "sgd",
+            "learning_rate": 1e-3,
+            "max_models": 8,
+        }
     )
     return c
 
@@ -191,7 +191,8 @@ def make_space(cfg: ml_collections.ConfigDict, num_layers: int) -> SearchSpace:
     searched = np.ones(num_layers, bool)
     if cfg.quant.float_first_last and num_layers > 2:
         searched[[0, -1]] = False
-    return SearchSpace(np.array(cfg.search.w_candidates, np.int32), np.array(cfg.search.a_candidates, np.int32), searched)
+    return SearchSpace(np.array(cfg.search.w_candidates, np.int32), np.array(cfg.search.a_candidates, np.int32),
+                       searched)
 
 
 def costs(table: cost.LayerTable, bits: Bits) -> dict[str, np.ndarray]:
@@ -237,8 +238,10 @@ class Problem:
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-objective ``(lower, upper)``: error in [0, 1], costs between all-min and all-max widths."""
         s = int(self.space.searched.sum())
-        hi = np.concatenate([np.full(s, np.argmax(self.space.w_candidates)), np.full(s, np.argmax(self.space.a_candidates))])[None]
-        lo = np.concatenate([np.full(s, np.argmin(self.space.w_candidates)), np.full(s, np.argmin(self.space.a_candidates))])[None].astype(np.int32)
+        hi = np.concatenate([np.full(s, np.argmax(self.space.w_candidates)),
+                             np.full(s, np.argmax(self.space.a_candidates))])[None]
+        lo = np.concatenate([np.full(s, np.argmin(self.space.w_candidates)),
+                             np.full(s, np.argmin(self.space.a_candidates))])[None].astype(np.int32)
         c_lo, c_hi = costs(self.table, self.space.decode(lo)), costs(self.table, self.space.decode(hi))
         lower = np.array([0.0 if o == "error" else c_lo[o][0] for o in self.cfg.search.objectives])
         upper = np.array([1.0 if o == "error" else c_hi[o][0] for o in self.cfg.search.objectives])
@@ -332,18 +335,21 @@ class Search:
         self.lower, self.upper = problem.bounds()
         self.key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
         evosax = cfg.search.driver in drivers.EVOSAX_STRATEGIES
-        self.driver = drivers.make_driver(cfg.search.driver, cfg.population_size, self.space.num_genes) if evosax else None
+        self.driver = (drivers.make_driver(cfg.search.driver, cfg.population_size, self.space.num_genes) if evosax
+                       else None)
 
     def initial_state(self) -> SearchState:
         m = len(self.cfg.search.objectives)
         driver = self.driver.init(jax.random.fold_in(jax.random.key(self.cfg.seed), 3)) if self.driver else None
         return SearchState(
             generation=-1, genes=np.zeros((self.cfg.population_size, self.space.num_genes), np.int32),
-            objectives=np.zeros((self.cfg.population_size, m)), nsga=nsga3.init_state(m, jnp.float64 if jax.config.x64_enabled else jnp.float32),
+            objectives=np.zeros((self.cfg.population_size, m)),
+            nsga=nsga3.init_state(m, jnp.float64 if jax.config.x64_enabled else jnp.float32),
             driver=driver, evaluations=0, seconds=0.0,
         )
 
-    def propose(self, state: SearchState, key: jax.Array) -> tuple[np.ndarray, jax.Array | None, drivers.DriverState | None]:
+    def propose(self, state: SearchState,
+                key: jax.Array) -> tuple[np.ndarray, jax.Array | None, drivers.DriverState | None]:
         """Genes ``[n, G]`` to evaluate this generation (and the driver's relaxed ``x`` and state)."""
         cfg, n_choices = self.cfg, jnp.asarray(self.space.n_choices)
         n = cfg.population_size
@@ -352,7 +358,8 @@ class Search:
             return np.asarray(drivers.relax_to_genes(x, n_choices)), x, dstate
         k_new, k_dedupe = jax.random.split(key)
         if state.generation < 0:
-            seeds = variation.uniform_genes(self.space.w_candidates, self.space.a_candidates, self.space.num_genes // 2, BASELINES)
+            seeds = variation.uniform_genes(self.space.w_candidates, self.space.a_candidates, self.space.num_genes // 2,
+                                            BASELINES)
             total = cfg.search.initial_samples or n
             fresh = variation.random_genes(k_new, total - len(seeds), n_choices)
             genes = variation.dedupe(k_dedupe, fresh, jnp.asarray(seeds), n_choices)
@@ -360,7 +367,8 @@ class Search:
         if cfg.search.driver == "random":
             fresh = variation.random_genes(k_new, n, n_choices)
         else:
-            fresh = variation.make_offspring(k_new, jnp.asarray(state.genes), n, n_choices, cfg.search.crossover_prob, cfg.search.mutation_rate)
+            fresh = variation.make_offspring(k_new, jnp.asarray(state.genes), n, n_choices, cfg.search.crossover_prob,
+                                             cfg.search.mutation_rate)
         return np.asarray(variation.dedupe(k_dedupe, fresh, jnp.asarray(state.genes), n_choices)), None, None
 
     def step(self, state: SearchState) -> tuple[SearchState, dict]:
@@ -377,7 +385,8 @@ class Search:
         else:
             pool_genes = genes if gen == 0 else np.concatenate([state.genes, genes])
             pool_F = F if gen == 0 else np.concatenate([state.objectives, F])
-            idx, nsga = nsga3.survive(jnp.asarray(pool_F, state.nsga.ideal_point.dtype), self.ref_dirs, self.cfg.population_size, state.nsga, k_surv)
+            idx, nsga = nsga3.survive(jnp.asarray(pool_F, state.nsga.ideal_point.dtype), self.ref_dirs,
+                                      self.cfg.population_size, state.nsga, k_surv)
             idx = np.asarray(idx)
             pop_genes, pop_F = pool_genes[idx], pool_F[idx]
         seconds = time.perf_counter() - start
@@ -393,7 +402,8 @@ class Search:
         state = self.initial_state()
         if ckpt.exists():
             state, _ = checkpoint.load(ckpt, state)
-            state = state.replace(generation=int(state.generation), evaluations=int(state.evaluations), seconds=float(state.seconds))
+            state = state.replace(generation=int(state.generation), evaluations=int(state.evaluations),
+                                  seconds=float(state.seconds))
             print(f"resuming {self.workdir} after generation {state.generation}", file=sys.stderr)
         history = read_history(history_path, state.generation)
         write_history(history_path, history)
@@ -405,10 +415,11 @@ class Search:
             records = [
                 {
                     "generation": state.generation, "genes": g.tolist(), "w_bits": w.tolist(), "a_bits": a.tolist(),
-                    "objectives": dict(zip(self.cfg.search.objectives, map(_finite_or_none, f))),
+                    "objectives": dict(zip(self.cfg.search.objectives, map(_finite_or_none, f), strict=True)),
                     "val_accuracy": _finite_or_none(acc),
                 }
-                for g, w, a, f, acc in zip(rec["genes"], bits.w, bits.a, rec["objectives"], rec["accuracy"])
+                for g, w, a, f, acc in zip(rec["genes"], bits.w, bits.a, rec["objectives"], rec["accuracy"],
+                                           strict=True)
             ]
             history.extend(records)
             with history_path.open("a") as fh:
@@ -447,7 +458,8 @@ def write_history(path: pathlib.Path, records: list[dict]) -> None:
 
 def history_objectives(history: list[dict], names) -> np.ndarray:
     """float64 ``[R, M]`` objectives of every record (NaN where missing)."""
-    return np.array([[np.nan if r["objectives"][n] is None else r["objectives"][n] for n in names] for r in history], np.float64).reshape(len(history), len(names))
+    return np.array([[np.nan if r["objectives"][n] is None else r["objectives"][n] for n in names] for r in history],
+                    np.float64).reshape(len(history), len(names))
 
 
 def front_indices(F: np.ndarray) -> np.ndarray:
@@ -532,7 +544,8 @@ def train_final(cfg, problem: Problem, models: list[dict], workdir: pathlib.Path
                 shutil.rmtree(folder)
             folder.mkdir(parents=True, exist_ok=True)
             bits = Bits(w=jnp.asarray(m["w_bits"], jnp.int32), a=jnp.asarray(m["a_bits"], jnp.int32))
-            _, fitted = train.fit(fcfg, problem.ds, model, problem.final_variables, bits, folder, key, f"final {m['name']}", trainer)
+            _, fitted = train.fit(fcfg, problem.ds, model, problem.final_variables, bits, folder, key,
+                                  f"final {m['name']}", trainer)
             fitted = {**fitted, "w_bits": m["w_bits"], "a_bits": m["a_bits"]}
             write_json(done, fitted)
         bits = Bits(w=np.asarray([m["w_bits"]]), a=np.asarray([m["a_bits"]]))
@@ -554,7 +567,8 @@ def pareto_rows(cfg, problem: Problem, history: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: (r["bitops"], -r["val_accuracy"]))
 
 
-def plot(path: pathlib.Path, history: list[dict], final: list[dict], float_acc: float | None, table: cost.LayerTable) -> None:
+def plot(path: pathlib.Path, history: list[dict], final: list[dict], float_acc: float | None,
+         table: cost.LayerTable) -> None:
     """``pareto.png``: accuracy against BitOps; searched models, the trained front, baselines, float."""
     import matplotlib
 
@@ -569,9 +583,11 @@ def plot(path: pathlib.Path, history: list[dict], final: list[dict], float_acc: 
         ax.scatter(np.asarray(x), y, s=10, c="0.75", label="evaluated (validation, after search QAT)")
     front = [r for r in final if r["kind"] == "front"]
     if front:
-        ax.plot([r["bitops"] for r in front], [100 * r["test_accuracy"] for r in front], "o-", c="C0", label="front (test, after final training)")
+        ax.plot([r["bitops"] for r in front], [100 * r["test_accuracy"] for r in front], "o-", c="C0",
+                label="front (test, after final training)")
     for i, r in enumerate(r for r in final if r["kind"] == "baseline"):
-        ax.scatter([r["bitops"]], [100 * r["test_accuracy"]], marker="s", s=60, c=f"C{i + 1}", label=f"uniform {r['name']} (test)", zorder=3)
+        ax.scatter([r["bitops"]], [100 * r["test_accuracy"]], marker="s", s=60, c=f"C{i + 1}",
+                   label=f"uniform {r['name']} (test)", zorder=3)
     if float_acc is not None:
         ax.axhline(100 * float_acc, c="k", ls="--", lw=1, label="float (test)")
     ax.set_xscale("log")
@@ -585,7 +601,8 @@ def plot(path: pathlib.Path, history: list[dict], final: list[dict], float_acc: 
     tmp.replace(path)
 
 
-FINAL_COLUMNS = ["name", "kind", "w_bits", "a_bits", "search_val_accuracy", "val_accuracy", "test_accuracy", "epochs", "bitops", "size", "flops", "params"]
+FINAL_COLUMNS = ["name", "kind", "w_bits", "a_bits", "search_val_accuracy", "val_accuracy", "test_accuracy", "epochs",
+                 "bitops", "size", "flops", "params"]
 PARETO_COLUMNS = ["w_bits", "a_bits", "val_accuracy", "generation", "bitops", "size", "flops", "params"]
 
 
@@ -597,11 +614,15 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     history = Search(cfg, problem, workdir).run()
     search_seconds = time.perf_counter() - start
     write_csv(workdir / "pareto.csv", pareto_rows(cfg, problem, history), PARETO_COLUMNS)
-    final = train_final(cfg, problem, final_candidates(cfg, problem.space, history), workdir) if cfg.final.enabled else []
+    final = (train_final(cfg, problem, final_candidates(cfg, problem.space, history), workdir) if cfg.final.enabled
+             else [])
     float_acc = problem.float_results.get("test_accuracy")
-    rows = final + ([{"name": "float", "kind": "float", "w_bits": [32] * problem.table.num_layers, "a_bits": [32] * problem.table.num_layers,
-                      "test_accuracy": float_acc, **{k: float(v[0]) for k, v in costs(problem.table, Bits(w=np.full((1, problem.table.num_layers), 32), a=np.full((1, problem.table.num_layers), 32))).items()}}]
-                    if float_acc is not None else [])
+    rows = list(final)
+    if float_acc is not None:
+        num_layers = problem.table.num_layers
+        float_costs = costs(problem.table, Bits(w=np.full((1, num_layers), 32), a=np.full((1, num_layers), 32)))
+        rows.append({"name": "float", "kind": "float", "w_bits": [32] * num_layers, "a_bits": [32] * num_layers,
+                     "test_accuracy": float_acc, **{k: float(v[0]) for k, v in float_costs.items()}})
     write_csv(workdir / "final.csv", rows, FINAL_COLUMNS)
     plot(workdir / "pareto.png", history, final, float_acc, problem.table)
     results = {

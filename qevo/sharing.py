@@ -64,7 +64,7 @@ def get_kernels(params: dict, paths) -> list[jax.Array]:
 def with_kernels(variables: dict, paths, kernels) -> dict:
     """``variables`` with ``params`` kernels at ``paths`` replaced by ``kernels`` (jit-friendly)."""
     flat = dict(traverse_util.flatten_dict(variables["params"]))
-    for p, k in zip(paths, kernels):
+    for p, k in zip(paths, kernels, strict=True):
         flat[p] = k
     return {**variables, "params": traverse_util.unflatten_dict(flat)}
 
@@ -95,7 +95,7 @@ class ClusterTable:
 
     @property
     def offsets(self) -> tuple[int, ...]:
-        return tuple(int(o) for o in np.cumsum((0,) + self.sizes[:-1]))
+        return tuple(int(o) for o in np.cumsum((0, *self.sizes[:-1])))
 
 
 def index_dtype(k_max: int):
@@ -128,7 +128,7 @@ def build_table(kernels, k_max: int, *, n_iter: int = 50, call_bytes: int = _TAB
     if k_max > min(sizes):
         raise ValueError(f"k_max={k_max} exceeds the {min(sizes)} weights of the smallest shared layer; lower k_max")
     n_layers = len(kernels)
-    offsets = np.cumsum((0,) + sizes[:-1])
+    offsets = np.cumsum((0, *sizes[:-1]))
     centroids = np.zeros((n_layers, k_max, k_max), np.float32)
     assign = np.zeros((k_max, sum(sizes)), index_dtype(k_max))
     sse = np.zeros((n_layers, k_max), np.float32)
@@ -169,18 +169,19 @@ def table_kernels(table: ClusterTable, centroids: jax.Array, k_idx: jax.Array, f
       float_kernels: the L float kernels.
     """
     out = []
-    for l, (off, n, shape) in enumerate(zip(table.offsets, table.sizes, table.shapes)):
-        i = jnp.maximum(k_idx[l], 0)
+    for j, (off, n, shape) in enumerate(zip(table.offsets, table.sizes, table.shapes, strict=True)):
+        i = jnp.maximum(k_idx[j], 0)
         labels = jax.lax.dynamic_index_in_dim(table.assign[:, off : off + n], i, keepdims=False)
-        shared = centroids[l, i][labels.astype(jnp.int32)].reshape(shape)
-        out.append(jnp.where(k_idx[l] >= 0, shared, float_kernels[l]))
+        shared = centroids[j, i][labels.astype(jnp.int32)].reshape(shape)
+        out.append(jnp.where(k_idx[j] >= 0, shared, float_kernels[j]))
     return out
 
 
 def compression_rates(k: jax.Array, sizes, fmt: str):
     """(mean-of-layers CR, size-weighted CR) of cluster counts ``k [..., L]`` (int, >= 1) with
     codebooks of format ``fmt``; float32 ``[...]`` each, jit-friendly."""
-    return model_compression_rates(jnp.asarray(sizes, jnp.int32), jnp.asarray(k, jnp.int32), jnp.int32(CODEBOOK_BITS[fmt]))
+    return model_compression_rates(jnp.asarray(sizes, jnp.int32), jnp.asarray(k, jnp.int32),
+                                   jnp.int32(CODEBOOK_BITS[fmt]))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -211,7 +212,8 @@ class SharedEvaluator:
     def accuracy(self, variables: dict, kernels, batches) -> jax.Array:
         """Accuracy (float32 in [0, 1], NaN on non-finite logits) of ``variables`` with ``kernels``."""
         v = with_kernels(variables, self.paths, kernels)
-        return batched_accuracy(lambda x: self.model.apply(v, normalize(x, self.mean, self.std), None, train=False), batches)
+        return batched_accuracy(lambda x: self.model.apply(v, normalize(x, self.mean, self.std), None, train=False),
+                                batches)
 
     def accuracy_of_k(self, variables, table: ClusterTable, centroids, k_idx, batches) -> jax.Array:
         """float32 ``[P]``: accuracy of each row of ``k_idx`` int32 ``[P, L]`` (see :func:`table_kernels`)."""
@@ -345,10 +347,11 @@ def save_compressed(path, variables: dict, paths, layers: list[Layer], fmt: str,
     """
     params = dict(traverse_util.flatten_dict(jax.device_get(variables["params"])))
     shared = {}
-    for i, (p, layer) in enumerate(zip(paths, layers)):
+    for i, (p, layer) in enumerate(zip(paths, layers, strict=True)):
         params.pop(p)
         values, scale = encode_codebook(layer.codebook, fmt)
-        shared[f"{i:04d}"] = {"indices": np.asarray(layer.indices), "codebook": values, "scale": np.asarray(scale, np.float32)}
+        shared[f"{i:04d}"] = {"indices": np.asarray(layer.indices), "codebook": values,
+                              "scale": np.asarray(scale, np.float32)}
     rest = {k: v for k, v in jax.device_get(variables).items() if k != "params"}
     tree = {
         "shared": shared,
@@ -383,16 +386,19 @@ def load_compressed(path, template: dict) -> tuple[dict, dict]:
     tree, meta = checkpoint.load(path)
     err = checkpoint.CheckpointError
     if meta.get("format_version") != FORMAT_VERSION or "sha256" not in meta:
-        raise err(f"{path} is not a qevo compressed model (format_version {FORMAT_VERSION}); save it with python -m qevo.compress")
+        raise err(f"{path} is not a qevo compressed model (format_version {FORMAT_VERSION}); "
+                  "save it with python -m qevo.compress")
     if _digest(tree) != meta["sha256"]:
-        raise err(f"{path} is corrupt: its contents do not match the SHA-256 recorded when it was saved; compress the model again")
+        raise err(f"{path} is corrupt: its contents do not match the SHA-256 recorded when it was saved; "
+                  "compress the model again")
     fmt = meta["codebook_format"]
     if fmt not in CODEBOOK_BITS:
         raise err(f"{path}: unknown codebook format {fmt!r}")
     paths = kernel_paths(template["params"])
     names = [layer_name(p) for p in paths]
     if meta["layers"] != names:
-        raise err(f"{path} holds shared layers {meta['layers']}, but this model has {names}; load it into the model it was compressed from")
+        raise err(f"{path} holds shared layers {meta['layers']}, but this model has {names}; "
+                  "load it into the model it was compressed from")
     flat = dict(traverse_util.flatten_dict(jax.device_get(template["params"])))
     params = {}
     for key, want in flat.items():
@@ -405,21 +411,25 @@ def load_compressed(path, template: dict) -> tuple[dict, dict]:
             codebook = decode_codebook(entry["codebook"], entry["scale"], fmt)
             idx = np.asarray(entry["indices"])
             if idx.shape != np.shape(want):
-                raise err(f"{path}: layer {name} has indices of shape {idx.shape}, the model expects {np.shape(want)}")
+                raise err(f"{path}: layer {name} has indices of shape {idx.shape}, "
+                          f"the model expects {np.shape(want)}")
             if idx.size and int(idx.max()) >= codebook.shape[0]:
-                raise err(f"{path}: layer {name} has an index {int(idx.max())} beyond its {codebook.shape[0]}-entry codebook")
+                raise err(f"{path}: layer {name} has an index {int(idx.max())} "
+                          f"beyond its {codebook.shape[0]}-entry codebook")
             params[key] = codebook[idx.astype(np.int64)]
         else:
             value = tree.get("params", {}).get(name)
             if value is None or np.shape(value) != np.shape(want):
-                raise err(f"{path}: parameter {name} is missing or has another shape than this model's {np.shape(want)}")
+                raise err(f"{path}: parameter {name} is missing or has another shape "
+                          f"than this model's {np.shape(want)}")
             params[key] = np.asarray(value)
     variables = {"params": traverse_util.unflatten_dict(params)}
     for collection, value in template.items():
         if collection == "params":
             continue
         stored = tree.get("rest", {}).get(collection)
-        if stored is None or jax.tree_util.tree_map(np.shape, stored) != jax.tree_util.tree_map(np.shape, jax.device_get(value)):
+        if stored is None or (jax.tree_util.tree_map(np.shape, stored)
+                              != jax.tree_util.tree_map(np.shape, jax.device_get(value))):
             raise err(f"{path}: collection {collection!r} is missing or does not match this model")
         variables[collection] = stored
     return jax.tree_util.tree_map(jnp.asarray, variables), meta

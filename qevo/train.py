@@ -167,7 +167,8 @@ def initial_variables(cfg, ds: Dataset, model: nn.Module, bits: Bits | None, key
     if cfg.train.init_from is None:
         if bits is not None:
             raise config_lib.ConfigError(
-                "QAT (train.w_bits/a_bits < 32) starts from a float model: set --config.train.init_from=<float run folder>"
+                "QAT (train.w_bits/a_bits < 32) starts from a float model: "
+                "set --config.train.init_from=<float run folder>"
             )
         return variables
     variables, _ = checkpoint.load(pathlib.Path(cfg.train.init_from) / MODEL, variables)
@@ -211,7 +212,8 @@ def fit(cfg: ml_collections.ConfigDict, ds: Dataset, model: nn.Module, variables
         checkpoint.save(ckpt, state, meta)
         write_csv(workdir / HISTORY, meta["history"], ["epoch", "loss", "val_accuracy", "train_seconds"])
         bar.update(1)
-        bar.write(f"epoch {epoch + 1:3d}/{cfg.train.epochs}  loss {loss:.4f}  val {100 * val_acc:.2f}%  ({meta['train_seconds']:.0f} s)", file=sys.stderr)
+        bar.write(f"epoch {epoch + 1:3d}/{cfg.train.epochs}  loss {loss:.4f}  val {100 * val_acc:.2f}%  "
+                  f"({meta['train_seconds']:.0f} s)", file=sys.stderr)
     bar.close()
     test = batch_eval_set(jnp.asarray(ds.test_images), jnp.asarray(ds.test_labels), cfg.train.eval_batch_size)
     results = {
@@ -228,7 +230,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     ds = load_data(cfg)
     model = build_model(cfg, ds.num_classes)
     quantized = cfg.train.w_bits < 32 or cfg.train.a_bits < 32
-    bits = uniform_bits(model.num_layers, cfg.train.w_bits, cfg.train.a_bits, cfg.quant.float_first_last) if quantized else None
+    bits = (uniform_bits(model.num_layers, cfg.train.w_bits, cfg.train.a_bits, cfg.quant.float_first_last) if quantized
+            else None)
     init_key, train_key = jax.random.split(jax.random.key(cfg.seed))
     variables = initial_variables(cfg, ds, model, bits, init_key)
     variables, fitted = fit(cfg, ds, model, variables, bits, workdir, train_key, f"train {cfg.model.name}")

@@ -32,7 +32,7 @@ def run_command(module: str, config: str, workdir: pathlib.Path, args=(), data_d
     env = {**os.environ, **({"QEVO_DATA_DIR": str(data_dir)} if data_dir else {})}
     return subprocess.run(
         [sys.executable, "-m", module, "--config", str(REPO / "configs" / config), "--workdir", str(workdir), *args],
-        env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO, check=False,
     )
 
 
@@ -71,6 +71,7 @@ def lenet5_float(data_dir, tmp_path_factory) -> pathlib.Path:
 def tiny_lenet5_float(data_dir, tmp_path_factory) -> pathlib.Path:
     """A LeNet-5 float run of one epoch on 3,000 images (fast; for plumbing tests)."""
     workdir = tmp_path_factory.mktemp("tiny_lenet5_float")
-    out = run_command("qevo.train", "lenet5.py", workdir, ["--config.train.epochs=1", "--config.data.max_train_images=3000"], data_dir)
+    out = run_command("qevo.train", "lenet5.py", workdir,
+                      ["--config.train.epochs=1", "--config.data.max_train_images=3000"], data_dir)
     assert out.returncode == 0, out.stderr[-3000:]
     return workdir

@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_command
-from qevo import coevolve
+from qevo import coevolve, train
 from qevo import config as config_lib
-from qevo import train
 from qevo.checkpoint import load as load_checkpoint
 from qevo.intforward import IntKernel
 from qevo.models import CifarResNet, init_variables
@@ -42,7 +41,8 @@ def _args(values: dict) -> list[str]:
 
 def _config(float_dir, data_dir, **extra):
     overrides = {**TINY, "float_from": str(float_dir), "data.data_dir": str(data_dir), **extra}
-    return coevolve.validate(config_lib.load(REPO / "configs" / "lenet5_cc.py", [f"{k}={v}" for k, v in overrides.items()]))
+    return coevolve.validate(config_lib.load(REPO / "configs" / "lenet5_cc.py",
+                                             [f"{k}={v}" for k, v in overrides.items()]))
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,8 @@ def prepared(tiny_lenet5_float, data_dir, tmp_path_factory):
 
 def test_initial_marginals_by_hand():
     q0 = jnp.array([-1, 0, 1], jnp.int8)  # 2-bit levels -1..1
-    np.testing.assert_allclose(coevolve.initial_probs(q0, 1, 1, 0.9), [[0, 0.9, 0.1], [0.05, 0.9, 0.05], [0.1, 0.9, 0]], rtol=1e-6)
+    np.testing.assert_allclose(coevolve.initial_probs(q0, 1, 1, 0.9), [[0, 0.9, 0.1], [0.05, 0.9, 0.05], [0.1, 0.9, 0]],
+                               rtol=1e-6)
     np.testing.assert_allclose(coevolve.initial_probs(q0, 1, 2, 0.9)[0], [0, 0, 0.9, 0.05, 0.05], rtol=1e-6)
     q0 = jnp.array([7, -5], jnp.int8)  # 4-bit levels -7..7
     probs = coevolve.initial_probs(q0, 7, 2, 0.8)
@@ -100,7 +101,8 @@ def test_regroup_takes_the_least_confident_in_random_order_of_ties():
 def test_population_map_strategies_agree(strategy, chunk):
     xs = jnp.arange(20.0).reshape(5, 4)
     fn = lambda row, shared: (jnp.sum(row**2) + shared[0], jnp.max(row[shared[1]]))  # noqa: E731
-    got = jax.jit(lambda x: coevolve.population_map(fn, x, (1.0, jnp.arange(2)), tuple(jax.devices()), strategy, chunk))(xs)
+    got = jax.jit(lambda x: coevolve.population_map(fn, x, (1.0, jnp.arange(2)), tuple(jax.devices()), strategy,
+                                                    chunk))(xs)
     np.testing.assert_array_equal(got[0], np.sum(np.asarray(xs) ** 2, axis=1) + 1.0)
     np.testing.assert_array_equal(got[1], np.asarray(xs)[:, 1])
 
@@ -114,13 +116,15 @@ def test_population_map_shards_over_devices():
         xs = jnp.arange(20.0).reshape(5, 4)
         fn = lambda row, shared: jnp.sum(row * shared[0]) + row[shared[1]].sum()
         for strategy in ("vmap", "map"):
-            got = jax.jit(lambda x: population_map(fn, x, (jnp.arange(4.0), jnp.array([0, 2])), tuple(jax.devices()), strategy, None))(xs)
+            got = jax.jit(lambda x: population_map(fn, x, (jnp.arange(4.0), jnp.array([0, 2])), tuple(jax.devices()),
+                                                   strategy, None))(xs)
             want = np.asarray(xs) @ np.arange(4.0) + np.asarray(xs)[:, [0, 2]].sum(1)
             np.testing.assert_array_equal(got, want)
         print("ok")
     """)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO, timeout=300,
+                         check=False)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
@@ -180,17 +184,19 @@ def test_cycle_keeps_the_best_and_valid_marginals(prepared):
     assert changed.size and set(changed) <= set(moved)
     assert moved.size == 3 * 64  # every weight of every group, and no other
     # the new context's levels are each one step at most from round to nearest, inside -1..1
-    assert np.all(np.abs(np.asarray(new.context, int) - np.asarray(problem.q0, int)) <= 1) and np.all(np.abs(np.asarray(new.context)) <= 1)
+    assert np.all(np.abs(np.asarray(new.context, int) - np.asarray(problem.q0, int)) <= 1)
+    assert np.all(np.abs(np.asarray(new.context)) <= 1)
     assert int(new.cycle) == 1 and not np.array_equal(new.key, state.key)
 
 
 def test_interrupted_evolution_resumes_to_the_same_state(tiny_lenet5_float, data_dir, prepared, tmp_path):
     whole_state, whole = coevolve.evolve(prepared, tmp_path / "whole")
-    first = coevolve.Prepared(**{**prepared.__dict__, "cfg": _config(tiny_lenet5_float, data_dir, **{"coevolve.cycles": 1})})
+    first = coevolve.Prepared(**{**prepared.__dict__,
+                                 "cfg": _config(tiny_lenet5_float, data_dir, **{"coevolve.cycles": 1})})
     coevolve.evolve(first, tmp_path / "split")
     assert load_checkpoint(tmp_path / "split" / coevolve.CHECKPOINT)[1] == {"cycle": 1}
     state, history = coevolve.evolve(prepared, tmp_path / "split")
-    for a, b in zip(jax.tree_util.tree_leaves(whole_state), jax.tree_util.tree_leaves(state)):
+    for a, b in zip(jax.tree_util.tree_leaves(whole_state), jax.tree_util.tree_leaves(state), strict=True):
         np.testing.assert_array_equal(a, b)
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
     assert strip(history) == strip(whole) and [r["cycle"] for r in history] == [1, 2, 3]
@@ -206,7 +212,8 @@ def test_command_writes_every_output(tiny_lenet5_float, data_dir, tmp_path):
     out = run_command("qevo.coevolve", "lenet5_cc.py", run, args, data_dir)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "cycle   3/3  loss" in out.stderr and "evals/s" in out.stderr and "confident" in out.stderr
-    for name in ("config.json", "checkpoint.msgpack", "history.jsonl", "integer_model.msgpack", "results.json", "qat/checkpoint.msgpack"):
+    for name in ("config.json", "checkpoint.msgpack", "history.jsonl", "integer_model.msgpack", "results.json",
+                 "qat/checkpoint.msgpack"):
         assert (run / name).is_file(), name
     result = json.loads((run / "results.json").read_text())
     assert result["w_bits"] == [32, 2, 2, 2, 32] and result["a_bits"] == [32, 8, 8, 8, 32]
@@ -255,14 +262,16 @@ def test_bad_config_is_refused_with_the_fix(overrides, message):
     ],
 )
 def test_bad_input_gives_one_clear_line(args, message, tiny_lenet5_float, data_dir, tmp_path):
-    out = run_command("qevo.coevolve", "lenet5_cc.py", tmp_path / "run", [f"--config.float_from={tiny_lenet5_float}", *args], data_dir)
+    out = run_command("qevo.coevolve", "lenet5_cc.py", tmp_path / "run",
+                      [f"--config.float_from={tiny_lenet5_float}", *args], data_dir)
     assert out.returncode == 2, out.stderr[-3000:]
     assert message in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
 
 
 def test_groups_larger_than_the_network_are_refused(tiny_lenet5_float, data_dir, tmp_path):
     cfg = _config(tiny_lenet5_float, data_dir, **{"coevolve.num_groups": 1000, "coevolve.group_size": 256})
-    with pytest.raises(config_lib.ConfigError, match=r"num_groups \* coevolve.group_size = 256000 exceeds the 60480 integer weights"):
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"num_groups \* coevolve.group_size = 256000 exceeds the 60480 integer weights"):
         coevolve.prepare(cfg, tmp_path)
 
 
@@ -291,13 +300,15 @@ def test_lenet5_coevolution_on_real_mnist(lenet5_float, data_dir, tmp_path):
     float (measured: 72.57% -> 92.36%, float 99.01%, 75% of the gap); at 4 bits (2 cycles)
     it ends within 0.3 points of float."""
     base = [f"--config.float_from={lenet5_float}", "--config.coevolve.qat=False"]
-    out = run_command("qevo.coevolve", "lenet5_cc.py", tmp_path / "w2", [*base, "--config.coevolve.w_bits=2", "--config.coevolve.cycles=4"], data_dir)
+    out = run_command("qevo.coevolve", "lenet5_cc.py", tmp_path / "w2",
+                      [*base, "--config.coevolve.w_bits=2", "--config.coevolve.cycles=4"], data_dir)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads((tmp_path / "w2" / "results.json").read_text())
     fp, rtn, cc = (r[k]["test_accuracy"] for k in ("float", "round_to_nearest", "coevolution"))
     assert rtn < fp - 0.1 and cc - rtn >= 0.5 * (fp - rtn), r
     assert abs(rtn - r["round_to_nearest"]["fake_quant_test_accuracy"]) <= 2e-4, r  # integer forward = fake quant
-    out = run_command("qevo.coevolve", "lenet5_cc.py", tmp_path / "w4", [*base, "--config.coevolve.w_bits=4", "--config.coevolve.cycles=2"], data_dir)
+    out = run_command("qevo.coevolve", "lenet5_cc.py", tmp_path / "w4",
+                      [*base, "--config.coevolve.w_bits=4", "--config.coevolve.cycles=2"], data_dir)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads((tmp_path / "w4" / "results.json").read_text())
     assert r["coevolution"]["test_accuracy"] >= r["float"]["test_accuracy"] - 0.003, r
@@ -316,7 +327,8 @@ def test_batch_statistics_are_those_of_the_float_models_training_images(augment)
     rng = np.random.default_rng(0)
     images = rng.integers(150, 250, (256, 16, 16, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, 256).astype(np.int32)
-    variables = {**init_variables(model, jax.random.key(0), (16, 16, 3)), "quant": {"a_clip": jnp.full(model.num_layers, 3.0)}}
+    variables = {**init_variables(model, jax.random.key(0), (16, 16, 3)),
+                 "quant": {"a_clip": jnp.full(model.num_layers, 3.0)}}
     cfg = coevolve.validate(config_lib.load(REPO / "configs" / "resnet20_cc_cpu.py", [
         f"train.augment={augment}", "coevolve.num_groups=1", "coevolve.group_size=8", "coevolve.bn_images=1024"]))
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -326,7 +338,7 @@ def test_batch_statistics_are_those_of_the_float_models_training_images(augment)
     n = 8192
     padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
     pick, dy, dx, flip = rng.integers(0, 256, n), rng.integers(0, 9, n), rng.integers(0, 9, n), rng.random(n) < 0.5
-    crops = np.stack([padded[i, y:y + 16, x:x + 16] for i, y, x in zip(pick, dy, dx)])
+    crops = np.stack([padded[i, y:y + 16, x:x + 16] for i, y, x in zip(pick, dy, dx, strict=True)])
     crops = np.where(flip[:, None, None, None], crops[:, :, ::-1], crops)
     x = (crops.astype(np.float32) / 255 - 0.5) / 0.25
     y = jax.lax.conv_general_dilated(x, variables["params"]["QConv_0"]["kernel"], (1, 1), "SAME",

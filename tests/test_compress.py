@@ -52,7 +52,7 @@ def test_compression_rates_equal_hand_computation():
     # LeNet-5, k = (8, 16, 2, 4, 8), float32 codebooks: b_key = (3, 4, 1, 2, 3).
     sizes = (150, 2400, 48000, 10080, 840)
     stored = [150 * 3 + 8 * 35, 2400 * 4 + 16 * 36, 48000 * 1 + 2 * 33, 10080 * 2 + 4 * 34, 840 * 3 + 8 * 35]
-    layer = [32 * n / s for n, s in zip(sizes, stored)]
+    layer = [32 * n / s for n, s in zip(sizes, stored, strict=True)]
     cr_mean, cr_weighted = sharing.compression_rates(jnp.array([8, 16, 2, 4, 8]), sizes, "float32")
     assert float(cr_mean) == pytest.approx(sum(layer) / 5, rel=1e-6)
     assert float(cr_weighted) == pytest.approx(32 * 61470 / sum(stored), rel=1e-6)
@@ -66,16 +66,16 @@ def test_table_rows_are_the_kmeans_of_each_layer(lenet):
     _, variables, paths, table, _, _ = lenet
     kernels = sharing.get_kernels(variables["params"], paths)
     assert table.assign.shape == (K_MAX, 61470) and table.assign.dtype == jnp.uint8
-    for l in (0, 2):
+    for j in (0, 2):
         for k in (1, 3):
-            shared = sharing.table_kernels(table, table.centroids, jnp.full(5, -1).at[l].set(k - 1), kernels)
-            values = np.unique(np.asarray(shared[l]))
+            shared = sharing.table_kernels(table, table.centroids, jnp.full(5, -1).at[j].set(k - 1), kernels)
+            values = np.unique(np.asarray(shared[j]))
             assert values.size == k
-            np.testing.assert_allclose(np.sort(values), np.sort(np.asarray(table.centroids[l, k - 1, :k])), rtol=1e-6)
-            others = [i for i in range(5) if i != l]
+            np.testing.assert_allclose(np.sort(values), np.sort(np.asarray(table.centroids[j, k - 1, :k])), rtol=1e-6)
+            others = [i for i in range(5) if i != j]
             assert all(np.array_equal(shared[i], kernels[i]) for i in others)
-            sse = float(np.sum((np.asarray(shared[l]) - np.asarray(kernels[l])) ** 2))
-            assert sse == pytest.approx(float(table.sse[l, k - 1]), rel=1e-3)
+            sse = float(np.sum((np.asarray(shared[j]) - np.asarray(kernels[j])) ** 2))
+            assert sse == pytest.approx(float(table.sse[j, k - 1]), rel=1e-3)
     with pytest.raises(ValueError, match="exceeds the 5 weights of the smallest"):
         sharing.build_table([np.arange(50.0), np.arange(5.0)], 6)
 
@@ -85,7 +85,7 @@ def test_population_accuracy_matches_single_networks(lenet):
     k_idx = jnp.array([[-1] * 5, [3] * 5, [0, 1, 2, 3, 0]], jnp.int32)
     acc = jax.jit(evaluator.accuracy_of_k)(variables, table, table.centroids, k_idx, batches)
     floats = sharing.get_kernels(variables["params"], paths)
-    for row, a in zip(k_idx, acc):
+    for row, a in zip(k_idx, acc, strict=True):
         kernels = sharing.table_kernels(table, table.centroids, row, floats)
         assert float(a) == float(evaluator.accuracy(variables, kernels, batches))
 
@@ -120,29 +120,32 @@ def test_pick_and_front():
 @pytest.mark.parametrize("fmt", ["float32", "float16", "float8", "int8"])
 def test_stored_codebook_decodes_to_the_rounded_codebook(fmt):
     rng = np.random.default_rng(1)
-    for c in (rng.normal(0, 0.05, 7).astype(np.float32), np.array([-0.3, 1e-4, 0.02], np.float32), np.zeros(2, np.float32)):
+    for c in (rng.normal(0, 0.05, 7).astype(np.float32), np.array([-0.3, 1e-4, 0.02], np.float32),
+              np.zeros(2, np.float32)):
         values, scale = sharing.encode_codebook(c, fmt)
-        assert values.dtype == {"float32": np.float32, "float16": np.float16, "float8": np.uint8, "int8": np.int8}[fmt]
-        np.testing.assert_array_equal(sharing.decode_codebook(values, scale, fmt), np.asarray(quantize_codebook(c, fmt)))
+        want_dtype = {"float32": np.float32, "float16": np.float16, "float8": np.uint8, "int8": np.int8}[fmt]
+        assert values.dtype == want_dtype
+        np.testing.assert_array_equal(sharing.decode_codebook(values, scale, fmt),
+                                      np.asarray(quantize_codebook(c, fmt)))
 
 
 def _layers(lenet, k=(2, 3, 4, 2, 3)):
-    _, variables, paths, table, _, _ = lenet
+    _, _variables, _paths, table, _, _ = lenet
     cents, assign = jax.device_get((table.centroids, table.assign))
-    return [sharing.Layer(indices=assign[kk - 1, off:off + n].reshape(shape), codebook=cents[l, kk - 1, :kk])
-            for l, (kk, off, n, shape) in enumerate(zip(k, table.offsets, table.sizes, table.shapes))]
+    return [sharing.Layer(indices=assign[kk - 1, off:off + n].reshape(shape), codebook=cents[i, kk - 1, :kk])
+            for i, (kk, off, n, shape) in enumerate(zip(k, table.offsets, table.sizes, table.shapes, strict=True))]
 
 
 @pytest.mark.parametrize("fmt", ["float32", "float8"])
 def test_saved_model_reloads_to_identical_kernels(lenet, tmp_path, fmt):
-    model, variables, paths, table, evaluator, batches = lenet
+    _model, variables, paths, _table, evaluator, batches = lenet
     layers = _layers(lenet)
     path = tmp_path / "m.msgpack"
     sharing.save_compressed(path, variables, paths, layers, fmt, {"model": "lenet5"})
     loaded, meta = sharing.load_compressed(path, variables)
     assert meta["k"] == [2, 3, 4, 2, 3] and meta["codebook_format"] == fmt
     want = compress.layer_kernels(layers, fmt)
-    for got, w in zip(sharing.get_kernels(loaded["params"], paths), want):
+    for got, w in zip(sharing.get_kernels(loaded["params"], paths), want, strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(w))
     assert float(evaluator.accuracy(loaded, sharing.get_kernels(loaded["params"], paths), batches)) == float(
         evaluator.accuracy(variables, want, batches))
@@ -165,7 +168,7 @@ def test_corrupt_or_mismatched_saved_model_is_refused(lenet, tmp_path):
     with pytest.raises(CheckpointError, match="corrupt"):
         sharing.load_compressed(truncated, variables)
     other = init_variables(build_model(compress.defaults(), 7), jax.random.key(0), (28, 28, 1))  # 7 classes
-    with pytest.raises(CheckpointError, match="QDense_2/.* shape"):
+    with pytest.raises(CheckpointError, match=r"QDense_2/.* shape"):
         sharing.load_compressed(path, other)
     with pytest.raises(CheckpointError, match="no checkpoint"):
         sharing.load_compressed(tmp_path / "missing.msgpack", variables)
@@ -173,7 +176,7 @@ def test_corrupt_or_mismatched_saved_model_is_refused(lenet, tmp_path):
 
 @pytest.mark.parametrize("driver", ["ga", "pso", "random", "nsga3"])
 def test_driver_generations(lenet, driver):
-    model, variables, paths, table, evaluator, batches = lenet
+    _model, variables, _paths, table, evaluator, batches = lenet
     cfg = compress.defaults()
     cfg.population_size, cfg.sharing.driver = 6, driver
     allowed = np.tile(np.arange(K_MAX, dtype=np.int32), (5, 1))
@@ -188,7 +191,7 @@ def test_driver_generations(lenet, driver):
     for s in (first, second):
         assert s.k.shape == (6, 5) and s.accuracy.shape == (6,)
         assert set(np.asarray(s.k[:, 0]).tolist()) <= {2, 4}  # layer 0 only takes its allowed k
-        cr_mean, cr_weighted = sharing.compression_rates(s.k, table.sizes, "float32")
+        _cr_mean, cr_weighted = sharing.compression_rates(s.k, table.sizes, "float32")
         np.testing.assert_allclose(s.cr_weighted, cr_weighted)
         assert np.all(np.isfinite(np.asarray(s.fit)))
     assert int(state.generation) == 2
@@ -203,7 +206,8 @@ def test_driver_generations(lenet, driver):
         (["--config.sharing.k_max=500"], "sharing.k_max=500 is invalid"),
         (["--config.sharing.codebook=float4"], "'float4' is not one of"),
         (["--config.sharing.drivr=ga"], "unknown config key 'sharing.drivr'"),
-        (["--config.float_from=/nonexistent/qevo_float"], "float_from='/nonexistent/qevo_float' holds no model.msgpack"),
+        (["--config.float_from=/nonexistent/qevo_float"],
+         "float_from='/nonexistent/qevo_float' holds no model.msgpack"),
     ],
 )
 def test_bad_input_gives_one_clear_line(args, message, data_dir, tmp_path):
@@ -252,7 +256,8 @@ def test_nsga3_front_and_resume(tiny_lenet5_float, data_dir, tmp_path):
     assert header.startswith("k_QConv_0/kernel,") and header.endswith("val_accuracy,cr_mean,cr_weighted") and rows
     assert (run / "front.png").stat().st_size > 1000
     first = json.loads((run / "result.json").read_text())
-    in_result = [[*map(str, r["k"]), f"{r['val_accuracy']:.6f}", f"{r['cr_mean']:.6f}", f"{r['cr_weighted']:.6f}"] for r in first["front"]]
+    in_result = [[*map(str, r["k"]), f"{r['val_accuracy']:.6f}", f"{r['cr_mean']:.6f}", f"{r['cr_weighted']:.6f}"]
+                 for r in first["front"]]
     assert in_result == [row.split(",") for row in rows]
     cr = [r["cr_weighted"] for r in first["front"]]
     accuracy = [r["val_accuracy"] for r in first["front"]]

@@ -30,7 +30,7 @@ def test_weight_levels_times_scale_is_the_fake_quantizer(per_channel, mode):
             assert int(jnp.max(jnp.abs(k.q))) == n
             want = quant.quantize_weight(jnp.asarray(kernel), bits, per_channel=per_channel, mode=mode)
             np.testing.assert_array_equal(intforward.dequantize(k), want)
-    with pytest.raises(ValueError, match="width in 2..8"):
+    with pytest.raises(ValueError, match=r"width in 2\.\.8"):
         intforward.weight_levels(jnp.ones((3, 3)), 9)
     with pytest.raises(ValueError, match="symmetric quantizer"):
         intforward.weight_levels(jnp.ones((3, 3)), 4, mode="dorefa")
@@ -47,7 +47,9 @@ def test_activation_levels_times_step_is_the_fake_quantizer(signed):
         np.testing.assert_array_equal(levels * step, quant.quantize_activation(x, jnp.int32(bits), clip, signed=signed))
 
 
-@pytest.mark.parametrize("k, strides, padding, groups", [(5, 1, "SAME", 1), (3, 2, "SAME", 1), (5, 1, "VALID", 1), (1, 2, "VALID", 1), (3, 1, "SAME", 8)])
+@pytest.mark.parametrize("k, strides, padding, groups",
+                         [(5, 1, "SAME", 1), (3, 2, "SAME", 1), (5, 1, "VALID", 1), (1, 2, "VALID", 1),
+                          (3, 1, "SAME", 8)])
 def test_int_conv_is_the_exact_integer_convolution(k, strides, padding, groups):
     """Unsigned 8-bit levels stored with offset 128 and signed ones without, against a float
     convolution of the same small integers (exact in float32)."""
@@ -57,8 +59,9 @@ def test_int_conv_is_the_exact_integer_convolution(k, strides, padding, groups):
         levels = rng.integers(lo, hi, (2, 9, 9, 8))
         x8 = jnp.asarray(levels - offset, jnp.int8)
         got = intforward.int_conv(x8, jnp.int32(offset), q, strides, padding, groups)
-        want = jax.lax.conv_general_dilated(jnp.asarray(levels, jnp.float32), q.astype(jnp.float32), (strides, strides), padding,
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+        want = jax.lax.conv_general_dilated(jnp.asarray(levels, jnp.float32), q.astype(jnp.float32), (strides, strides),
+                                            padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            feature_group_count=groups)
         assert got.dtype == jnp.int32
         np.testing.assert_array_equal(got, want.astype(jnp.int32))
 
@@ -82,7 +85,8 @@ def mnist_lenet(tiny_lenet5_float, data_dir):
     and both forward passes compiled once for every width (``fake(v, bits, x)``, ``integer(v, kernels, bits, x)``)."""
     ds = load_dataset("mnist", data_dir)
     model = get_model("lenet5", 10)
-    variables, _ = checkpoint.load(pathlib.Path(tiny_lenet5_float) / MODEL, init_variables(model, jax.random.key(0), (28, 28, 1)))
+    variables, _ = checkpoint.load(pathlib.Path(tiny_lenet5_float) / MODEL,
+                                   init_variables(model, jax.random.key(0), (28, 28, 1)))
     variables = calibrate(model, variables, normalize(ds.train_images[:512], ds.mean, ds.std))
     layers = intforward.quantized_layers(model, variables, (28, 28, 1))
     fake = jax.jit(lambda v, bits, x: model.apply(v, x, bits))
@@ -96,7 +100,8 @@ def test_integer_layers_use_int8_operands_and_int32_sums(mnist_lenet):
     bits = uniform_bits(5, 4, 8)
     kernels = intforward.integer_kernels(variables, layers, np.asarray(bits.w))
     assert sorted(kernels) == ["QConv_1", "QDense_0", "QDense_1"]  # first and last stay float
-    jaxpr = jax.make_jaxpr(lambda k, x: intforward.apply(model, variables, k, bits, x))(kernels, jnp.zeros((2, 28, 28, 1)))
+    jaxpr = jax.make_jaxpr(lambda k, x: intforward.apply(model, variables, k, bits, x))(kernels,
+                                                                                       jnp.zeros((2, 28, 28, 1)))
     assert _int8_dots(jaxpr.jaxpr) == [jnp.int32] * 3
 
 
@@ -154,7 +159,8 @@ def test_resnet_integer_forward_equals_fake_quant():
     x = jax.random.normal(jax.random.key(1), (16, 16, 16, 3))
     variables = init_variables(model, jax.random.key(0), (16, 16, 3))
     keys = iter(jax.random.split(jax.random.key(2), 64))
-    stats = jax.tree_util.tree_map(lambda s: s + 0.1 * jnp.abs(jax.random.normal(next(keys), s.shape)), variables["batch_stats"])
+    stats = jax.tree_util.tree_map(lambda s: s + 0.1 * jnp.abs(jax.random.normal(next(keys), s.shape)),
+                                   variables["batch_stats"])
     variables = {**variables, "batch_stats": stats, "quant": {"a_clip": jnp.full(model.num_layers, 3.0)}}
     layers = intforward.quantized_layers(model, variables, (16, 16, 3))
     assert layers["_BasicBlock_1/QConv_2"] == layers["_BasicBlock_1/QConv_0"]  # the shortcut shares the widths

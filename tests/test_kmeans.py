@@ -112,10 +112,11 @@ def test_layer_compression_rate_vectorised_and_key_bits():
     k = np.array([1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 50, 64, 65])
     np.testing.assert_array_equal(key_bits(k), [1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 6, 7])
     np.testing.assert_array_equal(key_bits(jnp.asarray(k)), key_bits(k))
-    n_w, ks, b = np.array([c[0] for c in CR_CASES]), np.array([c[1] for c in CR_CASES]), np.array([c[2] for c in CR_CASES])
+    n_w, ks, b = (np.array([c[i] for c in CR_CASES]) for i in range(3))
     expected = [c[3] / c[4] for c in CR_CASES]
     np.testing.assert_allclose(layer_compression_rate(n_w, ks, b), expected, rtol=1e-12)
-    np.testing.assert_allclose(layer_compression_rate(jnp.asarray(n_w), jnp.asarray(ks), jnp.asarray(b)), expected, rtol=1e-6)
+    np.testing.assert_allclose(layer_compression_rate(jnp.asarray(n_w), jnp.asarray(ks), jnp.asarray(b)), expected,
+                               rtol=1e-6)
 
 
 def test_model_compression_rates_by_hand():
@@ -124,7 +125,8 @@ def test_model_compression_rates_by_hand():
     # member 0: conv 150*1 + 2*33 = 216 bits -> 4800/216; layer 2400*4 + 16*36 = 10176 -> 76800/10176
     # member 1: 150 + 33 = 183 -> 4800/183; 2400*6 + 50*38 = 16300 -> 76800/16300
     mean_cr, weighted_cr = model_compression_rates(n_w, k, 32)
-    np.testing.assert_allclose(mean_cr, [(4800 / 216 + 76800 / 10176) / 2, (4800 / 183 + 76800 / 16300) / 2], rtol=1e-12)
+    np.testing.assert_allclose(mean_cr, [(4800 / 216 + 76800 / 10176) / 2, (4800 / 183 + 76800 / 16300) / 2],
+                               rtol=1e-12)
     np.testing.assert_allclose(weighted_cr, [81600 / (216 + 10176), 81600 / (183 + 16300)], rtol=1e-12)
     # float16 codebook, member 0: 150 + 2*17 = 184; 9600 + 16*20 = 9920
     mean16, weighted16 = model_compression_rates(n_w, k[0], 16)
@@ -235,7 +237,7 @@ def test_kmeans_sse_within_one_percent_of_sklearn(lenet_batch):
 def test_kmeans_result_is_consistent(lenet_batch):
     """Centroids are the means of their clusters' raw weights, sse their squared error, the
     assignment covers exactly the valid weights, unused centroids are 0, 1-D centroids sorted."""
-    values, mask, result = lenet_batch
+    values, _mask, result = lenet_batch
     for row, (name, k) in enumerate(ROWS):
         w = LAYERS[name].astype(np.float64)
         a = np.asarray(result.assign[row])
@@ -251,7 +253,8 @@ def test_kmeans_result_is_consistent(lenet_batch):
     shared = np.asarray(quantize_weights(values, result))
     for row, (name, k) in enumerate(ROWS):
         n = LENET5_SIZES[name]
-        np.testing.assert_array_equal(shared[row, :n], np.asarray(result.centroids[row])[np.asarray(result.assign[row, :n])])
+        np.testing.assert_array_equal(shared[row, :n],
+                                      np.asarray(result.centroids[row])[np.asarray(result.assign[row, :n])])
         np.testing.assert_array_equal(shared[row, n:], np.asarray(values)[row, n:])
         assert np.unique(shared[row, :n]).size == k
 

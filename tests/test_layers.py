@@ -32,7 +32,7 @@ def test_shifted_conv_gradients_equal_xla():
     loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)))  # noqa: E731
     got = jax.grad(loss(lambda x, k: shifted_conv2d(x, k, 2, "SAME")), argnums=(0, 1))(x, k)
     want = jax.grad(loss(xla), argnums=(0, 1))(x, k)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
@@ -52,7 +52,7 @@ def test_dense_convs_and_gradients_equal_xla(padding, strides, kernel, channels,
     loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)))  # noqa: E731
     got = jax.grad(loss(mine), argnums=(0, 1))(x, k)
     want = jax.grad(loss(xla), argnums=(0, 1))(x, k)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
 
 
@@ -66,7 +66,7 @@ def test_toeplitz_conv_and_gradients_equal_xla(padding, kernel, channels):
     mine = lambda x, k: toeplitz_conv2d(x, k, padding)  # noqa: E731
     np.testing.assert_allclose(mine(x, k), xla(x, k), rtol=1e-5, atol=1e-4)
     loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)))  # noqa: E731
-    for g, w in zip(jax.grad(loss(mine), argnums=(0, 1))(x, k), jax.grad(loss(xla), argnums=(0, 1))(x, k)):
+    for g, w in zip(jax.grad(loss(mine), argnums=(0, 1))(x, k), jax.grad(loss(xla), argnums=(0, 1))(x, k), strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
 
 
@@ -84,7 +84,8 @@ def test_conv2d_equals_xla_on_every_path_without_onednn(shape, kernel, strides, 
     k = jnp.asarray(rng.standard_normal(kernel).astype(np.float32))
     want = jax.lax.conv_general_dilated(x, k, (strides, strides), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                         feature_group_count=groups)
-    np.testing.assert_allclose(jax.jit(conv2d, static_argnums=(2, 3, 4))(x, k, strides, "SAME", groups), want, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(jax.jit(conv2d, static_argnums=(2, 3, 4))(x, k, strides, "SAME", groups), want,
+                               rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -114,5 +115,5 @@ def test_batch_norm_equals_flax(train):
     (got, got_stats), got_grads = loss(ours)(variables["params"], x)
     (want, want_stats), want_grads = loss(flax_bn)(variables["params"], x)
     np.testing.assert_allclose(got, want, rtol=1e-5)
-    for g, w in zip(jax.tree.leaves((got_stats, got_grads)), jax.tree.leaves((want_stats, want_grads))):
+    for g, w in zip(jax.tree.leaves((got_stats, got_grads)), jax.tree.leaves((want_stats, want_grads)), strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)

@@ -50,7 +50,7 @@ def test_forward_and_gradients_equal_xla(shape, kernel, strides, padding, groups
 
     got = jax.jit(jax.grad(loss(onednn.conv2d), argnums=(0, 1)))(x, k)
     want = jax.grad(loss(xla_conv), argnums=(0, 1))(x, k)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-3)
 
 
@@ -61,11 +61,12 @@ def test_vmap_over_images_and_kernels_equals_xla():
     k = jnp.asarray(rng.standard_normal((4, 3, 3, 8, 5)).astype(np.float32))
 
     def per_individual(conv):
-        return jax.vmap(lambda x, k: (conv(x, k, 1, "SAME", 1), jax.grad(lambda k: jnp.sum(conv(x, k, 1, "SAME", 1) ** 2))(k)))
+        return jax.vmap(lambda x, k: (conv(x, k, 1, "SAME", 1),
+                                      jax.grad(lambda k: jnp.sum(conv(x, k, 1, "SAME", 1) ** 2))(k)))
 
     got = jax.jit(per_individual(onednn.conv2d))(x, k)
     want = per_individual(xla_conv)(x, k)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-3)
 
 
@@ -95,11 +96,11 @@ def test_resnet20_training_step_equals_xla_paths(monkeypatch):
     monkeypatch.setattr(onednn, "available", lambda: False)
     loss_xla, g_xla = grads()
     np.testing.assert_allclose(loss_dnn, loss_xla, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(g_dnn), jax.tree.leaves(g_xla)):
+    for a, b in zip(jax.tree.leaves(g_dnn), jax.tree.leaves(g_xla), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
     tx = optax.sgd(0.1, momentum=0.9, nesterov=True)
     step = lambda g: optax.apply_updates(variables["params"], tx.update(g, tx.init(g))[0])  # noqa: E731
-    for a, b in zip(jax.tree.leaves(step(g_dnn)), jax.tree.leaves(step(g_xla))):
+    for a, b in zip(jax.tree.leaves(step(g_dnn)), jax.tree.leaves(step(g_xla)), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 

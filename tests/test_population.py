@@ -47,7 +47,8 @@ def _loop(model, variables, w, a, x, y, ds):
     out = []
     for i in range(w.shape[0]):
         bits = Bits(jnp.asarray(w[i]), jnp.asarray(a[i]))
-        out.append(batched_accuracy(lambda im: model.apply(variables, normalize(im, ds.mean, ds.std), bits), batches))
+        out.append(batched_accuracy(lambda im, bits=bits: model.apply(variables, normalize(im, ds.mean, ds.std), bits),
+                                    batches))
     return np.asarray(out)
 
 
@@ -61,7 +62,7 @@ def test_strategies_equal_loop(setup, strategy, chunk):
 
 
 def test_qat_improves_low_bit_accuracy_and_strategies_agree(setup):
-    ds, model, variables, w, a, x, y = setup
+    ds, model, variables, _w, _a, x, y = setup
     w2 = np.full((2, 5), 4, np.int32)
     a2 = np.full((2, 5), 4, np.int32)
     train_x, train_y = jnp.asarray(ds.train_images[:5000]), jnp.asarray(ds.train_labels[:5000])
@@ -91,7 +92,8 @@ def test_four_host_devices_equal_one(data_dir):
         assert len(jax.devices()) == 4, jax.devices()
         ds = load_dataset("mnist", {str(data_dir)!r})
         model = get_model("lenet5", 10)
-        v = calibrate(model, init_variables(model, jax.random.key(0), (28, 28, 1)), normalize(ds.train_images[:256], ds.mean, ds.std))
+        v = calibrate(model, init_variables(model, jax.random.key(0), (28, 28, 1)),
+                      normalize(ds.train_images[:256], ds.mean, ds.std))
         rng = np.random.default_rng(0)
         w = rng.choice([2, 3, 4, 8, 32], size=(6, 5)); a = rng.choice([2, 4, 8, 32], size=(6, 5))
         x, y = jnp.asarray(ds.val_images[:{N_EVAL}]), jnp.asarray(ds.val_labels[:{N_EVAL}])
@@ -103,7 +105,8 @@ def test_four_host_devices_equal_one(data_dir):
         """
     )
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
+                         check=False)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
 
 
@@ -146,7 +149,8 @@ def test_population_too_big_for_memory_says_how_to_fit(setup):
     with pytest.raises(PopulationMemoryError) as err:
         ev(variables, w, w, x, y)
     message = str(err.value)
-    assert message.startswith(f"evaluating {2**18} individuals (vmap over all {2**18} per device, 10000 images per forward pass)")
+    assert message.startswith(f"evaluating {2**18} individuals "
+                              f"(vmap over all {2**18} per device, 10000 images per forward pass)")
     assert "does not fit the memory of 1 cpu device(s): RESOURCE_EXHAUSTED" in message
     assert "strategy='map' with a small chunk_size" in message
 

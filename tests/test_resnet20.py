@@ -28,7 +28,8 @@ SMALL_DATA = ["--config.data.max_train_images=512", "--config.data.val_size=500"
 def resnet20_float(data_dir, tmp_path_factory):
     """One epoch of configs/resnet20_cpu.py's recipe on 512 images."""
     workdir = tmp_path_factory.mktemp("resnet20_float")
-    out = run_command("qevo.train", "resnet20_cpu.py", workdir, ["--config.train.epochs=1", "--config.train.warmup_epochs=0", *SMALL_DATA], data_dir)
+    out = run_command("qevo.train", "resnet20_cpu.py", workdir,
+                      ["--config.train.epochs=1", "--config.train.warmup_epochs=0", *SMALL_DATA], data_dir)
     assert out.returncode == 0, out.stderr[-3000:]
     return workdir
 
@@ -47,8 +48,9 @@ def _from_float(module, config, overrides, float_run, data_dir, run):
 
 def test_resnet20_search_writes_costs_by_hand(resnet20_float, data_dir, tmp_path):
     run = tmp_path / "run"
-    _from_float("qevo.search", "resnet20_cpu.py", {"population_size": 8, "generations": 1, "search.qat_steps": 2, "search.qat_batch_size": 32,
-                                                   "search.eval_images": 100, "final.epochs": 1, "final.max_models": 1},
+    _from_float("qevo.search", "resnet20_cpu.py",
+                {"population_size": 8, "generations": 1, "search.qat_steps": 2, "search.qat_batch_size": 32,
+                 "search.eval_images": 100, "final.epochs": 1, "final.max_models": 1},
                 resnet20_float, data_dir, run)
     for name in ("config.json", "history.jsonl", "pareto.csv", "final.csv", "pareto.png", "results.json"):
         assert (run / name).is_file(), name
@@ -68,13 +70,15 @@ def test_resnet20_search_writes_costs_by_hand(resnet20_float, data_dir, tmp_path
 
 def test_resnet20_coevolution_integer_forward_equals_fake_quant(resnet20_float, data_dir, tmp_path):
     run = tmp_path / "run"
-    _from_float("qevo.coevolve", "resnet20_cc_cpu.py", {f"coevolve.{k}": v for k, v in dict(
-        cycles=1, num_groups=2, group_size=64, population_size=3, batch_size=16, eval_images=100, qat=False).items()},
+    overrides = {"cycles": 1, "num_groups": 2, "group_size": 64, "population_size": 3, "batch_size": 16,
+                 "eval_images": 100, "qat": False}
+    _from_float("qevo.coevolve", "resnet20_cc_cpu.py", {f"coevolve.{k}": v for k, v in overrides.items()},
                 resnet20_float, data_dir, run)
     result = json.loads((run / "results.json").read_text())
     assert result["integer_weights"] == INNER_WEIGHTS
     assert result["w_bits"] == [32, *[4] * 18, 32] and result["a_bits"] == [32, *[8] * 18, 32]
     rtn = result["round_to_nearest"]
-    assert abs(rtn["test_accuracy"] - rtn["fake_quant_test_accuracy"]) <= 1e-3, rtn  # at most 1 of 1,000 test images differs
+    # at most 1 of 1,000 test images differs
+    assert abs(rtn["test_accuracy"] - rtn["fake_quant_test_accuracy"]) <= 1e-3, rtn
     assert 0.0 < result["round_to_nearest_bn"]["test_accuracy"] <= 1.0  # BatchNorm statistics re-estimated
     assert result["coevolution"]["evaluations"] == 6 and result["coevolution"]["images"] == 32

@@ -22,25 +22,29 @@ def _population_too_big(cfg, workdir):
 
 
 @pytest.mark.parametrize("fn, start", [
-    (_exhaust_memory, "qevo.search: error: out of device memory (RESOURCE_EXHAUSTED: Out of memory allocating 281474976710656 bytes.); "
+    (_exhaust_memory, "qevo.search: error: out of device memory "
+                      "(RESOURCE_EXHAUSTED: Out of memory allocating 281474976710656 bytes.); "
                       "lower the population or batch sizes"),
     (_population_too_big, "qevo.search: error: scoring 16 individuals does not fit; "),
 ])
 def test_out_of_memory_ends_the_command_with_its_memory_settings(fn, start, tmp_path, capsys):
-    argv = ["--config", CONFIG, "--workdir", str(tmp_path), "--config.population_size=24", "--config.search.strategy=vmap"]
+    argv = ["--config", CONFIG, "--workdir", str(tmp_path), "--config.population_size=24",
+            "--config.search.strategy=vmap"]
     assert run.main("qevo.search", fn, lambda cfg: cfg, argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(start), err
-    assert ("memory settings now: --config.population_size=24 --config.search.strategy=vmap --config.search.chunk_size=None "
-            "--config.search.qat_batch_size=") in err
+    assert ("memory settings now: --config.population_size=24 --config.search.strategy=vmap "
+            "--config.search.chunk_size=None --config.search.qat_batch_size=") in err
     assert "float_from" not in err
 
 
 def test_out_of_memory_after_float_training_says_how_to_reuse_the_float_model(tmp_path, capsys):
     (tmp_path / "float").mkdir()
     (tmp_path / "float" / "model.msgpack").write_bytes(b"")
-    assert run.main("qevo.search", _exhaust_memory, lambda cfg: cfg, ["--config", CONFIG, "--workdir", str(tmp_path)]) == 2
-    assert capsys.readouterr().err.endswith(f"; with a new --workdir, --config.float_from={tmp_path / 'float'} reuses this run's float model\n")
+    argv = ["--config", CONFIG, "--workdir", str(tmp_path)]
+    assert run.main("qevo.search", _exhaust_memory, lambda cfg: cfg, argv) == 2
+    assert capsys.readouterr().err.endswith(f"; with a new --workdir, --config.float_from={tmp_path / 'float'} "
+                                            "reuses this run's float model\n")
 
 
 def test_other_runtime_errors_are_not_called_memory(tmp_path):
@@ -65,7 +69,9 @@ def test_help_lists_every_key_of_the_config_with_the_overrides(capsys):
     ("popsize=8", "population_size"),
 ])
 def test_unknown_key_suggests_the_known_one(override, suggestion, tmp_path, capsys):
-    assert run.main("qevo.search", None, lambda cfg: cfg, ["--config", CONFIG, "--workdir", str(tmp_path), f"--config.{override}"]) == 2
+    argv = ["--config", CONFIG, "--workdir", str(tmp_path), f"--config.{override}"]
+    assert run.main("qevo.search", None, lambda cfg: cfg, argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"qevo.search: error: unknown config key '{override.split('=')[0]}' in override --config.{override} "
-                          f"(did you mean '{suggestion}'?); known keys: data.data_dir, ")
+    assert err.startswith(f"qevo.search: error: unknown config key '{override.split('=')[0]}' "
+                          f"in override --config.{override} (did you mean '{suggestion}'?); "
+                          "known keys: data.data_dir, ")

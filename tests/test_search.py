@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_command, run_main
-from qevo import checkpoint
+from qevo import checkpoint, search
 from qevo import config as config_lib
-from qevo import search
 from qevo.layers import Bits
 
 TINY = [
@@ -37,7 +36,8 @@ def _search(workdir, args, data_dir):
         (["--config.search.w_candidates=()"], "search.w_candidates is empty"),
         (["--config.search.a_candidates=(4, 9)"], "impossible bit widths [9]"),
         (["--config.population_size=2"], "smaller than the 3 NSGA-III reference directions"),
-        (["--config.population_size=8", "--config.search.n_partitions=4"], "smaller than the 15 NSGA-III reference directions"),
+        (["--config.population_size=8", "--config.search.n_partitions=4"],
+         "smaller than the 15 NSGA-III reference directions"),
         (["--config.search.objectives=('error', 'bitop')"], "unknown names ['bitop']"),
         (["--config.search.driver=nsga2"], "search.driver='nsga2' is not one of"),
     ],
@@ -61,8 +61,8 @@ def test_one_config_file_serves_train_and_search():
     assert searched.search.qat_steps == cfg.search.qat_steps and searched.population_size == 16
 
 
-@pytest.mark.parametrize("method, model", [("lenet5_cc", "lenet5"), ("lenet5_sharing", "lenet5"), ("resnet20_cc", "resnet20"),
-                                           ("resnet20_cc_cpu", "resnet20_cpu")])
+@pytest.mark.parametrize("method, model", [("lenet5_cc", "lenet5"), ("lenet5_sharing", "lenet5"),
+                                           ("resnet20_cc", "resnet20"), ("resnet20_cc_cpu", "resnet20_cpu")])
 def test_method_configs_train_their_float_model_by_the_model_config(method, model):
     method_cfg, model_cfg = (config_lib.load(REPO / "configs" / f"{name}.py") for name in (method, model))
     for section in ("data", "model", "train"):
@@ -95,14 +95,17 @@ def test_interrupted_search_resumes_to_the_same_front(tiny_lenet5_float, tmp_pat
     assert full.returncode == 0, full.stderr[-3000:]
     history = (tmp_path / "full" / "history.jsonl").read_text().splitlines()
     assert len(history) == 8 * 6 and json.loads(history[-1])["generation"] == 5
-    for name in ("config.json", "history.jsonl", "pareto.csv", "final.csv", "pareto.png", "results.json", "checkpoint.msgpack"):
+    for name in ("config.json", "history.jsonl", "pareto.csv", "final.csv", "pareto.png", "results.json",
+                 "checkpoint.msgpack"):
         assert (tmp_path / "full" / name).is_file(), name
 
     # Kill a second run (SIGKILL, mid-generation) once generation 3 is checkpointed, then resume.
     workdir = tmp_path / "resumed"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "qevo.search", "--config", str(REPO / "configs" / "lenet5.py"), "--workdir", str(workdir), *args],
-        env={**os.environ, "QEVO_DATA_DIR": str(data_dir)}, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "qevo.search", "--config", str(REPO / "configs" / "lenet5.py"),
+         "--workdir", str(workdir), *args],
+        env={**os.environ, "QEVO_DATA_DIR": str(data_dir)}, cwd=REPO, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     ckpt, deadline, done = workdir / "checkpoint.msgpack", time.monotonic() + 900, -1
     while done < 3 and proc.poll() is None and time.monotonic() < deadline:
@@ -121,7 +124,8 @@ def test_interrupted_search_resumes_to_the_same_front(tiny_lenet5_float, tmp_pat
 
 @pytest.mark.parametrize("driver", ["simple_ga", "random"])
 def test_other_drivers_run_and_write_a_front(driver, tiny_lenet5_float, tmp_path, data_dir):
-    args = [f"--config.float_from={tiny_lenet5_float}", *TINY, "--config.generations=2", f"--config.search.driver={driver}"]
+    args = [f"--config.float_from={tiny_lenet5_float}", *TINY, "--config.generations=2",
+            f"--config.search.driver={driver}"]
     out = _search(tmp_path / "run", args, data_dir)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = _rows(tmp_path / "run" / "pareto.csv")

@@ -20,7 +20,8 @@ def test_lenet5_five_epochs_reach_98_8_percent(lenet5_float):
     for name in ("config.json", "checkpoint.msgpack", "model.msgpack"):
         assert (lenet5_float / name).is_file()
     rows = (lenet5_float / "history.csv").read_text().splitlines()
-    assert rows[0] == "epoch,loss,val_accuracy,train_seconds" and [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4", "5"]
+    assert rows[0] == "epoch,loss,val_accuracy,train_seconds"
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4", "5"]
     assert float(rows[-1].split(",")[2]) == pytest.approx(results["val_accuracy"])
 
 
@@ -54,7 +55,8 @@ def test_label_smoothing_matches_the_formula():
     target[np.arange(5), labels] += 0.8
     expected = -(target * logp).sum(1).mean()
     assert float(cross_entropy(jnp.asarray(logits), jnp.asarray(labels), 0.2)) == pytest.approx(expected, rel=1e-5)
-    assert float(cross_entropy(jnp.asarray(logits), jnp.asarray(labels))) == pytest.approx(-logp[np.arange(5), labels].mean(), rel=1e-5)
+    assert float(cross_entropy(jnp.asarray(logits), jnp.asarray(labels))) == pytest.approx(
+        -logp[np.arange(5), labels].mean(), rel=1e-5)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
@@ -71,15 +73,18 @@ def test_weight_decay_on_kernels_leaves_norms_and_biases_alone(optimizer, builde
 
     def decay_updates(on):
         if builder == "search_qat":
-            tx = QATConfig(steps=1, learning_rate=1.0, weight_decay=0.1, weight_decay_on=on, optimizer=optimizer).make_optimizer()
+            tx = QATConfig(steps=1, learning_rate=1.0, weight_decay=0.1, weight_decay_on=on,
+                           optimizer=optimizer).make_optimizer()
         else:
             t = config_lib.defaults().train
-            t.update(dict(optimizer=optimizer, weight_decay=0.1, learning_rate=1.0, schedule="constant", weight_decay_on=on))
+            t.update({"optimizer": optimizer, "weight_decay": 0.1, "learning_rate": 1.0, "schedule": "constant",
+                      "weight_decay_on": on})
             tx = make_optimizer(t, steps_per_epoch=1)
         return tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)[0]
 
     params = {"conv": {"kernel": jnp.ones((3, 3, 2, 4)), "bias": jnp.ones(4)}, "bn": {"scale": jnp.ones(4)}}
     updates = decay_updates("kernels")
-    assert float(jnp.max(jnp.abs(updates["conv"]["bias"]))) == 0.0 and float(jnp.max(jnp.abs(updates["bn"]["scale"]))) == 0.0
+    assert float(jnp.max(jnp.abs(updates["conv"]["bias"]))) == 0.0
+    assert float(jnp.max(jnp.abs(updates["bn"]["scale"]))) == 0.0
     assert float(jnp.min(-updates["conv"]["kernel"])) > 0.0
     assert float(jnp.min(-decay_updates("all")["bn"]["scale"])) > 0.0

@@ -159,9 +159,9 @@ def test_everything_under_jit_and_keys():
     first = jax.tree.leaves(step(jax.random.key(11), parents))
     again = jax.tree.leaves(step(jax.random.key(11), parents))
     other = jax.tree.leaves(step(jax.random.key(12), parents))
-    for a, b in zip(first, again):
+    for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a, b)
-    assert any(not np.array_equal(a, b) for a, b in zip(first[:4], other[:4]))
+    assert any(not np.array_equal(a, b) for a, b in zip(first[:4], other[:4], strict=True))
     for genes in first[:4]:
         assert _in_range(genes, N_CHOICES)
 
