@@ -25,7 +25,9 @@ The method of SPEC section 3, gradient-free:
      levels through the model's own convolutions, the same logits up to float rounding) for
      each, in one population call (vmapped or mapped per ``coevolve.strategy``, the
      population axis sharded over the devices of a ``pop`` mesh); the best becomes the
-     group's context and every marginal of the group moves toward it: ``p <- (1 - lr) p + lr onehot(best)``;
+     group's context (:func:`select`; with ``coevolve.accept_z`` > 0 only if its per-image
+     losses beat the context's by that many standard errors) and every marginal of the
+     group moves toward it: ``p <- (1 - lr) p + lr onehot(best)``;
    * for models with BatchNorm, the statistics of the new context are re-estimated on
      ``coevolve.bn_images`` training images, augmented as the float model's were (one forward pass,
      :func:`qevo.intforward.batch_statistics`): the per-channel scale and offset after every
@@ -59,6 +61,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from flax import struct
 from ml_collections import config_dict
 
@@ -71,7 +74,6 @@ from qevo.population import (
     STRATEGIES,
     batch_eval_set,
     batched_accuracy,
-    cross_entropy,
     population_map,
     resolve_strategy,
 )
@@ -97,6 +99,7 @@ def defaults() -> ml_collections.ConfigDict:
             "num_groups": 32,
             "population_size": 16,
             "learning_rate": 0.5,
+            "accept_z": 0.0,
             "bn_images": 1024,
             "cycles": 12,
             "batch_size": 512,
@@ -132,6 +135,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key, lo in (("group_size", 1), ("num_groups", 1), ("population_size", 2), ("cycles", 1), ("batch_size", 1)):
         if not isinstance(c[key], int) or c[key] < lo:
             raise err(f"config coevolve.{key}={c[key]!r} must be an int >= {lo}")
+    if isinstance(c.accept_z, bool) or not isinstance(c.accept_z, (int, float)) or not 0 <= c.accept_z <= 10:
+        raise err(f"config coevolve.accept_z={c.accept_z!r} must be a number of standard errors in 0..10 "
+                  "(0: any sample of lower mean loss replaces the context)")
     if not isinstance(c.bn_images, int) or c.bn_images < 0:
         raise err(f"config coevolve.bn_images={c.bn_images!r} must be an int >= 0 "
                   "(0 keeps the float model's BatchNorm statistics)")
@@ -206,6 +212,24 @@ def update_marginals(probs: jax.Array, best: jax.Array, active: jax.Array, learn
 
 
 # --------------------------------------------------------------------------- the compiled cycle
+
+
+def select(losses: jax.Array, accept_z: float) -> jax.Array:
+    """The winner of one group: index into the ``P`` assignments (row 0 the context) of
+    per-image losses ``float32 [P, B]`` on one mini-batch.
+
+    The sample of lowest mean loss replaces the context only if it is better by more than
+    ``accept_z`` standard errors of the paired per-image differences (``d = loss[s] -
+    loss[0]``; accepted when ``mean(d) + accept_z * std(d) / sqrt(B) < 0``). With
+    ``accept_z = 0`` any lower mean wins. A context of non-finite loss loses to any finite
+    sample; a sample of non-finite loss never wins.
+    """
+    mean = jnp.where(jnp.all(jnp.isfinite(losses), axis=1), jnp.mean(losses, axis=1), jnp.inf)
+    best = jnp.argmin(mean)
+    d = losses[best] - losses[0]
+    margin = jnp.mean(d) + accept_z * jnp.std(d) / jnp.sqrt(losses.shape[1])
+    accept = (best > 0) & ((margin < 0) | ~jnp.isfinite(mean[0]))
+    return jnp.where(accept, best, 0)
 
 
 @struct.dataclass
@@ -350,14 +374,14 @@ class Coevolution:
 
     def population_loss(self, problem: Problem, context: jax.Array, idx: jax.Array, values: jax.Array,
                         images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Cross-entropy and accuracy, float32 ``[P]``, of ``context`` with the weights
-        ``idx [G]`` set to each row of ``values int8 [P, G]``, on one mini-batch; a
-        non-finite loss becomes ``+inf`` (never selected)."""
+        """Per-image cross-entropy ``float32 [P, B]`` and accuracy ``[P]`` of ``context`` with
+        the weights ``idx [G]`` set to each row of ``values int8 [P, G]``, on one mini-batch
+        of ``B`` images."""
         def one(row, shared):
             problem, context, idx, images, labels = shared
             logits = self.logits(problem, context.at[idx].set(row), images, "float")
-            loss = cross_entropy(logits, labels)
-            return jnp.where(jnp.isfinite(loss), loss, jnp.inf), jnp.mean(jnp.argmax(logits, -1) == labels)
+            return (optax.softmax_cross_entropy_with_integer_labels(logits, labels),
+                    jnp.mean(jnp.argmax(logits, -1) == labels))
 
         strategy, chunk = self._local
         return population_map(one, values, (problem, context, idx, images, labels), self.devices, strategy, chunk)
@@ -365,7 +389,7 @@ class Coevolution:
     def _group_step(self, problem: Problem, carry, inputs):
         """One group: a fresh mini-batch, ``P`` assignments of its weights (the context first),
         their losses in one population call, the best kept as the context, the marginals moved
-        toward it.
+        toward it (the winner by :func:`select`).
 
         Args:
           carry: ``(probs float32 [D, K], context int8 [D])``.
@@ -384,8 +408,9 @@ class Coevolution:
         levels = (problem.q0[idx].astype(jnp.int32) + draws - o.radius).astype(jnp.int8)
         current = context[idx]
         values = jnp.concatenate([current[None], jnp.where(active, levels, current)])
-        loss, acc = self.population_loss(problem, context, idx, values, problem.images[pick], problem.labels[pick])
-        best = jnp.argmin(loss)
+        losses, acc = self.population_loss(problem, context, idx, values, problem.images[pick], problem.labels[pick])
+        best = select(losses, o.accept_z)
+        loss = jnp.mean(losses, axis=1)
         winner = values[best]
         category = winner.astype(jnp.int32) - problem.q0[idx].astype(jnp.int32) + o.radius
         probs = probs.at[idx].set(update_marginals(p, category, active, o.learning_rate))
@@ -544,12 +569,14 @@ def initial_state(prep: Prepared) -> State:
     return prep.runner.init_state(prep.problem, jax.random.PRNGKey(prep.cfg.seed))
 
 
-def evolve(prep: Prepared, workdir: pathlib.Path | None = None, log=None) -> tuple[State, list[dict]]:
-    """Run ``coevolve.cycles`` cycles; with ``workdir``, checkpoint and append ``history.jsonl``
-    after each one and resume from a checkpoint there. Returns the final state and the history."""
+def evolve(prep: Prepared, workdir: pathlib.Path | None = None, log=None,
+           start: State | None = None) -> tuple[State, list[dict]]:
+    """Run ``coevolve.cycles`` cycles from ``start`` (default :func:`initial_state`); with
+    ``workdir``, checkpoint and append ``history.jsonl`` after each one and resume from a
+    checkpoint there. Returns the final state and the history."""
     c = prep.cfg.coevolve
     runner, problem = prep.runner, prep.problem
-    state = initial_state(prep)
+    state = initial_state(prep) if start is None else start
     history: list[dict] = []
     if workdir is not None and (workdir / CHECKPOINT).exists():
         state, _ = checkpoint.load(workdir / CHECKPOINT, state)
@@ -633,14 +660,15 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
                              "test_accuracy": float(runner.accuracy(problem, problem.q0, prep.test)),
                              "fake_quant_test_accuracy": float(fake_quant(prep.variables, problem.bits, prep.test))},
     }
+    start_state = initial_state(prep)
     if problem.variables.get("batch_stats") and c.bn_images:
-        rebatched = with_statistics(problem, initial_state(prep).batch_stats)
+        rebatched = with_statistics(problem, start_state.batch_stats)
         scores["round_to_nearest_bn"] = {"val_accuracy": float(runner.accuracy(rebatched, problem.q0, prep.val)),
                                          "test_accuracy": float(runner.accuracy(rebatched, problem.q0, prep.test))}
     log(f"{cfg.model.name} w{c.w_bits}a{c.a_bits}: {runner.num_weights} integer weights; test accuracy: "
         + ", ".join(f"{k} {100 * v['test_accuracy']:.2f}%" for k, v in scores.items()))
 
-    state, history = evolve(prep, workdir, log)
+    state, history = evolve(prep, workdir, log, start_state)
     genome = state.context
     evolved = with_statistics(problem, state.batch_stats)
     coevolved = {"val_accuracy": float(runner.accuracy(evolved, genome, prep.val)),

@@ -76,6 +76,30 @@ def test_marginal_update_by_hand():
     np.testing.assert_allclose(np.sum(got, axis=1), 1.0, rtol=1e-6)
 
 
+def test_select_accepts_a_sample_only_by_the_paired_margin():
+    """Against the paired test written out in numpy: the sample of lowest mean loss wins when
+    ``mean(d) + z * std(d) / sqrt(B) < 0`` for its per-image differences ``d`` to the context."""
+    rng = np.random.default_rng(0)
+    context = rng.uniform(0.5, 2.0, 64)
+    noise = rng.normal(0.0, 0.5, 64)
+    noisy = context + noise - noise.mean() - 0.05  # lower mean, well within its noise
+    steady = context - 0.01  # every image slightly better
+    losses = np.stack([context, noisy, steady + 0.02, steady]).astype(np.float32)
+    best = int(np.argmin(losses.mean(1)))
+    for z in (0.0, 0.5, 2.0):
+        d = losses[best] - losses[0]
+        want = best if d.mean() + z * d.std() / np.sqrt(64) < 0 else 0
+        assert int(coevolve.select(jnp.asarray(losses), z)) == want, z
+    assert best == 1 and int(coevolve.select(jnp.asarray(losses), 0.0)) == 1  # the noisy sample wins on its mean ...
+    assert int(coevolve.select(jnp.asarray(losses[[0, 2, 3]]), 2.0)) == 2  # ... the steady one on its margin
+    assert int(coevolve.select(jnp.asarray(losses), 2.0)) == 0  # a noisy best at z = 2 keeps the context
+    broken = losses.copy()
+    broken[0, 5] = np.inf  # a context of non-finite loss loses to any finite sample
+    assert int(coevolve.select(jnp.asarray(broken), 2.0)) == 1
+    broken[1, 3] = np.nan  # a sample of non-finite loss never wins
+    assert int(coevolve.select(jnp.asarray(broken), 2.0)) == 3
+
+
 def test_freeze_fixes_confident_weights_at_their_most_likely_level():
     probs = jnp.array([[0.0, 0.99, 0.01], [0.96, 0.04, 0.0], [0.2, 0.5, 0.3], [0.0, 0.0, 1.0]])
     context = jnp.array([0, 1, -1, 2], jnp.int8)
