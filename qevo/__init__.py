@@ -7,7 +7,7 @@ processes) stays light:
 * models: ``get_model``, ``init_variables``, ``LeNet5``, ``CifarResNet``, ``MobileNetV2``, ``calibrate``,
   ``BatchNorm``; ``onednn_status`` (None when CPU convolutions run through oneDNN, else why not)
 * cost model: ``layer_table``, ``LayerTable``, ``bitops``, ``size_bits``, ``reference_flops``, ``reference_params``
-* data: ``load_dataset``, ``Dataset``, ``DataError``, ``normalize``
+* data: ``load_dataset``, ``Dataset``, ``DataError``, ``normalize``, ``augment``, ``write_image_folder``
 * population evaluation: ``PopulationEvaluator``, ``QATConfig``, ``PopulationMemoryError``
 * checkpoints: ``save_checkpoint``, ``load_checkpoint``, ``CheckpointError``
 * bit-width search: ``random_genes``, ``uniform_genes``, ``make_offspring`` (the single
@@ -47,6 +47,8 @@ _EXPORTS = {
     "Dataset": ("qevo.data", "Dataset"),
     "DataError": ("qevo.data", "DataError"),
     "normalize": ("qevo.data", "normalize"),
+    "augment": ("qevo.data", "augment"),
+    "write_image_folder": ("qevo.data", "write_image_folder"),
     "PopulationEvaluator": ("qevo.population", "PopulationEvaluator"),
     "QATConfig": ("qevo.population", "QATConfig"),
     "PopulationMemoryError": ("qevo.population", "PopulationMemoryError"),
