@@ -58,7 +58,7 @@ def headline_run(prep: compress.Prepared, cfg, seed: int) -> dict:
     cfg = _with(cfg, seed=seed)
     start = time.perf_counter()
     records = compress.search(prep, cfg)
-    best = compress.pick(records, prep.float_val - cfg.sharing.max_accuracy_loss / 100, "cr_weighted")
+    best = compress.pick(records, prep.float_score - cfg.sharing.max_accuracy_loss / 100, "cr_weighted")
     layers, accuracy, _ = compress.refine(prep, cfg, compress.table_layers(prep, best["k"]), best["val_accuracy"])
     formats = compress.report(prep, cfg, layers, None)
     return {"seed": seed, "k": best["k"], "focus": [x.focus for x in layers], "feasible": best["feasible"],
@@ -73,7 +73,7 @@ def driver_run(prep: compress.Prepared, cfg, driver: str, seed: int, population:
     start = time.perf_counter()
     records = compress.search(prep, cfg)
     seconds = time.perf_counter() - start
-    best = compress.pick(records, prep.float_val - cfg.sharing.max_accuracy_loss / 100, "cr_weighted")
+    best = compress.pick(records, prep.float_score - cfg.sharing.max_accuracy_loss / 100, "cr_weighted")
     fp32 = compress.report(prep, cfg, compress.table_layers(prep, best["k"]), None)["float32"]
     return {"driver": driver, "seed": seed, "k": best["k"], "feasible": best["feasible"], "evaluations": len(records),
             "cr_weighted": fp32["cr_weighted"], "cr_mean": fp32["cr_mean"], "val_accuracy": fp32["val_accuracy"],

@@ -5,10 +5,11 @@ The seed's protocol (SPEC section 2), on the validation split:
 0. the float model (trained in ``<workdir>/float`` or loaded from ``float_from``);
 1. the k-means of every shared layer for every k in ``1..sharing.k_max``, in batched calls,
    as a lookup table (:func:`qevo.sharing.build_table`);
-2. range optimisation: each layer alone shared with each k, all ``L * k_max`` networks in
-   one compiled population call; a layer keeps the k whose accuracy is at least the float
-   accuracy minus ``sharing.range_max_loss`` points (and with ``sharing.widest_per_key``,
-   our addition, only the largest kept k of each key width, see :func:`allowed_k`);
+2. range optimisation: each layer alone shared with each candidate k (``sharing.k_values``,
+   default every k in ``1..k_max``), all ``L * len(k_values)`` networks in one compiled
+   population call; a layer keeps the k whose accuracy is at least the float accuracy minus
+   ``sharing.range_max_loss`` points (and with ``sharing.widest_per_key``, our addition,
+   only the largest kept k of each key width, see :func:`allowed_k`);
 3. search over per-layer k (genes index the kept k of each layer) by ``sharing.driver``:
    evosax ``ga`` (SimpleGA), ``pso``, ``cma_es``, ``de`` on the relaxed genome, ``random``
    search, all with the seed's fitness Fit and dynamic targets; or ``nsga3`` on
@@ -22,6 +23,11 @@ The seed's protocol (SPEC section 2), on the validation split:
 5. validation and test accuracy and both CRs for every codebook format of
    ``sharing.report_formats``; each compressed model saved as indices + codebooks and
    reloaded to check its test accuracy.
+
+Steps 2 to 4 score networks on the first ``sharing.eval_images`` validation images (default:
+all of them), so that a large network's search fits its budget; the accuracy floor and
+targets are then relative to the float model on those images.  Step 5 reports on the whole
+validation and test splits.
 
 Fitness: Fit = 1 / sqrt((1 - ACC/ACC_t)^2 + (1 - CR/CR_t)^2) (maximised).  After each
 generation a target that the best value of the generation reached moves to that value plus
@@ -77,6 +83,8 @@ def defaults() -> ml_collections.ConfigDict:
         {
             "driver": "ga",
             "k_max": 64,
+            "k_values": (),
+            "eval_images": ml_collections.config_dict.placeholder(int),
             "kmeans_iters": 50,
             "range_max_loss": 1.0,
             "widest_per_key": True,
@@ -109,6 +117,15 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise err(f"config sharing.driver={s.driver!r} is not one of {DRIVERS}")
     if not isinstance(s.k_max, int) or not 2 <= s.k_max <= 128:
         raise err(f"config sharing.k_max={s.k_max!r} is invalid; use an int in 2..128 (k ranges over 1..k_max)")
+    k_values = tuple(s.k_values)
+    if k_values and (any(isinstance(k, bool) or not isinstance(k, int) for k in k_values)
+                     or list(k_values) != sorted(set(k_values)) or not 1 <= k_values[0] <= k_values[-1] <= s.k_max):
+        raise err(f"config sharing.k_values={k_values!r} is invalid; use increasing ints in 1..k_max={s.k_max}, "
+                  "or () for every k")
+    if s.eval_images is not None and (isinstance(s.eval_images, bool) or not isinstance(s.eval_images, int)
+                                      or s.eval_images < 1):
+        raise err(f"config sharing.eval_images={s.eval_images!r} must be an int >= 1, or None for every "
+                  "validation image")
     for key in ("population_size", "generations"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise err(f"config {key}={cfg[key]!r} must be an int >= 1")
@@ -203,11 +220,17 @@ class SearchState:
     cr_target: jax.Array
 
 
-def range_population(num_layers: int, k_max: int) -> np.ndarray:
-    """int32 ``[L * K, L]``: row ``l * K + k - 1`` shares only layer ``l``, with k clusters."""
-    rows = np.full((num_layers, k_max, num_layers), -1, np.int32)
+def candidate_k(k_max: int, k_values=()) -> np.ndarray:
+    """int32: the candidate cluster counts, ``k_values`` or, if empty, every k in ``1..k_max``."""
+    return np.asarray(k_values if len(k_values) else np.arange(1, k_max + 1), np.int32)
+
+
+def range_population(num_layers: int, ks: np.ndarray) -> np.ndarray:
+    """int32 ``[L * len(ks), L]`` of ``k - 1`` (-1: float): row ``l * len(ks) + j`` shares only
+    layer ``l``, with ``ks[j]`` clusters."""
+    rows = np.full((num_layers, len(ks), num_layers), -1, np.int32)
     for i in range(num_layers):
-        rows[i, :, i] = np.arange(k_max)
+        rows[i, :, i] = np.asarray(ks) - 1
     return rows.reshape(-1, num_layers)
 
 
@@ -216,7 +239,8 @@ def allowed_k(range_acc: np.ndarray, float_acc: float, max_loss: float,
     """The range filter: ``(allowed int32 [L, K], n_choices int32 [L])`` from ``range_acc [L, K]``.
 
     A layer keeps every k whose accuracy is at least ``float_acc - max_loss / 100``; a layer
-    where none passes keeps its most accurate k.  With ``widest_per_key``, of the kept k
+    where none passes keeps its most accurate k.  NaN marks a k that is not a candidate
+    (``sharing.k_values``): it is never kept.  With ``widest_per_key``, of the kept k
     sharing one key width ``max(ceil(log2 k), 1)`` only the largest stays: a larger k of the
     same key width costs only its extra codebook entries (on LeNet-5's fc1, 33 bits against
     48,000 key bits) and clusters the layer at least as finely.
@@ -360,7 +384,12 @@ def front(records: list[dict]) -> list[dict]:
 
 @dataclasses.dataclass
 class Prepared:
-    """The float model, data and cluster table of a run, shared by searches (benchmarks)."""
+    """The float model, data and cluster table of a run, shared by searches (benchmarks).
+
+    ``score`` holds the batches that steps 2 to 4 score on (the first ``sharing.eval_images``
+    validation images) and ``float_score`` the float model's accuracy on them; ``val`` and
+    ``float_val`` are the whole validation split, for the report.  ``range_acc`` is float
+    ``[L, k_max]``, NaN where k is not a candidate."""
 
     cfg: ml_collections.ConfigDict
     model: object
@@ -370,8 +399,10 @@ class Prepared:
     table: sharing.ClusterTable
     val: tuple
     test: tuple
+    score: tuple
     float_val: float
     float_test: float
+    float_score: float
     range_acc: np.ndarray
     seconds: dict
 
@@ -391,8 +422,12 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> Prepared:
     eb = cfg.train.eval_batch_size
     val = batch_eval_set(jnp.asarray(ds.val_images), jnp.asarray(ds.val_labels), eb)
     test = batch_eval_set(jnp.asarray(ds.test_images), jnp.asarray(ds.test_labels), eb)
+    n_score = cfg.sharing.eval_images or ds.val_images.shape[0]
+    score = (val if n_score >= ds.val_images.shape[0] else
+             batch_eval_set(jnp.asarray(ds.val_images[:n_score]), jnp.asarray(ds.val_labels[:n_score]), eb))
     plain = jax.jit(lambda v, b: evaluator.accuracy(v, sharing.get_kernels(v["params"], paths), b))
     float_val, float_test = float(plain(variables, val)), float(plain(variables, test))
+    float_score = float(plain(variables, score))
 
     t = time.perf_counter()
     kernels = sharing.get_kernels(variables["params"], paths)
@@ -402,23 +437,26 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> Prepared:
 
     t = time.perf_counter()
     centroids = quantize_codebook(table.centroids, cfg.sharing.codebook)
-    rows = jnp.asarray(range_population(len(paths), cfg.sharing.k_max))
+    ks = candidate_k(cfg.sharing.k_max, tuple(cfg.sharing.k_values))
+    rows = jnp.asarray(range_population(len(paths), ks))
     range_fn = jax.jit(evaluator.accuracy_of_k)
-    range_acc = np.asarray(range_fn(variables, table, centroids, rows, val)).reshape(len(paths), cfg.sharing.k_max)
+    range_acc = np.full((len(paths), cfg.sharing.k_max), np.nan, np.float32)
+    range_acc[:, ks - 1] = np.asarray(range_fn(variables, table, centroids, rows, score)).reshape(len(paths), len(ks))
     seconds["range"] = time.perf_counter() - t
-    return Prepared(cfg, model, evaluator, variables, paths, table, val, test, float_val, float_test, range_acc,
-                    seconds)
+    return Prepared(cfg, model, evaluator, variables, paths, table, val, test, score, float_val, float_test,
+                    float_score, range_acc, seconds)
 
 
 def make_problem(prep: Prepared, cfg: ml_collections.ConfigDict) -> Problem:
     """The search problem of ``cfg``'s options (codebook format, range and accuracy limits)."""
-    allowed, counts = allowed_k(prep.range_acc, prep.float_val, cfg.sharing.range_max_loss, cfg.sharing.widest_per_key)
+    allowed, counts = allowed_k(prep.range_acc, prep.float_score, cfg.sharing.range_max_loss,
+                                cfg.sharing.widest_per_key)
     return Problem(
         variables=prep.variables, table=prep.table,
         centroids=quantize_codebook(prep.table.centroids, cfg.sharing.codebook),
-        batches=prep.val, allowed=jnp.asarray(allowed), n_choices=jnp.asarray(counts),
-        floor=jnp.float32(prep.float_val - cfg.sharing.max_accuracy_loss / 100),
-        float_accuracy=jnp.float32(prep.float_val),
+        batches=prep.score, allowed=jnp.asarray(allowed), n_choices=jnp.asarray(counts),
+        floor=jnp.float32(prep.float_score - cfg.sharing.max_accuracy_loss / 100),
+        float_accuracy=jnp.float32(prep.float_score),
     )
 
 
@@ -428,7 +466,7 @@ def search(prep: Prepared, cfg: ml_collections.ConfigDict, workdir: pathlib.Path
     ``history.jsonl`` and checkpoints every generation, resuming from a checkpoint there."""
     problem = make_problem(prep, cfg)
     runner = Search(cfg, prep.evaluator, len(prep.paths))
-    acc_target = cfg.sharing.acc_target if cfg.sharing.acc_target is not None else prep.float_val
+    acc_target = cfg.sharing.acc_target if cfg.sharing.acc_target is not None else prep.float_score
     state = runner.init(jax.random.PRNGKey(cfg.seed), acc_target, cfg.sharing.cr_target)
     lines: list[dict] = []
     if workdir is not None and (workdir / CHECKPOINT).exists():
@@ -491,16 +529,19 @@ def refine(prep: Prepared, cfg, layers: list[sharing.Layer], accuracy: float,
     fmt = s.codebook
     focus = np.round(np.arange(0.0, s.focus_max + s.focus_step / 2, s.focus_step), 6)
     grid = np.array([(sp, f) for sp in s.spreads for f in focus], np.float32)
-    fn = jax.jit(prep.evaluator.accuracy_of_variants, static_argnums=2)
+    fn = jax.jit(prep.evaluator.accuracy_of_kernel_sets)
     layers = list(layers)
     notes = []
+    k_slots = 1 << (max(2, *(x.codebook.shape[0] for x in layers)) - 1).bit_length()
+    current = layer_kernels(layers, fmt)
+    floats = sharing.get_kernels(prep.variables["params"], prep.paths)
     for i, layer in enumerate(layers):
         k = layer.codebook.shape[0]
-        kernel = sharing.get_kernels(prep.variables["params"], prep.paths)[i]
-        cents, assign = sharing.cluster_layer_2d(kernel, k, grid[:, 0], grid[:, 1], k_max=max(k, 2),
+        cents, assign = sharing.cluster_layer_2d(floats[i], k, grid[:, 0], grid[:, 1], k_slots=k_slots,
                                                  n_iter=s.kmeans_iters)
         variants = sharing.variant_kernels(cents, assign, prep.table.shapes[i], fmt)
-        acc = np.asarray(fn(prep.variables, layer_kernels(layers, fmt), i, variants, prep.val))
+        sets = [variants if j == i else jnp.broadcast_to(x, (len(grid), *x.shape)) for j, x in enumerate(current)]
+        acc = np.asarray(fn(prep.variables, sets, prep.score))
         best = int(np.nanargmax(acc))
         kept = bool(acc[best] > accuracy)
         notes.append({"layer": sharing.layer_name(prep.paths[i]), "best_spread": float(grid[best, 0]),
@@ -510,6 +551,7 @@ def refine(prep: Prepared, cfg, layers: list[sharing.Layer], accuracy: float,
             layers[i] = sharing.Layer(indices=assign[best].reshape(layer.indices.shape).astype(layer.indices.dtype),
                                       codebook=cents[best, :k], spread=float(grid[best, 0]), focus=float(grid[best, 1]))
             accuracy = float(acc[best])
+            current[i] = variants[best]
         if log:
             log(f"refine {notes[-1]['layer']}: best spread {grid[best, 0]:.1f} focus {grid[best, 1]:.1f} "
                 f"val {100 * acc[best]:.2f}% ({'kept' if kept else 'not better'})")
@@ -576,18 +618,22 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     start = time.perf_counter()
     prep = prepare(cfg, workdir)
     names = [sharing.layer_name(p) for p in prep.paths]
-    allowed, counts = allowed_k(prep.range_acc, prep.float_val, cfg.sharing.range_max_loss, cfg.sharing.widest_per_key)
+    allowed, counts = allowed_k(prep.range_acc, prep.float_score, cfg.sharing.range_max_loss,
+                                cfg.sharing.widest_per_key)
     ranges = {n: sorted({int(a) + 1 for a in allowed[i, : counts[i]]}) for i, n in enumerate(names)}
-    write_json(workdir / "range.json", {"float_val_accuracy": prep.float_val, "layers": names,
-                                        "accuracy": prep.range_acc.tolist(), "kept_k": ranges})
-    log(f"float val {100 * prep.float_val:.2f}% test {100 * prep.float_test:.2f}%; k-means table "
+    ks = candidate_k(cfg.sharing.k_max, tuple(cfg.sharing.k_values))
+    write_json(workdir / "range.json", {"float_score_accuracy": prep.float_score, "layers": names,
+                                        "k": ks.tolist(), "accuracy": prep.range_acc[:, ks - 1].tolist(),
+                                        "kept_k": ranges})
+    log(f"float val {100 * prep.float_val:.2f}% test {100 * prep.float_test:.2f}% "
+        f"(scoring images {100 * prep.float_score:.2f}%); k-means table "
         f"{prep.seconds['kmeans_table']:.1f} s, range {prep.seconds['range']:.1f} s; kept k per layer: "
         + ", ".join(f"{n} {len(v)} ({v[0]}..{v[-1]})" for n, v in ranges.items()))
 
     t = time.perf_counter()
     records = search(prep, cfg, workdir, log)
     search_seconds = time.perf_counter() - t
-    floor = prep.float_val - cfg.sharing.max_accuracy_loss / 100
+    floor = prep.float_score - cfg.sharing.max_accuracy_loss / 100
     best = pick(records, floor, _cr_key(cfg))
     layers = table_layers(prep, best["k"])
     accuracy = best["val_accuracy"]
@@ -599,7 +645,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     formats = report(prep, cfg, layers, workdir)
     fronts = front(records) if cfg.sharing.driver == "nsga3" else []
     if fronts:
-        write_front(workdir, fronts, names, prep.float_val)
+        write_front(workdir, fronts, names, prep.float_score)
     result = {
         "model": cfg.model.name,
         "activation": cfg.model.activation,
@@ -615,7 +661,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
                    "generation": best["generation"], "feasible": best["feasible"], "codebook": cfg.sharing.codebook,
                    "evaluations": len(records), "val_accuracy_after_refinement": accuracy},
         "refinement": refinement,
-        "float": {"val_accuracy": prep.float_val, "test_accuracy": prep.float_test},
+        "float": {"val_accuracy": prep.float_val, "test_accuracy": prep.float_test,
+                  "scoring_accuracy": prep.float_score},
+        "scoring_images": int(np.asarray(prep.score[2]).sum()),
         "formats": formats,
         "kept_k": ranges,
         **({"front": [{"k": r["k"], **{k: r[k] for k in FRONT_KEYS}} for r in fronts]} if fronts else {}),

@@ -156,6 +156,10 @@ def validate(cfg: ml_collections.ConfigDict,
     for key in ("data.max_train_images", "data.max_test_images"):
         if flat[key] is not None and flat[key] < 1:
             raise ConfigError(f"config {key}={flat[key]!r} must be >= 1 (or unset for the whole split)")
+    warmup = flat["train.warmup_epochs"]
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup < flat["train.epochs"]:
+        raise ConfigError(f"config train.warmup_epochs={warmup!r} must be an int in 0..train.epochs-1 "
+                          f"(train.epochs={flat['train.epochs']!r})")
     if not 0.0 <= flat["train.label_smoothing"] < 1.0:
         raise ConfigError(f"config train.label_smoothing={flat['train.label_smoothing']!r} must be in [0, 1)")
     for key in ("train.w_bits", "train.a_bits"):

@@ -82,12 +82,13 @@ class KMeansResult:
     n_iter_run: jax.Array
 
 
-def pack_layers(weights: list[np.ndarray]) -> tuple[jax.Array, jax.Array]:
+def pack_layers(weights: list[np.ndarray], length: int = 0) -> tuple[jax.Array, jax.Array]:
     """Flatten and pad a list of L weight arrays into one batch.
 
     Returns values float32 [L, n_max] (zero padded) and mask bool [L, n_max], with
-    n_max the largest layer size.  Raises ValueError for an empty list, an empty layer or a
-    non-finite weight.
+    n_max the largest layer size or ``length`` if that is larger (a fixed length lets
+    layers of different sizes share one compiled k-means).  Raises ValueError for an empty
+    list, an empty layer or a non-finite weight.
     """
     if len(weights) == 0:
         raise ValueError("pack_layers: no layers given")
@@ -97,7 +98,7 @@ def pack_layers(weights: list[np.ndarray]) -> tuple[jax.Array, jax.Array]:
             raise ValueError(f"pack_layers: layer {i} has no weights")
         if not np.all(np.isfinite(w)):
             raise ValueError(f"pack_layers: layer {i} has non-finite weights (NaN or inf)")
-    n_max = max(w.size for w in flat)
+    n_max = max(length, *(w.size for w in flat))
     values = np.zeros((len(flat), n_max), np.float32)
     mask = np.zeros((len(flat), n_max), bool)
     for i, w in enumerate(flat):

@@ -88,15 +88,35 @@ def test_population_accuracy_matches_single_networks(lenet):
     for row, a in zip(k_idx, acc, strict=True):
         kernels = sharing.table_kernels(table, table.centroids, row, floats)
         assert float(a) == float(evaluator.accuracy(variables, kernels, batches))
+    # the same networks as kernel sets: one array [P, *shape] per layer
+    sets = [jnp.stack(x) for x in zip(*(sharing.table_kernels(table, table.centroids, row, floats) for row in k_idx),
+                                       strict=True)]
+    np.testing.assert_array_equal(jax.jit(evaluator.accuracy_of_kernel_sets)(variables, sets, batches), acc)
 
 
 def test_range_population_and_filter():
-    rows = compress.range_population(2, 3)
+    rows = compress.range_population(2, compress.candidate_k(3))
     assert rows.tolist() == [[0, -1], [1, -1], [2, -1], [-1, 0], [-1, 1], [-1, 2]]
+    assert compress.range_population(2, compress.candidate_k(8, (2, 8))).tolist() == [
+        [1, -1], [7, -1], [-1, 1], [-1, 7]]
     range_acc = np.array([[0.5, 0.95, 0.97, 0.966], [0.1, 0.2, 0.3, 0.4]])
     allowed, counts = compress.allowed_k(range_acc, 0.975, 1.0)
     assert counts.tolist() == [2, 1]
     assert allowed.tolist() == [[2, 3, 3, 3], [3, 3, 3, 3]]  # layer 1: none passes, its best k kept
+    # NaN: not a candidate k (sharing.k_values), never kept, even as a layer's best
+    range_acc = np.array([[np.nan, 0.97, np.nan, 0.966], [np.nan, 0.2, np.nan, 0.1]])
+    allowed, counts = compress.allowed_k(range_acc, 0.975, 1.0)
+    assert counts.tolist() == [2, 1]
+    assert allowed.tolist() == [[1, 3, 3, 3], [1, 1, 1, 1]]
+
+
+@pytest.mark.parametrize("key,value", [("k_values", (4, 2)), ("k_values", (0, 2)), ("k_values", (2, 65)),
+                                       ("k_values", (2, 2)), ("k_values", (2.0,)), ("eval_images", 0)])
+def test_validate_refuses_bad_candidate_k_and_scoring_images(key, value):
+    cfg = compress.defaults()
+    cfg.sharing[key] = value
+    with pytest.raises(config_lib.ConfigError, match=f"sharing.{key}"):
+        compress.validate(cfg)
 
 
 def test_seed_fitness_and_constraint():
@@ -215,7 +235,8 @@ def test_bad_input_gives_one_clear_line(args, message, data_dir, tmp_path):
     assert status == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr[-3000:]
 
 
-@pytest.mark.parametrize("name", ["lenet5_sharing.py", "lenet5_tanh_sharing.py", "mobilenetv2_sharing.py"])
+@pytest.mark.parametrize("name", ["lenet5_sharing.py", "lenet5_tanh_sharing.py", "mobilenetv2_sharing.py",
+                                  "mobilenetv2_cpu.py"])
 def test_configs_load_and_validate(name):
     cfg = compress.validate(config_lib.load(REPO / "configs" / name))
     assert cfg.sharing.driver in compress.DRIVERS
@@ -273,3 +294,28 @@ def test_widest_k_per_key_width():
     allowed, counts = compress.allowed_k(range_acc, 0.975, 1.0, widest_per_key=True)
     # kept k: 2, 3, 5, 6, 7, 8, 9 (k = 4 fails); widest per key width: 2 (1 bit), 3 (2 bits), 8 (3 bits), 9 (4 bits)
     assert counts.tolist() == [4] and (allowed[0, :4] + 1).tolist() == [2, 3, 8, 9]
+
+
+@pytest.mark.slow
+def test_tiny_mobilenetv2_compresses_on_real_imagenette(data_dir, tmp_path):
+    """The MobileNetV2 protocol end to end at a tiny budget (32 px, a float model of one epoch on
+    600 images, candidate k 2/4/8, scored on the first 100 of 200 validation images): every
+    layer is shared, the range covers only the candidate k, and the saved models reload to
+    their accuracy. No accuracy is asserted."""
+    args = ["--config.data.image_size=32", "--config.data.max_train_images=800", "--config.data.val_size=200",
+            "--config.train.epochs=1", "--config.train.warmup_epochs=0", "--config.population_size=4",
+            "--config.generations=2", "--config.sharing.k_max=8", "--config.sharing.k_values=(2,4,8)",
+            "--config.sharing.eval_images=100", "--config.sharing.focus_step=4.9",
+            "--config.sharing.report_formats=('float32','int8')"]
+    out = run_command("qevo.compress", "mobilenetv2_sharing.py", tmp_path / "run", args, data_dir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "run"
+    result = json.loads((run / "result.json").read_text())
+    ranges = json.loads((run / "range.json").read_text())
+    assert len(result["layers"]) == 53 and sum(result["layer_sizes"]) > 2_200_000
+    assert result["scoring_images"] == 100 and ranges["k"] == [2, 4, 8]
+    assert np.asarray(ranges["accuracy"]).shape == (53, 3)
+    assert all(set(k) <= {2, 4, 8} for k in result["kept_k"].values()) and set(result["k"]) <= {2, 4, 8}
+    assert len(result["refinement"]) == 53
+    for fmt, entry in result["formats"].items():
+        assert entry["reloaded_test_accuracy"] == entry["test_accuracy"], fmt

@@ -341,3 +341,21 @@ def test_kmeans_rejects_bad_k():
         kmeans(values, mask, np.array([9, 2]), 8)
     with pytest.raises(ValueError, match="n_bins"):
         kmeans(values, mask, np.array([2, 2]), 8, n_bins=8)
+
+
+def test_padded_layer_clustering_equals_the_unpadded_one():
+    """sharing.cluster_layer_2d pads a layer to a power of two and rounds the centroid slots up
+    (to share compilations across layers): same clusters as k-means of the bare layer."""
+    from qevo import sharing
+
+    w = LAYERS["fc3"]
+    spreads, focuses = np.array([2.0, 2.0, 0.0]), np.array([0.0, 6.0, 3.0])
+    for k, slots in ((3, None), (5, 64), (16, None)):
+        cents, assign = sharing.cluster_layer_2d(w, k, spreads, focuses, k_slots=slots)
+        assert assign.shape == (3, w.size) and cents.shape == (3, slots or 1 << (k - 1).bit_length())
+        values, mask = pack_layers([w])
+        ref = kmeans(jnp.repeat(values, 3, axis=0), jnp.repeat(mask, 3, axis=0), jnp.full(3, k), k,
+                     spread=jnp.asarray(spreads), focus=jnp.asarray(focuses))
+        np.testing.assert_array_equal(assign, ref.assign)
+        np.testing.assert_allclose(cents[:, :k], ref.centroids, rtol=1e-5, atol=1e-7)
+        np.testing.assert_array_equal(cents[:, k:], 0.0)

@@ -33,6 +33,8 @@ def test_lenet5_five_epochs_reach_98_8_percent(lenet5_float):
         (["--config.data.name=svhn"], "data.name='svhn' is not one of"),
         (["--config.data.data_dir=/nonexistent/qevo"], "/nonexistent/qevo"),
         (["--config.train.w_bits=4"], "train.init_from"),
+        (["--config.train.epochs=2", "--config.train.warmup_epochs=2"],
+         "train.warmup_epochs=2 must be an int in 0..train.epochs-1"),
     ],
 )
 def test_bad_input_gives_one_clear_line(args, message, data_dir, tmp_path):
