@@ -11,11 +11,11 @@ images/s for a training step at batch 64).
 * ``python -m qevo.compress --config configs/mobilenetv2_cpu.py --workdir runs/mobilenetv2_cpu_sharing
   --config.float_from=runs/mobilenetv2_cpu_float``: weight sharing of all 53 kernels (every
   convolution, depthwise and 1x1 included, and the classifier; BatchNorm is not folded and
-  stays float32, as do the classifier's bias), candidate k = 2, 4, ..., 64 (whole key
+  stays float32, as does the classifier's bias), candidate k = 2, 4, ..., 64 (whole key
   widths), every network scored on the first 500 of the 1,000 validation images:
-  NSGA-III on (accuracy, size-weighted CR), 24 individuals x 25 generations, the pick the
+  NSGA-III on (accuracy, size-weighted CR), 24 individuals x 18 generations, the pick the
   highest CR within 1.5 points of float on those images, then the focus refinement on a
-  grid of 10 focus values.  Final figures on the whole validation and test splits.
+  grid of 8 focus values (0, 1, ..., 7).  Final figures on the whole validation and test splits.
 """
 
 import pathlib
@@ -31,11 +31,11 @@ def get_config():
     c.train.weight_decay_on = "kernels"
     c.train.label_smoothing = 0.1
     c.population_size = 24
-    c.generations = 25
+    c.generations = 18
     c.sharing.driver = "nsga3"
     c.sharing.k_values = (2, 4, 8, 16, 32, 64)
     c.sharing.eval_images = 500
     c.sharing.max_accuracy_loss = 1.5
-    c.sharing.focus_max = 9.0
+    c.sharing.focus_max = 7.0
     c.sharing.focus_step = 1.0
     return c
