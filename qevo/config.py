@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import math
 import pathlib
 
 import ml_collections
@@ -70,6 +71,17 @@ OPTIONS = {
     "train.weight_decay_on": ("all", "kernels"),
 }
 POSITIVE = ("train.epochs", "train.batch_size", "train.learning_rate", "train.eval_batch_size")
+# Ranges of the keys that end so, in every command's sections (``search.qat_learning_rate``
+# is a learning rate): (check, what to write).
+SUFFIX_RANGES = {
+    "learning_rate": (lambda v: v > 0, "a number > 0"),
+    "batch_size": (lambda v: isinstance(v, int) and v >= 1, "an int >= 1"),
+    "weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "eval_images": (lambda v: v is None or (isinstance(v, int) and v >= 1), "an int >= 1, or None for all"),
+    "chunk_size": (lambda v: v is None or (isinstance(v, int) and v >= 1), "an int >= 1, or None"),
+    "val_size": (lambda v: isinstance(v, int) and v >= 0, "an int >= 0"),
+}
 
 
 def flatten(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict:
@@ -150,6 +162,13 @@ def validate(cfg: ml_collections.ConfigDict,
     for key, allowed in OPTIONS.items():
         if flat.get(key) not in allowed:
             raise ConfigError(f"config {key}={flat.get(key)!r} is not one of {allowed}")
+    for key, value in flat.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config {key}={value!r} is not a finite number")
+        rule = next((r for suffix, r in SUFFIX_RANGES.items() if key.endswith(suffix)), None)
+        if rule and not (not isinstance(value, bool) and (value is None or isinstance(value, (int, float)))
+                         and rule[0](value)):
+            raise ConfigError(f"config {key}={value!r} is out of range; use {rule[1]}")
     for key in POSITIVE:
         if not flat[key] > 0:
             raise ConfigError(f"config {key}={flat[key]!r} must be > 0")
@@ -177,9 +196,17 @@ def load(path: str | pathlib.Path, overrides: list[str] = ()) -> ml_collections.
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
+    except Exception as e:  # the file is the user's input: any error in it is theirs to fix
+        raise ConfigError(f"config file {path} failed to load: {type(e).__name__}: {e}") from e
+    if not callable(getattr(module, "get_config", None)):
+        raise ConfigError(f"config file {path} defines no get_config(); define one that returns a ConfigDict")
+    try:
         cfg = module.get_config()
-    except AttributeError as e:
-        raise ConfigError(f"config file {path} has no get_config() returning a ConfigDict: {e}") from e
+    except Exception as e:
+        raise ConfigError(f"config file {path}: get_config() failed: {type(e).__name__}: {e}") from e
+    if not isinstance(cfg, ml_collections.ConfigDict):
+        raise ConfigError(f"config file {path}: get_config() returned {type(cfg).__name__}, not an "
+                          "ml_collections.ConfigDict")
     for item in overrides:
         _override(cfg, item)
     return cfg

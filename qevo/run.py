@@ -73,15 +73,26 @@ def parse_args(argv: list[str], prog: str) -> tuple[pathlib.Path, list[str], pat
 
 
 def prepare_workdir(workdir: pathlib.Path, cfg: ml_collections.ConfigDict) -> pathlib.Path:
-    """Create ``workdir`` and write ``config.json``; a different saved config is an error."""
-    workdir.mkdir(parents=True, exist_ok=True)
+    """Create ``workdir`` and write ``config.json``; a different saved config is an error, as
+    is a path that is not a writable folder."""
+    if workdir.exists() and not workdir.is_dir():
+        raise CheckpointError(f"--workdir {workdir} is a file, not a folder; pass a folder path")
     resolved = config_lib.to_dict(cfg)
     saved = workdir / "config.json"
-    if saved.exists() and json.loads(saved.read_text()) != json.loads(json.dumps(resolved)):
-        raise config_lib.ConfigError(
-            f"{workdir} holds a run with a different config ({saved}); pass a new --workdir or delete that folder"
-        )
-    write_json(saved, resolved)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        if saved.exists():
+            try:
+                previous = json.loads(saved.read_text())
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{saved} is corrupt ({e}); delete {workdir} to start over") from e
+            if previous != json.loads(json.dumps(resolved)):
+                raise config_lib.ConfigError(f"{workdir} holds a run with a different config ({saved}); "
+                                             "pass a new --workdir or delete that folder")
+        write_json(saved, resolved)
+    except OSError as e:
+        raise CheckpointError(f"--workdir {workdir} is not a writable folder ({e.strerror}); "
+                              "pass a folder you can write to") from e
     return workdir
 
 

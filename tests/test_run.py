@@ -75,3 +75,65 @@ def test_unknown_key_suggests_the_known_one(override, suggestion, tmp_path, caps
     assert err.startswith(f"qevo.search: error: unknown config key '{override.split('=')[0]}' "
                           f"in override --config.{override} (did you mean '{suggestion}'?); "
                           "known keys: data.data_dir, ")
+
+
+def _never_runs(cfg, workdir):
+    raise AssertionError("a refused input reached the method")
+
+
+@pytest.mark.parametrize("source, message", [
+    ("def get_config(:\n", "failed to load: SyntaxError: invalid syntax"),
+    ("import qevo_no_such_module\n", "failed to load: ModuleNotFoundError: No module named 'qevo_no_such_module'"),
+    ("x = 1\n", "defines no get_config(); define one that returns a ConfigDict"),
+    ("def get_config():\n    return 3\n", "get_config() returned int, not an ml_collections.ConfigDict"),
+    ("def get_config():\n    return {}['x']\n", "get_config() failed: KeyError: 'x'"),
+])
+def test_broken_config_file_gives_one_line(source, message, tmp_path, capsys):
+    path = tmp_path / "broken.py"
+    path.write_text(source)
+    from qevo import search
+
+    assert run.main("qevo.search", _never_runs, search.validate,
+                    ["--config", str(path), "--workdir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"qevo.search: error: config file {path}") and message in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("search.qat_learning_rate=-1", "search.qat_learning_rate=-1.0 is out of range; use a number > 0"),
+    ("search.qat_learning_rate=1e999", "search.qat_learning_rate=inf is not a finite number"),
+    ("final.learning_rate=-1", "final.learning_rate=-1.0 is out of range; use a number > 0"),
+    ("search.qat_batch_size=0", "search.qat_batch_size=0 is out of range; use an int >= 1"),
+    ("search.qat_momentum=1.0", "search.qat_momentum=1.0 is out of range; use a number in [0, 1)"),
+    ("search.qat_weight_decay=-0.1", "search.qat_weight_decay=-0.1 is out of range; use a number >= 0"),
+    ("search.eval_images=0", "search.eval_images=0 is out of range; use an int >= 1, or None for all"),
+    ("data.val_size=-1", "data.val_size=-1 is out of range; use an int >= 0"),
+    ("data.max_train_images=-5", "data.max_train_images=-5 must be >= 1"),
+])
+def test_numeric_keys_are_range_checked(override, message, tmp_path, capsys):
+    from qevo import search
+
+    argv = ["--config", CONFIG, "--workdir", str(tmp_path / "run"), f"--config.{override}"]
+    assert run.main("qevo.search", _never_runs, search.validate, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"qevo.search: error: config {message}"), err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_bad_work_folders_give_one_line(tmp_path, capsys):
+    from qevo import search
+
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text('{"seed": 0, "da')
+    for workdir, message in ((a_file, f"--workdir {a_file} is a file, not a folder; pass a folder path"),
+                             (a_file / "run", f"--workdir {a_file / 'run'} is not a writable folder ("),
+                             (corrupt, f"{corrupt / 'config.json'} is corrupt (")):
+        assert run.main("qevo.search", _never_runs, search.validate,
+                        ["--config", CONFIG, "--workdir", str(workdir)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"qevo.search: error: {message}") and len(err.strip().splitlines()) == 1, err
+    assert a_file.read_text() == "x" and (corrupt / "config.json").read_text() == '{"seed": 0, "da'
