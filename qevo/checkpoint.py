@@ -38,6 +38,29 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def read_history(path: str | os.PathLike, steps: int, unit: str = "steps") -> list:
+    """The first ``steps`` records of a JSON-lines history, the resume policy of every method.
+
+    A checkpoint of ``steps`` steps needs that many lines; lines after them belong to a step
+    that was interrupted before its checkpoint and are dropped unread.
+
+    Raises:
+      CheckpointError: fewer lines than ``steps``, or a corrupt one among them.
+    """
+    path = pathlib.Path(path)
+    lines = [x for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    if len(lines) < steps:
+        raise CheckpointError(f"{path} has {len(lines)} {unit}, the checkpoint {steps}; "
+                              f"delete {path.parent} to start over")
+    records = []
+    for number, line in enumerate(lines[:steps], 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path} line {number} is corrupt ({e}); delete {path.parent} to start over") from e
+    return records
+
+
 def save(path: str | os.PathLike, tree, meta: dict | None = None) -> None:
     """Save a pytree (arrays become numpy) and a JSON-able ``meta`` dict to ``path``."""
     state = serialization.to_state_dict(jax.device_get(tree))

@@ -555,15 +555,6 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> Prepared:
     return Prepared(cfg, ds, model, variables, bits, runner, problem, test, val)
 
 
-def read_history(path: pathlib.Path, cycles: int) -> list[dict]:
-    """The first ``cycles`` lines of ``history.jsonl`` (a checkpoint of ``cycles`` cycles needs them all)."""
-    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
-    if len(lines) < cycles:
-        raise checkpoint.CheckpointError(f"{path} has {len(lines)} cycles, the checkpoint {cycles}; "
-                                         f"delete {path.parent} to start over")
-    return lines[:cycles]
-
-
 def initial_state(prep: Prepared) -> State:
     """The run's starting point: round to nearest, its BatchNorm statistics, the seed's key."""
     return prep.runner.init_state(prep.problem, jax.random.PRNGKey(prep.cfg.seed))
@@ -580,7 +571,7 @@ def evolve(prep: Prepared, workdir: pathlib.Path | None = None, log=None,
     history: list[dict] = []
     if workdir is not None and (workdir / CHECKPOINT).exists():
         state, _ = checkpoint.load(workdir / CHECKPOINT, state)
-        history = read_history(workdir / HISTORY, int(state.cycle))
+        history = checkpoint.read_history(workdir / HISTORY, int(state.cycle), "cycles")
         if log:
             log(f"resuming {workdir} after cycle {int(state.cycle)}")
     evals = c.num_groups * c.population_size

@@ -472,11 +472,7 @@ def search(prep: Prepared, cfg: ml_collections.ConfigDict, workdir: pathlib.Path
     if workdir is not None and (workdir / CHECKPOINT).exists():
         state, _ = checkpoint.load(workdir / CHECKPOINT, state)
         done = int(state.generation)
-        lines = ([json.loads(x) for x in (workdir / HISTORY).read_text().splitlines()[:done]]
-                 if (workdir / HISTORY).exists() else [])
-        if len(lines) != done:
-            raise checkpoint.CheckpointError(f"{workdir / HISTORY} has {len(lines)} generations, "
-                                             f"the checkpoint {done}; delete {workdir} to start over")
+        lines = checkpoint.read_history(workdir / HISTORY, done, "generations")
         if log:
             log(f"resuming {workdir} after generation {done}")
     for g in range(int(state.generation), cfg.generations):

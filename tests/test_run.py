@@ -137,3 +137,18 @@ def test_bad_work_folders_give_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith(f"qevo.search: error: {message}") and len(err.strip().splitlines()) == 1, err
     assert a_file.read_text() == "x" and (corrupt / "config.json").read_text() == '{"seed": 0, "da'
+
+
+def test_history_resume_policy(tmp_path):
+    """The first ``steps`` lines are kept; a line after them (an interrupted step) is dropped
+    unread, even truncated; a corrupt or missing line among them is a one-line error."""
+    from qevo.checkpoint import CheckpointError, read_history
+
+    path = tmp_path / "history.jsonl"
+    path.write_text('{"generation": 1}\n{"generation": 2}\n{"generation": 3, "individ')
+    assert read_history(path, 2, "generations") == [{"generation": 1}, {"generation": 2}]
+    with pytest.raises(CheckpointError, match=r"history.jsonl line 3 is corrupt \(.*\); delete .* to start over"):
+        read_history(path, 3)
+    with pytest.raises(CheckpointError, match=r"history.jsonl has 3 generations, the checkpoint 4; delete"):
+        read_history(path, 4, "generations")
+    assert read_history(tmp_path / "none.jsonl", 0) == []
