@@ -580,6 +580,9 @@ def _assemble(where: str, blobs: Iterable[tuple[str, str, str, bytes]], classes:
         classes = tuple(found)
     elif unknown := sorted(set(found) - set(classes)):
         raise DataError(f"{where}: unexpected class folders {unknown}; expected only {list(classes)}")
+    if untrained := sorted({cls for s, cls, _ in meta if s == "test"} - {cls for s, cls, _ in meta if s == "train"}):
+        raise DataError(f"{where}: class folders {untrained} have test images but no train images; "
+                        "add <root>/train/<class>/ images for them or remove their test folders")
     index = {c: i for i, c in enumerate(classes)}
     splits = {}
     for split in ("train", "test"):
@@ -684,9 +687,11 @@ def _load_tfds(name: str, root: pathlib.Path | None, image_size: int | None, cac
 
     def build() -> _Raw:
         if importlib.util.find_spec("tensorflow") is None:
-            raise ImportError(
-                f"preparing {name!r} with tensorflow-datasets needs tensorflow: pip install 'qevo[tfds]'; "
-                f"or point data_dir / ${DATA_DIR_ENV} at the offline archives"
+            where = "no data folder was given" if root is None else f"source='tfds' was asked for ({root})"
+            raise DataError(
+                f"{name!r}: {where}, and preparing it with tensorflow-datasets needs tensorflow, which is not "
+                f"installed: set ${DATA_DIR_ENV} (or data.data_dir) to the folder holding mnist/, cifar10/, "
+                "imagenette/, or pip install 'qevo[tfds]'"
             )
         import tensorflow_datasets as tfds
 

@@ -346,3 +346,17 @@ def test_data_command_writes_a_resized_archive_and_refuses_bad_input(tmp_path):
                            "nowhere")):
         bad = command(*args)
         assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is not None,
+                    reason="tensorflow installed: tfds would download")
+def test_no_data_folder_and_no_tensorflow_is_a_data_error(monkeypatch, tmp_path):
+    monkeypatch.delenv("QEVO_DATA_DIR", raising=False)
+    with pytest.raises(DataError, match=r"'mnist': no data folder was given, .* set \$QEVO_DATA_DIR"):
+        load_dataset("mnist", cache_dir=tmp_path)
+
+
+def test_test_class_without_train_images_is_refused(tmp_path):
+    root = make_noise_folder(tmp_path / "src", {"ant": (3, 1), "bee": (2, 2), "cat": (0, 2)})
+    with pytest.raises(DataError, match=r"class folders \['cat'\] have test images but no train images"):
+        load_dataset("image_folder", root, val_size=1, cache_dir=tmp_path / "cache")
