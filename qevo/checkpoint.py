@@ -52,8 +52,19 @@ def read_history(path: str | os.PathLike, steps: int, unit: str = "steps") -> li
     if len(lines) < steps:
         raise CheckpointError(f"{path} has {len(lines)} {unit}, the checkpoint {steps}; "
                               f"delete {path.parent} to start over")
+    return _parse_lines(path, lines[:steps])
+
+
+def read_jsonl(path: str | os.PathLike) -> list:
+    """Every record of a JSON-lines file (none if it does not exist); a corrupt line is a
+    :class:`CheckpointError` naming the file and the line."""
+    path = pathlib.Path(path)
+    return _parse_lines(path, [x for x in path.read_text().splitlines() if x.strip()] if path.exists() else [])
+
+
+def _parse_lines(path: pathlib.Path, lines: list[str]) -> list:
     records = []
-    for number, line in enumerate(lines[:steps], 1):
+    for number, line in enumerate(lines, 1):
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as e:

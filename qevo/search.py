@@ -421,9 +421,14 @@ class Search:
                 for g, w, a, f, acc in zip(rec["genes"], bits.w, bits.a, rec["objectives"], rec["accuracy"],
                                            strict=True)
             ]
+            if not np.isfinite(rec["objectives"]).all(axis=1).any():
+                bar.close()
+                raise config_lib.ConfigError(
+                    f"generation {state.generation}: all {len(records)} candidates are infeasible (non-finite "
+                    "accuracy or cost: their fine-tuning diverged); lower search.qat_learning_rate "
+                    f"(now {self.cfg.search.qat_learning_rate}) and rerun in a new --workdir")
             history.extend(records)
-            with history_path.open("a") as fh:
-                fh.writelines(json.dumps(r) + "\n" for r in records)
+            write_history(history_path, history)
             checkpoint.save(ckpt, state, {"generation": state.generation})
             F = history_objectives(history, self.cfg.search.objectives)
             front = front_indices(F)
@@ -446,10 +451,7 @@ def _finite_or_none(v) -> float | None:
 
 def read_history(path: pathlib.Path, last_generation: int) -> list[dict]:
     """Records of ``history.jsonl`` up to ``last_generation`` (later ones belong to an interrupted generation)."""
-    if not path.exists():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if r["generation"] <= last_generation]
+    return [r for r in checkpoint.read_jsonl(path) if r["generation"] <= last_generation]
 
 
 def write_history(path: pathlib.Path, records: list[dict]) -> None:

@@ -186,3 +186,15 @@ def test_final_candidates_answer_each_baseline_then_spread_the_front():
     cfg.final.max_models = 6  # room for the whole error-BitOps front, then the full front
     front = [m["w_bits"][1:4] for m in search.final_candidates(cfg, space, history) if m["kind"] == "front"]
     assert front == [[2, 4, 2], [4, 4, 2], [4, 2, 4], [8, 4, 4], [2, 2, 4]]
+
+
+@pytest.mark.slow
+def test_a_generation_of_only_infeasible_candidates_stops_the_search(tiny_lenet5_float, tmp_path, data_dir):
+    """A diverging QAT learning rate makes every candidate's accuracy non-finite: one line, exit 2."""
+    args = [f"--config.float_from={tiny_lenet5_float}", *TINY, "--config.search.qat_learning_rate=1e30"]
+    status, stderr = run_main("qevo.search", "lenet5.py", tmp_path / "run", args, data_dir)
+    assert status == 2, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].endswith(
+        "candidates are infeasible (non-finite accuracy or cost: their fine-tuning diverged); lower "
+        "search.qat_learning_rate (now 1e+30) and rerun in a new --workdir")
+    assert (tmp_path / "run" / "history.jsonl").read_text() == ""  # nothing kept of the infeasible generation
