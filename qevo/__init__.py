@@ -15,13 +15,14 @@ processes) stays light:
   ``EVOSAX_STRATEGIES`` (relaxation and scalarisations in ``qevo.drivers``),
   ``search_defaults``, ``run_search``
 * weight sharing: ``ClusterTable``, ``build_table``, ``SharedEvaluator``, ``seed_fitness``,
-  ``save_compressed``, ``load_compressed``
+  ``save_compressed``, ``load_compressed``, ``compress_defaults``, ``run_compress``
 * integer forward: ``IntKernel``, ``weight_levels``, ``integer_kernels``, ``integer_apply``,
   ``integer_batch_statistics``
 * coevolution: ``Coevolution``, ``coevolve_defaults``, ``run_coevolve``, ``derivative_equations``
 """
 
 import importlib
+from typing import TYPE_CHECKING
 
 _EXPORTS = {
     "quantize_weight": ("qevo.quant", "quantize_weight"),
@@ -70,6 +71,8 @@ _EXPORTS = {
     "seed_fitness": ("qevo.sharing", "seed_fitness"),
     "save_compressed": ("qevo.sharing", "save_compressed"),
     "load_compressed": ("qevo.sharing", "load_compressed"),
+    "compress_defaults": ("qevo.compress", "defaults"),
+    "run_compress": ("qevo.compress", "run"),
     "IntKernel": ("qevo.intforward", "IntKernel"),
     "weight_levels": ("qevo.intforward", "weight_levels"),
     "integer_kernels": ("qevo.intforward", "integer_kernels"),
@@ -82,6 +85,40 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # the same names, visible to type checkers and IDEs (tests/test_api.py checks)
+    from qevo.calibration import calibrate
+    from qevo.checkpoint import CheckpointError
+    from qevo.checkpoint import load as load_checkpoint
+    from qevo.checkpoint import save as save_checkpoint
+    from qevo.coevolve import Coevolution, derivative_equations
+    from qevo.coevolve import defaults as coevolve_defaults
+    from qevo.coevolve import run as run_coevolve
+    from qevo.compress import defaults as compress_defaults
+    from qevo.compress import run as run_compress
+    from qevo.cost import LayerTable, bitops, layer_table, reference_flops, reference_params, size_bits
+    from qevo.data import DataError, Dataset, augment, load_dataset, normalize, write_image_folder
+    from qevo.drivers import EVOSAX_STRATEGIES, Driver, DriverState, make_driver
+    from qevo.intforward import (
+        IntKernel,
+        integer_kernels,
+        weight_levels,
+    )
+    from qevo.intforward import (
+        apply as integer_apply,
+    )
+    from qevo.intforward import (
+        batch_statistics as integer_batch_statistics,
+    )
+    from qevo.layers import BatchNorm, Bits, QuantOptions
+    from qevo.models import CifarResNet, LeNet5, MobileNetV2, get_model, init_variables
+    from qevo.onednn import status as onednn_status
+    from qevo.population import PopulationEvaluator, PopulationMemoryError, QATConfig
+    from qevo.quant import quantize_activation, quantize_weight, validate_bits
+    from qevo.search import run as run_search
+    from qevo.search import search_defaults
+    from qevo.sharing import ClusterTable, SharedEvaluator, build_table, load_compressed, save_compressed, seed_fitness
+    from qevo.variation import make_offspring, random_genes, uniform_genes
 
 
 def __getattr__(name):
