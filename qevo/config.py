@@ -31,6 +31,7 @@ def defaults() -> ml_collections.ConfigDict:
             "data_dir": config_dict.placeholder(str),
             "val_size": 5000,
             "image_size": config_dict.placeholder(int),
+            "channels": config_dict.placeholder(int),
             "max_train_images": config_dict.placeholder(int),
             "max_test_images": config_dict.placeholder(int),
         }
@@ -172,6 +173,8 @@ def validate(cfg: ml_collections.ConfigDict,
     for key in POSITIVE:
         if not flat[key] > 0:
             raise ConfigError(f"config {key}={flat[key]!r} must be > 0")
+    if flat["data.channels"] not in (None, 1, 3):
+        raise ConfigError(f"config data.channels={flat['data.channels']!r} must be 1 or 3 (or unset: as stored)")
     for key in ("data.max_train_images", "data.max_test_images"):
         if flat[key] is not None and flat[key] < 1:
             raise ConfigError(f"config {key}={flat[key]!r} must be >= 1 (or unset for the whole split)")

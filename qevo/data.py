@@ -8,7 +8,8 @@
   official ``val`` split serves as the test split.
 - ``"image_folder"``: the user's own ``<root>/{train,test}/<class>/*.{jpg,jpeg,png}``,
   either as a folder or as a ``.tar.gz`` of one (a single top-level folder inside the
-  archive is fine); classes sorted alphabetically; every image converted to RGB.
+  archive is fine); classes sorted alphabetically; a folder of only grayscale images
+  loads with one channel, any other as RGB (``channels=`` overrides).
 
 Sources (``source=``):
 
@@ -75,8 +76,9 @@ IMAGENETTE_CLASSES = (
 MNIST_CLASSES = tuple(str(d) for d in range(10))
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2
 _CHUNK = 1000  # images per decode task sent to a worker process
+_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL modes decoded with one channel
 _MAX_WORKERS = 8
 _IMAGENETTE_TFDS_SIZE = 224  # size of the offline copy; tfds images vary in size
 
@@ -183,6 +185,7 @@ def load_dataset(
     image_size: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     source: str = "auto",
+    channels: int | None = None,
 ) -> Dataset:
     """Load a dataset, carve ``val_size`` validation images from train, compute statistics.
 
@@ -198,13 +201,34 @@ def load_dataset(
       cache_dir: where decoded arrays are cached (default ``$QEVO_CACHE_DIR``, else
         ``~/.cache/qevo``).
       source: ``"auto"``, ``"local"`` or ``"tfds"`` (see the module docstring).
+      channels: None keeps the stored channels (MNIST and grayscale image folders 1, the
+        rest 3); 3 repeats a gray channel, 1 takes the luma of RGB (ITU-R 601-2, as PIL's
+        ``convert("L")``).
 
     Raises:
       ValueError: bad arguments. DataError (a ValueError): missing or corrupt data.
     """
     if isinstance(val_size, bool) or not isinstance(val_size, (int, np.integer)) or val_size < 0:
         raise ValueError(f"val_size must be a non-negative integer, got {val_size!r}")
-    return _make_dataset(name, _load_raw(name, data_dir, image_size, cache_dir, source), int(val_size), seed)
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels must be None, 1 or 3, got {channels!r}")
+    raw = _load_raw(name, data_dir, image_size, cache_dir, source)
+    if channels is not None:
+        raw = dataclasses.replace(raw, train_images=to_channels(raw.train_images, channels),
+                                  test_images=to_channels(raw.test_images, channels))
+    return _make_dataset(name, raw, int(val_size), seed)
+
+
+def to_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """uint8 ``[N, H, W, C]`` with C in (1, 3) as ``channels`` channels: a gray channel repeated,
+    or the ITU-R 601-2 luma of RGB in PIL's integer arithmetic (``convert("L")``)."""
+    if images.shape[-1] == channels:
+        return images
+    if channels == 3:
+        return np.repeat(images, 3, axis=-1)
+    rgb = images.astype(np.uint32)
+    luma = (rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) >> 16
+    return luma.astype(np.uint8)[..., None]
 
 
 def write_image_folder(
@@ -575,6 +599,8 @@ def _assemble(where: str, blobs: Iterable[tuple[str, str, str, bytes]], classes:
             yield fname, data
 
     images = _decode_all(encoded(), image_size)
+    if any(x.shape[-1] == 3 for x in images):  # a few grayscale images among colour ones
+        images = [np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x for x in images]
     found = sorted({cls for _, cls, _ in meta})
     if classes is None:
         classes = tuple(found)
@@ -601,7 +627,8 @@ def _assemble(where: str, blobs: Iterable[tuple[str, str, str, bytes]], classes:
 
 
 def _decode_all(items: Iterable[tuple[str, bytes]], image_size: int | None) -> list[np.ndarray]:
-    """Decode ``(description, encoded bytes)`` items to RGB uint8 ``[H, W, 3]`` arrays, in order.
+    """Decode ``(description, encoded bytes)`` items to uint8 ``[H, W, C]`` arrays, in order
+    (C = 1 for grayscale images, else 3; see :func:`_decode_chunk`).
 
     Chunks of `_CHUNK` images go to a pool of worker processes (one per available core)
     while the items are still being read; fewer images than a chunk decode in-process.
@@ -661,19 +688,21 @@ def _num_workers() -> int:
 
 
 def _decode_chunk(chunk: list[tuple[str, bytes]], image_size: int | None) -> list[np.ndarray]:
-    """Decode encoded images to RGB uint8 ``[H, W, 3]``, resized to ``image_size`` if given."""
+    """Decode encoded images to uint8 ``[H, W, 1]`` (grayscale modes) or ``[H, W, 3]`` (any
+    other, converted to RGB), resized to ``image_size`` if given."""
     out = []
     for where, data in chunk:
         try:
             with Image.open(io.BytesIO(data)) as img:
+                mode = "L" if img.mode in _GRAY_MODES else "RGB"
                 if image_size is not None:
-                    img.draft("RGB", (image_size, image_size))  # JPEG: decode at reduced scale, at least this size
-                rgb = img.convert("RGB")
+                    img.draft(mode, (image_size, image_size))  # JPEG: decode at reduced scale, at least this size
+                rgb = img.convert(mode)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise DataError(f"cannot decode image {where} ({e}); delete or replace that file") from None
         if image_size is not None and rgb.size != (image_size, image_size):
             rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
-        out.append(np.asarray(rgb, np.uint8))
+        out.append(np.asarray(rgb, np.uint8).reshape(rgb.size[1], rgb.size[0], -1))
     return out
 
 

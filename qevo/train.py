@@ -62,7 +62,8 @@ def load_data(cfg: ml_collections.ConfigDict) -> Dataset:
     (a random sample: the split is in seeded random order), test to a seeded random sample
     of ``max_test_images`` (for quick runs; figures on it are not the test split's)."""
     d = cfg.data
-    ds = load_dataset(d.name, d.data_dir, val_size=d.val_size, seed=cfg.seed, image_size=d.image_size)
+    ds = load_dataset(d.name, d.data_dir, val_size=d.val_size, seed=cfg.seed, image_size=d.image_size,
+                      channels=d.channels)
     if d.max_train_images is not None:
         n = d.max_train_images
         ds = dataclasses.replace(ds, train_images=ds.train_images[:n], train_labels=ds.train_labels[:n])

@@ -360,3 +360,41 @@ def test_test_class_without_train_images_is_refused(tmp_path):
     root = make_noise_folder(tmp_path / "src", {"ant": (3, 1), "bee": (2, 2), "cat": (0, 2)})
     with pytest.raises(DataError, match=r"class folders \['cat'\] have test images but no train images"):
         load_dataset("image_folder", root, val_size=1, cache_dir=tmp_path / "cache")
+
+
+def _files(root: pathlib.Path) -> list[pathlib.Path]:
+    """The image files of a folder in the loader's order: split, class, file name."""
+    return [f for split in ("train", "test") for f in sorted((root / split).glob("*/*"))]
+
+
+def _gray(root: pathlib.Path, names=None):
+    """Rewrite the PNGs of ``root`` (or only ``names``) as single-channel grayscale (mode L)."""
+    for f in _files(root):
+        if names is None or f.name in names:
+            Image.open(f).convert("L").save(f)
+
+
+def test_grayscale_folder_loads_with_one_channel(tmp_path):
+    root = make_noise_folder(tmp_path / "src", {"ant": (3, 1), "bee": (2, 2)})
+    expected = np.stack([np.asarray(Image.open(f).convert("L")) for f in _files(root)])  # PIL's luma, as oracle
+    _gray(root)
+    ds = load_dataset("image_folder", root, val_size=0, cache_dir=tmp_path / "cache")
+    assert ds.train_images.shape == (5, 5, 7, 1) and ds.test_images.shape == (3, 5, 7, 1) and len(ds.mean) == 1
+    loaded = np.concatenate([ds.train_images, ds.test_images])[..., 0]  # splits come in a seeded order
+    assert sorted(map(bytes, loaded)) == sorted(map(bytes, expected))
+    three = load_dataset("image_folder", root, val_size=0, cache_dir=tmp_path / "cache", channels=3)
+    assert three.train_images.shape == (5, 5, 7, 3)
+    np.testing.assert_array_equal(three.train_images, np.repeat(ds.train_images, 3, axis=-1))
+
+
+def test_mixed_folder_loads_as_rgb_and_channels_1_is_pils_luma(tmp_path):
+    root = make_noise_folder(tmp_path / "src", {"ant": (3, 1), "bee": (2, 2)})
+    colour = {f.name: np.asarray(Image.open(f)) for f in _files(root) if f.parent.name == "ant"}
+    luma = np.stack([np.asarray(Image.open(f).convert("L")) for f in _files(root)])
+    _gray(root, names={"img01.png"})  # one grayscale image per class folder among colour ones
+    ds = load_dataset("image_folder", root, val_size=0, cache_dir=tmp_path / "cache", seed=0)
+    assert ds.train_images.shape[-1] == 3 and len(ds.mean) == 3
+    one = load_dataset("image_folder", root, val_size=0, cache_dir=tmp_path / "cache", channels=1)
+    assert one.train_images.shape[-1] == 1
+    assert sorted(map(bytes, np.concatenate([one.train_images, one.test_images]))) == sorted(map(bytes, luma))
+    assert any(np.array_equal(x, colour["img00.png"]) for x in np.concatenate([ds.train_images, ds.test_images]))

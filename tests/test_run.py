@@ -74,7 +74,7 @@ def test_unknown_key_suggests_the_known_one(override, suggestion, tmp_path, caps
     err = capsys.readouterr().err
     assert err.startswith(f"qevo.search: error: unknown config key '{override.split('=')[0]}' "
                           f"in override --config.{override} (did you mean '{suggestion}'?); "
-                          "known keys: data.data_dir, ")
+                          "known keys: data.channels, data.data_dir, ")
 
 
 def _never_runs(cfg, workdir):
