@@ -48,7 +48,7 @@ def read_history(path: str | os.PathLike, steps: int, unit: str = "steps") -> li
       CheckpointError: fewer lines than ``steps``, or a corrupt one among them.
     """
     path = pathlib.Path(path)
-    lines = [x for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    lines = _lines(path)
     if len(lines) < steps:
         raise CheckpointError(f"{path} has {len(lines)} {unit}, the checkpoint {steps}; "
                               f"delete {path.parent} to start over")
@@ -59,7 +59,11 @@ def read_jsonl(path: str | os.PathLike) -> list:
     """Every record of a JSON-lines file (none if it does not exist); a corrupt line is a
     :class:`CheckpointError` naming the file and the line."""
     path = pathlib.Path(path)
-    return _parse_lines(path, [x for x in path.read_text().splitlines() if x.strip()] if path.exists() else [])
+    return _parse_lines(path, _lines(path))
+
+
+def _lines(path: pathlib.Path) -> list[str]:
+    return [x for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
 
 
 def _parse_lines(path: pathlib.Path, lines: list[str]) -> list:

@@ -122,10 +122,6 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                      or list(k_values) != sorted(set(k_values)) or not 1 <= k_values[0] <= k_values[-1] <= s.k_max):
         raise err(f"config sharing.k_values={k_values!r} is invalid; use increasing ints in 1..k_max={s.k_max}, "
                   "or () for every k")
-    if s.eval_images is not None and (isinstance(s.eval_images, bool) or not isinstance(s.eval_images, int)
-                                      or s.eval_images < 1):
-        raise err(f"config sharing.eval_images={s.eval_images!r} must be an int >= 1, or None for every "
-                  "validation image")
     for key in ("population_size", "generations"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise err(f"config {key}={cfg[key]!r} must be an int >= 1")
