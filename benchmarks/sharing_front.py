@@ -3,7 +3,7 @@
 ``python -m benchmarks.sharing_front --workdir runs/mobilenetv2_cpu_sharing``
 
 The run's search scores networks on a validation prefix (``sharing.eval_images``) and picks
-one; its ``result.json`` holds the whole front (k per layer, scoring accuracy, both CRs).
+one; its ``results.json`` holds the whole front (k per layer, scoring accuracy, both CRs).
 This scores each front point without refinement, float32 codebooks, on the whole
 validation and test splits, so that a user can see what the choice of a point costs on
 held-out data. Writes ``<workdir>/front_test.json`` and prints it.
@@ -21,9 +21,9 @@ import ml_collections
 import numpy as np
 
 from qevo import compress, sharing
+from qevo.harness import write_json
 from qevo.population import batch_eval_set
 from qevo.pretrained import float_model
-from qevo.run import write_json
 from qevo.train import build_model, load_data
 
 
@@ -32,7 +32,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--workdir", required=True, type=pathlib.Path, help="a finished qevo.compress run (nsga3)")
     args = parser.parse_args(argv)
     cfg = compress.validate(ml_collections.ConfigDict(json.loads((args.workdir / "config.json").read_text())))
-    result = json.loads((args.workdir / "result.json").read_text())
+    result = json.loads((args.workdir / "results.json").read_text())
     ds = load_data(cfg)
     model = build_model(cfg, ds.num_classes)
     variables, _ = float_model(cfg, ds, model, args.workdir)

@@ -7,9 +7,12 @@ processes) stays light:
 * models: ``get_model``, ``init_variables``, ``LeNet5``, ``CifarResNet``, ``MobileNetV2``, ``calibrate``,
   ``BatchNorm``; ``onednn_status`` (None when CPU convolutions run through oneDNN, else why not)
 * cost model: ``layer_table``, ``LayerTable``, ``bitops``, ``size_bits``, ``reference_flops``, ``reference_params``
-* data: ``load_dataset``, ``Dataset``, ``DataError``, ``normalize``, ``augment``, ``write_image_folder``
-* population evaluation: ``PopulationEvaluator``, ``QATConfig``, ``PopulationMemoryError``
-* checkpoints: ``save_checkpoint``, ``load_checkpoint``, ``CheckpointError``
+* data: ``load_dataset``, ``Dataset``, ``normalize``, ``augment``, ``write_image_folder``
+* population evaluation: ``PopulationEvaluator``, ``QATConfig``
+* checkpoints: ``save_checkpoint``, ``load_checkpoint``
+* errors a user can fix (subclasses of ``QevoError``, itself a ``ValueError``): ``ConfigError``,
+  ``DataError``, ``CheckpointError``, ``PopulationMemoryError``
+* float training: ``run_train``
 * bit-width search: ``random_genes``, ``uniform_genes``, ``make_offspring`` (the single
   operators live in ``qevo.variation``), ``make_driver``, ``Driver``, ``DriverState``,
   ``EVOSAX_STRATEGIES`` (relaxation and scalarisations in ``qevo.drivers``),
@@ -46,19 +49,22 @@ _EXPORTS = {
     "reference_params": ("qevo.cost", "reference_params"),
     "load_dataset": ("qevo.data", "load_dataset"),
     "Dataset": ("qevo.data", "Dataset"),
-    "DataError": ("qevo.data", "DataError"),
+    "DataError": ("qevo.errors", "DataError"),
     "normalize": ("qevo.data", "normalize"),
     "augment": ("qevo.data", "augment"),
     "write_image_folder": ("qevo.data", "write_image_folder"),
     "PopulationEvaluator": ("qevo.population", "PopulationEvaluator"),
     "QATConfig": ("qevo.population", "QATConfig"),
-    "PopulationMemoryError": ("qevo.population", "PopulationMemoryError"),
+    "PopulationMemoryError": ("qevo.errors", "PopulationMemoryError"),
     "save_checkpoint": ("qevo.checkpoint", "save"),
     "load_checkpoint": ("qevo.checkpoint", "load"),
-    "CheckpointError": ("qevo.checkpoint", "CheckpointError"),
+    "CheckpointError": ("qevo.errors", "CheckpointError"),
+    "QevoError": ("qevo.errors", "QevoError"),
+    "ConfigError": ("qevo.errors", "ConfigError"),
     "random_genes": ("qevo.variation", "random_genes"),
     "uniform_genes": ("qevo.variation", "uniform_genes"),
     "make_offspring": ("qevo.variation", "make_offspring"),
+    "run_train": ("qevo.train", "run"),
     "search_defaults": ("qevo.search", "search_defaults"),
     "run_search": ("qevo.search", "run"),
     "make_driver": ("qevo.drivers", "make_driver"),
@@ -88,7 +94,6 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # the same names, visible to type checkers and IDEs (tests/test_api.py checks)
     from qevo.calibration import calibrate
-    from qevo.checkpoint import CheckpointError
     from qevo.checkpoint import load as load_checkpoint
     from qevo.checkpoint import save as save_checkpoint
     from qevo.coevolve import Coevolution, derivative_equations
@@ -97,8 +102,9 @@ if TYPE_CHECKING:  # the same names, visible to type checkers and IDEs (tests/te
     from qevo.compress import defaults as compress_defaults
     from qevo.compress import run as run_compress
     from qevo.cost import LayerTable, bitops, layer_table, reference_flops, reference_params, size_bits
-    from qevo.data import DataError, Dataset, augment, load_dataset, normalize, write_image_folder
+    from qevo.data import Dataset, augment, load_dataset, normalize, write_image_folder
     from qevo.drivers import EVOSAX_STRATEGIES, Driver, DriverState, make_driver
+    from qevo.errors import CheckpointError, ConfigError, DataError, PopulationMemoryError, QevoError
     from qevo.intforward import (
         IntKernel,
         integer_kernels,
@@ -113,11 +119,12 @@ if TYPE_CHECKING:  # the same names, visible to type checkers and IDEs (tests/te
     from qevo.layers import BatchNorm, Bits, QuantOptions
     from qevo.models import CifarResNet, LeNet5, MobileNetV2, get_model, init_variables
     from qevo.onednn import status as onednn_status
-    from qevo.population import PopulationEvaluator, PopulationMemoryError, QATConfig
+    from qevo.population import PopulationEvaluator, QATConfig
     from qevo.quant import quantize_activation, quantize_weight, validate_bits
     from qevo.search import run as run_search
     from qevo.search import search_defaults
     from qevo.sharing import ClusterTable, SharedEvaluator, build_table, load_compressed, save_compressed, seed_fitness
+    from qevo.train import run as run_train
     from qevo.variation import make_offspring, random_genes, uniform_genes
 
 

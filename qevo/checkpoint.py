@@ -16,9 +16,7 @@ import jax
 import numpy as np
 from flax import serialization
 
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, corrupt, or does not match what was asked for."""
+from qevo.errors import CheckpointError
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

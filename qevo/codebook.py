@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qevo.errors import ConfigError
+
 CODEBOOK_BITS = {"float32": 32, "float16": 16, "float8": 8, "int8": 8}
 
 _FLOAT8_MAX = 448.0
@@ -45,7 +47,7 @@ def quantize_codebook(centroids, fmt: str) -> jax.Array:
     Raises ValueError for an unknown format.
     """
     if fmt not in CODEBOOK_BITS:
-        raise ValueError(f"unknown codebook format {fmt!r}; choose one of {sorted(CODEBOOK_BITS)}")
+        raise ConfigError(f"unknown codebook format {fmt!r}; choose one of {sorted(CODEBOOK_BITS)}")
     c = jnp.asarray(centroids, jnp.float32)
     if fmt == "float32":
         return c

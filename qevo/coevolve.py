@@ -69,6 +69,7 @@ from qevo import checkpoint, intforward, train
 from qevo import config as config_lib
 from qevo.calibration import calibrate
 from qevo.data import augment, normalize
+from qevo.harness import RESULTS, method, write_json
 from qevo.layers import Bits
 from qevo.population import (
     STRATEGIES,
@@ -78,7 +79,6 @@ from qevo.population import (
     resolve_strategy,
 )
 from qevo.pretrained import float_model
-from qevo.run import main, write_json
 
 CHECKPOINT = "checkpoint.msgpack"
 HISTORY = "history.jsonl"
@@ -634,6 +634,7 @@ def save_integer_model(path: pathlib.Path, prep: Prepared, genome: jax.Array, me
     checkpoint.save(path, tree, meta)
 
 
+@method
 def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     """The whole protocol (module docstring) in ``workdir``; returns ``results.json``'s dict."""
     def log(msg):
@@ -689,9 +690,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
         "seconds": round(time.perf_counter() - start, 2),
         "device": jax.devices()[0].device_kind,
     }
-    write_json(workdir / "results.json", results)
+    write_json(workdir / RESULTS, results)
     return results
 
 
 if __name__ == "__main__":
+    from qevo.cli import main
+
     sys.exit(main("qevo.coevolve", run, validate))

@@ -38,9 +38,9 @@ drivers spend their budget where the result is chosen.
 
 Outputs in the work folder: ``config.json``, ``range.json`` (accuracy of every (layer, k)),
 ``history.jsonl`` (every individual of every generation: k, validation accuracy, both CRs,
-fitness), ``checkpoint.msgpack`` (resume), ``result.json``, ``compressed_<format>.msgpack``,
+fitness), ``checkpoint.msgpack`` (resume), ``results.json``, ``compressed_<format>.msgpack``,
 and for ``nsga3`` ``front.csv`` and ``front.png`` (the non-dominated evaluated networks,
-also under ``"front"`` in ``result.json``, so that a user can pick a point).
+also under ``"front"`` in ``results.json``, so that a user can pick a point).
 """
 
 from __future__ import annotations
@@ -62,9 +62,9 @@ from qevo import checkpoint, nsga3, sharing
 from qevo import config as config_lib
 from qevo.codebook import CODEBOOK_BITS, key_bits, quantize_codebook
 from qevo.drivers import make_driver, relax_to_genes
+from qevo.harness import RESULTS, method, write_csv, write_json
 from qevo.population import batch_eval_set
 from qevo.pretrained import float_model
-from qevo.run import main, write_csv, write_json
 from qevo.train import build_model, load_data
 from qevo.variation import make_offspring, random_genes
 
@@ -602,8 +602,9 @@ def write_front(workdir: pathlib.Path, rows: list[dict], names: list[str], float
     plt.close(fig)
 
 
+@method
 def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
-    """The whole protocol (module docstring) in ``workdir``; returns ``result.json``'s dict."""
+    """The whole protocol (module docstring) in ``workdir``; returns ``results.json``'s dict."""
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
@@ -663,9 +664,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
                     "refine": round(refine_seconds, 2), "total": round(time.perf_counter() - start, 2)},
         "device": jax.devices()[0].device_kind,
     }
-    write_json(workdir / "result.json", result)
+    write_json(workdir / RESULTS, result)
     return result
 
 
 if __name__ == "__main__":
+    from qevo.cli import main
+
     sys.exit(main("qevo.compress", run, validate))

@@ -16,15 +16,17 @@ import pathlib
 import ml_collections
 from ml_collections import config_dict
 
-
-class ConfigError(ValueError):
-    """A config file or override is invalid."""
+from qevo.errors import ConfigError
 
 
 def defaults() -> ml_collections.ConfigDict:
     """Every key a qevo command understands, with its default."""
     c = ml_collections.ConfigDict()
     c.seed = 0
+    # JAX's threefry bit layout for every random draw of a run (qevo.harness.random_streams):
+    # False, the original layout, compiles fast on the CPU; recorded so that a run started
+    # from Python draws what its command draws.
+    c.threefry_partitionable = False
     c.data = ml_collections.ConfigDict(
         {
             "name": "mnist",

@@ -58,6 +58,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from qevo.errors import ConfigError, DataError, QevoError
+
 if TYPE_CHECKING:  # annotations only: the worker processes decoding images never import jax
     import jax
 
@@ -81,10 +83,6 @@ _CHUNK = 1000  # images per decode task sent to a worker process
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL modes decoded with one channel
 _MAX_WORKERS = 8
 _IMAGENETTE_TFDS_SIZE = 224  # size of the offline copy; tfds images vary in size
-
-
-class DataError(ValueError):
-    """A dataset file is missing, corrupt, or not laid out as expected."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,9 +207,9 @@ def load_dataset(
       ValueError: bad arguments. DataError (a ValueError): missing or corrupt data.
     """
     if isinstance(val_size, bool) or not isinstance(val_size, (int, np.integer)) or val_size < 0:
-        raise ValueError(f"val_size must be a non-negative integer, got {val_size!r}")
+        raise ConfigError(f"val_size must be a non-negative integer, got {val_size!r}")
     if channels not in (None, 1, 3):
-        raise ValueError(f"channels must be None, 1 or 3, got {channels!r}")
+        raise ConfigError(f"channels must be None, 1 or 3, got {channels!r}")
     raw = _load_raw(name, data_dir, image_size, cache_dir, source)
     if channels is not None:
         raw = dataclasses.replace(raw, train_images=to_channels(raw.train_images, channels),
@@ -261,9 +259,9 @@ def write_image_folder(
     """
     out = pathlib.Path(out).expanduser()
     if not out.name.endswith((".tar.gz", ".tgz")):
-        raise ValueError(f"archive name {out.name!r} must end in .tar.gz or .tgz")
+        raise ConfigError(f"archive name {out.name!r} must end in .tar.gz or .tgz")
     if quality is not None and (isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 95):
-        raise ValueError(f"quality must be an int in 1..95 (JPEG) or None (PNG), got {quality!r}")
+        raise ConfigError(f"quality must be an int in 1..95 (JPEG) or None (PNG), got {quality!r}")
     raw = _load_raw(name, data_dir, image_size, cache_dir, source)
     stem = out.name.removesuffix(".gz").removesuffix(".tar").removesuffix(".tgz")
     if quality is None:
@@ -296,21 +294,22 @@ def write_image_folder(
 def _load_raw(name: str, data_dir, image_size: int | None, cache_dir, source: str) -> _Raw:
     """The decoded train and test splits of ``name`` (arguments as :func:`load_dataset`'s)."""
     if name not in DATASET_NAMES:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASET_NAMES)}")
+        raise ConfigError(f"unknown dataset {name!r}; expected one of {', '.join(DATASET_NAMES)}")
     if source not in SOURCES:
-        raise ValueError(f"unknown source {source!r}; expected one of {', '.join(SOURCES)}")
+        raise ConfigError(f"unknown source {source!r}; expected one of {', '.join(SOURCES)}")
     if image_size is not None and (
         isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1
     ):
-        raise ValueError(f"image_size must be a positive integer or None, got {image_size!r}")
+        raise ConfigError(f"image_size must be a positive integer or None, got {image_size!r}")
     image_size = None if image_size is None else int(image_size)
     cache = pathlib.Path(cache_dir) if cache_dir else default_cache_dir()
 
     if name == "image_folder":
         if source == "tfds":
-            raise ValueError("source='tfds' does not apply to 'image_folder'; use source='local' or 'auto'")
+            raise ConfigError("source='tfds' does not apply to 'image_folder'; use source='local' or 'auto'")
         if data_dir is None:
-            raise ValueError("'image_folder' needs data_dir: a folder <root>/{train,test}/<class>/ or a .tar.gz of one")
+            raise ConfigError("'image_folder' needs data_dir: a folder <root>/{train,test}/<class>/ "
+                              "or a .tar.gz of one")
         return _load_image_folder(pathlib.Path(data_dir).expanduser(), image_size, cache)
     origin = "data_dir argument"
     if data_dir is None and os.environ.get(DATA_DIR_ENV):
@@ -343,7 +342,7 @@ class _Raw:
 def _make_dataset(name: str, raw: _Raw, val_size: int, seed: int) -> Dataset:
     n = len(raw.train_labels)
     if val_size >= n:
-        raise ValueError(
+        raise ConfigError(
             f"val_size={val_size} leaves no training images: {name!r} has {n} train images; "
             f"choose val_size < {n} (about 10% of them, {n // 10}, is usual; 0 disables validation)"
         )
@@ -801,7 +800,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = write_image_folder(args.name, args.out, args.image_size, data_dir=args.data_dir,
                                      quality=None if args.png else args.quality)
-    except DataError as e:
+    except QevoError as e:
         print(f"{parser.prog}: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary))

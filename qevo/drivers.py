@@ -22,6 +22,8 @@ import optax
 from evosax.algorithms.base import EvolutionaryAlgorithm
 from evosax.algorithms.population_based.base import PopulationBasedAlgorithm
 
+from qevo.errors import ConfigError
+
 WORST_FITNESS = 2.0**100  # fitness of non-finite rows (about 1.3e30, exact in float32)
 
 EVOSAX_STRATEGIES = {
@@ -230,7 +232,7 @@ def make_driver(name: str, population_size: int, num_genes: int, **strategy_kwar
         ValueError: unknown name or keyword.
     """
     if name not in EVOSAX_STRATEGIES:
-        raise ValueError(f"unknown driver {name!r}; valid: {', '.join(sorted(EVOSAX_STRATEGIES))}")
+        raise ConfigError(f"unknown driver {name!r}; valid: {', '.join(sorted(EVOSAX_STRATEGIES))}")
     cls = EVOSAX_STRATEGIES[name]
     strategy_kwargs = BOX_DEFAULTS.get(name, {}) | strategy_kwargs
     constructor_names = set(inspect.signature(cls.__init__).parameters) - {
@@ -241,8 +243,8 @@ def make_driver(name: str, population_size: int, num_genes: int, **strategy_kwar
     param_names = set(params.__dataclass_fields__)
     unknown = set(strategy_kwargs) - constructor_names - param_names
     if unknown:
-        raise ValueError(f"unknown keywords {sorted(unknown)} for driver {name!r}; valid: "
-                         f"{', '.join(sorted(constructor_names | param_names))}")
+        raise ConfigError(f"unknown keywords {sorted(unknown)} for driver {name!r}; valid: "
+                          f"{', '.join(sorted(constructor_names | param_names))}")
     return Driver(strategy, params.replace(**{k: v for k, v in strategy_kwargs.items()
                                               if k in param_names}))
 

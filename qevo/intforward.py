@@ -36,6 +36,7 @@ import numpy as np
 from flax import struct, traverse_util
 
 from qevo import quant
+from qevo.errors import ConfigError
 from qevo.layers import BatchNorm, Bits, QConv, QDense, conv2d, conv_windows
 
 MAX_WEIGHT_BITS = 8
@@ -72,9 +73,9 @@ def weight_levels(kernel: jax.Array, bits: int, per_channel: bool = True, mode: 
       exactly (an all-zero channel gets scale 0 and levels 0).
     """
     if not 2 <= bits <= MAX_WEIGHT_BITS:
-        raise ValueError(f"integer weights need a width in 2..{MAX_WEIGHT_BITS}, got {bits}")
+        raise ConfigError(f"integer weights need a width in 2..{MAX_WEIGHT_BITS}, got {bits}")
     if mode not in WEIGHT_MODES:
-        raise ValueError(f"integer weights need a symmetric quantizer, one of {WEIGHT_MODES}; got {mode!r}")
+        raise ConfigError(f"integer weights need a symmetric quantizer, one of {WEIGHT_MODES}; got {mode!r}")
     axes = tuple(range(kernel.ndim - 1)) if per_channel else tuple(range(kernel.ndim))
     absmax = jnp.max(jnp.abs(kernel), axis=axes, keepdims=True)
     n = jnp.float32(max_level(bits))
@@ -176,7 +177,7 @@ def int_conv(x8: jax.Array, offset: jax.Array, q: jax.Array, strides: int, paddi
         taps = q.reshape(k * k, o).astype(jnp.int32)
         acc = sum(w.astype(jnp.int32) * taps[t] for t, w in enumerate(windows))
         return acc + offset * jnp.sum(taps, axis=0)
-    raise ValueError(f"integer convolution supports dense and depthwise kernels, not {groups} groups of {c} channels")
+    raise ConfigError(f"integer convolution supports dense and depthwise kernels, not {groups} groups of {c} channels")
 
 
 ARITHMETICS = ("integer", "float")
@@ -203,7 +204,7 @@ def apply(model: nn.Module, variables: dict, kernels: dict[str, IntKernel], bits
       float32 logits ``[N, num_classes]``.
     """
     if arithmetic not in ARITHMETICS:
-        raise ValueError(f"arithmetic must be one of {ARITHMETICS}, got {arithmetic!r}")
+        raise ConfigError(f"arithmetic must be one of {ARITHMETICS}, got {arithmetic!r}")
 
     with nn.intercept_methods(_integer_layers(kernels, arithmetic)):
         return model.apply(variables, images, bits, train=False)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from qevo import onednn, quant
+from qevo.errors import ConfigError
 
 CALIBRATION_QUANTILE = 0.9999
 
@@ -40,7 +41,7 @@ class QuantOptions:
 
     def __post_init__(self):
         if self.mode not in quant.MODES:
-            raise ValueError(f"unknown quantization mode {self.mode!r}; use one of {quant.MODES}")
+            raise ConfigError(f"unknown quantization mode {self.mode!r}; use one of {quant.MODES}")
 
 
 @struct.dataclass

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qevo.errors import ConfigError
 from qevo.layers import BatchNorm, Bits, QConv, QDense, QuantContext, QuantOptions
 
 
@@ -52,7 +53,7 @@ class LeNet5(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, bits: Bits | None = None, train: bool = False) -> jax.Array:
         if self.activation not in ("relu", "tanh"):
-            raise ValueError(f"LeNet5 activation must be 'relu' or 'tanh', got {self.activation!r}")
+            raise ConfigError(f"LeNet5 activation must be 'relu' or 'tanh', got {self.activation!r}")
         act = nn.relu if self.activation == "relu" else jnp.tanh
         signed = self.activation == "tanh"
         ctx = _context(self, bits, self.num_layers)
@@ -102,7 +103,7 @@ class CifarResNet(nn.Module):
     @property
     def blocks_per_stage(self) -> int:
         if (self.depth - 2) % 6 or self.depth < 8:
-            raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 56, ...), got {self.depth}")
+            raise ConfigError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 56, ...), got {self.depth}")
         return (self.depth - 2) // 6
 
     @property
@@ -209,7 +210,7 @@ MODELS = {
 def get_model(name: str, num_classes: int, options: QuantOptions = QuantOptions(), **kwargs) -> nn.Module:
     """Build a model by name (``lenet5``, ``resnet20/32/56``, ``mobilenetv2``)."""
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+        raise ConfigError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     return MODELS[name](num_classes, options, **kwargs)
 
 

@@ -28,14 +28,11 @@ from jax.sharding import Mesh, PartitionSpec
 
 from qevo.cost import layer_table
 from qevo.data import normalize
+from qevo.errors import ConfigError, PopulationMemoryError
 from qevo.layers import Bits
 from qevo.quant import validate_bits
 
 STRATEGIES = ("auto", "vmap", "map")
-
-
-class PopulationMemoryError(ValueError):
-    """A population program asked for more memory than its devices have."""
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -69,9 +66,9 @@ class QATConfig:
 
     def __post_init__(self):
         if self.steps < 0 or self.batch_size < 1:
-            raise ValueError(f"QAT steps must be >= 0 and batch_size >= 1, got {self.steps}, {self.batch_size}")
+            raise ConfigError(f"QAT steps must be >= 0 and batch_size >= 1, got {self.steps}, {self.batch_size}")
         if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"QAT optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+            raise ConfigError(f"QAT optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
 
     def make_optimizer(self) -> optax.GradientTransformation:
         return sgd_or_adam(self.optimizer, self.learning_rate, self.momentum, False, self.weight_decay,
@@ -83,7 +80,7 @@ def decay_mask(weight_decay_on: str):
     ``"kernels"`` (arrays of rank >= 2: convolution and dense kernels, not BatchNorm scales,
     biases or clip ranges)."""
     if weight_decay_on not in ("all", "kernels"):
-        raise ValueError(f"weight_decay_on must be 'all' or 'kernels', got {weight_decay_on!r}")
+        raise ConfigError(f"weight_decay_on must be 'all' or 'kernels', got {weight_decay_on!r}")
     return None if weight_decay_on == "all" else (lambda tree: jax.tree.map(lambda p: p.ndim >= 2, tree))
 
 
@@ -120,9 +117,9 @@ VMAP_QAT_MAX_MACS = 2**30
 def validate_strategy(strategy: str, chunk_size: int | None) -> None:
     """Raise ``ValueError`` for a strategy name not in ``STRATEGIES`` or a chunk size below 1."""
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown population strategy {strategy!r}; use one of {STRATEGIES}")
+        raise ConfigError(f"unknown population strategy {strategy!r}; use one of {STRATEGIES}")
     if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"population chunk_size must be >= 1 (or None for 1), got {chunk_size!r}")
+        raise ConfigError(f"population chunk_size must be >= 1 (or None for 1), got {chunk_size!r}")
 
 
 def resolve_strategy(strategy: str, chunk_size: int | None, backend: str,

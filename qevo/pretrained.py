@@ -17,6 +17,7 @@ import ml_collections
 from qevo import checkpoint, train
 from qevo import config as config_lib
 from qevo.data import Dataset
+from qevo.harness import MODEL, RESULTS
 from qevo.models import init_variables
 
 
@@ -37,19 +38,19 @@ def float_model(cfg: ml_collections.ConfigDict, ds: Dataset, model: nn.Module,
     if cfg.float_from is None:
         folder = workdir / "float"
         folder.mkdir(parents=True, exist_ok=True)
-        if not (folder / "results.json").exists():
+        if not (folder / RESULTS).exists():
             float_cfg = ml_collections.ConfigDict(cfg.to_dict())
             float_cfg.train.w_bits = float_cfg.train.a_bits = 32
             train.run(float_cfg, folder)
     else:
         folder = pathlib.Path(cfg.float_from)
-        if not (folder / train.MODEL).is_file():
+        if not (folder / MODEL).is_file():
             raise config_lib.ConfigError(
-                f"float_from={cfg.float_from!r} holds no {train.MODEL}; "
+                f"float_from={cfg.float_from!r} holds no {MODEL}; "
                 "point it at a finished `python -m qevo.train` run folder"
             )
     template = init_variables(model, jax.random.key(cfg.seed), ds.train_images.shape[1:])
-    variables, _ = checkpoint.load(folder / train.MODEL, template)
-    results_path = folder / "results.json"
+    variables, _ = checkpoint.load(folder / MODEL, template)
+    results_path = folder / RESULTS
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     return variables, results

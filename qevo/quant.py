@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qevo.errors import ConfigError
+
 FLOAT_BITS = 32
 MODES = ("absmax", "mse", "dorefa")
 MSE_CLIP_RATIOS = np.round(np.linspace(1.0, 0.2, 17), 6).astype(np.float32)  # of the absmax, searched by "mse"
@@ -99,7 +101,7 @@ def quantize_weight(
         q = 2.0 * (jnp.round((t + 1.0) * 0.5 * n) / n) - 1.0
         return _ste(w, jnp.where(bits >= FLOAT_BITS, w, q))
     if mode not in ("absmax", "mse"):
-        raise ValueError(f"unknown quantization mode {mode!r}; use one of {MODES}")
+        raise ConfigError(f"unknown quantization mode {mode!r}; use one of {MODES}")
     axes = _channel_axes(w, per_channel)
     absmax = jnp.max(jnp.abs(w), axis=axes, keepdims=True)
     n = _max_level(bits, signed=True)
@@ -135,7 +137,7 @@ def quantize_activation(
     if mode == "dorefa":
         clip, signed = jnp.ones((), x.dtype), False
     elif mode not in ("absmax", "mse"):
-        raise ValueError(f"unknown quantization mode {mode!r}; use one of {MODES}")
+        raise ConfigError(f"unknown quantization mode {mode!r}; use one of {MODES}")
     lo = -clip if signed else jnp.zeros_like(clip)
     xc = jnp.clip(x, lo, clip)
     n = _max_level(bits, signed)
@@ -163,21 +165,21 @@ def validate_bits(w_bits, a_bits, n_layers: int) -> tuple[np.ndarray, np.ndarray
     for name, bits in (("w_bits", w_bits), ("a_bits", a_bits)):
         arr = np.asarray(bits)
         if arr.ndim not in (1, 2) or arr.shape[-1] != n_layers:
-            raise ValueError(
+            raise ConfigError(
                 f"{name} has shape {arr.shape}; expected [{n_layers}] or [population, {n_layers}]"
                 f" (one width per quantizable layer of the model)"
             )
         if not np.issubdtype(arr.dtype, np.integer) and (
             not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr))
         ):
-            raise ValueError(f"{name} holds non-integer widths {arr.ravel()[:8]}; use whole numbers of bits")
+            raise ConfigError(f"{name} holds non-integer widths {arr.ravel()[:8]}; use whole numbers of bits")
         bad = arr[(arr < 1) | (arr > FLOAT_BITS)]
         if bad.size:
-            raise ValueError(
+            raise ConfigError(
                 f"{name} holds impossible bit widths {sorted(set(bad.astype(int).tolist()))};"
                 f" each width must be in 1..{FLOAT_BITS} (32 = float, not quantized)"
             )
         out.append(arr.astype(np.int32))
     if out[0].shape != out[1].shape:
-        raise ValueError(f"w_bits shape {out[0].shape} differs from a_bits shape {out[1].shape}")
+        raise ConfigError(f"w_bits shape {out[0].shape} differs from a_bits shape {out[1].shape}")
     return out[0], out[1]

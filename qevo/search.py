@@ -41,11 +41,11 @@ from qevo import checkpoint, cost, drivers, nsga3, train, variation
 from qevo import config as config_lib
 from qevo.calibration import calibrate
 from qevo.data import Dataset, normalize
+from qevo.harness import RESULTS, method, write_csv, write_json
 from qevo.layers import Bits
 from qevo.models import init_variables
 from qevo.population import PopulationEvaluator, QATConfig
 from qevo.pretrained import float_model
-from qevo.run import main, write_csv, write_json
 
 CHECKPOINT = "checkpoint.msgpack"
 OBJECTIVES = ("error", "bitops", "size", "flops", "params")
@@ -539,7 +539,7 @@ def train_final(cfg, problem: Problem, models: list[dict], workdir: pathlib.Path
     rows = []
     for m in models:
         folder = workdir / "final" / m["name"]
-        done = folder / "results.json"
+        done = folder / RESULTS
         fitted = json.loads(done.read_text()) if done.exists() else {}
         if (fitted.get("w_bits"), fitted.get("a_bits")) != (m["w_bits"], m["a_bits"]):
             if fitted:  # a finished model with other bits (the candidates changed): train afresh
@@ -608,6 +608,7 @@ FINAL_COLUMNS = ["name", "kind", "w_bits", "a_bits", "search_val_accuracy", "val
 PARETO_COLUMNS = ["w_bits", "a_bits", "val_accuracy", "generation", "bitops", "size", "flops", "params"]
 
 
+@method
 def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     """The whole protocol in ``workdir`` (resuming where it stopped); returns the summary."""
     start = time.perf_counter()
@@ -639,9 +640,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
         "search_seconds": round(search_seconds, 1),
         "device": jax.devices()[0].device_kind,
     }
-    write_json(workdir / "results.json", results)
+    write_json(workdir / RESULTS, results)
     return results
 
 
 if __name__ == "__main__":
+    from qevo.cli import main
+
     sys.exit(main("qevo.search", run, validate))

@@ -33,6 +33,7 @@ from flax import traverse_util
 from qevo import checkpoint
 from qevo.codebook import CODEBOOK_BITS, model_compression_rates, quantize_codebook
 from qevo.data import normalize
+from qevo.errors import ConfigError
 from qevo.kmeans import kmeans, pack_layers
 from qevo.population import batched_accuracy, population_map, resolve_strategy
 
@@ -124,9 +125,9 @@ def build_table(kernels, k_max: int, *, n_iter: int = 50, call_bytes: int = _TAB
     kernels = [np.asarray(k, np.float32) for k in kernels]
     sizes = tuple(int(k.size) for k in kernels)
     if not 1 <= k_max <= 128:
-        raise ValueError(f"k_max={k_max} is out of range; use 1..128")
+        raise ConfigError(f"k_max={k_max} is out of range; use 1..128")
     if k_max > min(sizes):
-        raise ValueError(f"k_max={k_max} exceeds the {min(sizes)} weights of the smallest shared layer; lower k_max")
+        raise ConfigError(f"k_max={k_max} exceeds the {min(sizes)} weights of the smallest shared layer; lower k_max")
     n_layers = len(kernels)
     offsets = np.cumsum((0, *sizes[:-1]))
     centroids = np.zeros((n_layers, k_max, k_max), np.float32)
@@ -314,7 +315,7 @@ def encode_codebook(codebook: np.ndarray, fmt: str) -> tuple[np.ndarray, np.floa
     """
     c = np.asarray(codebook, np.float32)
     if fmt not in CODEBOOK_BITS:
-        raise ValueError(f"unknown codebook format {fmt!r}; choose one of {sorted(CODEBOOK_BITS)}")
+        raise ConfigError(f"unknown codebook format {fmt!r}; choose one of {sorted(CODEBOOK_BITS)}")
     if fmt in ("float32", "float16"):
         return c.astype(np.float32 if fmt == "float32" else np.float16), np.float32(1.0)
     absmax = np.float32(np.max(np.abs(c))) if c.size else np.float32(0)

@@ -32,14 +32,13 @@ from qevo import checkpoint
 from qevo import config as config_lib
 from qevo.calibration import calibrate
 from qevo.data import Dataset, augment, load_dataset, normalize
+from qevo.harness import MODEL, RESULTS, method, write_csv, write_json
 from qevo.layers import Bits, QuantOptions
 from qevo.models import get_model, init_variables
 from qevo.population import batch_eval_set, batched_accuracy, cross_entropy, sgd_or_adam
-from qevo.run import main, write_csv, write_json
 
 CHECKPOINT = "checkpoint.msgpack"
 HISTORY = "history.csv"
-MODEL = "model.msgpack"
 
 
 @struct.dataclass
@@ -226,6 +225,7 @@ def fit(cfg: ml_collections.ConfigDict, ds: Dataset, model: nn.Module, variables
     return state.variables, results
 
 
+@method
 def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     """Train per ``cfg`` in ``workdir`` (resuming from its checkpoint); returns the results dict."""
     ds = load_data(cfg)
@@ -245,9 +245,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
         **fitted,
         "device": jax.devices()[0].device_kind,
     }
-    write_json(workdir / "results.json", results)
+    write_json(workdir / RESULTS, results)
     return results
 
 
 if __name__ == "__main__":
+    from qevo.cli import main
+
     sys.exit(main("qevo.train", run, config_lib.validate))

@@ -37,22 +37,22 @@ def run_command(module: str, config: str, workdir: pathlib.Path, args=(), data_d
 
 
 def run_main(module: str, config: str, workdir: pathlib.Path, args=(), data_dir=None) -> tuple[int, str]:
-    """A command's entry point (``qevo.run.main``) in this process, for fast error-path tests:
+    """A command's entry point (``qevo.cli.main``) in this process, for fast error-path tests:
     ``(exit status, stderr)`` of ``python -m <module> --config configs/<config> --workdir <workdir> <args>``."""
     import contextlib
     import importlib
     import io
     from unittest import mock
 
+    from qevo import cli
     from qevo import config as config_lib
-    from qevo import run
 
     mod = importlib.import_module(module)
     err = io.StringIO()
     env = {"QEVO_DATA_DIR": str(data_dir)} if data_dir else {}
     argv = ["--config", str(REPO / "configs" / config), "--workdir", str(workdir), *args]
     with mock.patch.dict(os.environ, env), contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        status = run.main(module, mod.run, getattr(mod, "validate", config_lib.validate), argv)
+        status = cli.main(module, mod.run, getattr(mod, "validate", config_lib.validate), argv)
     return status, err.getvalue()
 
 

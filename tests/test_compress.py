@@ -255,7 +255,7 @@ def test_lenet5_compresses_on_real_mnist(lenet5_float, data_dir, tmp_path):
             "--config.data.val_size=2000"]
     out = run_command("qevo.compress", "lenet5_sharing.py", tmp_path / "run", args, data_dir)
     assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    result = json.loads((tmp_path / "run" / "results.json").read_text())
     fp32 = result["formats"]["float32"]
     assert fp32["cr_weighted"] >= 12.0 and fp32["test_loss_points"] <= 1.0, result
     for fmt, entry in result["formats"].items():
@@ -276,7 +276,7 @@ def test_nsga3_front_and_resume(tiny_lenet5_float, data_dir, tmp_path):
     header, *rows = (run / "front.csv").read_text().splitlines()
     assert header.startswith("k_QConv_0/kernel,") and header.endswith("val_accuracy,cr_mean,cr_weighted") and rows
     assert (run / "front.png").stat().st_size > 1000
-    first = json.loads((run / "result.json").read_text())
+    first = json.loads((run / "results.json").read_text())
     in_result = [[*map(str, r["k"]), f"{r['val_accuracy']:.6f}", f"{r['cr_mean']:.6f}", f"{r['cr_weighted']:.6f}"]
                  for r in first["front"]]
     assert in_result == [row.split(",") for row in rows]
@@ -285,7 +285,7 @@ def test_nsga3_front_and_resume(tiny_lenet5_float, data_dir, tmp_path):
     assert cr == sorted(cr) and accuracy == sorted(accuracy, reverse=True)  # non-dominated: more CR, less accuracy
     again = run_command("qevo.compress", "lenet5_sharing.py", run, args, data_dir)
     assert again.returncode == 0 and "resuming" in again.stderr, again.stderr[-3000:]
-    second = json.loads((run / "result.json").read_text())
+    second = json.loads((run / "results.json").read_text())
     assert (first["k"], first["formats"]) == (second["k"], second["formats"])
 
 
@@ -311,7 +311,7 @@ def test_tiny_mobilenetv2_compresses_on_real_imagenette(data_dir, tmp_path):
     out = run_command("qevo.compress", "mobilenetv2_sharing.py", tmp_path / "run", args, data_dir)
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp_path / "run"
-    result = json.loads((run / "result.json").read_text())
+    result = json.loads((run / "results.json").read_text())
     ranges = json.loads((run / "range.json").read_text())
     assert len(result["layers"]) == 53 and sum(result["layer_sizes"]) > 2_200_000
     assert result["scoring_images"] == 100 and ranges["k"] == [2, 4, 8]

@@ -1,9 +1,12 @@
-"""The run harness every command shares: arguments, work folder, resolved config, outputs.
+"""The command layer: ``python -m qevo.<method> --config configs/x.py [--config.key=value ...]
+[--workdir DIR]``.
 
-``python -m qevo.<command> --config configs/x.py [--config.key=value ...] [--workdir DIR]``
-loads and validates the config, makes the work folder (default ``runs/<config name>``),
-writes ``config.json`` (the resolved config) and refuses to resume a folder whose saved
-config differs. Errors that a user can fix end the command with one line, exit status 2.
+It parses the flags, loads and validates the config, prepares the work folder
+(:func:`qevo.harness.prepare_workdir`, default ``runs/<config name>``), sets the
+process-wide compilation cache and runs the method. Errors a user can fix
+(:class:`qevo.errors.QevoError`) and device memory running out end the command with one
+line on stderr and exit status 2; anything else is a bug and keeps its traceback. Only the
+``__main__`` hooks of the method modules import this module.
 
 Compiled programs are kept in JAX's persistent compilation cache (``$JAX_COMPILATION_CACHE_DIR``,
 else ``<qevo cache>/jax``, see :func:`qevo.data.default_cache_dir`), so a rerun or a resumed
@@ -12,8 +15,6 @@ run skips most compilation.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import pathlib
 import sys
@@ -23,11 +24,12 @@ import jax
 import ml_collections
 
 from qevo import config as config_lib
-from qevo.checkpoint import CheckpointError, atomic_write_bytes
-from qevo.data import DataError, default_cache_dir
-from qevo.population import PopulationMemoryError, is_out_of_memory
+from qevo.data import default_cache_dir
+from qevo.errors import ConfigError, PopulationMemoryError, QevoError
+from qevo.harness import MODEL, prepare_workdir
+from qevo.population import is_out_of_memory
 
-USER_ERRORS = (config_lib.ConfigError, DataError, CheckpointError, ValueError)
+USER_ERRORS = (QevoError,)
 
 # The settings that decide how much device memory a command's programs take.
 MEMORY_KEYS = (
@@ -59,7 +61,7 @@ def parse_args(argv: list[str], prog: str) -> tuple[pathlib.Path, list[str], pat
             value = pathlib.Path(args.pop(0))
             path, workdir = (value, workdir) if arg == "--config" else (path, value)
         else:
-            raise config_lib.ConfigError(f"unexpected argument {arg!r}; {usage}")
+            raise ConfigError(f"unexpected argument {arg!r}; {usage}")
     if wants_help:
         print(usage)
         if path is not None:
@@ -68,55 +70,14 @@ def parse_args(argv: list[str], prog: str) -> tuple[pathlib.Path, list[str], pat
                 print(f"  {key} = {value!r}")
         sys.exit(0)
     if path is None:
-        raise config_lib.ConfigError(f"--config is required; {usage}")
+        raise ConfigError(f"--config is required; {usage}")
     return path, overrides, workdir
-
-
-def prepare_workdir(workdir: pathlib.Path, cfg: ml_collections.ConfigDict) -> pathlib.Path:
-    """Create ``workdir`` and write ``config.json``; a different saved config is an error, as
-    is a path that is not a writable folder."""
-    if workdir.exists() and not workdir.is_dir():
-        raise CheckpointError(f"--workdir {workdir} is a file, not a folder; pass a folder path")
-    resolved = config_lib.to_dict(cfg)
-    saved = workdir / "config.json"
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        if saved.exists():
-            try:
-                previous = json.loads(saved.read_text())
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise CheckpointError(f"{saved} is corrupt ({e}); delete {workdir} to start over") from e
-            if previous != json.loads(json.dumps(resolved)):
-                raise config_lib.ConfigError(f"{workdir} holds a run with a different config ({saved}); "
-                                             "pass a new --workdir or delete that folder")
-        write_json(saved, resolved)
-    except OSError as e:
-        raise CheckpointError(f"--workdir {workdir} is not a writable folder ({e.strerror}); "
-                              "pass a folder you can write to") from e
-    return workdir
-
-
-def write_json(path: pathlib.Path, obj) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def write_csv(path: pathlib.Path, rows: list[dict], columns: list[str]) -> None:
-    """Write ``rows`` (dicts) as CSV with ``columns``, atomically; lists (bit widths) as space-joined text."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: " ".join(str(int(b)) for b in v) if isinstance(v, list) else v for k, v in r.items()})
-    atomic_write_bytes(path, buf.getvalue().encode())
 
 
 def memory_settings(cfg: ml_collections.ConfigDict | None, workdir: pathlib.Path | None) -> str:
     """The settings of ``cfg`` that decide device memory, as the flags that set them, and
     where a float model trained by this run can be reused from (a changed config needs a new
     work folder)."""
-    from qevo.train import MODEL  # imported here: qevo.train imports this module
-
     if cfg is None:
         return "no config was loaded"
     flat = config_lib.flatten(cfg)
@@ -141,7 +102,6 @@ def main(prog: str, run: Callable[[ml_collections.ConfigDict, pathlib.Path], dic
       Exit status: 0 on success, 2 on a user error or when the devices run out of memory
       (one line on stderr; for memory, the config settings that decide it).
     """
-    jax.config.update("jax_threefry_partitionable", False)  # fast CPU compiles of PRNG code
     if not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "jax"))
     cfg = workdir = None

@@ -4,9 +4,11 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from qevo import run
+from qevo import cli, harness
+from qevo import config as config_lib
 from qevo.population import PopulationMemoryError
 
 CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "lenet5.py")
@@ -30,7 +32,7 @@ def _population_too_big(cfg, workdir):
 def test_out_of_memory_ends_the_command_with_its_memory_settings(fn, start, tmp_path, capsys):
     argv = ["--config", CONFIG, "--workdir", str(tmp_path), "--config.population_size=24",
             "--config.search.strategy=vmap"]
-    assert run.main("qevo.search", fn, lambda cfg: cfg, argv) == 2
+    assert cli.main("qevo.search", fn, lambda cfg: cfg, argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(start), err
     assert ("memory settings now: --config.population_size=24 --config.search.strategy=vmap "
@@ -42,7 +44,7 @@ def test_out_of_memory_after_float_training_says_how_to_reuse_the_float_model(tm
     (tmp_path / "float").mkdir()
     (tmp_path / "float" / "model.msgpack").write_bytes(b"")
     argv = ["--config", CONFIG, "--workdir", str(tmp_path)]
-    assert run.main("qevo.search", _exhaust_memory, lambda cfg: cfg, argv) == 2
+    assert cli.main("qevo.search", _exhaust_memory, lambda cfg: cfg, argv) == 2
     assert capsys.readouterr().err.endswith(f"; with a new --workdir, --config.float_from={tmp_path / 'float'} "
                                             "reuses this run's float model\n")
 
@@ -52,12 +54,12 @@ def test_other_runtime_errors_are_not_called_memory(tmp_path):
         raise jax.errors.JaxRuntimeError("INTERNAL: something else")
 
     with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
-        run.main("qevo.search", fails, lambda cfg: cfg, ["--config", CONFIG, "--workdir", str(tmp_path)])
+        cli.main("qevo.search", fails, lambda cfg: cfg, ["--config", CONFIG, "--workdir", str(tmp_path)])
 
 
 def test_help_lists_every_key_of_the_config_with_the_overrides(capsys):
     with pytest.raises(SystemExit) as done:
-        run.parse_args(["--config", CONFIG, "--config.population_size=32", "--help"], "qevo.search")
+        cli.parse_args(["--config", CONFIG, "--config.population_size=32", "--help"], "qevo.search")
     out = capsys.readouterr().out.splitlines()
     assert done.value.code == 0 and out[0].startswith("usage: python -m qevo.search --config")
     assert "  population_size = 32" in out and "  search.qat_steps = 20" in out and "  train.epochs = 12" in out
@@ -70,7 +72,7 @@ def test_help_lists_every_key_of_the_config_with_the_overrides(capsys):
 ])
 def test_unknown_key_suggests_the_known_one(override, suggestion, tmp_path, capsys):
     argv = ["--config", CONFIG, "--workdir", str(tmp_path), f"--config.{override}"]
-    assert run.main("qevo.search", None, lambda cfg: cfg, argv) == 2
+    assert cli.main("qevo.search", None, lambda cfg: cfg, argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"qevo.search: error: unknown config key '{override.split('=')[0]}' "
                           f"in override --config.{override} (did you mean '{suggestion}'?); "
@@ -93,7 +95,7 @@ def test_broken_config_file_gives_one_line(source, message, tmp_path, capsys):
     path.write_text(source)
     from qevo import search
 
-    assert run.main("qevo.search", _never_runs, search.validate,
+    assert cli.main("qevo.search", _never_runs, search.validate,
                     ["--config", str(path), "--workdir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"qevo.search: error: config file {path}") and message in err, err
@@ -115,7 +117,7 @@ def test_numeric_keys_are_range_checked(override, message, tmp_path, capsys):
     from qevo import search
 
     argv = ["--config", CONFIG, "--workdir", str(tmp_path / "run"), f"--config.{override}"]
-    assert run.main("qevo.search", _never_runs, search.validate, argv) == 2
+    assert cli.main("qevo.search", _never_runs, search.validate, argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"qevo.search: error: config {message}"), err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
@@ -132,7 +134,7 @@ def test_bad_work_folders_give_one_line(tmp_path, capsys):
     for workdir, message in ((a_file, f"--workdir {a_file} is a file, not a folder; pass a folder path"),
                              (a_file / "run", f"--workdir {a_file / 'run'} is not a writable folder ("),
                              (corrupt, f"{corrupt / 'config.json'} is corrupt (")):
-        assert run.main("qevo.search", _never_runs, search.validate,
+        assert cli.main("qevo.search", _never_runs, search.validate,
                         ["--config", CONFIG, "--workdir", str(workdir)]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"qevo.search: error: {message}") and len(err.strip().splitlines()) == 1, err
@@ -152,3 +154,21 @@ def test_history_resume_policy(tmp_path):
     with pytest.raises(CheckpointError, match=r"history.jsonl has 3 generations, the checkpoint 4; delete"):
         read_history(path, 4, "generations")
     assert read_history(tmp_path / "none.jsonl", 0) == []
+
+
+@harness.method
+def _draw(cfg, workdir):
+    return jax.random.normal(jax.random.key(0), (4,))
+
+
+@pytest.mark.parametrize("recorded", [False, True])
+def test_a_method_draws_the_stream_its_config_records_whatever_the_process_setting(recorded):
+    cfg = config_lib.defaults()
+    cfg.threefry_partitionable = recorded
+    draws = {}
+    for process in (False, True):
+        with jax.threefry_partitionable(process):
+            draws[process] = (_draw(cfg, "unused"), jax.random.normal(jax.random.key(0), (4,)))
+    np.testing.assert_array_equal(draws[False][0], draws[True][0])
+    np.testing.assert_array_equal(draws[False][0], draws[recorded][1])
+    assert not np.array_equal(draws[False][1], draws[True][1])  # the two settings do draw differently

@@ -1,0 +1,89 @@
+"""The run harness every method shares: the work folder, its resolved config, output names
+and atomic writers, and the random-number setting a run is traced under.
+
+A work folder holds ``config.json`` (the resolved config; a different one is refused),
+``checkpoint.msgpack`` or the method's own resumable state, ``history.*`` and, when the
+run is done, ``results.json``. :func:`method` wraps every method's ``run(cfg, workdir)`` so
+that it draws the same random numbers from Python as from its command (:mod:`qevo.cli`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import functools
+import io
+import json
+import pathlib
+from collections.abc import Callable
+
+import jax
+import ml_collections
+
+from qevo import config as config_lib
+from qevo.checkpoint import atomic_write_bytes
+from qevo.errors import CheckpointError
+
+CONFIG = "config.json"
+MODEL = "model.msgpack"
+RESULTS = "results.json"
+
+
+def method(run: Callable[[ml_collections.ConfigDict, pathlib.Path], dict]):
+    """Wrap a method's ``run(cfg, workdir) -> results`` so that it runs under the config's
+    random-number setting (``cfg.threefry_partitionable``, recorded in ``config.json``):
+    the same stream from Python as from the command line. ``workdir`` may be a str."""
+
+    @functools.wraps(run)
+    def wrapped(cfg: ml_collections.ConfigDict, workdir) -> dict:
+        with random_streams(cfg):
+            return run(cfg, pathlib.Path(workdir))
+
+    return wrapped
+
+
+@contextlib.contextmanager
+def random_streams(cfg: ml_collections.ConfigDict):
+    """Trace under ``cfg.threefry_partitionable`` (False: JAX's original threefry bit
+    layout, which compiles fast on the CPU; True: the partitionable one)."""
+    with jax.threefry_partitionable(bool(cfg.threefry_partitionable)):
+        yield
+
+
+def prepare_workdir(workdir: pathlib.Path, cfg: ml_collections.ConfigDict) -> pathlib.Path:
+    """Create ``workdir`` and write ``config.json``; a different saved config is an error, as
+    is a path that is not a writable folder."""
+    if workdir.exists() and not workdir.is_dir():
+        raise CheckpointError(f"--workdir {workdir} is a file, not a folder; pass a folder path")
+    resolved = config_lib.to_dict(cfg)
+    saved = workdir / CONFIG
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        if saved.exists():
+            try:
+                previous = json.loads(saved.read_text())
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{saved} is corrupt ({e}); delete {workdir} to start over") from e
+            if previous != json.loads(json.dumps(resolved)):
+                raise config_lib.ConfigError(f"{workdir} holds a run with a different config ({saved}); "
+                                             "pass a new --workdir or delete that folder")
+        write_json(saved, resolved)
+    except OSError as e:
+        raise CheckpointError(f"--workdir {workdir} is not a writable folder ({e.strerror}); "
+                              "pass a folder you can write to") from e
+    return workdir
+
+
+def write_json(path: pathlib.Path, obj) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_csv(path: pathlib.Path, rows: list[dict], columns: list[str]) -> None:
+    """Write ``rows`` (dicts) as CSV with ``columns``, atomically; lists (bit widths) as space-joined text."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: " ".join(str(int(b)) for b in v) if isinstance(v, list) else v for k, v in r.items()})
+    atomic_write_bytes(path, buf.getvalue().encode())
