@@ -9,7 +9,7 @@ import pytest
 
 from qevo import cli, harness
 from qevo import config as config_lib
-from qevo.population import PopulationMemoryError
+from qevo.errors import CheckpointError, ConfigError, DataError, PopulationMemoryError
 
 CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "lenet5.py")
 
@@ -56,6 +56,25 @@ def test_other_runtime_errors_are_not_called_memory(tmp_path):
     with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
         cli.main("qevo.search", fails, lambda cfg: cfg, ["--config", CONFIG, "--workdir", str(tmp_path)])
 
+
+
+@pytest.mark.parametrize("error", [ValueError("operands could not be broadcast together"), TypeError("bad operand")])
+def test_a_bug_keeps_its_traceback(tmp_path, error):
+    def buggy(cfg, workdir):
+        raise error
+
+    with pytest.raises(type(error), match=str(error)):
+        cli.main("qevo.search", buggy, lambda cfg: cfg, ["--config", CONFIG, "--workdir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("error", [ConfigError("search.x must be > 0"), DataError("no images in /d"),
+                                   CheckpointError("truncated")])
+def test_a_user_error_is_one_line(tmp_path, capsys, error):
+    def refuses(cfg, workdir):
+        raise error
+
+    assert cli.main("qevo.search", refuses, lambda cfg: cfg, ["--config", CONFIG, "--workdir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"qevo.search: error: {error}\n"
 
 def test_help_lists_every_key_of_the_config_with_the_overrides(capsys):
     with pytest.raises(SystemExit) as done:
