@@ -75,3 +75,32 @@ def tiny_lenet5_float(data_dir, tmp_path_factory) -> pathlib.Path:
                       ["--config.train.epochs=1", "--config.data.max_train_images=3000"], data_dir)
     assert out.returncode == 0, out.stderr[-3000:]
     return workdir
+
+
+class Killed(BaseException):
+    """Stands for a kill (SIGKILL, a lost machine) between two steps of a run."""
+
+
+def kill_after_checkpoint(monkeypatch, saves: int, folder: str | None = None):
+    """Make the ``saves``-th write of a ``checkpoint.msgpack`` (in a folder named ``folder``,
+    if given) end the run with :class:`Killed` right after the file is in place, as a kill
+    between that step and the next would. ``monkeypatch.undo()`` lets the rerun resume."""
+    from qevo import checkpoint
+
+    real, count = checkpoint.save, [0]
+
+    def save(path, *args, **kwargs):
+        real(path, *args, **kwargs)
+        path = pathlib.Path(path)
+        if path.name == "checkpoint.msgpack" and folder in (None, path.parent.name):
+            count[0] += 1
+            if count[0] == saves:
+                raise Killed(str(path))
+
+    monkeypatch.setattr(checkpoint, "save", save)
+
+
+def without_seconds(records: list[dict]) -> list[dict]:
+    """Records (nested dicts) without their wall-clock fields (keys naming seconds)."""
+    strip = lambda v: {k: strip(x) for k, x in v.items() if "seconds" not in k} if isinstance(v, dict) else v  # noqa: E731
+    return [strip(r) for r in records]

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, run_command
+from conftest import REPO, Killed, kill_after_checkpoint, run_command, without_seconds
 from qevo import coevolve, train
 from qevo import config as config_lib
 from qevo.checkpoint import load as load_checkpoint
@@ -253,6 +253,23 @@ def test_command_writes_every_output(tiny_lenet5_float, data_dir, tmp_path):
     history = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]
     assert [r["cycle"] for r in history] == [1, 2, 3] and history[-1]["evaluations"] == 36
 
+
+
+def test_killed_command_resumes_its_qat_baseline_to_the_same_results(tiny_lenet5_float, data_dir, tmp_path,
+                                                                      monkeypatch, capsys):
+    cfg = _config(tiny_lenet5_float, data_dir, **{"data.max_train_images": 500})  # QAT: 2 epochs of 288 images
+    whole = coevolve.run(cfg, tmp_path / "whole")
+    assert whole["qat"]["epochs"] == 2
+    kill_after_checkpoint(monkeypatch, saves=1, folder="qat")
+    with pytest.raises(Killed):
+        coevolve.run(cfg, tmp_path / "split")
+    monkeypatch.undo()
+    capsys.readouterr()
+    resumed = coevolve.run(cfg, tmp_path / "split")
+    err = capsys.readouterr().err
+    assert f"resuming {tmp_path / 'split'} after cycle 3" in err
+    assert f"resuming {tmp_path / 'split' / 'qat'} after epoch 1" in err
+    assert without_seconds([resumed]) == without_seconds([whole])
 
 @pytest.mark.parametrize(
     "overrides, message",

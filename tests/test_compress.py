@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, run_command, run_main
+from conftest import REPO, Killed, kill_after_checkpoint, run_command, run_main, without_seconds
 from qevo import compress, sharing
 from qevo import config as config_lib
 from qevo.checkpoint import CheckpointError
@@ -266,7 +266,7 @@ def test_lenet5_compresses_on_real_mnist(lenet5_float, data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_nsga3_front_and_resume(tiny_lenet5_float, data_dir, tmp_path):
-    """NSGA-III writes front.csv/front.png; rerunning a finished folder resumes to the same result."""
+    """NSGA-III writes front.csv/front.png, and the front in results.json."""
     args = [f"--config.float_from={tiny_lenet5_float}", "--config.population_size=6", "--config.generations=3",
             "--config.sharing.driver=nsga3", "--config.sharing.k_max=8", "--config.sharing.refine=False",
             "--config.data.val_size=1000", "--config.sharing.report_formats=('float32','float8')"]
@@ -283,10 +283,24 @@ def test_nsga3_front_and_resume(tiny_lenet5_float, data_dir, tmp_path):
     cr = [r["cr_weighted"] for r in first["front"]]
     accuracy = [r["val_accuracy"] for r in first["front"]]
     assert cr == sorted(cr) and accuracy == sorted(accuracy, reverse=True)  # non-dominated: more CR, less accuracy
-    again = run_command("qevo.compress", "lenet5_sharing.py", run, args, data_dir)
-    assert again.returncode == 0 and "resuming" in again.stderr, again.stderr[-3000:]
-    second = json.loads((run / "results.json").read_text())
-    assert (first["k"], first["formats"]) == (second["k"], second["formats"])
+
+
+def test_killed_compression_resumes_to_the_same_front(tiny_lenet5_float, data_dir, tmp_path, monkeypatch, capsys):
+    overrides = [f"float_from={tiny_lenet5_float}", f"data.data_dir={data_dir}", "population_size=6", "generations=3",
+                 "sharing.driver=nsga3", "sharing.k_max=8", "sharing.refine=False", "data.val_size=1000",
+                 "sharing.report_formats=('float32',)"]
+    cfg = compress.validate(config_lib.load(REPO / "configs" / "lenet5_sharing.py", overrides))
+    whole = compress.run(cfg, tmp_path / "whole")
+    kill_after_checkpoint(monkeypatch, saves=2)  # killed after generation 2 of 3
+    with pytest.raises(Killed):
+        compress.run(cfg, tmp_path / "split")
+    monkeypatch.undo()
+    capsys.readouterr()
+    resumed = compress.run(cfg, tmp_path / "split")
+    assert f"resuming {tmp_path / 'split'} after generation 2" in capsys.readouterr().err
+    assert (resumed["k"], resumed["front"], resumed["formats"]) == (whole["k"], whole["front"], whole["formats"])
+    lines = lambda run: [json.loads(x) for x in (tmp_path / run / "history.jsonl").read_text().splitlines()]  # noqa: E731
+    assert without_seconds(lines("split")) == without_seconds(lines("whole")) and len(lines("whole")) == 3
 
 
 def test_widest_k_per_key_width():

@@ -2,9 +2,14 @@
 
 import json
 
+import jax
+import numpy as np
 import pytest
 
-from conftest import run_command
+from conftest import REPO, Killed, kill_after_checkpoint, run_command, without_seconds
+from qevo import config as config_lib
+from qevo import train
+from qevo.checkpoint import load as load_checkpoint
 
 
 def _train(args, data_dir, tmp_path):
@@ -90,3 +95,23 @@ def test_weight_decay_on_kernels_leaves_norms_and_biases_alone(optimizer, builde
     assert float(jnp.max(jnp.abs(updates["bn"]["scale"]))) == 0.0
     assert float(jnp.min(-updates["conv"]["kernel"])) > 0.0
     assert float(jnp.min(-decay_updates("all")["bn"]["scale"])) > 0.0
+
+
+def test_killed_training_resumes_to_the_same_model(data_dir, tmp_path, monkeypatch, capsys):
+    cfg = config_lib.load(REPO / "configs" / "lenet5.py",
+                          ["train.epochs=3", "data.max_train_images=2000", f"data.data_dir={data_dir}"])
+    whole = train.run(cfg, tmp_path / "whole")
+    kill_after_checkpoint(monkeypatch, saves=2)
+    with pytest.raises(Killed):
+        train.run(cfg, tmp_path / "split")
+    assert load_checkpoint(tmp_path / "split" / train.CHECKPOINT)[1]["history"][-1]["epoch"] == 2
+    monkeypatch.undo()
+    capsys.readouterr()
+    resumed = train.run(cfg, tmp_path / "split")
+    assert f"resuming {tmp_path / 'split'} after epoch 2" in capsys.readouterr().err
+    assert without_seconds([resumed]) == without_seconds([whole])
+    for a, b in zip(jax.tree_util.tree_leaves(load_checkpoint(tmp_path / "whole" / "model.msgpack")[0]),
+                    jax.tree_util.tree_leaves(load_checkpoint(tmp_path / "split" / "model.msgpack")[0]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    rows = lambda run: [r.split(",")[:3] for r in (tmp_path / run / "history.csv").read_text().splitlines()]  # noqa: E731
+    assert rows("split") == rows("whole") and len(rows("whole")) == 4
