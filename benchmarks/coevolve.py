@@ -44,7 +44,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def synthetic(cfg, n_train: int = 6000, n_val: int = 1000):
-    """``coevolve.build`` on random calibrated LeNet-5 weights and random uint8 MNIST-shaped images."""
+    """``coevolve.prepare_arrays`` on random calibrated LeNet-5 weights and random uint8 MNIST-shaped images."""
     rng = np.random.default_rng(0)
     shape = (28, 28, 1)
     images = rng.integers(0, 256, (n_train + n_val, *shape), dtype=np.uint8)
@@ -53,7 +53,7 @@ def synthetic(cfg, n_train: int = 6000, n_val: int = 1000):
     mean, std = (0.5,), (0.25,)
     variables = init_variables(model, jax.random.key(0), shape)
     variables = calibrate(model, variables, normalize(jnp.asarray(images[:512]), mean, std))
-    _, runner, problem = coevolve.build(cfg, model, variables, mean, std, images[:n_train], labels[:n_train],
+    _, runner, problem = coevolve.prepare_arrays(cfg, model, variables, mean, std, images[:n_train], labels[:n_train],
                                         images[n_train:], labels[n_train:])
     return runner, problem
 

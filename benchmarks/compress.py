@@ -39,7 +39,7 @@ from qevo import compress
 from qevo import config as config_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-DRIVERS = ("ga", "pso", "random", "nsga3")
+DRIVERS = ("simple_ga", "pso", "random", "nsga3")
 
 
 def _with(cfg: ml_collections.ConfigDict, **changes) -> ml_collections.ConfigDict:

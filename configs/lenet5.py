@@ -8,11 +8,11 @@
   scales a 2-bit fc1 loses 0.3 points more after the final epoch (98.88 against 99.08%).
 """
 
-from qevo.search import search_defaults
+from qevo.search import defaults
 
 
 def get_config():
-    c = search_defaults()
+    c = defaults()
     c.data.name = "mnist"
     c.model.name = "lenet5"
     c.train.epochs = 12

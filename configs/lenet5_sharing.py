@@ -15,7 +15,7 @@ def get_config():
     c = take_sections(defaults(), pathlib.Path(__file__).with_name("lenet5.py"))
     c.population_size = 16
     c.generations = 16
-    c.sharing.driver = "ga"
+    c.sharing.driver = "simple_ga"
     c.sharing.k_max = 16
     c.sharing.range_max_loss = 1.0
     c.sharing.max_accuracy_loss = 0.9

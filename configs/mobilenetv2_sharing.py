@@ -25,7 +25,7 @@ def get_config():
     c.train.eval_batch_size = 250
     c.population_size = 32
     c.generations = 30
-    c.sharing.driver = "ga"
+    c.sharing.driver = "simple_ga"
     c.sharing.k_max = 64
     c.sharing.range_max_loss = 1.0
     c.sharing.max_accuracy_loss = 2.5

@@ -10,11 +10,11 @@ same protocol cut to a 2-core CPU.
   every front model and uniform baseline.
 """
 
-from qevo.search import search_defaults
+from qevo.search import defaults
 
 
 def get_config():
-    c = search_defaults()
+    c = defaults()
     c.data.name = "cifar10"
     c.model.name = "resnet20"
     c.train.epochs = 200

@@ -8,11 +8,11 @@ front models trained 400 epochs from scratch. A GPU run:
 ``python -m qevo.search --config configs/resnet20_vega.py``.
 """
 
-from qevo.search import search_defaults
+from qevo.search import defaults
 
 
 def get_config():
-    c = search_defaults()
+    c = defaults()
     c.data.name = "cifar10"
     c.data.val_size = 5000
     c.model.name = "resnet20"

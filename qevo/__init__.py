@@ -65,7 +65,7 @@ _EXPORTS = {
     "uniform_genes": ("qevo.variation", "uniform_genes"),
     "make_offspring": ("qevo.variation", "make_offspring"),
     "run_train": ("qevo.train", "run"),
-    "search_defaults": ("qevo.search", "search_defaults"),
+    "search_defaults": ("qevo.search", "defaults"),
     "run_search": ("qevo.search", "run"),
     "make_driver": ("qevo.drivers", "make_driver"),
     "Driver": ("qevo.drivers", "Driver"),
@@ -121,8 +121,8 @@ if TYPE_CHECKING:  # the same names, visible to type checkers and IDEs (tests/te
     from qevo.onednn import status as onednn_status
     from qevo.population import PopulationEvaluator, QATConfig
     from qevo.quant import quantize_activation, quantize_weight, validate_bits
+    from qevo.search import defaults as search_defaults
     from qevo.search import run as run_search
-    from qevo.search import search_defaults
     from qevo.sharing import ClusterTable, SharedEvaluator, build_table, load_compressed, save_compressed, seed_fitness
     from qevo.train import run as run_train
     from qevo.variation import make_offspring, random_genes, uniform_genes

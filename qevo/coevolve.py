@@ -508,8 +508,8 @@ class Prepared:
     val: tuple
 
 
-def build(cfg: ml_collections.ConfigDict, model: nn.Module, variables: dict, mean, std, train_images, train_labels,
-          val_images, val_labels) -> tuple[Bits, Coevolution, Problem]:
+def prepare_arrays(cfg: ml_collections.ConfigDict, model: nn.Module, variables: dict, mean, std, train_images,
+                   train_labels, val_images, val_labels) -> tuple[Bits, Coevolution, Problem]:
     """The runner and its problem for float ``variables`` (calibrated) and uint8 ``[N, H, W, C]`` splits.
 
     Returns the network's bit widths, the :class:`Coevolution` runner and the
@@ -546,7 +546,7 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> Prepared:
     model = train.build_model(cfg, ds.num_classes)
     variables, _ = float_model(cfg, ds, model, workdir)
     variables = calibrate(model, variables, normalize(jnp.asarray(ds.train_images[:512]), ds.mean, ds.std))
-    bits, runner, problem = build(cfg, model, variables, ds.mean, ds.std, ds.train_images, ds.train_labels,
+    bits, runner, problem = prepare_arrays(cfg, model, variables, ds.mean, ds.std, ds.train_images, ds.train_labels,
                                   ds.val_images, ds.val_labels)
     eb = cfg.train.eval_batch_size
     test = batch_eval_set(jnp.asarray(ds.test_images), jnp.asarray(ds.test_labels), eb)

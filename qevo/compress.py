@@ -11,7 +11,7 @@ The seed's protocol (SPEC section 2), on the validation split:
    ``sharing.range_max_loss`` points (and with ``sharing.widest_per_key``, our addition,
    only the largest kept k of each key width, see :func:`allowed_k`);
 3. search over per-layer k (genes index the kept k of each layer) by ``sharing.driver``:
-   evosax ``ga`` (SimpleGA), ``pso``, ``cma_es``, ``de`` on the relaxed genome, ``random``
+   evosax ``simple_ga``, ``pso``, ``cma_es``, ``de`` on the relaxed genome, ``random``
    search, all with the seed's fitness Fit and dynamic targets; or ``nsga3`` on
    (1 - accuracy, 1 / CR).  One compiled call per generation (ask, population accuracy,
    fitness, tell, targets), ``population_size`` individuals for ``generations``
@@ -68,8 +68,8 @@ from qevo.pretrained import float_model
 from qevo.train import build_model, load_data
 from qevo.variation import make_offspring, random_genes
 
-DRIVERS = ("ga", "pso", "cma_es", "de", "random", "nsga3")
-_EVOSAX_NAMES = {"ga": "simple_ga", "pso": "pso", "cma_es": "cma_es", "de": "de"}
+EVOSAX_DRIVERS = ("simple_ga", "pso", "cma_es", "de")  # qevo.drivers names
+DRIVERS = (*EVOSAX_DRIVERS, "random", "nsga3")
 CHECKPOINT = "checkpoint.msgpack"
 HISTORY = "history.jsonl"
 
@@ -81,7 +81,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.generations = 30
     c.sharing = ml_collections.ConfigDict(
         {
-            "driver": "ga",
+            "driver": "simple_ga",
             "k_max": 64,
             "k_values": (),
             "eval_images": ml_collections.config_dict.placeholder(int),
@@ -257,7 +257,7 @@ def allowed_k(range_acc: np.ndarray, float_acc: float, max_loss: float,
     return allowed, counts
 
 
-class Search:
+class DriverSteps:
     """Compiled generation steps of one driver on one problem.
 
     ``first(state, problem)`` and ``step(state, problem)`` each run one generation (ask,
@@ -269,8 +269,8 @@ class Search:
         s = cfg.sharing
         self.name, self.cfg, self.evaluator = s.driver, cfg, evaluator
         self.size, self.num_layers = cfg.population_size, num_layers
-        if self.name in _EVOSAX_NAMES:
-            self.driver = make_driver(_EVOSAX_NAMES[self.name], self.size, num_layers)
+        if self.name in EVOSAX_DRIVERS:
+            self.driver = make_driver(self.name, self.size, num_layers)
         if self.name == "nsga3":
             self.ref_dirs = jnp.asarray(nsga3.das_dennis(2, s.nsga3_partitions), jnp.float32)
         self.first = jax.jit(functools.partial(self._generation, first=True))
@@ -279,7 +279,7 @@ class Search:
     def init(self, key: jax.Array, acc_target: float, cr_target: float) -> SearchState:
         """State before the first generation (``key``: raw uint32 key)."""
         key, sub = jax.random.split(key)
-        if self.name in _EVOSAX_NAMES:
+        if self.name in EVOSAX_DRIVERS:
             driver = self.driver.init(sub)
         elif self.name == "nsga3":
             driver = NSGA3Driver(
@@ -309,7 +309,7 @@ class Search:
     def _generation(self, state: SearchState, problem: Problem, *, first: bool):
         key, k_ask, k_tell = jax.random.split(state.key, 3)
         driver = state.driver
-        if self.name in _EVOSAX_NAMES:
+        if self.name in EVOSAX_DRIVERS:
             x, driver = self.driver.ask(k_ask, driver)
             scores = self.score(problem, relax_to_genes(x, problem.n_choices), state)
             driver = self.driver.tell(k_tell, x, self._minimised(problem, scores), driver)
@@ -443,7 +443,7 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> Prepared:
                     float_score, range_acc, seconds)
 
 
-def make_problem(prep: Prepared, cfg: ml_collections.ConfigDict) -> Problem:
+def _problem(prep: Prepared, cfg: ml_collections.ConfigDict) -> Problem:
     """The search problem of ``cfg``'s options (codebook format, range and accuracy limits)."""
     allowed, counts = allowed_k(prep.range_acc, prep.float_score, cfg.sharing.range_max_loss,
                                 cfg.sharing.widest_per_key)
@@ -460,8 +460,8 @@ def search(prep: Prepared, cfg: ml_collections.ConfigDict, workdir: pathlib.Path
     """Step 3: run ``cfg.generations`` generations; returns every record (see
     :func:`scores_to_records`, plus ``generation``).  With ``workdir``, appends to
     ``history.jsonl`` and checkpoints every generation, resuming from a checkpoint there."""
-    problem = make_problem(prep, cfg)
-    runner = Search(cfg, prep.evaluator, len(prep.paths))
+    problem = _problem(prep, cfg)
+    runner = DriverSteps(cfg, prep.evaluator, len(prep.paths))
     acc_target = cfg.sharing.acc_target if cfg.sharing.acc_target is not None else prep.float_score
     state = runner.init(jax.random.PRNGKey(cfg.seed), acc_target, cfg.sharing.cr_target)
     lines: list[dict] = []

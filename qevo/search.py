@@ -55,7 +55,7 @@ ALLOWED_BITS = (*range(1, 9), 16, 32)
 BASELINES = ((8, 8), (4, 4), (2, 2))
 
 
-def search_defaults() -> ml_collections.ConfigDict:
+def defaults() -> ml_collections.ConfigDict:
     """Every key ``qevo.search`` understands: the shared defaults plus the search sections."""
     c = config_lib.defaults()
     c.population_size = 16
@@ -100,7 +100,7 @@ def search_defaults() -> ml_collections.ConfigDict:
 
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Shared checks plus the search's own; raises ``ConfigError`` with the fix."""
-    cfg = config_lib.validate(cfg, search_defaults())
+    cfg = config_lib.validate(cfg, defaults())
     s, err = cfg.search, config_lib.ConfigError
     for name in ("w_candidates", "a_candidates"):
         values = tuple(s[name])
@@ -248,7 +248,7 @@ class Problem:
         return lower, np.maximum(upper, lower + 1e-12)
 
 
-def build_problem(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> Problem:
+def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> Problem:
     """Data, float model (trained or loaded), calibration, cost table and evaluator."""
     ds = train.load_data(cfg)
     model = train.build_model(cfg, ds.num_classes)
@@ -325,7 +325,7 @@ def _scalarize(cfg: ml_collections.ConfigDict, F: np.ndarray, lower: np.ndarray,
     return drivers.budget(F, limit, lower, upper, cost_index=1, error_index=0)
 
 
-class Search:
+class SearchLoop:
     """The generation loop of one search run in one work folder (resumable)."""
 
     def __init__(self, cfg: ml_collections.ConfigDict, problem: Problem, workdir: pathlib.Path):
@@ -613,8 +613,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     """The whole protocol in ``workdir`` (resuming where it stopped); returns the summary."""
     start = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
-    problem = build_problem(cfg, workdir)
-    history = Search(cfg, problem, workdir).run()
+    problem = prepare(cfg, workdir)
+    history = SearchLoop(cfg, problem, workdir).run()
     search_seconds = time.perf_counter() - start
     write_csv(workdir / "pareto.csv", pareto_rows(cfg, problem, history), PARETO_COLUMNS)
     final = (train_final(cfg, problem, final_candidates(cfg, problem.space, history), workdir) if cfg.final.enabled

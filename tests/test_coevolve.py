@@ -374,7 +374,8 @@ def test_batch_statistics_are_those_of_the_float_models_training_images(augment)
     cfg = coevolve.validate(config_lib.load(REPO / "configs" / "resnet20_cc_cpu.py", [
         f"train.augment={augment}", "coevolve.num_groups=1", "coevolve.group_size=8", "coevolve.bn_images=1024"]))
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-    _, runner, problem = coevolve.build(cfg, model, variables, mean, std, images, labels, images[:32], labels[:32])
+    _, runner, problem = coevolve.prepare_arrays(cfg, model, variables, mean, std, images, labels, images[:32],
+                                                 labels[:32])
     stats = runner.statistics(problem, problem.q0, jax.random.PRNGKey(3))["BatchNorm_0"]
 
     n = 8192

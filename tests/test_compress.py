@@ -194,7 +194,7 @@ def test_corrupt_or_mismatched_saved_model_is_refused(lenet, tmp_path):
         sharing.load_compressed(tmp_path / "missing.msgpack", variables)
 
 
-@pytest.mark.parametrize("driver", ["ga", "pso", "random", "nsga3"])
+@pytest.mark.parametrize("driver", ["simple_ga", "pso", "random", "nsga3"])
 def test_driver_generations(lenet, driver):
     _model, variables, _paths, table, evaluator, batches = lenet
     cfg = compress.defaults()
@@ -204,7 +204,7 @@ def test_driver_generations(lenet, driver):
     problem = compress.Problem(variables=variables, table=table, centroids=table.centroids, batches=batches,
                                allowed=jnp.asarray(allowed), n_choices=jnp.array([2, 4, 4, 4, 4], jnp.int32),
                                floor=jnp.float32(0.0), float_accuracy=jnp.float32(0.1))
-    search = compress.Search(cfg, evaluator, 5)
+    search = compress.DriverSteps(cfg, evaluator, 5)
     state = search.init(jax.random.PRNGKey(0), 0.1, 10.0)
     state, first = search.first(state, problem)
     state, second = search.step(state, problem)
