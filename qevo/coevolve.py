@@ -69,7 +69,7 @@ from qevo import checkpoint, intforward, train
 from qevo import config as config_lib
 from qevo.calibration import calibrate
 from qevo.data import augment, normalize
-from qevo.harness import RESULTS, method, write_json
+from qevo.harness import RESULTS, Stopwatch, method, write_json
 from qevo.layers import Bits
 from qevo.population import (
     STRATEGIES,
@@ -640,9 +640,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
-    start = time.perf_counter()
+    watch = Stopwatch()
     c = cfg.coevolve
-    prep = prepare(cfg, workdir)
+    with watch.stage("prepare"):
+        prep = prepare(cfg, workdir)
     runner, problem = prep.runner, prep.problem
     fake_quant = train.Trainer(cfg, prep.ds, prep.model, quantized=False).accuracy
     scores = {
@@ -660,7 +661,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     log(f"{cfg.model.name} w{c.w_bits}a{c.a_bits}: {runner.num_weights} integer weights; test accuracy: "
         + ", ".join(f"{k} {100 * v['test_accuracy']:.2f}%" for k, v in scores.items()))
 
-    state, history = evolve(prep, workdir, log, start_state)
+    with watch.stage("coevolution"):
+        state, history = evolve(prep, workdir, log, start_state)
     genome = state.context
     evolved = with_statistics(problem, state.batch_stats)
     coevolved = {"val_accuracy": float(runner.accuracy(evolved, genome, prep.val)),
@@ -673,10 +675,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
             "a_bits": prep.bits.a.tolist(), "test_accuracy": coevolved["test_accuracy"]}
     save_integer_model(workdir / INTEGER_MODEL, prep, genome, meta, state.batch_stats)
     if c.qat:
-        t = time.perf_counter()
-        qat = qat_baseline(prep, coevolved["images"], workdir / "qat")
+        with watch.stage("qat"):
+            qat = qat_baseline(prep, coevolved["images"], workdir / "qat")
         scores["qat"] = {"val_accuracy": qat["val_accuracy"], "test_accuracy": qat["test_accuracy"],
-                         "images": qat["images"], "epochs": qat["epochs"], "seconds": round(time.perf_counter() - t, 2)}
+                         "images": qat["images"], "epochs": qat["epochs"], "train_seconds": qat["train_seconds"]}
     log("test accuracy: " + ", ".join(f"{k} {100 * v['test_accuracy']:.2f}%" for k, v in scores.items()))
     results = {
         "model": cfg.model.name,
@@ -687,7 +689,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
         "layers": list(runner.layers),
         "integer_weights": runner.num_weights,
         **scores,
-        "seconds": round(time.perf_counter() - start, 2),
+        "seconds": watch.seconds(),
         "device": jax.devices()[0].device_kind,
     }
     write_json(workdir / RESULTS, results)

@@ -62,7 +62,7 @@ from qevo import checkpoint, nsga3, sharing
 from qevo import config as config_lib
 from qevo.codebook import CODEBOOK_BITS, key_bits, quantize_codebook
 from qevo.drivers import make_driver, relax_to_genes
-from qevo.harness import RESULTS, method, write_csv, write_json
+from qevo.harness import RESULTS, Stopwatch, method, write_csv, write_json
 from qevo.population import batch_eval_set
 from qevo.pretrained import float_model
 from qevo.train import build_model, load_data
@@ -608,7 +608,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
-    start = time.perf_counter()
+    watch = Stopwatch()
     prep = prepare(cfg, workdir)
     names = [sharing.layer_name(p) for p in prep.paths]
     allowed, counts = allowed_k(prep.range_acc, prep.float_score, cfg.sharing.range_max_loss,
@@ -623,19 +623,18 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
         f"{prep.seconds['kmeans_table']:.1f} s, range {prep.seconds['range']:.1f} s; kept k per layer: "
         + ", ".join(f"{n} {len(v)} ({v[0]}..{v[-1]})" for n, v in ranges.items()))
 
-    t = time.perf_counter()
-    records = search(prep, cfg, workdir, log)
-    search_seconds = time.perf_counter() - t
+    with watch.stage("search"):
+        records = search(prep, cfg, workdir, log)
     floor = prep.float_score - cfg.sharing.max_accuracy_loss / 100
     best = pick(records, floor, _cr_key(cfg))
     layers = table_layers(prep, best["k"])
     accuracy = best["val_accuracy"]
     refinement = []
-    t = time.perf_counter()
-    if cfg.sharing.refine:
-        layers, accuracy, refinement = refine(prep, cfg, layers, accuracy, log)
-    refine_seconds = time.perf_counter() - t
-    formats = report(prep, cfg, layers, workdir)
+    with watch.stage("refine"):
+        if cfg.sharing.refine:
+            layers, accuracy, refinement = refine(prep, cfg, layers, accuracy, log)
+    with watch.stage("report"):
+        formats = report(prep, cfg, layers, workdir)
     fronts = front(records) if cfg.sharing.driver == "nsga3" else []
     if fronts:
         write_front(workdir, fronts, names, prep.float_score)
@@ -660,8 +659,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
         "formats": formats,
         "kept_k": ranges,
         **({"front": [{"k": r["k"], **{k: r[k] for k in FRONT_KEYS}} for r in fronts]} if fronts else {}),
-        "seconds": {**{k: round(v, 2) for k, v in prep.seconds.items()}, "search": round(search_seconds, 2),
-                    "refine": round(refine_seconds, 2), "total": round(time.perf_counter() - start, 2)},
+        "seconds": {**{k: round(v, 2) for k, v in prep.seconds.items()}, **watch.seconds()},
         "device": jax.devices()[0].device_kind,
     }
     write_json(workdir / RESULTS, result)

@@ -5,6 +5,11 @@ A work folder holds ``config.json`` (the resolved config; a different one is ref
 ``checkpoint.msgpack`` or the method's own resumable state, ``history.*`` and, when the
 run is done, ``results.json``. :func:`method` wraps every method's ``run(cfg, workdir)`` so
 that it draws the same random numbers from Python as from its command (:mod:`qevo.cli`).
+
+Every ``results.json`` holds ``"seconds"``: the wall seconds this call spent in each stage
+of the method and ``"total"`` for the whole call (:class:`Stopwatch`); a resumed call counts
+only its own time. Figures summed over every call of a resumed run are named for what they
+sum (``train_seconds``: training epochs; ``coevolution.seconds``: evolution cycles).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import functools
 import io
 import json
 import pathlib
+import time
 from collections.abc import Callable
 
 import jax
@@ -40,6 +46,27 @@ def method(run: Callable[[ml_collections.ConfigDict, pathlib.Path], dict]):
             return run(cfg, pathlib.Path(workdir))
 
     return wrapped
+
+
+class Stopwatch:
+    """Wall seconds of a run's stages in this call: ``with watch.stage("search"): ...``;
+    :meth:`seconds` gives ``{stage: s, ..., "total": s since the watch was made}``."""
+
+    def __init__(self):
+        self._start = time.perf_counter()
+        self._stages: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._stages[name] = self._stages.get(name, 0.0) + time.perf_counter() - start
+
+    def seconds(self) -> dict[str, float]:
+        return {**{k: round(v, 2) for k, v in self._stages.items()},
+                "total": round(time.perf_counter() - self._start, 2)}
 
 
 @contextlib.contextmanager

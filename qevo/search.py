@@ -41,7 +41,7 @@ from qevo import checkpoint, cost, drivers, nsga3, train, variation
 from qevo import config as config_lib
 from qevo.calibration import calibrate
 from qevo.data import Dataset, normalize
-from qevo.harness import RESULTS, method, write_csv, write_json
+from qevo.harness import RESULTS, Stopwatch, method, write_csv, write_json
 from qevo.layers import Bits
 from qevo.models import init_variables
 from qevo.population import PopulationEvaluator, QATConfig
@@ -611,14 +611,16 @@ PARETO_COLUMNS = ["w_bits", "a_bits", "val_accuracy", "generation", "bitops", "s
 @method
 def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     """The whole protocol in ``workdir`` (resuming where it stopped); returns the summary."""
-    start = time.perf_counter()
+    watch = Stopwatch()
     workdir.mkdir(parents=True, exist_ok=True)
-    problem = prepare(cfg, workdir)
-    history = SearchLoop(cfg, problem, workdir).run()
-    search_seconds = time.perf_counter() - start
+    with watch.stage("prepare"):
+        problem = prepare(cfg, workdir)
+    with watch.stage("search"):
+        history = SearchLoop(cfg, problem, workdir).run()
     write_csv(workdir / "pareto.csv", pareto_rows(cfg, problem, history), PARETO_COLUMNS)
-    final = (train_final(cfg, problem, final_candidates(cfg, problem.space, history), workdir) if cfg.final.enabled
-             else [])
+    with watch.stage("final"):
+        final = (train_final(cfg, problem, final_candidates(cfg, problem.space, history), workdir)
+                 if cfg.final.enabled else [])
     float_acc = problem.float_results.get("test_accuracy")
     rows = list(final)
     if float_acc is not None:
@@ -636,8 +638,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
         "front_size": len(front_indices(history_objectives(history, cfg.search.objectives))),
         "float_test_accuracy": float_acc,
         "final": [{k: r[k] for k in ("name", "test_accuracy", "bitops", "size") if k in r} for r in rows],
-        "seconds": round(time.perf_counter() - start, 1),
-        "search_seconds": round(search_seconds, 1),
+        "seconds": watch.seconds(),
         "device": jax.devices()[0].device_kind,
     }
     write_json(workdir / RESULTS, results)

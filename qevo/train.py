@@ -32,7 +32,7 @@ from qevo import checkpoint
 from qevo import config as config_lib
 from qevo.calibration import calibrate
 from qevo.data import Dataset, augment, load_dataset, normalize
-from qevo.harness import MODEL, RESULTS, method, write_csv, write_json
+from qevo.harness import MODEL, RESULTS, Stopwatch, method, write_csv, write_json
 from qevo.layers import Bits, QuantOptions
 from qevo.models import get_model, init_variables
 from qevo.population import batch_eval_set, batched_accuracy, cross_entropy, sgd_or_adam
@@ -228,14 +228,17 @@ def fit(cfg: ml_collections.ConfigDict, ds: Dataset, model: nn.Module, variables
 @method
 def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     """Train per ``cfg`` in ``workdir`` (resuming from its checkpoint); returns the results dict."""
-    ds = load_data(cfg)
-    model = build_model(cfg, ds.num_classes)
-    quantized = cfg.train.w_bits < 32 or cfg.train.a_bits < 32
-    bits = (uniform_bits(model.num_layers, cfg.train.w_bits, cfg.train.a_bits, cfg.quant.float_first_last) if quantized
-            else None)
-    init_key, train_key = jax.random.split(jax.random.key(cfg.seed))
-    variables = initial_variables(cfg, ds, model, bits, init_key)
-    variables, fitted = fit(cfg, ds, model, variables, bits, workdir, train_key, f"train {cfg.model.name}")
+    watch = Stopwatch()
+    with watch.stage("prepare"):
+        ds = load_data(cfg)
+        model = build_model(cfg, ds.num_classes)
+        quantized = cfg.train.w_bits < 32 or cfg.train.a_bits < 32
+        bits = (uniform_bits(model.num_layers, cfg.train.w_bits, cfg.train.a_bits, cfg.quant.float_first_last)
+                if quantized else None)
+        init_key, train_key = jax.random.split(jax.random.key(cfg.seed))
+        variables = initial_variables(cfg, ds, model, bits, init_key)
+    with watch.stage("train"):
+        variables, fitted = fit(cfg, ds, model, variables, bits, workdir, train_key, f"train {cfg.model.name}")
     checkpoint.save(workdir / MODEL, variables, {"model": cfg.model.name})
     results = {
         "model": cfg.model.name,
@@ -243,6 +246,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
         "w_bits": cfg.train.w_bits,
         "a_bits": cfg.train.a_bits,
         **fitted,
+        "seconds": watch.seconds(),
         "device": jax.devices()[0].device_kind,
     }
     write_json(workdir / RESULTS, results)

@@ -244,7 +244,10 @@ def test_command_writes_every_output(tiny_lenet5_float, data_dir, tmp_path):
     for method in ("float", "round_to_nearest", "coevolution", "qat"):
         assert 0.0 < result[method]["test_accuracy"] <= 1.0, method
     assert result["coevolution"]["evaluations"] == 36 and result["coevolution"]["images"] == 576
-    assert result["qat"]["images"] <= 576 and result["seconds"] > 0
+    seconds = result["seconds"]  # this call's stages (qevo.harness.Stopwatch)
+    assert list(seconds) == ["prepare", "coevolution", "qat", "total"] and min(seconds.values()) > 0
+    assert seconds["total"] >= seconds["prepare"] + seconds["coevolution"] + seconds["qat"]
+    assert result["qat"]["images"] <= 576
     saved, meta = load_checkpoint(run / "integer_model.msgpack")
     assert meta["test_accuracy"] == result["coevolution"]["test_accuracy"]
     levels = saved["kernels"]["QDense_0"]["q"]

@@ -110,6 +110,7 @@ def test_killed_training_resumes_to_the_same_model(data_dir, tmp_path, monkeypat
     resumed = train.run(cfg, tmp_path / "split")
     assert f"resuming {tmp_path / 'split'} after epoch 2" in capsys.readouterr().err
     assert without_seconds([resumed]) == without_seconds([whole])
+    assert list(whole["seconds"]) == ["prepare", "train", "total"] and whole["seconds"]["train"] > 0
     for a, b in zip(jax.tree_util.tree_leaves(load_checkpoint(tmp_path / "whole" / "model.msgpack")[0]),
                     jax.tree_util.tree_leaves(load_checkpoint(tmp_path / "split" / "model.msgpack")[0]), strict=True):
         np.testing.assert_array_equal(a, b)
