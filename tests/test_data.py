@@ -262,7 +262,6 @@ def test_truncated_image_folder_tar(tmp_path, cut):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="tfds preparation needs tensorflow")
 def test_tfds_mnist_from_manual_dir_equals_idx_files(data_dir, mnist_cache, tmp_path):
     via_tfds = load_dataset("mnist", data_dir, val_size=0, source="tfds", cache_dir=tmp_path)
     local = load_dataset("mnist", data_dir, val_size=0, cache_dir=mnist_cache)
