@@ -36,21 +36,35 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def read_history(path: str | os.PathLike, steps: int, unit: str = "steps") -> list:
-    """The first ``steps`` records of a JSON-lines history, the resume policy of every method.
+def read_history(path: str | os.PathLike, steps: int, unit: str = "steps", step_key: str | None = None) -> list:
+    """The records of a JSON-lines history up to a checkpoint after ``steps`` steps: the
+    resume policy of every method.
 
-    A checkpoint of ``steps`` steps needs that many lines; lines after them belong to a step
-    that was interrupted before its checkpoint and are dropped unread.
+    Without ``step_key`` a step is one line: the first ``steps`` lines, and lines after them
+    (a step interrupted before its checkpoint) are dropped unread. With ``step_key`` a step
+    is every record whose ``record[step_key]`` names it: the records up to step ``steps``,
+    which must be there.
 
     Raises:
-      CheckpointError: fewer lines than ``steps``, or a corrupt one among them.
+      CheckpointError: the history stops short of the checkpoint, or a line is corrupt.
     """
     path = pathlib.Path(path)
     lines = _lines(path)
+    if step_key is not None:
+        records = [r for r in _parse_lines(path, lines) if r[step_key] <= steps]
+        if not any(r[step_key] == steps for r in records):
+            raise CheckpointError(f"{path} has no record of {step_key} {steps}, the checkpoint's; "
+                                  f"delete {path.parent} to start over")
+        return records
     if len(lines) < steps:
         raise CheckpointError(f"{path} has {len(lines)} {unit}, the checkpoint {steps}; "
                               f"delete {path.parent} to start over")
     return _parse_lines(path, lines[:steps])
+
+
+def write_jsonl(path: str | os.PathLike, records: list) -> None:
+    """Write ``records`` as JSON lines, atomically (the history writer of every method)."""
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
 
 
 def read_jsonl(path: str | os.PathLike) -> list:

@@ -50,7 +50,6 @@ accuracy of float, round to nearest, coevolution and QAT, evaluations, wall seco
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import pathlib
 import sys
@@ -69,7 +68,7 @@ from qevo import checkpoint, intforward, train
 from qevo import config as config_lib
 from qevo.calibration import calibrate
 from qevo.data import augment, normalize
-from qevo.harness import RESULTS, Stopwatch, method, write_json
+from qevo.harness import RESULTS, StepLog, Stopwatch, method, write_json
 from qevo.layers import Bits
 from qevo.population import (
     STRATEGIES,
@@ -80,8 +79,6 @@ from qevo.population import (
 )
 from qevo.pretrained import float_model
 
-CHECKPOINT = "checkpoint.msgpack"
-HISTORY = "history.jsonl"
 INTEGER_MODEL = "integer_model.msgpack"
 
 
@@ -568,12 +565,8 @@ def evolve(prep: Prepared, workdir: pathlib.Path | None = None, log=None,
     c = prep.cfg.coevolve
     runner, problem = prep.runner, prep.problem
     state = initial_state(prep) if start is None else start
-    history: list[dict] = []
-    if workdir is not None and (workdir / CHECKPOINT).exists():
-        state, _ = checkpoint.load(workdir / CHECKPOINT, state)
-        history = checkpoint.read_history(workdir / HISTORY, int(state.cycle), "cycles")
-        if log:
-            log(f"resuming {workdir} after cycle {int(state.cycle)}")
+    steps = StepLog(workdir, "cycle", log=log)
+    state, history = steps.resume(state)
     evals = c.num_groups * c.population_size
     for cycle in range(int(state.cycle), c.cycles):
         start = time.perf_counter()
@@ -593,9 +586,7 @@ def evolve(prep: Prepared, workdir: pathlib.Path | None = None, log=None,
             "seconds": seconds,
         }
         history.append(record)
-        if workdir is not None:
-            checkpoint.atomic_write_bytes(workdir / HISTORY, "".join(json.dumps(r) + "\n" for r in history).encode())
-            checkpoint.save(workdir / CHECKPOINT, state, {"cycle": cycle + 1})
+        steps.commit(state, history, cycle + 1)
         if log:
             log(f"cycle {cycle + 1:3d}/{c.cycles}  loss {record['loss']:.4f}  "
                 f"train acc {100 * record['train_accuracy']:.2f}%  val {100 * record['val_accuracy']:.2f}%  "

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import pathlib
 import sys
 import time
@@ -58,11 +57,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from qevo import checkpoint, nsga3, sharing
 from qevo import config as config_lib
+from qevo import nsga3, sharing
 from qevo.codebook import CODEBOOK_BITS, key_bits, quantize_codebook
 from qevo.drivers import make_driver, relax_to_genes
-from qevo.harness import RESULTS, Stopwatch, method, write_csv, write_json
+from qevo.harness import RESULTS, StepLog, Stopwatch, method, write_csv, write_json
 from qevo.population import batch_eval_set
 from qevo.pretrained import float_model
 from qevo.train import build_model, load_data
@@ -70,8 +69,6 @@ from qevo.variation import make_offspring, random_genes
 
 EVOSAX_DRIVERS = ("simple_ga", "pso", "cma_es", "de")  # qevo.drivers names
 DRIVERS = (*EVOSAX_DRIVERS, "random", "nsga3")
-CHECKPOINT = "checkpoint.msgpack"
-HISTORY = "history.jsonl"
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -464,13 +461,8 @@ def search(prep: Prepared, cfg: ml_collections.ConfigDict, workdir: pathlib.Path
     runner = DriverSteps(cfg, prep.evaluator, len(prep.paths))
     acc_target = cfg.sharing.acc_target if cfg.sharing.acc_target is not None else prep.float_score
     state = runner.init(jax.random.PRNGKey(cfg.seed), acc_target, cfg.sharing.cr_target)
-    lines: list[dict] = []
-    if workdir is not None and (workdir / CHECKPOINT).exists():
-        state, _ = checkpoint.load(workdir / CHECKPOINT, state)
-        done = int(state.generation)
-        lines = checkpoint.read_history(workdir / HISTORY, done, "generations")
-        if log:
-            log(f"resuming {workdir} after generation {done}")
+    steps = StepLog(workdir, "generation", log=log)
+    state, lines = steps.resume(state)
     for g in range(int(state.generation), cfg.generations):
         t = time.perf_counter()
         targets = (float(state.acc_target), float(state.cr_target))
@@ -479,10 +471,7 @@ def search(prep: Prepared, cfg: ml_collections.ConfigDict, workdir: pathlib.Path
         seconds = time.perf_counter() - t
         lines.append({"generation": g + 1, "acc_target": targets[0], "cr_target": targets[1], "seconds": seconds,
                       "individuals": records})
-        if workdir is not None:
-            text = "".join(json.dumps(x) + "\n" for x in lines)
-            checkpoint.atomic_write_bytes(workdir / HISTORY, text.encode())
-            checkpoint.save(workdir / CHECKPOINT, state, {"generation": g + 1})
+        steps.commit(state, lines, g + 1)
         if log:
             best = pick([r for x in lines for r in x["individuals"]], float(problem.floor), _cr_key(cfg))
             log(f"gen {g + 1:3d}/{cfg.generations}  best CR {best['cr_weighted']:.2f} "

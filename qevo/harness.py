@@ -26,11 +26,14 @@ from collections.abc import Callable
 import jax
 import ml_collections
 
+from qevo import checkpoint
 from qevo import config as config_lib
 from qevo.checkpoint import atomic_write_bytes
 from qevo.errors import CheckpointError
 
+CHECKPOINT = "checkpoint.msgpack"
 CONFIG = "config.json"
+HISTORY = "history.jsonl"
 MODEL = "model.msgpack"
 RESULTS = "results.json"
 
@@ -46,6 +49,39 @@ def method(run: Callable[[ml_collections.ConfigDict, pathlib.Path], dict]):
             return run(cfg, pathlib.Path(workdir))
 
     return wrapped
+
+
+class StepLog:
+    """The resumable step loop of a run folder: ``checkpoint.msgpack`` holds the state after
+    the last finished step (its meta ``{unit: steps}``), ``history.jsonl`` the records up to
+    it. :meth:`commit` writes the history, then the checkpoint, both atomically, so a kill at
+    any moment leaves a folder that :meth:`resume` continues from the last checkpoint (later
+    records belong to the interrupted step and are dropped, :func:`qevo.checkpoint.read_history`).
+
+    ``workdir=None`` keeps nothing (a run from Python without a folder). ``step_key`` names
+    the record field that holds the step, for histories of several records per step.
+    """
+
+    def __init__(self, workdir: pathlib.Path | None, unit: str, step_key: str | None = None, log=None):
+        self.workdir, self.unit, self.step_key, self.log = workdir, unit, step_key, log
+
+    def resume(self, state):
+        """``(state, history)``: the checkpointed state (``state`` gives the structure) and
+        its history, or ``(state, [])`` when there is nothing to resume."""
+        if self.workdir is None or not (self.workdir / CHECKPOINT).exists():
+            return state, []
+        state, meta = checkpoint.load(self.workdir / CHECKPOINT, state)
+        steps = meta[self.unit]
+        history = checkpoint.read_history(self.workdir / HISTORY, steps, f"{self.unit}s", self.step_key)
+        if self.log:
+            self.log(f"resuming {self.workdir} after {self.unit} {steps}")
+        return state, history
+
+    def commit(self, state, history: list[dict], steps: int) -> None:
+        """Record ``steps`` finished steps: ``history`` (every record so far), then ``state``."""
+        if self.workdir is not None:
+            checkpoint.write_jsonl(self.workdir / HISTORY, history)
+            checkpoint.save(self.workdir / CHECKPOINT, state, {self.unit: steps})
 
 
 class Stopwatch:

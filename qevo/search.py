@@ -37,17 +37,16 @@ from flax import struct
 from ml_collections import config_dict
 from tqdm import tqdm
 
-from qevo import checkpoint, cost, drivers, nsga3, train, variation
 from qevo import config as config_lib
+from qevo import cost, drivers, nsga3, train, variation
 from qevo.calibration import calibrate
 from qevo.data import Dataset, normalize
-from qevo.harness import RESULTS, Stopwatch, method, write_csv, write_json
+from qevo.harness import RESULTS, StepLog, Stopwatch, method, write_csv, write_json
 from qevo.layers import Bits
 from qevo.models import init_variables
 from qevo.population import PopulationEvaluator, QATConfig
 from qevo.pretrained import float_model
 
-CHECKPOINT = "checkpoint.msgpack"
 OBJECTIVES = ("error", "bitops", "size", "flops", "params")
 DRIVERS = ("nsga3", "random", *drivers.EVOSAX_STRATEGIES)
 SCALARIZATIONS = ("weighted", "tchebycheff", "budget")
@@ -398,15 +397,11 @@ class SearchLoop:
 
     def run(self) -> list[dict]:
         """Run (or resume) every generation; returns all history records."""
-        ckpt, history_path = self.workdir / CHECKPOINT, self.workdir / "history.jsonl"
-        state = self.initial_state()
-        if ckpt.exists():
-            state, _ = checkpoint.load(ckpt, state)
-            state = state.replace(generation=int(state.generation), evaluations=int(state.evaluations),
-                                  seconds=float(state.seconds))
-            print(f"resuming {self.workdir} after generation {state.generation}", file=sys.stderr)
-        history = read_history(history_path, state.generation)
-        write_history(history_path, history)
+        steps = StepLog(self.workdir, "generation", step_key="generation",
+                        log=lambda msg: print(msg, file=sys.stderr))
+        state, history = steps.resume(self.initial_state())
+        state = state.replace(generation=int(state.generation), evaluations=int(state.evaluations),
+                              seconds=float(state.seconds))
         total = self.cfg.generations + 1
         bar = tqdm(total=total, initial=state.generation + 1, desc=f"search {self.cfg.model.name}", file=sys.stderr)
         while state.generation + 1 < total:
@@ -428,8 +423,7 @@ class SearchLoop:
                     "accuracy or cost: their fine-tuning diverged); lower search.qat_learning_rate "
                     f"(now {self.cfg.search.qat_learning_rate}) and rerun in a new --workdir")
             history.extend(records)
-            write_history(history_path, history)
-            checkpoint.save(ckpt, state, {"generation": state.generation})
+            steps.commit(state, history, state.generation)
             F = history_objectives(history, self.cfg.search.objectives)
             front = front_indices(F)
             hv = nsga3.hypervolume((F[front] - self.lower) / (self.upper - self.lower), np.full(len(self.lower), 1.1))
@@ -447,15 +441,6 @@ class SearchLoop:
 def _finite_or_none(v) -> float | None:
     v = float(v)
     return v if np.isfinite(v) else None
-
-
-def read_history(path: pathlib.Path, last_generation: int) -> list[dict]:
-    """Records of ``history.jsonl`` up to ``last_generation`` (later ones belong to an interrupted generation)."""
-    return [r for r in checkpoint.read_jsonl(path) if r["generation"] <= last_generation]
-
-
-def write_history(path: pathlib.Path, records: list[dict]) -> None:
-    checkpoint.atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
 
 
 def history_objectives(history: list[dict], names) -> np.ndarray:

@@ -32,12 +32,11 @@ from qevo import checkpoint
 from qevo import config as config_lib
 from qevo.calibration import calibrate
 from qevo.data import Dataset, augment, load_dataset, normalize
-from qevo.harness import MODEL, RESULTS, Stopwatch, method, write_csv, write_json
+from qevo.harness import CHECKPOINT, MODEL, RESULTS, Stopwatch, method, write_csv, write_json
 from qevo.layers import Bits, QuantOptions
 from qevo.models import get_model, init_variables
 from qevo.population import batch_eval_set, batched_accuracy, cross_entropy, sgd_or_adam
 
-CHECKPOINT = "checkpoint.msgpack"
 HISTORY = "history.csv"
 
 

@@ -1,5 +1,6 @@
 """The command harness: --help, unknown keys, and runs that exhaust device memory."""
 
+import json
 import pathlib
 
 import jax
@@ -173,6 +174,32 @@ def test_history_resume_policy(tmp_path):
     with pytest.raises(CheckpointError, match=r"history.jsonl has 3 generations, the checkpoint 4; delete"):
         read_history(path, 4, "generations")
     assert read_history(tmp_path / "none.jsonl", 0) == []
+
+
+def test_history_of_several_records_per_step(tmp_path):
+    """With ``step_key``, a step is every record naming it: records past the checkpoint's
+    step are dropped, and a history that stops short of it is an error."""
+    from qevo.checkpoint import CheckpointError, read_history
+
+    path = tmp_path / "history.jsonl"
+    records = [{"generation": g, "i": i} for g in (0, 1, 2) for i in range(3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert read_history(path, 1, step_key="generation") == records[:6]
+    with pytest.raises(CheckpointError, match=r"history.jsonl has no record of generation 3, the checkpoint's"):
+        read_history(path, 3, step_key="generation")
+
+
+def test_step_log_commits_and_resumes(tmp_path):
+    log = []
+    steps = harness.StepLog(tmp_path, "cycle", log=log.append)
+    state = {"x": np.zeros(3, np.float32)}
+    assert steps.resume(state) == (state, [])
+    steps.commit({"x": np.arange(3, dtype=np.float32)}, [{"cycle": 1}, {"cycle": 2}], 2)
+    (tmp_path / "history.jsonl").write_text('{"cycle": 1}\n{"cycle": 2}\n{"cycle": 3}\n')  # an interrupted step
+    resumed, history = steps.resume(state)
+    np.testing.assert_array_equal(resumed["x"], [0, 1, 2])
+    assert history == [{"cycle": 1}, {"cycle": 2}] and log == [f"resuming {tmp_path} after cycle 2"]
+    assert harness.StepLog(None, "cycle").resume(state) == (state, [])
 
 
 @harness.method
