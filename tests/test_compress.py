@@ -238,8 +238,7 @@ def test_bad_input_gives_one_clear_line(args, message, data_dir, tmp_path):
 @pytest.mark.parametrize("name", ["lenet5_sharing.py", "lenet5_tanh_sharing.py", "mobilenetv2_sharing.py",
                                   "mobilenetv2_cpu.py"])
 def test_configs_load_and_validate(name):
-    cfg = compress.validate(config_lib.load(REPO / "configs" / name))
-    assert cfg.sharing.driver in compress.DRIVERS
+    compress.validate(config_lib.load(REPO / "configs" / name))  # raises ConfigError on a bad config
 
 
 @pytest.mark.slow

@@ -68,16 +68,18 @@ def test_qat_improves_low_bit_accuracy_and_strategies_agree(setup):
     train_x, train_y = jnp.asarray(ds.train_images[:5000]), jnp.asarray(ds.train_labels[:5000])
     key = jax.random.key(1)
 
-    def run(strategy, steps):
+    def run(strategy, steps, size=2):
         qat = QATConfig(steps=steps, batch_size=64, learning_rate=1e-3, optimizer="adam")
         ev = PopulationEvaluator(model, ds.mean, ds.std, eval_batch_size=128, strategy=strategy, qat=qat)
-        return np.asarray(ev(variables, w2, a2, x, y, key=key, train_images=train_x, train_labels=train_y))
+        return np.asarray(ev(variables, w2[:size], a2[:size], x, y, key=key, train_images=train_x,
+                             train_labels=train_y))
 
     # Batched and sequential convolutions round differently; two steps keep that invisible.
     np.testing.assert_allclose(run("vmap", 2), run("map", 2), atol=1.5 / N_EVAL)
     before = PopulationEvaluator(model, ds.mean, ds.std, eval_batch_size=128)(variables, w2, a2, x, y)
     after = run("auto", 30)
-    assert after[0] == after[1]  # same configuration, same mini-batches: same result
+    # the same individual alone: its fine-tuning does not depend on its population
+    np.testing.assert_array_equal(run("auto", 30, size=1), after[:1])
     assert after[0] > float(before[0]) + 0.3  # 30 Adam steps lift an untrained net well above chance
 
 

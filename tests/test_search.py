@@ -54,19 +54,21 @@ def test_a_config_error_ends_the_command_with_status_2(tmp_path, data_dir):
 
 
 def test_one_config_file_serves_train_and_search():
+    """The training command keeps the shared sections of a search config and drops the
+    search's own; the search keeps every key it knows, filled from its defaults."""
     cfg = config_lib.load(REPO / "configs" / "lenet5.py")
-    trained = config_lib.validate(cfg)
-    assert "search" not in trained and trained.train.epochs == 12
-    searched = search.validate(cfg)
-    assert searched.search.qat_steps == cfg.search.qat_steps and searched.population_size == 16
+    assert set(config_lib.validate(cfg)) == set(config_lib.defaults()) < set(cfg)
+    assert set(config_lib.flatten(search.validate(cfg))) == set(config_lib.flatten(search.defaults()))
 
 
-@pytest.mark.parametrize("method, model", [("lenet5_cc", "lenet5"), ("lenet5_sharing", "lenet5"),
-                                           ("resnet20_cc", "resnet20"), ("resnet20_cc_cpu", "resnet20_cpu")])
-def test_method_configs_train_their_float_model_by_the_model_config(method, model):
-    method_cfg, model_cfg = (config_lib.load(REPO / "configs" / f"{name}.py") for name in (method, model))
-    for section in ("data", "model", "train"):
-        assert method_cfg[section].to_dict() == model_cfg[section].to_dict(), section
+def test_take_sections_replaces_only_the_named_sections(tmp_path):
+    source = tmp_path / "model.py"
+    source.write_text("from qevo.config import defaults\n\n\ndef get_config():\n    c = defaults()\n"
+                      "    c.seed, c.data.name, c.train.epochs, c.model.name = 5, 'cifar10', 7, 'resnet20'\n"
+                      "    return c\n")
+    cfg = config_lib.take_sections(search.defaults(), source, ("data", "train"))
+    assert (cfg.data.name, cfg.train.epochs) == ("cifar10", 7)
+    assert (cfg.seed, cfg.model.name) == (0, "lenet5") and cfg.search == search.defaults().search
 
 
 def test_costs_of_a_population_equal_hand_computation():
