@@ -114,8 +114,10 @@ def random_streams(cfg: ml_collections.ConfigDict):
 
 
 def prepare_workdir(workdir: pathlib.Path, cfg: ml_collections.ConfigDict) -> pathlib.Path:
-    """Create ``workdir`` and write ``config.json``; a different saved config is an error, as
-    is a path that is not a writable folder."""
+    """Create ``workdir`` and write ``config.json``. A different saved config is an error once
+    the folder holds anything else (a run's state); a folder that holds only ``config.json``
+    (a run that stopped before its first output) takes the new config. A path that is not a
+    writable folder is an error."""
     if workdir.exists() and not workdir.is_dir():
         raise CheckpointError(f"--workdir {workdir} is a file, not a folder; pass a folder path")
     resolved = config_lib.to_dict(cfg)
@@ -127,7 +129,8 @@ def prepare_workdir(workdir: pathlib.Path, cfg: ml_collections.ConfigDict) -> pa
                 previous = json.loads(saved.read_text())
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise CheckpointError(f"{saved} is corrupt ({e}); delete {workdir} to start over") from e
-            if previous != json.loads(json.dumps(resolved)):
+            started = any(p.name != CONFIG for p in workdir.iterdir())
+            if started and previous != json.loads(json.dumps(resolved)):
                 raise config_lib.ConfigError(f"{workdir} holds a run with a different config ({saved}); "
                                              "pass a new --workdir or delete that folder")
         write_json(saved, resolved)

@@ -161,6 +161,19 @@ def test_bad_work_folders_give_one_line(tmp_path, capsys):
     assert a_file.read_text() == "x" and (corrupt / "config.json").read_text() == '{"seed": 0, "da'
 
 
+
+def test_a_changed_config_is_refused_once_the_run_has_state(tmp_path):
+    cfg = config_lib.defaults()
+    harness.prepare_workdir(tmp_path, cfg)
+    cfg.train.epochs = 3  # the first run stopped before any output: the new config is taken
+    harness.prepare_workdir(tmp_path, cfg)
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["epochs"] == 3
+    (tmp_path / "checkpoint.msgpack").write_bytes(b"state")
+    cfg.train.epochs = 4
+    with pytest.raises(ConfigError, match=r"holds a run with a different config .*; pass a new --workdir"):
+        harness.prepare_workdir(tmp_path, cfg)
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["epochs"] == 3
+
 def test_history_resume_policy(tmp_path):
     """The first ``steps`` lines are kept; a line after them (an interrupted step) is dropped
     unread, even truncated; a corrupt or missing line among them is a one-line error."""
