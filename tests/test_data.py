@@ -339,7 +339,7 @@ def test_data_command_writes_a_resized_archive_and_refuses_bad_input(tmp_path):
     assert ds.train_images.shape == (5, 4, 4, 3) and ds.test_images.shape == (3, 4, 4, 3)
     assert ds.class_names == ("ant", "bee") and np.array_equal(ds.test_labels, [0, 1, 1])
     for args, message in ((["--name", "mnist", "--out", "m.zip"], "must end in .tar.gz"),
-                          (["--name", "mnist", "--out", "m.tar.gz", "--quality", "100"], "JPEG quality in 1..95"),
+                          (["--name", "mnist", "--out", "m.tar.gz", "--quality", "100"], "an int in 1..95"),
                           (["--name", "image_folder", "--out", "m.tar.gz"], "needs --data-dir"),
                           (["--name", "cifar10", "--data-dir", str(tmp_path / "nowhere"), "--out", "c.tar.gz"],
                            "nowhere")):
