@@ -48,7 +48,6 @@ import os
 import pathlib
 import sys
 import tarfile
-import tempfile
 import warnings
 import zipfile
 import zlib
@@ -59,6 +58,7 @@ import numpy as np
 from PIL import Image
 
 from qevo.errors import ConfigError, DataError, QevoError
+from qevo.files import atomic_path
 
 if TYPE_CHECKING:  # annotations only: the worker processes decoding images never import jax
     import jax
@@ -268,24 +268,16 @@ def write_image_folder(
         suffix, options = ".png", {"format": "PNG"}
     else:
         suffix, options = ".jpg", {"format": "JPEG", "quality": quality}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=out.parent, prefix=out.name, suffix=".tmp", delete=False) as f:
-        tmp = pathlib.Path(f.name)
-    try:
-        with tarfile.open(tmp, "w:gz") as tar:
-            for split, images, labels in (("train", raw.train_images, raw.train_labels),
-                                          ("test", raw.test_images, raw.test_labels)):
-                for i, (image, label) in enumerate(zip(images, labels, strict=True)):
-                    buffer = io.BytesIO()
-                    Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(buffer, **options)
-                    member = tarfile.TarInfo(f"{stem}/{split}/{raw.class_names[label]}/{i:06d}{suffix}")
-                    member.size = buffer.tell()
-                    buffer.seek(0)
-                    tar.addfile(member, buffer)
-        tmp.chmod(0o644)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(out) as tmp, tarfile.open(tmp, "w:gz") as tar:
+        for split, images, labels in (("train", raw.train_images, raw.train_labels),
+                                      ("test", raw.test_images, raw.test_labels)):
+            for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+                buffer = io.BytesIO()
+                Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(buffer, **options)
+                member = tarfile.TarInfo(f"{stem}/{split}/{raw.class_names[label]}/{i:06d}{suffix}")
+                member.size = buffer.tell()
+                buffer.seek(0)
+                tar.addfile(member, buffer)
     images = len(raw.train_labels) + len(raw.test_labels)
     return {"path": str(out), "images": images, "bytes": out.stat().st_size,
             "image_size": int(raw.train_images.shape[1])}
@@ -406,20 +398,14 @@ def _cached(cache: pathlib.Path, name: str, image_size: int | None, key: object,
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             warnings.warn(f"ignoring unreadable cache file {path} ({e}); decoding again", stacklevel=1)
     raw = build()
-    tmp = None
     try:
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=cache, prefix=path.name, suffix=".tmp", delete=False) as f:
-            tmp = f.name
+        with atomic_path(path) as tmp, tmp.open("wb") as f:
             np.savez(
                 f, train_images=raw.train_images, train_labels=raw.train_labels,
                 test_images=raw.test_images, test_labels=raw.test_labels,
                 class_names=np.array(raw.class_names, dtype=str),
             )
-        os.replace(tmp, path)
     except OSError as e:
-        if tmp is not None:
-            pathlib.Path(tmp).unlink(missing_ok=True)
         warnings.warn(
             f"could not write the dataset cache {path} ({e}); set ${CACHE_DIR_ENV} to a writable folder", stacklevel=1
         )

@@ -231,3 +231,16 @@ def test_a_method_draws_the_stream_its_config_records_whatever_the_process_setti
     np.testing.assert_array_equal(draws[False][0], draws[True][0])
     np.testing.assert_array_equal(draws[False][0], draws[recorded][1])
     assert not np.array_equal(draws[False][1], draws[True][1])  # the two settings do draw differently
+
+
+def test_atomic_path_replaces_the_whole_file_or_nothing(tmp_path):
+    from qevo.files import atomic_path
+
+    target = tmp_path / "out" / "results.json"
+    with atomic_path(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new" and target.stat().st_mode & 0o777 == 0o644
+    with pytest.raises(KeyboardInterrupt), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise KeyboardInterrupt
+    assert target.read_text() == "new" and [p.name for p in target.parent.iterdir()] == ["results.json"]
