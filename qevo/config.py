@@ -143,7 +143,9 @@ def _set(cfg: ml_collections.ConfigDict, name: str, value, what: str) -> None:
     try:
         node[leaf] = value
     except TypeError as e:
-        raise ConfigError(f"{what}: {e}") from e
+        example = f"; write it like --config.{name}={node[leaf]!r}" if node[leaf] is not None else ""
+        raise ConfigError(f"{what}: {name} takes {node.get_ref(leaf).get_type().__name__} values, "
+                          f"not {type(value).__name__} {value!r}{example}") from e
 
 
 def validate(cfg: ml_collections.ConfigDict,

@@ -244,3 +244,14 @@ def test_atomic_path_replaces_the_whole_file_or_nothing(tmp_path):
         tmp.write_text("half")
         raise KeyboardInterrupt
     assert target.read_text() == "new" and [p.name for p in target.parent.iterdir()] == ["results.json"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=abc", "train.epochs takes int values, not str 'abc'; write it like --config.train.epochs=12"),
+    ("seed=1.5", "seed takes int values, not float 1.5; write it like --config.seed=0"),
+    ("data.image_size=big", "data.image_size takes int values, not str 'big'"),
+])
+def test_a_value_of_the_wrong_type_says_what_to_write(override, message):
+    with pytest.raises(ConfigError) as err:
+        config_lib.load(CONFIG, [override])
+    assert str(err.value) == f"override --config.{override}: {message}"
