@@ -356,6 +356,16 @@ def test_no_data_folder_and_no_tensorflow_is_a_data_error(monkeypatch, tmp_path)
         load_dataset("mnist", cache_dir=tmp_path)
 
 
+
+def test_no_data_folder_and_no_internet_is_one_line_at_once(monkeypatch, tmp_path):
+    import socket
+
+    monkeypatch.delenv("QEVO_DATA_DIR", raising=False)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: (_ for _ in ()).throw(socket.gaierror("no network")))
+    with pytest.raises(DataError, match=r"'mnist': no data folder was given, and tensorflow-datasets cannot download "
+                                        r"it \(storage.googleapis.com does not resolve: no internet here\?\): set"):
+        load_dataset("mnist", cache_dir=tmp_path)
+
 def test_test_class_without_train_images_is_refused(tmp_path):
     root = make_noise_folder(tmp_path / "src", {"ant": (3, 1), "bee": (2, 2), "cat": (0, 2)})
     with pytest.raises(DataError, match=r"class folders \['cat'\] have test images but no train images"):
