@@ -56,13 +56,6 @@ def write_jsonl(path: str | os.PathLike, records: list) -> None:
     atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
 
 
-def read_jsonl(path: str | os.PathLike) -> list:
-    """Every record of a JSON-lines file (none if it does not exist); a corrupt line is a
-    :class:`CheckpointError` naming the file and the line."""
-    path = pathlib.Path(path)
-    return _parse_lines(path, _lines(path))
-
-
 def _lines(path: pathlib.Path) -> list[str]:
     return [x for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
 
