@@ -57,12 +57,11 @@ def headline_run(prep: compress.Prepared, cfg, seed: int) -> dict:
     """The command's protocol after step 2 for one search seed (nothing written)."""
     cfg = _with(cfg, seed=seed)
     start = time.perf_counter()
-    records = compress.search(prep, cfg)
-    best = compress.pick(records, prep.float_score - cfg.sharing.max_accuracy_loss / 100, "cr_weighted")
-    layers, accuracy, _ = compress.refine(prep, cfg, compress.table_layers(prep, best["k"]), best["val_accuracy"])
-    formats = compress.report(prep, cfg, layers, None)
-    return {"seed": seed, "k": best["k"], "focus": [x.focus for x in layers], "feasible": best["feasible"],
-            "val_accuracy_searched": best["val_accuracy"], "val_accuracy_refined": accuracy, "formats": formats,
+    chosen = compress.choose(prep, cfg, compress.search(prep, cfg))
+    formats = compress.report(prep, cfg, chosen.layers, None)
+    return {"seed": seed, "k": chosen.best["k"], "focus": [x.focus for x in chosen.layers],
+            "feasible": chosen.best["feasible"], "val_accuracy_searched": chosen.best["val_accuracy"],
+            "val_accuracy_refined": chosen.accuracy, "formats": formats,
             "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -73,8 +72,9 @@ def driver_run(prep: compress.Prepared, cfg, driver: str, seed: int, population:
     start = time.perf_counter()
     records = compress.search(prep, cfg)
     seconds = time.perf_counter() - start
-    best = compress.pick(records, prep.float_score - cfg.sharing.max_accuracy_loss / 100, "cr_weighted")
-    fp32 = compress.report(prep, cfg, compress.table_layers(prep, best["k"]), None)["float32"]
+    chosen = compress.choose(prep, cfg, records)
+    best = chosen.best
+    fp32 = compress.report(prep, cfg, chosen.layers, None)["float32"]
     return {"driver": driver, "seed": seed, "k": best["k"], "feasible": best["feasible"], "evaluations": len(records),
             "cr_weighted": fp32["cr_weighted"], "cr_mean": fp32["cr_mean"], "val_accuracy": fp32["val_accuracy"],
             "test_accuracy": fp32["test_accuracy"], "test_loss_points": fp32["test_loss_points"],

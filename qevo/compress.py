@@ -19,15 +19,21 @@ The seed's protocol (SPEC section 2), on the validation split:
 4. the result: of every evaluated network whose validation accuracy is at least the float
    accuracy minus ``sharing.max_accuracy_loss`` points, the one with the highest CR
    (``sharing.fitness_cr``), then the seed's per-layer search of focus and spread, a
-   layer's 2-D clustering kept only where validation accuracy improves;
+   layer's 2-D clustering kept only where validation accuracy improves.  With held-out
+   images (below) the pick is made on them instead: of the non-dominated networks that meet
+   the floor on the scoring images, the highest CR within ``sharing.max_accuracy_loss``
+   points of the float model on the held-out images (else the most accurate there); the
+   refinement is kept only if it does not lower held-out accuracy;
 5. validation and test accuracy and both CRs for every codebook format of
    ``sharing.report_formats``; each compressed model saved as indices + codebooks and
    reloaded to check its test accuracy.
 
 Steps 2 to 4 score networks on the first ``sharing.eval_images`` validation images (default:
 all of them), so that a large network's search fits its budget; the accuracy floor and
-targets are then relative to the float model on those images.  Step 5 reports on the whole
-validation and test splits.
+targets are then relative to the float model on those images.  The remaining validation
+images are held out: the search never sees them, so the pick in step 4 is not chosen on the
+noise that thousands of evaluations on the scoring images select for.  Step 5 reports on the
+whole validation and test splits.
 
 Fitness: Fit = 1 / sqrt((1 - ACC/ACC_t)^2 + (1 - CR/CR_t)^2) (maximised).  After each
 generation a target that the best value of the generation reached moves to that value plus
@@ -50,6 +56,7 @@ import functools
 import pathlib
 import sys
 import time
+from collections.abc import Callable
 
 import flax.struct
 import jax
@@ -354,25 +361,30 @@ def scores_to_records(scores: Scores) -> list[dict]:
     ]
 
 
-def pick(records: list[dict], floor: float, cr_key: str) -> dict:
-    """The result of a search: of the records with ``val_accuracy >= floor``, the highest
+def pick(records: list[dict], floor: float, cr_key: str, acc_key: str = "val_accuracy") -> dict:
+    """The result of a search: of the records with ``acc_key >= floor``, the highest
     ``cr_key`` (ties: higher accuracy); if none, the most accurate record.  Adds ``feasible``."""
-    feasible = [r for r in records if r["val_accuracy"] >= floor]
+    feasible = [r for r in records if r[acc_key] >= floor]
     if feasible:
-        return {**max(feasible, key=lambda r: (r[cr_key], r["val_accuracy"])), "feasible": True}
-    return {**max(records, key=lambda r: (r["val_accuracy"], r[cr_key])), "feasible": False}
+        return {**max(feasible, key=lambda r: (r[cr_key], r[acc_key])), "feasible": True}
+    return {**max(records, key=lambda r: (r[acc_key], r[cr_key])), "feasible": False}
 
 
 FRONT_KEYS = ("val_accuracy", "cr_mean", "cr_weighted")
 
 
-def front(records: list[dict]) -> list[dict]:
-    """Distinct non-dominated records on (validation accuracy, size-weighted CR), by CR."""
+def front_keys(row: dict) -> tuple[str, ...]:
+    """The reported keys of a front row: :data:`FRONT_KEYS`, and ``held_out_accuracy`` if scored."""
+    return (*FRONT_KEYS, "held_out_accuracy") if "held_out_accuracy" in row else FRONT_KEYS
+
+
+def front(records: list[dict], cr_key: str = "cr_weighted") -> list[dict]:
+    """Distinct non-dominated records on (validation accuracy, ``cr_key``), by that CR."""
     unique = {tuple(r["k"]): r for r in records if np.isfinite(r["val_accuracy"])}
     rows = list(unique.values())
-    F = np.array([[1 - r["val_accuracy"], -r["cr_weighted"]] for r in rows], np.float32)
+    F = np.array([[1 - r["val_accuracy"], -r[cr_key]] for r in rows], np.float32)
     rank = np.asarray(nsga3.non_dominated_rank(jnp.asarray(F)))
-    return sorted((r for r, q in zip(rows, rank, strict=True) if q == 0), key=lambda r: r["cr_weighted"])
+    return sorted((r for r, q in zip(rows, rank, strict=True) if q == 0), key=lambda r: r[cr_key])
 
 
 @dataclasses.dataclass
@@ -380,22 +392,27 @@ class Prepared:
     """The float model, data and cluster table of a run, shared by searches (benchmarks).
 
     ``score`` holds the batches that steps 2 to 4 score on (the first ``sharing.eval_images``
-    validation images) and ``float_score`` the float model's accuracy on them; ``val`` and
-    ``float_val`` are the whole validation split, for the report.  ``range_acc`` is float
-    ``[L, k_max]``, NaN where k is not a candidate."""
+    validation images) and ``float_score`` the float model's accuracy on them; ``held_out``
+    the other validation images (None if there are none) and ``float_held_out`` its
+    accuracy there; ``val`` and ``float_val`` are the whole validation split, for the
+    report.  ``accuracy`` is the compiled ``evaluator.accuracy(variables, kernels, batches)``.
+    ``range_acc`` is float ``[L, k_max]``, NaN where k is not a candidate."""
 
     cfg: ml_collections.ConfigDict
     model: object
     evaluator: sharing.SharedEvaluator
+    accuracy: Callable
     variables: dict
     paths: tuple
     table: sharing.ClusterTable
     val: tuple
     test: tuple
     score: tuple
+    held_out: tuple | None
     float_val: float
     float_test: float
     float_score: float
+    float_held_out: float | None
     range_acc: np.ndarray
     seconds: dict
 
@@ -415,15 +432,18 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> Prepared:
     eb = cfg.train.eval_batch_size
     val = batch_eval_set(jnp.asarray(ds.val_images), jnp.asarray(ds.val_labels), eb)
     test = batch_eval_set(jnp.asarray(ds.test_images), jnp.asarray(ds.test_labels), eb)
-    n_score = cfg.sharing.eval_images or ds.val_images.shape[0]
-    score = (val if n_score >= ds.val_images.shape[0] else
-             batch_eval_set(jnp.asarray(ds.val_images[:n_score]), jnp.asarray(ds.val_labels[:n_score]), eb))
-    plain = jax.jit(lambda v, b: evaluator.accuracy(v, sharing.get_kernels(v["params"], paths), b))
-    float_val, float_test = float(plain(variables, val)), float(plain(variables, test))
-    float_score = float(plain(variables, score))
+    n_score = min(cfg.sharing.eval_images or ds.val_images.shape[0], ds.val_images.shape[0])
+    score, held_out = val, None
+    if n_score < ds.val_images.shape[0]:
+        score = batch_eval_set(jnp.asarray(ds.val_images[:n_score]), jnp.asarray(ds.val_labels[:n_score]), eb)
+        held_out = batch_eval_set(jnp.asarray(ds.val_images[n_score:]), jnp.asarray(ds.val_labels[n_score:]), eb)
+    accuracy = jax.jit(evaluator.accuracy)
+    kernels = sharing.get_kernels(variables["params"], paths)
+    float_val, float_test = float(accuracy(variables, kernels, val)), float(accuracy(variables, kernels, test))
+    float_score = float(accuracy(variables, kernels, score))
+    float_held_out = None if held_out is None else float(accuracy(variables, kernels, held_out))
 
     t = time.perf_counter()
-    kernels = sharing.get_kernels(variables["params"], paths)
     table = sharing.build_table(kernels, cfg.sharing.k_max, n_iter=cfg.sharing.kmeans_iters)
     jax.block_until_ready(table.assign)
     seconds["kmeans_table"] = time.perf_counter() - t
@@ -436,8 +456,8 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> Prepared:
     range_acc = np.full((len(paths), cfg.sharing.k_max), np.nan, np.float32)
     range_acc[:, ks - 1] = np.asarray(range_fn(variables, table, centroids, rows, score)).reshape(len(paths), len(ks))
     seconds["range"] = time.perf_counter() - t
-    return Prepared(cfg, model, evaluator, variables, paths, table, val, test, score, float_val, float_test,
-                    float_score, range_acc, seconds)
+    return Prepared(cfg, model, evaluator, accuracy, variables, paths, table, val, test, score, held_out,
+                    float_val, float_test, float_score, float_held_out, range_acc, seconds)
 
 
 def _problem(prep: Prepared, cfg: ml_collections.ConfigDict) -> Problem:
@@ -479,6 +499,82 @@ def search(prep: Prepared, cfg: ml_collections.ConfigDict, workdir: pathlib.Path
                 f"targets acc {100 * float(state.acc_target):.2f}% CR {float(state.cr_target):.2f}  "
                 f"{cfg.population_size / seconds:.1f} evals/s")
     return [{**r, "generation": x["generation"]} for x in lines for r in x["individuals"]]
+
+
+def held_out_accuracy(prep: Prepared, cfg, records: list[dict]) -> list[dict]:
+    """``records`` with ``held_out_accuracy``: each network (its table clustering) scored on
+    the held-out validation images in one population call."""
+    rows = jnp.asarray(np.array([r["k"] for r in records], np.int32) - 1)
+    centroids = quantize_codebook(prep.table.centroids, cfg.sharing.codebook)
+    acc = np.asarray(jax.jit(prep.evaluator.accuracy_of_k)(prep.variables, prep.table, centroids, rows,
+                                                           prep.held_out))
+    return [{**r, "held_out_accuracy": float(a)} for r, a in zip(records, acc, strict=True)]
+
+
+def pick_held_out(prep: Prepared, cfg, fronts: list[dict]) -> dict:
+    """Step 4a on held-out images: of the networks of ``fronts`` (with ``held_out_accuracy``)
+    that meet the floor on the scoring images (all of them if none does), the highest CR
+    within ``sharing.max_accuracy_loss`` points of the float model on the held-out images."""
+    loss = cfg.sharing.max_accuracy_loss / 100
+    candidates = [r for r in fronts if r["val_accuracy"] >= prep.float_score - loss] or fronts
+    return pick(candidates, prep.float_held_out - loss, _cr_key(cfg), "held_out_accuracy")
+
+
+@dataclasses.dataclass
+class Choice:
+    """Step 4's outcome: the picked record ``best`` (with ``feasible``, and
+    ``held_out_accuracy`` where there are held-out images), the non-dominated records
+    ``front`` (size-weighted CR; scored on the held-out images where there are some), the
+    stored ``layers`` after refinement, their scoring ``accuracy``, one ``refinement``
+    record per layer, and the held-out accuracy of the refined network (None: not scored)."""
+
+    best: dict
+    front: list[dict]
+    layers: list[sharing.Layer]
+    accuracy: float
+    refinement: list[dict]
+    refined_held_out: float | None
+
+    def summary(self) -> dict:
+        """The step's figures for ``results.json``'s ``"search"``."""
+        out = {"val_accuracy_after_refinement": self.accuracy}
+        if "held_out_accuracy" in self.best:
+            out.update(held_out_accuracy=self.best["held_out_accuracy"], candidates=len(self.front),
+                       held_out_accuracy_after_refinement=self.refined_held_out)
+        return out
+
+
+def choose(prep: Prepared, cfg, records: list[dict], log=None) -> Choice:
+    """Step 4: the pick among ``records`` (on the held-out images if there are any), then the
+    refinement (``sharing.refine``), kept with held-out images only if it does not lower
+    accuracy there."""
+    cr_key = _cr_key(cfg)
+    fronts = front(records)
+    if prep.held_out is None:
+        best = pick(records, prep.float_score - cfg.sharing.max_accuracy_loss / 100, cr_key)
+    else:
+        fronts = held_out_accuracy(prep, cfg, fronts)
+        best = pick_held_out(prep, cfg, fronts if cr_key == "cr_weighted" else
+                             held_out_accuracy(prep, cfg, front(records, cr_key)))
+        if log:
+            log(f"pick on {_count(prep.held_out)} held-out images: CR {best[cr_key]:.2f} at "
+                f"{100 * best['held_out_accuracy']:.2f}% (float {100 * prep.float_held_out:.2f}%)")
+    layers, accuracy, refinement, refined_held_out = table_layers(prep, best["k"]), best["val_accuracy"], [], None
+    if cfg.sharing.refine:
+        refined, refined_accuracy, refinement = refine(prep, cfg, layers, accuracy, log)
+        if prep.held_out is not None:
+            refined_held_out = layers_accuracy(prep, refined, cfg.sharing.codebook, prep.held_out)
+        if refined_held_out is None or refined_held_out >= best["held_out_accuracy"]:
+            layers, accuracy = refined, refined_accuracy
+        elif log:
+            log(f"refinement not kept: held-out accuracy {100 * refined_held_out:.2f}% against "
+                f"{100 * best['held_out_accuracy']:.2f}% without it")
+    return Choice(best, fronts, layers, accuracy, refinement, refined_held_out)
+
+
+def _count(batches) -> int:
+    """Number of real (unpadded) images in :func:`qevo.population.batch_eval_set` batches."""
+    return int(np.asarray(batches[2]).sum())
 
 
 def _cr_key(cfg) -> str:
@@ -539,22 +635,24 @@ def refine(prep: Prepared, cfg, layers: list[sharing.Layer], accuracy: float,
     return layers, accuracy, notes
 
 
+def layers_accuracy(prep: Prepared, layers: list[sharing.Layer], fmt: str, batches) -> float:
+    """Accuracy on ``batches`` of the float model with the stored ``layers`` (codebooks in ``fmt``)."""
+    return float(prep.accuracy(prep.variables, layer_kernels(layers, fmt), batches))
+
+
 def report(prep: Prepared, cfg, layers: list[sharing.Layer], workdir: pathlib.Path | None) -> dict:
     """Step 5: per codebook format, both CRs, validation and test accuracy; with ``workdir``
     the compressed model saved and reloaded (its test accuracy checked)."""
-    plain = jax.jit(lambda v, kernels, b: prep.evaluator.accuracy(v, kernels, b))
-    reload_acc = jax.jit(lambda v, b: prep.evaluator.accuracy(v, sharing.get_kernels(v["params"], prep.paths), b))
     k = np.array([x.codebook.shape[0] for x in layers], np.int32)
     out = {}
     for fmt in cfg.sharing.report_formats:
-        kernels = layer_kernels(layers, fmt)
         cr_mean, cr_weighted = sharing.compression_rates(jnp.asarray(k), prep.table.sizes, fmt)
         entry = {
             "codebook_bits": CODEBOOK_BITS[fmt],
             "cr_mean": float(cr_mean),
             "cr_weighted": float(cr_weighted),
-            "val_accuracy": float(plain(prep.variables, kernels, prep.val)),
-            "test_accuracy": float(plain(prep.variables, kernels, prep.test)),
+            "val_accuracy": layers_accuracy(prep, layers, fmt, prep.val),
+            "test_accuracy": layers_accuracy(prep, layers, fmt, prep.test),
         }
         entry["test_loss_points"] = 100 * (prep.float_test - entry["test_accuracy"])
         if workdir is not None:
@@ -564,7 +662,8 @@ def report(prep: Prepared, cfg, layers: list[sharing.Layer], workdir: pathlib.Pa
             sharing.save_compressed(path, prep.variables, prep.paths, layers, fmt, meta)
             loaded, _ = sharing.load_compressed(path, prep.variables)
             entry["file"] = path.name
-            entry["reloaded_test_accuracy"] = float(reload_acc(loaded, prep.test))
+            reloaded = sharing.get_kernels(loaded["params"], prep.paths)
+            entry["reloaded_test_accuracy"] = float(prep.accuracy(loaded, reloaded, prep.test))
         out[fmt] = entry
     return out
 
@@ -572,9 +671,10 @@ def report(prep: Prepared, cfg, layers: list[sharing.Layer], workdir: pathlib.Pa
 def write_front(workdir: pathlib.Path, rows: list[dict], names: list[str], float_val: float) -> None:
     """``front.csv`` (k per layer, validation accuracy, both CRs; atomic) and ``front.png``."""
     columns = [f"k_{n}" for n in names]
+    keys = front_keys(rows[0])
     write_csv(workdir / "front.csv",
-              [{**dict(zip(columns, r["k"], strict=True)), **{k: f"{r[k]:.6f}" for k in FRONT_KEYS}} for r in rows],
-              [*columns, *FRONT_KEYS])
+              [{**dict(zip(columns, r["k"], strict=True)), **{k: f"{r[k]:.6f}" for k in keys}} for r in rows],
+              [*columns, *keys])
     import matplotlib
 
     matplotlib.use("Agg")
@@ -614,17 +714,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
 
     with watch.stage("search"):
         records = search(prep, cfg, workdir, log)
-    floor = prep.float_score - cfg.sharing.max_accuracy_loss / 100
-    best = pick(records, floor, _cr_key(cfg))
-    layers = table_layers(prep, best["k"])
-    accuracy = best["val_accuracy"]
-    refinement = []
-    with watch.stage("refine"):
-        if cfg.sharing.refine:
-            layers, accuracy, refinement = refine(prep, cfg, layers, accuracy, log)
+    with watch.stage("pick_refine"):
+        chosen = choose(prep, cfg, records, log)
+    layers = chosen.layers
     with watch.stage("report"):
         formats = report(prep, cfg, layers, workdir)
-    fronts = front(records) if cfg.sharing.driver == "nsga3" else []
+    fronts = [] if cfg.sharing.driver != "nsga3" else chosen.front
     if fronts:
         write_front(workdir, fronts, names, prep.float_score)
     result = {
@@ -635,19 +730,21 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
         "seed": cfg.seed,
         "layers": names,
         "layer_sizes": list(prep.table.sizes),
-        "k": best["k"],
+        "k": chosen.best["k"],
         "spread": [x.spread for x in layers],
         "focus": [x.focus for x in layers],
-        "search": {"val_accuracy": best["val_accuracy"], "cr_mean": best["cr_mean"], "cr_weighted": best["cr_weighted"],
-                   "generation": best["generation"], "feasible": best["feasible"], "codebook": cfg.sharing.codebook,
-                   "evaluations": len(records), "val_accuracy_after_refinement": accuracy},
-        "refinement": refinement,
+        "search": {**{key: chosen.best[key] for key in ("val_accuracy", "cr_mean", "cr_weighted", "generation",
+                                                        "feasible")},
+                   "codebook": cfg.sharing.codebook, "evaluations": len(records), **chosen.summary()},
+        "refinement": chosen.refinement,
         "float": {"val_accuracy": prep.float_val, "test_accuracy": prep.float_test,
-                  "scoring_accuracy": prep.float_score},
-        "scoring_images": int(np.asarray(prep.score[2]).sum()),
+                  "scoring_accuracy": prep.float_score,
+                  **({"held_out_accuracy": prep.float_held_out} if prep.held_out is not None else {})},
+        "scoring_images": _count(prep.score),
+        "held_out_images": 0 if prep.held_out is None else _count(prep.held_out),
         "formats": formats,
         "kept_k": ranges,
-        **({"front": [{"k": r["k"], **{k: r[k] for k in FRONT_KEYS}} for r in fronts]} if fronts else {}),
+        **({"front": [{"k": r["k"], **{k: r[k] for k in front_keys(r)}} for r in fronts]} if fronts else {}),
         "seconds": {**{k: round(v, 2) for k, v in prep.seconds.items()}, **watch.seconds()},
         "device": jax.devices()[0].device_kind,
     }

@@ -6,9 +6,11 @@ session's float LeNet-5 runs of ``conftest``.
 """
 
 import json
+import types
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -17,9 +19,11 @@ from qevo import compress, sharing
 from qevo import config as config_lib
 from qevo.checkpoint import CheckpointError
 from qevo.codebook import quantize_codebook
+from qevo.data import normalize
 from qevo.models import init_variables
 from qevo.population import batch_eval_set
-from qevo.train import build_model
+from qevo.pretrained import float_model
+from qevo.train import build_model, load_data
 
 K_MAX = 4
 
@@ -135,6 +139,23 @@ def test_pick_and_front():
     assert compress.pick(recs, 0.975, "cr_weighted")["k"] == [2]
     assert compress.pick(recs, 0.995, "cr_weighted") == {**recs[1], "feasible": False}
     assert [r["k"] for r in compress.front(recs)] == [[3], [2], [4]]
+
+
+def test_pick_on_held_out_images():
+    """Float: 0.98 on the scoring images, 0.97 held out; 1 point allowed.  [4] has the highest
+    CR on the scoring images but loses 2 held-out points; [2] is the pick.  [6] passes held out
+    but not on the scoring images, so it is no candidate.  With no candidate within the
+    limit, the most accurate held out."""
+    prep = types.SimpleNamespace(float_score=0.98, float_held_out=0.97)
+    cfg = ml_collections.ConfigDict({"sharing": {"max_accuracy_loss": 1.0, "fitness_cr": "weighted"}})
+    recs = [{"k": [2], "val_accuracy": 0.975, "held_out_accuracy": 0.965, "cr_mean": 20.0, "cr_weighted": 20.0},
+            {"k": [3], "val_accuracy": 0.985, "held_out_accuracy": 0.975, "cr_mean": 15.0, "cr_weighted": 15.0},
+            {"k": [4], "val_accuracy": 0.972, "held_out_accuracy": 0.950, "cr_mean": 25.0, "cr_weighted": 25.0},
+            {"k": [6], "val_accuracy": 0.960, "held_out_accuracy": 0.970, "cr_mean": 30.0, "cr_weighted": 30.0}]
+    assert compress.pick(recs, 0.97, "cr_weighted")["k"] == [4]  # the rule on the scoring images alone
+    assert compress.pick_held_out(prep, cfg, recs) == {**recs[0], "feasible": True}
+    strict = types.SimpleNamespace(float_score=0.98, float_held_out=0.99)
+    assert compress.pick_held_out(strict, cfg, recs) == {**recs[1], "feasible": False}
 
 
 @pytest.mark.parametrize("fmt", ["float32", "float16", "float8", "int8"])
@@ -264,24 +285,53 @@ def test_lenet5_compresses_on_real_mnist(lenet5_float, data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_nsga3_front_and_resume(tiny_lenet5_float, data_dir, tmp_path):
-    """NSGA-III writes front.csv/front.png, and the front in results.json."""
+def test_nsga3_front_and_held_out_pick(tiny_lenet5_float, data_dir, tmp_path):
+    """NSGA-III writes front.csv/front.png and the front in results.json; scored on 400 of
+    1,000 validation images, it picks on the other 600: the front's held-out accuracies are
+    those of the saved networks run through ``model.apply`` on those images, and the pick is
+    the highest CR within the config's 0.9 points of float there, among the front points
+    feasible on the scoring images."""
     args = [f"--config.float_from={tiny_lenet5_float}", "--config.population_size=6", "--config.generations=3",
             "--config.sharing.driver=nsga3", "--config.sharing.k_max=8", "--config.sharing.refine=False",
-            "--config.data.val_size=1000", "--config.sharing.report_formats=('float32','float8')"]
+            "--config.data.val_size=1000", "--config.sharing.eval_images=400",
+            "--config.sharing.report_formats=('float32','float8')"]
     out = run_command("qevo.compress", "lenet5_sharing.py", tmp_path / "run", args, data_dir)
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp_path / "run"
     header, *rows = (run / "front.csv").read_text().splitlines()
-    assert header.startswith("k_QConv_0/kernel,") and header.endswith("val_accuracy,cr_mean,cr_weighted") and rows
+    assert header.startswith("k_QConv_0/kernel,") and rows
+    assert header.endswith("val_accuracy,cr_mean,cr_weighted,held_out_accuracy")
     assert (run / "front.png").stat().st_size > 1000
-    first = json.loads((run / "results.json").read_text())
-    in_result = [[*map(str, r["k"]), f"{r['val_accuracy']:.6f}", f"{r['cr_mean']:.6f}", f"{r['cr_weighted']:.6f}"]
-                 for r in first["front"]]
+    result = json.loads((run / "results.json").read_text())
+    keys = ("val_accuracy", "cr_mean", "cr_weighted", "held_out_accuracy")
+    in_result = [[*map(str, r["k"]), *(f"{r[k]:.6f}" for k in keys)] for r in result["front"]]
     assert in_result == [row.split(",") for row in rows]
-    cr = [r["cr_weighted"] for r in first["front"]]
-    accuracy = [r["val_accuracy"] for r in first["front"]]
+    cr = [r["cr_weighted"] for r in result["front"]]
+    accuracy = [r["val_accuracy"] for r in result["front"]]
     assert cr == sorted(cr) and accuracy == sorted(accuracy, reverse=True)  # non-dominated: more CR, less accuracy
+    assert (result["scoring_images"], result["held_out_images"]) == (400, 600)
+
+    cfg = compress.validate(ml_collections.ConfigDict(json.loads((run / "config.json").read_text())))
+    ds = load_data(cfg)
+    model = build_model(cfg, ds.num_classes)
+    variables, _ = sharing.load_compressed(run / "compressed_float32.msgpack", init_variables(
+        model, jax.random.key(0), ds.val_images.shape[1:]))
+    images, labels = ds.val_images[400:], ds.val_labels[400:]
+
+    def held_out(v):
+        logits = model.apply(v, normalize(images, ds.mean, ds.std), None, train=False)
+        return float(np.mean(np.argmax(np.asarray(logits), -1) == labels))
+
+    floats, _ = float_model(cfg, ds, model, run)
+    assert result["float"]["held_out_accuracy"] == pytest.approx(held_out(floats), abs=1e-6)
+    assert result["search"]["held_out_accuracy"] == pytest.approx(held_out(variables), abs=1e-6)
+    loss = cfg.sharing.max_accuracy_loss / 100
+    candidates = [r for r in result["front"] if r["val_accuracy"] >= result["float"]["scoring_accuracy"] - loss]
+    candidates = candidates or result["front"]
+    within = [r for r in candidates if r["held_out_accuracy"] >= result["float"]["held_out_accuracy"] - loss]
+    expected = (max(within, key=lambda r: r["cr_weighted"]) if within else
+                max(candidates, key=lambda r: r["held_out_accuracy"]))
+    assert result["k"] == expected["k"] and result["search"]["feasible"] == bool(within)
 
 
 def test_killed_compression_resumes_to_the_same_front(tiny_lenet5_float, data_dir, tmp_path, monkeypatch, capsys):
