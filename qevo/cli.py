@@ -89,7 +89,8 @@ def memory_settings(cfg: ml_collections.ConfigDict | None, workdir: pathlib.Path
     return out
 
 
-def main(prog: str, run: Callable[[ml_collections.ConfigDict, pathlib.Path], dict], validate, argv=None) -> int:
+def main(prog: str, run: Callable[[ml_collections.ConfigDict, pathlib.Path], dict], validate, argv=None, *,
+         defaults: Callable[[], ml_collections.ConfigDict] = config_lib.defaults) -> int:
     """Entry point shared by the commands: parse, validate, prepare the folder, run.
 
     Args:
@@ -97,6 +98,8 @@ def main(prog: str, run: Callable[[ml_collections.ConfigDict, pathlib.Path], dic
       run: ``run(config, workdir) -> results dict`` (printed as JSON at the end).
       validate: ``validate(config) -> config``, raising ``ConfigError``.
       argv: arguments (default ``sys.argv[1:]``).
+      defaults: the command's keys with their defaults (a work folder begun before a key
+        existed resumes where the key holds its default).
 
     Returns:
       Exit status: 0 on success, 2 on a user error or when the devices run out of memory
@@ -108,7 +111,7 @@ def main(prog: str, run: Callable[[ml_collections.ConfigDict, pathlib.Path], dic
     try:
         path, overrides, workdir = parse_args(sys.argv[1:] if argv is None else argv, prog)
         cfg = validate(config_lib.load(path, overrides))
-        workdir = prepare_workdir(workdir or pathlib.Path("runs") / path.stem, cfg)
+        workdir = prepare_workdir(workdir or pathlib.Path("runs") / path.stem, cfg, defaults())
         results = run(cfg, workdir)
     except jax.errors.JaxRuntimeError as e:
         if not is_out_of_memory(e):

@@ -113,11 +113,14 @@ def random_streams(cfg: ml_collections.ConfigDict):
         yield
 
 
-def prepare_workdir(workdir: pathlib.Path, cfg: ml_collections.ConfigDict) -> pathlib.Path:
+def prepare_workdir(workdir: pathlib.Path, cfg: ml_collections.ConfigDict,
+                    defaults: ml_collections.ConfigDict | None = None) -> pathlib.Path:
     """Create ``workdir`` and write ``config.json``. A different saved config is an error once
     the folder holds anything else (a run's state); a folder that holds only ``config.json``
-    (a run that stopped before its first output) takes the new config. A path that is not a
-    writable folder is an error."""
+    (a run that stopped before its first output) takes the new config. A key that the saved
+    config lacks (one added to qevo since the run began) counts as unchanged where ``cfg``
+    holds its value in ``defaults`` (the command's keys and defaults), which keep the earlier
+    behaviour. A path that is not a writable folder is an error."""
     if workdir.exists() and not workdir.is_dir():
         raise CheckpointError(f"--workdir {workdir} is a file, not a folder; pass a folder path")
     resolved = config_lib.to_dict(cfg)
@@ -130,7 +133,9 @@ def prepare_workdir(workdir: pathlib.Path, cfg: ml_collections.ConfigDict) -> pa
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise CheckpointError(f"{saved} is corrupt ({e}); delete {workdir} to start over") from e
             started = any(p.name != CONFIG for p in workdir.iterdir())
-            if started and previous != json.loads(json.dumps(resolved)):
+            now = json.loads(json.dumps(resolved))
+            known = json.loads(json.dumps(config_lib.to_dict(defaults))) if defaults is not None else {}
+            if started and _with_new_defaults(previous, now, known) != now:
                 raise config_lib.ConfigError(f"{workdir} holds a run with a different config ({saved}); "
                                              "pass a new --workdir or delete that folder")
         write_json(saved, resolved)
@@ -138,6 +143,19 @@ def prepare_workdir(workdir: pathlib.Path, cfg: ml_collections.ConfigDict) -> pa
         raise CheckpointError(f"--workdir {workdir} is not a writable folder ({e.strerror}); "
                               "pass a folder you can write to") from e
     return workdir
+
+
+def _with_new_defaults(saved: dict, now: dict, defaults: dict) -> dict:
+    """``saved`` with each key it lacks taken from ``now`` where ``now`` holds the default."""
+    out = dict(saved)
+    for key, value in now.items():
+        default = defaults.get(key) if isinstance(defaults, dict) else None
+        if key not in out:
+            if isinstance(defaults, dict) and key in defaults and value == default:
+                out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _with_new_defaults(out[key], value, default if isinstance(default, dict) else {})
+    return out
 
 
 def write_json(path: pathlib.Path, obj) -> None:

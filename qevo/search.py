@@ -633,4 +633,4 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
 if __name__ == "__main__":
     from qevo.cli import main
 
-    sys.exit(main("qevo.search", run, validate))
+    sys.exit(main("qevo.search", run, validate, defaults=defaults))

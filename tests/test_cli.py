@@ -5,6 +5,7 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -173,6 +174,29 @@ def test_a_changed_config_is_refused_once_the_run_has_state(tmp_path):
     with pytest.raises(ConfigError, match=r"holds a run with a different config .*; pass a new --workdir"):
         harness.prepare_workdir(tmp_path, cfg)
     assert json.loads((tmp_path / "config.json").read_text())["train"]["epochs"] == 3
+
+
+def test_a_key_added_since_the_run_began_resumes_at_its_default(tmp_path):
+    """A folder whose config.json predates a key (here ``threefry_partitionable`` and the
+    new section ``extra``) resumes while the run holds those
+    defaults, and is refused once one of them is changed."""
+    known = config_lib.defaults()
+    known.extra = ml_collections.ConfigDict({"option": 1})
+    cfg = ml_collections.ConfigDict(known.to_dict())
+    old = cfg.to_dict()
+    del old["threefry_partitionable"], old["extra"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    (tmp_path / "checkpoint.msgpack").write_bytes(b"state")
+    harness.prepare_workdir(tmp_path, cfg, known)
+    assert json.loads((tmp_path / "config.json").read_text())["extra"] == {"option": 1}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    for key, value in (("threefry_partitionable", True), ("extra.option", 2)):
+        changed = ml_collections.ConfigDict(cfg.to_dict())
+        changed.update_from_flattened_dict({key: value})
+        with pytest.raises(ConfigError, match="holds a run with a different config"):
+            harness.prepare_workdir(tmp_path, changed, known)
+    with pytest.raises(ConfigError, match="holds a run with a different config"):
+        harness.prepare_workdir(tmp_path, cfg)  # without the defaults a missing key is a change
 
 def test_history_resume_policy(tmp_path):
     """The first ``steps`` lines are kept; a line after them (an interrupted step) is dropped
