@@ -38,7 +38,9 @@ def defaults() -> ml_collections.ConfigDict:
             "max_test_images": config_dict.placeholder(int),
         }
     )
-    c.model = ml_collections.ConfigDict({"name": "lenet5", "activation": "relu"})
+    # conv: the convolution kernels, "auto" (by the platform of the devices, qevo.layers.default_conv),
+    # "cpu" (qevo's CPU kernels) or "xla" (XLA's convolution, the reference).
+    c.model = ml_collections.ConfigDict({"name": "lenet5", "activation": "relu", "conv": "auto"})
     c.float_from = config_dict.placeholder(str)
     c.quant = ml_collections.ConfigDict({"mode": "absmax", "per_channel": True, "float_first_last": True})
     c.train = ml_collections.ConfigDict(
@@ -68,6 +70,7 @@ OPTIONS = {
     "data.name": ("mnist", "cifar10", "imagenette", "image_folder"),
     "model.name": ("lenet5", "resnet20", "resnet32", "resnet56", "mobilenetv2"),
     "model.activation": ("relu", "tanh"),
+    "model.conv": ("auto", "cpu", "xla"),
     "quant.mode": ("absmax", "mse", "dorefa"),
     "train.optimizer": ("sgd", "adam"),
     "train.schedule": ("cosine", "constant"),

@@ -224,7 +224,8 @@ def _integer_layers(kernels: dict[str, IntKernel], arithmetic: str):
         if arithmetic == "float":
             xq = quant.quantize_activation(x, a_bits, clip, signed=module.signed_input, mode=module.options.mode)
             w = dequantize(k)
-            y = conv2d(xq, w, module.strides, module.padding, module.groups) if isinstance(module, QConv) else xq @ w
+            y = (conv2d(xq, w, module.strides, module.padding, module.groups, module.options.conv)
+                 if isinstance(module, QConv) else xq @ w)
         else:
             x8, offset, step = _int8_input(x, a_bits, clip, module.signed_input)
             if isinstance(module, QConv):

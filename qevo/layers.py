@@ -27,21 +27,36 @@ from qevo.errors import ConfigError
 CALIBRATION_QUANTILE = 0.9999
 
 
+CONV_KERNELS = ("cpu", "xla")
+
+
+def default_conv(platform: str) -> str:
+    """The convolution kernels for devices of ``platform`` (``jax.Device.platform``): qevo's
+    CPU kernels on ``"cpu"``, XLA's convolution elsewhere.  :func:`qevo.models.get_model`
+    and :func:`qevo.train.build_model` choose with it, from the devices a run computes on."""
+    return "cpu" if platform == "cpu" else "xla"
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantOptions:
-    """Static quantizer settings shared by every layer of a model.
+    """Static settings shared by every layer of a model.
 
     Attributes:
       per_channel: per-output-channel weight scales (else per tensor).
       mode: ``"absmax"``, ``"mse"`` or ``"dorefa"`` (see :mod:`qevo.quant`).
+      conv: the convolution kernels, ``"xla"`` (XLA's convolution, any device) or ``"cpu"``
+        (qevo's kernels for CPU devices, see :func:`conv2d`); see :func:`default_conv`.
     """
 
     per_channel: bool = True
     mode: str = "absmax"
+    conv: str = "xla"
 
     def __post_init__(self):
         if self.mode not in quant.MODES:
             raise ConfigError(f"unknown quantization mode {self.mode!r}; use one of {quant.MODES}")
+        if self.conv not in CONV_KERNELS:
+            raise ConfigError(f"unknown convolution kernels {self.conv!r}; use one of {CONV_KERNELS}")
 
 
 @struct.dataclass
@@ -222,13 +237,14 @@ def toeplitz_conv2d(x: jax.Array, kernel: jax.Array, padding: str) -> jax.Array:
     return y.reshape(n, h_out, w_out, o)
 
 
-def conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: str, groups: int) -> jax.Array:
-    """NHWC/HWIO convolution. On CPU, oneDNN's kernels for float32 where they are
-    available (:mod:`qevo.onednn`), else row products for small single-channel inputs,
+def conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: str, groups: int,
+           kernels: str = "xla") -> jax.Array:
+    """NHWC/HWIO convolution. With ``kernels="cpu"``: oneDNN's kernels for float32 where they
+    are available (:mod:`qevo.onednn`), else row products for small single-channel inputs,
     im2col gradients for other dense kernels and shifted sums for depthwise ones (see
-    :func:`toeplitz_conv2d`, :func:`dense_conv2d`, :func:`shifted_conv2d`); elsewhere
+    :func:`toeplitz_conv2d`, :func:`dense_conv2d`, :func:`shifted_conv2d`); with ``"xla"``
     XLA's convolution."""
-    if jax.default_backend() == "cpu":
+    if kernels == "cpu":
         if x.dtype == kernel.dtype == jnp.float32 and onednn.available():
             return onednn.conv2d(x, kernel, strides, padding, groups)
         k = kernel.shape[0]
@@ -345,7 +361,7 @@ class QConv(nn.Module):
         shape = (self.kernel_size, self.kernel_size, in_ch // self.groups, self.features)
         kernel = self.param("kernel", nn.initializers.variance_scaling(2.0, "fan_in", "normal"), shape)
         x, k = _quantize(ctx, self.index, x, kernel, self.signed_input, self.options)
-        y = conv2d(x, k, self.strides, self.padding, self.groups)
+        y = conv2d(x, k, self.strides, self.padding, self.groups, self.options.conv)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,))
         macs = y.shape[1] * y.shape[2] * self.features * self.kernel_size**2 * (in_ch // self.groups)

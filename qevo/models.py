@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from qevo.errors import ConfigError
-from qevo.layers import BatchNorm, Bits, QConv, QDense, QuantContext, QuantOptions
+from qevo.layers import BatchNorm, Bits, QConv, QDense, QuantContext, QuantOptions, default_conv
 
 
 def _context(module: nn.Module, bits: Bits | None, n_layers: int) -> QuantContext:
@@ -207,10 +207,14 @@ MODELS = {
 }
 
 
-def get_model(name: str, num_classes: int, options: QuantOptions = QuantOptions(), **kwargs) -> nn.Module:
-    """Build a model by name (``lenet5``, ``resnet20/32/56``, ``mobilenetv2``)."""
+def get_model(name: str, num_classes: int, options: QuantOptions | None = None, **kwargs) -> nn.Module:
+    """Build a model by name (``lenet5``, ``resnet20/32/56``, ``mobilenetv2``).  Without
+    ``options``: the defaults, with the convolution kernels of the default devices
+    (:func:`qevo.layers.default_conv`)."""
     if name not in MODELS:
         raise ConfigError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    if options is None:
+        options = QuantOptions(conv=default_conv(jax.devices()[0].platform))
     return MODELS[name](num_classes, options, **kwargs)
 
 

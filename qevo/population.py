@@ -163,8 +163,7 @@ class PopulationEvaluator:
         validate_strategy(self.strategy, self.chunk_size)  # fail now, not at the first call
         devices = tuple(self.devices or jax.devices())
         object.__setattr__(self, "devices", devices)
-        object.__setattr__(self, "_local", None)  # (strategy, chunk), resolved at the first call
-        object.__setattr__(self, "_compiled", jax.jit(self._population))
+        object.__setattr__(self, "_compiled", jax.jit(self._population, static_argnames="local"))
 
     @property
     def num_devices(self) -> int:
@@ -188,13 +187,14 @@ class PopulationEvaluator:
         Raises:
           PopulationMemoryError: the program needs more memory than the devices have.
         """
-        args = self._arguments(variables, w_bits, a_bits, eval_images, eval_labels, key, train_images, train_labels)
+        args, local = self._arguments(variables, w_bits, a_bits, eval_images, eval_labels, key, train_images,
+                                      train_labels)
         try:
-            return jax.block_until_ready(self._compiled(*args))
+            return jax.block_until_ready(self._compiled(*args, local=local))
         except jax.errors.JaxRuntimeError as err:
             if not is_out_of_memory(err):
                 raise
-            (strategy, chunk), population = self._local, args[1].shape[0]
+            (strategy, chunk), population = local, args[1].shape[0]
             at_once = (f"vmap over all {-(-population // self.num_devices)}" if strategy == "vmap"
                        else f"map in chunks of {chunk or 1}")
             batch = min(self.eval_batch_size, eval_images.shape[0])
@@ -208,11 +208,21 @@ class PopulationEvaluator:
               train_labels=None):
         """The call's ``jax.stages.Lowered`` program (same arguments as calling the evaluator),
         e.g. ``.compile().memory_analysis()`` for the device memory a population size needs."""
-        args = self._arguments(variables, w_bits, a_bits, eval_images, eval_labels, key, train_images, train_labels)
-        return self._compiled.lower(*args)
+        args, local = self._arguments(variables, w_bits, a_bits, eval_images, eval_labels, key, train_images,
+                                      train_labels)
+        return self._compiled.lower(*args, local=local)
+
+    def local_strategy(self, variables, image_shape: tuple[int, ...]) -> tuple[str, int | None]:
+        """The ``(strategy, chunk)`` a call on images of ``image_shape`` (HWC) runs with:
+        ``"auto"`` resolved by the devices' platform and, when individuals fine-tune on an
+        accelerator, the multiply-accumulates of one QAT step (:data:`VMAP_QAT_MAX_MACS`)."""
+        step_macs = None
+        if self.strategy == "auto" and self.qat.steps > 0 and self.devices[0].platform != "cpu":
+            step_macs = int(layer_table(self.model, variables, image_shape).macs.sum()) * self.qat.batch_size
+        return resolve_strategy(self.strategy, self.chunk_size, self.devices[0].platform, step_macs)
 
     def _arguments(self, variables, w_bits, a_bits, eval_images, eval_labels, key, train_images, train_labels):
-        """Validate the inputs; resolve ``"auto"`` at the first call."""
+        """Validate the inputs; returns the jitted function's arguments and its ``local`` strategy."""
         w, a = validate_bits(w_bits, a_bits, self.model.num_layers)
         if w.ndim != 2:
             raise ValueError(f"w_bits must be a population [P, {self.model.num_layers}], got shape {w.shape}")
@@ -221,19 +231,13 @@ class PopulationEvaluator:
         if self.qat.steps == 0:
             key = jax.random.key(0)
             train_images, train_labels = eval_images[:1], eval_labels[:1]
-        if self._local is None:
-            step_macs = None
-            if self.qat.steps > 0:
-                image_macs = int(layer_table(self.model, variables, eval_images.shape[1:]).macs.sum())
-                step_macs = image_macs * self.qat.batch_size
-            object.__setattr__(self, "_local",
-                               resolve_strategy(self.strategy, self.chunk_size, self.devices[0].platform, step_macs))
-        return variables, jnp.asarray(w), jnp.asarray(a), key, train_images, train_labels, eval_images, eval_labels
+        args = variables, jnp.asarray(w), jnp.asarray(a), key, train_images, train_labels, eval_images, eval_labels
+        return args, self.local_strategy(variables, tuple(eval_images.shape[1:]))
 
-    def _population(self, variables, w, a, key, train_x, train_y, eval_x, eval_y):
+    def _population(self, variables, w, a, key, train_x, train_y, eval_x, eval_y, *, local):
         batches = batch_eval_set(eval_x, eval_y, self.eval_batch_size)
         return population_map(self._individual, (w, a), (variables, key, train_x, train_y, batches), self.devices,
-                              *self._local)
+                              *local)
 
     def _individual(self, wa, shared):
         variables, key, train_x, train_y, batches = shared

@@ -33,7 +33,7 @@ from qevo import config as config_lib
 from qevo.calibration import calibrate
 from qevo.data import Dataset, augment, load_dataset, normalize
 from qevo.harness import CHECKPOINT, MODEL, RESULTS, Stopwatch, method, write_csv, write_json
-from qevo.layers import Bits, QuantOptions
+from qevo.layers import Bits, QuantOptions, default_conv
 from qevo.models import get_model, init_variables
 from qevo.population import batch_eval_set, batched_accuracy, cross_entropy, sgd_or_adam
 
@@ -73,7 +73,8 @@ def load_data(cfg: ml_collections.ConfigDict) -> Dataset:
 
 def build_model(cfg: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
     """The model of ``cfg.model`` with the quantizer settings of ``cfg.quant``."""
-    options = QuantOptions(per_channel=cfg.quant.per_channel, mode=cfg.quant.mode)
+    conv = default_conv(jax.devices()[0].platform) if cfg.model.conv == "auto" else cfg.model.conv
+    options = QuantOptions(per_channel=cfg.quant.per_channel, mode=cfg.quant.mode, conv=conv)
     kwargs = {"activation": cfg.model.activation} if cfg.model.name == "lenet5" else {}
     return get_model(cfg.model.name, num_classes, options, **kwargs)
 

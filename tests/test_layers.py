@@ -84,8 +84,8 @@ def test_conv2d_equals_xla_on_every_path_without_onednn(shape, kernel, strides, 
     k = jnp.asarray(rng.standard_normal(kernel).astype(np.float32))
     want = jax.lax.conv_general_dilated(x, k, (strides, strides), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                         feature_group_count=groups)
-    np.testing.assert_allclose(jax.jit(conv2d, static_argnums=(2, 3, 4))(x, k, strides, "SAME", groups), want,
-                               rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(jax.jit(conv2d, static_argnums=(2, 3, 4, 5))(x, k, strides, "SAME", groups, "cpu"),
+                               want, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("train", [True, False])

@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from qevo import layers, onednn
+from qevo.layers import QuantOptions
 from qevo.models import get_model, init_variables
 from qevo.population import cross_entropy
 
@@ -72,29 +73,34 @@ def test_vmap_over_images_and_kernels_equals_xla():
 
 def test_conv2d_takes_onednn_on_cpu_for_float32_only():
     x, k = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
-    calls = lambda x, k: str(jax.make_jaxpr(lambda x, k: layers.conv2d(x, k, 1, "SAME", 1))(x, k))  # noqa: E731
+    calls = lambda x, k, kernels="cpu": str(jax.make_jaxpr(  # noqa: E731
+        lambda x, k: layers.conv2d(x, k, 1, "SAME", 1, kernels))(x, k))
     assert onednn.TARGETS["forward"] in calls(x, k)
     assert onednn.TARGETS["forward"] not in calls(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16))
+    assert onednn.TARGETS["forward"] not in calls(x, k, "xla")
 
 
-def test_resnet20_training_step_equals_xla_paths(monkeypatch):
-    """One SGD step of ResNet-20 (BatchNorm, strided shortcuts) through oneDNN and through
-    the XLA paths: same loss, same gradients, same updated weights."""
-    model = get_model("resnet20", 10)
-    variables = init_variables(model, jax.random.key(0), (32, 32, 3))
+@pytest.mark.parametrize("cpu_without_onednn", [False, True])
+def test_resnet20_training_step_equals_xla_paths(cpu_without_onednn, monkeypatch):
+    """The loss and gradients of one ResNet-20 training step (BatchNorm, strided shortcuts)
+    through qevo's CPU kernels (oneDNN, or the paths taken without it) and through XLA's
+    convolution (``model.conv``)."""
+    if cpu_without_onednn:
+        monkeypatch.setattr(onednn, "available", lambda: False)
+    cpu, xla = (get_model("resnet20", 10, QuantOptions(conv=conv)) for conv in ("cpu", "xla"))
+    variables = init_variables(xla, jax.random.key(0), (32, 32, 3))
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.standard_normal((8, 32, 32, 3)).astype(np.float32))
     y = jnp.asarray(rng.integers(0, 10, 8))
 
-    def grads():
+    def grads(model):
         def loss(params):
             logits, _ = model.apply({**variables, "params": params}, x, None, train=True, mutable=["batch_stats"])
             return cross_entropy(logits, y)
         return jax.jit(jax.value_and_grad(loss))(variables["params"])
 
-    loss_dnn, g_dnn = grads()
-    monkeypatch.setattr(onednn, "available", lambda: False)
-    loss_xla, g_xla = grads()
+    loss_dnn, g_dnn = grads(cpu)
+    loss_xla, g_xla = grads(xla)
     np.testing.assert_allclose(loss_dnn, loss_xla, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g_dnn), jax.tree.leaves(g_xla), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from qevo.calibration import calibrate
+from qevo.cost import layer_table
 from qevo.data import load_dataset, normalize
 from qevo.layers import Bits
 from qevo.models import get_model, init_variables
@@ -163,3 +164,18 @@ def test_auto_strategy_by_backend_and_qat_step_size():
     assert resolve_strategy("auto", None, "gpu", VMAP_QAT_MAX_MACS) == ("vmap", None)
     assert resolve_strategy("auto", None, "gpu", VMAP_QAT_MAX_MACS + 1) == ("map", 1)
     assert resolve_strategy("vmap", 4, "gpu", 10**12) == ("vmap", 4)
+
+
+def test_auto_strategy_follows_each_calls_image_size():
+    """On an accelerator, "auto" with QAT goes by the MACs of a step on the images of that
+    call (ResNet-20: 40.8 M per 32x32 image, four times that at 64x64): 20-image steps vmap
+    at 32x32 and go one individual at a time at 64x64, whichever call comes first."""
+    model = get_model("resnet20", 10)
+    variables = init_variables(model, jax.random.key(0), (32, 32, 3))
+    macs = int(layer_table(model, variables, (32, 32, 3)).macs.sum())
+    assert macs > 40e6 and macs * 20 <= VMAP_QAT_MAX_MACS < 4 * macs * 20
+    gpu = type("Device", (), {"platform": "gpu"})()
+    ev = PopulationEvaluator(model, (0.5,) * 3, (0.25,) * 3, qat=QATConfig(steps=1, batch_size=20), devices=(gpu,))
+    assert ev.local_strategy(variables, (64, 64, 3)) == ("map", 1)
+    assert ev.local_strategy(variables, (32, 32, 3)) == ("vmap", None)
+    assert ev.local_strategy(variables, (64, 64, 3)) == ("map", 1)

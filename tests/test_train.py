@@ -48,6 +48,17 @@ def test_bad_input_gives_one_clear_line(args, message, data_dir, tmp_path):
     assert message in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
 
 
+@pytest.mark.parametrize("conv, platform, kernels", [("auto", "cpu", "cpu"), ("auto", "gpu", "xla"),
+                                                     ("xla", "cpu", "xla"), ("cpu", "cpu", "cpu")])
+def test_model_conv_chooses_the_kernels_once(conv, platform, kernels, monkeypatch):
+    """``model.conv`` reaches every layer's static options; "auto" goes by the devices' platform."""
+    cfg = config_lib.defaults()
+    cfg.model.conv = conv
+    monkeypatch.setattr(jax, "devices", lambda *a: [type("Device", (), {"platform": platform})()])
+    model = train.build_model(cfg, 10)
+    assert model.options.conv == kernels
+
+
 def test_label_smoothing_matches_the_formula():
     import jax.numpy as jnp
     import numpy as np
