@@ -39,15 +39,20 @@ _FLOAT8_MAX = 448.0
 _INT8_MAX = 127.0
 
 
+def check_format(fmt: str) -> None:
+    """Raise ``ConfigError`` for a codebook format not in :data:`CODEBOOK_BITS`."""
+    if fmt not in CODEBOOK_BITS:
+        raise ConfigError(f"unknown codebook format {fmt!r}; choose one of {sorted(CODEBOOK_BITS)}")
+
+
 def quantize_codebook(centroids, fmt: str) -> jax.Array:
     """Round every codebook to the format ``fmt`` and back to float32.
 
     centroids: float [..., k], one codebook per row (the last axis); entries a layer does
     not use should be 0 so that they do not change its scale.  Returns float32 [..., k].
-    Raises ValueError for an unknown format.
+    Raises ConfigError for an unknown format.
     """
-    if fmt not in CODEBOOK_BITS:
-        raise ConfigError(f"unknown codebook format {fmt!r}; choose one of {sorted(CODEBOOK_BITS)}")
+    check_format(fmt)
     c = jnp.asarray(centroids, jnp.float32)
     if fmt == "float32":
         return c

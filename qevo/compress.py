@@ -68,7 +68,7 @@ from qevo import config as config_lib
 from qevo import nsga3, sharing
 from qevo.codebook import CODEBOOK_BITS, key_bits, quantize_codebook
 from qevo.drivers import make_driver, relax_to_genes
-from qevo.harness import RESULTS, StepLog, Stopwatch, method, write_csv, write_json
+from qevo.harness import RESULTS, StepLog, Stopwatch, figure, method, write_csv, write_json
 from qevo.population import batch_eval_set
 from qevo.pretrained import float_model
 from qevo.train import build_model, load_data
@@ -396,7 +396,8 @@ class Prepared:
     the other validation images (None if there are none) and ``float_held_out`` its
     accuracy there; ``val`` and ``float_val`` are the whole validation split, for the
     report.  ``accuracy`` is the compiled ``evaluator.accuracy(variables, kernels, batches)``.
-    ``range_acc`` is float ``[L, k_max]``, NaN where k is not a candidate."""
+    ``candidates`` are the candidate k (int32, :func:`candidate_k`) and ``range_acc`` float
+    ``[L, k_max]``, NaN where k is not a candidate."""
 
     cfg: ml_collections.ConfigDict
     model: object
@@ -413,6 +414,7 @@ class Prepared:
     float_test: float
     float_score: float
     float_held_out: float | None
+    candidates: np.ndarray
     range_acc: np.ndarray
     seconds: dict
 
@@ -457,7 +459,7 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> Prepared:
     range_acc[:, ks - 1] = np.asarray(range_fn(variables, table, centroids, rows, score)).reshape(len(paths), len(ks))
     seconds["range"] = time.perf_counter() - t
     return Prepared(cfg, model, evaluator, accuracy, variables, paths, table, val, test, score, held_out,
-                    float_val, float_test, float_score, float_held_out, range_acc, seconds)
+                    float_val, float_test, float_score, float_held_out, ks, range_acc, seconds)
 
 
 def _problem(prep: Prepared, cfg: ml_collections.ConfigDict) -> Problem:
@@ -675,20 +677,13 @@ def write_front(workdir: pathlib.Path, rows: list[dict], names: list[str], float
     write_csv(workdir / "front.csv",
               [{**dict(zip(columns, r["k"], strict=True)), **{k: f"{r[k]:.6f}" for k in keys}} for r in rows],
               [*columns, *keys])
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["cr_weighted"] for r in rows], [100 * r["val_accuracy"] for r in rows], "o-", label="NSGA-III front")
-    ax.axhline(100 * float_val, color="gray", ls="--", label="float model")
-    ax.set_xlabel("size-weighted compression rate")
-    ax.set_ylabel("validation accuracy [%]")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(workdir / "front.png", dpi=120)
-    plt.close(fig)
+    with figure(workdir / "front.png") as ax:
+        ax.plot([r["cr_weighted"] for r in rows], [100 * r["val_accuracy"] for r in rows], "o-",
+                label="NSGA-III front")
+        ax.axhline(100 * float_val, color="gray", ls="--", label="float model")
+        ax.set_xlabel("size-weighted compression rate")
+        ax.set_ylabel("validation accuracy [%]")
+        ax.legend()
 
 
 @method
@@ -703,7 +698,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     allowed, counts = allowed_k(prep.range_acc, prep.float_score, cfg.sharing.range_max_loss,
                                 cfg.sharing.widest_per_key)
     ranges = {n: sorted({int(a) + 1 for a in allowed[i, : counts[i]]}) for i, n in enumerate(names)}
-    ks = candidate_k(cfg.sharing.k_max, tuple(cfg.sharing.k_values))
+    ks = prep.candidates
     write_json(workdir / "range.json", {"float_score_accuracy": prep.float_score, "layers": names,
                                         "k": ks.tolist(), "accuracy": prep.range_acc[:, ks - 1].tolist(),
                                         "kept_k": ranges})

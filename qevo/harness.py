@@ -30,6 +30,7 @@ from qevo import checkpoint
 from qevo import config as config_lib
 from qevo.checkpoint import atomic_write_bytes
 from qevo.errors import CheckpointError
+from qevo.files import atomic_path
 
 CHECKPOINT = "checkpoint.msgpack"
 CONFIG = "config.json"
@@ -161,6 +162,25 @@ def _with_new_defaults(saved: dict, now: dict, defaults: dict) -> dict:
 def write_json(path: pathlib.Path, obj) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+@contextlib.contextmanager
+def figure(path: pathlib.Path, size: tuple[float, float] = (6, 4)):
+    """Yield a matplotlib axes (``size`` in inches); when the block ends its figure is laid
+    out and saved to ``path`` as a 120 dpi PNG, atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=size)
+    try:
+        yield ax
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
 
 
 def write_csv(path: pathlib.Path, rows: list[dict], columns: list[str]) -> None:

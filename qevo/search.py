@@ -41,7 +41,7 @@ from qevo import config as config_lib
 from qevo import cost, drivers, nsga3, train, variation
 from qevo.calibration import calibrate
 from qevo.data import Dataset, normalize
-from qevo.harness import RESULTS, StepLog, Stopwatch, method, write_csv, write_json
+from qevo.harness import RESULTS, StepLog, Stopwatch, figure, method, write_csv, write_json
 from qevo.layers import Bits
 from qevo.models import init_variables
 from qevo.population import PopulationEvaluator, QATConfig
@@ -557,35 +557,25 @@ def pareto_rows(cfg, problem: Problem, history: list[dict]) -> list[dict]:
 def plot(path: pathlib.Path, history: list[dict], final: list[dict], float_acc: float | None,
          table: cost.LayerTable) -> None:
     """``pareto.png``: accuracy against BitOps; searched models, the trained front, baselines, float."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    scored = [r for r in history if r["val_accuracy"] is not None]
-    if scored:
-        x = cost.bitops(table, np.array([r["w_bits"] for r in scored]), np.array([r["a_bits"] for r in scored]))
-        y = 100 * np.array([r["val_accuracy"] for r in scored])
-        ax.scatter(np.asarray(x), y, s=10, c="0.75", label="evaluated (validation, after search QAT)")
-    front = [r for r in final if r["kind"] == "front"]
-    if front:
-        ax.plot([r["bitops"] for r in front], [100 * r["test_accuracy"] for r in front], "o-", c="C0",
-                label="front (test, after final training)")
-    for i, r in enumerate(r for r in final if r["kind"] == "baseline"):
-        ax.scatter([r["bitops"]], [100 * r["test_accuracy"]], marker="s", s=60, c=f"C{i + 1}",
-                   label=f"uniform {r['name']} (test)", zorder=3)
-    if float_acc is not None:
-        ax.axhline(100 * float_acc, c="k", ls="--", lw=1, label="float (test)")
-    ax.set_xscale("log")
-    ax.set_xlabel("BitOps per image")
-    ax.set_ylabel("accuracy (%)")
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    with figure(path, (7, 4.5)) as ax:
+        scored = [r for r in history if r["val_accuracy"] is not None]
+        if scored:
+            x = cost.bitops(table, np.array([r["w_bits"] for r in scored]), np.array([r["a_bits"] for r in scored]))
+            y = 100 * np.array([r["val_accuracy"] for r in scored])
+            ax.scatter(np.asarray(x), y, s=10, c="0.75", label="evaluated (validation, after search QAT)")
+        front = [r for r in final if r["kind"] == "front"]
+        if front:
+            ax.plot([r["bitops"] for r in front], [100 * r["test_accuracy"] for r in front], "o-", c="C0",
+                    label="front (test, after final training)")
+        for i, r in enumerate(r for r in final if r["kind"] == "baseline"):
+            ax.scatter([r["bitops"]], [100 * r["test_accuracy"]], marker="s", s=60, c=f"C{i + 1}",
+                       label=f"uniform {r['name']} (test)", zorder=3)
+        if float_acc is not None:
+            ax.axhline(100 * float_acc, c="k", ls="--", lw=1, label="float (test)")
+        ax.set_xscale("log")
+        ax.set_xlabel("BitOps per image")
+        ax.set_ylabel("accuracy (%)")
+        ax.legend(fontsize=7, loc="lower right")
 
 
 FINAL_COLUMNS = ["name", "kind", "w_bits", "a_bits", "search_val_accuracy", "val_accuracy", "test_accuracy", "epochs",

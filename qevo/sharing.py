@@ -31,7 +31,7 @@ import numpy as np
 from flax import traverse_util
 
 from qevo import checkpoint
-from qevo.codebook import CODEBOOK_BITS, model_compression_rates, quantize_codebook
+from qevo.codebook import CODEBOOK_BITS, check_format, model_compression_rates, quantize_codebook
 from qevo.data import normalize
 from qevo.errors import ConfigError
 from qevo.kmeans import kmeans, pack_layers
@@ -314,8 +314,7 @@ def encode_codebook(codebook: np.ndarray, fmt: str) -> tuple[np.ndarray, np.floa
     exactly ``quantize_codebook(codebook, fmt)``.
     """
     c = np.asarray(codebook, np.float32)
-    if fmt not in CODEBOOK_BITS:
-        raise ConfigError(f"unknown codebook format {fmt!r}; choose one of {sorted(CODEBOOK_BITS)}")
+    check_format(fmt)
     if fmt in ("float32", "float16"):
         return c.astype(np.float32 if fmt == "float32" else np.float16), np.float32(1.0)
     absmax = np.float32(np.max(np.abs(c))) if c.size else np.float32(0)

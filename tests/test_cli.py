@@ -279,3 +279,15 @@ def test_a_value_of_the_wrong_type_says_what_to_write(override, message):
     with pytest.raises(ConfigError) as err:
         config_lib.load(CONFIG, [override])
     assert str(err.value) == f"override --config.{override}: {message}"
+
+
+def test_figure_is_written_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "front.png"
+    with harness.figure(path) as ax:
+        ax.plot([1, 2], [3, 4])
+    png = path.read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+    with pytest.raises(RuntimeError), harness.figure(path) as ax:
+        ax.plot([1, 2], [4, 3])
+        raise RuntimeError("stopped while drawing")
+    assert path.read_bytes() == png and [p.name for p in tmp_path.iterdir()] == ["front.png"]
