@@ -12,7 +12,7 @@ from flax import traverse_util
 from qevo import checkpoint, intforward, quant
 from qevo.calibration import calibrate
 from qevo.data import load_dataset, normalize
-from qevo.layers import Bits
+from qevo.layers import Bits, QuantOptions
 from qevo.models import CifarResNet, get_model, init_variables
 from qevo.train import MODEL, uniform_bits
 
@@ -151,11 +151,16 @@ def test_evolved_levels_equal_fake_quant_of_their_weights(mnist_lenet):
     np.testing.assert_allclose(in_float, fake, rtol=1e-6, atol=1e-6 * np.abs(fake).max())
 
 
-def test_resnet_integer_forward_equals_fake_quant():
+@pytest.mark.parametrize("conv", ["cpu", "xla"])
+def test_resnet_integer_forward_equals_fake_quant(conv):
     """A ResNet-8 (SAME padding of unsigned 8-bit inputs, BatchNorm, projection shortcuts
     sharing their block's widths): same argmax, logits equal up to float rounding but for
-    rounding ties (its images hold ~25k activations each, so ties hit some of them)."""
-    model = CifarResNet(depth=8)
+    near-ties: an activation within float rounding of a rounding boundary may round the
+    other way in float arithmetic than in exact integer sums, and its images hold ~25k
+    activations each.  Measured: 14 (XLA's convolution) and 15 (oneDNN) of the 16 images
+    agree to 4e-7 of their largest logit, the others to 3e-4 and 1.2e-3; at least 12 must
+    agree to 1e-5."""
+    model = CifarResNet(depth=8, options=QuantOptions(conv=conv))
     x = jax.random.normal(jax.random.key(1), (16, 16, 16, 3))
     variables = init_variables(model, jax.random.key(0), (16, 16, 3))
     keys = iter(jax.random.split(jax.random.key(2), 64))
@@ -170,8 +175,8 @@ def test_resnet_integer_forward_equals_fake_quant():
     fake = np.asarray(jax.jit(lambda v, x: model.apply(v, x, bits))(variables, x))
     integer = np.asarray(jax.jit(lambda v, k, x: intforward.apply(model, v, k, bits, x))(variables, kernels, x))
     np.testing.assert_array_equal(np.argmax(integer, 1), np.argmax(fake, 1))
-    assert np.mean(np.abs(integer - fake).max(axis=1) <= 1e-5 * np.abs(fake).max(axis=1)) >= 0.5
-    np.testing.assert_allclose(integer, fake, atol=0.01 * np.abs(fake).max())
+    assert np.sum(np.abs(integer - fake).max(axis=1) <= 1e-5 * np.abs(fake).max(axis=1)) >= 12
+    np.testing.assert_allclose(integer, fake, atol=0.005 * np.abs(fake).max())
 
 
 def test_reestimated_batch_statistics_make_inference_equal_training_mode():
