@@ -1,8 +1,10 @@
-"""Shared test fixtures: where the stored datasets live."""
+"""Shared test fixtures: where the stored datasets live, float runs, kills, synthetic images."""
 
 import os
 import pathlib
+import types
 
+import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -105,3 +107,20 @@ def without_seconds(records: list[dict]) -> list[dict]:
     """Records (nested dicts) without their wall-clock fields (keys naming seconds)."""
     strip = lambda v: {k: strip(x) for k, x in v.items() if "seconds" not in k} if isinstance(v, dict) else v  # noqa: E731
     return [strip(r) for r in records]
+
+
+def synthetic_digits(seed: int = 0, train: int = 5000, val: int = 300, test: int = 10000):
+    """A stand-in for MNIST where a test needs images a network can learn but not real data:
+    28x28x1 uint8 images, 10 classes, each image 60% its class's fixed random template and
+    40% noise.  Returns a namespace with ``train/val/test_images/labels``, ``mean``, ``std``."""
+    rng = np.random.default_rng(seed)
+    templates = rng.random((10, 28, 28, 1))
+
+    def split(n):
+        labels = rng.integers(0, 10, n).astype(np.int32)
+        images = 255 * (0.6 * templates[labels] + 0.4 * rng.random((n, 28, 28, 1)))
+        return images.astype(np.uint8), labels
+
+    (tx, ty), (vx, vy), (sx, sy) = split(train), split(val), split(test)
+    return types.SimpleNamespace(train_images=tx, train_labels=ty, val_images=vx, val_labels=vy, test_images=sx,
+                                 test_labels=sy, mean=(0.5,), std=(0.2,))

@@ -1,4 +1,5 @@
-"""Population evaluator: strategies, sharding over devices, QAT, bad input."""
+"""Population evaluator: strategies, sharding over devices, QAT, bad input; on synthetic images
+(``conftest.synthetic_digits``), as the engine needs no real data."""
 
 import os
 import pathlib
@@ -11,9 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import synthetic_digits
 from qevo.calibration import calibrate
 from qevo.cost import layer_table
-from qevo.data import load_dataset, normalize
+from qevo.data import normalize
 from qevo.layers import Bits
 from qevo.models import get_model, init_variables
 from qevo.population import (
@@ -30,8 +32,8 @@ N_EVAL = 300
 
 
 @pytest.fixture(scope="module")
-def setup(data_dir):
-    ds = load_dataset("mnist", data_dir)
+def setup():
+    ds = synthetic_digits()
     model = get_model("lenet5", 10)
     variables = init_variables(model, jax.random.key(0), (28, 28, 1))
     variables = calibrate(model, variables, normalize(ds.train_images[:256], ds.mean, ds.std))
@@ -84,16 +86,19 @@ def test_qat_improves_low_bit_accuracy_and_strategies_agree(setup):
     assert after[0] > float(before[0]) + 0.3  # 30 Adam steps lift an untrained net well above chance
 
 
-def test_four_host_devices_equal_one(data_dir):
+def test_four_host_devices_equal_one():
     script = textwrap.dedent(
         f"""
+        import sys
+        sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})
         import jax, jax.numpy as jnp, numpy as np
-        from qevo.data import load_dataset, normalize
+        from conftest import synthetic_digits
+        from qevo.data import normalize
         from qevo.calibration import calibrate
         from qevo.models import get_model, init_variables
         from qevo.population import PopulationEvaluator
         assert len(jax.devices()) == 4, jax.devices()
-        ds = load_dataset("mnist", {str(data_dir)!r})
+        ds = synthetic_digits()
         model = get_model("lenet5", 10)
         v = calibrate(model, init_variables(model, jax.random.key(0), (28, 28, 1)),
                       normalize(ds.train_images[:256], ds.mean, ds.std))
