@@ -20,11 +20,13 @@ import functools
 import io
 import json
 import pathlib
+import sys
 import time
 from collections.abc import Callable
 
 import jax
 import ml_collections
+from tqdm import tqdm
 
 from qevo import checkpoint
 from qevo import config as config_lib
@@ -83,6 +85,12 @@ class StepLog:
         if self.workdir is not None:
             checkpoint.write_jsonl(self.workdir / HISTORY, history)
             checkpoint.save(self.workdir / CHECKPOINT, state, {self.unit: steps})
+
+
+def progress(total: int, initial: int, desc: str) -> tqdm:
+    """The progress bar of a run's steps, on stderr and only on a terminal: a log written to a
+    file or pipe gets the per-step lines (``bar.write``) and the errors, without bar redraws."""
+    return tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, disable=None)
 
 
 class Stopwatch:

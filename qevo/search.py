@@ -35,13 +35,12 @@ import ml_collections
 import numpy as np
 from flax import struct
 from ml_collections import config_dict
-from tqdm import tqdm
 
 from qevo import config as config_lib
 from qevo import cost, drivers, nsga3, train, variation
 from qevo.calibration import calibrate
 from qevo.data import Dataset, normalize
-from qevo.harness import RESULTS, StepLog, Stopwatch, figure, method, write_csv, write_json
+from qevo.harness import RESULTS, StepLog, Stopwatch, figure, method, progress, write_csv, write_json
 from qevo.layers import Bits
 from qevo.models import init_variables
 from qevo.population import PopulationEvaluator, QATConfig
@@ -403,7 +402,7 @@ class SearchLoop:
         state = state.replace(generation=int(state.generation), evaluations=int(state.evaluations),
                               seconds=float(state.seconds))
         total = self.cfg.generations + 1
-        bar = tqdm(total=total, initial=state.generation + 1, desc=f"search {self.cfg.model.name}", file=sys.stderr)
+        bar = progress(total, state.generation + 1, f"search {self.cfg.model.name}")
         while state.generation + 1 < total:
             state, rec = self.step(state)
             bits = self.space.decode(rec["genes"])

@@ -26,13 +26,12 @@ import ml_collections
 import numpy as np
 import optax
 from flax import struct
-from tqdm import tqdm
 
 from qevo import checkpoint
 from qevo import config as config_lib
 from qevo.calibration import calibrate
 from qevo.data import Dataset, augment, load_dataset, normalize
-from qevo.harness import CHECKPOINT, MODEL, RESULTS, Stopwatch, method, write_csv, write_json
+from qevo.harness import CHECKPOINT, MODEL, RESULTS, Stopwatch, method, progress, write_csv, write_json
 from qevo.layers import Bits, QuantOptions, default_conv
 from qevo.models import get_model, init_variables
 from qevo.population import batch_eval_set, batched_accuracy, cross_entropy, sgd_or_adam
@@ -200,7 +199,7 @@ def fit(cfg: ml_collections.ConfigDict, ds: Dataset, model: nn.Module, variables
     images, labels = jax.device_put(ds.train_images), jax.device_put(ds.train_labels)
     val = batch_eval_set(jnp.asarray(ds.val_images), jnp.asarray(ds.val_labels), cfg.train.eval_batch_size)
     epoch_keys = jax.random.split(key, cfg.train.epochs)
-    bar = tqdm(total=cfg.train.epochs, initial=int(state.epoch), desc=desc, file=sys.stderr)
+    bar = progress(cfg.train.epochs, int(state.epoch), desc)
     for epoch in range(int(state.epoch), cfg.train.epochs):
         start = time.perf_counter()
         state, loss = trainer.epoch(state, bits, epoch_keys[epoch], images, labels)

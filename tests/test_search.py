@@ -203,3 +203,4 @@ def test_a_generation_of_only_infeasible_candidates_stops_the_search(tiny_lenet5
         "candidates are infeasible (non-finite accuracy or cost: their fine-tuning diverged); lower "
         "search.qat_learning_rate (now 1e+30) and rerun in a new --workdir")
     assert not (tmp_path / "run" / "history.jsonl").exists()  # nothing kept of the infeasible generation
+    assert "search lenet5" not in stderr  # no progress bar off a terminal
