@@ -1,7 +1,8 @@
 """The command layer: ``python -m qevo.<method> --config configs/x.py [--config.key=value ...]
 [--workdir DIR]``.
 
-It parses the flags, loads and validates the config, prepares the work folder
+It joins a multi-process run where the environment asks for one (:mod:`qevo.distributed`),
+parses the flags, loads and validates the config, prepares the work folder
 (:func:`qevo.harness.prepare_workdir`, default ``runs/<config name>``), sets the
 process-wide compilation cache and runs the method. Errors a user can fix
 (:class:`qevo.errors.QevoError`) and device memory running out end the command with one
@@ -24,6 +25,7 @@ import jax
 import ml_collections
 
 from qevo import config as config_lib
+from qevo import distributed
 from qevo.data import default_cache_dir
 from qevo.errors import ConfigError, PopulationMemoryError, QevoError
 from qevo.harness import MODEL, prepare_workdir
@@ -109,6 +111,7 @@ def main(prog: str, run: Callable[[ml_collections.ConfigDict, pathlib.Path], dic
         jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "jax"))
     cfg = workdir = None
     try:
+        distributed.initialize()
         path, overrides, workdir = parse_args(sys.argv[1:] if argv is None else argv, prog)
         cfg = validate(config_lib.load(path, overrides))
         workdir = prepare_workdir(workdir or pathlib.Path("runs") / path.stem, cfg, defaults())

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qevo.cost import layer_table
 from qevo.data import normalize
@@ -147,7 +147,8 @@ class PopulationEvaluator:
       strategy: ``"auto"``, ``"vmap"`` or ``"map"``.
       chunk_size: individuals per ``lax.map`` step for ``"map"`` (``None`` = 1).
       qat: per-individual fine-tuning settings.
-      devices: devices of the ``pop`` mesh (default: all).
+      devices: devices of the ``pop`` mesh (default: all, those of every process in a
+        multi-process run).
     """
 
     model: nn.Module
@@ -163,7 +164,11 @@ class PopulationEvaluator:
         validate_strategy(self.strategy, self.chunk_size)  # fail now, not at the first call
         devices = tuple(self.devices or jax.devices())
         object.__setattr__(self, "devices", devices)
-        object.__setattr__(self, "_compiled", jax.jit(self._population, static_argnames="local"))
+        # Inputs and scores replicated over the mesh: every process of a multi-process run
+        # passes the same values and reads every score (qevo.distributed).
+        replicated = NamedSharding(Mesh(np.array(devices), ("pop",)), PartitionSpec())
+        object.__setattr__(self, "_compiled", jax.jit(self._population, static_argnums=8,
+                                                      in_shardings=replicated, out_shardings=replicated))
 
     @property
     def num_devices(self) -> int:
@@ -190,7 +195,7 @@ class PopulationEvaluator:
         args, local = self._arguments(variables, w_bits, a_bits, eval_images, eval_labels, key, train_images,
                                       train_labels)
         try:
-            return jax.block_until_ready(self._compiled(*args, local=local))
+            return jax.block_until_ready(self._compiled(*args, local))
         except jax.errors.JaxRuntimeError as err:
             if not is_out_of_memory(err):
                 raise
@@ -210,7 +215,7 @@ class PopulationEvaluator:
         e.g. ``.compile().memory_analysis()`` for the device memory a population size needs."""
         args, local = self._arguments(variables, w_bits, a_bits, eval_images, eval_labels, key, train_images,
                                       train_labels)
-        return self._compiled.lower(*args, local=local)
+        return self._compiled.lower(*args, local)
 
     def local_strategy(self, variables, image_shape: tuple[int, ...]) -> tuple[str, int | None]:
         """The ``(strategy, chunk)`` a call on images of ``image_shape`` (HWC) runs with:
@@ -234,7 +239,7 @@ class PopulationEvaluator:
         args = variables, jnp.asarray(w), jnp.asarray(a), key, train_images, train_labels, eval_images, eval_labels
         return args, self.local_strategy(variables, tuple(eval_images.shape[1:]))
 
-    def _population(self, variables, w, a, key, train_x, train_y, eval_x, eval_y, *, local):
+    def _population(self, variables, w, a, key, train_x, train_y, eval_x, eval_y, local):
         batches = batch_eval_set(eval_x, eval_y, self.eval_batch_size)
         return population_map(self._individual, (w, a), (variables, key, train_x, train_y, batches), self.devices,
                               *local)

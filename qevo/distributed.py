@@ -1,0 +1,75 @@
+"""Joining a run of several processes (hosts) with JAX's multi-controller runtime.
+
+Every process runs the same command; :func:`initialize` makes each one a member of the
+same JAX cluster, after which ``jax.devices()`` lists the devices of every process and the
+population axis is laid over all of them (:func:`qevo.population.population_map`).
+
+How the processes find each other:
+
+* explicitly, from the environment: ``QEVO_COORDINATOR`` (``host:port`` of process 0),
+  ``QEVO_NUM_PROCESSES`` and ``QEVO_PROCESS_ID`` (0-based), optionally
+  ``QEVO_LOCAL_DEVICES`` (comma-separated local device ids);
+* by JAX's cluster detection (SLURM, Cloud TPU, Open MPI, ...) when ``QEVO_DISTRIBUTED=1``
+  and the explicit variables are unset.
+
+On CPU the processes talk through JAX's gloo collectives (``jax_cpu_collectives_implementation``),
+which also serves tests: two local processes over the loopback address.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from qevo.errors import ConfigError
+
+COORDINATOR_ENV = "QEVO_COORDINATOR"
+NUM_PROCESSES_ENV = "QEVO_NUM_PROCESSES"
+PROCESS_ID_ENV = "QEVO_PROCESS_ID"
+LOCAL_DEVICES_ENV = "QEVO_LOCAL_DEVICES"
+AUTO_ENV = "QEVO_DISTRIBUTED"
+
+
+def requested(environ=os.environ) -> bool:
+    """Whether the environment asks this process to join a multi-process run."""
+    return bool(environ.get(COORDINATOR_ENV) or environ.get(AUTO_ENV) == "1")
+
+
+def _int(environ, name: str) -> int:
+    value = environ.get(name)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"${name}={value!r} must be an integer when ${COORDINATOR_ENV} is set") from None
+
+
+def initialize(environ=os.environ) -> bool:
+    """Join the multi-process run the environment describes (module docstring); returns
+    whether it did.  Call it before any JAX computation; a no-op when nothing is requested.
+
+    Raises:
+      ConfigError: explicit variables missing or out of range.
+    """
+    if not requested(environ):
+        return False
+    if not environ.get(COORDINATOR_ENV):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize()
+        return True
+    count, index = _int(environ, NUM_PROCESSES_ENV), _int(environ, PROCESS_ID_ENV)
+    if count < 1 or not 0 <= index < count:
+        raise ConfigError(f"${PROCESS_ID_ENV}={index} and ${NUM_PROCESSES_ENV}={count}: "
+                          f"the id must be in 0..{NUM_PROCESSES_ENV}-1")
+    local = environ.get(LOCAL_DEVICES_ENV)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=environ[COORDINATOR_ENV], num_processes=count, process_id=index,
+        local_device_ids=[int(d) for d in local.split(",")] if local else None,
+    )
+    return True
+
+
+def is_writer() -> bool:
+    """Whether this process writes the run's files: process 0 (and a single process)."""
+    return jax.process_index() == 0

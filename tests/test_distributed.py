@@ -1,0 +1,104 @@
+"""Runs of several processes (``qevo.distributed``): two local CPU processes over the loopback
+address with JAX's gloo collectives, one device each, against the same work in one process."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import synthetic_digits
+from qevo import distributed
+from qevo.calibration import calibrate
+from qevo.data import normalize
+from qevo.errors import ConfigError
+from qevo.models import get_model, init_variables
+from qevo.population import PopulationEvaluator
+
+TESTS = pathlib.Path(__file__).parent
+
+POPULATION_SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from qevo import distributed
+assert distributed.initialize()
+import jax, numpy as np
+jax.config.update("jax_threefry_partitionable", False)  # as conftest sets it for the test process
+from conftest import synthetic_digits
+from qevo.calibration import calibrate
+from qevo.data import normalize
+from qevo.models import get_model, init_variables
+from qevo.population import PopulationEvaluator
+ds = synthetic_digits()
+model = get_model("lenet5", 10)
+v = init_variables(model, jax.random.key(0), (28, 28, 1))
+v = calibrate(model, v, normalize(ds.train_images[:256], ds.mean, ds.std))
+rng = np.random.default_rng(0)
+w = rng.choice([2, 3, 4, 8, 32], size=(5, 5)); a = rng.choice([2, 4, 8, 32], size=(5, 5))
+ev = PopulationEvaluator(model, ds.mean, ds.std, eval_batch_size=100)
+scores = ev(v, w, a, ds.val_images, ds.val_labels)
+print(json.dumps({{"process": jax.process_index(), "devices": jax.device_count(), "writer": distributed.is_writer(),
+                  "scores": np.asarray(scores).tolist()}}))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _processes(script: str, count: int = 2, timeout: int = 600) -> list[subprocess.CompletedProcess]:
+    """Run ``script`` as ``count`` cooperating processes (one CPU device each); their results."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", distributed.COORDINATOR_ENV: f"127.0.0.1:{_free_port()}",
+           distributed.NUM_PROCESSES_ENV: str(count)}
+    env.pop("XLA_FLAGS", None)
+    procs = [subprocess.Popen([sys.executable, "-c", script], env={**env, distributed.PROCESS_ID_ENV: str(i)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(count)]
+    out = []
+    for i, p in enumerate(procs):
+        stdout, stderr = p.communicate(timeout=timeout)
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+        assert p.returncode == 0, f"process {i}: {stderr[-3000:]}"
+    return out
+
+
+def test_population_over_two_processes_equals_one_process():
+    """Five individuals (padded to six) over the two processes' devices: every process reads
+    every score, equal to the scores of one process on one device."""
+    runs = [json.loads(r.stdout.strip().splitlines()[-1])
+            for r in _processes(POPULATION_SCRIPT.format(tests=str(TESTS)))]
+    assert [(r["process"], r["devices"], r["writer"]) for r in runs] == [(0, 2, True), (1, 2, False)]
+    ds = synthetic_digits()
+    model = get_model("lenet5", 10)
+    v = calibrate(model, init_variables(model, jax.random.key(0), (28, 28, 1)),
+                  normalize(ds.train_images[:256], ds.mean, ds.std))
+    rng = np.random.default_rng(0)
+    w, a = rng.choice([2, 3, 4, 8, 32], size=(5, 5)), rng.choice([2, 4, 8, 32], size=(5, 5))
+    one = PopulationEvaluator(model, ds.mean, ds.std, eval_batch_size=100, devices=jax.devices()[:1])
+    expected = np.asarray(one(v, w, a, ds.val_images, ds.val_labels)).tolist()
+    assert runs[0]["scores"] == runs[1]["scores"] == expected
+    assert len(set(expected)) > 2  # the individuals really differ
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({distributed.COORDINATOR_ENV: "127.0.0.1:1", distributed.NUM_PROCESSES_ENV: "two",
+      distributed.PROCESS_ID_ENV: "0"}, "$QEVO_NUM_PROCESSES='two' must be an integer"),
+    ({distributed.COORDINATOR_ENV: "127.0.0.1:1", distributed.NUM_PROCESSES_ENV: "2",
+      distributed.PROCESS_ID_ENV: "2"}, "the id must be in 0..QEVO_NUM_PROCESSES-1"),
+])
+def test_bad_process_settings_are_refused_before_joining(environ, message):
+    with pytest.raises(ConfigError) as err:
+        distributed.initialize(environ)
+    assert message in str(err.value)
+
+
+def test_nothing_requested_joins_nothing():
+    assert not distributed.requested({}) and not distributed.initialize({})
+    assert distributed.requested({distributed.AUTO_ENV: "1"})
+    assert distributed.is_writer()  # one process
