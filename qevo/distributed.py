@@ -22,6 +22,7 @@ import os
 
 import jax
 
+from qevo import files
 from qevo.errors import ConfigError
 
 COORDINATOR_ENV = "QEVO_COORDINATOR"
@@ -47,6 +48,8 @@ def _int(environ, name: str) -> int:
 def initialize(environ=os.environ) -> bool:
     """Join the multi-process run the environment describes (module docstring); returns
     whether it did.  Call it before any JAX computation; a no-op when nothing is requested.
+    Every process but process 0 then discards its file writes (:func:`qevo.files.discard_writes`):
+    process 0 writes the work folder, and every process reads it to resume.
 
     Raises:
       ConfigError: explicit variables missing or out of range.
@@ -56,7 +59,7 @@ def initialize(environ=os.environ) -> bool:
     if not environ.get(COORDINATOR_ENV):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize()
-        return True
+        return _writer_only()
     count, index = _int(environ, NUM_PROCESSES_ENV), _int(environ, PROCESS_ID_ENV)
     if count < 1 or not 0 <= index < count:
         raise ConfigError(f"${PROCESS_ID_ENV}={index} and ${NUM_PROCESSES_ENV}={count}: "
@@ -67,6 +70,12 @@ def initialize(environ=os.environ) -> bool:
         coordinator_address=environ[COORDINATOR_ENV], num_processes=count, process_id=index,
         local_device_ids=[int(d) for d in local.split(",")] if local else None,
     )
+    return _writer_only()
+
+
+def _writer_only() -> bool:
+    if not is_writer():
+        files.discard_writes()
     return True
 
 

@@ -12,26 +12,40 @@ Shapes: ``P`` individuals, ``G`` genes, ``M`` objectives.
 
 from __future__ import annotations
 
+import functools
 import inspect
+from typing import TYPE_CHECKING
 
-import evosax.algorithms as ea
 import flax
 import jax
 import jax.numpy as jnp
 import optax
-from evosax.algorithms.base import EvolutionaryAlgorithm
-from evosax.algorithms.population_based.base import PopulationBasedAlgorithm
 
 from qevo.errors import ConfigError
 
+if TYPE_CHECKING:
+    from evosax.algorithms.base import EvolutionaryAlgorithm
+
 WORST_FITNESS = 2.0**100  # fitness of non-finite rows (about 1.3e30, exact in float32)
 
-EVOSAX_STRATEGIES = {
-    "simple_ga": ea.SimpleGA,
-    "cma_es": ea.CMA_ES,
-    "pso": ea.PSO,
-    "de": ea.DifferentialEvolution,
-}
+# Driver name -> evosax 0.3 class name.  evosax is imported when a driver is made, not with
+# this module: importing it computes on the default device, and a run of several processes
+# must join (qevo.distributed) before any computation.
+EVOSAX_NAMES = {"simple_ga": "SimpleGA", "cma_es": "CMA_ES", "pso": "PSO", "de": "DifferentialEvolution"}
+
+
+@functools.cache
+def evosax_strategies() -> dict[str, type]:
+    """Driver name -> evosax strategy class (``EVOSAX_STRATEGIES``)."""
+    import evosax.algorithms as ea
+
+    return {name: getattr(ea, cls) for name, cls in EVOSAX_NAMES.items()}
+
+
+def __getattr__(name):
+    if name == "EVOSAX_STRATEGIES":
+        return evosax_strategies()
+    raise AttributeError(f"module 'qevo.drivers' has no attribute {name!r}")
 
 INITIAL_MEAN = 0.5  # centre of the relaxed box, the distribution-based strategies' start
 
@@ -181,6 +195,8 @@ class Driver:
     def __init__(self, strategy: EvolutionaryAlgorithm, params: object):
         self.strategy = strategy
         self.params = params
+        from evosax.algorithms.population_based.base import PopulationBasedAlgorithm
+
         self._population_based = isinstance(strategy, PopulationBasedAlgorithm)
 
     def init(self, key: jax.Array) -> DriverState:
@@ -231,9 +247,9 @@ def make_driver(name: str, population_size: int, num_genes: int, **strategy_kwar
     Raises:
         ValueError: unknown name or keyword.
     """
-    if name not in EVOSAX_STRATEGIES:
-        raise ConfigError(f"unknown driver {name!r}; valid: {', '.join(sorted(EVOSAX_STRATEGIES))}")
-    cls = EVOSAX_STRATEGIES[name]
+    if name not in EVOSAX_NAMES:
+        raise ConfigError(f"unknown driver {name!r}; valid: {', '.join(sorted(EVOSAX_NAMES))}")
+    cls = evosax_strategies()[name]
     strategy_kwargs = BOX_DEFAULTS.get(name, {}) | strategy_kwargs
     constructor_names = set(inspect.signature(cls.__init__).parameters) - {
         "self", "population_size", "solution"}

@@ -47,7 +47,7 @@ from qevo.population import PopulationEvaluator, QATConfig
 from qevo.pretrained import float_model
 
 OBJECTIVES = ("error", "bitops", "size", "flops", "params")
-DRIVERS = ("nsga3", "random", *drivers.EVOSAX_STRATEGIES)
+DRIVERS = ("nsga3", "random", *drivers.EVOSAX_NAMES)
 SCALARIZATIONS = ("weighted", "tchebycheff", "budget")
 ALLOWED_BITS = (*range(1, 9), 16, 32)
 BASELINES = ((8, 8), (4, 4), (2, 2))
@@ -332,7 +332,7 @@ class SearchLoop:
         self.ref_dirs = jnp.asarray(reference_directions(cfg), jnp.float32)
         self.lower, self.upper = problem.bounds()
         self.key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
-        evosax = cfg.search.driver in drivers.EVOSAX_STRATEGIES
+        evosax = cfg.search.driver in drivers.EVOSAX_NAMES
         self.driver = (drivers.make_driver(cfg.search.driver, cfg.population_size, self.space.num_genes) if evosax
                        else None)
 

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import synthetic_digits
+from conftest import REPO, synthetic_digits
 from qevo import distributed
 from qevo.calibration import calibrate
 from qevo.data import normalize
@@ -29,7 +29,7 @@ from qevo import distributed
 assert distributed.initialize()
 import jax, numpy as np
 jax.config.update("jax_threefry_partitionable", False)  # as conftest sets it for the test process
-from conftest import synthetic_digits
+from conftest import REPO, synthetic_digits
 from qevo.calibration import calibrate
 from qevo.data import normalize
 from qevo.models import get_model, init_variables
@@ -53,13 +53,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _processes(script: str, count: int = 2, timeout: int = 600) -> list[subprocess.CompletedProcess]:
-    """Run ``script`` as ``count`` cooperating processes (one CPU device each); their results."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", distributed.COORDINATOR_ENV: f"127.0.0.1:{_free_port()}",
-           distributed.NUM_PROCESSES_ENV: str(count)}
+def _processes(argv: list[str], count: int = 2, timeout: int = 900, env=None) -> list[subprocess.CompletedProcess]:
+    """Run ``python <argv>`` as ``count`` cooperating processes (one CPU device each, ``env``
+    added to the environment) in the repository; their results."""
+    env = {**os.environ, **(env or {}), "JAX_PLATFORMS": "cpu",
+           distributed.COORDINATOR_ENV: f"127.0.0.1:{_free_port()}", distributed.NUM_PROCESSES_ENV: str(count)}
     env.pop("XLA_FLAGS", None)
-    procs = [subprocess.Popen([sys.executable, "-c", script], env={**env, distributed.PROCESS_ID_ENV: str(i)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(count)]
+    procs = [subprocess.Popen([sys.executable, *argv], env={**env, distributed.PROCESS_ID_ENV: str(i)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+             for i in range(count)]
     out = []
     for i, p in enumerate(procs):
         stdout, stderr = p.communicate(timeout=timeout)
@@ -72,7 +74,7 @@ def test_population_over_two_processes_equals_one_process():
     """Five individuals (padded to six) over the two processes' devices: every process reads
     every score, equal to the scores of one process on one device."""
     runs = [json.loads(r.stdout.strip().splitlines()[-1])
-            for r in _processes(POPULATION_SCRIPT.format(tests=str(TESTS)))]
+            for r in _processes(["-c", POPULATION_SCRIPT.format(tests=str(TESTS))])]
     assert [(r["process"], r["devices"], r["writer"]) for r in runs] == [(0, 2, True), (1, 2, False)]
     ds = synthetic_digits()
     model = get_model("lenet5", 10)
@@ -102,3 +104,34 @@ def test_nothing_requested_joins_nothing():
     assert not distributed.requested({}) and not distributed.initialize({})
     assert distributed.requested({distributed.AUTO_ENV: "1"})
     assert distributed.is_writer()  # one process
+
+
+@pytest.mark.slow
+def test_search_over_two_processes_writes_what_one_process_writes(tiny_lenet5_float, data_dir, tmp_path):
+    """A tiny LeNet-5 search as two processes (process 0 writes the folder) and as one: the
+    same history and ``pareto.csv``."""
+    args = ["--config", str(REPO / "configs" / "lenet5.py"), f"--config.float_from={tiny_lenet5_float}",
+            "--config.population_size=6", "--config.generations=2", "--config.search.qat_steps=2",
+            "--config.search.eval_images=300", "--config.data.max_train_images=2000", "--config.final.enabled=False"]
+    _processes(["-m", "qevo.search", *args, "--workdir", str(tmp_path / "two")], env={"QEVO_DATA_DIR": str(data_dir)})
+    one = subprocess.run([sys.executable, "-m", "qevo.search", *args, "--workdir", str(tmp_path / "one")],
+                         env={**os.environ, "QEVO_DATA_DIR": str(data_dir)}, capture_output=True, text=True,
+                         cwd=REPO, timeout=900, check=False)
+    assert one.returncode == 0, one.stderr[-3000:]
+    for name in ("pareto.csv", "history.jsonl"):
+        assert (tmp_path / "two" / name).read_text() == (tmp_path / "one" / name).read_text(), name
+    assert not list((tmp_path / "two").glob(".*.tmp"))  # process 1 left no temporary file
+
+
+def test_importing_the_commands_computes_nothing():
+    """A process must join a multi-process run before JAX starts a backend, and ``python -m
+    qevo.search`` imports its module before the entry point joins: importing a command module
+    must start none (evosax starts one at import, so qevo imports it when a driver is made)."""
+    script = ("import jax._src.xla_bridge as xb, sys\n"
+              "backends, xb.backends = xb.backends, lambda *a, **k: sys.exit('a backend was started at import')\n"
+              "import qevo.search, qevo.compress, qevo.coevolve, qevo.train, qevo.cli, qevo.drivers\n"
+              "xb.backends = backends\n"
+              "print(sorted(c.__name__ for c in qevo.drivers.EVOSAX_STRATEGIES.values())[0])\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "CMA_ES"  # the evosax classes, once asked for

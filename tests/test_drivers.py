@@ -79,7 +79,7 @@ def _distance_to_target(x):
 REACHES = {"simple_ga": 2.0, "cma_es": 1.0, "pso": 4.0, "de": 2.0}
 
 
-@pytest.mark.parametrize("name", sorted(drivers.EVOSAX_STRATEGIES))
+@pytest.mark.parametrize("name", sorted(drivers.EVOSAX_NAMES))
 def test_driver_improves_a_synthetic_integer_problem(name):
     driver = drivers.make_driver(name, 16, 10)
 
