@@ -17,6 +17,7 @@ run skips most compilation.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import sys
 from collections.abc import Callable
@@ -116,16 +117,20 @@ def main(prog: str, run: Callable[[ml_collections.ConfigDict, pathlib.Path], dic
         cfg = validate(config_lib.load(path, overrides))
         workdir = prepare_workdir(workdir or pathlib.Path("runs") / path.stem, cfg, defaults())
         results = run(cfg, workdir)
-    except jax.errors.JaxRuntimeError as e:
-        if not is_out_of_memory(e):
-            raise
-        print(f"{prog}: error: out of device memory ({str(e).splitlines()[0]}); lower the population or batch sizes, "
-              f"or score fewer individuals at once (strategy=map, a small chunk_size); {memory_settings(cfg, workdir)}",
-              file=sys.stderr)
-        return 2
     except USER_ERRORS as e:
         settings = f"; {memory_settings(cfg, workdir)}" if isinstance(e, PopulationMemoryError) else ""
         print(f"{prog}: error: {e}{settings}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if is_out_of_memory(e):
+            print(f"{prog}: error: out of device memory ({str(e).splitlines()[0]}); lower the population or batch "
+                  f"sizes, or score fewer individuals at once (strategy=map, a small chunk_size); "
+                  f"{memory_settings(cfg, workdir)}", file=sys.stderr)
+            return 2
+        if not distributed.lost_peer(e):
+            raise
+        print(f"{prog}: error: another process of this run stopped ({str(e).splitlines()[0]}); "
+              f"rerun every process to resume from {workdir}", file=sys.stderr, flush=True)
+        os._exit(2)  # at once: JAX's exit handler would wait for the lost process, then abort
     print(json.dumps(results, indent=2, sort_keys=True))
     return 0

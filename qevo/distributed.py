@@ -12,6 +12,11 @@ How the processes find each other:
 * by JAX's cluster detection (SLURM, Cloud TPU, Open MPI, ...) when ``QEVO_DISTRIBUTED=1``
   and the explicit variables are unset.
 
+A process that stops (killed, lost host) ends the others: their next collective fails, or
+the coordination service misses its heartbeats for ``QEVO_HEARTBEAT_SECONDS`` (default 100),
+and :func:`qevo.cli.main` ends each with one line (:func:`lost_peer`).  Rerunning every
+process resumes from the work folder.
+
 On CPU the processes talk through JAX's gloo collectives (``jax_cpu_collectives_implementation``),
 which also serves tests: two local processes over the loopback address.
 """
@@ -30,6 +35,12 @@ NUM_PROCESSES_ENV = "QEVO_NUM_PROCESSES"
 PROCESS_ID_ENV = "QEVO_PROCESS_ID"
 LOCAL_DEVICES_ENV = "QEVO_LOCAL_DEVICES"
 AUTO_ENV = "QEVO_DISTRIBUTED"
+HEARTBEAT_ENV = "QEVO_HEARTBEAT_SECONDS"
+
+# What the runtime says when another process of the run has died: a collective that lost its
+# peer (gloo on CPU) or the coordination service that stopped hearing from it.
+_LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "heartbeat timeout", "Gloo")
+_joined = False
 
 
 def requested(environ=os.environ) -> bool:
@@ -42,7 +53,7 @@ def _int(environ, name: str) -> int:
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"${name}={value!r} must be an integer when ${COORDINATOR_ENV} is set") from None
+        raise ConfigError(f"${name}={value!r} must be an integer in a multi-process run") from None
 
 
 def initialize(environ=os.environ) -> bool:
@@ -56,9 +67,12 @@ def initialize(environ=os.environ) -> bool:
     """
     if not requested(environ):
         return False
+    heartbeat = _int(environ, HEARTBEAT_ENV) if environ.get(HEARTBEAT_ENV) else 100
+    if heartbeat < 1:
+        raise ConfigError(f"${HEARTBEAT_ENV}={heartbeat} must be >= 1 (seconds)")
     if not environ.get(COORDINATOR_ENV):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)
         return _writer_only()
     count, index = _int(environ, NUM_PROCESSES_ENV), _int(environ, PROCESS_ID_ENV)
     if count < 1 or not 0 <= index < count:
@@ -69,14 +83,22 @@ def initialize(environ=os.environ) -> bool:
     jax.distributed.initialize(
         coordinator_address=environ[COORDINATOR_ENV], num_processes=count, process_id=index,
         local_device_ids=[int(d) for d in local.split(",")] if local else None,
+        heartbeat_timeout_seconds=heartbeat,
     )
     return _writer_only()
 
 
 def _writer_only() -> bool:
+    global _joined
+    _joined = True
     if not is_writer():
         files.discard_writes()
     return True
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether ``err``, raised in a joined process, says that another process of the run died."""
+    return _joined and any(marker in str(err) for marker in _LOST_PEER)
 
 
 def is_writer() -> bool:

@@ -7,6 +7,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -53,15 +54,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _processes(argv: list[str], count: int = 2, timeout: int = 900, env=None) -> list[subprocess.CompletedProcess]:
-    """Run ``python <argv>`` as ``count`` cooperating processes (one CPU device each, ``env``
-    added to the environment) in the repository; their results."""
+def _start(argv: list[str], count: int = 2, env=None) -> list[subprocess.Popen]:
+    """Start ``python <argv>`` as ``count`` cooperating processes (one CPU device each, ``env``
+    added to the environment) in the repository."""
     env = {**os.environ, **(env or {}), "JAX_PLATFORMS": "cpu",
            distributed.COORDINATOR_ENV: f"127.0.0.1:{_free_port()}", distributed.NUM_PROCESSES_ENV: str(count)}
     env.pop("XLA_FLAGS", None)
-    procs = [subprocess.Popen([sys.executable, *argv], env={**env, distributed.PROCESS_ID_ENV: str(i)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-             for i in range(count)]
+    return [subprocess.Popen([sys.executable, *argv], env={**env, distributed.PROCESS_ID_ENV: str(i)},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+            for i in range(count)]
+
+
+def _processes(argv: list[str], count: int = 2, timeout: int = 900, env=None) -> list[subprocess.CompletedProcess]:
+    """:func:`_start`, then wait: the results, each checked to have succeeded."""
+    procs = _start(argv, count, env)
     out = []
     for i, p in enumerate(procs):
         stdout, stderr = p.communicate(timeout=timeout)
@@ -121,6 +127,36 @@ def test_search_over_two_processes_writes_what_one_process_writes(tiny_lenet5_fl
     for name in ("pareto.csv", "history.jsonl"):
         assert (tmp_path / "two" / name).read_text() == (tmp_path / "one" / name).read_text(), name
     assert not list((tmp_path / "two").glob(".*.tmp"))  # process 1 left no temporary file
+
+
+@pytest.mark.slow
+def test_a_killed_process_stops_the_other_with_one_line(tiny_lenet5_float, data_dir, tmp_path):
+    """Process 1 of a two-process search is killed after the first generation is
+    checkpointed: process 0 ends within 60 s with exit status 2 and one line, and its folder
+    holds a checkpoint to resume from."""
+    workdir = tmp_path / "run"
+    args = ["-m", "qevo.search", "--config", str(REPO / "configs" / "lenet5.py"), "--workdir", str(workdir),
+            f"--config.float_from={tiny_lenet5_float}", "--config.population_size=6", "--config.generations=200",
+            "--config.search.qat_steps=2", "--config.search.eval_images=300", "--config.data.max_train_images=2000",
+            "--config.final.enabled=False"]
+    first, second = _start(args, env={"QEVO_DATA_DIR": str(data_dir), distributed.HEARTBEAT_ENV: "10"})
+    try:
+        deadline = time.monotonic() + 600
+        while not (workdir / "checkpoint.msgpack").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert first.poll() is None, first.stderr.read()[-3000:]
+        second.kill()
+        killed = time.monotonic()
+        _, stderr = first.communicate(timeout=120)
+        assert time.monotonic() - killed < 60
+    finally:
+        for p in (first, second):
+            p.kill()
+    assert first.returncode == 2, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("qevo.search: error: another process of this run stopped (")
+    assert last.endswith(f"rerun every process to resume from {workdir}")
+    assert "Traceback" not in stderr and (workdir / "checkpoint.msgpack").is_file()
 
 
 def test_importing_the_commands_computes_nothing():
