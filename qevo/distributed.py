@@ -70,25 +70,17 @@ def initialize(environ=os.environ) -> bool:
     heartbeat = _int(environ, HEARTBEAT_ENV) if environ.get(HEARTBEAT_ENV) else 100
     if heartbeat < 1:
         raise ConfigError(f"${HEARTBEAT_ENV}={heartbeat} must be >= 1 (seconds)")
-    if not environ.get(COORDINATOR_ENV):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)
-        return _writer_only()
-    count, index = _int(environ, NUM_PROCESSES_ENV), _int(environ, PROCESS_ID_ENV)
-    if count < 1 or not 0 <= index < count:
-        raise ConfigError(f"${PROCESS_ID_ENV}={index} and ${NUM_PROCESSES_ENV}={count}: "
-                          f"the id must be in 0..{NUM_PROCESSES_ENV}-1")
-    local = environ.get(LOCAL_DEVICES_ENV)
+    explicit = {}
+    if environ.get(COORDINATOR_ENV):
+        count, index = _int(environ, NUM_PROCESSES_ENV), _int(environ, PROCESS_ID_ENV)
+        if count < 1 or not 0 <= index < count:
+            raise ConfigError(f"${PROCESS_ID_ENV}={index} and ${NUM_PROCESSES_ENV}={count}: "
+                              f"the id must be in 0..{NUM_PROCESSES_ENV}-1")
+        local = environ.get(LOCAL_DEVICES_ENV)
+        explicit = {"coordinator_address": environ[COORDINATOR_ENV], "num_processes": count, "process_id": index,
+                    "local_device_ids": [int(d) for d in local.split(",")] if local else None}
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=environ[COORDINATOR_ENV], num_processes=count, process_id=index,
-        local_device_ids=[int(d) for d in local.split(",")] if local else None,
-        heartbeat_timeout_seconds=heartbeat,
-    )
-    return _writer_only()
-
-
-def _writer_only() -> bool:
+    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat, **explicit)
     global _joined
     _joined = True
     if not is_writer():
