@@ -158,9 +158,9 @@ def _with_new_defaults(saved: dict, now: dict, defaults: dict) -> dict:
     """``saved`` with each key it lacks taken from ``now`` where ``now`` holds the default."""
     out = dict(saved)
     for key, value in now.items():
-        default = defaults.get(key) if isinstance(defaults, dict) else None
+        default = defaults.get(key)
         if key not in out:
-            if isinstance(defaults, dict) and key in defaults and value == default:
+            if key in defaults and value == default:
                 out[key] = value
         elif isinstance(value, dict) and isinstance(out[key], dict):
             out[key] = _with_new_defaults(out[key], value, default if isinstance(default, dict) else {})
