@@ -25,8 +25,8 @@ def _context(module: nn.Module, bits: Bits | None, n_layers: int) -> QuantContex
     return QuantContext(bits=bits, a_clip=clip.value)
 
 
-def _batch_norm(train: bool) -> BatchNorm:
-    return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+def _batch_norm(train: bool, options: QuantOptions) -> BatchNorm:
+    return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, axis_name=options.batch_axis)
 
 
 class LeNet5(nn.Module):
@@ -78,12 +78,12 @@ class _BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x, ctx: QuantContext, train: bool):
         y = QConv(self.features, 3, index=self.index, strides=self.strides, options=self.options)(x, ctx)
-        y = nn.relu(_batch_norm(train)(y))
+        y = nn.relu(_batch_norm(train, self.options)(y))
         y = QConv(self.features, 3, index=self.index + 1, options=self.options)(y, ctx)
-        y = _batch_norm(train)(y)
+        y = _batch_norm(train, self.options)(y)
         if self.strides != 1 or x.shape[-1] != self.features:
             x = QConv(self.features, 1, index=self.index, strides=self.strides, options=self.options)(x, ctx)
-            x = _batch_norm(train)(x)
+            x = _batch_norm(train, self.options)(x)
         return nn.relu(x + y)
 
 
@@ -120,7 +120,7 @@ class CifarResNet(nn.Module):
     def __call__(self, x: jax.Array, bits: Bits | None = None, train: bool = False) -> jax.Array:
         ctx = _context(self, bits, self.num_layers)
         x = QConv(16, 3, index=0, signed_input=True, options=self.options)(x, ctx)
-        x = nn.relu(_batch_norm(train)(x))
+        x = nn.relu(_batch_norm(train, self.options)(x))
         index = 1
         for stage, features in enumerate((16, 32, 64)):
             for block in range(self.blocks_per_stage):
@@ -173,7 +173,7 @@ class MobileNetV2(nn.Module):
         ctx = _context(self, bits, self.num_layers)
         opt = self.options
         x = QConv(32, 3, index=0, strides=2, signed_input=True, options=opt)(x, ctx)
-        x = nn.relu6(_batch_norm(train)(x))
+        x = nn.relu6(_batch_norm(train, opt)(x))
         index = 1
         for expand, features, repeats, first_stride in _MOBILENET_V2_STAGES:
             for r in range(repeats):
@@ -182,17 +182,17 @@ class MobileNetV2(nn.Module):
                 hidden = x.shape[-1] * expand
                 if expand != 1:
                     y = QConv(hidden, 1, index=index, signed_input=True, options=opt)(y, ctx)
-                    y = nn.relu6(_batch_norm(train)(y))
+                    y = nn.relu6(_batch_norm(train, opt)(y))
                     index += 1
                 # The first block's depthwise conv reads conv0's ReLU6 output; later ones read an expansion's.
                 y = QConv(hidden, 3, index=index, strides=strides, groups=hidden, options=opt)(y, ctx)
-                y = nn.relu6(_batch_norm(train)(y))
+                y = nn.relu6(_batch_norm(train, opt)(y))
                 y = QConv(features, 1, index=index + 1, options=opt)(y, ctx)
-                y = _batch_norm(train)(y)
+                y = _batch_norm(train, opt)(y)
                 index += 2
                 x = x + y if strides == 1 and x.shape[-1] == features else y
         x = QConv(1280, 1, index=index, signed_input=True, options=opt)(x, ctx)
-        x = nn.relu6(_batch_norm(train)(x))
+        x = nn.relu6(_batch_norm(train, opt)(x))
         x = jnp.mean(x, axis=(1, 2))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return QDense(self.num_classes, index=index + 1, options=opt)(x, ctx)

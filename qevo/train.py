@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qevo import checkpoint
 from qevo import config as config_lib
@@ -103,9 +104,17 @@ def make_optimizer(t: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.
 
 
 class Trainer:
-    """Compiled epoch and evaluation functions for one model, dataset and config."""
+    """Compiled epoch and evaluation functions for one model, dataset and config.
 
-    def __init__(self, cfg: ml_collections.ConfigDict, ds: Dataset, model: nn.Module, quantized: bool):
+    Training is data-parallel over ``devices`` (default: every device, those of every
+    process in a multi-process run): each mini-batch is split over a ``data`` mesh axis,
+    BatchNorm statistics and gradients are reduced over it, and the variables stay
+    replicated, so any device count trains as one device would (up to the order of float
+    sums). Augmentation draws for the whole batch before it is split.
+    """
+
+    def __init__(self, cfg: ml_collections.ConfigDict, ds: Dataset, model: nn.Module, quantized: bool,
+                 devices: tuple | None = None):
         self.cfg, self.model = cfg, model
         self.mean, self.std = ds.mean, ds.std
         self.steps_per_epoch = ds.train_images.shape[0] // cfg.train.batch_size
@@ -113,10 +122,21 @@ class Trainer:
             raise config_lib.ConfigError(
                 f"train.batch_size={cfg.train.batch_size} exceeds the {ds.train_images.shape[0]} training images"
             )
+        devices = tuple(devices or jax.devices())
+        if cfg.train.batch_size % len(devices):
+            raise config_lib.ConfigError(
+                f"train.batch_size={cfg.train.batch_size} does not split over the {len(devices)} devices that train "
+                f"data-parallel; use a multiple of {len(devices)}"
+            )
+        self.mesh = Mesh(np.array(devices), ("data",))
+        self.train_model = (model if len(devices) == 1
+                            else model.clone(options=dataclasses.replace(model.options, batch_axis="data")))
         self.tx = make_optimizer(cfg.train, self.steps_per_epoch)
         self.trainable = ("params", "quant") if quantized else ("params",)
-        self.epoch = jax.jit(self._epoch)
-        self.accuracy = jax.jit(self._accuracy)
+        # Inputs and outputs replicated: every process of a multi-process run passes and reads the same values.
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.epoch = jax.jit(self._epoch, in_shardings=replicated, out_shardings=replicated)
+        self.accuracy = jax.jit(self._accuracy, in_shardings=replicated, out_shardings=replicated)
 
     def init_state(self, variables: dict) -> TrainState:
         opt_state = self.tx.init({k: variables[k] for k in self.trainable})
@@ -124,10 +144,27 @@ class Trainer:
 
     def _loss(self, trainable, variables, bits, x, y, key):
         v = {**variables, **trainable}
-        logits, updates = self.model.apply(
+        logits, updates = self.train_model.apply(
             v, normalize(x, self.mean, self.std), bits, train=True, mutable=["batch_stats"], rngs={"dropout": key}
         )
         return cross_entropy(logits, y, self.cfg.train.label_smoothing), updates
+
+    def _gradients(self, trainable, variables, bits, x, y, key):
+        """``((loss, batch_stats updates), gradients)`` of the mean loss of the batch ``x``, ``y``;
+        over several devices each computes its shard, and the loss and gradients are averaged."""
+        grad = jax.value_and_grad(self._loss, has_aux=True)
+        if self.train_model is self.model:
+            return grad(trainable, variables, bits, x, y, key)
+
+        def shard(trainable, variables, bits, x, y, key):
+            (loss, updates), grads = grad(trainable, variables, bits, x, y,
+                                          jax.random.fold_in(key, jax.lax.axis_index("data")))
+            loss, grads = jax.lax.pmean((loss, grads), "data")
+            return (loss, updates), grads  # the updates are whole-batch statistics: equal on every device
+
+        split, whole = PartitionSpec("data"), PartitionSpec()
+        return jax.shard_map(shard, mesh=self.mesh, in_specs=(whole, whole, whole, split, split, whole),
+                             out_specs=whole, check_vma=False)(trainable, variables, bits, x, y, key)
 
     def _epoch(self, state: TrainState, bits: Bits | None, key, images, labels):
         bs = self.cfg.train.batch_size
@@ -143,9 +180,7 @@ class Trainer:
             if self.cfg.train.augment:
                 x = augment(aug_key, x)
             trainable = {k: variables[k] for k in self.trainable}
-            (loss, updates), grads = jax.value_and_grad(self._loss, has_aux=True)(
-                trainable, variables, bits, x, labels[idx], drop_key
-            )
+            (loss, updates), grads = self._gradients(trainable, variables, bits, x, labels[idx], drop_key)
             upd, opt_state = self.tx.update(grads, opt_state, trainable)
             variables = {**variables, **optax.apply_updates(trainable, upd), **updates}
             return (variables, opt_state), loss

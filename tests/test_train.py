@@ -1,12 +1,16 @@
 """``python -m qevo.train`` end to end on real MNIST, and its input checks."""
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, Killed, kill_after_checkpoint, run_command, without_seconds
+from conftest import REPO, Killed, kill_after_checkpoint, run_command, synthetic_digits, without_seconds
 from qevo import config as config_lib
 from qevo import train
 from qevo.checkpoint import load as load_checkpoint
@@ -127,3 +131,56 @@ def test_killed_training_resumes_to_the_same_model(data_dir, tmp_path, monkeypat
         np.testing.assert_array_equal(a, b)
     rows = lambda run: [r.split(",")[:3] for r in (tmp_path / run / "history.csv").read_text().splitlines()]  # noqa: E731
     assert rows("split") == rows("whole") and len(rows("whole")) == 4
+
+
+def test_data_parallel_epoch_equals_one_device():
+    """One epoch split over 2 devices (a ``data`` axis: BatchNorm statistics, its gradient sums
+    and the gradients reduced over it) against the same epoch on one device, in float64 with
+    XLA's convolution so that only the order of sums differs: QAT of ResNet-8 (BatchNorm,
+    residuals, learned clip ranges, augmentation drawn for the whole batch)."""
+    script = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp, numpy as np
+        from qevo import data, train
+        from qevo.data import Dataset
+        from qevo.layers import QuantOptions
+        from qevo.models import CifarResNet, init_variables
+        from qevo.search import defaults
+        rng = np.random.default_rng(0)
+        cfg = defaults()
+        cfg.train.epochs, cfg.train.batch_size, cfg.train.augment = 1, 16, True
+        cfg.train.optimizer, cfg.train.learning_rate, cfg.train.warmup_epochs = "sgd", 0.05, 0
+        images = rng.integers(0, 256, (32, 16, 16, 3), dtype=np.uint8)
+        labels = rng.integers(0, 10, 32).astype(np.int32)
+        ds = Dataset("synthetic", images, labels, images, labels, images, labels, 10, tuple("0123456789"),
+                     (0.5,) * 3, (0.25,) * 3)
+        model = CifarResNet(depth=8, options=QuantOptions(conv="xla"))
+        variables = init_variables(model, jax.random.key(0), images.shape[1:])
+        bits = train.uniform_bits(model.num_layers, 4, 3)
+        jax.config.update("jax_enable_x64", True)
+        train.normalize = lambda x, m, s: data.normalize(x, m, s).astype(jnp.float64)
+        variables = jax.tree_util.tree_map(lambda v: jnp.asarray(np.asarray(v), jnp.float64), variables)
+        out = []
+        for devices in (jax.devices()[:1], jax.devices()[:2]):
+            trainer = train.Trainer(cfg, ds, model, quantized=True, devices=tuple(devices))
+            state, loss = trainer.epoch(trainer.init_state(variables), bits, jax.random.key(1), images, labels)
+            out.append((float(loss), jax.device_get(state.variables)))
+        (loss1, v1), (loss2, v2) = out
+        assert abs(loss1 - loss2) < 1e-12, (loss1, loss2)
+        for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(v1)[0], jax.tree_util.tree_leaves(v2)):
+            np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12, err_msg=str(path))
+        print("OK")
+        """
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
+                         check=False)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+def test_batch_that_does_not_split_over_the_devices_is_refused():
+    cfg = config_lib.defaults()
+    cfg.train.batch_size = 15
+    ds = synthetic_digits(train=100, val=10, test=10)
+    with pytest.raises(config_lib.ConfigError, match="does not split over the 2 devices"):
+        train.Trainer(cfg, ds, train.build_model(cfg, 10), quantized=False, devices=(jax.devices()[0],) * 2)
