@@ -1,6 +1,6 @@
 """The performance report: every benchmark in one run, a table, one JSON per device.
 
-    python -m benchmarks.run [--quick] [--only nsga3,population,coevolve,kmeans,devices,convs,train_speed]
+    python -m benchmarks.run [--quick] [--only nsga3,population,coevolve,kmeans,scaling,convs,train_speed]
                              [--models lenet5,resnet20] [--out PATH]
 
 Runs, in this order, with each baseline measured in the same run:
@@ -13,7 +13,8 @@ Runs, in this order, with each baseline measured in the same run:
 * ``coevolve``: coevolution evaluations per second against a per-candidate Python loop;
 * ``kmeans``: every (LeNet-5 layer, k in {2, 5, 16, 50}) clustering in one batched call
   against scikit-learn's ``KMeans`` loop;
-* ``devices`` (CPU only): population scoring over 1..4 forced host devices;
+* ``scaling`` (CPU only): a search generation's scoring and data-parallel training steps in
+  one process with 1 and with 2 forced host devices, and in 2 processes (gloo);
 * ``convs`` (CPU only): qevo's CPU convolution paths (oneDNN, row products) against XLA's
   convolution, per layer;
 * ``train_speed``: training (float and w4a4 QAT) and forward images/s of ResNet-20,
@@ -36,10 +37,10 @@ import time
 
 import jax
 
-from benchmarks import coevolve, common, convs, devices, kmeans, nsga3, population, train_speed
+from benchmarks import coevolve, common, convs, kmeans, nsga3, population, scaling, train_speed
 
-BENCHMARKS = ("nsga3", "population", "coevolve", "kmeans", "devices", "convs", "train_speed")
-CPU_ONLY = ("devices", "convs")  # forced host devices, and convolution paths that only the CPU takes
+BENCHMARKS = ("nsga3", "population", "coevolve", "kmeans", "scaling", "convs", "train_speed")
+CPU_ONLY = ("scaling", "convs")  # forced host devices, and convolution paths that only the CPU takes
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
@@ -65,7 +66,7 @@ def run_one(name: str, quick: bool, gpu: bool, models: str) -> dict:
     if name == "train_speed":
         rows = train_speed.measure(list(train_speed.MODELS), 3 if quick else 5, 5 if quick else 10, not quick, False)
         return {"rows": rows}
-    return devices.measure(4, quick)
+    return scaling.measure(quick)
 
 
 def table(report: dict) -> str:
@@ -99,9 +100,12 @@ def table(report: dict) -> str:
         k = parts["kmeans"]
         lines.append(f"kmeans     {k['inputs']['pairs']} (layer, k) pairs: qevo {k['seconds']['qevo_median']:.2f} s, "
                      f"scikit-learn loop {k['seconds']['sklearn_loop']:.1f} s: {k['speedup_sklearn_over_qevo']:.1f}x")
-    for row in parts.get("devices", {}).get("rows", []):
-        lines.append(f"devices    {row['model']:<8} D={row['devices']} P={row['population']:<3} "
-                     f"{row['throughput']:10,.0f} img*ind/s  {row['speedup_vs_1']:.2f}x of D=1")
+    for row in parts.get("scaling", {}).get("rows", []):
+        gen = row["generation"]
+        steps = "  ".join(f"{name} step {row[f'train_{name}']['seconds_per_step'] * 1e3:6.1f} ms "
+                          f"({row[f'train_{name}']['speedup_vs_1x1']:.2f}x)" for name in ("lenet5", "resnet20"))
+        lines.append(f"scaling    {row['layout']} generation {gen['seconds']:6.2f} s "
+                     f"({gen['speedup_vs_1x1']:.2f}x of 1x1)  {steps}")
     for row in parts.get("convs", {}).get("layers", []):
         lines.append(f"convs      {row['layer']:<13} XLA time / "
                      + ", ".join(f"{k} {v:5.2f}x" for k, v in row["xla_over"].items()))
