@@ -1,0 +1,132 @@
+"""ONNX export: the graph of each model kind against qevo's own forward pass in
+onnxruntime, tiny runs of every command exported end to end, and one-line user errors."""
+
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qevo import export, onnxgraph, sharing
+from qevo.data import normalize
+from qevo.layers import BatchNorm, Bits, QConv, QDense, QuantContext, QuantOptions
+from qevo.models import CifarResNet, LeNet5, init_variables
+
+MEAN, STD = (0.45, 0.5, 0.55), (0.2, 0.25, 0.3)
+
+
+class TinyMobile(nn.Module):
+    """The pieces of MobileNetV2 on a small input: a stride-2 SAME stem (odd padding), an
+    inverted residual (1x1 expansion, depthwise 3x3, 1x1 projection, residual add), ReLU6,
+    BatchNorm, global mean, classifier."""
+
+    options: QuantOptions = QuantOptions(conv="xla")
+    num_layers: int = 5
+    layer_names: tuple = ("conv0", "expand", "depthwise", "project", "fc")
+
+    @nn.compact
+    def __call__(self, x, bits=None, train=False):
+        clip = self.variable("quant", "a_clip", lambda: jnp.ones((self.num_layers,), jnp.float32))
+        ctx = QuantContext(bits=bits, a_clip=clip.value)
+        bn = lambda: BatchNorm(use_running_average=not train)  # noqa: E731
+        x = nn.relu6(bn()(QConv(8, 3, index=0, strides=2, signed_input=True, options=self.options)(x, ctx)))
+        y = nn.relu6(bn()(QConv(16, 1, index=1, signed_input=True, options=self.options)(x, ctx)))
+        y = nn.relu6(bn()(QConv(16, 3, index=2, groups=16, options=self.options)(y, ctx)))
+        y = bn()(QConv(8, 1, index=3, options=self.options)(y, ctx))
+        x = jnp.mean(x + y, axis=(1, 2))
+        return QDense(10, index=4, signed_input=True, options=self.options)(x, ctx)
+
+
+def _randomized(variables, seed):
+    """Variables with random BatchNorm statistics and scales (some negative) and clips."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, v: (rng.uniform(0.5, 1.5, v.shape) if "var" in str(path) or "a_clip" in str(path)
+                         else rng.normal(0, 0.3, v.shape) if "mean" in str(path) or "bias" in str(path)
+                         else rng.normal(1, 0.6, v.shape) if "scale" in str(path) else v).astype(np.float32),
+        jax.device_get(variables))
+
+
+def _matches_the_quantizers(theirs, ours, unquantized, tolerance):
+    """Logits ``theirs`` within ``tolerance`` (relative to each image's largest logit) of
+    ``ours`` (qevo's fake quantization) and ten times nearer to them than to the network
+    without quantization. Where several quantized layers follow each other, an activation
+    on a rounding boundary of a quantizer may round to the neighbouring level (the two
+    programs sum in different orders), which the later low-width layers amplify."""
+    error = np.abs(theirs - ours).max(axis=1)
+    scale = np.abs(ours).max(axis=1)
+    gap = np.abs(unquantized - ours).max(axis=1)
+    assert np.all(error <= tolerance * scale), np.max(error / scale)
+    assert np.all(error <= 0.1 * gap), np.max(error / gap)
+
+
+CASES = {
+    # model, image shape, weight widths, activation widths (1, 2, 8, 16 bits, float layers), tolerance
+    "lenet5": (LeNet5(options=QuantOptions(conv="xla")), (28, 28, 1), [32, 2, 8, 1, 32], [32, 2, 4, 8, 8], 1e-2),
+    "lenet5_tanh": (LeNet5(activation="tanh", options=QuantOptions(conv="xla", mode="mse")), (28, 28, 1),
+                    [32, 4, 2, 3, 8], [8, 1, 2, 3, 4], 1e-4),
+    "resnet8": (CifarResNet(depth=8, options=QuantOptions(conv="xla")), (12, 12, 3),
+                [32, 2, 4, 8, 2, 4, 8, 32], [32, 4, 8, 2, 4, 8, 2, 32], 5e-2),
+    "resnet8_16bit": (CifarResNet(depth=8, options=QuantOptions(conv="xla")), (12, 12, 3),
+                      [16, 4, 16, 8, 2, 4, 8, 16], [16, 8, 16, 2, 4, 8, 2, 16], 5e-2),
+    "mobile": (TinyMobile(), (9, 9, 3), [8, 4, 2, 8, 32], [8, 4, 2, 8, 32], 1e-4),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_graph_matches_the_fake_quantized_forward(case):
+    model, shape, w, a, tolerance = CASES[case]
+    channels = shape[-1]
+    mean, std = MEAN[:channels], STD[:channels]
+    variables = _randomized(init_variables(model, jax.random.key(1), shape), 2)
+    bits = Bits(w=np.array(w, np.int32), a=np.array(a, np.int32))
+    kernels = export.quantized_kernels(model, variables, shape, bits, mode=model.options.mode)
+    proto = onnxgraph.build(model, variables, bits, kernels, shape, mean, std)
+    images = np.random.default_rng(3).integers(0, 256, (16, *shape), dtype=np.uint8)
+    ours = model.apply(variables, normalize(images, mean, std), Bits(w=jnp.asarray(w), a=jnp.asarray(a)))
+    theirs = onnxgraph.run(proto, images)
+    assert theirs.shape == ours.shape
+    unquantized = model.apply(variables, normalize(images, mean, std), None)
+    _matches_the_quantizers(theirs, np.asarray(ours), np.asarray(unquantized), tolerance)
+    assert proto.opset_import[0].version == (21 if "16bit" in case else 13)
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "BatchNormalization" not in ops
+    stored = onnxgraph.level_count(proto)
+    assert stored.get("int16" if "16bit" in case else "int8", 0) > 0
+
+
+def test_float_graph_folds_batch_norm_and_keeps_no_quantizer():
+    model, shape = CASES["mobile"][:2]
+    variables = _randomized(init_variables(model, jax.random.key(1), shape), 4)
+    proto = onnxgraph.build(model, variables, None, {}, shape, MEAN, STD)
+    images = np.random.default_rng(5).integers(0, 256, (4, *shape), dtype=np.uint8)
+    np.testing.assert_allclose(onnxgraph.run(proto, images),
+                               model.apply(variables, normalize(images, MEAN, STD), None), rtol=1e-4, atol=1e-4)
+    ops = [n.op_type for n in proto.graph.node]
+    assert "QuantizeLinear" not in ops and ops.count("Conv") == 4
+    assert ops.count("Mul") == 0  # every BatchNorm folded into its convolution
+
+
+def test_shared_kernels_are_gathered_from_their_codebooks():
+    model, shape = LeNet5(options=QuantOptions(conv="xla")), (28, 28, 1)
+    variables = _randomized(init_variables(model, jax.random.key(0), shape), 6)
+    paths = sharing.kernel_paths(variables["params"])
+    rng = np.random.default_rng(7)
+    kernels, expanded = {}, variables
+    for p, kernel in zip(paths, sharing.get_kernels(variables["params"], paths), strict=True):
+        codebook = rng.normal(0, 0.2, 5).astype(np.float32)
+        indices = rng.integers(0, 5, kernel.shape).astype(np.uint8)
+        kernels[sharing.layer_name(p[:-1])] = onnxgraph.SharedKernel(indices, codebook)
+    expanded = sharing.with_kernels(variables, paths, [k.codebook[k.indices] for k in kernels.values()])
+    proto = onnxgraph.build(model, variables, None, kernels, shape, (0.1,), (0.3,))
+    images = rng.integers(0, 256, (4, *shape), dtype=np.uint8)
+    np.testing.assert_allclose(onnxgraph.run(proto, images),
+                               model.apply(expanded, normalize(images, (0.1,), (0.3,)), None), rtol=1e-4, atol=1e-4)
+    assert {"Gather"} <= {n.op_type for n in proto.graph.node}
+    assert onnxgraph.level_count(proto).get("uint8", 0) == sum(int(np.size(k.indices)) for k in kernels.values())
+
+
+def test_widths_above_16_bits_are_refused():
+    with pytest.raises(ValueError, match=r"widths \[24\] have no ONNX integer type"):
+        onnxgraph.opset_for(Bits(w=np.array([32, 24, 8]), a=np.array([32, 8, 8])))
