@@ -197,7 +197,9 @@ def load(workdir, name: str | None = None) -> Found:
     results = _read_json(workdir / RESULTS, f"its {KINDS[kind]} run has not finished; rerun it with this --workdir")
     cfg = ml_collections.ConfigDict(raw)
     available = names(workdir, kind, cfg)
-    name = available[0] if name is None and kind != "search" else name
+    if name is None and kind == "search":
+        raise ConfigError(f"a search run holds several models: pass --model, one of {', '.join(available)}")
+    name = available[0] if name is None else name
     if name not in available:
         raise ConfigError(f"--model {name!r} is not a model of this {KINDS[kind]} run; choose one of "
                           + ", ".join(available))

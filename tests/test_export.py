@@ -2,12 +2,18 @@
 onnxruntime, tiny runs of every command exported end to end, and one-line user errors."""
 
 
+import json
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import onnx
 import pytest
 
+from conftest import REPO, run_main
 from qevo import export, onnxgraph, sharing
 from qevo.data import normalize
 from qevo.layers import BatchNorm, Bits, QConv, QDense, QuantContext, QuantOptions
@@ -130,3 +136,96 @@ def test_shared_kernels_are_gathered_from_their_codebooks():
 def test_widths_above_16_bits_are_refused():
     with pytest.raises(ValueError, match=r"widths \[24\] have no ONNX integer type"):
         onnxgraph.opset_for(Bits(w=np.array([32, 24, 8]), a=np.array([32, 8, 8])))
+
+
+# ------------------------------------------------------------------ tiny runs, end to end
+
+SMALL_DATA = ["--config.data.max_train_images=3000"]
+RUNS = {
+    "search": ("qevo.search", "lenet5.py", ["--config.population_size=4", "--config.generations=1",
+                                             "--config.search.qat_steps=2", "--config.search.eval_images=300",
+                                             "--config.final.max_models=1"]),
+    "compress": ("qevo.compress", "lenet5_sharing.py", ["--config.population_size=4", "--config.generations=1",
+                                                         "--config.sharing.k_max=8", "--config.sharing.refine=False",
+                                                         "--config.sharing.report_formats=('float32','int8')"]),
+    "coevolve": ("qevo.coevolve", "lenet5_cc.py", ["--config.coevolve.w_bits=2", "--config.coevolve.cycles=1",
+                                                    "--config.coevolve.num_groups=2", "--config.coevolve.group_size=64",
+                                                    "--config.coevolve.population_size=4",
+                                                    "--config.coevolve.batch_size=64",
+                                                    "--config.coevolve.eval_images=300",
+                                                    "--config.coevolve.qat=False"]),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_lenet5_float, data_dir, tmp_path_factory):
+    """A tiny finished run of each method from the same float model (scored on the whole test split)."""
+    folders = {"train": tiny_lenet5_float}
+    for kind, (module, config, args) in RUNS.items():
+        folder = tmp_path_factory.mktemp(kind) / "run"
+        status, stderr = run_main(module, config, folder,
+                                  [f"--config.float_from={tiny_lenet5_float}", *SMALL_DATA, *args], data_dir)
+        assert status == 0, stderr[-3000:]
+        folders[kind] = folder
+    return folders
+
+
+@pytest.mark.parametrize("kind, name, storage", [
+    ("search", "front_00", "int8 levels"),
+    ("search", "w2a2", "int8 levels"),
+    ("search", "float", "float32"),
+    ("compress", None, "uint8 indices into a"),
+    ("compress", "int8", "uint8 indices into a"),
+    ("coevolve", None, "int8 levels"),
+    ("train", None, "float32"),
+])
+def test_each_kind_of_run_exports_and_runs_in_onnxruntime(runs, kind, name, storage, tmp_path):
+    out = tmp_path / "model.onnx"
+    record = export.export(runs[kind], name, out, check=True)
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    assert json.loads(out.with_suffix(".json").read_text()) == json.loads(json.dumps(record))
+    check = record["verification"]
+    assert check["images"] == 10000
+    assert check["prediction_agreement"] >= 0.99
+    assert abs(check["onnxruntime_test_accuracy"] - record["test_accuracy"]) <= 0.005
+    assert abs(check["qevo_forward_test_accuracy"] - record["test_accuracy"]) <= 0.001
+    assert record["source"]["command"] == f"qevo.{kind}" and record["bytes"] == out.stat().st_size
+    quantized = [layer for layer in record["layers"] if layer["w_bits"] < 32]
+    assert all(layer["weights"].startswith(storage) for layer in (quantized or record["layers"][1:4]))
+    if name == "w2a2":
+        assert record["w_bits"] == record["a_bits"] == [32, 2, 2, 2, 32]
+        assert record["size_bits"] < 0.2 * export.export(runs[kind], "float", tmp_path / "f.onnx")["size_bits"]
+
+
+def test_the_python_function_is_the_api_one():
+    import qevo
+
+    assert qevo.export_onnx is export.export
+
+
+def _command(args):
+    return subprocess.run([sys.executable, "-m", "qevo.export", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=600, check=False)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("unknown_name", "--model 'front_99' is not a model of this qevo.search run; choose one of front_00"),
+    ("no_name", "a search run holds several models: pass --model, one of front_00"),
+    ("model_folder", "has no config.json: it is not the work folder of a qevo.search"),
+    ("missing", "is not a folder; pass the work folder of a finished run"),
+    ("bad_flag", "unexpected argument '--modle'"),
+])
+def test_bad_input_is_one_line_and_status_2(runs, tmp_path, case, message):
+    search = runs["search"]
+    args = {
+        "unknown_name": ["--workdir", str(search), "--model", "front_99"],
+        "no_name": ["--workdir", str(search)],
+        "model_folder": ["--workdir", str(search / "final" / "w2a2"), "--model", "w2a2"],
+        "missing": ["--workdir", str(tmp_path / "nowhere")],
+        "bad_flag": ["--workdir", str(search), "--modle", "w2a2"],
+    }[case]
+    done = _command([*args, "--out", str(tmp_path / "x.onnx")])
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qevo.export: error: ") and message in lines[0], done.stderr
+    assert not (tmp_path / "x.onnx").exists()
