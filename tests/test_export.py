@@ -16,6 +16,7 @@ import pytest
 from conftest import REPO, run_main
 from qevo import export, onnxgraph, sharing
 from qevo.data import normalize
+from qevo.errors import CheckpointError
 from qevo.layers import BatchNorm, Bits, QConv, QDense, QuantContext, QuantOptions
 from qevo.models import CifarResNet, LeNet5, init_variables
 
@@ -229,3 +230,18 @@ def test_bad_input_is_one_line_and_status_2(runs, tmp_path, case, message):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("qevo.export: error: ") and message in lines[0], done.stderr
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_a_search_rerun_writes_the_model_file_a_finished_model_lacks(runs, tiny_lenet5_float, data_dir):
+    """A search finished before final models were saved gets their model.msgpack from the
+    last training checkpoint when it is rerun: the same bytes as a model trained now."""
+    model = runs["search"] / "final" / "w2a2" / "model.msgpack"
+    trained = model.read_bytes()
+    model.unlink()
+    with pytest.raises(CheckpointError, match=r"rerun `python -m qevo.search` with the same --workdir"):
+        export.load(runs["search"], "w2a2")
+    module, config, args = RUNS["search"]
+    status, stderr = run_main(module, config, runs["search"],
+                              [f"--config.float_from={tiny_lenet5_float}", *SMALL_DATA, *args], data_dir)
+    assert status == 0, stderr[-3000:]
+    assert model.read_bytes() == trained
