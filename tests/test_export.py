@@ -171,6 +171,7 @@ def runs(tiny_lenet5_float, data_dir, tmp_path_factory):
     return folders
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, name, storage", [
     ("search", "front_00", "int8 levels"),
     ("search", "w2a2", "int8 levels"),
@@ -209,6 +210,17 @@ def _command(args):
                           timeout=600, check=False)
 
 
+@pytest.mark.slow
+def test_the_command_writes_the_model_and_prints_its_record(runs, tmp_path):
+    done = _command(["--workdir", str(runs["coevolve"]), "--out", str(tmp_path / "cc.onnx")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(done.stdout)
+    assert record == json.loads((tmp_path / "cc.json").read_text())
+    assert record["source"]["model"] == "coevolution" and record["w_bits"] == [32, 2, 2, 2, 32]
+    assert "verification" not in record and (tmp_path / "cc.onnx").stat().st_size == record["bytes"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("case, message", [
     ("unknown_name", "--model 'front_99' is not a model of this qevo.search run; choose one of front_00"),
     ("no_name", "a search run holds several models: pass --model, one of front_00"),
@@ -232,6 +244,7 @@ def test_bad_input_is_one_line_and_status_2(runs, tmp_path, case, message):
     assert not (tmp_path / "x.onnx").exists()
 
 
+@pytest.mark.slow
 def test_a_search_rerun_writes_the_model_file_a_finished_model_lacks(runs, tiny_lenet5_float, data_dir):
     """A search finished before final models were saved gets their model.msgpack from the
     last training checkpoint when it is rerun: the same bytes as a model trained now."""
