@@ -22,6 +22,8 @@ processes) stays light:
 * integer forward: ``IntKernel``, ``weight_levels``, ``integer_kernels``, ``integer_apply``,
   ``integer_batch_statistics``
 * coevolution: ``Coevolution``, ``coevolve_defaults``, ``run_coevolve``, ``derivative_equations``
+* ONNX export (``pip install 'qevo[export]'``): ``export_onnx`` (``qevo.export.export``: the
+  function behind ``python -m qevo.export``; the module's own name stays the module)
 """
 
 import importlib
@@ -88,6 +90,7 @@ _EXPORTS = {
     "coevolve_defaults": ("qevo.coevolve", "defaults"),
     "run_coevolve": ("qevo.coevolve", "run"),
     "derivative_equations": ("qevo.coevolve", "derivative_equations"),
+    "export_onnx": ("qevo.export", "export"),
 }
 
 __all__ = sorted(_EXPORTS)
@@ -105,6 +108,7 @@ if TYPE_CHECKING:  # the same names, visible to type checkers and IDEs (tests/te
     from qevo.data import Dataset, augment, load_dataset, normalize, write_image_folder
     from qevo.drivers import EVOSAX_STRATEGIES, Driver, DriverState, make_driver
     from qevo.errors import CheckpointError, ConfigError, DataError, PopulationMemoryError, QevoError
+    from qevo.export import export as export_onnx
     from qevo.intforward import (
         IntKernel,
         integer_kernels,

@@ -39,15 +39,17 @@ from qevo import quant
 from qevo.errors import ConfigError
 from qevo.layers import BatchNorm, Bits, QConv, QDense, conv2d, conv_windows
 
-MAX_WEIGHT_BITS = 8
+MAX_WEIGHT_BITS = 8  # of the integer forward pass (int8 operands)
+MAX_LEVEL_BITS = 16  # of :func:`weight_levels` (int16 levels above 8 bits, for the ONNX export)
 MIN_ACTIVATION_BITS = 2
 WEIGHT_MODES = ("absmax", "mse")
 
 
 @struct.dataclass
 class IntKernel:
-    """One integer layer: ``q`` int8 levels shaped like the float kernel (``HWIO`` or
-    ``[in, out]``) and ``scale`` float32 ``[O]``; the weight is ``q * scale``."""
+    """One integer layer: ``q`` int8 levels (int16 for widths above 8 bits) shaped like the
+    float kernel (``HWIO`` or ``[in, out]``) and ``scale`` float32 ``[O]``; the weight is
+    ``q * scale``."""
 
     q: jax.Array
     scale: jax.Array
@@ -63,7 +65,8 @@ def weight_levels(kernel: jax.Array, bits: int, per_channel: bool = True, mode: 
 
     Args:
       kernel: float32 kernel, output channels on the last axis.
-      bits: weight width in 2..8 (levels ``-(2^(b-1)-1) .. 2^(b-1)-1``).
+      bits: weight width in 2..16 (levels ``-(2^(b-1)-1) .. 2^(b-1)-1``, int8 up to 8 bits,
+        else int16; the integer forward pass takes 2..8).
       per_channel: one scale per output channel (else one per tensor, repeated per channel).
       mode: ``"absmax"`` (scale ``absmax / (2^(b-1)-1)``) or ``"mse"`` (that scale clipped
         to the ratio of :data:`qevo.quant.MSE_CLIP_RATIOS` with the least squared error).
@@ -72,8 +75,8 @@ def weight_levels(kernel: jax.Array, bits: int, per_channel: bool = True, mode: 
       :class:`IntKernel` with ``q * scale == quantize_weight(kernel, bits, per_channel=..., mode=...)``
       exactly (an all-zero channel gets scale 0 and levels 0).
     """
-    if not 2 <= bits <= MAX_WEIGHT_BITS:
-        raise ConfigError(f"integer weights need a width in 2..{MAX_WEIGHT_BITS}, got {bits}")
+    if not 2 <= bits <= MAX_LEVEL_BITS:
+        raise ConfigError(f"integer weights need a width in 2..{MAX_LEVEL_BITS}, got {bits}")
     if mode not in WEIGHT_MODES:
         raise ConfigError(f"integer weights need a symmetric quantizer, one of {WEIGHT_MODES}; got {mode!r}")
     axes = tuple(range(kernel.ndim - 1)) if per_channel else tuple(range(kernel.ndim))
@@ -82,7 +85,7 @@ def weight_levels(kernel: jax.Array, bits: int, per_channel: bool = True, mode: 
     # The very scale search of quantize_weight, so that q * scale is its output bit for bit.
     scale = quant.mse_scale(kernel, absmax, n, axes) if mode == "mse" else absmax * (1.0 / jnp.maximum(n, 1.0))
     inverse = jnp.where(scale > 0, 1.0 / jnp.where(scale > 0, scale, 1.0), 0.0)
-    q = jnp.clip(jnp.round(kernel * inverse), -n, n).astype(jnp.int8)
+    q = jnp.clip(jnp.round(kernel * inverse), -n, n).astype(jnp.int8 if bits <= MAX_WEIGHT_BITS else jnp.int16)
     return IntKernel(q=q, scale=jnp.broadcast_to(scale, (1,) * (kernel.ndim - 1) + kernel.shape[-1:]).reshape(-1))
 
 

@@ -17,7 +17,8 @@ The protocol of the spec, section 1:
 Outputs in the work folder: ``config.json``, ``history.jsonl`` (every evaluated
 individual: generation, genes, bits, objectives), ``checkpoint.msgpack`` (after every
 generation; a rerun resumes from it and gives the same result), ``pareto.csv``,
-``final.csv``, ``pareto.png`` and ``results.json``.
+``final.csv``, ``pareto.png``, ``results.json`` and per trained model ``final/<name>/`` (its
+training checkpoint, ``model.msgpack`` with its variables, ``results.json``).
 """
 
 from __future__ import annotations
@@ -36,11 +37,11 @@ import numpy as np
 from flax import struct
 from ml_collections import config_dict
 
+from qevo import checkpoint, cost, drivers, nsga3, train, variation
 from qevo import config as config_lib
-from qevo import cost, drivers, nsga3, train, variation
 from qevo.calibration import calibrate
 from qevo.data import Dataset, normalize
-from qevo.harness import RESULTS, StepLog, Stopwatch, figure, method, progress, write_csv, write_json
+from qevo.harness import CHECKPOINT, MODEL, RESULTS, StepLog, Stopwatch, figure, method, progress, write_csv, write_json
 from qevo.layers import Bits
 from qevo.models import init_variables
 from qevo.population import PopulationEvaluator, QATConfig
@@ -513,7 +514,11 @@ def final_candidates(cfg, space: SearchSpace, history: list[dict]) -> list[dict]
 
 
 def train_final(cfg, problem: Problem, models: list[dict], workdir: pathlib.Path) -> list[dict]:
-    """Train every model of ``models`` with the same budget (``final``); resumable per model."""
+    """Train every model of ``models`` with the same budget (``final``); resumable per model.
+
+    Each model's folder ``final/<name>/`` holds its training ``checkpoint.msgpack``, its
+    variables as ``model.msgpack`` (what :mod:`qevo.export` reads) and ``results.json``. A
+    model finished before ``model.msgpack`` was written gets it from its last checkpoint."""
     fcfg = ml_collections.ConfigDict(cfg.to_dict())
     fcfg.train.epochs, fcfg.train.optimizer = cfg.final.epochs, cfg.final.optimizer
     fcfg.train.learning_rate, fcfg.train.warmup_epochs = cfg.final.learning_rate, 0
@@ -530,10 +535,14 @@ def train_final(cfg, problem: Problem, models: list[dict], workdir: pathlib.Path
                 shutil.rmtree(folder)
             folder.mkdir(parents=True, exist_ok=True)
             bits = Bits(w=jnp.asarray(m["w_bits"], jnp.int32), a=jnp.asarray(m["a_bits"], jnp.int32))
-            _, fitted = train.fit(fcfg, problem.ds, model, problem.final_variables, bits, folder, key,
-                                  f"final {m['name']}", trainer)
+            variables, fitted = train.fit(fcfg, problem.ds, model, problem.final_variables, bits, folder, key,
+                                          f"final {m['name']}", trainer)
+            checkpoint.save(folder / MODEL, variables, {"model": cfg.model.name, "name": m["name"]})
             fitted = {**fitted, "w_bits": m["w_bits"], "a_bits": m["a_bits"]}
             write_json(done, fitted)
+        elif not (folder / MODEL).exists():
+            state, _ = checkpoint.load(folder / CHECKPOINT, trainer.init_state(problem.final_variables))
+            checkpoint.save(folder / MODEL, state.variables, {"model": cfg.model.name, "name": m["name"]})
         bits = Bits(w=np.asarray([m["w_bits"]]), a=np.asarray([m["a_bits"]]))
         c = costs(problem.table, bits)
         rows.append({**m, "val_accuracy": fitted["val_accuracy"], "test_accuracy": fitted["test_accuracy"],

@@ -30,8 +30,12 @@ def test_weight_levels_times_scale_is_the_fake_quantizer(per_channel, mode):
             assert int(jnp.max(jnp.abs(k.q))) == n
             want = quant.quantize_weight(jnp.asarray(kernel), bits, per_channel=per_channel, mode=mode)
             np.testing.assert_array_equal(intforward.dequantize(k), want)
-    with pytest.raises(ValueError, match=r"width in 2\.\.8"):
-        intforward.weight_levels(jnp.ones((3, 3)), 9)
+    wide = intforward.weight_levels(jnp.asarray(kernel), 16, per_channel, mode)
+    assert wide.q.dtype == jnp.int16 and int(jnp.max(jnp.abs(wide.q))) == intforward.max_level(16)
+    np.testing.assert_array_equal(intforward.dequantize(wide),
+                                  quant.quantize_weight(jnp.asarray(kernel), 16, per_channel=per_channel, mode=mode))
+    with pytest.raises(ValueError, match=r"width in 2\.\.16"):
+        intforward.weight_levels(jnp.ones((3, 3)), 17)
     with pytest.raises(ValueError, match="symmetric quantizer"):
         intforward.weight_levels(jnp.ones((3, 3)), 4, mode="dorefa")
 

@@ -1,0 +1,426 @@
+"""ONNX graph of a qevo model's inference forward pass, built from its own trace.
+
+The model is not described a second time: its forward pass (``model.apply(variables, x,
+bits, train=False)``) is traced once with :func:`jax.make_jaxpr` while
+``flax.linen.intercept_methods`` replaces every :class:`~qevo.layers.QConv`,
+:class:`~qevo.layers.QDense` and :class:`~qevo.layers.BatchNorm` call by a marker
+primitive that names the layer. The jaxpr is then walked once and each equation becomes
+ONNX nodes (``onnx.helper``):
+
+* a marker of a quantizable layer: its input activation quantized as
+  :func:`qevo.quant.quantize_activation` does (``Clip`` to the layer's clip range, then
+  ``QuantizeLinear``/``DequantizeLinear`` with the step ``clip / n``: uint8 zero point for
+  unsigned levels, int8 for signed; 1-bit signed inputs as ``Sign(x) * clip``; width 32
+  not quantized), its kernel as integer levels with per-output-channel scales through
+  ``DequantizeLinear``, as a uint8 index tensor gathered from its codebook (weight
+  sharing: ``Cast`` + ``Gather``, which onnxruntime runs), or as float32; then ``Conv``
+  (between ``Transpose`` nodes: tensors stay NHWC as in JAX) or ``MatMul`` + ``Add``;
+* a BatchNorm right after such a layer (its only reader) folds into that layer's
+  per-channel weight scale and bias (a negative factor negates the integer levels, so
+  scales stay positive); any other BatchNorm is a ``Mul`` and an ``Add``;
+* everything else maps one to one (``max`` with 0 to ``Relu``, ``min``/``max`` to
+  ``Min``/``Max``, ``tanh``, ``reduce_window_max`` to ``MaxPool``, ``reduce_sum`` and the
+  division of a mean, ``reshape`` with the batch axis kept symbolic, ``add``, ...); the
+  calls of ``jit``, ``custom_jvp`` and ``custom_vjp`` functions are inlined and equations
+  of constants are evaluated.
+
+The graph takes uint8 images ``[N, H, W, C]`` (``N`` symbolic) as the dataset stores them,
+normalises them inside (:func:`qevo.data.normalize`) and returns float32 logits
+``[N, classes]``. Its opset is :data:`OPSET` (per-channel ``DequantizeLinear``), or
+:data:`OPSET_16BIT` where a quantized width above 8 bits needs int16/uint16 levels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import onnx
+from flax import traverse_util
+from jax.extend.core import ClosedJaxpr, Jaxpr, Literal, Primitive
+from onnx import TensorProto, helper, numpy_helper
+
+from qevo import onednn
+from qevo.errors import ConfigError
+from qevo.intforward import IntKernel
+from qevo.layers import BatchNorm, Bits, QConv, QDense
+from qevo.quant import FLOAT_BITS
+
+OPSET = 13
+OPSET_16BIT = 21
+MAX_BITS = 16  # widest quantized width an ONNX QuantizeLinear holds (int16/uint16, opset 21)
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedKernel:
+    """A weight-shared kernel: ``indices`` (uint8/uint16, the kernel's shape) into
+    ``codebook`` (float32 ``[k]``, the decoded values the model computes with)."""
+
+    indices: np.ndarray
+    codebook: np.ndarray
+
+
+Kernel = IntKernel | SharedKernel
+
+
+_marker = Primitive("qevo_export_layer")
+_marker.def_abstract_eval(lambda x, *, path, shape: jax.core.ShapedArray(shape, x.dtype))
+
+
+def _output_shape(module: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if isinstance(module, QDense):
+        return (*shape[:-1], module.features)
+    if isinstance(module, QConv):
+        k, s = module.kernel_size, module.strides
+        side = [-(-n // s) if module.padding == "SAME" else (n - k) // s + 1 for n in shape[1:3]]
+        return (shape[0], *side, module.features)
+    return tuple(shape)
+
+
+def trace(model: nn.Module, variables: dict, image_shape: tuple[int, ...], bits: Bits | None):
+    """The jaxpr of ``model``'s inference forward pass on one normalised float image
+    ``[1, *image_shape]``, with a marker equation per QConv/QDense/BatchNorm call, and
+    ``{module path: module}`` of the marked layers."""
+    modules: dict[str, nn.Module] = {}
+
+    def mark(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or not isinstance(module, (QConv, QDense, BatchNorm)):
+            return next_fun(*args, **kwargs)
+        path = "/".join(module.path)
+        modules[path] = module
+        return _marker.bind(args[0], path=path, shape=_output_shape(module, args[0].shape))
+
+    def forward(x):
+        with nn.intercept_methods(mark):
+            return model.apply(variables, x, bits, train=False)
+
+    jaxpr = jax.make_jaxpr(forward)(jnp.zeros((1, *image_shape), jnp.float32))
+    return jaxpr, modules
+
+
+class _Graph:
+    """Nodes and initializers of the graph being built, with unique names."""
+
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._count = 0
+
+    def name(self, hint: str) -> str:
+        self._count += 1
+        return f"{hint}_{self._count}"
+
+    def const(self, value, hint: str = "const") -> str:
+        name = self.name(hint)
+        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], hint: str | None = None, **attrs) -> str:
+        out = self.name(hint or op.lower())
+        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+
+def _operand(g: _Graph, value) -> str:
+    """A tensor name for a traced value (a name already) or a constant (a uniform one as a scalar)."""
+    if isinstance(value, str):
+        return value
+    value = np.asarray(value)
+    if value.size and np.all(value == value.flat[0]):
+        value = value.reshape(-1)[0]
+    return g.const(value.astype(np.float32) if value.dtype == np.float64 else value)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layers:
+    """What the layer markers read: the modules, flat variables, widths, stored kernels, folds."""
+
+    modules: dict
+    params: dict
+    stats: dict
+    bits: Bits | None
+    clips: np.ndarray
+    kernels: dict
+    folded: dict  # layer path -> BatchNorm path folded into it
+
+    def batch_norm(self, path: str) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel ``(factor, offset)`` of BatchNorm ``path``: ``y = x * factor + offset``."""
+        eps = np.float32(self.modules[path].epsilon)
+        mean, var = self.stats[f"{path}/mean"], self.stats[f"{path}/var"]
+        factor = self.params[f"{path}/scale"] * (np.float32(1) / np.sqrt(var + eps))
+        return factor.astype(np.float32), (self.params[f"{path}/bias"] - mean * factor).astype(np.float32)
+
+
+def _quantize_input(g: _Graph, x: str, bits: int, clip: float, signed: bool) -> str:
+    """Nodes of :func:`qevo.quant.quantize_activation` (``"absmax"``/``"mse"``) on ``x``."""
+    if bits >= FLOAT_BITS:
+        return x
+    clip = np.float32(clip)
+    low = -clip if signed else np.float32(0)
+    x = g.node("Clip", [x, g.const(low), g.const(clip)])
+    if signed and bits == 1:
+        return g.node("Mul", [g.node("Sign", [x]), g.const(clip)])
+    n = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
+    step = clip * (np.float32(1) / np.float32(max(n, 1)))
+    if step == 0:
+        return g.node("Mul", [x, g.const(np.float32(0))])
+    zero = (np.int8 if signed else np.uint8) if bits <= 8 else (np.int16 if signed else np.uint16)
+    scale, zero_point = g.const(np.float32(step), "step"), g.const(zero(0), "zero_point")
+    q = g.node("QuantizeLinear", [x, scale, zero_point], "levels")
+    return g.node("DequantizeLinear", [q, scale, zero_point])
+
+
+def _weights(g: _Graph, kernel, stored: Kernel | None, factor: np.ndarray | None, conv: bool) -> str:
+    """The float weight tensor of a layer (ONNX layout: ``OIHW`` or ``[in, out]``), with a
+    folded per-output-channel ``factor``."""
+    order = (3, 2, 0, 1) if conv else (0, 1)
+    axis = 0 if conv else 1
+    out_shape = [-1, 1, 1, 1] if conv else [1, -1]
+    if isinstance(stored, IntKernel):
+        q, scale = np.asarray(stored.q), np.asarray(stored.scale, np.float32)
+        if factor is not None:
+            q = (q * np.where(factor < 0, -1, 1).astype(q.dtype)).astype(q.dtype)
+            scale = (scale * np.abs(factor)).astype(np.float32)
+        return g.node("DequantizeLinear", [g.const(q.transpose(order), "levels"), g.const(scale, "scale")],
+                      "weights", axis=axis)
+    if isinstance(stored, SharedKernel):
+        index = g.node("Cast", [g.const(np.asarray(stored.indices).transpose(order), "indices")], to=TensorProto.INT32)
+        w = g.node("Gather", [g.const(np.asarray(stored.codebook, np.float32), "codebook"), index], "weights")
+        return w if factor is None else g.node("Mul", [w, g.const(factor.reshape(out_shape))])
+    w = np.asarray(kernel, np.float32)
+    w = w if factor is None else w * factor
+    return g.const(w.transpose(order).astype(np.float32), "weights")
+
+
+def _layer(g: _Graph, layers: _Layers, path: str, x: str, in_shape: tuple[int, ...]) -> str:
+    module = layers.modules[path]
+    if isinstance(module, BatchNorm):
+        factor, offset = layers.batch_norm(path)
+        return g.node("Add", [g.node("Mul", [x, g.const(factor)]), g.const(offset)], "batch_norm")
+    conv = isinstance(module, QConv)
+    if layers.bits is not None:
+        i = module.index
+        x = _quantize_input(g, x, int(layers.bits.a[i]), float(layers.clips[i]), module.signed_input)
+    kernel = layers.params[f"{path}/kernel"]
+    bias = layers.params.get(f"{path}/bias", np.zeros(kernel.shape[-1], np.float32))
+    factor = None
+    if path in layers.folded:
+        factor, offset = layers.batch_norm(layers.folded[path])
+        bias = bias * factor + offset
+    w = _weights(g, kernel, layers.kernels.get(path), factor, conv)
+    b = g.const(np.asarray(bias, np.float32), "bias")
+    if not conv:
+        return g.node("Add", [g.node("MatMul", [x, w]), b], "dense")
+    k, s = module.kernel_size, module.strides
+    pads = ([onednn.same_padding(n, k, s) for n in in_shape[1:3]] if module.padding == "SAME" else [(0, 0), (0, 0)])
+    nchw = g.node("Transpose", [x], perm=[0, 3, 1, 2])
+    y = g.node("Conv", [nchw, w, b], "conv", kernel_shape=[k, k], strides=[s, s], group=module.groups,
+               pads=[pads[0][0], pads[1][0], pads[0][1], pads[1][1]])
+    return g.node("Transpose", [y], "conv_nhwc", perm=[0, 2, 3, 1])
+
+
+_BINARY = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "max": "Max", "min": "Min"}
+_UNARY = {"tanh": "Tanh", "exp": "Exp", "neg": "Neg", "logistic": "Sigmoid", "sqrt": "Sqrt", "abs": "Abs",
+          "sign": "Sign", "copy": "Identity", "copy_p": "Identity"}
+_CALLS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+
+
+def _inner(eqn) -> ClosedJaxpr | None:
+    """The jaxpr a call-like equation (``jit``, ``custom_jvp_call``, ...) runs, or None."""
+    for key in _CALLS:
+        inner = eqn.params.get(key)
+        if isinstance(inner, ClosedJaxpr):
+            return inner
+        if isinstance(inner, Jaxpr):
+            return ClosedJaxpr(inner, [])
+    return None
+
+
+def _emit(g: _Graph, layers: _Layers, eqn, ins: list) -> list:
+    """ONNX nodes of one equation with traced inputs; returns its outputs (names or constants)."""
+    name = eqn.primitive.name
+    if name == _marker.name:
+        path = eqn.params["path"]
+        if isinstance(layers.modules[path], BatchNorm) and path in layers.folded.values():
+            return [ins[0]]
+        return [_layer(g, layers, path, ins[0], eqn.invars[0].aval.shape)]
+    inner = _inner(eqn)
+    if inner is not None:
+        return _walk(g, layers, inner.jaxpr, inner.consts, ins)
+    if name in _BINARY:
+        a, b = ins
+        if name == "max" and not isinstance(b, str) and not np.any(np.asarray(b)):
+            return [g.node("Relu", [a])]
+        if name == "max" and not isinstance(a, str) and not np.any(np.asarray(a)):
+            return [g.node("Relu", [b])]
+        return [g.node(_BINARY[name], [_operand(g, a), _operand(g, b)])]
+    if name in _UNARY:
+        return [g.node(_UNARY[name], [ins[0]])]
+    if name == "rsqrt":
+        return [g.node("Reciprocal", [g.node("Sqrt", [ins[0]])])]
+    if (name == "integer_pow" and eqn.params["y"] == 2) or name == "square":
+        return [g.node("Mul", [ins[0], ins[0]])]
+    if name == "clamp":
+        low, x, high = ins
+        return [g.node("Clip", [x, _operand(g, np.float32(low)), _operand(g, np.float32(high))])]
+    if name == "convert_element_type":
+        dtype = np.dtype(eqn.params["new_dtype"])
+        if dtype == eqn.invars[0].aval.dtype:
+            return [ins[0]]
+        return [g.node("Cast", [ins[0]], to=helper.np_dtype_to_tensor_dtype(dtype))]
+    if name == "reshape":
+        old, new = eqn.invars[0].aval.shape, tuple(eqn.params["new_sizes"])
+        if old[0] != new[0]:
+            raise NotImplementedError(f"export keeps the batch axis first; a reshape {old} -> {new} moves it")
+        return [g.node("Reshape", [ins[0], g.const(np.array([0, *new[1:]], np.int64), "shape")])]
+    if name == "transpose":
+        return [g.node("Transpose", [ins[0]], perm=list(eqn.params["permutation"]))]
+    if name == "reduce_sum":
+        axes = g.const(np.array(eqn.params["axes"], np.int64), "axes")
+        return [g.node("ReduceSum", [ins[0], axes], keepdims=0)]
+    if name == "reduce_window_max":
+        dims, strides = eqn.params["window_dimensions"], eqn.params["window_strides"]
+        pads = eqn.params["padding"]
+        if dims[0] != 1 or dims[3] != 1 or strides[0] != 1 or strides[3] != 1 or pads[0] != (0, 0) \
+                or pads[3] != (0, 0) or any(d != 1 for d in (*eqn.params["base_dilation"],
+                                                           *eqn.params["window_dilation"])):
+            raise NotImplementedError(f"export pools over H and W of NHWC tensors only, not {eqn}")
+        nchw = g.node("Transpose", [ins[0]], perm=[0, 3, 1, 2])
+        y = g.node("MaxPool", [nchw], "max_pool", kernel_shape=list(dims[1:3]), strides=list(strides[1:3]),
+                   pads=[pads[1][0], pads[2][0], pads[1][1], pads[2][1]])
+        return [g.node("Transpose", [y], perm=[0, 2, 3, 1])]
+    raise NotImplementedError(f"export has no ONNX form for the JAX primitive {name!r} ({eqn})")
+
+
+def _walk(g: _Graph, layers: _Layers, jaxpr, consts, args: list) -> list:
+    """Emit ``jaxpr`` with inputs ``args`` (tensor names or constants); returns its outputs."""
+    env = dict(zip(jaxpr.constvars, (np.asarray(c) for c in consts), strict=True))
+    env.update(zip(jaxpr.invars, args, strict=True))
+
+    def read(v):
+        return np.asarray(v.val) if isinstance(v, Literal) else env[v]
+
+    for eqn in jaxpr.eqns:
+        ins = [read(v) for v in eqn.invars]
+        if any(isinstance(x, str) for x in ins):
+            outs = _emit(g, layers, eqn, ins)
+        else:
+            result = eqn.primitive.bind(*ins, **eqn.params)
+            outs = [np.asarray(r) for r in (result if eqn.primitive.multiple_results else [result])]
+        env.update(zip(eqn.outvars, outs, strict=True))
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _folds(jaxpr, modules: dict) -> dict[str, str]:
+    """``{layer path: BatchNorm path}`` of the BatchNorms whose input is a QConv/QDense
+    output read by nothing else."""
+    uses: dict = {}
+    for eqn in jaxpr.eqns:
+        for v in eqn.invars:
+            if not isinstance(v, Literal):
+                uses[v] = uses.get(v, 0) + 1
+    for v in jaxpr.outvars:
+        if not isinstance(v, Literal):
+            uses[v] = uses.get(v, 0) + 1
+    made = {eqn.outvars[0]: eqn.params["path"] for eqn in jaxpr.eqns if eqn.primitive is _marker}
+    folded = {}
+    for eqn in jaxpr.eqns:
+        if eqn.primitive is _marker and isinstance(modules[eqn.params["path"]], BatchNorm):
+            source = made.get(eqn.invars[0])
+            if source is not None and uses[eqn.invars[0]] == 1 and not isinstance(modules[source], BatchNorm):
+                folded[source] = eqn.params["path"]
+    return folded
+
+
+def opset_for(bits: Bits | None) -> int:
+    """:data:`OPSET`, or :data:`OPSET_16BIT` when a quantized width is above 8 bits.
+
+    Raises:
+      ConfigError: a quantized width above :data:`MAX_BITS` (no ONNX integer type for it).
+    """
+    if bits is None:
+        return OPSET
+    widths = np.concatenate([np.asarray(bits.w).ravel(), np.asarray(bits.a).ravel()])
+    quantized = widths[widths < FLOAT_BITS]
+    wide = sorted({int(b) for b in quantized if b > MAX_BITS})
+    if wide:
+        raise ConfigError(f"widths {wide} have no ONNX integer type (QuantizeLinear holds up to {MAX_BITS} bits); "
+                          "export models whose quantized widths are 1..16")
+    return OPSET_16BIT if quantized.size and quantized.max() > 8 else OPSET
+
+
+def build(model: nn.Module, variables: dict, bits: Bits | None, kernels: dict[str, Kernel],
+          image_shape: tuple[int, int, int], mean, std, name: str = "qevo") -> onnx.ModelProto:
+    """The ONNX model of ``model``'s inference forward pass.
+
+    Args:
+      model: a qevo model (its layers' own convolution kernels are not traced).
+      variables: its float variables (``params``; ``batch_stats``; ``quant/a_clip``).
+      bits: concrete int ``[L]`` widths (``None``: the float network; a layer's input is
+        quantized where its activation width is below 32).
+      kernels: ``{module path: IntKernel | SharedKernel}`` of the layers whose kernels are
+        stored as integer levels or shared indices; the other kernels are float32.
+      image_shape: ``(H, W, C)``.
+      mean, std: per-channel normalisation (:func:`qevo.data.normalize`).
+      name: the graph's name.
+
+    Returns:
+      A checked ``onnx.ModelProto``: input ``images`` uint8 ``[N, H, W, C]``, output
+      ``logits`` float32 ``[N, classes]``.
+    """
+    opset = opset_for(bits)
+    host = jax.device_get(variables)
+    closed, modules = trace(model, host, image_shape, bits)
+    params = traverse_util.flatten_dict(host["params"], sep="/")
+    layers = _Layers(
+        modules=modules, params={k: np.asarray(v, np.float32) for k, v in params.items()},
+        stats={k: np.asarray(v, np.float32)
+               for k, v in traverse_util.flatten_dict(host.get("batch_stats", {}), sep="/").items()},
+        bits=None if bits is None else Bits(w=np.asarray(bits.w), a=np.asarray(bits.a)),
+        clips=np.asarray(host["quant"]["a_clip"], np.float32), kernels=kernels,
+        folded=_folds(closed.jaxpr, modules),
+    )
+    g = _Graph()
+    x = g.node("Cast", ["images"], to=TensorProto.FLOAT)
+    x = g.node("Div", [x, g.const(np.float32(255.0))])
+    x = g.node("Sub", [x, g.const(np.asarray(mean, np.float32))])
+    x = g.node("Div", [x, g.const(np.asarray(std, np.float32))], "normalized")
+    (out,) = _walk(g, layers, closed.jaxpr, closed.consts, [x])
+    g.nodes.append(helper.make_node("Identity", [out], ["logits"], name="logits"))
+    classes = closed.jaxpr.outvars[0].aval.shape[-1]
+    graph = helper.make_graph(
+        g.nodes, name,
+        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", *image_shape])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
+        g.initializers,
+    )
+    opsets = [helper.make_opsetid("", opset)]
+    proto = helper.make_model(graph, opset_imports=opsets, producer_name="qevo",
+                              ir_version=helper.find_min_ir_version_for(opsets))
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def run(proto_or_path, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    """float32 logits ``[N, classes]`` of an ONNX model (path or proto) in onnxruntime
+    (CPU, default graph optimisations) on uint8 ``images [N, H, W, C]``, ``batch_size`` at a time."""
+    import onnxruntime
+
+    model = proto_or_path.SerializeToString() if isinstance(proto_or_path, onnx.ModelProto) else str(proto_or_path)
+    session = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(["logits"], {"images": images[i:i + batch_size]})[0]
+                           for i in range(0, len(images), batch_size)])
+
+
+def level_count(proto: onnx.ModelProto) -> dict[str, int]:
+    """``{element type name: count}`` of the model's initializers (how its weights are stored)."""
+    counts: dict[str, int] = {}
+    for t in proto.graph.initializer:
+        key = TensorProto.DataType.Name(t.data_type).lower()
+        counts[key] = counts.get(key, 0) + math.prod(t.dims)
+    return counts

@@ -1,0 +1,260 @@
+"""ONNX export: the graph of each model kind against qevo's own forward pass in
+onnxruntime, tiny runs of every command exported end to end, and one-line user errors."""
+
+
+import json
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import onnx
+import pytest
+
+from conftest import REPO, run_main
+from qevo import export, onnxgraph, sharing
+from qevo.data import normalize
+from qevo.errors import CheckpointError
+from qevo.layers import BatchNorm, Bits, QConv, QDense, QuantContext, QuantOptions
+from qevo.models import CifarResNet, LeNet5, init_variables
+
+MEAN, STD = (0.45, 0.5, 0.55), (0.2, 0.25, 0.3)
+
+
+class TinyMobile(nn.Module):
+    """The pieces of MobileNetV2 on a small input: a stride-2 SAME stem (odd padding), an
+    inverted residual (1x1 expansion, depthwise 3x3, 1x1 projection, residual add), ReLU6,
+    BatchNorm, global mean, classifier."""
+
+    options: QuantOptions = QuantOptions(conv="xla")
+    num_layers: int = 5
+    layer_names: tuple = ("conv0", "expand", "depthwise", "project", "fc")
+
+    @nn.compact
+    def __call__(self, x, bits=None, train=False):
+        clip = self.variable("quant", "a_clip", lambda: jnp.ones((self.num_layers,), jnp.float32))
+        ctx = QuantContext(bits=bits, a_clip=clip.value)
+        bn = lambda: BatchNorm(use_running_average=not train)  # noqa: E731
+        x = nn.relu6(bn()(QConv(8, 3, index=0, strides=2, signed_input=True, options=self.options)(x, ctx)))
+        y = nn.relu6(bn()(QConv(16, 1, index=1, signed_input=True, options=self.options)(x, ctx)))
+        y = nn.relu6(bn()(QConv(16, 3, index=2, groups=16, options=self.options)(y, ctx)))
+        y = bn()(QConv(8, 1, index=3, options=self.options)(y, ctx))
+        x = jnp.mean(x + y, axis=(1, 2))
+        return QDense(10, index=4, signed_input=True, options=self.options)(x, ctx)
+
+
+def _randomized(variables, seed):
+    """Variables with random BatchNorm statistics and scales (some negative) and clips."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, v: (rng.uniform(0.5, 1.5, v.shape) if "var" in str(path) or "a_clip" in str(path)
+                         else rng.normal(0, 0.3, v.shape) if "mean" in str(path) or "bias" in str(path)
+                         else rng.normal(1, 0.6, v.shape) if "scale" in str(path) else v).astype(np.float32),
+        jax.device_get(variables))
+
+
+def _matches_the_quantizers(theirs, ours, unquantized, tolerance):
+    """Logits ``theirs`` within ``tolerance`` (relative to each image's largest logit) of
+    ``ours`` (qevo's fake quantization) and ten times nearer to them than to the network
+    without quantization. Where several quantized layers follow each other, an activation
+    on a rounding boundary of a quantizer may round to the neighbouring level (the two
+    programs sum in different orders), which the later low-width layers amplify."""
+    error = np.abs(theirs - ours).max(axis=1)
+    scale = np.abs(ours).max(axis=1)
+    gap = np.abs(unquantized - ours).max(axis=1)
+    assert np.all(error <= tolerance * scale), np.max(error / scale)
+    assert np.all(error <= 0.1 * gap), np.max(error / gap)
+
+
+CASES = {
+    # model, image shape, weight widths, activation widths (1, 2, 8, 16 bits, float layers), tolerance
+    "lenet5": (LeNet5(options=QuantOptions(conv="xla")), (28, 28, 1), [32, 2, 8, 1, 32], [32, 2, 4, 8, 8], 1e-2),
+    "lenet5_tanh": (LeNet5(activation="tanh", options=QuantOptions(conv="xla", mode="mse")), (28, 28, 1),
+                    [32, 4, 2, 3, 8], [8, 1, 2, 3, 4], 1e-4),
+    "resnet8": (CifarResNet(depth=8, options=QuantOptions(conv="xla")), (12, 12, 3),
+                [32, 2, 4, 8, 2, 4, 8, 32], [32, 4, 8, 2, 4, 8, 2, 32], 5e-2),
+    "resnet8_16bit": (CifarResNet(depth=8, options=QuantOptions(conv="xla")), (12, 12, 3),
+                      [16, 4, 16, 8, 2, 4, 8, 16], [16, 8, 16, 2, 4, 8, 2, 16], 5e-2),
+    "mobile": (TinyMobile(), (9, 9, 3), [8, 4, 2, 8, 32], [8, 4, 2, 8, 32], 1e-4),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_graph_matches_the_fake_quantized_forward(case):
+    model, shape, w, a, tolerance = CASES[case]
+    channels = shape[-1]
+    mean, std = MEAN[:channels], STD[:channels]
+    variables = _randomized(init_variables(model, jax.random.key(1), shape), 2)
+    bits = Bits(w=np.array(w, np.int32), a=np.array(a, np.int32))
+    kernels = export.quantized_kernels(model, variables, shape, bits, mode=model.options.mode)
+    proto = onnxgraph.build(model, variables, bits, kernels, shape, mean, std)
+    images = np.random.default_rng(3).integers(0, 256, (16, *shape), dtype=np.uint8)
+    ours = model.apply(variables, normalize(images, mean, std), Bits(w=jnp.asarray(w), a=jnp.asarray(a)))
+    theirs = onnxgraph.run(proto, images)
+    assert theirs.shape == ours.shape
+    unquantized = model.apply(variables, normalize(images, mean, std), None)
+    _matches_the_quantizers(theirs, np.asarray(ours), np.asarray(unquantized), tolerance)
+    assert proto.opset_import[0].version == (21 if "16bit" in case else 13)
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "BatchNormalization" not in ops
+    stored = onnxgraph.level_count(proto)
+    assert stored.get("int16" if "16bit" in case else "int8", 0) > 0
+
+
+def test_float_graph_folds_batch_norm_and_keeps_no_quantizer():
+    model, shape = CASES["mobile"][:2]
+    variables = _randomized(init_variables(model, jax.random.key(1), shape), 4)
+    proto = onnxgraph.build(model, variables, None, {}, shape, MEAN, STD)
+    images = np.random.default_rng(5).integers(0, 256, (4, *shape), dtype=np.uint8)
+    np.testing.assert_allclose(onnxgraph.run(proto, images),
+                               model.apply(variables, normalize(images, MEAN, STD), None), rtol=1e-4, atol=1e-4)
+    ops = [n.op_type for n in proto.graph.node]
+    assert "QuantizeLinear" not in ops and ops.count("Conv") == 4
+    assert ops.count("Mul") == 0  # every BatchNorm folded into its convolution
+
+
+def test_shared_kernels_are_gathered_from_their_codebooks():
+    model, shape = LeNet5(options=QuantOptions(conv="xla")), (28, 28, 1)
+    variables = _randomized(init_variables(model, jax.random.key(0), shape), 6)
+    paths = sharing.kernel_paths(variables["params"])
+    rng = np.random.default_rng(7)
+    kernels, expanded = {}, variables
+    for p, kernel in zip(paths, sharing.get_kernels(variables["params"], paths), strict=True):
+        codebook = rng.normal(0, 0.2, 5).astype(np.float32)
+        indices = rng.integers(0, 5, kernel.shape).astype(np.uint8)
+        kernels[sharing.layer_name(p[:-1])] = onnxgraph.SharedKernel(indices, codebook)
+    expanded = sharing.with_kernels(variables, paths, [k.codebook[k.indices] for k in kernels.values()])
+    proto = onnxgraph.build(model, variables, None, kernels, shape, (0.1,), (0.3,))
+    images = rng.integers(0, 256, (4, *shape), dtype=np.uint8)
+    np.testing.assert_allclose(onnxgraph.run(proto, images),
+                               model.apply(expanded, normalize(images, (0.1,), (0.3,)), None), rtol=1e-4, atol=1e-4)
+    assert {"Gather"} <= {n.op_type for n in proto.graph.node}
+    assert onnxgraph.level_count(proto).get("uint8", 0) == sum(int(np.size(k.indices)) for k in kernels.values())
+
+
+def test_widths_above_16_bits_are_refused():
+    with pytest.raises(ValueError, match=r"widths \[24\] have no ONNX integer type"):
+        onnxgraph.opset_for(Bits(w=np.array([32, 24, 8]), a=np.array([32, 8, 8])))
+
+
+# ------------------------------------------------------------------ tiny runs, end to end
+
+SMALL_DATA = ["--config.data.max_train_images=3000"]
+RUNS = {
+    "search": ("qevo.search", "lenet5.py", ["--config.population_size=4", "--config.generations=1",
+                                             "--config.search.qat_steps=2", "--config.search.eval_images=300",
+                                             "--config.final.max_models=1"]),
+    "compress": ("qevo.compress", "lenet5_sharing.py", ["--config.population_size=4", "--config.generations=1",
+                                                         "--config.sharing.k_max=8", "--config.sharing.refine=False",
+                                                         "--config.sharing.report_formats=('float32','int8')"]),
+    "coevolve": ("qevo.coevolve", "lenet5_cc.py", ["--config.coevolve.w_bits=2", "--config.coevolve.cycles=1",
+                                                    "--config.coevolve.num_groups=2", "--config.coevolve.group_size=64",
+                                                    "--config.coevolve.population_size=4",
+                                                    "--config.coevolve.batch_size=64",
+                                                    "--config.coevolve.eval_images=300",
+                                                    "--config.coevolve.qat=False"]),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_lenet5_float, data_dir, tmp_path_factory):
+    """A tiny finished run of each method from the same float model (scored on the whole test split)."""
+    folders = {"train": tiny_lenet5_float}
+    for kind, (module, config, args) in RUNS.items():
+        folder = tmp_path_factory.mktemp(kind) / "run"
+        status, stderr = run_main(module, config, folder,
+                                  [f"--config.float_from={tiny_lenet5_float}", *SMALL_DATA, *args], data_dir)
+        assert status == 0, stderr[-3000:]
+        folders[kind] = folder
+    return folders
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, name, storage", [
+    ("search", "front_00", "int8 levels"),
+    ("search", "w2a2", "int8 levels"),
+    ("search", "float", "float32"),
+    ("compress", None, "uint8 indices into a"),
+    ("compress", "int8", "uint8 indices into a"),
+    ("coevolve", None, "int8 levels"),
+    ("train", None, "float32"),
+])
+def test_each_kind_of_run_exports_and_runs_in_onnxruntime(runs, kind, name, storage, tmp_path):
+    out = tmp_path / "model.onnx"
+    record = export.export(runs[kind], name, out, check=True)
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    assert json.loads(out.with_suffix(".json").read_text()) == json.loads(json.dumps(record))
+    check = record["verification"]
+    assert check["images"] == 10000
+    assert check["prediction_agreement"] >= 0.99
+    assert abs(check["onnxruntime_test_accuracy"] - record["test_accuracy"]) <= 0.005
+    assert abs(check["qevo_forward_test_accuracy"] - record["test_accuracy"]) <= 0.001
+    assert record["source"]["command"] == f"qevo.{kind}" and record["bytes"] == out.stat().st_size
+    quantized = [layer for layer in record["layers"] if layer["w_bits"] < 32]
+    assert all(layer["weights"].startswith(storage) for layer in (quantized or record["layers"][1:4]))
+    if name == "w2a2":
+        assert record["w_bits"] == record["a_bits"] == [32, 2, 2, 2, 32]
+        assert record["size_bits"] < 0.2 * export.export(runs[kind], "float", tmp_path / "f.onnx")["size_bits"]
+
+
+def test_the_python_function_is_the_api_one():
+    import qevo
+
+    assert qevo.export_onnx is export.export
+
+
+def _command(args):
+    return subprocess.run([sys.executable, "-m", "qevo.export", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=600, check=False)
+
+
+@pytest.mark.slow
+def test_the_command_writes_the_model_and_prints_its_record(runs, tmp_path):
+    done = _command(["--workdir", str(runs["coevolve"]), "--out", str(tmp_path / "cc.onnx")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(done.stdout)
+    assert record == json.loads((tmp_path / "cc.json").read_text())
+    assert record["source"]["model"] == "coevolution" and record["w_bits"] == [32, 2, 2, 2, 32]
+    assert "verification" not in record and (tmp_path / "cc.onnx").stat().st_size == record["bytes"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, message", [
+    ("unknown_name", "--model 'front_99' is not a model of this qevo.search run; choose one of front_00"),
+    ("no_name", "a search run holds several models: pass --model, one of front_00"),
+    ("model_folder", "has no config.json: it is not the work folder of a qevo.search"),
+    ("missing", "is not a folder; pass the work folder of a finished run"),
+    ("bad_flag", "unexpected argument '--modle'"),
+])
+def test_bad_input_is_one_line_and_status_2(runs, tmp_path, case, message):
+    search = runs["search"]
+    args = {
+        "unknown_name": ["--workdir", str(search), "--model", "front_99"],
+        "no_name": ["--workdir", str(search)],
+        "model_folder": ["--workdir", str(search / "final" / "w2a2"), "--model", "w2a2"],
+        "missing": ["--workdir", str(tmp_path / "nowhere")],
+        "bad_flag": ["--workdir", str(search), "--modle", "w2a2"],
+    }[case]
+    done = _command([*args, "--out", str(tmp_path / "x.onnx")])
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qevo.export: error: ") and message in lines[0], done.stderr
+    assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.slow
+def test_a_search_rerun_writes_the_model_file_a_finished_model_lacks(runs, tiny_lenet5_float, data_dir):
+    """A search finished before final models were saved gets their model.msgpack from the
+    last training checkpoint when it is rerun: the same bytes as a model trained now."""
+    model = runs["search"] / "final" / "w2a2" / "model.msgpack"
+    trained = model.read_bytes()
+    model.unlink()
+    with pytest.raises(CheckpointError, match=r"rerun `python -m qevo.search` with the same --workdir"):
+        export.load(runs["search"], "w2a2")
+    module, config, args = RUNS["search"]
+    status, stderr = run_main(module, config, runs["search"],
+                              [f"--config.float_from={tiny_lenet5_float}", *SMALL_DATA, *args], data_dir)
+    assert status == 0, stderr[-3000:]
+    assert model.read_bytes() == trained
