@@ -24,6 +24,7 @@ and how many predictions match qevo's own forward pass.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import pathlib
 import sys
@@ -36,7 +37,7 @@ import ml_collections
 import numpy as np
 from flax import serialization, traverse_util
 
-from qevo import checkpoint, coevolve, cost, intforward, onnxgraph, sharing, train
+from qevo import checkpoint, coevolve, cost, intforward, sharing, train
 from qevo.codebook import CODEBOOK_BITS, key_bits
 from qevo.data import Dataset, normalize
 from qevo.errors import CheckpointError, ConfigError, QevoError
@@ -44,6 +45,13 @@ from qevo.harness import CONFIG, MODEL, RESULTS, write_json
 from qevo.layers import Bits
 from qevo.models import init_variables
 from qevo.quant import FLOAT_BITS
+
+try:
+    from qevo import onnxgraph
+except ModuleNotFoundError as err:  # without the export extra the command still answers in one line
+    if err.name != "onnx":
+        raise
+    onnxgraph = None
 
 KINDS = {"search": "qevo.search", "compress": "qevo.compress", "coevolve": "qevo.coevolve", "train": "qevo.train"}
 USAGE = "usage: python -m qevo.export --workdir RUN [--model NAME] --out FILE.onnx [--verify]"
@@ -311,6 +319,11 @@ def export(workdir, model: str | None = None, out="model.onnx", check: bool = Fa
     Raises:
       CheckpointError, ConfigError: see :func:`load`.
     """
+    missing = [name for name, needed in (("onnx", True), ("onnxruntime", check))
+               if needed and importlib.util.find_spec(name) is None]
+    if onnxgraph is None or missing:
+        raise ConfigError(f"exporting needs {' and '.join(missing or ['onnx'])}: "
+                          "pip install 'qevo[export]' (from a clone: pip install -e '.[export]')")
     out = pathlib.Path(out)
     found = load(workdir, model)
     shape = found.ds.train_images.shape[1:]

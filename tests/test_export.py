@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO, run_main
 from qevo import export, onnxgraph, sharing
 from qevo.data import normalize
-from qevo.errors import CheckpointError
+from qevo.errors import CheckpointError, ConfigError
 from qevo.layers import BatchNorm, Bits, QConv, QDense, QuantContext, QuantOptions
 from qevo.models import CifarResNet, LeNet5, init_variables
 
@@ -258,3 +258,10 @@ def test_a_search_rerun_writes_the_model_file_a_finished_model_lacks(runs, tiny_
                               [f"--config.float_from={tiny_lenet5_float}", *SMALL_DATA, *args], data_dir)
     assert status == 0, stderr[-3000:]
     assert model.read_bytes() == trained
+
+
+def test_without_the_export_extra_the_answer_is_one_line(monkeypatch, tmp_path):
+    monkeypatch.setattr(export, "onnxgraph", None)  # as when onnx is not installed
+    with pytest.raises(ConfigError, match=r"exporting needs onnx: pip install 'qevo\[export\]'"):
+        export.export(tmp_path, None, tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
