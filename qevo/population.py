@@ -333,7 +333,7 @@ def batched_accuracy(logits_fn, batches) -> jax.Array:
         correct, finite = carry
         x, y, m = batch
         logits = logits_fn(x)
-        correct = correct + jnp.sum((jnp.argmax(logits, -1) == y) & m)
+        correct = correct + jnp.sum((jnp.argmax(logits, -1) == y) & m, dtype=correct.dtype)
         return (correct, finite & jnp.all(jnp.isfinite(logits))), None
 
     (correct, finite), _ = jax.lax.scan(body, (jnp.int32(0), jnp.bool_(True)), (images, labels, mask))

@@ -110,7 +110,8 @@ class Trainer:
     process in a multi-process run): each mini-batch is split over a ``data`` mesh axis,
     BatchNorm statistics and gradients are reduced over it, and the variables stay
     replicated, so any device count trains as one device would (up to the order of float
-    sums). Augmentation draws for the whole batch before it is split.
+    sums). Augmentation draws for the whole batch before it is split; evaluation batches are
+    split likewise.
     """
 
     def __init__(self, cfg: ml_collections.ConfigDict, ds: Dataset, model: nn.Module, quantized: bool,
@@ -190,8 +191,21 @@ class Trainer:
         return TrainState(epoch=state.epoch + 1, variables=variables, opt_state=opt_state), jnp.mean(losses)
 
     def _accuracy(self, variables, bits: Bits | None, batches):
-        logits_fn = lambda x: self.model.apply(variables, normalize(x, self.mean, self.std), bits, train=False)  # noqa: E731
-        return batched_accuracy(logits_fn, batches)
+        def logits(variables, bits, x):
+            return self.model.apply(variables, normalize(x, self.mean, self.std), bits, train=False)
+
+        if self.train_model is self.model:
+            return batched_accuracy(lambda x: logits(variables, bits, x), batches)
+
+        def split_logits(x):  # each device scores its share of the batch (padded to split evenly)
+            pad = -x.shape[0] % self.mesh.size
+            x = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)])
+            whole, split = PartitionSpec(), PartitionSpec("data")
+            out = jax.shard_map(logits, mesh=self.mesh, in_specs=(whole, whole, split), out_specs=split,
+                                check_vma=False)(variables, bits, x)
+            return out[: x.shape[0] - pad]
+
+        return batched_accuracy(split_logits, batches)
 
 
 def initial_variables(cfg, ds: Dataset, model: nn.Module, bits: Bits | None, key) -> dict:

@@ -137,7 +137,8 @@ def test_data_parallel_epoch_equals_one_device():
     """One epoch split over 2 devices (a ``data`` axis: BatchNorm statistics, its gradient sums
     and the gradients reduced over it) against the same epoch on one device, in float64 with
     XLA's convolution so that only the order of sums differs: QAT of ResNet-8 (BatchNorm,
-    residuals, learned clip ranges, augmentation drawn for the whole batch)."""
+    residuals, learned clip ranges, augmentation drawn for the whole batch); the trained model's
+    accuracy scored with evaluation batches split over the devices (15 images: one padded)."""
     script = textwrap.dedent(
         """
         import jax, jax.numpy as jnp, numpy as np
@@ -145,6 +146,7 @@ def test_data_parallel_epoch_equals_one_device():
         from qevo.data import Dataset
         from qevo.layers import QuantOptions
         from qevo.models import CifarResNet, init_variables
+        from qevo.population import batch_eval_set
         from qevo.search import defaults
         rng = np.random.default_rng(0)
         cfg = defaults()
@@ -164,9 +166,14 @@ def test_data_parallel_epoch_equals_one_device():
         for devices in (jax.devices()[:1], jax.devices()[:2]):
             trainer = train.Trainer(cfg, ds, model, quantized=True, devices=tuple(devices))
             state, loss = trainer.epoch(trainer.init_state(variables), bits, jax.random.key(1), images, labels)
-            out.append((float(loss), jax.device_get(state.variables)))
-        (loss1, v1), (loss2, v2) = out
+            logits = jax.jit(lambda v, x: model.apply(v, data.normalize(x, ds.mean, ds.std).astype(jnp.float64),
+                                                      bits))(state.variables, images)
+            accuracy = trainer.accuracy(state.variables, bits, batch_eval_set(images, labels, 15))
+            out.append((float(loss), jax.device_get(state.variables), float(accuracy),
+                        float(np.mean(np.argmax(logits, -1) == labels))))
+        (loss1, v1, acc1, expected1), (loss2, v2, acc2, expected2) = out
         assert abs(loss1 - loss2) < 1e-12, (loss1, loss2)
+        assert acc1 == expected1 and acc2 == expected2 and acc1 == acc2, (acc1, expected1, acc2, expected2)
         for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(v1)[0], jax.tree_util.tree_leaves(v2)):
             np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12, err_msg=str(path))
         print("OK")
