@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import platform
+import time
 
 import jax
 
@@ -30,6 +31,18 @@ def cpu_name() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall seconds of ``fn()`` over ``repeats`` calls after one call to compile and
+    warm up; JAX results are waited for (``jax.block_until_ready``)."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
 
 
 def environment() -> dict:

@@ -33,7 +33,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 
 from benchmarks import common
 
@@ -60,16 +59,6 @@ def collective_bytes(hlo: str) -> int:
     return total
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 def _train_step(name: str, repeats: int) -> dict:
     """Seconds and bytes communicated per training step (batch 128) of model ``name``."""
     import jax
@@ -93,8 +82,7 @@ def _train_step(name: str, repeats: int) -> dict:
     step = jax.jit(lambda t, v, x, y: trainer._gradients(t, v, None, x, y, key))
     hlo = step.lower({"params": bench.variables["params"]}, bench.variables, jnp.asarray(images),
                      jnp.asarray(labels)).compile().as_text()
-    seconds = _median_seconds(lambda: jax.block_until_ready(trainer.epoch(state, None, key, images, labels)),
-                              repeats)
+    seconds = common.median_seconds(lambda: trainer.epoch(state, None, key, images, labels), repeats)
     return {"batch": 128, "seconds_per_step": seconds, "bytes_communicated": collective_bytes(hlo)}
 
 
@@ -118,7 +106,7 @@ def worker(quick: bool) -> None:
     lowered = evaluator.lower(bench.variables, w, a, bench.images, bench.labels, key=jax.random.key(1),
                               train_images=bench.images, train_labels=bench.labels)
     row["generation"] = {"model": "lenet5", "population": 16, "qat_steps": 20, "eval_images": 1000,
-                         "seconds": _median_seconds(call, repeats),
+                         "seconds": common.median_seconds(call, repeats),
                          "bytes_communicated": collective_bytes(lowered.compile().as_text())}
 
     for name in ("lenet5", "resnet20"):

@@ -23,12 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+
+from benchmarks import common
 
 BITS = 4
 ACT_CLIP = 4.0  # fixed activation clip range of the fake-quantized baseline
@@ -120,16 +121,6 @@ def quantized(model: nn.Module) -> nn.Module:
     return model
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 def measure(name: str, repeats: int, steps: int, forward_images: int, compile_: bool) -> dict:
     build, shape, batch = MODELS[name]
     torch.manual_seed(0)
@@ -154,7 +145,7 @@ def measure(name: str, repeats: int, steps: int, forward_images: int, compile_: 
                 def call(run=run, images=images):
                     with torch.no_grad():
                         run(images)
-                seconds = median_seconds(call, repeats)
+                seconds = common.median_seconds(call, repeats)
                 figures[layout] = forward_images / seconds
                 continue
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -164,7 +155,7 @@ def measure(name: str, repeats: int, steps: int, forward_images: int, compile_: 
                     opt.zero_grad(set_to_none=True)
                     F.cross_entropy(run(inputs), y).backward()
                     opt.step()
-            figures[layout] = steps * batch / median_seconds(train, repeats)
+            figures[layout] = steps * batch / common.median_seconds(train, repeats)
         best = max(figures, key=figures.get)
         result[mode] = {"images_per_second": figures, "best": best, "best_images_per_second": figures[best]}
     return {"model": name, "batch": batch, "input_chw": list(shape), "forward_images": forward_images,

@@ -60,16 +60,6 @@ def train_config(name: str, batch: int):
     return cfg
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 def measure_qevo(name: str, repeats: int, steps: int) -> dict:
     """qevo's images/s of each mode for one model (``MODES``)."""
     shape, batch, forward_images = MODELS[name]
@@ -94,11 +84,11 @@ def measure_qevo(name: str, repeats: int, steps: int) -> dict:
         def epoch(trainer=trainer, state=state, bits=bits):
             return trainer.epoch(state, bits, jax.random.key(1), images_d, labels_d)
 
-        seconds = _median_seconds(epoch, repeats)
+        seconds = common.median_seconds(epoch, repeats)
         result[mode] = steps * batch / seconds
     x = jax.device_put(rng.integers(0, 256, (forward_images, *shape), dtype=np.uint8))
     forward = jax.jit(lambda v, x: model.apply(v, normalize(x, mean, std), None, train=False))
-    result["forward"] = forward_images / _median_seconds(lambda: forward(variables, x), repeats)
+    result["forward"] = forward_images / common.median_seconds(lambda: forward(variables, x), repeats)
     return {"images_per_second": result, "convolutions": "onednn" if onednn.available() else "xla",
             "onednn_status": onednn.status()}
 
