@@ -37,11 +37,12 @@ import ml_collections
 import numpy as np
 from flax import serialization, traverse_util
 
-from qevo import checkpoint, coevolve, cost, intforward, sharing, train
+from qevo import checkpoint, coevolve, compress, cost, intforward, search, sharing, train
+from qevo import config as config_lib
 from qevo.codebook import CODEBOOK_BITS, key_bits
 from qevo.data import Dataset, normalize
 from qevo.errors import CheckpointError, ConfigError, QevoError
-from qevo.harness import CONFIG, MODEL, RESULTS, write_json
+from qevo.harness import CONFIG, MODEL, RESULTS, fill_defaults, write_json
 from qevo.layers import Bits
 from qevo.models import init_variables
 from qevo.quant import FLOAT_BITS
@@ -54,6 +55,9 @@ except ModuleNotFoundError as err:  # without the export extra the command still
     onnxgraph = None
 
 KINDS = {"search": "qevo.search", "compress": "qevo.compress", "coevolve": "qevo.coevolve", "train": "qevo.train"}
+# Each command's keys and defaults: a run begun before a key existed reads it at its default.
+DEFAULTS = {"search": search.defaults, "compress": compress.defaults, "coevolve": coevolve.defaults,
+            "train": config_lib.defaults}
 USAGE = "usage: python -m qevo.export --workdir RUN [--model NAME] --out FILE.onnx [--verify]"
 
 
@@ -203,7 +207,8 @@ def load(workdir, name: str | None = None) -> Found:
                      "or qevo.train run")
     kind = run_kind(raw)
     results = _read_json(workdir / RESULTS, f"its {KINDS[kind]} run has not finished; rerun it with this --workdir")
-    cfg = ml_collections.ConfigDict(raw)
+    defaults = DEFAULTS[kind]()
+    cfg = ml_collections.ConfigDict(fill_defaults(raw, json.loads(json.dumps(config_lib.to_dict(defaults)))))
     available = names(workdir, kind, cfg)
     if name is None and kind == "search":
         raise ConfigError(f"a search run holds several models: pass --model, one of {', '.join(available)}")

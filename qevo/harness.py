@@ -144,7 +144,7 @@ def prepare_workdir(workdir: pathlib.Path, cfg: ml_collections.ConfigDict,
             started = any(p.name != CONFIG for p in workdir.iterdir())
             now = json.loads(json.dumps(resolved))
             known = json.loads(json.dumps(config_lib.to_dict(defaults))) if defaults is not None else {}
-            if started and _with_new_defaults(previous, now, known) != now:
+            if started and fill_defaults(previous, known) != now:
                 raise config_lib.ConfigError(f"{workdir} holds a run with a different config ({saved}); "
                                              "pass a new --workdir or delete that folder")
         write_json(saved, resolved)
@@ -154,16 +154,16 @@ def prepare_workdir(workdir: pathlib.Path, cfg: ml_collections.ConfigDict,
     return workdir
 
 
-def _with_new_defaults(saved: dict, now: dict, defaults: dict) -> dict:
-    """``saved`` with each key it lacks taken from ``now`` where ``now`` holds the default."""
+def fill_defaults(saved: dict, defaults: dict) -> dict:
+    """``saved`` (a run's ``config.json`` as a dict) with each key it lacks, one added to qevo
+    since the run began, at its value in ``defaults`` (the command's keys and defaults,
+    which keep the behaviour the run had)."""
     out = dict(saved)
-    for key, value in now.items():
-        default = defaults.get(key)
+    for key, default in defaults.items():
         if key not in out:
-            if key in defaults and value == default:
-                out[key] = value
-        elif isinstance(value, dict) and isinstance(out[key], dict):
-            out[key] = _with_new_defaults(out[key], value, default if isinstance(default, dict) else {})
+            out[key] = default
+        elif isinstance(default, dict) and isinstance(out[key], dict):
+            out[key] = fill_defaults(out[key], default)
     return out
 
 

@@ -19,6 +19,18 @@ def data_dir() -> pathlib.Path:
     return path
 
 
+# The files with the longest end-to-end runs, longest first: the suite's two workers take
+# whole files (``--dist loadfile``) in collection order, so the long ones start first and the
+# short ones fill in at the end.
+LONGEST_FIRST = ("test_compress.py", "test_coevolve.py", "test_resnet20.py", "test_search.py", "test_export.py",
+                 "test_distributed.py", "test_data.py", "test_population.py", "test_train.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
+
+
 def pytest_configure(config):
     """Match the command-line entry points: threefry keys that compile fast on the CPU."""
     import jax

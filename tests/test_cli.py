@@ -291,3 +291,12 @@ def test_figure_is_written_whole_or_not_at_all(tmp_path):
         ax.plot([1, 2], [4, 3])
         raise RuntimeError("stopped while drawing")
     assert path.read_bytes() == png and [p.name for p in tmp_path.iterdir()] == ["front.png"]
+
+
+def test_fill_defaults_adds_only_the_keys_a_saved_config_lacks():
+    """A run's saved config read by a newer qevo (``qevo.export``): missing keys, nested too,
+    take the command's defaults; saved values stay."""
+    saved = {"seed": 1, "model": {"name": "lenet5"}}
+    defaults = {"seed": 0, "threefry_partitionable": False, "model": {"name": "resnet20", "conv": "auto"}}
+    assert harness.fill_defaults(saved, defaults) == {"seed": 1, "threefry_partitionable": False,
+                                                      "model": {"name": "lenet5", "conv": "auto"}}
