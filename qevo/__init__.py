@@ -11,7 +11,7 @@ processes) stays light:
 * population evaluation: ``PopulationEvaluator``, ``QATConfig``
 * checkpoints: ``save_checkpoint``, ``load_checkpoint``
 * errors a user can fix (subclasses of ``QevoError``, itself a ``ValueError``): ``ConfigError``,
-  ``DataError``, ``CheckpointError``, ``PopulationMemoryError``
+  ``DataError``, ``CheckpointError``, ``PopulationMemoryError``, ``ExportError``
 * float training: ``run_train``
 * bit-width search: ``random_genes``, ``uniform_genes``, ``make_offspring`` (the single
   operators live in ``qevo.variation``), ``make_driver``, ``Driver``, ``DriverState``,
@@ -63,6 +63,7 @@ _EXPORTS = {
     "CheckpointError": ("qevo.errors", "CheckpointError"),
     "QevoError": ("qevo.errors", "QevoError"),
     "ConfigError": ("qevo.errors", "ConfigError"),
+    "ExportError": ("qevo.errors", "ExportError"),
     "random_genes": ("qevo.variation", "random_genes"),
     "uniform_genes": ("qevo.variation", "uniform_genes"),
     "make_offspring": ("qevo.variation", "make_offspring"),
@@ -107,7 +108,7 @@ if TYPE_CHECKING:  # the same names, visible to type checkers and IDEs (tests/te
     from qevo.cost import LayerTable, bitops, layer_table, reference_flops, reference_params, size_bits
     from qevo.data import Dataset, augment, load_dataset, normalize, write_image_folder
     from qevo.drivers import EVOSAX_STRATEGIES, Driver, DriverState, make_driver
-    from qevo.errors import CheckpointError, ConfigError, DataError, PopulationMemoryError, QevoError
+    from qevo.errors import CheckpointError, ConfigError, DataError, ExportError, PopulationMemoryError, QevoError
     from qevo.export import export as export_onnx
     from qevo.intforward import (
         IntKernel,

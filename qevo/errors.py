@@ -24,3 +24,7 @@ class CheckpointError(QevoError):
 
 class PopulationMemoryError(QevoError):
     """A population program asked for more memory than its devices have."""
+
+
+class ExportError(QevoError):
+    """A model holds an operation the ONNX export has no form for (a model of one's own)."""

@@ -45,7 +45,7 @@ from jax.extend.core import ClosedJaxpr, Jaxpr, Literal, Primitive
 from onnx import TensorProto, helper, numpy_helper
 
 from qevo import onednn
-from qevo.errors import ConfigError
+from qevo.errors import ConfigError, ExportError
 from qevo.intforward import IntKernel
 from qevo.layers import BatchNorm, Bits, QConv, QDense
 from qevo.quant import FLOAT_BITS
@@ -276,7 +276,7 @@ def _emit(g: _Graph, layers: _Layers, eqn, ins: list) -> list:
     if name == "reshape":
         old, new = eqn.invars[0].aval.shape, tuple(eqn.params["new_sizes"])
         if old[0] != new[0]:
-            raise NotImplementedError(f"export keeps the batch axis first; a reshape {old} -> {new} moves it")
+            raise ExportError(f"the model reshapes {old} to {new}, moving the batch axis; the export keeps it first")
         return [g.node("Reshape", [ins[0], g.const(np.array([0, *new[1:]], np.int64), "shape")])]
     if name == "transpose":
         return [g.node("Transpose", [ins[0]], perm=list(eqn.params["permutation"]))]
@@ -289,12 +289,14 @@ def _emit(g: _Graph, layers: _Layers, eqn, ins: list) -> list:
         if dims[0] != 1 or dims[3] != 1 or strides[0] != 1 or strides[3] != 1 or pads[0] != (0, 0) \
                 or pads[3] != (0, 0) or any(d != 1 for d in (*eqn.params["base_dilation"],
                                                            *eqn.params["window_dilation"])):
-            raise NotImplementedError(f"export pools over H and W of NHWC tensors only, not {eqn}")
+            raise ExportError(f"the model pools with window {dims}, strides {strides}, padding {pads}; the export "
+                              "pools over H and W of NHWC tensors only")
         nchw = g.node("Transpose", [ins[0]], perm=[0, 3, 1, 2])
         y = g.node("MaxPool", [nchw], "max_pool", kernel_shape=list(dims[1:3]), strides=list(strides[1:3]),
                    pads=[pads[1][0], pads[2][0], pads[1][1], pads[2][1]])
         return [g.node("Transpose", [y], perm=[0, 2, 3, 1])]
-    raise NotImplementedError(f"export has no ONNX form for the JAX primitive {name!r} ({eqn})")
+    raise ExportError(f"the model uses the JAX operation {name!r}, which the export has no ONNX form for; "
+                      "export a model built from qevo's layers and the operations qevo's models use")
 
 
 def _walk(g: _Graph, layers: _Layers, jaxpr, consts, args: list) -> list:

@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO, run_main
 from qevo import export, onnxgraph, sharing
 from qevo.data import normalize
-from qevo.errors import CheckpointError, ConfigError
+from qevo.errors import CheckpointError, ConfigError, ExportError
 from qevo.layers import BatchNorm, Bits, QConv, QDense, QuantContext, QuantOptions
 from qevo.models import CifarResNet, LeNet5, init_variables
 
@@ -132,6 +132,23 @@ def test_shared_kernels_are_gathered_from_their_codebooks():
                                model.apply(expanded, normalize(images, (0.1,), (0.3,)), None), rtol=1e-4, atol=1e-4)
     assert {"Gather"} <= {n.op_type for n in proto.graph.node}
     assert onnxgraph.level_count(proto).get("uint8", 0) == sum(int(np.size(k.indices)) for k in kernels.values())
+
+
+def test_an_operation_without_an_onnx_form_is_refused_in_one_line():
+    class Sine(nn.Module):  # a model of one's own: a qevo layer, then an operation the export lacks
+        num_layers = 1
+
+        @nn.compact
+        def __call__(self, x, bits=None, train=False):
+            clip = self.variable("quant", "a_clip", lambda: jnp.ones((1,), jnp.float32))
+            y = QDense(3, index=0, options=QuantOptions(conv="xla"))(x.reshape((x.shape[0], -1)),
+                                                                     QuantContext(bits, clip.value))
+            return jnp.sin(y)
+
+    model = Sine()
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 2, 2, 1)))
+    with pytest.raises(ExportError, match="uses the JAX operation 'sin', which the export has no ONNX form for"):
+        onnxgraph.build(model, variables, None, {}, (2, 2, 1), (0.5,), (0.2,))
 
 
 def test_widths_above_16_bits_are_refused():
