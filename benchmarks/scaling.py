@@ -15,7 +15,9 @@ In each layout, on random weights and images:
   20 QAT steps of 32 images each, then 1,000 validation images) through
   :class:`qevo.PopulationEvaluator`, the population split over every device;
 * a training step (batch 128) of LeNet-5 and of ResNet-20 through :class:`qevo.train.Trainer`,
-  the batch split over every device.
+  the batch split over every device;
+* an epoch (10 steps of 128 images) of 4 LeNet-5 QAT models side by side, as a search's
+  final models train (:class:`qevo.train.PopulationTrainer`), the models spread over every device.
 
 Times are medians of repeats after compilation. Bytes communicated are the summed sizes of
 the collective operations (all-reduce, all-gather, ...) in the compiled program of one
@@ -28,11 +30,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
+
+import numpy as np
 
 from benchmarks import common
 
@@ -86,6 +86,32 @@ def _train_step(name: str, repeats: int) -> dict:
     return {"batch": 128, "seconds_per_step": seconds, "bytes_communicated": collective_bytes(hlo)}
 
 
+def _final_training(repeats: int) -> dict:
+    """Seconds and bytes communicated per epoch of 4 LeNet-5 QAT models side by side
+    (:class:`qevo.train.PopulationTrainer`, 10 steps of 128 images each), spread over every device."""
+    import jax
+
+    from benchmarks.population import Bench
+    from qevo import train
+    from qevo.data import Dataset
+    from qevo.layers import Bits
+    from qevo.search import defaults
+
+    bench = Bench("lenet5", 1280, 0, 1)
+    cfg = defaults()
+    cfg.train.batch_size = 128
+    w, a = bench.population(4)
+    bits = Bits(w=w, a=a)
+    images, labels = np.asarray(bench.images), np.asarray(bench.labels)
+    ds = Dataset("random", images, labels, images, labels, images, labels, 10, tuple("0123456789"), (0.5,), (0.25,))
+    trainer = train.PopulationTrainer(cfg, ds, bench.model, quantized=True)
+    state, key = trainer.init_state(bench.variables, 4), jax.random.key(2)
+    hlo = trainer.epoch.lower(state, bits, key, images, labels).compile().as_text()
+    seconds = common.median_seconds(lambda: trainer.epoch(state, bits, key, images, labels), repeats)
+    return {"models": 4, "steps": trainer.one.steps_per_epoch, "batch": 128, "seconds_per_epoch": seconds,
+            "bytes_communicated": collective_bytes(hlo)}
+
+
 def worker(quick: bool) -> None:
     """Time this layout's generation and training steps; process 0 prints one JSON line."""
     from qevo import distributed
@@ -111,14 +137,9 @@ def worker(quick: bool) -> None:
 
     for name in ("lenet5", "resnet20"):
         row[f"train_{name}"] = _train_step(name, repeats)
+    row["final_lenet5"] = _final_training(repeats)
     if distributed.is_writer():
         print(json.dumps(row), flush=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_layout(name: str, quick: bool) -> dict:
@@ -126,15 +147,8 @@ def run_layout(name: str, quick: bool) -> dict:
     from qevo import distributed
 
     processes, devices = LAYOUTS[name]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"}
-    if processes > 1:
-        env.update({distributed.COORDINATOR_ENV: f"127.0.0.1:{_free_port()}",
-                    distributed.NUM_PROCESSES_ENV: str(processes)})
-    args = [sys.executable, "-m", "benchmarks.scaling", WORKER] + (["--quick"] if quick else [])
-    procs = [subprocess.Popen(args, env={**env, distributed.PROCESS_ID_ENV: str(i)} if processes > 1 else env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(processes)]
+    procs = distributed.start_local(["-m", "benchmarks.scaling", WORKER] + (["--quick"] if quick else []),
+                                    processes, devices)
     outs = [p.communicate() for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         if p.returncode != 0:
@@ -152,6 +166,8 @@ def measure(quick: bool) -> dict:
         for name in ("lenet5", "resnet20"):
             key = f"train_{name}"
             row[key]["speedup_vs_1x1"] = base[key]["seconds_per_step"] / row[key]["seconds_per_step"]
+        row["final_lenet5"]["speedup_vs_1x1"] = (base["final_lenet5"]["seconds_per_epoch"]
+                                                 / row["final_lenet5"]["seconds_per_epoch"])
     return {"benchmark": "scaling over devices and processes", "rows": rows, **common.environment()}
 
 

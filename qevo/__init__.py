@@ -12,7 +12,8 @@ processes) stays light:
 * checkpoints: ``save_checkpoint``, ``load_checkpoint``
 * errors a user can fix (subclasses of ``QevoError``, itself a ``ValueError``): ``ConfigError``,
   ``DataError``, ``CheckpointError``, ``PopulationMemoryError``, ``ExportError``
-* float training: ``run_train``
+* training: ``run_train``; ``Trainer`` and ``fit`` (one model, data-parallel over the devices),
+  ``PopulationTrainer`` and ``fit_population`` (many models side by side, spread over the devices)
 * bit-width search: ``random_genes``, ``uniform_genes``, ``make_offspring`` (the single
   operators live in ``qevo.variation``), ``make_driver``, ``Driver``, ``DriverState``,
   ``EVOSAX_STRATEGIES`` (relaxation and scalarisations in ``qevo.drivers``),
@@ -68,6 +69,10 @@ _EXPORTS = {
     "uniform_genes": ("qevo.variation", "uniform_genes"),
     "make_offspring": ("qevo.variation", "make_offspring"),
     "run_train": ("qevo.train", "run"),
+    "Trainer": ("qevo.train", "Trainer"),
+    "fit": ("qevo.train", "fit"),
+    "PopulationTrainer": ("qevo.train", "PopulationTrainer"),
+    "fit_population": ("qevo.train", "fit_population"),
     "search_defaults": ("qevo.search", "defaults"),
     "run_search": ("qevo.search", "run"),
     "make_driver": ("qevo.drivers", "make_driver"),
@@ -129,6 +134,7 @@ if TYPE_CHECKING:  # the same names, visible to type checkers and IDEs (tests/te
     from qevo.search import defaults as search_defaults
     from qevo.search import run as run_search
     from qevo.sharing import ClusterTable, SharedEvaluator, build_table, load_compressed, save_compressed, seed_fitness
+    from qevo.train import PopulationTrainer, Trainer, fit, fit_population
     from qevo.train import run as run_train
     from qevo.variation import make_offspring, random_genes, uniform_genes
 

@@ -100,6 +100,16 @@ def load(path: str | os.PathLike, target=None):
                               "delete it to start over") from e
     if target is None:
         return state, meta
+    return restore(state, target, path), meta
+
+
+def restore(state: dict, target, path: str | os.PathLike):
+    """The pytree of ``target``'s structure holding ``state`` (a raw tree from :func:`load`
+    without a target, read from ``path``, which the error names).
+
+    Raises:
+      CheckpointError: ``state`` does not have ``target``'s structure and shapes.
+    """
     try:
         tree = serialization.from_state_dict(target, state)
     except (ValueError, KeyError, TypeError) as e:
@@ -108,4 +118,4 @@ def load(path: str | os.PathLike, target=None):
     got = jax.tree_util.tree_map(np.shape, tree)
     if want != got:
         raise CheckpointError(f"checkpoint {path} holds arrays of other shapes than this model/config expects")
-    return tree, meta
+    return tree

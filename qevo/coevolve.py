@@ -75,6 +75,7 @@ from qevo.population import (
     batch_eval_set,
     batched_accuracy,
     population_map,
+    replicated_jit,
     resolve_strategy,
 )
 from qevo.pretrained import float_model
@@ -316,9 +317,9 @@ class Coevolution:
         object.__setattr__(self, "devices", devices)
         object.__setattr__(self, "_local",
                            resolve_strategy(self.options.strategy, self.options.chunk_size, devices[0].platform))
-        object.__setattr__(self, "cycle", jax.jit(self._cycle))
-        object.__setattr__(self, "accuracy", jax.jit(self._accuracy))
-        object.__setattr__(self, "statistics", jax.jit(self._statistics))
+        object.__setattr__(self, "cycle", replicated_jit(self._cycle, devices))
+        object.__setattr__(self, "accuracy", replicated_jit(self._accuracy, devices))
+        object.__setattr__(self, "statistics", replicated_jit(self._statistics, devices))
 
     @property
     def num_weights(self) -> int:

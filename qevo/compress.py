@@ -277,8 +277,8 @@ class DriverSteps:
             self.driver = make_driver(self.name, self.size, num_layers)
         if self.name == "nsga3":
             self.ref_dirs = jnp.asarray(nsga3.das_dennis(2, s.nsga3_partitions), jnp.float32)
-        self.first = jax.jit(functools.partial(self._generation, first=True))
-        self.step = jax.jit(functools.partial(self._generation, first=False))
+        self.first = evaluator.jit(functools.partial(self._generation, first=True))
+        self.step = evaluator.jit(functools.partial(self._generation, first=False))
 
     def init(self, key: jax.Array, acc_target: float, cr_target: float) -> SearchState:
         """State before the first generation (``key``: raw uint32 key)."""
@@ -454,7 +454,7 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> Prepared:
     centroids = quantize_codebook(table.centroids, cfg.sharing.codebook)
     ks = candidate_k(cfg.sharing.k_max, tuple(cfg.sharing.k_values))
     rows = jnp.asarray(range_population(len(paths), ks))
-    range_fn = jax.jit(evaluator.accuracy_of_k)
+    range_fn = evaluator.jit(evaluator.accuracy_of_k)
     range_acc = np.full((len(paths), cfg.sharing.k_max), np.nan, np.float32)
     range_acc[:, ks - 1] = np.asarray(range_fn(variables, table, centroids, rows, score)).reshape(len(paths), len(ks))
     seconds["range"] = time.perf_counter() - t
@@ -508,7 +508,7 @@ def held_out_accuracy(prep: Prepared, cfg, records: list[dict]) -> list[dict]:
     the held-out validation images in one population call."""
     rows = jnp.asarray(np.array([r["k"] for r in records], np.int32) - 1)
     centroids = quantize_codebook(prep.table.centroids, cfg.sharing.codebook)
-    acc = np.asarray(jax.jit(prep.evaluator.accuracy_of_k)(prep.variables, prep.table, centroids, rows,
+    acc = np.asarray(prep.evaluator.jit(prep.evaluator.accuracy_of_k)(prep.variables, prep.table, centroids, rows,
                                                            prep.held_out))
     return [{**r, "held_out_accuracy": float(a)} for r, a in zip(records, acc, strict=True)]
 
@@ -608,7 +608,7 @@ def refine(prep: Prepared, cfg, layers: list[sharing.Layer], accuracy: float,
     fmt = s.codebook
     focus = np.round(np.arange(0.0, s.focus_max + s.focus_step / 2, s.focus_step), 6)
     grid = np.array([(sp, f) for sp in s.spreads for f in focus], np.float32)
-    fn = jax.jit(prep.evaluator.accuracy_of_kernel_sets)
+    fn = prep.evaluator.jit(prep.evaluator.accuracy_of_kernel_sets)
     layers = list(layers)
     notes = []
     k_slots = 1 << (max(2, *(x.codebook.shape[0] for x in layers)) - 1).bit_length()

@@ -24,6 +24,10 @@ which also serves tests: two local processes over the loopback address.
 from __future__ import annotations
 
 import os
+import re
+import socket
+import subprocess
+import sys
 
 import jax
 
@@ -96,3 +100,26 @@ def lost_peer(err: BaseException) -> bool:
 def is_writer() -> bool:
     """Whether this process writes the run's files: process 0 (and a single process)."""
     return jax.process_index() == 0
+
+
+def start_local(argv: list[str], processes: int, devices: int = 1, env: dict | None = None,
+                cwd=None) -> list[subprocess.Popen]:
+    """Start ``python <argv>`` as ``processes`` cooperating CPU processes on this machine,
+    joined over the loopback address (a free port) when there are several, each with
+    ``devices`` forced host devices: how a run of several hosts is tried on one.
+
+    ``env`` is added to this process's environment; stdout and stderr are piped (text).
+    Returns the processes in id order (process 0 writes the run's files).
+    """
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
+    base = {**os.environ, **(env or {}), "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}".strip()}
+    ids = [{}]
+    if processes > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        base.update({COORDINATOR_ENV: f"127.0.0.1:{port}", NUM_PROCESSES_ENV: str(processes)})
+        ids = [{PROCESS_ID_ENV: str(i)} for i in range(processes)]
+    return [subprocess.Popen([sys.executable, *argv], env={**base, **i}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=cwd) for i in ids]

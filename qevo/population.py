@@ -164,11 +164,7 @@ class PopulationEvaluator:
         validate_strategy(self.strategy, self.chunk_size)  # fail now, not at the first call
         devices = tuple(self.devices or jax.devices())
         object.__setattr__(self, "devices", devices)
-        # Inputs and scores replicated over the mesh: every process of a multi-process run
-        # passes the same values and reads every score (qevo.distributed).
-        replicated = NamedSharding(Mesh(np.array(devices), ("pop",)), PartitionSpec())
-        object.__setattr__(self, "_compiled", jax.jit(self._population, static_argnums=8,
-                                                      in_shardings=replicated, out_shardings=replicated))
+        object.__setattr__(self, "_compiled", replicated_jit(self._population, devices, static_argnums=8))
 
     @property
     def num_devices(self) -> int:
@@ -288,6 +284,19 @@ class PopulationEvaluator:
         if stats is not None:
             out["batch_stats"] = stats
         return out
+
+
+def replicated_jit(fn, devices: tuple, **jit_kwargs):
+    """``jax.jit(fn)`` with every input and output replicated over ``devices``: the one way
+    qevo compiles a function that spreads work over a mesh of them.
+
+    In a multi-process run (:mod:`qevo.distributed`) every process passes the same values
+    (host arrays, taken as the whole global value) and reads every result; in one process it
+    places the inputs on all of ``devices``. ``jit_kwargs`` go to ``jax.jit`` (e.g.
+    ``static_argnums``).
+    """
+    replicated = NamedSharding(Mesh(np.array(devices), ("all",)), PartitionSpec())
+    return jax.jit(fn, in_shardings=replicated, out_shardings=replicated, **jit_kwargs)
 
 
 def population_map(fn, xs, shared, devices: tuple, strategy: str, chunk: int | None):

@@ -514,39 +514,55 @@ def final_candidates(cfg, space: SearchSpace, history: list[dict]) -> list[dict]
 
 
 def train_final(cfg, problem: Problem, models: list[dict], workdir: pathlib.Path) -> list[dict]:
-    """Train every model of ``models`` with the same budget (``final``); resumable per model.
+    """Train every model of ``models`` with the same budget (``final``), side by side.
 
-    Each model's folder ``final/<name>/`` holds its training ``checkpoint.msgpack``, its
-    variables as ``model.msgpack`` (what :mod:`qevo.export` reads) and ``results.json``. A
-    model finished before ``model.msgpack`` was written gets it from its last checkpoint."""
+    The models not yet trained train as one population (:class:`qevo.train.PopulationTrainer`:
+    spread over every device, run on each by ``search.strategy``), checkpointed after every
+    epoch in ``final/checkpoint.msgpack``. Each model's folder ``final/<name>/`` holds its
+    ``history.csv``, its variables as ``model.msgpack`` (what :mod:`qevo.export` reads) and
+    ``results.json``; a model with results for its widths is not trained again. A model
+    finished by an earlier qevo (one after another) before ``model.msgpack`` was written gets
+    it from its own last checkpoint."""
     fcfg = ml_collections.ConfigDict(cfg.to_dict())
     fcfg.train.epochs, fcfg.train.optimizer = cfg.final.epochs, cfg.final.optimizer
     fcfg.train.learning_rate, fcfg.train.warmup_epochs = cfg.final.learning_rate, 0
     model = problem.evaluator.model
-    key = jax.random.fold_in(jax.random.key(cfg.seed), 2)
-    trainer = train.Trainer(fcfg, problem.ds, model, quantized=True)
-    rows = []
+    final = workdir / "final"
+    fitted = {}
     for m in models:
-        folder = workdir / "final" / m["name"]
-        done = folder / RESULTS
-        fitted = json.loads(done.read_text()) if done.exists() else {}
-        if (fitted.get("w_bits"), fitted.get("a_bits")) != (m["w_bits"], m["a_bits"]):
-            if fitted:  # a finished model with other bits (the candidates changed): train afresh
-                shutil.rmtree(folder)
-            folder.mkdir(parents=True, exist_ok=True)
-            bits = Bits(w=jnp.asarray(m["w_bits"], jnp.int32), a=jnp.asarray(m["a_bits"], jnp.int32))
-            variables, fitted = train.fit(fcfg, problem.ds, model, problem.final_variables, bits, folder, key,
-                                          f"final {m['name']}", trainer)
-            checkpoint.save(folder / MODEL, variables, {"model": cfg.model.name, "name": m["name"]})
-            fitted = {**fitted, "w_bits": m["w_bits"], "a_bits": m["a_bits"]}
-            write_json(done, fitted)
-        elif not (folder / MODEL).exists():
+        done = final / m["name"] / RESULTS
+        saved = json.loads(done.read_text()) if done.exists() else {}
+        if (saved.get("w_bits"), saved.get("a_bits")) == (m["w_bits"], m["a_bits"]):
+            fitted[m["name"]] = saved
+    pending = [m for m in models if m["name"] not in fitted]
+    if pending:
+        folders = [final / m["name"] for m in pending]
+        for folder in folders:  # a model trained with other widths (the candidates changed): train afresh
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+        trainer = train.PopulationTrainer(fcfg, problem.ds, model, quantized=True, strategy=cfg.search.strategy,
+                                          chunk_size=cfg.search.chunk_size)
+        bits = Bits(w=np.array([m["w_bits"] for m in pending]), a=np.array([m["a_bits"] for m in pending]))
+        key = jax.random.fold_in(jax.random.key(cfg.seed), 2)
+        variables, results = train.fit_population(fcfg, problem.ds, problem.final_variables, bits, folders, key,
+                                                   f"final {len(pending)} models", trainer, final / CHECKPOINT)
+        for i, (m, folder) in enumerate(zip(pending, folders, strict=True)):
+            one = jax.tree_util.tree_map(lambda v, i=i: v[i], variables)
+            checkpoint.save(folder / MODEL, one, {"model": cfg.model.name, "name": m["name"]})
+            fitted[m["name"]] = {**results[i], "w_bits": m["w_bits"], "a_bits": m["a_bits"]}
+            write_json(folder / RESULTS, fitted[m["name"]])
+    for m in models:
+        folder = final / m["name"]
+        if not (folder / MODEL).exists():
+            trainer = train.Trainer(fcfg, problem.ds, model, quantized=True)
             state, _ = checkpoint.load(folder / CHECKPOINT, trainer.init_state(problem.final_variables))
             checkpoint.save(folder / MODEL, state.variables, {"model": cfg.model.name, "name": m["name"]})
-        bits = Bits(w=np.asarray([m["w_bits"]]), a=np.asarray([m["a_bits"]]))
-        c = costs(problem.table, bits)
-        rows.append({**m, "val_accuracy": fitted["val_accuracy"], "test_accuracy": fitted["test_accuracy"],
-                     "epochs": fitted["epochs"], **{k: float(v[0]) for k, v in c.items()}})
+    rows = []
+    for m in models:
+        c = costs(problem.table, Bits(w=np.asarray([m["w_bits"]]), a=np.asarray([m["a_bits"]])))
+        f = fitted[m["name"]]
+        rows.append({**m, "val_accuracy": f["val_accuracy"], "test_accuracy": f["test_accuracy"],
+                     "epochs": f["epochs"], **{k: float(v[0]) for k, v in c.items()}})
     return rows
 
 

@@ -35,7 +35,7 @@ from qevo.codebook import CODEBOOK_BITS, check_format, model_compression_rates, 
 from qevo.data import normalize
 from qevo.errors import ConfigError
 from qevo.kmeans import kmeans, pack_layers
-from qevo.population import batched_accuracy, population_map, resolve_strategy
+from qevo.population import batched_accuracy, population_map, replicated_jit, resolve_strategy
 
 FORMAT_VERSION = 1
 _TABLE_CALL_BYTES = 1 << 30  # rows * n_max * 12 bytes (values, mask, assignments) per k-means call
@@ -195,6 +195,8 @@ class SharedEvaluator:
       paths: kernel paths of the shared layers.
       strategy: ``"auto"``, ``"vmap"`` or ``"map"`` (as :class:`qevo.population.PopulationEvaluator`).
       chunk_size: individuals per ``lax.map`` step for ``"map"``.
+      devices: devices the population calls spread over (default: all, those of every
+        process in a multi-process run); compile what calls them with :meth:`jit`.
     """
 
     model: nn.Module
@@ -203,12 +205,21 @@ class SharedEvaluator:
     paths: tuple[tuple[str, ...], ...]
     strategy: str = "auto"
     chunk_size: int | None = None
+    devices: tuple | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "_local", resolve_strategy(self.strategy, self.chunk_size, jax.devices()[0].platform))
+        devices = tuple(self.devices or jax.devices())
+        object.__setattr__(self, "devices", devices)
+        object.__setattr__(self, "_local", resolve_strategy(self.strategy, self.chunk_size, devices[0].platform))
+
+    def jit(self, fn, **jit_kwargs):
+        """``fn`` compiled with its inputs and outputs replicated over :attr:`devices`
+        (:func:`qevo.population.replicated_jit`): how a function that calls
+        :meth:`accuracy_of_k` or :meth:`accuracy_of_kernel_sets` is compiled."""
+        return replicated_jit(fn, self.devices, **jit_kwargs)
 
     def _population(self, one, xs):
-        return population_map(lambda x, _: one(x), xs, (), jax.devices()[:1], *self._local)
+        return population_map(lambda x, _: one(x), xs, (), self.devices, *self._local)
 
     def accuracy(self, variables: dict, kernels, batches) -> jax.Array:
         """Accuracy (float32 in [0, 1], NaN on non-finite logits) of ``variables`` with ``kernels``."""

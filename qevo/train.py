@@ -26,16 +26,25 @@ import ml_collections
 import numpy as np
 import optax
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
 from qevo import checkpoint
 from qevo import config as config_lib
 from qevo.calibration import calibrate
+from qevo.cost import layer_table
 from qevo.data import Dataset, augment, load_dataset, normalize
 from qevo.harness import CHECKPOINT, MODEL, RESULTS, Stopwatch, method, progress, write_csv, write_json
 from qevo.layers import Bits, QuantOptions, default_conv
 from qevo.models import get_model, init_variables
-from qevo.population import batch_eval_set, batched_accuracy, cross_entropy, sgd_or_adam
+from qevo.population import (
+    batch_eval_set,
+    batched_accuracy,
+    cross_entropy,
+    population_map,
+    replicated_jit,
+    resolve_strategy,
+    sgd_or_adam,
+)
 
 HISTORY = "history.csv"
 
@@ -134,10 +143,8 @@ class Trainer:
                             else model.clone(options=dataclasses.replace(model.options, batch_axis="data")))
         self.tx = make_optimizer(cfg.train, self.steps_per_epoch)
         self.trainable = ("params", "quant") if quantized else ("params",)
-        # Inputs and outputs replicated: every process of a multi-process run passes and reads the same values.
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.epoch = jax.jit(self._epoch, in_shardings=replicated, out_shardings=replicated)
-        self.accuracy = jax.jit(self._accuracy, in_shardings=replicated, out_shardings=replicated)
+        self.epoch = replicated_jit(self._epoch, devices)
+        self.accuracy = replicated_jit(self._accuracy, devices)
 
     def init_state(self, variables: dict) -> TrainState:
         opt_state = self.tx.init({k: variables[k] for k in self.trainable})
@@ -224,6 +231,95 @@ def initial_variables(cfg, ds: Dataset, model: nn.Module, bits: Bits | None, key
     return calibrate(model, variables, calib)
 
 
+class PopulationTrainer:
+    """Compiled epoch and evaluation functions for a population of models trained side by side.
+
+    Each of ``P`` models has its own variables, optimizer state and widths; all see the same
+    mini-batches, augmentation and dropout draws (one key), so each trains exactly as
+    :class:`Trainer` on one device would train it alone. The population axis is laid over a
+    ``pop`` mesh of ``devices`` (default: every device, those of every process in a
+    multi-process run; padded when ``P`` does not divide), and on each device its models run
+    by ``strategy`` (:func:`qevo.population.resolve_strategy`, with the multiply-accumulates of
+    one training step deciding ``"auto"`` on accelerators).
+
+    Attributes:
+      epoch: ``(state [P], bits [P, L], key, images, labels) -> (state [P], mean losses [P])``.
+      accuracy: ``(variables [P], bits [P, L], batches) -> float32 [P]``.
+    """
+
+    def __init__(self, cfg: ml_collections.ConfigDict, ds: Dataset, model: nn.Module, quantized: bool,
+                 devices: tuple | None = None, strategy: str = "auto", chunk_size: int | None = None):
+        self.devices = tuple(devices or jax.devices())
+        self.one = Trainer(cfg, ds, model, quantized, devices=self.devices[:1])  # one model's epoch and accuracy
+        platform = self.devices[0].platform
+        step_macs = None
+        if strategy == "auto" and platform != "cpu":
+            shape = ds.train_images.shape[1:]
+            table = layer_table(model, init_variables(model, jax.random.key(0), shape), shape)
+            step_macs = int(table.macs.sum()) * cfg.train.batch_size
+        self.local = resolve_strategy(strategy, chunk_size, platform, step_macs)
+        self.epoch = replicated_jit(self._epoch, self.devices)
+        self.accuracy = replicated_jit(self._accuracy, self.devices)
+
+    def init_state(self, variables: dict, population: int) -> TrainState:
+        """``population`` copies of :meth:`Trainer.init_state` of ``variables``, stacked on a leading axis."""
+        one = self.one.init_state(variables)
+        return jax.tree_util.tree_map(lambda v: jnp.broadcast_to(v, (population, *jnp.shape(v))), one)
+
+    def _epoch(self, states: TrainState, bits: Bits, key, images, labels):
+        return population_map(lambda sb, shared: self.one._epoch(sb[0], sb[1], *shared), (states, bits),
+                              (key, images, labels), self.devices, *self.local)
+
+    def _accuracy(self, variables, bits: Bits, batches):
+        return population_map(lambda vb, batches: self.one._accuracy(vb[0], vb[1], batches), (variables, bits),
+                              batches, self.devices, *self.local)
+
+
+HISTORY_COLUMNS = ["epoch", "loss", "val_accuracy", "train_seconds"]
+
+
+def _train_epochs(cfg, ds: Dataset, trainer, state: TrainState, bits, key: jax.Array, ckpt: pathlib.Path,
+                  desc: str, identity: dict, on_epoch) -> tuple[TrainState, dict]:
+    """The training loop of :func:`fit` and :func:`fit_population`: ``cfg.train.epochs`` epochs of
+    ``trainer``, a checkpoint after each in ``ckpt`` (with ``identity`` in its metadata) and a
+    resume from it when its ``identity`` matches (else the training starts over).
+
+    ``on_epoch(history)`` writes the history after each epoch; a history record holds the
+    epoch, the mean training loss and validation accuracy (floats, or lists of one per model
+    of a population) and the cumulative training seconds. Returns the state and the metadata.
+    """
+    meta = {"history": [], "train_seconds": 0.0, **identity}
+    if ckpt.exists():
+        saved, saved_meta = checkpoint.load(ckpt)
+        if all(saved_meta.get(k) == v for k, v in identity.items()):
+            state, meta = checkpoint.restore(saved, state, ckpt), saved_meta
+            print(f"resuming {ckpt.parent} after epoch {int(np.max(state.epoch))}", file=sys.stderr)
+        else:
+            print(f"{ckpt} holds other models; training these afresh", file=sys.stderr)
+    images, labels = jax.device_put(ds.train_images), jax.device_put(ds.train_labels)
+    val = batch_eval_set(jnp.asarray(ds.val_images), jnp.asarray(ds.val_labels), cfg.train.eval_batch_size)
+    epoch_keys = jax.random.split(key, cfg.train.epochs)
+    done = int(np.max(state.epoch))
+    bar = progress(cfg.train.epochs, done, desc)
+    for epoch in range(done, cfg.train.epochs):
+        start = time.perf_counter()
+        state, loss = trainer.epoch(state, bits, epoch_keys[epoch], images, labels)
+        loss = np.asarray(loss)
+        meta["train_seconds"] += time.perf_counter() - start
+        val_acc = (np.asarray(trainer.accuracy(state.variables, bits, val)) if ds.val_images.shape[0]
+                   else np.full(loss.shape, np.nan))
+        meta["history"].append({"epoch": epoch + 1, "loss": loss.tolist(), "val_accuracy": val_acc.tolist(),
+                                "train_seconds": round(meta["train_seconds"], 1)})
+        checkpoint.save(ckpt, state, meta)
+        on_epoch(meta["history"])
+        bar.update(1)
+        bar.write(f"epoch {epoch + 1:3d}/{cfg.train.epochs}  loss {np.mean(loss):.4f}  "
+                  f"val {100 * np.min(val_acc):.2f}{f'-{100 * np.max(val_acc):.2f}' if val_acc.size > 1 else ''}%  "
+                  f"({meta['train_seconds']:.0f} s)", file=sys.stderr)
+    bar.close()
+    return state, meta
+
+
 def fit(cfg: ml_collections.ConfigDict, ds: Dataset, model: nn.Module, variables: dict, bits: Bits | None,
         workdir: pathlib.Path, key: jax.Array, desc: str, trainer: Trainer | None = None) -> tuple[dict, dict]:
     """Train ``variables`` per ``cfg.train`` (float if ``bits`` is None, else QAT at ``bits``).
@@ -239,30 +335,8 @@ def fit(cfg: ml_collections.ConfigDict, ds: Dataset, model: nn.Module, variables
       accuracy (fractions), epochs and training seconds.
     """
     trainer = trainer or Trainer(cfg, ds, model, quantized=bits is not None)
-    state = trainer.init_state(variables)
-    ckpt = workdir / CHECKPOINT
-    meta = {"history": [], "train_seconds": 0.0}
-    if ckpt.exists():
-        state, meta = checkpoint.load(ckpt, state)
-        print(f"resuming {workdir} after epoch {int(state.epoch)}", file=sys.stderr)
-    images, labels = jax.device_put(ds.train_images), jax.device_put(ds.train_labels)
-    val = batch_eval_set(jnp.asarray(ds.val_images), jnp.asarray(ds.val_labels), cfg.train.eval_batch_size)
-    epoch_keys = jax.random.split(key, cfg.train.epochs)
-    bar = progress(cfg.train.epochs, int(state.epoch), desc)
-    for epoch in range(int(state.epoch), cfg.train.epochs):
-        start = time.perf_counter()
-        state, loss = trainer.epoch(state, bits, epoch_keys[epoch], images, labels)
-        loss = float(loss)
-        meta["train_seconds"] += time.perf_counter() - start
-        val_acc = float(trainer.accuracy(state.variables, bits, val)) if ds.val_images.shape[0] else float("nan")
-        meta["history"].append({"epoch": epoch + 1, "loss": loss, "val_accuracy": val_acc,
-                                "train_seconds": round(meta["train_seconds"], 1)})
-        checkpoint.save(ckpt, state, meta)
-        write_csv(workdir / HISTORY, meta["history"], ["epoch", "loss", "val_accuracy", "train_seconds"])
-        bar.update(1)
-        bar.write(f"epoch {epoch + 1:3d}/{cfg.train.epochs}  loss {loss:.4f}  val {100 * val_acc:.2f}%  "
-                  f"({meta['train_seconds']:.0f} s)", file=sys.stderr)
-    bar.close()
+    state, meta = _train_epochs(cfg, ds, trainer, trainer.init_state(variables), bits, key, workdir / CHECKPOINT,
+                                desc, {}, lambda history: write_csv(workdir / HISTORY, history, HISTORY_COLUMNS))
     test = batch_eval_set(jnp.asarray(ds.test_images), jnp.asarray(ds.test_labels), cfg.train.eval_batch_size)
     results = {
         "epochs": cfg.train.epochs,
@@ -270,6 +344,46 @@ def fit(cfg: ml_collections.ConfigDict, ds: Dataset, model: nn.Module, variables
         "test_accuracy": float(trainer.accuracy(state.variables, bits, test)),
         "train_seconds": round(meta["train_seconds"], 1),
     }
+    return state.variables, results
+
+
+def fit_population(cfg: ml_collections.ConfigDict, ds: Dataset, variables: dict, bits: Bits,
+                   folders: list[pathlib.Path], key: jax.Array, desc: str, trainer: PopulationTrainer,
+                   ckpt: pathlib.Path) -> tuple[dict, list[dict]]:
+    """QAT of ``P`` models side by side per ``cfg.train``, each from ``variables`` at its own widths.
+
+    Args:
+      cfg, ds: the training settings and data.
+      variables: the starting variables, shared by every model.
+      bits: int32 ``[P, L]`` widths, one row per model.
+      folders: ``P`` folders; model ``i``'s ``history.csv`` (as :func:`fit`'s) goes to ``folders[i]``.
+      key: PRNG key of the mini-batches, augmentation and dropout (the same for every model).
+      desc: the progress bar's label.
+      trainer: a :class:`PopulationTrainer` of the model.
+      ckpt: the population's checkpoint, written after every epoch; a rerun resumes from it
+        when it holds the same models (folder names) and widths.
+
+    Returns:
+      ``(variables, results)``: the trained variables stacked ``[P, ...]`` and one results dict
+      per model, as :func:`fit`'s.
+    """
+    w, a = np.asarray(bits.w).tolist(), np.asarray(bits.a).tolist()
+    identity = {"models": [f.name for f in folders], "w_bits": w, "a_bits": a}
+
+    def histories(history):
+        for i, folder in enumerate(folders):
+            rows = [{**r, "loss": r["loss"][i], "val_accuracy": r["val_accuracy"][i]} for r in history]
+            write_csv(folder / HISTORY, rows, HISTORY_COLUMNS)
+
+    bits = Bits(w=jnp.asarray(w, jnp.int32), a=jnp.asarray(a, jnp.int32))
+    state, meta = _train_epochs(cfg, ds, trainer, trainer.init_state(variables, len(folders)), bits, key, ckpt,
+                                desc, identity, histories)
+    test = batch_eval_set(jnp.asarray(ds.test_images), jnp.asarray(ds.test_labels), cfg.train.eval_batch_size)
+    test_acc = np.asarray(trainer.accuracy(state.variables, bits, test))
+    last = meta["history"][-1] if meta["history"] else None
+    results = [{"epochs": cfg.train.epochs, "val_accuracy": last["val_accuracy"][i] if last else None,
+                "test_accuracy": float(test_acc[i]), "train_seconds": round(meta["train_seconds"], 1)}
+               for i in range(len(folders))]
     return state.variables, results
 
 

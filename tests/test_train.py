@@ -191,3 +191,98 @@ def test_batch_that_does_not_split_over_the_devices_is_refused():
     ds = synthetic_digits(train=100, val=10, test=10)
     with pytest.raises(config_lib.ConfigError, match="does not split over the 2 devices"):
         train.Trainer(cfg, ds, train.build_model(cfg, 10), quantized=False, devices=(jax.devices()[0],) * 2)
+
+
+def _population_setup(epochs: int):
+    """LeNet-5 QAT settings, a small synthetic dataset, calibrated variables and three widths."""
+    from qevo.calibration import calibrate
+    from qevo.data import normalize
+    from qevo.layers import Bits
+    from qevo.models import init_variables
+
+    cfg = config_lib.defaults()
+    cfg.train.update({"epochs": epochs, "batch_size": 64, "optimizer": "sgd", "learning_rate": 0.05,
+                      "warmup_epochs": 0, "eval_batch_size": 100})
+    ds = synthetic_digits(train=256, val=100, test=200)
+    model = train.build_model(cfg, 10)
+    variables = init_variables(model, jax.random.key(0), (28, 28, 1))
+    variables = calibrate(model, variables, normalize(ds.train_images[:256], ds.mean, ds.std))
+    widths = np.array([[32, 4, 4, 4, 32], [32, 2, 3, 2, 32], [32, 8, 2, 6, 32]], np.int32)
+    return cfg, ds, model, variables, Bits(w=widths, a=widths[:, ::-1].copy())
+
+
+def test_models_trained_side_by_side_over_two_devices_equal_each_trained_alone():
+    """Three QAT models as one population over 2 devices (two on one device, one and a pad on
+    the other): each model's variables, losses and accuracies equal those of the same model
+    trained alone by :class:`qevo.train.Trainer` on one device."""
+    script = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp, numpy as np
+        from test_train import _population_setup
+        from qevo import train
+        from qevo.layers import Bits
+        from qevo.population import batch_eval_set
+        cfg, ds, model, variables, bits = _population_setup(epochs=1)
+        key = jax.random.key(1)
+        batches = batch_eval_set(jnp.asarray(ds.test_images), jnp.asarray(ds.test_labels), 100)
+        together = train.PopulationTrainer(cfg, ds, model, quantized=True, devices=tuple(jax.devices()[:2]))
+        assert together.local == ("map", 1)
+        state, losses = together.epoch(together.init_state(variables, 3), bits, key, ds.train_images, ds.train_labels)
+        accuracy = together.accuracy(state.variables, bits, batches)
+        alone = train.Trainer(cfg, ds, model, quantized=True, devices=tuple(jax.devices()[:1]))
+        for i in range(3):
+            b = Bits(w=jnp.asarray(bits.w[i]), a=jnp.asarray(bits.a[i]))
+            one, loss = alone.epoch(alone.init_state(variables), b, key, ds.train_images, ds.train_labels)
+            assert float(loss) == float(losses[i]), (i, float(loss), float(losses[i]))
+            assert float(alone.accuracy(one.variables, b, batches)) == float(accuracy[i])
+            for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(one.variables)[0],
+                                    jax.tree_util.tree_leaves(state.variables), strict=True):
+                np.testing.assert_array_equal(np.asarray(y[i]), np.asarray(x), err_msg=f"model {i} {path}")
+        assert len({round(float(x), 6) for x in losses}) == 3  # the widths made three different models
+        print("OK")
+        """
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
+                         check=False, cwd=REPO)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+def test_killed_population_training_resumes_to_the_same_models(tmp_path, monkeypatch, capsys):
+    """Two epochs of a population killed after the first epoch's checkpoint resume to the
+    models and histories of an unbroken run; a checkpoint of other widths is not resumed."""
+    cfg, ds, model, variables, bits = _population_setup(epochs=2)
+    trainer = train.PopulationTrainer(cfg, ds, model, quantized=True)
+    key = jax.random.key(1)
+
+    def fit(run, widths=bits):
+        folders = [tmp_path / run / f"m{i}" for i in range(len(widths.w))]
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+        out = train.fit_population(cfg, ds, variables, widths, folders, key, run, trainer,
+                                   tmp_path / run / "checkpoint.msgpack")
+        return out, [(f / "history.csv").read_text().splitlines() for f in folders]
+
+    (whole, whole_results), whole_history = fit("whole")
+    kill_after_checkpoint(monkeypatch, saves=1)
+    with pytest.raises(Killed):
+        fit("split")
+    monkeypatch.undo()
+    capsys.readouterr()
+    (split, split_results), split_history = fit("split")
+    assert f"resuming {tmp_path / 'split'} after epoch 1" in capsys.readouterr().err
+    for a, b in zip(jax.tree_util.tree_leaves(whole), jax.tree_util.tree_leaves(split), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert without_seconds(split_results) == without_seconds(whole_results)
+    assert [[r.split(",")[:3] for r in h] for h in split_history] == [[r.split(",")[:3] for r in h]
+                                                                    for h in whole_history]
+    assert all(len(h) == 3 for h in whole_history)
+    assert len({r["test_accuracy"] for r in whole_results}) > 1
+
+    other = type(bits)(w=bits.w[::-1].copy(), a=bits.a[::-1].copy())
+    (fresh, _), _ = fit("split", other)
+    assert "holds other models; training these afresh" in capsys.readouterr().err
+    (expected, _), _ = fit("other", other)
+    for a, b in zip(jax.tree_util.tree_leaves(fresh), jax.tree_util.tree_leaves(expected), strict=True):
+        np.testing.assert_array_equal(a, b)
