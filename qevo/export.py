@@ -236,14 +236,10 @@ def load(workdir, name: str | None = None) -> Found:
         variables = _load_variables(_float_folder(workdir, cfg) / MODEL, template)
         accuracy = results["float"]["test_accuracy"]
     elif kind == "compress":
-        variables, _ = sharing.load_compressed(workdir / f"compressed_{name}.msgpack", template)
-        tree, _ = checkpoint.load(workdir / f"compressed_{name}.msgpack")
+        variables, shared, _ = sharing.read_compressed(workdir / f"compressed_{name}.msgpack", template)
         paths = sharing.kernel_paths(template["params"])
-        for i, path in enumerate(paths):
-            entry = tree["shared"][f"{i:04d}"]
-            kernels["/".join(path[:-1])] = onnxgraph.SharedKernel(
-                indices=np.asarray(entry["indices"]),
-                codebook=sharing.decode_codebook(entry["codebook"], entry["scale"], name))
+        kernels = {"/".join(path[:-1]): onnxgraph.SharedKernel(indices, codebook)
+                   for path, (indices, codebook) in zip(paths, shared, strict=True)}
         accuracy = results["formats"][name]["test_accuracy"]
     elif kind == "coevolve":
         tree, meta = checkpoint.load(workdir / coevolve.INTEGER_MODEL)
