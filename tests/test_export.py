@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import onnx
 import pytest
+from flax import traverse_util
 from onnx import numpy_helper
 
 from conftest import REPO, run_main
@@ -143,6 +144,18 @@ def test_integer_graph_is_qevos_integer_forward(case):
         want = np.asarray(kernels[path].q)
         np.testing.assert_array_equal(q, want.transpose(3, 2, 0, 1) if want.ndim == 4 else want)
         assert np.abs(q).max() <= intforward.max_level(w[i])
+
+
+def test_integer_graph_refuses_activations_the_integer_forward_pass_lacks():
+    model, shape, w, _ = INTEGER_CASES["lenet5_tanh"]
+    variables = init_variables(model, jax.random.key(0), shape)
+    flat = traverse_util.flatten_dict(variables["params"], sep="/")
+    kernels = {p: intforward.IntKernel(q=np.ones(flat[f"{p}/kernel"].shape, np.int8),
+                                       scale=np.ones(flat[f"{p}/kernel"].shape[-1], np.float32))
+               for p in intforward.quantized_layers(model, variables, shape)}
+    bits = Bits(w=np.array(w, np.int32), a=np.array([8, 16, 4, 3, 8], np.int32))
+    with pytest.raises(ConfigError, match=r"QConv_1 has 16-bit activations .* takes 2\.\.8-bit activations"):
+        onnxgraph.build(model, variables, bits, kernels, shape, (0.1,), (0.3,), arithmetic="integer")
 
 
 def test_float_graph_folds_batch_norm_and_keeps_no_quantizer():
