@@ -15,7 +15,13 @@ The graph (:func:`qevo.onnxgraph.build`) takes uint8 images ``[N, H, W, C]`` as 
 stores them and returns logits ``[N, classes]``: quantized weights as int8 levels (int16
 above 8 bits) with per-channel scales, activations quantized at each layer's width and clip
 range, shared kernels as uint8 indices gathered from their codebooks (onnxruntime runs the
-``Gather``), BatchNorm folded. Beside ``FILE.onnx``, ``FILE.json`` records the widths per
+``Gather``), BatchNorm folded. A coevolution's result, whose own forward pass is integer
+arithmetic (:func:`qevo.intforward.apply`), exports as that: its integer layers take
+uint8/int8 activation levels into ``ConvInteger``/``MatMulInteger`` with the int8 kernel
+levels and rescale the exact int32 sums per output channel, the BatchNorm after each
+unfolded; the models of search, compress and train runs, whose forward pass is fake
+quantization in float, dequantize (``QuantizeLinear``/``DequantizeLinear``) and sum in
+float. Beside ``FILE.onnx``, ``FILE.json`` records the widths per
 layer, BitOps, size in bits, how each kernel is stored, the source run and the test accuracy
 qevo measured; with ``--verify`` also the onnxruntime test accuracy on the run's test split
 and how many predictions match qevo's own forward pass.
@@ -71,6 +77,8 @@ class Found:
       model, variables: the qevo model and its float variables.
       bits: concrete int32 ``[L]`` widths, or ``None`` for a float network.
       kernels: ``{module path: IntKernel | SharedKernel}`` (:func:`qevo.onnxgraph.build`).
+      arithmetic: ``"integer"`` where the model's own forward pass is
+        :func:`qevo.intforward.apply`'s integer arithmetic (a coevolution's result), else ``"float"``.
       test_accuracy: the test accuracy the run reported for this model.
       ds: the run's dataset (its test split is the one the run scored).
       forward: qevo's own logits of uint8 images ``[N, H, W, C]`` (jitted).
@@ -83,6 +91,7 @@ class Found:
     variables: dict
     bits: Bits | None
     kernels: dict
+    arithmetic: str
     test_accuracy: float
     ds: Dataset
     forward: Callable
@@ -227,14 +236,10 @@ def load(workdir, name: str | None = None) -> Found:
         variables = _load_variables(_float_folder(workdir, cfg) / MODEL, template)
         accuracy = results["float"]["test_accuracy"]
     elif kind == "compress":
-        variables, _ = sharing.load_compressed(workdir / f"compressed_{name}.msgpack", template)
-        tree, _ = checkpoint.load(workdir / f"compressed_{name}.msgpack")
+        variables, shared, _ = sharing.read_compressed(workdir / f"compressed_{name}.msgpack", template)
         paths = sharing.kernel_paths(template["params"])
-        for i, path in enumerate(paths):
-            entry = tree["shared"][f"{i:04d}"]
-            kernels["/".join(path[:-1])] = onnxgraph.SharedKernel(
-                indices=np.asarray(entry["indices"]),
-                codebook=sharing.decode_codebook(entry["codebook"], entry["scale"], name))
+        kernels = {"/".join(path[:-1]): onnxgraph.SharedKernel(indices, codebook)
+                   for path, (indices, codebook) in zip(paths, shared, strict=True)}
         accuracy = results["formats"][name]["test_accuracy"]
     elif kind == "coevolve":
         tree, meta = checkpoint.load(workdir / coevolve.INTEGER_MODEL)
@@ -256,13 +261,14 @@ def load(workdir, name: str | None = None) -> Found:
         accuracy = results["test_accuracy"]
     if bits is not None and not kernels:
         kernels = quantized_kernels(model, variables, shape, bits, cfg.quant.per_channel, cfg.quant.mode)
-    if kind == "coevolve" and name != "float":
+    arithmetic = "integer" if kind == "coevolve" and name != "float" else "float"
+    if arithmetic == "integer":
         b = Bits(w=jnp.asarray(bits.w), a=jnp.asarray(bits.a))
         k = jax.tree_util.tree_map(jnp.asarray, kernels)
         forward = jax.jit(lambda x: intforward.apply(model, variables, k, b, normalize(x, ds.mean, ds.std)))
     else:
         forward = _fake_quant_forward(model, variables, bits, ds)
-    return Found(kind, name, model, variables, bits, kernels, float(accuracy), ds, forward,
+    return Found(kind, name, model, variables, bits, kernels, arithmetic, float(accuracy), ds, forward,
                  cost.layer_table(model, variables, shape))
 
 
@@ -280,8 +286,12 @@ def size_bits(found: Found) -> float:
     return float(cost.size_bits(found.table, w))
 
 
-def storage(kernel) -> str:
-    """How a layer's kernel is stored in the ONNX file."""
+def storage(kernel, arithmetic: str = "float") -> str:
+    """How a layer's kernel is stored in the ONNX file and what computes with it."""
+    if isinstance(kernel, intforward.IntKernel) and arithmetic == "integer":
+        op = "ConvInteger" if np.ndim(kernel.q) == 4 else "MatMulInteger"
+        return (f"{np.dtype(kernel.q.dtype).name} levels times the activation levels ({op}, exact int32 sums), "
+                "float32 rescale per output channel")
     if isinstance(kernel, intforward.IntKernel):
         return f"{np.dtype(kernel.q.dtype).name} levels, float32 scale per output channel (DequantizeLinear)"
     if isinstance(kernel, onnxgraph.SharedKernel):
@@ -333,7 +343,7 @@ def export(workdir, model: str | None = None, out="model.onnx", check: bool = Fa
     found = load(workdir, model)
     shape = found.ds.train_images.shape[1:]
     proto = onnxgraph.build(found.model, found.variables, found.bits, found.kernels, shape, found.ds.mean,
-                            found.ds.std, name=f"{found.kind}_{found.name}")
+                            found.ds.std, name=f"{found.kind}_{found.name}", arithmetic=found.arithmetic)
     out.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.atomic_write_bytes(out, proto.SerializeToString())
     L = found.model.num_layers
@@ -351,7 +361,7 @@ def export(workdir, model: str | None = None, out="model.onnx", check: bool = Fa
         "w_bits": w,
         "a_bits": a,
         "layers": [{"path": p, "name": found.model.layer_names[i], "w_bits": w[i], "a_bits": a[i],
-                    "weights": storage(found.kernels.get(p))} for p, i in paths.items()],
+                    "weights": storage(found.kernels.get(p), found.arithmetic)} for p, i in paths.items()],
         "bitops": float(cost.bitops(found.table, np.asarray(w), np.asarray(a))),
         "size_bits": size_bits(found),
         "test_accuracy": found.test_accuracy,

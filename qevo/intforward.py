@@ -144,12 +144,21 @@ def activation_levels(x: jax.Array, bits: jax.Array, clip: jax.Array, signed: bo
       ``(levels, step)``: int32 levels shaped like ``x`` and the float32 step, with
       ``levels * step`` equal to the fake-quantized activations.
     """
-    bits = jnp.asarray(bits, jnp.int32)
     lo = -clip if signed else jnp.zeros_like(clip)
+    step, inverse = activation_step(bits, clip, signed)
+    return jnp.round(jnp.clip(x, lo, clip) * inverse).astype(jnp.int32), step
+
+
+def activation_step(bits: jax.Array, clip: jax.Array, signed: bool) -> tuple[jax.Array, jax.Array]:
+    """``(step, inverse)`` of :func:`activation_levels`: float32 scalars, the value of one
+    level (``clip / (2^(b-1)-1)`` signed, ``clip / (2^b-1)`` unsigned, as
+    :func:`qevo.quant.quantize_activation` computes it) and the float32 reciprocal the clipped
+    activations are multiplied by before rounding (0 where the step is 0)."""
+    bits = jnp.asarray(bits, jnp.int32)
     n = (jnp.left_shift(jnp.int32(1), bits - 1 if signed else bits) - 1).astype(jnp.float32)
     step = clip * (1.0 / jnp.maximum(n, 1.0))
     inverse = jnp.where(step > 0, 1.0 / jnp.where(step > 0, step, 1.0), 0.0)
-    return jnp.round(jnp.clip(x, lo, clip) * inverse).astype(jnp.int32), step
+    return step, inverse
 
 
 def _int8_input(x, bits, clip, signed):

@@ -18,6 +18,23 @@ ONNX nodes (``onnx.helper``):
 * a BatchNorm right after such a layer (its only reader) folds into that layer's
   per-channel weight scale and bias (a negative factor negates the integer levels, so
   scales stay positive); any other BatchNorm is a ``Mul`` and an ``Add``;
+* with ``arithmetic="integer"`` (a model whose own forward pass is
+  :func:`qevo.intforward.apply`'s integer arithmetic, such as a coevolution's result), a
+  layer held as integer levels (:class:`~qevo.intforward.IntKernel`) is that integer layer
+  instead (:func:`_integer_layer`): its input's levels as
+  :func:`qevo.intforward.activation_levels` computes them (``Clip``, ``Mul`` by the same
+  float32 inverse step, ``Round`` half to even, ``Cast`` to uint8, int8 for a signed
+  input; not ``QuantizeLinear``, which divides by the step and rounds some activations on
+  a level boundary to the other side), ``ConvInteger``/``MatMulInteger`` with the int8
+  kernel levels (exact int32 sums), ``Cast`` to float32, the rescale by
+  ``step * scale`` per output channel, the bias, and the BatchNorm after it unfolded,
+  ``(y - mean) * factor + bias``. XLA's CPU compiler fuses the multiply-adds of that
+  chain into FMAs (one rounding); the graph computes each in float64, which rounds the
+  same way but where the float64 sum lies exactly halfway between two float32 values
+  (:func:`_fma`). The integer layers thus see the very levels qevo's integer forward pass
+  computes wherever the float layers around them (the first and last by default, whose
+  float sums run in another order) give the same values: the logits of the all-integer
+  models of ``tests/test_export.py`` equalled qevo's bit for bit on 1,000 random images;
 * everything else maps one to one (``max`` with 0 to ``Relu``, ``min``/``max`` to
   ``Min``/``Max``, ``tanh``, ``reduce_window_max`` to ``MaxPool``, ``reduce_sum`` and the
   division of a mean, ``reshape`` with the batch axis kept symbolic, ``add``, ...); the
@@ -26,8 +43,18 @@ ONNX nodes (``onnx.helper``):
 
 The graph takes uint8 images ``[N, H, W, C]`` (``N`` symbolic) as the dataset stores them,
 normalises them inside (:func:`qevo.data.normalize`) and returns float32 logits
-``[N, classes]``. Its opset is :data:`OPSET` (per-channel ``DequantizeLinear``), or
-:data:`OPSET_16BIT` where a quantized width above 8 bits needs int16/uint16 levels.
+``[N, classes]``. Its opset is :data:`OPSET` (per-channel ``DequantizeLinear``; ``ReduceSum``
+with its axes as an input; ``ConvInteger``/``MatMulInteger`` date from opset 10, ``Round``
+and ``Clip`` with tensor bounds from 11), or :data:`OPSET_16BIT` where a quantized width
+above 8 bits needs int16/uint16 levels.
+
+onnxruntime's CPU provider (1.32) runs ``ConvInteger`` and ``MatMulInteger`` for every pair
+of uint8/int8 input and weight types, ``ConvInteger`` with ``group`` (depthwise) too, and
+their int32 sums were exact in tiny graphs at the extremes (255 or -128 times -128 over
+576 products). On CPUs without VNNI instructions its uint8 x int8 kernels add pairs of
+products in int16 with saturation (onnxruntime's documented reason for ``reduce_range``),
+which 8-bit activations times 8-bit weights can reach (2 * 255 * 127 > 32767); narrower
+widths cannot.
 """
 
 from __future__ import annotations
@@ -44,7 +71,7 @@ from flax import traverse_util
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal, Primitive
 from onnx import TensorProto, helper, numpy_helper
 
-from qevo import onednn
+from qevo import intforward, onednn
 from qevo.errors import ConfigError, ExportError
 from qevo.intforward import IntKernel
 from qevo.layers import BatchNorm, Bits, QConv, QDense
@@ -147,13 +174,25 @@ class _Layers:
     clips: np.ndarray
     kernels: dict
     folded: dict  # layer path -> BatchNorm path folded into it
+    integer: bool  # the layers of IntKernels run in integer arithmetic
 
-    def batch_norm(self, path: str) -> tuple[np.ndarray, np.ndarray]:
-        """Per-channel ``(factor, offset)`` of BatchNorm ``path``: ``y = x * factor + offset``."""
+    def batch_norm(self, path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-channel float32 ``(mean, factor, bias)`` of BatchNorm ``path``:
+        ``y = (x - mean) * factor + bias`` with ``factor = scale * rsqrt(var + eps)``, the
+        reciprocal square root correctly rounded (as XLA folds it in qevo's jitted forward)."""
         eps = np.float32(self.modules[path].epsilon)
-        mean, var = self.stats[f"{path}/mean"], self.stats[f"{path}/var"]
-        factor = self.params[f"{path}/scale"] * (np.float32(1) / np.sqrt(var + eps))
-        return factor.astype(np.float32), (self.params[f"{path}/bias"] - mean * factor).astype(np.float32)
+        var = (self.stats[f"{path}/var"] + eps).astype(np.float64)
+        factor = self.params[f"{path}/scale"] * (1 / np.sqrt(var)).astype(np.float32)
+        return self.stats[f"{path}/mean"], factor.astype(np.float32), self.params[f"{path}/bias"]
+
+    def affine(self, path: str) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel ``(factor, offset)`` of BatchNorm ``path``: ``y = x * factor + offset``."""
+        mean, factor, bias = self.batch_norm(path)
+        return factor, (bias - mean * factor).astype(np.float32)
+
+    def runs_integer(self, path: str) -> bool:
+        """Whether layer ``path`` runs in integer arithmetic (:func:`_integer_layer`)."""
+        return self.integer and isinstance(self.kernels.get(path), IntKernel)
 
 
 def _quantize_input(g: _Graph, x: str, bits: int, clip: float, signed: bool) -> str:
@@ -197,11 +236,76 @@ def _weights(g: _Graph, kernel, stored: Kernel | None, factor: np.ndarray | None
     return g.const(w.transpose(order).astype(np.float32), "weights")
 
 
+def _conv(g: _Graph, op: str, x: str, weights: list[str], module: QConv, in_shape: tuple[int, ...]) -> str:
+    """``op`` (``Conv`` or ``ConvInteger``) with ``module``'s kernel size, strides, padding
+    and groups on the NHWC tensor ``x`` of shape ``in_shape`` (transposed to NCHW and back);
+    ``weights``: the OIHW kernel (and the bias of a ``Conv``)."""
+    k, s = module.kernel_size, module.strides
+    pads = ([onednn.same_padding(n, k, s) for n in in_shape[1:3]] if module.padding == "SAME" else [(0, 0), (0, 0)])
+    nchw = g.node("Transpose", [x], perm=[0, 3, 1, 2])
+    y = g.node(op, [nchw, *weights], op.lower(), kernel_shape=[k, k], strides=[s, s], group=module.groups,
+               pads=[pads[0][0], pads[1][0], pads[0][1], pads[1][1]])
+    return g.node("Transpose", [y], f"{op.lower()}_nhwc", perm=[0, 2, 3, 1])
+
+
+def _fma(g: _Graph, x: str, factor: np.ndarray, offset: np.ndarray) -> str:
+    """float32 ``x * factor + offset`` (float32 ``x``; per-channel float32 constants) rounded
+    as the fused multiply-add XLA's CPU compiler makes of it in qevo's forward pass: in
+    float64, where the product of two float32 values is exact and the sum rounds once before
+    the rounding to float32 (two roundings differ from one only where the float64 sum lies
+    exactly halfway between two float32 values)."""
+    wide = g.node("Cast", [x], to=TensorProto.DOUBLE)
+    y = g.node("Mul", [wide, g.const(np.asarray(factor, np.float64), "factor")])
+    y = g.node("Add", [y, g.const(np.asarray(offset, np.float64), "offset")])
+    return g.node("Cast", [y], to=TensorProto.FLOAT)
+
+
+def _integer_layer(g: _Graph, layers: _Layers, path: str, x: str, in_shape: tuple[int, ...]) -> str:
+    """Nodes of layer ``path`` as :func:`qevo.intforward.apply` runs it (``"integer"``), and of
+    the BatchNorm folded after it: the activation levels of ``x`` (``Clip``, ``Mul`` by the
+    float32 inverse step, ``Round`` half to even, ``Cast`` to uint8, or int8 for a signed
+    input), ``ConvInteger``/``MatMulInteger`` with the int8 kernel levels (exact int32 sums),
+    ``Cast`` to float32, the rescale by ``step * scale`` per output channel and the bias, then
+    the BatchNorm ``(y - mean) * factor + bias``, each multiply-add rounded as qevo's (:func:`_fma`).
+
+    Raises:
+      ConfigError: an activation width outside 2..8 or kernel levels that are not int8
+        (the integer forward pass takes neither).
+    """
+    module, kernel = layers.modules[path], layers.kernels[path]
+    bits, clip = int(layers.bits.a[module.index]), np.float32(layers.clips[module.index])
+    q = np.asarray(kernel.q)
+    if not intforward.MIN_ACTIVATION_BITS <= bits <= intforward.MAX_WEIGHT_BITS or q.dtype != np.int8:
+        raise ConfigError(f"layer {path} has {bits}-bit activations and {q.dtype} levels; integer arithmetic takes "
+                          f"{intforward.MIN_ACTIVATION_BITS}..{intforward.MAX_WEIGHT_BITS}-bit activations and "
+                          "int8 levels")
+    signed = module.signed_input
+    step, inverse = (np.float32(v) for v in intforward.activation_step(bits, clip, signed))
+    x = g.node("Clip", [x, g.const(-clip if signed else np.float32(0)), g.const(clip)])
+    x = g.node("Round", [g.node("Mul", [x, g.const(inverse, "inverse")])])
+    x = g.node("Cast", [x], "levels", to=TensorProto.INT8 if signed else TensorProto.UINT8)
+    if isinstance(module, QConv):
+        acc = _conv(g, "ConvInteger", x, [g.const(q.transpose(3, 2, 0, 1), "levels")], module, in_shape)
+    else:
+        acc = g.node("MatMulInteger", [x, g.const(q, "levels")])
+    y = g.node("Cast", [acc], "accumulator", to=TensorProto.FLOAT)
+    rescale = (step * np.asarray(kernel.scale, np.float32)).astype(np.float32)
+    bias = layers.params.get(f"{path}/bias")
+    norm = layers.folded.get(path)
+    if norm is None:
+        return g.node("Mul", [y, g.const(rescale, "rescale")]) if bias is None else _fma(g, y, rescale, bias)
+    mean, factor, offset = layers.batch_norm(norm)
+    y = _fma(g, y, rescale, -mean) if bias is None else g.node("Sub", [_fma(g, y, rescale, bias), g.const(mean)])
+    return _fma(g, y, factor, offset)
+
+
 def _layer(g: _Graph, layers: _Layers, path: str, x: str, in_shape: tuple[int, ...]) -> str:
     module = layers.modules[path]
     if isinstance(module, BatchNorm):
-        factor, offset = layers.batch_norm(path)
+        factor, offset = layers.affine(path)
         return g.node("Add", [g.node("Mul", [x, g.const(factor)]), g.const(offset)], "batch_norm")
+    if layers.runs_integer(path):
+        return _integer_layer(g, layers, path, x, in_shape)
     conv = isinstance(module, QConv)
     if layers.bits is not None:
         i = module.index
@@ -210,18 +314,13 @@ def _layer(g: _Graph, layers: _Layers, path: str, x: str, in_shape: tuple[int, .
     bias = layers.params.get(f"{path}/bias", np.zeros(kernel.shape[-1], np.float32))
     factor = None
     if path in layers.folded:
-        factor, offset = layers.batch_norm(layers.folded[path])
+        factor, offset = layers.affine(layers.folded[path])
         bias = bias * factor + offset
     w = _weights(g, kernel, layers.kernels.get(path), factor, conv)
     b = g.const(np.asarray(bias, np.float32), "bias")
     if not conv:
         return g.node("Add", [g.node("MatMul", [x, w]), b], "dense")
-    k, s = module.kernel_size, module.strides
-    pads = ([onednn.same_padding(n, k, s) for n in in_shape[1:3]] if module.padding == "SAME" else [(0, 0), (0, 0)])
-    nchw = g.node("Transpose", [x], perm=[0, 3, 1, 2])
-    y = g.node("Conv", [nchw, w, b], "conv", kernel_shape=[k, k], strides=[s, s], group=module.groups,
-               pads=[pads[0][0], pads[1][0], pads[0][1], pads[1][1]])
-    return g.node("Transpose", [y], "conv_nhwc", perm=[0, 2, 3, 1])
+    return _conv(g, "Conv", x, [w, b], module, in_shape)
 
 
 _BINARY = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "max": "Max", "min": "Min"}
@@ -357,7 +456,8 @@ def opset_for(bits: Bits | None) -> int:
 
 
 def build(model: nn.Module, variables: dict, bits: Bits | None, kernels: dict[str, Kernel],
-          image_shape: tuple[int, int, int], mean, std, name: str = "qevo") -> onnx.ModelProto:
+          image_shape: tuple[int, int, int], mean, std, name: str = "qevo",
+          arithmetic: str = "float") -> onnx.ModelProto:
     """The ONNX model of ``model``'s inference forward pass.
 
     Args:
@@ -370,11 +470,20 @@ def build(model: nn.Module, variables: dict, bits: Bits | None, kernels: dict[st
       image_shape: ``(H, W, C)``.
       mean, std: per-channel normalisation (:func:`qevo.data.normalize`).
       name: the graph's name.
+      arithmetic: ``"float"``: quantized layers as qevo's fake quantization (dequantized
+        levels, float sums); ``"integer"``: the layers of IntKernels as
+        :func:`qevo.intforward.apply` runs them (integer levels, exact int32 sums).
 
     Returns:
       A checked ``onnx.ModelProto``: input ``images`` uint8 ``[N, H, W, C]``, output
       ``logits`` float32 ``[N, classes]``.
+
+    Raises:
+      ConfigError: an unknown ``arithmetic``; widths the graph cannot hold (:func:`opset_for`,
+        :func:`_integer_layer`).
     """
+    if arithmetic not in intforward.ARITHMETICS:
+        raise ConfigError(f"arithmetic must be one of {intforward.ARITHMETICS}, got {arithmetic!r}")
     opset = opset_for(bits)
     host = jax.device_get(variables)
     closed, modules = trace(model, host, image_shape, bits)
@@ -385,7 +494,7 @@ def build(model: nn.Module, variables: dict, bits: Bits | None, kernels: dict[st
                for k, v in traverse_util.flatten_dict(host.get("batch_stats", {}), sep="/").items()},
         bits=None if bits is None else Bits(w=np.asarray(bits.w), a=np.asarray(bits.a)),
         clips=np.asarray(host["quant"]["a_clip"], np.float32), kernels=kernels,
-        folded=_folds(closed.jaxpr, modules),
+        folded=_folds(closed.jaxpr, modules), integer=arithmetic == "integer" and bits is not None,
     )
     g = _Graph()
     x = g.node("Cast", ["images"], to=TensorProto.FLOAT)

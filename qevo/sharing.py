@@ -400,6 +400,18 @@ def load_compressed(path, template: dict) -> tuple[dict, dict]:
       CheckpointError: missing, corrupt (bad digest) or mismatched file (other model,
         shapes, unknown format, index out of its codebook).
     """
+    variables, _, meta = read_compressed(path, template)
+    return variables, meta
+
+
+def read_compressed(path, template: dict) -> tuple[dict, list[tuple[np.ndarray, np.ndarray]], dict]:
+    """:func:`load_compressed`'s variables and meta, and between them the shared kernels as
+    stored, read from the file once: per kernel of :func:`kernel_paths` its ``indices``
+    (uint8/uint16, the kernel's shape) and decoded float32 codebook ``[k]``.
+
+    Raises:
+      CheckpointError: as :func:`load_compressed`.
+    """
     path = pathlib.Path(path)
     tree, meta = checkpoint.load(path)
     err = checkpoint.CheckpointError
@@ -418,7 +430,7 @@ def load_compressed(path, template: dict) -> tuple[dict, dict]:
         raise err(f"{path} holds shared layers {meta['layers']}, but this model has {names}; "
                   "load it into the model it was compressed from")
     flat = dict(traverse_util.flatten_dict(jax.device_get(template["params"])))
-    params = {}
+    params, shared = {}, {}
     for key, want in flat.items():
         name = "/".join(key)
         if key in paths:
@@ -435,6 +447,7 @@ def load_compressed(path, template: dict) -> tuple[dict, dict]:
                 raise err(f"{path}: layer {name} has an index {int(idx.max())} "
                           f"beyond its {codebook.shape[0]}-entry codebook")
             params[key] = codebook[idx.astype(np.int64)]
+            shared[key] = (idx, codebook)
         else:
             value = tree.get("params", {}).get(name)
             if value is None or np.shape(value) != np.shape(want):
@@ -450,4 +463,4 @@ def load_compressed(path, template: dict) -> tuple[dict, dict]:
                               != jax.tree_util.tree_map(np.shape, jax.device_get(value))):
             raise err(f"{path}: collection {collection!r} is missing or does not match this model")
         variables[collection] = stored
-    return jax.tree_util.tree_map(jnp.asarray, variables), meta
+    return jax.tree_util.tree_map(jnp.asarray, variables), [shared[p] for p in paths], meta

@@ -195,6 +195,11 @@ def test_saved_model_reloads_to_identical_kernels(lenet, tmp_path, fmt):
         evaluator.accuracy(variables, want, batches))
     flat = jax.tree_util.tree_leaves(loaded["params"])
     assert all(np.isfinite(np.asarray(x)).all() for x in flat)
+    again, shared, _ = sharing.read_compressed(path, variables)  # the same file, with the stored kernels
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, again, loaded))
+    for (indices, codebook), layer, w in zip(shared, layers, want, strict=True):
+        np.testing.assert_array_equal(indices, layer.indices)
+        np.testing.assert_array_equal(codebook[indices.astype(np.int64)], np.asarray(w))
 
 
 def test_corrupt_or_mismatched_saved_model_is_refused(lenet, tmp_path):

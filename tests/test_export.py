@@ -12,9 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import onnx
 import pytest
+from flax import traverse_util
+from onnx import numpy_helper
 
 from conftest import REPO, run_main
-from qevo import export, onnxgraph, sharing
+from qevo import export, intforward, onnxgraph, sharing
 from qevo.data import normalize
 from qevo.errors import CheckpointError, ConfigError, ExportError
 from qevo.layers import BatchNorm, Bits, QConv, QDense, QuantContext, QuantOptions
@@ -25,8 +27,8 @@ MEAN, STD = (0.45, 0.5, 0.55), (0.2, 0.25, 0.3)
 
 class TinyMobile(nn.Module):
     """The pieces of MobileNetV2 on a small input: a stride-2 SAME stem (odd padding), an
-    inverted residual (1x1 expansion, depthwise 3x3, 1x1 projection, residual add), ReLU6,
-    BatchNorm, global mean, classifier."""
+    inverted residual (1x1 expansion, depthwise 3x3, 1x1 projection with a bias, residual
+    add), ReLU6, BatchNorm, global mean, classifier."""
 
     options: QuantOptions = QuantOptions(conv="xla")
     num_layers: int = 5
@@ -40,7 +42,7 @@ class TinyMobile(nn.Module):
         x = nn.relu6(bn()(QConv(8, 3, index=0, strides=2, signed_input=True, options=self.options)(x, ctx)))
         y = nn.relu6(bn()(QConv(16, 1, index=1, signed_input=True, options=self.options)(x, ctx)))
         y = nn.relu6(bn()(QConv(16, 3, index=2, groups=16, options=self.options)(y, ctx)))
-        y = bn()(QConv(8, 1, index=3, options=self.options)(y, ctx))
+        y = bn()(QConv(8, 1, index=3, use_bias=True, options=self.options)(y, ctx))
         x = jnp.mean(x + y, axis=(1, 2))
         return QDense(10, index=4, signed_input=True, options=self.options)(x, ctx)
 
@@ -101,6 +103,59 @@ def test_graph_matches_the_fake_quantized_forward(case):
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "BatchNormalization" not in ops
     stored = onnxgraph.level_count(proto)
     assert stored.get("int16" if "16bit" in case else "int8", 0) > 0
+
+
+INTEGER_CASES = {
+    # model, image shape, weight widths, activation widths: every layer integer (a signed
+    # 8-bit input first, 4- and 2-bit activations after, 1x1 projection shortcuts, BatchNorm
+    # after each convolution, a dense layer last); LeNet-5 with tanh (signed inputs, biases);
+    # the MobileNetV2 pieces (a depthwise convolution, a bias before a BatchNorm)
+    "resnet8": (CifarResNet(depth=8, options=QuantOptions(conv="xla")), (12, 12, 3),
+                [8, 4, 2, 4, 2, 4, 2, 8], [8, 4, 2, 4, 4, 2, 4, 8]),
+    "lenet5_tanh": (LeNet5(activation="tanh", options=QuantOptions(conv="xla")), (28, 28, 1),
+                    [8, 4, 2, 3, 8], [8, 2, 4, 3, 8]),
+    "mobile": (TinyMobile(), (9, 9, 3), [8, 4, 2, 4, 8], [8, 4, 2, 4, 8]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INTEGER_CASES))
+def test_integer_graph_is_qevos_integer_forward(case):
+    """The integer graph against the oracle, :func:`qevo.intforward.apply` in integer
+    arithmetic, jitted as ``export.load`` runs it: the same predictions and logits."""
+    model, shape, w, a = INTEGER_CASES[case]
+    mean, std = MEAN[:shape[-1]], STD[:shape[-1]]
+    variables = _randomized(init_variables(model, jax.random.key(1), shape), 8)
+    bits = Bits(w=np.array(w, np.int32), a=np.array(a, np.int32))
+    layers = intforward.quantized_layers(model, variables, shape)
+    kernels = jax.device_get(intforward.integer_kernels(variables, layers, w))
+    proto = onnxgraph.build(model, variables, bits, kernels, shape, mean, std, arithmetic="integer")
+    images = np.random.default_rng(9).integers(0, 256, (32, *shape), dtype=np.uint8)
+    oracle = jax.jit(lambda x: intforward.apply(model, variables, kernels, Bits(jnp.asarray(w), jnp.asarray(a)),
+                                                normalize(x, mean, std)))
+    ours, theirs = np.asarray(oracle(images)), onnxgraph.run(proto, images)
+    np.testing.assert_array_equal(theirs.argmax(-1), ours.argmax(-1))
+    np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-6 * np.abs(ours).max())
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("ConvInteger") + ops.count("MatMulInteger") == len(layers)
+    assert not {"QuantizeLinear", "DequantizeLinear", "Conv", "MatMul"} & set(ops)
+    levels = [numpy_helper.to_array(t) for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert len(levels) == len(layers)  # one int8 kernel per layer, in call order, OIHW or [in, out]
+    for (path, i), q in zip(layers.items(), levels, strict=True):
+        want = np.asarray(kernels[path].q)
+        np.testing.assert_array_equal(q, want.transpose(3, 2, 0, 1) if want.ndim == 4 else want)
+        assert np.abs(q).max() <= intforward.max_level(w[i])
+
+
+def test_integer_graph_refuses_activations_the_integer_forward_pass_lacks():
+    model, shape, w, _ = INTEGER_CASES["lenet5_tanh"]
+    variables = init_variables(model, jax.random.key(0), shape)
+    flat = traverse_util.flatten_dict(variables["params"], sep="/")
+    kernels = {p: intforward.IntKernel(q=np.ones(flat[f"{p}/kernel"].shape, np.int8),
+                                       scale=np.ones(flat[f"{p}/kernel"].shape[-1], np.float32))
+               for p in intforward.quantized_layers(model, variables, shape)}
+    bits = Bits(w=np.array(w, np.int32), a=np.array([8, 16, 4, 3, 8], np.int32))
+    with pytest.raises(ConfigError, match=r"QConv_1 has 16-bit activations .* takes 2\.\.8-bit activations"):
+        onnxgraph.build(model, variables, bits, kernels, shape, (0.1,), (0.3,), arithmetic="integer")
 
 
 def test_float_graph_folds_batch_norm_and_keeps_no_quantizer():
