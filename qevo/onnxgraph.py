@@ -28,13 +28,11 @@ ONNX nodes (``onnx.helper``):
   a level boundary to the other side), ``ConvInteger``/``MatMulInteger`` with the int8
   kernel levels (exact int32 sums), ``Cast`` to float32, the rescale by
   ``step * scale`` per output channel, the bias, and the BatchNorm after it unfolded,
-  ``(y - mean) * factor + bias``. XLA's CPU compiler fuses the multiply-adds of that
-  chain into FMAs (one rounding); the graph computes each in float64, which rounds the
-  same way but where the float64 sum lies exactly halfway between two float32 values
-  (:func:`_fma`). The integer layers thus see the very levels qevo's integer forward pass
-  computes wherever the float layers around them (the first and last by default, whose
-  float sums run in another order) give the same values: the logits of the all-integer
-  models of ``tests/test_export.py`` equalled qevo's bit for bit on 1,000 random images;
+  ``(y - mean) * factor + bias``, all in float32 (a graph every runtime takes). XLA's CPU
+  compiler fuses those multiply-adds into FMAs (one rounding where the graph rounds twice),
+  and the float layers around the integer ones (the first and last by default) sum in
+  another order, so an activation within a rounding error of a level boundary can take the
+  neighbouring level; everything else matches qevo's integer forward pass exactly;
 * everything else maps one to one (``max`` with 0 to ``Relu``, ``min``/``max`` to
   ``Min``/``Max``, ``tanh``, ``reduce_window_max`` to ``MaxPool``, ``reduce_sum`` and the
   division of a mean, ``reshape`` with the batch axis kept symbolic, ``add``, ...); the
@@ -248,16 +246,10 @@ def _conv(g: _Graph, op: str, x: str, weights: list[str], module: QConv, in_shap
     return g.node("Transpose", [y], f"{op.lower()}_nhwc", perm=[0, 2, 3, 1])
 
 
-def _fma(g: _Graph, x: str, factor: np.ndarray, offset: np.ndarray) -> str:
-    """float32 ``x * factor + offset`` (float32 ``x``; per-channel float32 constants) rounded
-    as the fused multiply-add XLA's CPU compiler makes of it in qevo's forward pass: in
-    float64, where the product of two float32 values is exact and the sum rounds once before
-    the rounding to float32 (two roundings differ from one only where the float64 sum lies
-    exactly halfway between two float32 values)."""
-    wide = g.node("Cast", [x], to=TensorProto.DOUBLE)
-    y = g.node("Mul", [wide, g.const(np.asarray(factor, np.float64), "factor")])
-    y = g.node("Add", [y, g.const(np.asarray(offset, np.float64), "offset")])
-    return g.node("Cast", [y], to=TensorProto.FLOAT)
+def _affine(g: _Graph, x: str, factor: np.ndarray, offset: np.ndarray) -> str:
+    """float32 ``x * factor + offset`` with per-channel float32 constants."""
+    return g.node("Add", [g.node("Mul", [x, g.const(np.asarray(factor, np.float32), "factor")]),
+                          g.const(np.asarray(offset, np.float32), "offset")])
 
 
 def _integer_layer(g: _Graph, layers: _Layers, path: str, x: str, in_shape: tuple[int, ...]) -> str:
@@ -266,7 +258,7 @@ def _integer_layer(g: _Graph, layers: _Layers, path: str, x: str, in_shape: tupl
     float32 inverse step, ``Round`` half to even, ``Cast`` to uint8, or int8 for a signed
     input), ``ConvInteger``/``MatMulInteger`` with the int8 kernel levels (exact int32 sums),
     ``Cast`` to float32, the rescale by ``step * scale`` per output channel and the bias, then
-    the BatchNorm ``(y - mean) * factor + bias``, each multiply-add rounded as qevo's (:func:`_fma`).
+    the BatchNorm ``(y - mean) * factor + bias``, in float32.
 
     Raises:
       ConfigError: an activation width outside 2..8 or kernel levels that are not int8
@@ -293,10 +285,10 @@ def _integer_layer(g: _Graph, layers: _Layers, path: str, x: str, in_shape: tupl
     bias = layers.params.get(f"{path}/bias")
     norm = layers.folded.get(path)
     if norm is None:
-        return g.node("Mul", [y, g.const(rescale, "rescale")]) if bias is None else _fma(g, y, rescale, bias)
+        return g.node("Mul", [y, g.const(rescale, "rescale")]) if bias is None else _affine(g, y, rescale, bias)
     mean, factor, offset = layers.batch_norm(norm)
-    y = _fma(g, y, rescale, -mean) if bias is None else g.node("Sub", [_fma(g, y, rescale, bias), g.const(mean)])
-    return _fma(g, y, factor, offset)
+    y = _affine(g, y, rescale, -mean) if bias is None else g.node("Sub", [_affine(g, y, rescale, bias), g.const(mean)])
+    return _affine(g, y, factor, offset)
 
 
 def _layer(g: _Graph, layers: _Layers, path: str, x: str, in_shape: tuple[int, ...]) -> str:
