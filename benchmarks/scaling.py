@@ -159,6 +159,7 @@ def run_layout(name: str, quick: bool) -> dict:
 
 def measure(quick: bool) -> dict:
     """Every layout's row, with speed-ups against ``1x1``."""
+    environment = common.environment()  # the load average before the layouts run
     rows = [run_layout(name, quick) for name in LAYOUTS]
     base = rows[0]
     for row in rows:
@@ -168,7 +169,7 @@ def measure(quick: bool) -> dict:
             row[key]["speedup_vs_1x1"] = base[key]["seconds_per_step"] / row[key]["seconds_per_step"]
         row["final_lenet5"]["speedup_vs_1x1"] = (base["final_lenet5"]["seconds_per_epoch"]
                                                  / row["final_lenet5"]["seconds_per_epoch"])
-    return {"benchmark": "scaling over devices and processes", "rows": rows, **common.environment()}
+    return {"benchmark": "scaling over devices and processes", "rows": rows, **environment}
 
 
 def main(argv: list[str] | None = None) -> dict | None:

@@ -513,6 +513,14 @@ def final_candidates(cfg, space: SearchSpace, history: list[dict]) -> list[dict]
     return models + baselines
 
 
+def final_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``cfg`` with its ``train`` section set to the final models' budget (``final``)."""
+    fcfg = ml_collections.ConfigDict(cfg.to_dict())
+    fcfg.train.epochs, fcfg.train.optimizer = cfg.final.epochs, cfg.final.optimizer
+    fcfg.train.learning_rate, fcfg.train.warmup_epochs = cfg.final.learning_rate, 0
+    return fcfg
+
+
 def train_final(cfg, problem: Problem, models: list[dict], workdir: pathlib.Path) -> list[dict]:
     """Train every model of ``models`` with the same budget (``final``), side by side.
 
@@ -520,19 +528,24 @@ def train_final(cfg, problem: Problem, models: list[dict], workdir: pathlib.Path
     spread over every device, run on each by ``search.strategy``), checkpointed after every
     epoch in ``final/checkpoint.msgpack``. Each model's folder ``final/<name>/`` holds its
     ``history.csv``, its variables as ``model.msgpack`` (what :mod:`qevo.export` reads) and
-    ``results.json``; a model with results for its widths is not trained again. A model
-    finished by an earlier qevo (one after another) before ``model.msgpack`` was written gets
-    it from its own last checkpoint."""
-    fcfg = ml_collections.ConfigDict(cfg.to_dict())
-    fcfg.train.epochs, fcfg.train.optimizer = cfg.final.epochs, cfg.final.optimizer
-    fcfg.train.learning_rate, fcfg.train.warmup_epochs = cfg.final.learning_rate, 0
+    ``results.json``; a model with results for its widths and its ``model.msgpack`` is not
+    trained again. A model finished by an earlier qevo (one after another, each with its own
+    ``checkpoint.msgpack``) before ``model.msgpack`` was written gets it from that checkpoint;
+    one that lost it otherwise trains again (to the same variables: the training is seeded)."""
+    fcfg = final_config(cfg)
     model = problem.evaluator.model
     final = workdir / "final"
     fitted = {}
     for m in models:
-        done = final / m["name"] / RESULTS
-        saved = json.loads(done.read_text()) if done.exists() else {}
-        if (saved.get("w_bits"), saved.get("a_bits")) == (m["w_bits"], m["a_bits"]):
+        folder = final / m["name"]
+        saved = json.loads((folder / RESULTS).read_text()) if (folder / RESULTS).exists() else {}
+        if (saved.get("w_bits"), saved.get("a_bits")) != (m["w_bits"], m["a_bits"]):
+            continue
+        if not (folder / MODEL).exists() and (folder / CHECKPOINT).exists():
+            trainer = train.Trainer(fcfg, problem.ds, model, quantized=True)
+            state, _ = checkpoint.load(folder / CHECKPOINT, trainer.init_state(problem.final_variables))
+            checkpoint.save(folder / MODEL, state.variables, {"model": cfg.model.name, "name": m["name"]})
+        if (folder / MODEL).exists():
             fitted[m["name"]] = saved
     pending = [m for m in models if m["name"] not in fitted]
     if pending:
@@ -551,12 +564,6 @@ def train_final(cfg, problem: Problem, models: list[dict], workdir: pathlib.Path
             checkpoint.save(folder / MODEL, one, {"model": cfg.model.name, "name": m["name"]})
             fitted[m["name"]] = {**results[i], "w_bits": m["w_bits"], "a_bits": m["a_bits"]}
             write_json(folder / RESULTS, fitted[m["name"]])
-    for m in models:
-        folder = final / m["name"]
-        if not (folder / MODEL).exists():
-            trainer = train.Trainer(fcfg, problem.ds, model, quantized=True)
-            state, _ = checkpoint.load(folder / CHECKPOINT, trainer.init_state(problem.final_variables))
-            checkpoint.save(folder / MODEL, state.variables, {"model": cfg.model.name, "name": m["name"]})
     rows = []
     for m in models:
         c = costs(problem.table, Bits(w=np.asarray([m["w_bits"]]), a=np.asarray([m["a_bits"]])))
