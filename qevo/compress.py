@@ -65,7 +65,7 @@ import ml_collections
 import numpy as np
 
 from qevo import config as config_lib
-from qevo import nsga3, sharing
+from qevo import distributed, nsga3, sharing
 from qevo.codebook import CODEBOOK_BITS, key_bits, quantize_codebook
 from qevo.drivers import make_driver, relax_to_genes
 from qevo.harness import RESULTS, StepLog, Stopwatch, figure, method, write_csv, write_json
@@ -662,6 +662,7 @@ def report(prep: Prepared, cfg, layers: list[sharing.Layer], workdir: pathlib.Pa
             meta = {"model": cfg.model.name, "activation": cfg.model.activation, "dataset": cfg.data.name,
                     **{key: entry[key] for key in ("cr_mean", "cr_weighted", "val_accuracy", "test_accuracy")}}
             sharing.save_compressed(path, prep.variables, prep.paths, layers, fmt, meta)
+            distributed.sync(f"saved {path.name}")  # process 0 wrote it; every process reads it back
             loaded, _ = sharing.load_compressed(path, prep.variables)
             entry["file"] = path.name
             reloaded = sharing.get_kernels(loaded["params"], prep.paths)

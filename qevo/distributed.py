@@ -97,6 +97,15 @@ def lost_peer(err: BaseException) -> bool:
     return _joined and any(marker in str(err) for marker in _LOST_PEER)
 
 
+def sync(name: str) -> None:
+    """Wait until every process of the joined run reaches the point ``name`` (nothing in one
+    process): before a process reads a file that process 0 has just written."""
+    if _joined:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def is_writer() -> bool:
     """Whether this process writes the run's files: process 0 (and a single process)."""
     return jax.process_index() == 0

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from qevo import checkpoint, train
+from qevo import checkpoint, distributed, train
 from qevo import config as config_lib
 from qevo.data import Dataset
 from qevo.harness import MODEL, RESULTS
@@ -42,6 +42,7 @@ def float_model(cfg: ml_collections.ConfigDict, ds: Dataset, model: nn.Module,
             float_cfg = ml_collections.ConfigDict(cfg.to_dict())
             float_cfg.train.w_bits = float_cfg.train.a_bits = 32
             train.run(float_cfg, folder)
+        distributed.sync("float model")  # process 0 wrote it; every process reads it
     else:
         folder = pathlib.Path(cfg.float_from)
         if not (folder / MODEL).is_file():
