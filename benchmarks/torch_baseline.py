@@ -5,7 +5,10 @@ prints one JSON object: images/s of
 
 * ``float``: a training step (SGD with Nesterov momentum and weight decay, BatchNorm in
   training mode, cross-entropy) on a fixed random batch;
-* ``qat_w4a4``: the same step with fake quantization at 4 bits on every layer but the
+* ``float_bf16``: the same step under ``torch.autocast("cpu", torch.bfloat16)``
+  (convolutions and matrix products in bfloat16 on oneDNN's AMX/AVX512-BF16 kernels where
+  the CPU has them), qevo's ``model.precision="bfloat16"``;
+* ``qat_w4a4``: the float step with fake quantization at 4 bits on every layer but the
   first convolution and the classifier, as qevo's QAT runs it (weights symmetric with
   per-output-channel absmax scales, inputs clipped to a fixed range, straight-through
   gradients);
@@ -129,7 +132,7 @@ def measure(name: str, repeats: int, steps: int, forward_images: int, compile_: 
     xf = torch.randn(forward_images, *shape)
     layouts = ["nchw", "channels_last"] + ["compile"] * compile_
     result = {}
-    for mode in ("float", "qat_w4a4", "forward"):
+    for mode in ("float", "float_bf16", "qat_w4a4", "forward"):
         figures = {}
         for layout in layouts:
             model = build()
@@ -150,10 +153,12 @@ def measure(name: str, repeats: int, steps: int, forward_images: int, compile_: 
                 continue
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
-            def train(opt=opt, run=run, inputs=inputs):
+            def train(opt=opt, run=run, inputs=inputs, bf16=mode == "float_bf16"):
                 for _ in range(steps):
                     opt.zero_grad(set_to_none=True)
-                    F.cross_entropy(run(inputs), y).backward()
+                    with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                        loss = F.cross_entropy(run(inputs), y)
+                    loss.backward()
                     opt.step()
             figures[layout] = steps * batch / common.median_seconds(train, repeats)
         best = max(figures, key=figures.get)

@@ -8,7 +8,10 @@ For each model, images/s of
   BatchNorm in training mode, cross-entropy): qevo's own compiled epoch
   (:class:`qevo.train.Trainer`, the path ``python -m qevo.train`` runs, no augmentation),
   ``--steps`` steps per timed call;
-* ``qat_w4a4``: the same step with fake quantization at w4a4 on every layer but the first
+* ``float_bf16``: the same step with the convolutions' products in bfloat16
+  (``model.precision="bfloat16"``: oneDNN's AMX/AVX512-BF16 kernels, float32 sums; PyTorch
+  under ``torch.autocast("cpu", torch.bfloat16)``);
+* ``qat_w4a4``: the float step with fake quantization at w4a4 on every layer but the first
   and last (qevo's QAT);
 * ``forward``: inference on ``--forward-images`` images in one call;
 
@@ -41,6 +44,7 @@ from benchmarks import common
 from qevo import config as config_lib
 from qevo import onednn
 from qevo.data import Dataset, normalize
+from qevo.layers import QuantOptions, default_conv
 from qevo.models import get_model, init_variables
 from qevo.train import Trainer, uniform_bits
 
@@ -48,7 +52,7 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 # model: (input [H, W, C], training batch, forward images)
 MODELS = {"resnet20": ((32, 32, 3), 128, 1000), "mobilenetv2": ((128, 128, 3), 64, 256),
           "lenet5": ((28, 28, 1), 128, 1000)}
-MODES = ("float", "qat_w4a4", "forward")
+MODES = ("float", "float_bf16", "qat_w4a4", "forward")
 
 
 def train_config(name: str, batch: int):
@@ -73,12 +77,14 @@ def measure_qevo(name: str, repeats: int, steps: int) -> dict:
                  mean=mean, std=std)
     cfg = train_config(name, batch)
     model = get_model(name, 10)
+    conv = default_conv(jax.devices()[0].platform)
     variables = init_variables(model, jax.random.key(0), shape)
     images_d, labels_d = jax.device_put(images), jax.device_put(labels)
     result = {}
-    for mode in ("float", "qat_w4a4"):
+    for mode in ("float", "float_bf16", "qat_w4a4"):
         bits = uniform_bits(model.num_layers, 4, 4) if mode == "qat_w4a4" else None
-        trainer = Trainer(cfg, ds, model, quantized=bits is not None)
+        net = get_model(name, 10, QuantOptions(conv=conv, precision="bfloat16")) if mode == "float_bf16" else model
+        trainer = Trainer(cfg, ds, net, quantized=bits is not None)
         state = trainer.init_state(variables)
 
         def epoch(trainer=trainer, state=state, bits=bits):
@@ -121,12 +127,12 @@ def measure(models: list[str], repeats: int, steps: int, compile_: bool, with_xl
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'model':<12} {'mode':<9} {'qevo img/s':>11} {'PyTorch best':>13} {'(layout)':<14} {'qevo/PyTorch':>12}"
+    lines = [f"{'model':<12} {'mode':<10} {'qevo img/s':>11} {'PyTorch best':>13} {'(layout)':<14} {'qevo/PyTorch':>12}"
              + ("  qevo XLA img/s" if any("qevo_xla" in r for r in rows) else "")]
     for r in rows:
         for m in MODES:
             t = r["torch"][m]
-            line = (f"{r['model']:<12} {m:<9} {r['qevo']['images_per_second'][m]:11,.1f} "
+            line = (f"{r['model']:<12} {m:<10} {r['qevo']['images_per_second'][m]:11,.1f} "
                     f"{t['best_images_per_second']:13,.1f} {'(' + t['best'] + ')':<14} "
                     f"{r['qevo_over_torch'][m]:11.2f}x")
             if "qevo_xla" in r:

@@ -39,8 +39,11 @@ def defaults() -> ml_collections.ConfigDict:
         }
     )
     # conv: the convolution kernels, "auto" (by the platform of the devices, qevo.layers.default_conv),
-    # "cpu" (qevo's CPU kernels) or "xla" (XLA's convolution, the reference).
-    c.model = ml_collections.ConfigDict({"name": "lenet5", "activation": "relu", "conv": "auto"})
+    # "cpu" (qevo's CPU kernels) or "xla" (XLA's convolution, the reference). precision: the
+    # products of the float network's convolutions, "float32" or "bfloat16" (float32 sums;
+    # AMX/AVX512-BF16 on a CPU, tensor cores on a GPU), qevo.layers.QuantOptions.
+    c.model = ml_collections.ConfigDict({"name": "lenet5", "activation": "relu", "conv": "auto",
+                                         "precision": "float32"})
     c.float_from = config_dict.placeholder(str)
     c.quant = ml_collections.ConfigDict({"mode": "absmax", "per_channel": True, "float_first_last": True})
     c.train = ml_collections.ConfigDict(
@@ -71,6 +74,7 @@ OPTIONS = {
     "model.name": ("lenet5", "resnet20", "resnet32", "resnet56", "mobilenetv2"),
     "model.activation": ("relu", "tanh"),
     "model.conv": ("auto", "cpu", "xla"),
+    "model.precision": ("float32", "bfloat16"),
     "quant.mode": ("absmax", "mse", "dorefa"),
     "train.optimizer": ("sgd", "adam"),
     "train.schedule": ("cosine", "constant"),

@@ -28,6 +28,7 @@ CALIBRATION_QUANTILE = 0.9999
 
 
 CONV_KERNELS = ("cpu", "xla")
+PRECISIONS = ("float32", "bfloat16")
 
 
 def default_conv(platform: str) -> str:
@@ -49,18 +50,25 @@ class QuantOptions:
       batch_axis: the mapped axis (``shard_map``) a training batch is split over, or None;
         BatchNorm reduces its batch statistics over it (data-parallel training,
         :class:`qevo.train.Trainer`), so a split batch normalizes as the whole batch would.
+      precision: the products of the float network's convolutions (the path without
+        bit widths: float training and evaluation; fake-quantized networks are always
+        float32): ``"float32"``, or ``"bfloat16"``: operands rounded to bfloat16, products
+        summed in float32 (see :func:`conv2d`).
     """
 
     per_channel: bool = True
     mode: str = "absmax"
     conv: str = "xla"
     batch_axis: str | None = None
+    precision: str = "float32"
 
     def __post_init__(self):
         if self.mode not in quant.MODES:
             raise ConfigError(f"unknown quantization mode {self.mode!r}; use one of {quant.MODES}")
         if self.conv not in CONV_KERNELS:
             raise ConfigError(f"unknown convolution kernels {self.conv!r}; use one of {CONV_KERNELS}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown convolution precision {self.precision!r}; use one of {PRECISIONS}")
 
 
 @struct.dataclass
@@ -104,7 +112,9 @@ def _quantize(ctx: QuantContext, index: int, x, kernel, signed: bool, options: Q
     return x, kernel
 
 
-def _xla_conv2d(x, kernel, strides: int, padding: str, groups: int) -> jax.Array:
+def _xla_conv2d(x, kernel, strides: int, padding: str, groups: int, precision: str = "float32") -> jax.Array:
+    if precision == "bfloat16":
+        x, kernel = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
     return jax.lax.conv_general_dilated(
         x,
         kernel,
@@ -112,6 +122,7 @@ def _xla_conv2d(x, kernel, strides: int, padding: str, groups: int) -> jax.Array
         padding=padding,
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
         feature_group_count=groups,
+        preferred_element_type=jnp.float32,
     )
 
 
@@ -242,15 +253,20 @@ def toeplitz_conv2d(x: jax.Array, kernel: jax.Array, padding: str) -> jax.Array:
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: str, groups: int,
-           kernels: str = "xla") -> jax.Array:
+           kernels: str = "xla", precision: str = "float32") -> jax.Array:
     """NHWC/HWIO convolution. With ``kernels="cpu"``: oneDNN's kernels for float32 where they
     are available (:mod:`qevo.onednn`), else row products for small single-channel inputs,
     im2col gradients for other dense kernels and shifted sums for depthwise ones (see
     :func:`toeplitz_conv2d`, :func:`dense_conv2d`, :func:`shifted_conv2d`); with ``"xla"``
-    XLA's convolution."""
+    XLA's convolution.
+
+    ``precision="bfloat16"`` rounds the operands to bfloat16 and sums the products in
+    float32: through oneDNN's bf16 arithmetic (AMX or AVX512-BF16 units, where the CPU has
+    them), or XLA's convolution of bfloat16 operands (tensor cores on a GPU); the CPU's
+    fallback kernels stay float32."""
     if kernels == "cpu":
         if x.dtype == kernel.dtype == jnp.float32 and onednn.available():
-            return onednn.conv2d(x, kernel, strides, padding, groups)
+            return onednn.conv2d(x, kernel, strides, padding, groups, precision)
         k = kernel.shape[0]
         width = x.shape[2] + (k - 1 if padding == "SAME" else 0)
         if groups == 1 and kernel.shape[2] == 1 and strides == 1 and width <= TOEPLITZ_MAX_WIDTH:
@@ -259,7 +275,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: str, groups: 
             return dense_conv2d(x, kernel, strides, padding)
         if kernel.shape[2] == 1:
             return shifted_conv2d(x, kernel, strides, padding)
-    return _xla_conv2d(x, kernel, strides, padding, groups)
+    return _xla_conv2d(x, kernel, strides, padding, groups, precision)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -381,7 +397,8 @@ class QConv(nn.Module):
         shape = (self.kernel_size, self.kernel_size, in_ch // self.groups, self.features)
         kernel = self.param("kernel", nn.initializers.variance_scaling(2.0, "fan_in", "normal"), shape)
         x, k = _quantize(ctx, self.index, x, kernel, self.signed_input, self.options)
-        y = conv2d(x, k, self.strides, self.padding, self.groups, self.options.conv)
+        precision = self.options.precision if ctx.bits is None else "float32"
+        y = conv2d(x, k, self.strides, self.padding, self.groups, self.options.conv, precision)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,))
         macs = y.shape[1] * y.shape[2] * self.features * self.kernel_size**2 * (in_ch // self.groups)

@@ -125,10 +125,11 @@ def padding_pairs(size: tuple[int, int], kernel: tuple[int, int], strides: int, 
     return [same_padding(n, k, strides) for n, k in zip(size, kernel, strict=True)]
 
 
-def _attributes(image_shape, kernel_shape, strides: int, padding: str, groups: int) -> dict:
+def _attributes(image_shape, kernel_shape, strides: int, padding: str, groups: int, precision: str) -> dict:
     (pt, pb), (pl, pr) = padding_pairs(image_shape[1:3], kernel_shape[:2], strides, padding)
     return {name: np.int64(v) for name, v in
-            {"sh": strides, "sw": strides, "pt": pt, "pl": pl, "pb": pb, "pr": pr, "groups": groups}.items()}
+            {"sh": strides, "sw": strides, "pt": pt, "pl": pl, "pb": pb, "pr": pr, "groups": groups,
+             "bf16": precision == "bfloat16"}.items()}
 
 
 def _call(target: str, out_shape, *operands, **attributes) -> jax.Array:
@@ -136,25 +137,30 @@ def _call(target: str, out_shape, *operands, **attributes) -> jax.Array:
     return jax.ffi.ffi_call(TARGETS[target], out, vmap_method="sequential")(*operands, **attributes)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: str, groups: int) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: str, groups: int,
+           precision: str = "float32") -> jax.Array:
     """oneDNN convolution, float32: ``x [N, H, W, C]``, ``kernel [K, K, C / groups, O]`` ->
     ``[N, H', W', O]``, as ``jax.lax.conv_general_dilated`` with NHWC/HWIO/NHWC
     dimension numbers computes it; both gradients are oneDNN's too. Call only when
-    :func:`available`; batching (``vmap``) runs the calls one after another."""
-    a = _attributes(x.shape, kernel.shape, strides, padding, groups)
+    :func:`available`; batching (``vmap``) runs the calls one after another.
+
+    ``precision="bfloat16"`` lets oneDNN round the operands (of the gradients too) to
+    bfloat16 and sum their products in float32, on AMX or AVX512-BF16 units where the CPU
+    has them (exact float32 where it has neither); ``"float32"`` is exact."""
+    a = _attributes(x.shape, kernel.shape, strides, padding, groups, precision)
     out_h = (x.shape[1] + int(a["pt"] + a["pb"]) - kernel.shape[0]) // strides + 1
     out_w = (x.shape[2] + int(a["pl"] + a["pr"]) - kernel.shape[1]) // strides + 1
     return _call("forward", (x.shape[0], out_h, out_w, kernel.shape[3]), x, kernel, **a)
 
 
-def _conv_fwd(x, kernel, strides, padding, groups):
-    return conv2d(x, kernel, strides, padding, groups), (x, kernel)
+def _conv_fwd(x, kernel, strides, padding, groups, precision):
+    return conv2d(x, kernel, strides, padding, groups, precision), (x, kernel)
 
 
-def _conv_bwd(strides, padding, groups, residuals, g):
+def _conv_bwd(strides, padding, groups, precision, residuals, g):
     x, kernel = residuals
-    attributes = _attributes(x.shape, kernel.shape, strides, padding, groups)
+    attributes = _attributes(x.shape, kernel.shape, strides, padding, groups, precision)
     return (_call("input_grad", x.shape, g, kernel, **attributes),
             _call("kernel_grad", kernel.shape, x, g, **attributes))
 

@@ -83,7 +83,8 @@ def load_data(cfg: ml_collections.ConfigDict) -> Dataset:
 def build_model(cfg: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
     """The model of ``cfg.model`` with the quantizer settings of ``cfg.quant``."""
     conv = default_conv(jax.devices()[0].platform) if cfg.model.conv == "auto" else cfg.model.conv
-    options = QuantOptions(per_channel=cfg.quant.per_channel, mode=cfg.quant.mode, conv=conv)
+    options = QuantOptions(per_channel=cfg.quant.per_channel, mode=cfg.quant.mode, conv=conv,
+                           precision=cfg.model.precision)
     kwargs = {"activation": cfg.model.activation} if cfg.model.name == "lenet5" else {}
     return get_model(cfg.model.name, num_classes, options, **kwargs)
 

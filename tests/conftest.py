@@ -32,10 +32,15 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_configure(config):
-    """Match the command-line entry points: threefry keys that compile fast on the CPU."""
+    """Match the command-line entry points: threefry keys that compile fast on the CPU, and
+    their persistent compilation cache (``<qevo cache>/jax``), which the tests that run in
+    this process then share with the commands the others start."""
     import jax
 
+    from qevo.data import default_cache_dir
+
     jax.config.update("jax_threefry_partitionable", False)
+    jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "jax"))
 
 
 def run_command(module: str, config: str, workdir: pathlib.Path, args=(), data_dir=None, timeout=1800):

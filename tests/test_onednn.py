@@ -1,6 +1,8 @@
 """oneDNN's CPU convolutions against XLA's reference convolution and its ``jax.grad``."""
 
+import pathlib
 import platform
+import re
 import sys
 
 import jax
@@ -121,3 +123,88 @@ def test_same_padding_matches_xla():
     for size, k, s in [(32, 3, 2), (15, 3, 2), (28, 5, 1), (16, 1, 2), (7, 4, 3)]:
         want = jax.lax.padtype_to_pads((size,), (k,), (s,), "SAME")[0]
         assert onednn.same_padding(size, k, s) == tuple(want)
+
+
+def _bf16_units() -> bool:
+    """Whether this CPU has bfloat16 arithmetic (AVX512-BF16 or AMX), which oneDNN's bf16 mode uses."""
+    flags = pathlib.Path("/proc/cpuinfo").read_text().split()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _rounded(a):
+    return a.astype(jnp.bfloat16).astype(jnp.float32)
+
+
+def _exact(x, k, strides, padding, groups):
+    return jax.lax.conv_general_dilated(x, k, (strides, strides), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=groups, precision=jax.lax.Precision.HIGHEST)
+
+
+@pytest.mark.parametrize("shape, kernel, strides, padding, groups", [
+    ((4, 16, 16, 32), (3, 3, 32, 32), 1, "SAME", 1),
+    ((4, 16, 16, 16), (3, 3, 16, 32), 2, "SAME", 1),
+    ((4, 15, 15, 24), (3, 3, 1, 24), 2, "SAME", 24),  # depthwise: oneDNN may keep float32
+])
+def test_bfloat16_products_are_rounded_operands_summed_in_float32(shape, kernel, strides, padding, groups):
+    """``precision="bfloat16"``: on a CPU with bfloat16 units a dense convolution's forward
+    pass equals the exact convolution of the operands rounded to bfloat16 (their products
+    are exact in float32), measurably apart from the float32 convolution; oneDNN keeps
+    float32 where it has no bfloat16 kernel (depthwise, some gradients, CPUs without the
+    units), so every other result equals one of the two, and each gradient stays within
+    bfloat16's rounding of the float32 gradient."""
+    assert onednn.available()
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
+    k = jnp.asarray(rng.standard_normal(kernel).astype(np.float32))
+    conv = jax.jit(onednn.conv2d, static_argnums=(2, 3, 4, 5))
+    got = conv(x, k, strides, padding, groups, "bfloat16")
+    exact = _exact(x, k, strides, padding, groups)
+    scale = float(jnp.max(jnp.abs(exact)))
+    rounded = _exact(_rounded(x), _rounded(k), strides, padding, groups)
+    off = lambda want: float(jnp.max(jnp.abs(got - want))) / scale  # noqa: E731
+    assert float(jnp.max(jnp.abs(rounded - exact))) / scale > 1e-4  # the two candidates differ
+    if _bf16_units() and groups == 1:
+        assert off(rounded) < 1e-5
+    else:
+        assert min(off(rounded), off(exact)) < 1e-5
+
+    cotangent = jnp.asarray(rng.standard_normal(exact.shape).astype(np.float32))
+
+    def loss(conv, *precision):
+        return lambda x, k: jnp.sum(cotangent * conv(x, k, strides, padding, groups, *precision))
+
+    got = jax.jit(jax.grad(loss(onednn.conv2d, "bfloat16"), argnums=(0, 1)))(x, k)
+    want = jax.grad(loss(_exact), argnums=(0, 1))(x, k)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, atol=2e-2 * float(jnp.max(jnp.abs(w))))
+
+
+def test_xla_bfloat16_convolution_is_rounded_operands_summed_in_float32():
+    """``kernels="xla"`` with ``precision="bfloat16"`` (the GPU path): bfloat16 operands,
+    float32 results and gradients."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 16)).astype(np.float32))
+    k = jnp.asarray(rng.standard_normal((3, 3, 16, 8)).astype(np.float32))
+    got = layers.conv2d(x, k, 1, "SAME", 1, "xla", "bfloat16")
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, _exact(_rounded(x), _rounded(k), 1, "SAME", 1), rtol=1e-5, atol=1e-4)
+    gx, gk = jax.grad(lambda x, k: jnp.sum(layers.conv2d(x, k, 1, "SAME", 1, "xla", "bfloat16") ** 2),
+                      argnums=(0, 1))(x, k)
+    assert gx.dtype == gk.dtype == jnp.float32
+    wx, wk = jax.grad(lambda x, k: jnp.sum(_exact(x, k, 1, "SAME", 1) ** 2), argnums=(0, 1))(x, k)
+    for g, w in ((gx, wx), (gk, wk)):
+        np.testing.assert_allclose(g, w, atol=2e-2 * float(jnp.max(jnp.abs(w))))
+
+
+def test_bfloat16_precision_holds_for_the_float_network_only():
+    """A model with ``precision="bfloat16"`` asks oneDNN for bfloat16 products on its float
+    path and exact float32 ones once it is fake-quantized (bit widths given)."""
+    from qevo.train import uniform_bits
+
+    model = get_model("resnet20", 10, QuantOptions(conv="cpu", precision="bfloat16"))
+    variables = init_variables(model, jax.random.key(0), (32, 32, 3))
+    x = jnp.zeros((2, 32, 32, 3))
+    flags = lambda bits: set(re.findall(r"'bf16', np.int64\((\d)\)", str(jax.make_jaxpr(  # noqa: E731
+        lambda v: model.apply(v, x, bits))(variables))))
+    assert flags(None) == {"1"}
+    assert flags(uniform_bits(model.num_layers, 4, 4)) == {"0"}

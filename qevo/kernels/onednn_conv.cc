@@ -2,7 +2,9 @@
 //
 // Layouts are JAX's: images NHWC, kernels HWIO ([kh, kw, in / groups, out]), float32.
 // Every handler takes the same attributes: strides (sh, sw), explicit padding (pt, pl, pb,
-// pr) and the feature group count. Activations are used in place (oneDNN reads and writes
+// pr), the feature group count, and bf16: 1 lets oneDNN round the float32 operands to
+// bfloat16 and sum the products in float32 (its bf16 fpmath mode: AMX or AVX512-BF16 where
+// the CPU has them, exact float32 where it has neither). Activations are used in place (oneDNN reads and writes
 // NHWC directly); only kernels are reordered into the layout each primitive prefers.
 // Primitives are cached per geometry, and one convolution runs at a time: each already
 // spreads over every core through OpenMP.
@@ -22,9 +24,9 @@ using dnnl::memory;
 namespace {
 
 struct Geometry {
-  int64_t n, h, w, c, oh, ow, o, kh, kw, sh, sw, pt, pl, pb, pr, groups;
+  int64_t n, h, w, c, oh, ow, o, kh, kw, sh, sw, pt, pl, pb, pr, groups, bf16;
 
-  auto Key() const { return std::make_tuple(n, h, w, c, oh, ow, o, kh, kw, sh, sw, pt, pl, pb, pr, groups); }
+  auto Key() const { return std::make_tuple(n, h, w, c, oh, ow, o, kh, kw, sh, sw, pt, pl, pb, pr, groups, bf16); }
 
   static memory::desc Image(int64_t n, int64_t h, int64_t w, int64_t c) {
     return memory::desc({n, c, h, w}, memory::data_type::f32, {h * w * c, 1, w * c, c});
@@ -56,12 +58,14 @@ struct Primitives {
     auto& engine = Engine();
     memory::dims strides{g.sh, g.sw}, pad_l{g.pt, g.pl}, pad_r{g.pb, g.pr};
     auto algo = dnnl::algorithm::convolution_direct;
+    dnnl::primitive_attr attr;
+    if (g.bf16) attr.set_fpmath_mode(dnnl::fpmath_mode::bf16);
     auto fwd_pd = dnnl::convolution_forward::primitive_desc(engine, dnnl::prop_kind::forward_training, algo, g.Src(),
-                                                            g.AnyKernel(), g.Dst(), strides, pad_l, pad_r);
+                                                            g.AnyKernel(), g.Dst(), strides, pad_l, pad_r, attr);
     auto data_pd = dnnl::convolution_backward_data::primitive_desc(engine, algo, g.Src(), g.AnyKernel(), g.Dst(),
-                                                                   strides, pad_l, pad_r, fwd_pd);
+                                                                   strides, pad_l, pad_r, fwd_pd, attr);
     auto kernel_pd = dnnl::convolution_backward_weights::primitive_desc(engine, algo, g.Src(), g.AnyKernel(),
-                                                                        g.Dst(), strides, pad_l, pad_r, fwd_pd);
+                                                                        g.Dst(), strides, pad_l, pad_r, fwd_pd, attr);
     forward = dnnl::convolution_forward(fwd_pd);
     input_grad = dnnl::convolution_backward_data(data_pd);
     kernel_grad = dnnl::convolution_backward_weights(kernel_pd);
@@ -94,9 +98,9 @@ memory Prepared(dnnl::stream& s, memory user, memory& target) {
 }
 
 Geometry Make(ffi::Span<const int64_t> image, ffi::Span<const int64_t> out, ffi::Span<const int64_t> kernel, int64_t sh,
-              int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t groups) {
+              int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t groups, int64_t bf16) {
   return Geometry{image[0], image[1], image[2], image[3], out[1], out[2], out[3], kernel[0], kernel[1],
-                  sh,       sw,       pt,       pl,       pb,     pr,     groups};
+                  sh,       sw,       pt,       pl,       pb,     pr,     groups,   bf16};
 }
 
 template <typename F>
@@ -113,8 +117,8 @@ ffi::Error Guarded(F body) {
 }
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> y, int64_t sh,
-                   int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t groups) {
-  Geometry g = Make(x.dimensions(), y->dimensions(), k.dimensions(), sh, sw, pt, pl, pb, pr, groups);
+                   int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t groups, int64_t bf16) {
+  Geometry g = Make(x.dimensions(), y->dimensions(), k.dimensions(), sh, sw, pt, pl, pb, pr, groups, bf16);
   return Guarded([&](dnnl::stream& s) {
     Primitives& p = Lookup(g);
     memory kernel = Prepared(s, Wrap(g.Hwio(), k.typed_data()), p.forward_kernel);
@@ -125,8 +129,8 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k, ffi::Result
 }
 
 ffi::Error InputGrad(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> dx, int64_t sh,
-                     int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t groups) {
-  Geometry g = Make(dx->dimensions(), dy.dimensions(), k.dimensions(), sh, sw, pt, pl, pb, pr, groups);
+                     int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t groups, int64_t bf16) {
+  Geometry g = Make(dx->dimensions(), dy.dimensions(), k.dimensions(), sh, sw, pt, pl, pb, pr, groups, bf16);
   return Guarded([&](dnnl::stream& s) {
     Primitives& p = Lookup(g);
     memory kernel = Prepared(s, Wrap(g.Hwio(), k.typed_data()), p.input_grad_kernel);
@@ -137,8 +141,8 @@ ffi::Error InputGrad(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> k, ffi::Res
 }
 
 ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dk, int64_t sh,
-                      int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t groups) {
-  Geometry g = Make(x.dimensions(), dy.dimensions(), dk->dimensions(), sh, sw, pt, pl, pb, pr, groups);
+                      int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t groups, int64_t bf16) {
+  Geometry g = Make(x.dimensions(), dy.dimensions(), dk->dimensions(), sh, sw, pt, pl, pb, pr, groups, bf16);
   return Guarded([&](dnnl::stream& s) {
     Primitives& p = Lookup(g);
     memory user = Wrap(g.Hwio(), dk->typed_data());
@@ -164,7 +168,8 @@ ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::Re
       .Attr<int64_t>("pl")                 \
       .Attr<int64_t>("pb")                 \
       .Attr<int64_t>("pr")                 \
-      .Attr<int64_t>("groups")
+      .Attr<int64_t>("groups")             \
+      .Attr<int64_t>("bf16")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QevoConvForward, Forward, QEVO_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QevoConvInputGrad, InputGrad, QEVO_CONV_BINDING);
