@@ -113,7 +113,8 @@ def _quantize(ctx: QuantContext, index: int, x, kernel, signed: bool, options: Q
 
 
 def _xla_conv2d(x, kernel, strides: int, padding: str, groups: int, precision: str = "float32") -> jax.Array:
-    if precision == "bfloat16":
+    bf16 = precision == "bfloat16"
+    if bf16:
         x, kernel = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
     return jax.lax.conv_general_dilated(
         x,
@@ -122,7 +123,7 @@ def _xla_conv2d(x, kernel, strides: int, padding: str, groups: int, precision: s
         padding=padding,
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
         feature_group_count=groups,
-        preferred_element_type=jnp.float32,
+        preferred_element_type=jnp.float32 if bf16 else None,
     )
 
 

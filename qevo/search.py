@@ -471,8 +471,10 @@ def pick_spread(order_key: np.ndarray, k: int) -> np.ndarray:
 def final_candidates(cfg, space: SearchSpace, history: list[dict]) -> list[dict]:
     """The models to train fully: front models, then the uniform baselines.
 
-    At most ``final.max_models`` front models, taken in this order from the models the
-    search evaluated (a model with a baseline's bits is left to its baseline):
+    At most ``final.max_models`` front models, taken in this order from the fronts of the
+    mixed-precision models the search evaluated (a model with a baseline's bits is left to
+    its baseline, and does not hide the mixed models it dominates: mixed precision's best
+    answers are trained even where a uniform configuration beats them):
 
     1. for each uniform baseline the search evaluated, from the cheapest baseline up, the
        most accurate model of the accuracy-against-first-cost front (error and, by default,
@@ -491,10 +493,8 @@ def final_candidates(cfg, space: SearchSpace, history: list[dict]) -> list[dict]
     bits_of = lambda r: (tuple(r["w_bits"]), tuple(r["a_bits"]))  # noqa: E731
     uniform = {bits_of(b) for b in baselines}
     F = history_objectives(history, cfg.search.objectives)
-    mixed = np.array([bits_of(r) not in uniform for r in history], bool)
-    front = front_indices(F)
-    primary = front_indices(F[:, :2])
-    front, primary = front[mixed[front]], primary[mixed[primary]]
+    mixed = np.flatnonzero([bits_of(r) not in uniform for r in history])
+    front, primary = mixed[front_indices(F[mixed])], mixed[front_indices(F[mixed, :2])]
     chosen = []
     for b in baselines[::-1]:
         seen = [j for j, r in enumerate(history) if bits_of(r) == bits_of(b)]

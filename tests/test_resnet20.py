@@ -62,8 +62,11 @@ def test_resnet20_search_writes_costs_by_hand(resnet20_float, data_dir, tmp_path
     assert float(rows["w4a4"]["size"]) - float(rows["w2a2"]["size"]) == 2 * INNER_WEIGHTS
     history = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]
     assert len(history) == 16 and all(set(r["w_bits"][1:-1]) <= {1, 2, 4, 8} for r in history)
-    pareto = {(r["w_bits"], r["a_bits"]) for r in _rows(run / "pareto.csv")}
-    assert (rows["front_00"]["w_bits"], rows["front_00"]["a_bits"]) in pareto
+    evaluated = {(" ".join(map(str, r["w_bits"])), " ".join(map(str, r["a_bits"]))) for r in history}
+    front = (rows["front_00"]["w_bits"], rows["front_00"]["a_bits"])
+    uniform = {(rows[b]["w_bits"], rows[b]["a_bits"]) for b in ("w8a8", "w4a4", "w2a2")}
+    assert front in evaluated and front not in uniform
+    assert {(r["w_bits"], r["a_bits"]) for r in _rows(run / "pareto.csv")} <= evaluated
     for r in rows.values():
         assert 0.0 <= float(r["test_accuracy"]) <= 1.0
 

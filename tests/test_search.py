@@ -192,6 +192,13 @@ def test_final_candidates_answer_each_baseline_then_spread_the_front():
     front = [m["w_bits"][1:4] for m in search.final_candidates(cfg, space, history) if m["kind"] == "front"]
     assert front == [[2, 4, 2], [4, 4, 2], [4, 2, 4], [8, 4, 4], [2, 2, 4]]
 
+    # A uniform model that dominates every mixed one does not hide them: the mixed fronts answer.
+    dominated = [record((8, 8, 8), 0.001, 0.1, 0.1), record((4, 2, 4), 0.015, 4.5, 4.0),
+                 record((2, 4, 2), 0.050, 3.0, 3.0), record((4, 4, 8), 0.020, 5.0, 5.0)]
+    cfg.final.max_models = 2
+    front = [m["w_bits"][1:4] for m in search.final_candidates(cfg, space, dominated) if m["kind"] == "front"]
+    assert front == [[2, 4, 2], [4, 2, 4]]
+
 
 @pytest.mark.slow
 def test_a_generation_of_only_infeasible_candidates_stops_the_search(tiny_lenet5_float, tmp_path, data_dir):
