@@ -20,9 +20,16 @@ ONEDNN_PLATFORM = sys.platform == "linux" and platform.machine() == "x86_64"
 pytestmark = pytest.mark.skipif(not ONEDNN_PLATFORM, reason="oneDNN's wheel is installed on x86-64 Linux only")
 
 
+@pytest.fixture(autouse=True)
+def _registered():
+    """Register oneDNN's FFI targets (built on first use), whichever test of the file runs first."""
+    onednn.available()
+
+
 def xla_conv(x, k, strides, padding, groups):
+    """XLA's reference convolution, exact in float32 (the products of bfloat16-rounded operands too)."""
     return jax.lax.conv_general_dilated(x, k, (strides, strides), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                        feature_group_count=groups)
+                                        feature_group_count=groups, precision=jax.lax.Precision.HIGHEST)
 
 
 def test_available_on_x86_64_linux():
@@ -135,11 +142,6 @@ def _rounded(a):
     return a.astype(jnp.bfloat16).astype(jnp.float32)
 
 
-def _exact(x, k, strides, padding, groups):
-    return jax.lax.conv_general_dilated(x, k, (strides, strides), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                        feature_group_count=groups, precision=jax.lax.Precision.HIGHEST)
-
-
 @pytest.mark.parametrize("shape, kernel, strides, padding, groups", [
     ((4, 16, 16, 32), (3, 3, 32, 32), 1, "SAME", 1),
     ((4, 16, 16, 16), (3, 3, 16, 32), 2, "SAME", 1),
@@ -152,15 +154,14 @@ def test_bfloat16_products_are_rounded_operands_summed_in_float32(shape, kernel,
     float32 where it has no bfloat16 kernel (depthwise, some gradients, CPUs without the
     units), so every other result equals one of the two, and each gradient stays within
     bfloat16's rounding of the float32 gradient."""
-    assert onednn.available()
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
     k = jnp.asarray(rng.standard_normal(kernel).astype(np.float32))
     conv = jax.jit(onednn.conv2d, static_argnums=(2, 3, 4, 5))
     got = conv(x, k, strides, padding, groups, "bfloat16")
-    exact = _exact(x, k, strides, padding, groups)
+    exact = xla_conv(x, k, strides, padding, groups)
     scale = float(jnp.max(jnp.abs(exact)))
-    rounded = _exact(_rounded(x), _rounded(k), strides, padding, groups)
+    rounded = xla_conv(_rounded(x), _rounded(k), strides, padding, groups)
     off = lambda want: float(jnp.max(jnp.abs(got - want))) / scale  # noqa: E731
     assert float(jnp.max(jnp.abs(rounded - exact))) / scale > 1e-4  # the two candidates differ
     if _bf16_units() and groups == 1:
@@ -174,7 +175,7 @@ def test_bfloat16_products_are_rounded_operands_summed_in_float32(shape, kernel,
         return lambda x, k: jnp.sum(cotangent * conv(x, k, strides, padding, groups, *precision))
 
     got = jax.jit(jax.grad(loss(onednn.conv2d, "bfloat16"), argnums=(0, 1)))(x, k)
-    want = jax.grad(loss(_exact), argnums=(0, 1))(x, k)
+    want = jax.grad(loss(xla_conv), argnums=(0, 1))(x, k)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, atol=2e-2 * float(jnp.max(jnp.abs(w))))
 
@@ -187,11 +188,11 @@ def test_xla_bfloat16_convolution_is_rounded_operands_summed_in_float32():
     k = jnp.asarray(rng.standard_normal((3, 3, 16, 8)).astype(np.float32))
     got = layers.conv2d(x, k, 1, "SAME", 1, "xla", "bfloat16")
     assert got.dtype == jnp.float32
-    np.testing.assert_allclose(got, _exact(_rounded(x), _rounded(k), 1, "SAME", 1), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(got, xla_conv(_rounded(x), _rounded(k), 1, "SAME", 1), rtol=1e-5, atol=1e-4)
     gx, gk = jax.grad(lambda x, k: jnp.sum(layers.conv2d(x, k, 1, "SAME", 1, "xla", "bfloat16") ** 2),
                       argnums=(0, 1))(x, k)
     assert gx.dtype == gk.dtype == jnp.float32
-    wx, wk = jax.grad(lambda x, k: jnp.sum(_exact(x, k, 1, "SAME", 1) ** 2), argnums=(0, 1))(x, k)
+    wx, wk = jax.grad(lambda x, k: jnp.sum(xla_conv(x, k, 1, "SAME", 1) ** 2), argnums=(0, 1))(x, k)
     for g, w in ((gx, wx), (gk, wk)):
         np.testing.assert_allclose(g, w, atol=2e-2 * float(jnp.max(jnp.abs(w))))
 

@@ -4,8 +4,9 @@
 // Every handler takes the same attributes: strides (sh, sw), explicit padding (pt, pl, pb,
 // pr), the feature group count, and bf16: 1 lets oneDNN round the float32 operands to
 // bfloat16 and sum the products in float32 (its bf16 fpmath mode: AMX or AVX512-BF16 where
-// the CPU has them, exact float32 where it has neither). Activations are used in place (oneDNN reads and writes
-// NHWC directly); only kernels are reordered into the layout each primitive prefers.
+// the CPU has them, exact float32 where it has neither). Activations are used in place
+// (oneDNN reads and writes NHWC directly); only kernels are reordered into the layout each
+// primitive prefers.
 // Primitives are cached per geometry, and one convolution runs at a time: each already
 // spreads over every core through OpenMP.
 #include <cstdint>
