@@ -11,7 +11,8 @@ learning rate 0.1, weight decay 5e-4 on convolution and dense kernels only, labe
 accuracy and seconds, the final test accuracy and the environment; beside them the same
 for an exponential moving average of the weights and BatchNorm statistics (``--ema``), and
 test accuracy with test-time flip augmentation, so that these two can be judged without
-building them first. torch is a benchmark
+building them first. ``--cutout 16`` adds Cutout to the augmentation, a recipe change to
+judge the same way. torch is a benchmark
 extra (``pip install -e ".[bench]"``).
 """
 
@@ -52,6 +53,18 @@ def _augment(x: torch.Tensor, pad: torch.Tensor, gen: torch.Generator) -> torch.
     return out.contiguous(memory_format=torch.channels_last)
 
 
+def _cutout(x: torch.Tensor, size: int, fill: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Each image of ``x [N, C, H, W]`` with a ``size`` x ``size`` square around a uniform random
+    centre (cut at the borders) set to ``fill [C]`` (DeVries and Taylor 2017)."""
+    n, _, h, w = x.shape
+    cy, cx = torch.randint(0, h, (n, 1), generator=gen), torch.randint(0, w, (n, 1), generator=gen)
+    rows, cols = torch.arange(h).view(1, h), torch.arange(w).view(1, w)
+    inside_y = (rows >= cy - size // 2) & (rows < cy - size // 2 + size)
+    inside_x = (cols >= cx - size // 2) & (cols < cx - size // 2 + size)
+    mask = (inside_y[:, :, None] & inside_x[:, None, :])[:, None]
+    return torch.where(mask, fill.view(1, -1, 1, 1), x).contiguous(memory_format=torch.channels_last)
+
+
 def _accuracy(model, x: torch.Tensor, y: torch.Tensor, flip: bool = False) -> float:
     """Top-1 accuracy of ``model`` in eval mode; with ``flip`` the softmax is averaged with that
     of the mirrored images (test-time flip augmentation)."""
@@ -68,7 +81,7 @@ def _accuracy(model, x: torch.Tensor, y: torch.Tensor, flip: bool = False) -> fl
     return correct / len(x)
 
 
-def train(epochs: int, bf16: bool, ema: float, seed: int = 0, batch: int = 128) -> dict:
+def train(epochs: int, bf16: bool, ema: float, cutout: int = 0, seed: int = 0, batch: int = 128) -> dict:
     ds = load_dataset("cifar10", os.environ.get("QEVO_DATA_DIR"), val_size=5000, seed=seed)
     black = -torch.tensor(ds.mean) / torch.tensor(ds.std)
     xtr, ytr = _tensor(ds.train_images, ds.mean, ds.std), torch.from_numpy(ds.train_labels).long()
@@ -99,6 +112,8 @@ def train(epochs: int, bf16: bool, ema: float, seed: int = 0, batch: int = 128) 
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
             x = _augment(xtr[idx], black, gen)
+            if cutout:
+                x = _cutout(x, cutout, black, gen)
             with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
                 loss = F.cross_entropy(model(x), ytr[idx], label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
@@ -111,7 +126,7 @@ def train(epochs: int, bf16: bool, ema: float, seed: int = 0, batch: int = 128) 
                         "ema_val_accuracy": _accuracy(averaged, xva, yva),
                         "seconds": round(time.perf_counter() - start, 1)})
         print(json.dumps(history[-1]), flush=True)
-    return {"epochs": epochs, "bf16": bf16, "seed": seed, "batch": batch, "threads": torch.get_num_threads(),
+    return {"epochs": epochs, "bf16": bf16, "cutout": cutout, "seed": seed, "batch": batch, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "ema_decay": ema,
             "history": history, "test_accuracy": _accuracy(model, xte, yte),
             "test_accuracy_flip": _accuracy(model, xte, yte, flip=True),
@@ -126,11 +141,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--bf16", action="store_true", help="train under torch.autocast bfloat16")
     parser.add_argument("--ema", type=float, default=0.999,
                         help="decay per step of the exponential moving average of the weights also scored")
+    parser.add_argument("--cutout", type=int, default=0,
+                        help="also black out a square of this side per training image (0: off; 16 in DeVries and Taylor)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=pathlib.Path, help="also write the JSON report here")
     args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count())
-    report = {**common.environment(), **train(args.epochs, args.bf16, args.ema, args.seed)}
+    report = {**common.environment(), **train(args.epochs, args.bf16, args.ema, args.cutout, args.seed)}
     if args.out:
         return common.write(report, args.out)
     print(json.dumps(report))
