@@ -1,19 +1,21 @@
 """PyTorch's accuracy with qevo's float recipe: is a ResNet-20 result qevo's or the recipe's?
 
-``python -m benchmarks.torch_recipe --epochs 28 [--bf16] [--out FILE]`` trains the ResNet-20
-of ``benchmarks.torch_baseline`` on the split qevo trains on (``qevo.data.load_dataset``:
-CIFAR-10 from ``QEVO_DATA_DIR``, the same 5,000 validation images held out for the same
-seed) with the recipe of ``configs/resnet20.py``: SGD with Nesterov momentum 0.9 and
-learning rate 0.1, weight decay 5e-4 on convolution and dense kernels only, label smoothing
-0.1, a linear warm-up over 2 epochs then cosine to 0 (per step), batch 128, a random
-4-pixel-padded crop and horizontal flip per image. ``--bf16`` runs the training step under
-``torch.autocast("cpu", torch.bfloat16)``. It prints JSON with each epoch's loss, validation
-accuracy and seconds, the final test accuracy and the environment; beside them the same
-for an exponential moving average of the weights and BatchNorm statistics (``--ema``), and
-test accuracy with test-time flip augmentation, so that these two can be judged without
-building them first. ``--cutout 16`` adds Cutout to the augmentation, a recipe change to
-judge the same way. torch is a benchmark
-extra (``pip install -e ".[bench]"``).
+``python -m benchmarks.torch_recipe --epochs 28 [--config configs/resnet20.py] [--bf16]
+[--cutout 16] [--out FILE]`` trains the ResNet-20 of ``benchmarks.torch_baseline`` on the
+split qevo trains on (``qevo.data.load_dataset``: CIFAR-10 from ``QEVO_DATA_DIR``, the
+config's validation images held out for its seed) with the float recipe read from the
+config's ``train`` section: SGD with momentum (Nesterov if set), its learning rate reached
+by a linear warm-up then cosine to 0 (per step), weight decay on convolution and dense
+kernels only (``weight_decay_on="kernels"``) or on everything, label smoothing, batch size,
+and a random 4-pixel-padded crop and horizontal flip per image. ``--epochs`` replaces the
+config's epochs. ``--bf16`` runs the training step under
+``torch.autocast("cpu", torch.bfloat16)``. It prints JSON with each epoch's loss,
+validation accuracy and seconds, the final test accuracy and the environment; beside them
+the same for an exponential moving average of the weights and BatchNorm statistics
+(``--ema``), and test accuracy with test-time flip augmentation, so that these two can be
+judged without building them first. ``--cutout 16`` adds Cutout to the augmentation, a
+recipe change to judge the same way. torch is a benchmark extra
+(``pip install -e ".[bench]"``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 
 from benchmarks import common
 from benchmarks.torch_baseline import ResNet20
+from qevo import config as config_lib
 from qevo.data import load_dataset
 
 
@@ -81,31 +84,36 @@ def _accuracy(model, x: torch.Tensor, y: torch.Tensor, flip: bool = False) -> fl
     return correct / len(x)
 
 
-def train(epochs: int, bf16: bool, ema: float, cutout: int = 0, seed: int = 0, batch: int = 128) -> dict:
-    ds = load_dataset("cifar10", os.environ.get("QEVO_DATA_DIR"), val_size=5000, seed=seed)
+def train(cfg, bf16: bool, ema: float, cutout: int = 0) -> dict:
+    """Train per ``cfg`` (a qevo config of ResNet-20 on CIFAR-10, SGD with a cosine schedule)."""
+    t = cfg.train
+    ds = load_dataset("cifar10", cfg.data.data_dir or os.environ.get("QEVO_DATA_DIR"), val_size=cfg.data.val_size,
+                      seed=cfg.seed)
     black = -torch.tensor(ds.mean) / torch.tensor(ds.std)
     xtr, ytr = _tensor(ds.train_images, ds.mean, ds.std), torch.from_numpy(ds.train_labels).long()
     xva, yva = _tensor(ds.val_images, ds.mean, ds.std), torch.from_numpy(ds.val_labels).long()
     xte, yte = _tensor(ds.test_images, ds.mean, ds.std), torch.from_numpy(ds.test_labels).long()
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
     model = ResNet20().to(memory_format=torch.channels_last)
     averaged = torch.optim.swa_utils.AveragedModel(
         model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema), use_buffers=True)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": rest, "weight_decay": 0.0}],
-                          lr=0.1, momentum=0.9, nesterov=True)
+    kernels_only = t.weight_decay_on == "kernels"
+    decay = [p for p in model.parameters() if p.dim() >= 2 or not kernels_only]
+    rest = [p for p in model.parameters() if p.dim() < 2 and kernels_only]
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": t.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                          lr=t.learning_rate, momentum=t.momentum, nesterov=t.nesterov)
+    batch = t.batch_size
     steps = len(xtr) // batch
-    total, warm = epochs * steps, 2 * steps
+    total, warm = t.epochs * steps, t.warmup_epochs * steps
 
     def lr_at(step: int) -> float:
         if step < warm:
-            return 0.1 * step / warm
-        return 0.1 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
+            return t.learning_rate * step / warm
+        return t.learning_rate * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
 
     history, step, start = [], 0, time.perf_counter()
-    for epoch in range(1, epochs + 1):
+    for epoch in range(1, t.epochs + 1):
         order = torch.randperm(len(xtr), generator=gen)[: steps * batch].view(steps, batch)
         losses = []
         for idx in order:
@@ -115,7 +123,7 @@ def train(epochs: int, bf16: bool, ema: float, cutout: int = 0, seed: int = 0, b
             if cutout:
                 x = _cutout(x, cutout, black, gen)
             with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-                loss = F.cross_entropy(model(x), ytr[idx], label_smoothing=0.1)
+                loss = F.cross_entropy(model(x), ytr[idx], label_smoothing=t.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -126,8 +134,8 @@ def train(epochs: int, bf16: bool, ema: float, cutout: int = 0, seed: int = 0, b
                         "ema_val_accuracy": _accuracy(averaged, xva, yva),
                         "seconds": round(time.perf_counter() - start, 1)})
         print(json.dumps(history[-1]), flush=True)
-    return {"epochs": epochs, "bf16": bf16, "cutout": cutout, "seed": seed, "batch": batch, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "ema_decay": ema,
+    return {"epochs": t.epochs, "bf16": bf16, "cutout": cutout, "seed": cfg.seed, "batch": batch,
+            "train": t.to_dict(), "threads": torch.get_num_threads(), "torch": torch.__version__, "ema_decay": ema,
             "history": history, "test_accuracy": _accuracy(model, xte, yte),
             "test_accuracy_flip": _accuracy(model, xte, yte, flip=True),
             "ema_test_accuracy": _accuracy(averaged, xte, yte),
@@ -137,17 +145,22 @@ def train(epochs: int, bf16: bool, ema: float, cutout: int = 0, seed: int = 0, b
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.torch_recipe", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/resnet20.py", help="the qevo config whose float recipe to run")
     parser.add_argument("--epochs", type=int, default=28)
     parser.add_argument("--bf16", action="store_true", help="train under torch.autocast bfloat16")
     parser.add_argument("--ema", type=float, default=0.999,
                         help="decay per step of the exponential moving average of the weights also scored")
     parser.add_argument("--cutout", type=int, default=0,
-                        help="also black out a square of this side per training image (0: off; 16 in DeVries and Taylor)")
-    parser.add_argument("--seed", type=int, default=0)
+                        help="also black out a square of this side per training image "
+                             "(0: off; 16 in DeVries and Taylor)")
     parser.add_argument("--out", type=pathlib.Path, help="also write the JSON report here")
     args = parser.parse_args(argv)
+    cfg = config_lib.load(args.config, [f"train.epochs={args.epochs}"])
+    recipe = (cfg.model.name, cfg.data.name, cfg.train.optimizer, cfg.train.schedule)
+    if recipe != ("resnet20", "cifar10", "sgd", "cosine"):
+        parser.error(f"{args.config} is not a ResNet-20 CIFAR-10 recipe of SGD with a cosine schedule")
     torch.set_num_threads(os.cpu_count())
-    report = {**common.environment(), **train(args.epochs, args.bf16, args.ema, args.cutout, args.seed)}
+    report = {**common.environment(), **train(cfg, args.bf16, args.ema, args.cutout)}
     if args.out:
         return common.write(report, args.out)
     print(json.dumps(report))
