@@ -7,7 +7,11 @@ same protocol cut to a 2-core CPU.
 * ``python -m qevo.search --config configs/resnet20.py``: bit-width search over weights
   {1, 2, 4, 8} and activations {2, 4, 8} for the 18 inner layers (MSE-clipped weight
   scales), 32 individuals x 30 generations with 100 QAT steps each, then 30 QAT epochs for
-  every front model and uniform baseline.
+  every front model and uniform baseline. The objectives are error and BitOps, the costs
+  the baselines are judged by (size and the reference "flops"/"params" are reported
+  beside them); the first population holds, beside the baselines w8a8, w4a4 and w2a2, the
+  uniform w1a2, w1a4 and w2a4, so that the front starts below w2a2 and between w2a2 and
+  w4a4.
 """
 
 from qevo.search import defaults
@@ -30,6 +34,8 @@ def get_config():
     c.train.augment = True
     c.quant.mode = "mse"
     c.search.w_candidates = (1, 2, 4, 8)
+    c.search.objectives = ("error", "bitops")
+    c.search.uniform_seeds = ((8, 8), (4, 4), (2, 2), (1, 2), (1, 4), (2, 4))
     c.population_size = 32
     c.generations = 30
     c.search.qat_steps = 100

@@ -8,9 +8,10 @@
 * ``python -m qevo.search --config configs/resnet20_cpu.py --workdir runs/resnet20_cpu_search
   --config.float_from=runs/resnet20_cpu_float``: the bit-width search from that model.
   Weights {1, 2, 4, 8} and activations {2, 4, 8} bits for the 18 inner convolutions;
-  16 individuals, the first population and 10 generations, 20 QAT steps each (batch 128),
-  scored on 2,000 validation images; then 2 QAT epochs for 5 front models and for w8a8,
-  w4a4 and w2a2 alike.
+  Objectives error and BitOps; a first population of 24 (the six uniform seeds of
+  ``configs/resnet20.py`` and 18 random genomes), then 12 generations of 16, 20 QAT steps
+  each (batch 128), scored on 2,000 validation images; then 2 QAT epochs for 5 front
+  models and for w8a8, w4a4 and w2a2 alike.
 """
 
 import pathlib
@@ -23,7 +24,8 @@ def get_config():
     c.train.epochs = 52
     c.model.precision = "bfloat16"
     c.population_size = 16
-    c.generations = 10
+    c.generations = 12
+    c.search.initial_samples = 24
     c.search.qat_steps = 20
     c.search.eval_images = 2000
     c.final.epochs = 2

@@ -8,9 +8,11 @@ The protocol of the spec, section 1:
    ``generations`` generations. Each generation is one compiled population evaluation
    (``search.qat_steps`` steps of per-individual QAT from the float weights, then
    accuracy on the validation split); objectives (minimised) are ``search.objectives``
-   (default error, BitOps, size). The driver is NSGA-III (:mod:`qevo.nsga3`) with the
-   integer variation of :mod:`qevo.variation`, random search, or an evosax strategy on
-   the relaxed genome with a scalarised fitness (:mod:`qevo.drivers`);
+   (default error, BitOps, size). The first population holds the uniform configurations
+   of ``search.uniform_seeds`` (default w8a8, w4a4, w2a2) and random genomes. The driver
+   is NSGA-III (:mod:`qevo.nsga3`) with the integer variation of :mod:`qevo.variation`,
+   random search, or an evosax strategy on the relaxed genome with a scalarised fitness
+   (:mod:`qevo.drivers`);
 2. the non-dominated models of everything evaluated, and the uniform baselines, are
    trained with the same budget (``final``) and scored on the test split.
 
@@ -67,6 +69,7 @@ def defaults() -> ml_collections.ConfigDict:
             "objectives": ("error", "bitops", "size"),
             "n_partitions": config_dict.placeholder(int),
             "initial_samples": config_dict.placeholder(int),
+            "uniform_seeds": BASELINES,
             "crossover_prob": 0.9,
             "mutation_rate": config_dict.placeholder(float),
             "start": "float",
@@ -140,6 +143,14 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"directions of {len(objectives)} objectives (search.n_partitions={s.n_partitions}); "
             f"raise population_size to >= {max(n_ref, 2)} or lower search.n_partitions"
         )
+    seeds = tuple(tuple(pair) for pair in s.uniform_seeds)
+    if any(len(pair) != 2 for pair in seeds) or len(set(seeds)) != len(seeds):
+        raise err(f"config search.uniform_seeds={s.uniform_seeds} must list distinct (weight_bits, activation_bits) "
+                  "pairs, e.g. ((8, 8), (4, 4), (2, 2))")
+    usable = [(w, a) for w, a in seeds if w in s.w_candidates and a in s.a_candidates]
+    if len(usable) > (s.initial_samples or cfg.population_size):
+        raise err(f"config search.uniform_seeds gives {len(usable)} usable pairs, more than the first population's "
+                  f"{s.initial_samples or cfg.population_size}; list fewer or raise search.initial_samples")
     if s.initial_samples is not None and s.initial_samples < cfg.population_size:
         raise err(f"config search.initial_samples={s.initial_samples} must be >= population_size={cfg.population_size}")
     return cfg
@@ -358,7 +369,7 @@ class SearchLoop:
         k_new, k_dedupe = jax.random.split(key)
         if state.generation < 0:
             seeds = variation.uniform_genes(self.space.w_candidates, self.space.a_candidates, self.space.num_genes // 2,
-                                            BASELINES)
+                                            cfg.search.uniform_seeds)
             total = cfg.search.initial_samples or n
             fresh = variation.random_genes(k_new, total - len(seeds), n_choices)
             genes = variation.dedupe(k_dedupe, fresh, jnp.asarray(seeds), n_choices)

@@ -49,8 +49,8 @@ def _from_float(module, config, overrides, float_run, data_dir, run):
 def test_resnet20_search_writes_costs_by_hand(resnet20_float, data_dir, tmp_path):
     run = tmp_path / "run"
     _from_float("qevo.search", "resnet20_cpu.py",
-                {"population_size": 8, "generations": 1, "search.qat_steps": 2, "search.qat_batch_size": 32,
-                 "search.eval_images": 100, "final.epochs": 1, "final.max_models": 1},
+                {"population_size": 8, "search.initial_samples": 8, "generations": 1, "search.qat_steps": 2,
+                 "search.qat_batch_size": 32, "search.eval_images": 100, "final.epochs": 1, "final.max_models": 1},
                 resnet20_float, data_dir, run)
     for name in ("config.json", "history.jsonl", "pareto.csv", "final.csv", "pareto.png", "results.json"):
         assert (run / name).is_file(), name

@@ -40,6 +40,11 @@ def _search(workdir, args, data_dir):
          "smaller than the 15 NSGA-III reference directions"),
         (["--config.search.objectives=('error', 'bitop')"], "unknown names ['bitop']"),
         (["--config.search.driver=nsga2"], "search.driver='nsga2' is not one of"),
+        (["--config.search.uniform_seeds=((2, 2), (2, 2))"], "must list distinct (weight_bits, activation_bits)"),
+        (["--config.search.uniform_seeds=((2, 2, 2),)"], "must list distinct (weight_bits, activation_bits)"),
+        (["--config.population_size=4", "--config.search.n_partitions=1",
+          "--config.search.uniform_seeds=((8, 8), (4, 4), (2, 2), (2, 4), (4, 2))"],
+         "gives 5 usable pairs, more than the first population's 4"),
     ],
 )
 def test_config_errors_give_one_clear_line(args, message, tmp_path, data_dir):
@@ -136,6 +141,18 @@ def test_other_drivers_run_and_write_a_front(driver, tiny_lenet5_float, tmp_path
     rows = _rows(tmp_path / "run" / "pareto.csv")
     assert rows and all(len(r["w_bits"].split()) == 5 for r in rows)
     assert json.loads((tmp_path / "run" / "results.json").read_text())["evaluations"] == 24
+
+
+def test_first_population_holds_the_uniform_seeds_then_random_genomes(tiny_lenet5_float, tmp_path, data_dir):
+    args = [f"--config.float_from={tiny_lenet5_float}", *TINY, "--config.generations=0",
+            "--config.search.uniform_seeds=((2, 4), (8, 8), (4, 16))"]
+    out = _search(tmp_path / "run", args, data_dir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    inner = [(r["w_bits"][1:-1], r["a_bits"][1:-1]) for r in rows]
+    # (4, 16) is skipped: 16 is not an activation candidate of configs/lenet5.py.
+    assert inner[:2] == [([2, 2, 2], [4, 4, 4]), ([8, 8, 8], [8, 8, 8])], inner
+    assert len(rows) == 8 and len({str(g) for g in inner}) == 8, inner
 
 
 @pytest.mark.slow
