@@ -9,8 +9,8 @@
   --config.float_from=runs/resnet20_cpu_float``: the bit-width search from that model.
   Weights {1, 2, 4, 8} and activations {2, 4, 8} bits for the 18 inner convolutions;
   Objectives error and BitOps; a first population of 24 (the six uniform seeds of
-  ``configs/resnet20.py`` and 18 random genomes), then 12 generations of 16, 20 QAT steps
-  each (batch 128), scored on 2,000 validation images; then 2 QAT epochs for 5 front
+  ``configs/resnet20.py`` and 18 random genomes), then 15 generations of 16, 30 QAT steps
+  each (batch 128), scored on all 5,000 validation images; then 2 QAT epochs for 5 front
   models and for w8a8, w4a4 and w2a2 alike.
 """
 
@@ -24,10 +24,9 @@ def get_config():
     c.train.epochs = 52
     c.model.precision = "bfloat16"
     c.population_size = 16
-    c.generations = 12
+    c.generations = 15
     c.search.initial_samples = 24
-    c.search.qat_steps = 20
-    c.search.eval_images = 2000
+    c.search.qat_steps = 30
     c.final.epochs = 2
     c.final.max_models = 5
     return c
