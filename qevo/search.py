@@ -147,10 +147,11 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if any(len(pair) != 2 for pair in seeds) or len(set(seeds)) != len(seeds):
         raise err(f"config search.uniform_seeds={s.uniform_seeds} must list distinct (weight_bits, activation_bits) "
                   "pairs, e.g. ((8, 8), (4, 4), (2, 2))")
-    usable = [(w, a) for w, a in seeds if w in s.w_candidates and a in s.a_candidates]
-    if len(usable) > (s.initial_samples or cfg.population_size):
-        raise err(f"config search.uniform_seeds gives {len(usable)} usable pairs, more than the first population's "
-                  f"{s.initial_samples or cfg.population_size}; list fewer or raise search.initial_samples")
+    usable = len(variation.uniform_genes(s.w_candidates, s.a_candidates, 1, seeds))
+    first = s.initial_samples or cfg.population_size
+    if usable > first:
+        raise err(f"config search.uniform_seeds gives {usable} usable pairs, more than the first population's "
+                  f"{first}; list fewer or raise search.initial_samples")
     if s.initial_samples is not None and s.initial_samples < cfg.population_size:
         raise err(f"config search.initial_samples={s.initial_samples} must be >= population_size={cfg.population_size}")
     return cfg
