@@ -21,6 +21,7 @@ import pathlib
 import time
 
 from benchmarks import common
+from qevo.harness import without_seconds
 
 COMMANDS = {
     "compress": ["qevo.compress", "configs/lenet5_sharing.py", "--config.population_size=6", "--config.generations=3",
@@ -37,15 +38,9 @@ COMMANDS = {
 }
 
 
-def _without_seconds(value):
-    if isinstance(value, dict):
-        return {k: _without_seconds(v) for k, v in value.items() if "seconds" not in k}
-    return value
-
-
 def _outputs(workdir: pathlib.Path) -> tuple:
-    history = [_without_seconds(json.loads(line)) for line in (workdir / "history.jsonl").read_text().splitlines()]
-    return _without_seconds(json.loads((workdir / "results.json").read_text())), history
+    history = [without_seconds(json.loads(line)) for line in (workdir / "history.jsonl").read_text().splitlines()]
+    return without_seconds(json.loads((workdir / "results.json").read_text())), history
 
 
 def run(name: str, float_run: str, workdir: pathlib.Path) -> dict:

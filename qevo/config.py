@@ -69,13 +69,17 @@ def defaults() -> ml_collections.ConfigDict:
     return c
 
 
+# Choices owned here and used by the layers that implement them (qevo.quant, qevo.layers).
+QUANT_MODES = ("absmax", "mse", "dorefa")
+CONV_KERNELS = ("cpu", "xla")
+PRECISIONS = ("float32", "bfloat16")
 OPTIONS = {
     "data.name": ("mnist", "cifar10", "imagenette", "image_folder"),
     "model.name": ("lenet5", "resnet20", "resnet32", "resnet56", "mobilenetv2"),
     "model.activation": ("relu", "tanh"),
-    "model.conv": ("auto", "cpu", "xla"),
-    "model.precision": ("float32", "bfloat16"),
-    "quant.mode": ("absmax", "mse", "dorefa"),
+    "model.conv": ("auto", *CONV_KERNELS),
+    "model.precision": PRECISIONS,
+    "quant.mode": QUANT_MODES,
     "train.optimizer": ("sgd", "adam"),
     "train.schedule": ("cosine", "constant"),
     "train.weight_decay_on": ("all", "kernels"),

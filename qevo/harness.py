@@ -10,6 +10,8 @@ Every ``results.json`` holds ``"seconds"``: the wall seconds this call spent in 
 of the method and ``"total"`` for the whole call (:class:`Stopwatch`); a resumed call counts
 only its own time. Figures summed over every call of a resumed run are named for what they
 sum (``train_seconds``: training epochs; ``coevolution.seconds``: evolution cycles).
+Everything else a run writes is reproduced exactly by a resumed or multi-process run
+(:func:`without_seconds` strips the wall-clock fields to compare them).
 """
 
 from __future__ import annotations
@@ -112,6 +114,14 @@ class Stopwatch:
     def seconds(self) -> dict[str, float]:
         return {**{k: round(v, 2) for k, v in self._stages.items()},
                 "total": round(time.perf_counter() - self._start, 2)}
+
+
+def without_seconds(record):
+    """``record`` (a ``results.json`` or history record, nested dicts) without its wall-clock
+    fields, the keys that name seconds: what a resumed run reproduces exactly."""
+    if isinstance(record, dict):
+        return {k: without_seconds(v) for k, v in record.items() if "seconds" not in k}
+    return record
 
 
 @contextlib.contextmanager

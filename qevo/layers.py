@@ -22,13 +22,10 @@ import jax.numpy as jnp
 from flax import struct
 
 from qevo import onednn, quant
+from qevo.config import CONV_KERNELS, PRECISIONS
 from qevo.errors import ConfigError
 
 CALIBRATION_QUANTILE = 0.9999
-
-
-CONV_KERNELS = ("cpu", "xla")
-PRECISIONS = ("float32", "bfloat16")
 
 
 def default_conv(platform: str) -> str:

@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qevo.config import QUANT_MODES as MODES
 from qevo.errors import ConfigError
 
 FLOAT_BITS = 32
-MODES = ("absmax", "mse", "dorefa")
 MSE_CLIP_RATIOS = np.round(np.linspace(1.0, 0.2, 17), 6).astype(np.float32)  # of the absmax, searched by "mse"
 
 

@@ -121,9 +121,10 @@ def kill_after_checkpoint(monkeypatch, saves: int, folder: str | None = None):
 
 
 def without_seconds(records: list[dict]) -> list[dict]:
-    """Records (nested dicts) without their wall-clock fields (keys naming seconds)."""
-    strip = lambda v: {k: strip(x) for k, x in v.items() if "seconds" not in k} if isinstance(v, dict) else v  # noqa: E731
-    return [strip(r) for r in records]
+    """Records without their wall-clock fields (:func:`qevo.harness.without_seconds`)."""
+    from qevo import harness
+
+    return [harness.without_seconds(r) for r in records]
 
 
 def synthetic_digits(seed: int = 0, train: int = 5000, val: int = 300, test: int = 10000):
