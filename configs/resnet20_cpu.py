@@ -10,7 +10,7 @@
   Weights {1, 2, 4, 8} and activations {2, 4, 8} bits for the 18 inner convolutions;
   Objectives error and BitOps; a first population of 24 (the six uniform seeds of
   ``configs/resnet20.py`` and 18 random genomes), then 15 generations of 16, 30 QAT steps
-  each (batch 128), scored on all 5,000 validation images; then 2 QAT epochs for 5 front
+  each (batch 128), scored on all 5,000 validation images; then 4 QAT epochs for 5 front
   models and for w8a8, w4a4 and w2a2 alike.
 """
 
@@ -27,6 +27,6 @@ def get_config():
     c.generations = 15
     c.search.initial_samples = 24
     c.search.qat_steps = 30
-    c.final.epochs = 2
+    c.final.epochs = 4
     c.final.max_models = 5
     return c
