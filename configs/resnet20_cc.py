@@ -4,7 +4,7 @@
 The 18 inner convolutions and both projection shortcuts (269,824 weights) as 4-bit integer
 levels with 8-bit activations; the first convolution and the classifier stay float. The
 float model and the quantizer (MSE-clipped per-channel scales) are those of
-``configs/resnet20.py``; the float model trains first (200 epochs) unless
+``configs/resnet20.py``; the float model trains first (100 epochs) unless
 ``--config.float_from`` names a trained run. A GPU run: each cycle evaluates
 ``num_groups * population_size`` = 2,048 networks on 256-image mini-batches.
 ``configs/resnet20_cc_cpu.py`` is the same method at a 2-core CPU budget.
