@@ -1,0 +1,100 @@
+"""Final-training noise of a finished bit-width search: is a gap of a few tenths between two
+final models a difference, or the draw of one training run?
+
+``python -m benchmarks.final_seeds --workdir runs/resnet20_cpu_search3
+--models w4a4,front_02,front_03 --seeds 1,2 [--out FILE]``
+
+The search trains each final model once, its mini-batches and augmentation drawn from the
+run's ``seed``. This trains the named rows of the run's ``final.csv`` again with the same
+budget (``final``), from the same float model, once per other seed (the key the search
+would have used had ``seed`` been that value), all models of a seed side by side as the
+search does. Each seed's training resumes per epoch from
+``<workdir>/final_seeds/seed<S>/``. Prints JSON (default also written to
+``<workdir>/final_seeds/final_seeds.json``): per model the test accuracy of every seed, the
+run's own first, their mean and sample standard deviation; and for each model after the
+first its paired difference from the first (same seed, same images) per seed, with mean
+and standard deviation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import pathlib
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from benchmarks import common
+from qevo import search, train
+from qevo.harness import fill_defaults
+from qevo.layers import Bits
+
+
+def _stats(values: list[float]) -> dict:
+    """Mean and sample standard deviation (None for one value) of ``values``, in percent."""
+    v = 100 * np.asarray(values, float)
+    return {"values": [round(float(x), 2) for x in v], "mean": round(float(v.mean()), 3),
+            "std": round(float(v.std(ddof=1)), 3) if len(v) > 1 else None}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True, type=pathlib.Path, help="a finished qevo.search run")
+    parser.add_argument("--models", required=True, help="comma-separated names from its final.csv; the first is "
+                                                          "the one the others are compared with")
+    parser.add_argument("--seeds", required=True, help="comma-separated seeds other than the run's own")
+    parser.add_argument("--out", type=pathlib.Path, help="JSON file (default <workdir>/final_seeds/final_seeds.json)")
+    args = parser.parse_args(argv)
+    saved = json.loads((args.workdir / "config.json").read_text())
+    cfg = search.validate(ml_collections.ConfigDict(fill_defaults(saved, search.defaults().to_dict())))
+    with open(args.workdir / "final.csv", newline="") as f:
+        rows = {r["name"]: r for r in csv.DictReader(f)}
+    names = args.models.split(",")
+    missing = [n for n in names if n not in rows or rows[n]["kind"] == "float"]
+    if missing:
+        parser.error(f"--models {missing} are not quantized rows of {args.workdir / 'final.csv'}; "
+                     f"choose from {[n for n, r in rows.items() if r['kind'] != 'float']}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if cfg.seed in seeds or len(set(seeds)) != len(seeds):
+        parser.error(f"--seeds {seeds} must be distinct and differ from the run's own seed {cfg.seed}")
+    out = args.out or args.workdir / "final_seeds" / "final_seeds.json"
+
+    report = {"benchmark": "final-training repeats of a bit-width search's final models under other seeds",
+              "command": (f"python -m benchmarks.final_seeds --workdir {args.workdir} --models {args.models} "
+                          f"--seeds {args.seeds}"),
+              **common.environment(),
+              "inputs": {"workdir": str(args.workdir), "models": names, "seeds": [cfg.seed, *seeds],
+                         "final": cfg.final.to_dict()}}
+    problem = search.prepare(cfg, args.workdir)
+    fcfg = search.final_config(cfg)
+    bits = Bits(w=np.array([[int(b) for b in rows[n]["w_bits"].split()] for n in names]),
+                a=np.array([[int(b) for b in rows[n]["a_bits"].split()] for n in names]))
+    trainer = train.PopulationTrainer(fcfg, problem.ds, problem.evaluator.model, quantized=True,
+                                      strategy=cfg.search.strategy, chunk_size=cfg.search.chunk_size)
+    accuracy = {n: [float(rows[n]["test_accuracy"])] for n in names}
+    seconds = {}
+    for seed in seeds:
+        folder = args.workdir / "final_seeds" / f"seed{seed}"
+        folders = [folder / n for n in names]
+        for f in folders:
+            f.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        _, results = train.fit_population(fcfg, problem.ds, problem.final_variables, bits, folders,
+                                          jax.random.fold_in(jax.random.key(seed), 2), f"seed {seed}", trainer,
+                                          folder / "checkpoint.msgpack")
+        seconds[seed] = round(time.perf_counter() - start, 1)
+        for n, r in zip(names, results, strict=True):
+            accuracy[n].append(r["test_accuracy"])
+    report["test_accuracy"] = {n: _stats(v) for n, v in accuracy.items()}
+    first = np.asarray(accuracy[names[0]])
+    report["minus_first"] = {n: _stats(list(np.asarray(accuracy[n]) - first)) for n in names[1:]}
+    report["seconds"] = seconds
+    return common.write(report, out)
+
+
+if __name__ == "__main__":
+    main()
