@@ -11,6 +11,7 @@ import platform
 import time
 
 import jax
+import numpy as np
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "evosax", "numpy", "pymoo", "scikit-learn", "moocore")
 
@@ -43,6 +44,14 @@ def median_seconds(fn, repeats: int) -> float:
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
+
+
+def spread(values) -> dict:
+    """Repeated measurements as a report records them: the values (2 decimals), their mean and
+    sample standard deviation (3 decimals; None for one value), in the values' own unit."""
+    v = np.asarray(values, np.float64)
+    return {"values": [round(float(x), 2) for x in v], "mean": round(float(v.mean()), 3),
+            "std": round(float(v.std(ddof=1)), 3) if v.size > 1 else None}
 
 
 def environment() -> dict:

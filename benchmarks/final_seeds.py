@@ -19,8 +19,6 @@ and standard deviation.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import pathlib
 import time
 
@@ -28,17 +26,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from benchmarks import common
+from benchmarks import common, search_run
 from qevo import search, train
-from qevo.harness import fill_defaults
 from qevo.layers import Bits
-
-
-def _stats(values: list[float]) -> dict:
-    """Mean and sample standard deviation (None for one value) of ``values``, in percent."""
-    v = 100 * np.asarray(values, float)
-    return {"values": [round(float(x), 2) for x in v], "mean": round(float(v.mean()), 3),
-            "std": round(float(v.std(ddof=1)), 3) if len(v) > 1 else None}
 
 
 def main(argv=None) -> dict:
@@ -49,15 +39,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", required=True, help="comma-separated seeds other than the run's own")
     parser.add_argument("--out", type=pathlib.Path, help="JSON file (default <workdir>/final_seeds/final_seeds.json)")
     args = parser.parse_args(argv)
-    saved = json.loads((args.workdir / "config.json").read_text())
-    cfg = search.validate(ml_collections.ConfigDict(fill_defaults(saved, search.defaults().to_dict())))
-    with open(args.workdir / "final.csv", newline="") as f:
-        rows = {r["name"]: r for r in csv.DictReader(f)}
-    names = args.models.split(",")
-    missing = [n for n in names if n not in rows or rows[n]["kind"] == "float"]
-    if missing:
-        parser.error(f"--models {missing} are not quantized rows of {args.workdir / 'final.csv'}; "
-                     f"choose from {[n for n, r in rows.items() if r['kind'] != 'float']}")
+    config, rows, names, w, a = search_run.final_models(args.workdir, args.models, parser.error)
+    cfg = search.validate(ml_collections.ConfigDict(config))
     seeds = [int(s) for s in args.seeds.split(",")]
     if cfg.seed in seeds or len(set(seeds)) != len(seeds):
         parser.error(f"--seeds {seeds} must be distinct and differ from the run's own seed {cfg.seed}")
@@ -71,8 +54,7 @@ def main(argv=None) -> dict:
                          "final": cfg.final.to_dict()}}
     problem = search.prepare(cfg, args.workdir)
     fcfg = search.final_config(cfg)
-    bits = Bits(w=np.array([[int(b) for b in rows[n]["w_bits"].split()] for n in names]),
-                a=np.array([[int(b) for b in rows[n]["a_bits"].split()] for n in names]))
+    bits = Bits(w=w, a=a)
     trainer = train.PopulationTrainer(fcfg, problem.ds, problem.evaluator.model, quantized=True,
                                       strategy=cfg.search.strategy, chunk_size=cfg.search.chunk_size)
     accuracy = {n: [float(rows[n]["test_accuracy"])] for n in names}
@@ -89,9 +71,9 @@ def main(argv=None) -> dict:
         seconds[seed] = round(time.perf_counter() - start, 1)
         for n, r in zip(names, results, strict=True):
             accuracy[n].append(r["test_accuracy"])
-    report["test_accuracy"] = {n: _stats(v) for n, v in accuracy.items()}
+    report["test_accuracy"] = {n: common.spread(100 * np.asarray(v)) for n, v in accuracy.items()}
     first = np.asarray(accuracy[names[0]])
-    report["minus_first"] = {n: _stats(list(np.asarray(accuracy[n]) - first)) for n in names[1:]}
+    report["minus_first"] = {n: common.spread(100 * (np.asarray(accuracy[n]) - first)) for n in names[1:]}
     report["seconds"] = seconds
     return common.write(report, out)
 
