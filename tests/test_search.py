@@ -228,3 +228,24 @@ def test_a_generation_of_only_infeasible_candidates_stops_the_search(tiny_lenet5
         "search.qat_learning_rate (now 1e+30) and rerun in a new --workdir")
     assert not (tmp_path / "run" / "history.jsonl").exists()  # nothing kept of the infeasible generation
     assert "search lenet5" not in stderr  # no progress bar off a terminal
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_shared_draws_score_a_genome_alike_in_every_generation(shared, tiny_lenet5_float, tmp_path, data_dir,
+                                                                monkeypatch):
+    """With ``search.shared_draws`` the first population's genomes, scored again with the
+    key of generation 2, get exactly their first scores; with a draw per generation the QAT
+    mini-batches differ and so do the scores."""
+    monkeypatch.setenv("QEVO_DATA_DIR", str(data_dir))
+    cfg = search.validate(config_lib.load(REPO / "configs" / "lenet5.py", [
+        f"float_from={tiny_lenet5_float}", "population_size=8", "search.qat_steps=3", "search.eval_images=500",
+        "data.max_train_images=3000", f"search.shared_draws={shared}"]))
+    problem = search.prepare(cfg, tmp_path)
+    loop = search.SearchLoop(cfg, problem, tmp_path)
+    state, first = loop.step(loop.initial_state())
+    state, _ = loop.step(state)
+    _, again = problem.objectives(first["genes"], loop.keys(2)[1])
+    if shared:
+        np.testing.assert_array_equal(again, first["accuracy"])
+    else:
+        assert np.abs(again - first["accuracy"]).max() > 0
