@@ -1,8 +1,13 @@
 """Final training (the search's budget: 4 QAT epochs, seed 0) of the shared-draw front model below w4a4."""
-import json, pathlib, sys
+import json
+import pathlib
+import sys
+
 import ml_collections
+
 from qevo import search
 from qevo.harness import fill_defaults
+
 run = pathlib.Path("runs/resnet20_cpu_search_shared")
 cfg = search.validate(ml_collections.ConfigDict(fill_defaults(json.loads((run / "config.json").read_text()),
                                                                search.defaults().to_dict())))
