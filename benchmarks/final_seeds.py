@@ -5,10 +5,10 @@ final models a difference, or the draw of one training run?
 --models w4a4,front_02,front_03 --seeds 1,2 [--out FILE]``
 
 The search trains each final model once, its mini-batches and augmentation drawn from the
-run's ``seed``. This trains the named rows of the run's ``final.csv`` again with the same
-budget (``final``), from the same float model, once per other seed (the key the search
-would have used had ``seed`` been that value), all models of a seed side by side as the
-search does. Each seed's training resumes per epoch from
+run's ``seed``. This trains the named rows of the run's ``final.csv`` again, once per other
+seed, by the search's own final training (:func:`qevo.search.train_final`, with ``seed``
+set to that value): the same budget (``final``), from the same float model, all models of
+a seed side by side. Each seed's training resumes per epoch from
 ``<workdir>/final_seeds/seed<S>/``. Prints JSON (default also written to
 ``<workdir>/final_seeds/final_seeds.json``): per model the test accuracy of every seed, the
 run's own first, their mean and sample standard deviation; and for each model after the
@@ -22,13 +22,11 @@ import argparse
 import pathlib
 import time
 
-import jax
 import ml_collections
 import numpy as np
 
 from benchmarks import common, search_run
-from qevo import search, train
-from qevo.layers import Bits
+from qevo import search
 
 
 def main(argv=None) -> dict:
@@ -53,24 +51,17 @@ def main(argv=None) -> dict:
               "inputs": {"workdir": str(args.workdir), "models": names, "seeds": [cfg.seed, *seeds],
                          "final": cfg.final.to_dict()}}
     problem = search.prepare(cfg, args.workdir)
-    fcfg = search.final_config(cfg)
-    bits = Bits(w=w, a=a)
-    trainer = train.PopulationTrainer(fcfg, problem.ds, problem.evaluator.model, quantized=True,
-                                      strategy=cfg.search.strategy, chunk_size=cfg.search.chunk_size)
+    models = [{"name": n, "w_bits": w[i].tolist(), "a_bits": a[i].tolist()} for i, n in enumerate(names)]
     accuracy = {n: [float(rows[n]["test_accuracy"])] for n in names}
     seconds = {}
     for seed in seeds:
-        folder = args.workdir / "final_seeds" / f"seed{seed}"
-        folders = [folder / n for n in names]
-        for f in folders:
-            f.mkdir(parents=True, exist_ok=True)
+        reseeded = ml_collections.ConfigDict(cfg.to_dict())
+        reseeded.seed = seed
         start = time.perf_counter()
-        _, results = train.fit_population(fcfg, problem.ds, problem.final_variables, bits, folders,
-                                          jax.random.fold_in(jax.random.key(seed), 2), f"seed {seed}", trainer,
-                                          folder / "checkpoint.msgpack")
+        results = search.train_final(reseeded, problem, models, args.workdir / "final_seeds" / f"seed{seed}")
         seconds[seed] = round(time.perf_counter() - start, 1)
-        for n, r in zip(names, results, strict=True):
-            accuracy[n].append(r["test_accuracy"])
+        for r in results:
+            accuracy[r["name"]].append(r["test_accuracy"])
     report["test_accuracy"] = {n: common.spread(100 * np.asarray(v)) for n, v in accuracy.items()}
     first = np.asarray(accuracy[names[0]])
     report["minus_first"] = {n: common.spread(100 * (np.asarray(accuracy[n]) - first)) for n in names[1:]}
