@@ -16,6 +16,7 @@ Prints JSON and writes ``benchmarks/results/convs_<platform>.json``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import sys
 
@@ -77,7 +78,7 @@ def measure_layers(repeats: int) -> list[dict]:
 
 def measure(repeats: int) -> dict:
     return {"benchmark": "CPU convolution paths against XLA's convolution", "repeats": repeats,
-            "onednn_status": onednn.status(), "layers": measure_layers(repeats)}
+            "onednn_status": dataclasses.asdict(onednn.status()), "layers": measure_layers(repeats)}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -30,6 +30,7 @@ Prints JSON and a table; writes ``benchmarks/results/train_speed_<platform>[_qui
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -96,7 +97,7 @@ def measure_qevo(name: str, repeats: int, steps: int) -> dict:
     forward = jax.jit(lambda v, x: model.apply(v, normalize(x, mean, std), None, train=False))
     result["forward"] = forward_images / common.median_seconds(lambda: forward(variables, x), repeats)
     return {"images_per_second": result, "convolutions": "onednn" if onednn.available() else "xla",
-            "onednn_status": onednn.status()}
+            "onednn_status": dataclasses.asdict(onednn.status())}
 
 
 def _child(argv: list[str], env: dict | None = None) -> dict:

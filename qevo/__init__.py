@@ -5,7 +5,8 @@ processes) stays light:
 
 * quantization: ``quantize_weight``, ``quantize_activation``, ``validate_bits``, ``Bits``, ``QuantOptions``
 * models: ``get_model``, ``init_variables``, ``LeNet5``, ``CifarResNet``, ``MobileNetV2``, ``calibrate``,
-  ``BatchNorm``; ``onednn_status`` (None when CPU convolutions run through oneDNN, else why not)
+  ``BatchNorm``; ``onednn_status`` (what runs the CPU convolutions: oneDNN, its version and the precision
+  its kernels give ``model.precision="bfloat16"`` on this CPU, or XLA and why)
 * cost model: ``layer_table``, ``LayerTable``, ``bitops``, ``size_bits``, ``reference_flops``, ``reference_params``
 * data: ``load_dataset``, ``Dataset``, ``normalize``, ``augment``, ``write_image_folder``
 * population evaluation: ``PopulationEvaluator``, ``QATConfig``

@@ -68,7 +68,7 @@ from qevo import checkpoint, intforward, train
 from qevo import config as config_lib
 from qevo.calibration import calibrate
 from qevo.data import augment, normalize
-from qevo.harness import RESULTS, StepLog, Stopwatch, method, write_json
+from qevo.harness import RESULTS, StepLog, Stopwatch, environment, method, write_json
 from qevo.layers import Bits
 from qevo.population import (
     STRATEGIES,
@@ -636,6 +636,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     c = cfg.coevolve
     with watch.stage("prepare"):
         prep = prepare(cfg, workdir)
+        env = environment(prep.model, prep.variables, prep.ds.train_images.shape[1:], cfg.train.batch_size,
+                          cfg.model.precision)
     runner, problem = prep.runner, prep.problem
     fake_quant = train.Trainer(cfg, prep.ds, prep.model, quantized=False).accuracy
     scores = {
@@ -682,7 +684,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
         "integer_weights": runner.num_weights,
         **scores,
         "seconds": watch.seconds(),
-        "device": jax.devices()[0].device_kind,
+        **env,
     }
     write_json(workdir / RESULTS, results)
     return results

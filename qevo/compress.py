@@ -68,7 +68,7 @@ from qevo import config as config_lib
 from qevo import distributed, nsga3, sharing
 from qevo.codebook import CODEBOOK_BITS, key_bits, quantize_codebook
 from qevo.drivers import make_driver, relax_to_genes
-from qevo.harness import RESULTS, StepLog, Stopwatch, figure, method, write_csv, write_json
+from qevo.harness import RESULTS, StepLog, Stopwatch, environment, figure, method, write_csv, write_json
 from qevo.population import batch_eval_set
 from qevo.pretrained import float_model
 from qevo.train import build_model, load_data
@@ -695,6 +695,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
 
     watch = Stopwatch()
     prep = prepare(cfg, workdir)
+    env = environment(prep.model, prep.variables, prep.val[0].shape[-3:], cfg.train.batch_size, cfg.model.precision)
     names = [sharing.layer_name(p) for p in prep.paths]
     allowed, counts = allowed_k(prep.range_acc, prep.float_score, cfg.sharing.range_max_loss,
                                 cfg.sharing.widest_per_key)
@@ -742,7 +743,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
         "kept_k": ranges,
         **({"front": [{"k": r["k"], **{k: r[k] for k in front_keys(r)}} for r in fronts]} if fronts else {}),
         "seconds": {**{k: round(v, 2) for k, v in prep.seconds.items()}, **watch.seconds()},
-        "device": jax.devices()[0].device_kind,
+        **env,
     }
     write_json(workdir / RESULTS, result)
     return result

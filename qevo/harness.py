@@ -30,7 +30,7 @@ import jax
 import ml_collections
 from tqdm import tqdm
 
-from qevo import checkpoint
+from qevo import checkpoint, onednn
 from qevo import config as config_lib
 from qevo.checkpoint import atomic_write_bytes
 from qevo.errors import CheckpointError
@@ -87,6 +87,24 @@ class StepLog:
         if self.workdir is not None:
             checkpoint.write_jsonl(self.workdir / HISTORY, history)
             checkpoint.save(self.workdir / CHECKPOINT, state, {self.unit: steps})
+
+
+def environment(model, variables: dict, image_shape: tuple[int, ...], batch_size: int, precision: str) -> dict:
+    """Where a run computes, for its ``results.json``: ``{"device": the first device's kind,
+    "convolutions": what runs the float network's convolutions}`` (:func:`qevo.onednn.record`
+    of its training forward pass on ``batch_size`` images of ``image_shape`` (HWC), traced,
+    not run). Where ``precision`` (``model.precision``) asks for bfloat16 and the kernels of
+    this machine keep float32, says so in one line on stderr."""
+    x = jax.ShapeDtypeStruct((batch_size, *image_shape), jax.numpy.float32)
+    forward = lambda v, x: model.apply(v, x, None, train=True, mutable=["batch_stats"],  # noqa: E731
+                                       rngs={"dropout": jax.random.key(0)})
+    convolutions = onednn.record(forward, variables, x)
+    ran = convolutions.get("precision", precision)
+    if ran != precision:
+        print(f"qevo: model.precision={precision!r} asked for, but this CPU's oneDNN kernels compute the "
+              f"convolutions in {ran} ({', '.join(convolutions['implementations'])}); results.json records it",
+              file=sys.stderr, flush=True)
+    return {"device": jax.devices()[0].device_kind, "convolutions": convolutions}
 
 
 def progress(total: int, initial: int, desc: str) -> tqdm:

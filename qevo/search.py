@@ -44,7 +44,19 @@ from qevo import checkpoint, cost, drivers, nsga3, train, variation
 from qevo import config as config_lib
 from qevo.calibration import calibrate
 from qevo.data import Dataset, normalize
-from qevo.harness import CHECKPOINT, MODEL, RESULTS, StepLog, Stopwatch, figure, method, progress, write_csv, write_json
+from qevo.harness import (
+    CHECKPOINT,
+    MODEL,
+    RESULTS,
+    StepLog,
+    Stopwatch,
+    environment,
+    figure,
+    method,
+    progress,
+    write_csv,
+    write_json,
+)
 from qevo.layers import Bits
 from qevo.models import init_variables
 from qevo.population import PopulationEvaluator, QATConfig
@@ -649,6 +661,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     with watch.stage("prepare"):
         problem = prepare(cfg, workdir)
+        env = environment(problem.evaluator.model, problem.variables, problem.ds.train_images.shape[1:],
+                          cfg.train.batch_size, cfg.model.precision)
     with watch.stage("search"):
         history = SearchLoop(cfg, problem, workdir).run()
     write_csv(workdir / "pareto.csv", pareto_rows(cfg, problem, history), PARETO_COLUMNS)
@@ -673,7 +687,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
         "float_test_accuracy": float_acc,
         "final": [{k: r[k] for k in ("name", "test_accuracy", "bitops", "size") if k in r} for r in rows],
         "seconds": watch.seconds(),
-        "device": jax.devices()[0].device_kind,
+        **env,
     }
     write_json(workdir / RESULTS, results)
     return results

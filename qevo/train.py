@@ -33,7 +33,7 @@ from qevo import config as config_lib
 from qevo.calibration import calibrate
 from qevo.cost import layer_table
 from qevo.data import Dataset, augment, load_dataset, normalize
-from qevo.harness import CHECKPOINT, MODEL, RESULTS, Stopwatch, method, progress, write_csv, write_json
+from qevo.harness import CHECKPOINT, MODEL, RESULTS, Stopwatch, environment, method, progress, write_csv, write_json
 from qevo.layers import Bits, QuantOptions, default_conv
 from qevo.models import get_model, init_variables
 from qevo.population import (
@@ -400,6 +400,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
                 if quantized else None)
         init_key, train_key = jax.random.split(jax.random.key(cfg.seed))
         variables = initial_variables(cfg, ds, model, bits, init_key)
+        env = environment(model, variables, ds.train_images.shape[1:], cfg.train.batch_size, cfg.model.precision)
     with watch.stage("train"):
         variables, fitted = fit(cfg, ds, model, variables, bits, workdir, train_key, f"train {cfg.model.name}")
     checkpoint.save(workdir / MODEL, variables, {"model": cfg.model.name})
@@ -410,7 +411,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
         "a_bits": cfg.train.a_bits,
         **fitted,
         "seconds": watch.seconds(),
-        "device": jax.devices()[0].device_kind,
+        **env,
     }
     write_json(workdir / RESULTS, results)
     return results

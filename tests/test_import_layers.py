@@ -1,9 +1,11 @@
 """The import layers of ``pyproject.toml`` ([tool.importlinter]) hold, and break when they should."""
 
+import os
 import pathlib
 import shutil
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 
@@ -13,8 +15,11 @@ LINT = "import sys; from importlinter.cli import lint_imports; sys.exit(lint_imp
 
 
 def _lint(root: pathlib.Path) -> subprocess.CompletedProcess:
-    """import-linter's verdict on the ``qevo`` package under ``root`` (with the repository's contracts)."""
-    return subprocess.run([sys.executable, "-c", LINT], cwd=root, env={"PYTHONPATH": str(root)},
+    """import-linter's verdict on the ``qevo`` package under ``root`` (with the repository's
+    contracts). Without ``site`` (``-S``), so that an editable install's import hook, which
+    maps ``qevo`` to the repository, does not hide the copy under ``root``."""
+    path = f"{root}{os.pathsep}{sysconfig.get_paths()['purelib']}"
+    return subprocess.run([sys.executable, "-S", "-c", LINT], cwd=root, env={"PYTHONPATH": path},
                           capture_output=True, text=True, timeout=300, check=False)
 
 

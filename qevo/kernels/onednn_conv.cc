@@ -9,7 +9,15 @@
 // primitive prefers.
 // Primitives are cached per geometry, and one convolution runs at a time: each already
 // spreads over every core through OpenMP.
+//
+// Two plain C functions tell Python what runs: QevoOneDNNVersion (the library's version) and
+// QevoConvImplementations (the names oneDNN gives the implementations it picked for a
+// geometry, which carry the instruction set, and so whether bf16 arithmetic runs).
+//
+// Built when qevo is installed (CMakeLists.txt beside this file); qevo.onednn loads it.
 #include <cstdint>
+#include <cstdio>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -73,11 +81,13 @@ struct Primitives {
     forward_kernel = memory(fwd_pd.weights_desc(), engine);
     input_grad_kernel = memory(data_pd.weights_desc(), engine);
     kernel_grad_out = memory(kernel_pd.diff_weights_desc(), engine);
+    names = std::string(fwd_pd.impl_info_str()) + "\n" + data_pd.impl_info_str() + "\n" + kernel_pd.impl_info_str();
   }
   dnnl::convolution_forward forward;
   dnnl::convolution_backward_data input_grad;
   dnnl::convolution_backward_weights kernel_grad;
   memory forward_kernel, input_grad_kernel, kernel_grad_out;
+  std::string names;  // the implementations oneDNN picked, one a line: forward, input gradient, kernel gradient
 };
 
 std::mutex mu;
@@ -157,6 +167,29 @@ ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::Re
 }
 
 }  // namespace
+
+// "major.minor.patch" of the oneDNN library loaded, into `out` (NUL-terminated, at most `size` bytes).
+extern "C" void QevoOneDNNVersion(char* out, size_t size) {
+  const dnnl_version_t* v = dnnl_version();
+  std::snprintf(out, size, "%d.%d.%d", v->major, v->minor, v->patch);
+}
+
+// The implementation names of the forward, input-gradient and kernel-gradient primitives of
+// one geometry (the 17 integers of Geometry, in order), one a line, into `out`. Returns 0, or
+// -1 with oneDNN's message in `out` when the geometry has no primitive.
+extern "C" int QevoConvImplementations(const int64_t* d, char* out, size_t size) {
+  Geometry g{d[0], d[1], d[2],  d[3],  d[4],  d[5],  d[6],  d[7], d[8],
+             d[9], d[10], d[11], d[12], d[13], d[14], d[15], d[16]};
+  try {
+    std::lock_guard<std::mutex> lock(mu);
+    Primitives& p = Lookup(g);
+    std::snprintf(out, size, "%s", p.names.c_str());
+    return 0;
+  } catch (const dnnl::error& e) {
+    std::snprintf(out, size, "%s", e.what());
+    return -1;
+  }
+}
 
 #define QEVO_CONV_BINDING                  \
   ffi::Ffi::Bind()                         \
