@@ -7,6 +7,9 @@ processes) stays light:
 * models: ``get_model``, ``init_variables``, ``LeNet5``, ``CifarResNet``, ``MobileNetV2``, ``calibrate``,
   ``BatchNorm``; ``onednn_status`` (what runs the CPU convolutions: oneDNN, its version and the precision
   its kernels give ``model.precision="bfloat16"`` on this CPU, or XLA and why)
+* your own Flax Linen network: ``quantize_model`` (finds its Conv/Dense layers by tracing it
+  and quantizes them from outside; every method takes the result, or the network itself, as
+  ``model=``), ``QuantizedModel``, ``Layer``; your own arrays: ``Dataset.from_arrays``
 * cost model: ``layer_table``, ``LayerTable``, ``bitops``, ``size_bits``, ``reference_flops``, ``reference_params``
 * data: ``load_dataset``, ``Dataset``, ``normalize``, ``augment``, ``write_image_folder``
 * population evaluation: ``PopulationEvaluator``, ``QATConfig``
@@ -45,6 +48,9 @@ _EXPORTS = {
     "calibrate": ("qevo.calibration", "calibrate"),
     "BatchNorm": ("qevo.layers", "BatchNorm"),
     "onednn_status": ("qevo.onednn", "status"),
+    "quantize_model": ("qevo.interception", "quantize"),
+    "QuantizedModel": ("qevo.interception", "QuantizedModel"),
+    "Layer": ("qevo.interception", "Layer"),
     "layer_table": ("qevo.cost", "layer_table"),
     "LayerTable": ("qevo.cost", "LayerTable"),
     "bitops": ("qevo.cost", "bitops"),
@@ -116,6 +122,8 @@ if TYPE_CHECKING:  # the same names, visible to type checkers and IDEs (tests/te
     from qevo.drivers import EVOSAX_STRATEGIES, Driver, DriverState, make_driver
     from qevo.errors import CheckpointError, ConfigError, DataError, ExportError, PopulationMemoryError, QevoError
     from qevo.export import export as export_onnx
+    from qevo.interception import Layer, QuantizedModel
+    from qevo.interception import quantize as quantize_model
     from qevo.intforward import (
         IntKernel,
         integer_kernels,

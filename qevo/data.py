@@ -146,9 +146,81 @@ class Dataset:
             raise ValueError(f"unknown split {name!r}; expected 'train', 'val' or 'test'")
         return getattr(self, f"{name}_images"), getattr(self, f"{name}_labels")
 
+    @classmethod
+    def from_arrays(cls, train: tuple, test: tuple, val: tuple | None = None, *, val_size: int = 0,
+                    seed: int = 0, num_classes: int | None = None, normalize: bool = True,
+                    name: str = "arrays") -> Dataset:
+        """A dataset of a user's own arrays.
+
+        Args:
+          train, test: ``(inputs [N, ...], labels [N])``. Inputs are uint8 (0..255, as
+            images) or float; labels integers in ``0..num_classes-1``.
+          val: ``(inputs, labels)`` of a validation split; None carves ``val_size``
+            examples from ``train`` in a seeded random order (as :func:`load_dataset` does).
+          val_size, seed: the carved validation split.
+          num_classes: default ``max(label) + 1`` over every split.
+          normalize: standardize each channel (the last axis) with the mean and standard
+            deviation of the train split; False feeds uint8 inputs as ``x / 255`` and float
+            inputs as they are (up to float32 rounding).
+          name: the dataset's name in results.
+
+        Raises:
+          DataError: mismatched lengths, labels out of range, NaN or infinite inputs, other
+            dtypes, or splits whose examples differ in shape.
+        """
+        splits = {"train": train, "test": test, **({"val": val} if val is not None else {})}
+        checked = {k: _checked_split(k, *v) for k, v in splits.items()}
+        shape = checked["train"][0].shape[1:]
+        for k, (x, _) in checked.items():
+            if x.shape[1:] != shape or x.dtype != checked["train"][0].dtype:
+                raise DataError(f"{k} inputs are {x.dtype} {x.shape[1:]} per example, train inputs "
+                                f"{checked['train'][0].dtype} {shape}; give every split the same shape and dtype")
+        top = max(int(y.max(initial=-1)) for _, y in checked.values()) + 1
+        num_classes = top if num_classes is None else num_classes
+        if top > num_classes:
+            raise DataError(f"labels reach {top - 1}, outside [0, num_classes={num_classes}); "
+                            "pass the right num_classes or fix the labels")
+        x, y = checked["train"]
+        if val is None:
+            if not 0 <= val_size < len(y):
+                raise DataError(f"val_size={val_size} must be in 0..{len(y) - 1} (the train split has {len(y)})")
+            perm = np.random.default_rng(seed).permutation(len(y))
+            checked["val"] = (x[perm[:val_size]], y[perm[:val_size]])
+            x, y = x[perm[val_size:]], y[perm[val_size:]]
+        channels = shape[-1] if shape else 1
+        if normalize:  # normalize() divides by 255 first: statistics in those units
+            values = x.reshape(-1, channels).astype(np.float64)
+            mean, std = values.mean(axis=0) / 255.0, np.maximum(values.std(axis=0), 1e-12) / 255.0
+        else:
+            mean, std = np.zeros(channels), np.full(channels, 1.0 if x.dtype == np.uint8 else 1.0 / 255.0)
+        return cls(name=name, train_images=x, train_labels=y, val_images=checked["val"][0],
+                   val_labels=checked["val"][1], test_images=checked["test"][0], test_labels=checked["test"][1],
+                   num_classes=num_classes, class_names=tuple(str(i) for i in range(num_classes)),
+                   mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std))
+
     def __repr__(self) -> str:
         shapes = ", ".join(f"{s}={getattr(self, f'{s}_images').shape}" for s in ("train", "val", "test"))
         return f"Dataset({self.name!r}, {shapes}, num_classes={self.num_classes})"
+
+
+def _checked_split(split: str, inputs, labels) -> tuple[np.ndarray, np.ndarray]:
+    """``(inputs, labels int32)`` of one split of :meth:`Dataset.from_arrays`, checked."""
+    x, y = np.asarray(inputs), np.asarray(labels)
+    if x.ndim < 1 or y.ndim != 1 or len(x) != len(y):
+        raise DataError(f"{split} has {len(x) if x.ndim else 0} inputs and {len(y) if y.ndim else 0} labels "
+                        f"(shapes {x.shape} and {y.shape}); give one integer label per input")
+    if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
+        raise DataError(f"{split} inputs are {x.dtype}; give uint8 (0..255) or float inputs")
+    if np.issubdtype(x.dtype, np.floating):
+        if not np.all(np.isfinite(x)):
+            raise DataError(f"{split} inputs hold {int(np.sum(~np.isfinite(x)))} NaN or infinite values; "
+                            "clean or drop those examples")
+        x = x.astype(np.float32)
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{split} labels are {y.dtype}; give integer class labels")
+    if y.size and y.min() < 0:
+        raise DataError(f"{split} labels hold {int(y.min())}; labels must be in [0, num_classes)")
+    return x, y.astype(np.int32)
 
 
 def normalize(images, mean, std):

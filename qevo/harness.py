@@ -43,15 +43,16 @@ MODEL = "model.msgpack"
 RESULTS = "results.json"
 
 
-def method(run: Callable[[ml_collections.ConfigDict, pathlib.Path], dict]):
-    """Wrap a method's ``run(cfg, workdir) -> results`` so that it runs under the config's
-    random-number setting (``cfg.threefry_partitionable``, recorded in ``config.json``):
-    the same stream from Python as from the command line. ``workdir`` may be a str."""
+def method(run: Callable[..., dict]):
+    """Wrap a method's ``run(cfg, workdir, **inputs) -> results`` so that it runs under the
+    config's random-number setting (``cfg.threefry_partitionable``, recorded in
+    ``config.json``): the same stream from Python as from the command line. ``workdir`` may
+    be a str; keyword arguments (a user's ``model=``, ``data=``) pass through."""
 
     @functools.wraps(run)
-    def wrapped(cfg: ml_collections.ConfigDict, workdir) -> dict:
+    def wrapped(cfg: ml_collections.ConfigDict, workdir, **inputs) -> dict:
         with random_streams(cfg):
-            return run(cfg, pathlib.Path(workdir))
+            return run(cfg, pathlib.Path(workdir), **inputs)
 
     return wrapped
 

@@ -41,7 +41,7 @@ def float_model(cfg: ml_collections.ConfigDict, ds: Dataset, model: nn.Module,
         if not (folder / RESULTS).exists():
             float_cfg = ml_collections.ConfigDict(cfg.to_dict())
             float_cfg.train.w_bits = float_cfg.train.a_bits = 32
-            train.run(float_cfg, folder)
+            train.run(float_cfg, folder, model=model, data=ds)
         distributed.sync("float model")  # process 0 wrote it; every process reads it
     else:
         folder = pathlib.Path(cfg.float_from)

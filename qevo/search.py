@@ -242,10 +242,19 @@ class Problem:
     final_variables: dict
     float_results: dict
     ds: Dataset
+    model_name: str
+    extra_objectives: dict
     eval_images: jax.Array
     eval_labels: jax.Array
     train_images: jax.Array
     train_labels: jax.Array
+
+    def costs(self, bits: Bits) -> dict[str, np.ndarray]:
+        """:func:`costs` and the user's objectives (``objectives=`` of :func:`run`), float64 ``[P]`` each."""
+        w, a = np.asarray(bits.w), np.asarray(bits.a)
+        return {**costs(self.table, bits),
+                **{name: np.asarray(f(w, a, self.table), np.float64).reshape(w.shape[0])
+                   for name, f in self.extra_objectives.items()}}
 
     def objectives(self, genes: np.ndarray, key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
         """``(F [P, M] float64, validation accuracy [P])``; NaN error where the network diverged."""
@@ -257,7 +266,7 @@ class Problem:
             ),
             np.float64,
         )
-        values = {"error": 1.0 - acc, **costs(self.table, bits)}
+        values = {"error": 1.0 - acc, **self.costs(bits)}
         return np.stack([values[o] for o in self.cfg.search.objectives], axis=1), acc
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
@@ -267,20 +276,24 @@ class Problem:
                              np.full(s, np.argmax(self.space.a_candidates))])[None]
         lo = np.concatenate([np.full(s, np.argmin(self.space.w_candidates)),
                              np.full(s, np.argmin(self.space.a_candidates))])[None].astype(np.int32)
-        c_lo, c_hi = costs(self.table, self.space.decode(lo)), costs(self.table, self.space.decode(hi))
-        lower = np.array([0.0 if o == "error" else c_lo[o][0] for o in self.cfg.search.objectives])
-        upper = np.array([1.0 if o == "error" else c_hi[o][0] for o in self.cfg.search.objectives])
+        c_lo, c_hi = self.costs(self.space.decode(lo)), self.costs(self.space.decode(hi))
+        ends = {o: sorted((c_lo[o][0], c_hi[o][0])) for o in c_lo}  # a user's objective may fall with width
+        lower = np.array([0.0 if o == "error" else ends[o][0] for o in self.cfg.search.objectives])
+        upper = np.array([1.0 if o == "error" else ends[o][1] for o in self.cfg.search.objectives])
         return lower, np.maximum(upper, lower + 1e-12)
 
 
-def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> Problem:
-    """Data, float model (trained or loaded), calibration, cost table and evaluator."""
-    ds = train.load_data(cfg)
-    model = train.build_model(cfg, ds.num_classes)
+def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, model=None, variables: dict | None = None,
+            data: Dataset | None = None, objectives: dict | None = None) -> Problem:
+    """Data, float model (trained, loaded or the user's), calibration, cost table and evaluator
+    (``model``, ``variables``, ``data``: :func:`qevo.train.resolve_inputs`; ``objectives``: :func:`run`)."""
+    inputs = train.resolve_inputs(cfg, model, variables, data)
+    ds, model = inputs.ds, inputs.model
     calib = normalize(jnp.asarray(ds.train_images[:512]), ds.mean, ds.std)
     starts, float_results = {}, {}
     if "float" in (cfg.search.start, cfg.final.start):
-        float_vars, float_results = float_model(cfg, ds, model, workdir)
+        float_vars, float_results = ((inputs.variables, {}) if inputs.variables is not None
+                                     else float_model(cfg, ds, model, workdir))
         starts["float"] = calibrate(model, float_vars, calib)
     if "scratch" in (cfg.search.start, cfg.final.start):
         fresh = init_variables(model, jax.random.fold_in(jax.random.key(cfg.seed), 7), ds.train_images.shape[1:])
@@ -307,6 +320,8 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> Problem:
         variables=variables,
         final_variables=starts[cfg.final.start],
         float_results=float_results,
+        model_name=inputs.model_name,
+        extra_objectives=dict(objectives or {}),
         ds=ds,
         eval_images=jax.device_put(ds.val_images[:n_eval]),
         eval_labels=jax.device_put(ds.val_labels[:n_eval]),
@@ -443,7 +458,7 @@ class SearchLoop:
         state = state.replace(generation=int(state.generation), evaluations=int(state.evaluations),
                               seconds=float(state.seconds))
         total = self.cfg.generations + 1
-        bar = progress(total, state.generation + 1, f"search {self.cfg.model.name}")
+        bar = progress(total, state.generation + 1, f"search {self.problem.model_name}")
         while state.generation + 1 < total:
             state, rec = self.step(state)
             bits = self.space.decode(rec["genes"])
@@ -584,7 +599,7 @@ def train_final(cfg, problem: Problem, models: list[dict], workdir: pathlib.Path
         if not (folder / MODEL).exists() and (folder / CHECKPOINT).exists():
             trainer = train.Trainer(fcfg, problem.ds, model, quantized=True)
             state, _ = checkpoint.load(folder / CHECKPOINT, trainer.init_state(problem.final_variables))
-            checkpoint.save(folder / MODEL, state.variables, {"model": cfg.model.name, "name": m["name"]})
+            checkpoint.save(folder / MODEL, state.variables, {"model": problem.model_name, "name": m["name"]})
         if (folder / MODEL).exists():
             fitted[m["name"]] = saved
     pending = [m for m in models if m["name"] not in fitted]
@@ -601,12 +616,12 @@ def train_final(cfg, problem: Problem, models: list[dict], workdir: pathlib.Path
                                                    f"final {len(pending)} models", trainer, final / CHECKPOINT)
         for i, (m, folder) in enumerate(zip(pending, folders, strict=True)):
             one = jax.tree_util.tree_map(lambda v, i=i: v[i], variables)
-            checkpoint.save(folder / MODEL, one, {"model": cfg.model.name, "name": m["name"]})
+            checkpoint.save(folder / MODEL, one, {"model": problem.model_name, "name": m["name"]})
             fitted[m["name"]] = {**results[i], "w_bits": m["w_bits"], "a_bits": m["a_bits"]}
             write_json(folder / RESULTS, fitted[m["name"]])
     rows = []
     for m in models:
-        c = costs(problem.table, Bits(w=np.asarray([m["w_bits"]]), a=np.asarray([m["a_bits"]])))
+        c = problem.costs(Bits(w=np.asarray([m["w_bits"]]), a=np.asarray([m["a_bits"]])))
         f = fitted[m["name"]]
         rows.append({**m, "val_accuracy": f["val_accuracy"], "test_accuracy": f["test_accuracy"],
                      "epochs": f["epochs"], **{k: float(v[0]) for k, v in c.items()}})
@@ -619,7 +634,7 @@ def pareto_rows(cfg, problem: Problem, history: list[dict]) -> list[dict]:
     rows = []
     for j in front_indices(F):
         r = history[j]
-        c = costs(problem.table, Bits(w=np.asarray([r["w_bits"]]), a=np.asarray([r["a_bits"]])))
+        c = problem.costs(Bits(w=np.asarray([r["w_bits"]]), a=np.asarray([r["a_bits"]])))
         rows.append({"w_bits": r["w_bits"], "a_bits": r["a_bits"], "val_accuracy": r["val_accuracy"],
                      "generation": r["generation"], **{k: float(v[0]) for k, v in c.items()}})
     return sorted(rows, key=lambda r: (r["bitops"], -r["val_accuracy"]))
@@ -649,23 +664,50 @@ def plot(path: pathlib.Path, history: list[dict], final: list[dict], float_acc: 
         ax.legend(fontsize=7, loc="lower right")
 
 
+def with_objectives(cfg: ml_collections.ConfigDict, objectives: dict) -> ml_collections.ConfigDict:
+    """``cfg`` with the user's objectives' names after ``search.objectives``; a name that
+    clashes with a built-in one or is no callable is a :class:`ConfigError`."""
+    for name, f in objectives.items():
+        if name in OBJECTIVES or not callable(f):
+            raise config_lib.ConfigError(
+                f"objectives={{{name!r}: ...}} must map a new name (not one of {OBJECTIVES}) to a function "
+                "f(w_bits, a_bits, table) -> [P]")
+    if not objectives:
+        return cfg
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg.search.objectives = (*cfg.search.objectives, *(n for n in objectives if n not in cfg.search.objectives))
+    return cfg
+
+
 FINAL_COLUMNS = ["name", "kind", "w_bits", "a_bits", "search_val_accuracy", "val_accuracy", "test_accuracy", "epochs",
                  "bitops", "size", "flops", "params"]
 PARETO_COLUMNS = ["w_bits", "a_bits", "val_accuracy", "generation", "bitops", "size", "flops", "params"]
 
 
 @method
-def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
-    """The whole protocol in ``workdir`` (resuming where it stopped); returns the summary."""
+def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, *, model=None, variables: dict | None = None,
+        data: Dataset | None = None, objectives: dict | None = None) -> dict:
+    """The whole protocol in ``workdir`` (resuming where it stopped); returns the summary.
+
+    From Python, ``model=`` (any ``flax.linen`` network, unchanged), ``variables=`` (its
+    trained float variables; None: trained here per ``cfg.train``) and ``data=`` (a
+    :class:`qevo.data.Dataset`, e.g. :meth:`~qevo.data.Dataset.from_arrays`) replace
+    ``cfg.model`` and ``cfg.data`` (:func:`qevo.train.resolve_inputs`). ``objectives=``
+    adds named objectives, minimised beside ``search.objectives``: each
+    ``f(w_bits, a_bits, table) -> [P]`` of a population's int widths ``[P, L]`` and the
+    :class:`qevo.cost.LayerTable` (a latency lookup table, say); they go into the history,
+    ``pareto.csv`` and ``final.csv`` under their names."""
+    cfg = with_objectives(cfg, objectives or {})
     watch = Stopwatch()
     workdir.mkdir(parents=True, exist_ok=True)
     with watch.stage("prepare"):
-        problem = prepare(cfg, workdir)
+        problem = prepare(cfg, workdir, model, variables, data, objectives)
         env = environment(problem.evaluator.model, problem.variables, problem.ds.train_images.shape[1:],
                           cfg.train.batch_size, cfg.model.precision)
     with watch.stage("search"):
         history = SearchLoop(cfg, problem, workdir).run()
-    write_csv(workdir / "pareto.csv", pareto_rows(cfg, problem, history), PARETO_COLUMNS)
+    extra = list(problem.extra_objectives)
+    write_csv(workdir / "pareto.csv", pareto_rows(cfg, problem, history), PARETO_COLUMNS + extra)
     with watch.stage("final"):
         final = (train_final(cfg, problem, final_candidates(cfg, problem.space, history), workdir)
                  if cfg.final.enabled else [])
@@ -673,14 +715,14 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     rows = list(final)
     if float_acc is not None:
         num_layers = problem.table.num_layers
-        float_costs = costs(problem.table, Bits(w=np.full((1, num_layers), 32), a=np.full((1, num_layers), 32)))
+        float_costs = problem.costs(Bits(w=np.full((1, num_layers), 32), a=np.full((1, num_layers), 32)))
         rows.append({"name": "float", "kind": "float", "w_bits": [32] * num_layers, "a_bits": [32] * num_layers,
                      "test_accuracy": float_acc, **{k: float(v[0]) for k, v in float_costs.items()}})
-    write_csv(workdir / "final.csv", rows, FINAL_COLUMNS)
+    write_csv(workdir / "final.csv", rows, FINAL_COLUMNS + extra)
     plot(workdir / "pareto.png", history, final, float_acc, problem.table)
     results = {
-        "model": cfg.model.name,
-        "dataset": cfg.data.name,
+        "model": problem.model_name,
+        "dataset": problem.ds.name,
         "driver": cfg.search.driver,
         "evaluations": len(history),
         "front_size": len(front_indices(history_objectives(history, cfg.search.objectives))),

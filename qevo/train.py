@@ -34,6 +34,7 @@ from qevo.calibration import calibrate
 from qevo.cost import layer_table
 from qevo.data import Dataset, augment, load_dataset, normalize
 from qevo.harness import CHECKPOINT, MODEL, RESULTS, Stopwatch, environment, method, progress, write_csv, write_json
+from qevo.interception import QuantizedModel, quantize
 from qevo.layers import Bits, QuantOptions, default_conv
 from qevo.models import get_model, init_variables
 from qevo.population import (
@@ -80,13 +81,73 @@ def load_data(cfg: ml_collections.ConfigDict) -> Dataset:
     return ds
 
 
+def quant_options(cfg: ml_collections.ConfigDict) -> QuantOptions:
+    """The quantizer settings of ``cfg.quant`` and the convolution kernels of ``cfg.model``."""
+    conv = default_conv(jax.devices()[0].platform) if cfg.model.conv == "auto" else cfg.model.conv
+    return QuantOptions(per_channel=cfg.quant.per_channel, mode=cfg.quant.mode, conv=conv,
+                        precision=cfg.model.precision)
+
+
 def build_model(cfg: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
     """The model of ``cfg.model`` with the quantizer settings of ``cfg.quant``."""
-    conv = default_conv(jax.devices()[0].platform) if cfg.model.conv == "auto" else cfg.model.conv
-    options = QuantOptions(per_channel=cfg.quant.per_channel, mode=cfg.quant.mode, conv=conv,
-                           precision=cfg.model.precision)
     kwargs = {"activation": cfg.model.activation} if cfg.model.name == "lenet5" else {}
-    return get_model(cfg.model.name, num_classes, options, **kwargs)
+    return get_model(cfg.model.name, num_classes, quant_options(cfg), **kwargs)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Inputs:
+    """What a method computes on: the data, the qevo model and (given by the user) its float
+    variables. :func:`resolve_inputs` makes it from a config, or from a user's own objects."""
+
+    ds: Dataset
+    model: object
+    variables: dict | None
+    model_name: str
+
+
+def resolve_inputs(cfg: ml_collections.ConfigDict, model=None, variables: dict | None = None,
+                   data: Dataset | None = None) -> Inputs:
+    """The data and model of a run: ``cfg.data`` and ``cfg.model``, or the user's own.
+
+    Args:
+      cfg: the method's config.
+      model: None (``cfg.model.name``), a ``flax.linen`` module of the user's (quantized
+        through :func:`qevo.interception.quantize`), or an already quantized model.
+      variables: the user's trained float variables of ``model`` (None: the method trains
+        the float model as ``cfg.train`` says).
+      data: a :class:`qevo.data.Dataset` (:meth:`~qevo.data.Dataset.from_arrays`); None
+        loads ``cfg.data``.
+
+    Raises:
+      ConfigError: ``variables`` without ``model``, or a model whose output does not fit
+        the labels (``[N, num_classes]`` logits).
+    """
+    if data is not None and not isinstance(data, Dataset):
+        raise config_lib.ConfigError(f"data= must be a qevo Dataset (qevo.Dataset.from_arrays(...)), "
+                                     f"got {type(data).__name__}")
+    ds = load_data(cfg) if data is None else data
+    if model is None:
+        if variables is not None:
+            raise config_lib.ConfigError("variables= belongs to model=; pass both, or neither")
+        return Inputs(ds, build_model(cfg, ds.num_classes), None, cfg.model.name)
+    sample = normalize(jnp.asarray(ds.train_images[:64]), ds.mean, ds.std)
+    quantized = model
+    if not hasattr(model, "num_layers"):  # not yet a qevo model: a user's network
+        quantized = quantize(model, sample, variables, quant_options(cfg))
+        if quantized.float_others:
+            print("qevo: kept float (not Conv, Dense or DenseGeneral): " + ", ".join(
+                f"{path} ({kind})" for path, kind in quantized.float_others), file=sys.stderr, flush=True)
+    template = init_variables(quantized, jax.random.key(cfg.seed), ds.train_images.shape[1:])
+    out = jax.eval_shape(lambda v: quantized.apply(v, sample[:2], None), template)
+    if out.shape != (2, ds.num_classes):
+        raise config_lib.ConfigError(
+            f"the model's output is {out.shape[1:]} per example, but the labels need {ds.num_classes} class "
+            f"scores ({ds.num_classes} classes); give the model a last layer of {ds.num_classes} outputs")
+    if variables is not None:
+        variables = {k: v for k, v in variables.items() if k in template}
+        variables = {**variables, "quant": template["quant"]}
+    name = type(quantized.model).__name__ if isinstance(quantized, QuantizedModel) else type(quantized).__name__
+    return Inputs(ds, quantized, variables, name)
 
 
 def uniform_bits(num_layers: int, w: int, a: int, float_first_last: bool = True) -> Bits:
@@ -389,12 +450,15 @@ def fit_population(cfg: ml_collections.ConfigDict, ds: Dataset, variables: dict,
 
 
 @method
-def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
-    """Train per ``cfg`` in ``workdir`` (resuming from its checkpoint); returns the results dict."""
+def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, *, model=None, data: Dataset | None = None) -> dict:
+    """Train per ``cfg`` in ``workdir`` (resuming from its checkpoint); returns the results dict.
+
+    ``model`` and ``data`` (keywords, Python only) replace ``cfg.model`` and ``cfg.data``
+    with a user's own Linen network and :class:`qevo.data.Dataset` (:func:`resolve_inputs`)."""
     watch = Stopwatch()
     with watch.stage("prepare"):
-        ds = load_data(cfg)
-        model = build_model(cfg, ds.num_classes)
+        inputs = resolve_inputs(cfg, model, None, data)
+        ds, model = inputs.ds, inputs.model
         quantized = cfg.train.w_bits < 32 or cfg.train.a_bits < 32
         bits = (uniform_bits(model.num_layers, cfg.train.w_bits, cfg.train.a_bits, cfg.quant.float_first_last)
                 if quantized else None)
@@ -402,11 +466,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
         variables = initial_variables(cfg, ds, model, bits, init_key)
         env = environment(model, variables, ds.train_images.shape[1:], cfg.train.batch_size, cfg.model.precision)
     with watch.stage("train"):
-        variables, fitted = fit(cfg, ds, model, variables, bits, workdir, train_key, f"train {cfg.model.name}")
-    checkpoint.save(workdir / MODEL, variables, {"model": cfg.model.name})
+        variables, fitted = fit(cfg, ds, model, variables, bits, workdir, train_key, f"train {inputs.model_name}")
+    checkpoint.save(workdir / MODEL, variables, {"model": inputs.model_name})
     results = {
-        "model": cfg.model.name,
-        "dataset": cfg.data.name,
+        "model": inputs.model_name,
+        "dataset": ds.name,
         "w_bits": cfg.train.w_bits,
         "a_bits": cfg.train.a_bits,
         **fitted,

@@ -1,0 +1,75 @@
+"""Your own Flax Linen network and your own arrays through qevo's bit-width search.
+
+    python docs/examples/own_linen_model.py --data ../shared/data [--tiny] [--workdir runs/own_linen]
+
+The network below is plain Flax: qevo finds its convolutions and dense layers by tracing
+it, quantizes them from outside with per-layer bit widths, trains the float model, searches
+and trains the front. The arrays are MNIST read with numpy, standing in for any data of yours.
+"""
+
+import argparse
+import gzip
+import pathlib
+
+import flax.linen as nn
+import numpy as np
+
+import qevo
+
+
+class SmallCNN(nn.Module):
+    """A network qevo does not ship: a depthwise-separable block and a two-layer head."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.Conv(16, (3, 3))(x))
+        x = nn.Conv(16, (3, 3), strides=2, feature_group_count=16)(x)          # depthwise
+        x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+        x = nn.relu(nn.Conv(32, (1, 1))(x))                                      # pointwise
+        x = nn.max_pool(x, (2, 2), (2, 2)).reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(64)(x))
+        return nn.Dense(10)(x)
+
+
+def idx(path: pathlib.Path) -> np.ndarray:
+    """An MNIST idx file as a numpy array."""
+    with gzip.open(path) as f:
+        raw = f.read()
+    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(raw[3])]
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * len(dims)).reshape(dims)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=pathlib.Path, required=True, help="folder holding mnist/*.gz")
+    parser.add_argument("--workdir", default="runs/own_linen")
+    parser.add_argument("--tiny", action="store_true", help="a budget of seconds, for the test suite")
+    args = parser.parse_args()
+
+    n_train, n_test = (3000, 1000) if args.tiny else (60000, 10000)
+    mnist = args.data / "mnist"
+    train = (idx(mnist / "train-images-idx3-ubyte.gz")[:n_train, :, :, None],
+             idx(mnist / "train-labels-idx1-ubyte.gz")[:n_train])
+    test = (idx(mnist / "t10k-images-idx3-ubyte.gz")[:n_test, :, :, None],
+            idx(mnist / "t10k-labels-idx1-ubyte.gz")[:n_test])
+    data = qevo.Dataset.from_arrays(train=train, test=test, val_size=n_train // 10)
+
+    cfg = qevo.search_defaults()
+    cfg.train.epochs, cfg.train.optimizer, cfg.train.learning_rate = 4, "adam", 2e-3
+    cfg.search.qat_optimizer, cfg.search.qat_learning_rate = "adam", 1e-3
+    cfg.final.optimizer, cfg.final.learning_rate = "adam", 1e-3
+    if args.tiny:
+        cfg.train.epochs, cfg.train.warmup_epochs = 1, 0
+        cfg.population_size, cfg.generations, cfg.search.initial_samples = 4, 1, 4
+        cfg.search.qat_steps, cfg.final.max_models = 5, 2
+
+    model = qevo.quantize_model(SmallCNN(), qevo.normalize(data.train_images[:64], data.mean, data.std))
+    for layer in model.layers:
+        print(f"{layer.path:8s} {layer.kind:5s} kernel {layer.kernel_shape}  {layer.macs:>9,} MACs")
+    results = qevo.run_search(cfg, args.workdir, model=model, data=data)
+    for row in results["final"]:
+        print(f"{row['name']:9s} {100 * row['test_accuracy']:6.2f}%  {row['bitops'] / 1e6:9.2f} M BitOps")
+
+
+if __name__ == "__main__":
+    main()

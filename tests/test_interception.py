@@ -1,0 +1,270 @@
+"""A user's own Flax Linen network, unchanged, quantized from outside (qevo.interception),
+and a user's own arrays (Dataset.from_arrays)."""
+
+import csv
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_quant import np_quantize_activation, np_quantize_weight
+
+import qevo
+from qevo import search, train
+from qevo.config import ConfigError
+from qevo.errors import DataError
+from qevo.layers import Bits, QuantOptions
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+class SeparableNet(nn.Module):
+    """A network qevo does not ship: plain, depthwise and pointwise convolutions, BatchNorm, a head."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.Conv(6, (3, 3))(x))                                   # 12x12x1 -> 12x12x6
+        x = nn.Conv(6, (3, 3), strides=2, feature_group_count=6)(x)          # depthwise -> 6x6x6
+        x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+        x = nn.relu(nn.Conv(8, (1, 1), padding="VALID")(x))                  # pointwise -> 6x6x8
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(16)(x))                                         # 288 -> 16
+        return nn.Dense(3)(x)                                                # 16 -> 3
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        hidden = nn.relu(nn.Dense(5)(x))
+        return nn.Dense(3)(hidden)
+
+
+def _sample(shape, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
+
+
+def test_the_layer_table_and_bitops_of_a_users_network_by_hand():
+    """Layers in call order with their kernels and MACs per example, counted by hand;
+    BitOps at w8a8 and w4a4 (first and last layer float) from those counts."""
+    model = qevo.quantize_model(SeparableNet(), _sample((4, 12, 12, 1)))
+    macs = [12 * 12 * 6 * 9 * 1, 6 * 6 * 6 * 9 * 1, 6 * 6 * 8 * 6, 288 * 16, 16 * 3]
+    assert [(x.path, x.kind, x.kernel_shape, x.groups) for x in model.layers] == [
+        ("Conv_0", "conv", (3, 3, 1, 6), 1), ("Conv_1", "conv", (3, 3, 1, 6), 6), ("Conv_2", "conv", (1, 1, 6, 8), 1),
+        ("Dense_0", "dense", (288, 16), 1), ("Dense_1", "dense", (16, 3), 1)]
+    assert [x.macs for x in model.layers] == macs
+    assert [x.signed for x in model.layers] == [True, False, False, False, False]  # only the input is signed
+    variables = qevo.init_variables(model, jax.random.key(0), (12, 12, 1))
+    table = qevo.layer_table(model, variables, (12, 12, 1))
+    assert list(table.macs) == macs and list(table.weights) == [54, 54, 48, 4608, 48]
+    params = sum(int(np.size(v)) for v in jax.tree.leaves(variables["params"]))
+    assert table.other_params == params - (54 + 54 + 48 + 4608 + 48)
+    for b in (8, 4):
+        bits = train.uniform_bits(5, b, b)
+        want = 32 * 32 * macs[0] + b * b * (macs[1] + macs[2] + macs[3]) + 32 * 32 * macs[4]
+        assert float(qevo.bitops(table, bits.w, bits.a)) == want
+
+
+def test_the_float_path_is_the_network_itself():
+    net = SeparableNet()
+    x = _sample((3, 12, 12, 1))
+    model = qevo.quantize_model(net, x, options=QuantOptions(conv="xla"))
+    variables = qevo.init_variables(model, jax.random.key(1), (12, 12, 1))
+    own = {k: v for k, v in variables.items() if k != "quant"}
+    np.testing.assert_array_equal(model.apply(variables, x, None), net.apply(own, x))
+
+
+def test_fast_cpu_convolutions_equal_xlas_on_a_users_network():
+    """On CPU the found convolutions take qevo's kernels (oneDNN where available); the
+    network's output equals XLA's convolutions' in float64, within float32 rounding."""
+    x = _sample((3, 12, 12, 1))
+    cpu = qevo.quantize_model(SeparableNet(), x, options=QuantOptions(conv="cpu"))
+    variables = qevo.init_variables(cpu, jax.random.key(2), (12, 12, 1))
+    own = {k: v for k, v in variables.items() if k != "quant"}
+    with jax.enable_x64(True):
+        want = np.asarray(SeparableNet().apply(jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), own),
+                                               jnp.asarray(x, jnp.float64)))
+    got = np.asarray(cpu.apply(variables, x, None), np.float64)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.max(np.abs(want)))
+
+
+@pytest.mark.parametrize("w, a", [([8, 4], [8, 4]), ([2, 32], [4, 32]), ([1, 3], [2, 8]), ([32, 32], [32, 32])])
+def test_quantized_forward_equals_numpy_fake_quantization(w, a):
+    """A two-layer MLP at per-layer widths: each layer's input quantized at its width and
+    calibrated clip (signed for the first, whose inputs are negative too), its kernel per
+    output channel, written out in numpy."""
+    x = _sample((16, 7), seed=3)
+    model = qevo.quantize_model(MLP(), x)
+    variables = qevo.init_variables(model, jax.random.key(3), (7,))
+    variables = qevo.calibrate(model, variables, x)
+    bits = Bits(w=jnp.asarray(w), a=jnp.asarray(a))
+    got = np.asarray(model.apply(variables, x, bits))
+
+    p = jax.tree.map(np.asarray, variables["params"])
+    clip = np.asarray(variables["quant"]["a_clip"])
+    h = np_quantize_activation(np.asarray(x), a[0], clip[0], signed=True)
+    h = h @ np_quantize_weight(p["Dense_0"]["kernel"], w[0], True) + p["Dense_0"]["bias"]
+    h = np_quantize_activation(np.maximum(h, 0), a[1], clip[1], signed=False)
+    want = h @ np_quantize_weight(p["Dense_1"]["kernel"], w[1], True) + p["Dense_1"]["bias"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_calibration_takes_each_layers_input_percentile():
+    x = _sample((64, 7), seed=4)
+    model = qevo.quantize_model(MLP(), x)
+    variables = qevo.calibrate(model, qevo.init_variables(model, jax.random.key(4), (7,)), x)
+    p = variables["params"]
+    hidden = np.maximum(np.asarray(x) @ np.asarray(p["Dense_0"]["kernel"]) + np.asarray(p["Dense_0"]["bias"]), 0)
+    want = [np.quantile(np.abs(np.asarray(x)), 0.9999), np.quantile(hidden, 0.9999)]
+    np.testing.assert_allclose(variables["quant"]["a_clip"], want, rtol=1e-5)
+
+
+def test_a_population_of_bit_widths_is_one_vmapped_program():
+    """Widths are traced: vmapping over a population gives each member's own forward pass."""
+    x = _sample((4, 12, 12, 1), seed=5)
+    model = qevo.quantize_model(SeparableNet(), x)
+    variables = qevo.calibrate(model, qevo.init_variables(model, jax.random.key(5), (12, 12, 1)), x)
+    w = jnp.asarray([[32, 8, 4, 2, 32], [32, 2, 2, 8, 32], [32, 4, 4, 4, 32]])
+    a = jnp.asarray([[32, 8, 4, 2, 32], [32, 4, 8, 2, 32], [32, 4, 4, 4, 32]])
+    together = jax.jit(jax.vmap(lambda w, a: model.apply(variables, x, Bits(w=w, a=a))))(w, a)
+    for i in range(3):
+        np.testing.assert_allclose(together[i], model.apply(variables, x, Bits(w=w[i], a=a[i])), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(together[0], together[1])
+
+
+def test_modules_with_parameters_that_are_not_layers_stay_float_and_are_listed():
+    class WithScale(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Dense(4)(x)
+            return nn.LayerNorm()(x) * self.param("gain", nn.initializers.ones, (4,))
+
+    class Outer(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3)(WithScale()(x))
+
+    model = qevo.quantize_model(Outer(), _sample((2, 5)))
+    assert model.layer_names == ("WithScale_0/Dense_0", "Dense_0")
+    assert model.float_others == (("WithScale_0", "WithScale"),)  # its own "gain"; LayerNorm is float by design
+
+
+def test_a_network_without_quantizable_layers_is_refused_in_one_line():
+    class Pool(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return x.mean(axis=(1, 2)) * self.param("w", nn.initializers.ones, (1,))
+
+    with pytest.raises(ConfigError, match=r"^Pool has no quantizable layer \(flax.linen Conv, Dense or DenseGeneral\)"):
+        qevo.quantize_model(Pool(), _sample((2, 4, 4, 3)))
+
+
+def test_a_network_that_fails_on_the_sample_says_so_in_one_line():
+    class Fixed(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3)(x.reshape(x.shape[0], 288))
+
+    with pytest.raises(ConfigError, match=r"^the model failed on a sample of shape \(2, 4, 4, 3\): TypeError: "):
+        qevo.quantize_model(Fixed(), _sample((2, 4, 4, 3)))
+
+
+def test_a_non_linen_model_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match=r"model must be a flax\.linen Module"):
+        qevo.quantize_model(lambda x: x, _sample((2, 3)))
+
+
+def _arrays(n=40, shape=(6, 6, 1), classes=3, seed=0, dtype=np.uint8):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (n, *shape)).astype(dtype)
+    return x, rng.integers(0, classes, n)
+
+
+def test_a_model_whose_output_does_not_fit_the_labels_is_refused():
+    class Wide(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(7)(x.reshape(x.shape[0], -1))
+
+    data = qevo.Dataset.from_arrays(train=_arrays(), test=_arrays(10, seed=1), val_size=5)
+    with pytest.raises(ConfigError, match=r"output is \(7,\) per example, but the labels need 3 class scores"):
+        train.resolve_inputs(qevo.search_defaults(), Wide(), None, data)
+
+
+def test_from_arrays_carves_a_seeded_validation_split_and_standardizes():
+    x, y = _arrays(50)
+    data = qevo.Dataset.from_arrays(train=(x, y), test=_arrays(10, seed=1), val_size=10, seed=3)
+    perm = np.random.default_rng(3).permutation(50)
+    np.testing.assert_array_equal(data.val_images, x[perm[:10]])
+    np.testing.assert_array_equal(data.train_labels, y[perm[10:]])
+    assert data.num_classes == 3 and len(data.mean) == 1
+    z = np.asarray(qevo.normalize(data.train_images, data.mean, data.std))
+    np.testing.assert_allclose([z.mean(), z.std()], [0, 1], atol=1e-5)
+
+
+def test_from_arrays_feeds_float_inputs_as_they_are_without_normalization():
+    x, y = _arrays(20, shape=(5,), dtype=np.float32)
+    data = qevo.Dataset.from_arrays(train=(x - 100, y), test=(x[:4] - 100, y[:4]), normalize=False)
+    np.testing.assert_allclose(qevo.normalize(data.test_images, data.mean, data.std), x[:4] - 100, rtol=1e-6)
+
+
+@pytest.mark.parametrize("train_split, match", [
+    ((np.zeros((5, 2), np.uint8), np.zeros(4, int)), r"train has 5 inputs and 4 labels"),
+    ((np.zeros((5, 2), np.uint8), np.array([0, 1, 2, 3, -1])), r"train labels hold -1"),
+    ((np.full((5, 2), np.nan, np.float32), np.zeros(5, int)), r"train inputs hold 10 NaN or infinite values"),
+    ((np.zeros((5, 2), np.int64), np.zeros(5, int)), r"train inputs are int64; give uint8"),
+    ((np.zeros((5, 2), np.uint8), np.array([0, 1, 2, 5, 1])), r"labels reach 5, outside \[0, num_classes=3\)"),
+])
+def test_from_arrays_refuses_bad_input_in_one_line(train_split, match):
+    with pytest.raises(DataError, match=match):
+        qevo.Dataset.from_arrays(train=train_split, test=(np.zeros((2, 2), np.uint8), np.zeros(2, int)),
+                                 num_classes=3)
+
+
+@pytest.mark.slow
+def test_the_example_searches_a_users_network_on_real_mnist(data_dir, tmp_path):
+    """docs/examples/own_linen_model.py at its tiny budget: float training, search, final
+    training of a Linen network qevo does not ship, on MNIST arrays read with numpy."""
+    done = subprocess.run([sys.executable, str(REPO / "docs" / "examples" / "own_linen_model.py"), "--data",
+                           str(data_dir), "--tiny", "--workdir", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[:2] == ["Conv_0   conv  kernel (3, 3, 1, 16)    112,896 MACs",
+                         "Conv_1   conv  kernel (3, 3, 1, 16)     28,224 MACs"]
+    names = [line.split()[0] for line in lines[5:]]
+    assert {"w8a8", "w4a4", "w2a2", "float"} <= set(names) and any(n.startswith("front_") for n in names)
+    for name in ("results.json", "final.csv", "pareto.csv", "history.jsonl"):
+        assert (tmp_path / "run" / name).is_file(), name
+
+
+def test_an_objective_named_like_a_built_in_one_is_refused():
+    with pytest.raises(ConfigError, match=r"objectives=\{'bitops': \.\.\.\} must map a new name"):
+        search.with_objectives(qevo.search_defaults(), {"bitops": lambda w, a, t: w.sum(1)})
+
+
+@pytest.mark.slow
+def test_the_latency_example_minimises_its_lookup_table_beside_error_and_bitops(data_dir, tmp_path):
+    """docs/examples/latency_objective.py at its tiny budget: its objective is in the history
+    and in final.csv, equal to the table summed over LeNet-5's layers by hand."""
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, str(REPO / "docs" / "examples" / "latency_objective.py"), "--tiny",
+                           "--workdir", str(run)], capture_output=True, text=True, timeout=900, check=False,
+                          env={**os.environ, "QEVO_DATA_DIR": str(data_dir)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    first = json.loads((run / "history.jsonl").read_text().splitlines()[0])
+    assert set(first["objectives"]) == {"error", "bitops", "latency_ms"}
+    macs = [28 * 28 * 6 * 25, 10 * 10 * 16 * 6 * 25, 16 * 5 * 5 * 120, 120 * 84, 84 * 10]  # LeNet-5, by hand
+    ns = {32: 1.0, 8: 0.25, 4: 0.2, 2: 0.15}
+    with (run / "final.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) >= 4
+    for row in rows:
+        w, a = (list(map(int, row[k].split())) for k in ("w_bits", "a_bits"))
+        want = sum(m * max(ns[x], ns[y]) for m, x, y in zip(macs, w, a, strict=True)) * 1e-6
+        assert float(row["latency_ms"]) == pytest.approx(want, rel=1e-12)
