@@ -50,6 +50,7 @@ accuracy of float, round to nearest, coevolution and QAT, evaluations, wall seco
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import pathlib
 import sys
@@ -86,6 +87,10 @@ INTEGER_MODEL = "integer_model.msgpack"
 def defaults() -> ml_collections.ConfigDict:
     """:func:`qevo.config.defaults` plus the ``coevolve`` section."""
     c = config_lib.defaults()
+    # per-layer widths of a finished search's model instead of the uniform coevolve.w_bits/a_bits:
+    # bits_from names the search's work folder, bits_model one of its final models (front_01, w4a4, ...)
+    c.bits_from = config_dict.placeholder(str)
+    c.bits_model = config_dict.placeholder(str)
     c.coevolve = ml_collections.ConfigDict(
         {
             "w_bits": 4,
@@ -157,21 +162,23 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 # --------------------------------------------------------------------------- EDA pieces
 
 
-def initial_probs(q0: jax.Array, max_level: int, radius: int, mass: float) -> jax.Array:
+def initial_probs(q0: jax.Array, max_level, radius: int, mass: float) -> jax.Array:
     """Marginals ``float32 [D, 2r+1]``: category ``k`` is level ``q0 + k - r``.
 
     ``mass`` on ``q0`` (category ``r``), the rest shared equally by the other levels inside
     ``-max_level..max_level`` (at least one for ``max_level >= 1``); levels outside get 0.
+    ``max_level``: an int, or int ``[D]`` per weight.
     """
     others = allowed(q0, max_level, radius) & (jnp.arange(2 * radius + 1) != radius)
     rest = (1.0 - mass) / jnp.sum(others, axis=1, keepdims=True)
     return jnp.where(others, rest, jnp.where(jnp.arange(2 * radius + 1) == radius, mass, 0.0)).astype(jnp.float32)
 
 
-def allowed(q0: jax.Array, max_level: int, radius: int) -> jax.Array:
-    """bool ``[D, 2r+1]``: level ``q0 + k - r`` lies in ``-max_level..max_level``."""
+def allowed(q0: jax.Array, max_level, radius: int) -> jax.Array:
+    """bool ``[D, 2r+1]``: level ``q0 + k - r`` lies in ``-max_level..max_level`` (an int, or
+    int ``[D]`` per weight)."""
     levels = q0.astype(jnp.int32)[:, None] + jnp.arange(-radius, radius + 1)
-    return jnp.abs(levels) <= max_level
+    return jnp.abs(levels) <= jnp.asarray(max_level)[..., None]
 
 
 def freeze(probs: jax.Array, context: jax.Array, q0: jax.Array, radius: int,
@@ -296,7 +303,8 @@ class Coevolution:
       layers: ``{module path: (kernel shape)}`` of the integer layers, in genome order.
       mean, std: image normalisation.
       options: the ``coevolve`` config section.
-      max_level: ``2^(b-1) - 1`` for the weight width ``b``.
+      max_level: ``2^(b-1) - 1`` for the weight width ``b``; int32 ``[D]`` per weight where
+        the layers' widths differ.
       devices: devices of the ``pop`` mesh (default: all).
       augment: the float model trained on augmented images (``train.augment``): the images
         that BatchNorm statistics are re-estimated on are augmented the same way, since
@@ -308,7 +316,7 @@ class Coevolution:
     mean: tuple
     std: tuple
     options: ml_collections.ConfigDict
-    max_level: int
+    max_level: int | jax.Array
     devices: tuple | None = None
     augment: bool = False
 
@@ -486,9 +494,45 @@ def derivative_equations(jaxpr) -> list[str]:
 
 def integer_bits(cfg: ml_collections.ConfigDict, num_layers: int) -> Bits:
     """Concrete int32 ``[L]`` widths: ``coevolve.w_bits``/``a_bits``, first and last float with
-    ``quant.float_first_last``."""
-    bits = train.uniform_bits(num_layers, cfg.coevolve.w_bits, cfg.coevolve.a_bits, cfg.quant.float_first_last)
-    return Bits(w=np.asarray(bits.w), a=np.asarray(bits.a))
+    ``quant.float_first_last``; or, with ``bits_from``, the per-layer widths of final model
+    ``bits_model`` of that search run (its ``final/<bits_model>/results.json``)."""
+    if cfg.bits_from is None:
+        bits = train.uniform_bits(num_layers, cfg.coevolve.w_bits, cfg.coevolve.a_bits, cfg.quant.float_first_last)
+        return Bits(w=np.asarray(bits.w), a=np.asarray(bits.a))
+    err = config_lib.ConfigError
+    if cfg.bits_model is None:
+        raise err("bits_from needs bits_model: name one of that search's final models, "
+                  "e.g. --config.bits_model=front_01")
+    final = pathlib.Path(cfg.bits_from) / "final"
+    if not final.is_dir():
+        raise err(f"bits_from={cfg.bits_from!r} holds no finished qevo.search run ({final} is missing); "
+                  "point it at a search work folder")
+    models = sorted(p.name for p in final.iterdir() if (p / "results.json").is_file())
+    if cfg.bits_model not in models:
+        raise err(f"bits_model={cfg.bits_model!r} is not a final model of {cfg.bits_from}; choose one of {models}")
+    try:
+        saved = json.loads((final / cfg.bits_model / "results.json").read_text())
+        w, a = np.asarray(saved["w_bits"], np.int32), np.asarray(saved["a_bits"], np.int32)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise err(f"{final / cfg.bits_model / 'results.json'} is corrupt ({e}); "
+                  "rerun that search's final training") from e
+    if w.shape != (num_layers,) or a.shape != (num_layers,):
+        raise err(f"{cfg.bits_model} of {cfg.bits_from} has widths for {w.size} layers, this model "
+                  f"({cfg.model.name}) has {num_layers}; take bits from a search of the same model")
+    for name, widths, lo in (("weight", w, 2), ("activation", a, intforward.MIN_ACTIVATION_BITS)):
+        bad = sorted({int(b) for b in widths if not (lo <= b <= 8 or b == 32)})
+        if bad:
+            raise err(f"{cfg.bits_model} of {cfg.bits_from} has {name} widths {bad}; integer training takes "
+                      f"{lo}..8 bits (or 32, float)")
+    return Bits(w=w, a=a)
+
+
+def describe(bits: Bits) -> str:
+    """``"w4a8"`` for uniform quantized widths, else the per-layer lists."""
+    w, a = ({int(b) for b in x if b < 32} for x in (bits.w, bits.a))
+    if len(w) == len(a) == 1:
+        return f"w{w.pop()}a{a.pop()}"
+    return f"w{list(map(int, bits.w))} a{list(map(int, bits.a))}"
 
 
 @dataclasses.dataclass
@@ -520,7 +564,10 @@ def prepare_arrays(cfg: ml_collections.ConfigDict, model: nn.Module, variables: 
     if not rtn:
         raise config_lib.ConfigError("no layer is quantized: with quant.float_first_last=True "
                                      "the model needs more than two layers")
-    runner = Coevolution(model, {p: k.q.shape for p, k in rtn.items()}, mean, std, c, intforward.max_level(c.w_bits),
+    levels = [intforward.max_level(int(bits.w[paths[p]])) for p in rtn]
+    max_level = (levels[0] if len(set(levels)) == 1 else
+                 jnp.concatenate([jnp.full(k.q.size, n, jnp.int32) for k, n in zip(rtn.values(), levels, strict=True)]))
+    runner = Coevolution(model, {p: k.q.shape for p, k in rtn.items()}, mean, std, c, max_level,
                          augment=cfg.train.augment)
     if c.num_groups * c.group_size > runner.num_weights:
         raise config_lib.ConfigError(
@@ -652,7 +699,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
         rebatched = with_statistics(problem, start_state.batch_stats)
         scores["round_to_nearest_bn"] = {"val_accuracy": float(runner.accuracy(rebatched, problem.q0, prep.val)),
                                          "test_accuracy": float(runner.accuracy(rebatched, problem.q0, prep.test))}
-    log(f"{cfg.model.name} w{c.w_bits}a{c.a_bits}: {runner.num_weights} integer weights; test accuracy: "
+    log(f"{cfg.model.name} {describe(prep.bits)}: {runner.num_weights} integer weights; test accuracy: "
         + ", ".join(f"{k} {100 * v['test_accuracy']:.2f}%" for k, v in scores.items()))
 
     with watch.stage("coevolution"):

@@ -67,11 +67,12 @@ import numpy as np
 from qevo import config as config_lib
 from qevo import distributed, nsga3, sharing
 from qevo.codebook import CODEBOOK_BITS, key_bits, quantize_codebook
+from qevo.data import Dataset
 from qevo.drivers import make_driver, relax_to_genes
 from qevo.harness import RESULTS, StepLog, Stopwatch, environment, figure, method, write_csv, write_json
 from qevo.population import batch_eval_set
 from qevo.pretrained import float_model
-from qevo.train import build_model, load_data
+from qevo.train import resolve_inputs
 from qevo.variation import make_offspring, random_genes
 
 EVOSAX_DRIVERS = ("simple_ga", "pso", "cma_es", "de")  # qevo.drivers names
@@ -400,7 +401,9 @@ class Prepared:
     ``[L, k_max]``, NaN where k is not a candidate."""
 
     cfg: ml_collections.ConfigDict
+    ds: Dataset
     model: object
+    model_name: str
     evaluator: sharing.SharedEvaluator
     accuracy: Callable
     variables: dict
@@ -419,13 +422,15 @@ class Prepared:
     seconds: dict
 
 
-def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> Prepared:
-    """Steps 0 to 2: float model, cluster table, range accuracy of every (layer, k)."""
+def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, model=None, variables: dict | None = None,
+            data: Dataset | None = None) -> Prepared:
+    """Steps 0 to 2: float model, cluster table, range accuracy of every (layer, k)
+    (``model``, ``variables``, ``data``: :func:`qevo.train.resolve_inputs`)."""
     seconds = {}
-    ds = load_data(cfg)
-    model = build_model(cfg, ds.num_classes)
+    inputs = resolve_inputs(cfg, model, variables, data)
+    ds, model = inputs.ds, inputs.model
     t = time.perf_counter()
-    variables, _ = float_model(cfg, ds, model, workdir)
+    variables = inputs.variables if inputs.variables is not None else float_model(cfg, ds, model, workdir)[0]
     seconds["float_model"] = time.perf_counter() - t
     paths = sharing.kernel_paths(variables["params"])
     evaluator = sharing.SharedEvaluator(model, ds.mean, ds.std, paths, strategy=cfg.sharing.strategy)
@@ -458,8 +463,8 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> Prepared:
     range_acc = np.full((len(paths), cfg.sharing.k_max), np.nan, np.float32)
     range_acc[:, ks - 1] = np.asarray(range_fn(variables, table, centroids, rows, score)).reshape(len(paths), len(ks))
     seconds["range"] = time.perf_counter() - t
-    return Prepared(cfg, model, evaluator, accuracy, variables, paths, table, val, test, score, held_out,
-                    float_val, float_test, float_score, float_held_out, ks, range_acc, seconds)
+    return Prepared(cfg, ds, model, inputs.model_name, evaluator, accuracy, variables, paths, table, val, test, score,
+                    held_out, float_val, float_test, float_score, float_held_out, ks, range_acc, seconds)
 
 
 def _problem(prep: Prepared, cfg: ml_collections.ConfigDict) -> Problem:
@@ -659,7 +664,7 @@ def report(prep: Prepared, cfg, layers: list[sharing.Layer], workdir: pathlib.Pa
         entry["test_loss_points"] = 100 * (prep.float_test - entry["test_accuracy"])
         if workdir is not None:
             path = workdir / f"compressed_{fmt}.msgpack"
-            meta = {"model": cfg.model.name, "activation": cfg.model.activation, "dataset": cfg.data.name,
+            meta = {"model": prep.model_name, "activation": cfg.model.activation, "dataset": prep.ds.name,
                     **{key: entry[key] for key in ("cr_mean", "cr_weighted", "val_accuracy", "test_accuracy")}}
             sharing.save_compressed(path, prep.variables, prep.paths, layers, fmt, meta)
             distributed.sync(f"saved {path.name}")  # process 0 wrote it; every process reads it back
@@ -688,14 +693,20 @@ def write_front(workdir: pathlib.Path, rows: list[dict], names: list[str], float
 
 
 @method
-def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
-    """The whole protocol (module docstring) in ``workdir``; returns ``results.json``'s dict."""
+def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, *, model=None, variables: dict | None = None,
+        data: Dataset | None = None) -> dict:
+    """The whole protocol (module docstring) in ``workdir``; returns ``results.json``'s dict.
+
+    From Python, ``model=`` (any ``flax.linen`` network, unchanged: every ``kernel`` of its
+    parameters is shared), ``variables=`` (its trained float variables; None: trained here)
+    and ``data=`` (a :class:`qevo.data.Dataset`) replace ``cfg.model`` and ``cfg.data``."""
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
     watch = Stopwatch()
-    prep = prepare(cfg, workdir)
-    env = environment(prep.model, prep.variables, prep.val[0].shape[-3:], cfg.train.batch_size, cfg.model.precision)
+    prep = prepare(cfg, workdir, model, variables, data)
+    env = environment(prep.model, prep.variables, prep.ds.train_images.shape[1:], cfg.train.batch_size,
+                      cfg.model.precision)
     names = [sharing.layer_name(p) for p in prep.paths]
     allowed, counts = allowed_k(prep.range_acc, prep.float_score, cfg.sharing.range_max_loss,
                                 cfg.sharing.widest_per_key)
@@ -720,9 +731,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     if fronts:
         write_front(workdir, fronts, names, prep.float_score)
     result = {
-        "model": cfg.model.name,
+        "model": prep.model_name,
         "activation": cfg.model.activation,
-        "dataset": cfg.data.name,
+        "dataset": prep.ds.name,
         "driver": cfg.sharing.driver,
         "seed": cfg.seed,
         "layers": names,

@@ -59,7 +59,7 @@ from qevo.harness import (
 )
 from qevo.layers import Bits
 from qevo.models import init_variables
-from qevo.population import PopulationEvaluator, QATConfig
+from qevo.population import PopulationEvaluator, QATConfig, batch_eval_set
 from qevo.pretrained import float_model
 
 OBJECTIVES = ("error", "bitops", "size", "flops", "params")
@@ -292,8 +292,13 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, model=None, v
     calib = normalize(jnp.asarray(ds.train_images[:512]), ds.mean, ds.std)
     starts, float_results = {}, {}
     if "float" in (cfg.search.start, cfg.final.start):
-        float_vars, float_results = ((inputs.variables, {}) if inputs.variables is not None
-                                     else float_model(cfg, ds, model, workdir))
+        if inputs.variables is None:
+            float_vars, float_results = float_model(cfg, ds, model, workdir)
+        else:  # the user's own float model: its test accuracy for final.csv's float row
+            float_vars = inputs.variables
+            test = batch_eval_set(jnp.asarray(ds.test_images), jnp.asarray(ds.test_labels), cfg.train.eval_batch_size)
+            float_results = {"test_accuracy": float(train.Trainer(cfg, ds, model, quantized=False).accuracy(
+                calibrate(model, float_vars, calib), None, test))}
         starts["float"] = calibrate(model, float_vars, calib)
     if "scratch" in (cfg.search.start, cfg.final.start):
         fresh = init_variables(model, jax.random.fold_in(jax.random.key(cfg.seed), 7), ds.train_images.shape[1:])

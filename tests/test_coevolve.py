@@ -305,6 +305,8 @@ def test_bad_config_is_refused_with_the_fix(overrides, message):
     [
         (["--config.coevolve.w_bits=9"], "qevo.coevolve: error: config coevolve.w_bits=9 is an impossible bit width"),
         (["--config.coevolve.radiuz=1"], "unknown config key 'coevolve.radiuz'"),
+        (["--config.bits_from=/nonexistent/search", "--config.bits_model=front_01"],
+         "qevo.coevolve: error: bits_from='/nonexistent/search' holds no finished qevo.search run"),
     ],
 )
 def test_bad_input_gives_one_clear_line(args, message, tiny_lenet5_float, data_dir, tmp_path):
@@ -394,3 +396,58 @@ def test_batch_statistics_are_those_of_the_float_models_training_images(augment)
     close = np.allclose(stats["mean"], oracle_mean, atol=0.05 * oracle_var.max() ** 0.5) and np.allclose(
         stats["var"], oracle_var, rtol=0.1)
     assert close == augment, (np.asarray(stats["var"]), oracle_var)
+
+
+def _search_run(tmp_path, models: dict) -> str:
+    """A search work folder with ``final/<name>/results.json`` holding each model's widths."""
+    for name, (w, a) in models.items():
+        (tmp_path / "final" / name).mkdir(parents=True)
+        (tmp_path / "final" / name / "results.json").write_text(json.dumps({"w_bits": w, "a_bits": a}))
+    return str(tmp_path)
+
+
+def test_bits_from_a_search_model_gives_each_layer_its_own_level_range(tmp_path):
+    """A front model's mixed widths: each layer's integer levels start at its own round to
+    nearest and may move only inside its own width's range (2 bits: -1..1, 4 bits: -7..7)."""
+    model = CifarResNet(depth=8)
+    w = [32, 2, 4, 8, 2, 4, 2, 32]
+    a = [32, 4, 8, 4, 4, 8, 4, 32]
+    run = _search_run(tmp_path, {"front_01": (w, a)})
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (64, 16, 16, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, 64).astype(np.int32)
+    variables = {**init_variables(model, jax.random.key(0), (16, 16, 3)),
+                 "quant": {"a_clip": jnp.full(model.num_layers, 3.0)}}
+    cfg = coevolve.validate(config_lib.load(REPO / "configs" / "resnet20_cc_cpu.py", [
+        f"bits_from={run}", "bits_model=front_01", "coevolve.num_groups=1", "coevolve.group_size=8",
+        "coevolve.bn_images=64", "coevolve.radius=2"]))
+    bits, runner, problem = coevolve.prepare_arrays(cfg, model, variables, (0.5,) * 3, (0.25,) * 3, images, labels,
+                                                    images[:16], labels[:16])
+    assert bits.w.tolist() == w and bits.a.tolist() == a
+    probs = np.asarray(coevolve.initial_probs(problem.q0, runner.max_level, 2, 0.9))
+    levels = np.asarray(problem.q0)[:, None] + np.arange(-2, 3)
+    start = 0
+    paths = coevolve.intforward.quantized_layers(model, variables, (16, 16, 3))
+    for path, shape in runner.layers.items():
+        size, n = int(np.prod(shape)), 2 ** (w[paths[path]] - 1) - 1
+        part = slice(start, start + size)
+        assert np.abs(np.asarray(problem.q0)[part]).max() <= n
+        np.testing.assert_array_equal(probs[part] > 0, np.abs(levels[part]) <= n)
+        start += size
+    assert start == runner.num_weights
+
+
+@pytest.mark.parametrize("extra, models, message", [
+    (["bits_from={run}"], {"front_01": ([32, 4, 4, 4, 32], [32, 4, 4, 4, 32])}, "bits_from needs bits_model"),
+    (["bits_from={run}", "bits_model=front_07"], {"front_01": ([32, 4, 4, 4, 32], [32, 4, 4, 4, 32])},
+     r"bits_model='front_07' is not a final model of .*; choose one of \['front_01'\]"),
+    (["bits_from={run}", "bits_model=front_01"], {"front_01": ([32, 4, 4, 32], [32, 4, 4, 32])},
+     r"front_01 of .* has widths for 4 layers, this model \(lenet5\) has 5"),
+    (["bits_from={run}", "bits_model=front_01"], {"front_01": ([32, 1, 4, 4, 32], [32, 4, 4, 4, 32])},
+     r"front_01 of .* has weight widths \[1\]; integer training takes 2..8 bits"),
+])
+def test_bad_bits_from_is_refused_in_one_line(tmp_path, extra, models, message):
+    run = _search_run(tmp_path, models)
+    cfg = coevolve.validate(config_lib.load(REPO / "configs" / "lenet5_cc.py", [e.format(run=run) for e in extra]))
+    with pytest.raises(config_lib.ConfigError, match=message):
+        coevolve.integer_bits(cfg, 5)

@@ -227,9 +227,10 @@ def test_from_arrays_refuses_bad_input_in_one_line(train_split, match):
 
 
 @pytest.mark.slow
-def test_the_example_searches_a_users_network_on_real_mnist(data_dir, tmp_path):
-    """docs/examples/own_linen_model.py at its tiny budget: float training, search, final
-    training of a Linen network qevo does not ship, on MNIST arrays read with numpy."""
+def test_the_example_searches_and_shares_a_users_network_on_real_mnist(data_dir, tmp_path):
+    """docs/examples/own_linen_model.py at its tiny budget: float training, then the search
+    (with its final training) and the weight sharing from those variables, of a Linen
+    network qevo does not ship, on MNIST arrays read with numpy."""
     done = subprocess.run([sys.executable, str(REPO / "docs" / "examples" / "own_linen_model.py"), "--data",
                            str(data_dir), "--tiny", "--workdir", str(tmp_path / "run")],
                           capture_output=True, text=True, timeout=900, check=False)
@@ -238,9 +239,13 @@ def test_the_example_searches_a_users_network_on_real_mnist(data_dir, tmp_path):
     assert lines[:2] == ["Conv_0   conv  kernel (3, 3, 1, 16)    112,896 MACs",
                          "Conv_1   conv  kernel (3, 3, 1, 16)     28,224 MACs"]
     names = [line.split()[0] for line in lines[5:]]
-    assert {"w8a8", "w4a4", "w2a2", "float"} <= set(names) and any(n.startswith("front_") for n in names)
-    for name in ("results.json", "final.csv", "pareto.csv", "history.jsonl"):
+    assert {"w8a8", "w4a4", "w2a2", "float", "shared"} <= set(names) and any(n.startswith("front_") for n in names)
+    for name in ("search/results.json", "search/final.csv", "search/pareto.csv", "sharing/results.json",
+                 "sharing/compressed_int8.msgpack"):
         assert (tmp_path / "run" / name).is_file(), name
+    searched = json.loads((tmp_path / "run" / "search" / "results.json").read_text())
+    assert searched["model"] == "SmallCNN" and searched["dataset"] == "arrays"
+    assert not (tmp_path / "run" / "search" / "float").exists()  # it started from the given variables
 
 
 def test_an_objective_named_like_a_built_in_one_is_refused():

@@ -1,10 +1,12 @@
-"""Your own Flax Linen network and your own arrays through qevo's bit-width search.
+"""Your own Flax Linen network and your own arrays through qevo's float training, bit-width
+search and weight sharing.
 
     python docs/examples/own_linen_model.py --data ../shared/data [--tiny] [--workdir runs/own_linen]
 
 The network below is plain Flax: qevo finds its convolutions and dense layers by tracing
-it, quantizes them from outside with per-layer bit widths, trains the float model, searches
-and trains the front. The arrays are MNIST read with numpy, standing in for any data of yours.
+it and quantizes them from outside with per-layer bit widths. qevo trains it once in float;
+the search and the weight sharing both start from those variables. The arrays are MNIST
+read with numpy, standing in for any data of yours.
 """
 
 import argparse
@@ -12,6 +14,7 @@ import gzip
 import pathlib
 
 import flax.linen as nn
+import jax
 import numpy as np
 
 import qevo
@@ -58,18 +61,30 @@ def main():
     cfg.train.epochs, cfg.train.optimizer, cfg.train.learning_rate = 4, "adam", 2e-3
     cfg.search.qat_optimizer, cfg.search.qat_learning_rate = "adam", 1e-3
     cfg.final.optimizer, cfg.final.learning_rate = "adam", 1e-3
+    sharing = qevo.compress_defaults()
+    sharing.sharing.report_formats = ("int8",)
     if args.tiny:
         cfg.train.epochs, cfg.train.warmup_epochs = 1, 0
         cfg.population_size, cfg.generations, cfg.search.initial_samples = 4, 1, 4
         cfg.search.qat_steps, cfg.final.max_models = 5, 2
+        sharing.population_size, sharing.generations, sharing.sharing.refine = 4, 1, False
+        sharing.sharing.k_max, sharing.sharing.k_values, sharing.sharing.eval_images = 8, (2, 4, 8), 100
 
     model = qevo.quantize_model(SmallCNN(), qevo.normalize(data.train_images[:64], data.mean, data.std))
     for layer in model.layers:
         print(f"{layer.path:8s} {layer.kind:5s} kernel {layer.kernel_shape}  {layer.macs:>9,} MACs")
-    results = qevo.run_search(cfg, args.workdir, model=model, data=data)
+
+    float_run = f"{args.workdir}/float"
+    qevo.run_train(cfg, float_run, model=model, data=data)
+    template = qevo.init_variables(model, jax.random.key(0), data.train_images.shape[1:])
+    variables, _ = qevo.load_checkpoint(f"{float_run}/model.msgpack", template)
+
+    results = qevo.run_search(cfg, f"{args.workdir}/search", model=model, variables=variables, data=data)
     for row in results["final"]:
         print(f"{row['name']:9s} {100 * row['test_accuracy']:6.2f}%  {row['bitops'] / 1e6:9.2f} M BitOps")
-
+    shared = qevo.run_compress(sharing, f"{args.workdir}/sharing", model=model, variables=variables, data=data)
+    int8 = shared["formats"]["int8"]
+    print(f"shared   {100 * int8['test_accuracy']:6.2f}%  {int8['cr_weighted']:.1f}x smaller, k {shared['k']}")
 
 if __name__ == "__main__":
     main()
