@@ -5,7 +5,9 @@ The method of SPEC section 3, gradient-free:
 0. the float model (trained in ``<workdir>/float`` or loaded from ``float_from``), its
    activation clip ranges calibrated; the layers of the bit configuration
    (``coevolve.w_bits``/``a_bits`` on every layer, the first and last kept float with
-   ``quant.float_first_last``) get round-to-nearest integer levels ``q0`` with fixed
+   ``quant.float_first_last``; or a search's per-layer widths: ``bits_from``, the search's
+   work folder, and ``bits_model``, one of its final models such as ``front_01``) get
+   round-to-nearest integer levels ``q0`` (each layer within its own width) with fixed
    per-channel scales (``quant.mode``: ``"absmax"``, or ``"mse"``, the absmax clipped to the
    least squared error; :mod:`qevo.intforward`); all their ``D`` levels form one genome;
 1. each weight ``i`` may take ``q0[i] + d`` for ``d`` in ``-r..r`` (``coevolve.radius``),
