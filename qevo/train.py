@@ -34,7 +34,7 @@ from qevo.calibration import calibrate
 from qevo.cost import layer_table
 from qevo.data import Dataset, augment, load_dataset, normalize
 from qevo.harness import CHECKPOINT, MODEL, RESULTS, Stopwatch, environment, method, progress, write_csv, write_json
-from qevo.interception import QuantizedModel, quantize
+from qevo.interception import QuantizedModel, QuantizedNNX, quantize
 from qevo.layers import Bits, QuantOptions, default_conv
 from qevo.models import get_model, init_variables
 from qevo.population import (
@@ -146,7 +146,7 @@ def resolve_inputs(cfg: ml_collections.ConfigDict, model=None, variables: dict |
     if variables is not None:
         variables = {k: v for k, v in variables.items() if k in template}
         variables = {**variables, "quant": template["quant"]}
-    name = type(quantized.model).__name__ if isinstance(quantized, QuantizedModel) else type(quantized).__name__
+    name = quantized.name if isinstance(quantized, QuantizedModel | QuantizedNNX) else type(quantized).__name__
     return Inputs(ds, quantized, variables, name)
 
 

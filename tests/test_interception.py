@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from test_quant import np_quantize_activation, np_quantize_weight
 
 import qevo
@@ -160,7 +161,8 @@ def test_a_network_without_quantizable_layers_is_refused_in_one_line():
         def __call__(self, x):
             return x.mean(axis=(1, 2)) * self.param("w", nn.initializers.ones, (1,))
 
-    with pytest.raises(ConfigError, match=r"^Pool has no quantizable layer \(flax.linen Conv, Dense or DenseGeneral\)"):
+    with pytest.raises(ConfigError, match=r"^Pool has no quantizable layer \(flax Conv, Dense/Linear or "
+                                          r"DenseGeneral/LinearGeneral\)"):
         qevo.quantize_model(Pool(), _sample((2, 4, 4, 3)))
 
 
@@ -174,8 +176,8 @@ def test_a_network_that_fails_on_the_sample_says_so_in_one_line():
         qevo.quantize_model(Fixed(), _sample((2, 4, 4, 3)))
 
 
-def test_a_non_linen_model_is_refused_in_one_line():
-    with pytest.raises(ConfigError, match=r"model must be a flax\.linen Module"):
+def test_a_non_flax_model_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match=r"model must be a flax\.linen or flax\.nnx Module, got function"):
         qevo.quantize_model(lambda x: x, _sample((2, 3)))
 
 
@@ -273,3 +275,69 @@ def test_the_latency_example_minimises_its_lookup_table_beside_error_and_bitops(
         w, a = (list(map(int, row[k].split())) for k in ("w_bits", "a_bits"))
         want = sum(m * max(ns[x], ns[y]) for m, x, y in zip(macs, w, a, strict=True)) * 1e-6
         assert float(row["latency_ms"]) == pytest.approx(want, rel=1e-12)
+
+
+class NNXMLP(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.hidden = nnx.Linear(7, 5, rngs=rngs)
+        self.norm = nnx.BatchNorm(5, rngs=rngs)
+        self.out = nnx.Linear(5, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(nnx.relu(self.norm(self.hidden(x))))
+
+
+def test_an_nnx_network_is_quantized_on_a_clone_and_its_float_path_is_itself():
+    net = NNXMLP(nnx.Rngs(0))
+    x = _sample((16, 7), seed=6)
+    model = qevo.quantize_model(net, x)
+    assert [(x.path, x.kind, x.kernel_shape, x.macs, x.signed) for x in model.layers] == [
+        ("hidden", "dense", (7, 5), 35, True), ("out", "dense", (5, 3), 15, False)]
+    assert net.hidden.dot_general is jax.lax.dot_general  # the user's network is left as built
+    variables = qevo.init_variables(model, jax.random.key(0), (7,))
+    net.eval()
+    np.testing.assert_array_equal(model.apply(variables, x, None), net(x))
+
+
+@pytest.mark.parametrize("w, a", [([8, 4], [8, 4]), ([2, 3], [4, 2])])
+def test_nnx_quantized_forward_equals_numpy_fake_quantization(w, a):
+    """Inference mode: BatchNorm normalizes with its running statistics (set here by hand)."""
+    x = _sample((16, 7), seed=7)
+    model = qevo.quantize_model(NNXMLP(nnx.Rngs(1)), x)
+    variables = qevo.init_variables(model, jax.random.key(0), (7,))
+    stats = {"mean": jnp.linspace(-0.5, 0.5, 5), "var": jnp.linspace(0.5, 2.0, 5)}
+    variables = qevo.calibrate(model, {**variables, "batch_stats": {"norm": stats}}, x)
+    got = np.asarray(model.apply(variables, x, Bits(w=jnp.asarray(w), a=jnp.asarray(a))))
+
+    p = jax.tree.map(np.asarray, variables["params"])
+    clip = np.asarray(variables["quant"]["a_clip"])
+    h = np_quantize_activation(np.asarray(x), a[0], clip[0], signed=True)
+    h = h @ np_quantize_weight(p["hidden"]["kernel"], w[0], True) + p["hidden"]["bias"]
+    h = (h - np.asarray(stats["mean"])) / np.sqrt(np.asarray(stats["var"]) + 1e-5)
+    h = h * p["norm"]["scale"] + p["norm"]["bias"]
+    h = np_quantize_activation(np.maximum(h, 0), a[1], clip[1], signed=False)
+    want = h @ np_quantize_weight(p["out"]["kernel"], w[1], True) + p["out"]["bias"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_nnx_training_mode_updates_batch_statistics():
+    x = _sample((32, 7), seed=8)
+    model = qevo.quantize_model(NNXMLP(nnx.Rngs(2)), x)
+    variables = qevo.calibrate(model, qevo.init_variables(model, jax.random.key(0), (7,)), x)
+    _, state = model.apply(variables, x, None, train=True, mutable=["batch_stats"])
+    hidden = np.asarray(x) @ np.asarray(variables["params"]["hidden"]["kernel"]) + np.asarray(
+        variables["params"]["hidden"]["bias"])
+    # nnx.BatchNorm keeps 0.99 of its running mean (from 0) and adds 0.01 of the batch mean
+    np.testing.assert_allclose(state["batch_stats"]["norm"]["mean"], 0.01 * hidden.mean(0), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_the_nnx_example_searches_on_real_mnist(data_dir, tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "docs" / "examples" / "nnx_model.py"), "--data", str(data_dir),
+                           "--tiny", "--workdir", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = [line.split()[0] for line in done.stdout.splitlines()]
+    assert {"w8a8", "w4a4", "w2a2", "float"} <= set(names) and any(n.startswith("front_") for n in names)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["model"] == "NNXNet" and results["evaluations"] == 8
