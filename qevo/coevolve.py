@@ -51,8 +51,8 @@ accuracy of float, round to nearest, coevolution and QAT, evaluations, wall seco
 
 from __future__ import annotations
 
+import csv
 import dataclasses
-import json
 import math
 import pathlib
 import sys
@@ -497,7 +497,7 @@ def derivative_equations(jaxpr) -> list[str]:
 def integer_bits(cfg: ml_collections.ConfigDict, num_layers: int) -> Bits:
     """Concrete int32 ``[L]`` widths: ``coevolve.w_bits``/``a_bits``, first and last float with
     ``quant.float_first_last``; or, with ``bits_from``, the per-layer widths of final model
-    ``bits_model`` of that search run (its ``final/<bits_model>/results.json``)."""
+    ``bits_model`` of that search run (the row of its ``final.csv``)."""
     if cfg.bits_from is None:
         bits = train.uniform_bits(num_layers, cfg.coevolve.w_bits, cfg.coevolve.a_bits, cfg.quant.float_first_last)
         return Bits(w=np.asarray(bits.w), a=np.asarray(bits.a))
@@ -505,19 +505,19 @@ def integer_bits(cfg: ml_collections.ConfigDict, num_layers: int) -> Bits:
     if cfg.bits_model is None:
         raise err("bits_from needs bits_model: name one of that search's final models, "
                   "e.g. --config.bits_model=front_01")
-    final = pathlib.Path(cfg.bits_from) / "final"
-    if not final.is_dir():
-        raise err(f"bits_from={cfg.bits_from!r} holds no finished qevo.search run ({final} is missing); "
-                  "point it at a search work folder")
-    models = sorted(p.name for p in final.iterdir() if (p / "results.json").is_file())
-    if cfg.bits_model not in models:
-        raise err(f"bits_model={cfg.bits_model!r} is not a final model of {cfg.bits_from}; choose one of {models}")
+    table = pathlib.Path(cfg.bits_from) / "final.csv"
+    if not table.is_file():
+        raise err(f"bits_from={cfg.bits_from!r} holds no finished qevo.search run ({table} is missing); "
+                  "point it at a search work folder or its committed results")
     try:
-        saved = json.loads((final / cfg.bits_model / "results.json").read_text())
-        w, a = np.asarray(saved["w_bits"], np.int32), np.asarray(saved["a_bits"], np.int32)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise err(f"{final / cfg.bits_model / 'results.json'} is corrupt ({e}); "
-                  "rerun that search's final training") from e
+        with table.open(newline="") as f:
+            rows = {row["name"]: row for row in csv.DictReader(f)}
+        models = sorted(n for n, row in rows.items() if row.get("kind") != "float")
+        if cfg.bits_model not in models:
+            raise err(f"bits_model={cfg.bits_model!r} is not a final model of {cfg.bits_from}; choose one of {models}")
+        w, a = (np.asarray(rows[cfg.bits_model][k].split(), np.int32) for k in ("w_bits", "a_bits"))
+    except (csv.Error, KeyError, AttributeError, ValueError) as e:
+        raise err(f"{table} is corrupt ({type(e).__name__}: {e}); rerun that search's final training") from e
     if w.shape != (num_layers,) or a.shape != (num_layers,):
         raise err(f"{cfg.bits_model} of {cfg.bits_from} has widths for {w.size} layers, this model "
                   f"({cfg.model.name}) has {num_layers}; take bits from a search of the same model")

@@ -307,6 +307,9 @@ def test_bad_config_is_refused_with_the_fix(overrides, message):
         (["--config.coevolve.radiuz=1"], "unknown config key 'coevolve.radiuz'"),
         (["--config.bits_from=/nonexistent/search", "--config.bits_model=front_01"],
          "qevo.coevolve: error: bits_from='/nonexistent/search' holds no finished qevo.search run"),
+        (["--config.bits_from=benchmarks/results/resnet20_cpu_search3", "--config.bits_model=front_02"],
+         "qevo.coevolve: error: front_02 of benchmarks/results/resnet20_cpu_search3 has widths for 20 layers, "
+         "this model (lenet5) has 5"),
     ],
 )
 def test_bad_input_gives_one_clear_line(args, message, tiny_lenet5_float, data_dir, tmp_path):
@@ -399,10 +402,10 @@ def test_batch_statistics_are_those_of_the_float_models_training_images(augment)
 
 
 def _search_run(tmp_path, models: dict) -> str:
-    """A search work folder with ``final/<name>/results.json`` holding each model's widths."""
-    for name, (w, a) in models.items():
-        (tmp_path / "final" / name).mkdir(parents=True)
-        (tmp_path / "final" / name / "results.json").write_text(json.dumps({"w_bits": w, "a_bits": a}))
+    """A search work folder whose ``final.csv`` lists each model's widths (and a float row)."""
+    rows = ["name,kind,w_bits,a_bits,test_accuracy"] + [
+        f"{name},front,{' '.join(map(str, w))},{' '.join(map(str, a))},0.5" for name, (w, a) in models.items()]
+    (tmp_path / "final.csv").write_text("\n".join([*rows, "float,float,32 32,32 32,0.9"]) + "\n")
     return str(tmp_path)
 
 
@@ -451,3 +454,14 @@ def test_bad_bits_from_is_refused_in_one_line(tmp_path, extra, models, message):
     cfg = coevolve.validate(config_lib.load(REPO / "configs" / "lenet5_cc.py", [e.format(run=run) for e in extra]))
     with pytest.raises(config_lib.ConfigError, match=message):
         coevolve.integer_bits(cfg, 5)
+
+
+def test_bits_from_reads_a_committed_search_model():
+    """The committed ResNet-20 search's front_02 (4-bit weights but one 2-bit layer) as the
+    coevolution's widths, straight from its results folder."""
+    cfg = coevolve.validate(config_lib.load(REPO / "configs" / "resnet20_cc_cpu.py", [
+        "bits_from=" + str(REPO / "benchmarks" / "results" / "resnet20_cpu_search3"), "bits_model=front_02"]))
+    bits = coevolve.integer_bits(cfg, 20)
+    assert bits.w.tolist() == [32] + [4] * 10 + [2] + [4] * 7 + [32]
+    assert bits.a.tolist() == [32] + [4] * 8 + [2] + [4] * 8 + [2, 32]
+    assert coevolve.describe(bits).startswith("w[32, 4, 4")
