@@ -9,7 +9,8 @@ processes) stays light:
   its kernels give ``model.precision="bfloat16"`` on this CPU, or XLA and why)
 * your own Flax Linen network: ``quantize_model`` (finds its Conv/Dense layers by tracing it
   and quantizes them from outside; every method takes the result, or the network itself, as
-  ``model=``), ``QuantizedModel``, ``Layer``; your own arrays: ``Dataset.from_arrays``
+  ``model=``), ``QuantizedModel``, ``Layer``; your own arrays: ``Dataset.from_arrays``,
+  ``Dataset.from_batches``
 * cost model: ``layer_table``, ``LayerTable``, ``bitops``, ``size_bits``, ``reference_flops``, ``reference_params``
 * data: ``load_dataset``, ``Dataset``, ``normalize``, ``augment``, ``write_image_folder``
 * population evaluation: ``PopulationEvaluator``, ``QATConfig``

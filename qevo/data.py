@@ -198,6 +198,30 @@ class Dataset:
                    num_classes=num_classes, class_names=tuple(str(i) for i in range(num_classes)),
                    mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std))
 
+    @classmethod
+    def from_batches(cls, train, test, val=None, **kwargs) -> Dataset:
+        """:meth:`from_arrays` of iterables of ``(inputs, labels)`` batches (a ``tf.data``
+        pipeline as numpy, a PyTorch ``DataLoader``, a generator): each split's batches are
+        read once and joined; keyword arguments as :meth:`from_arrays`.
+
+        Raises:
+          DataError: a split with no batch, or a batch that is not an ``(inputs, labels)`` pair.
+        """
+
+        def joined(split: str, batches) -> tuple[np.ndarray, np.ndarray]:
+            xs, ys = [], []
+            for batch in batches:
+                if not isinstance(batch, tuple | list) or len(batch) != 2:
+                    raise DataError(f"{split} batches must be (inputs, labels) pairs, got {type(batch).__name__}")
+                xs.append(np.asarray(batch[0]))
+                ys.append(np.asarray(batch[1]))
+            if not xs:
+                raise DataError(f"the {split} iterable gave no batch")
+            return np.concatenate(xs), np.concatenate(ys)
+
+        return cls.from_arrays(joined("train", train), joined("test", test),
+                               None if val is None else joined("val", val), **kwargs)
+
     def __repr__(self) -> str:
         shapes = ", ".join(f"{s}={getattr(self, f'{s}_images').shape}" for s in ("train", "val", "test"))
         return f"Dataset({self.name!r}, {shapes}, num_classes={self.num_classes})"

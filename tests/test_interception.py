@@ -215,6 +215,21 @@ def test_from_arrays_feeds_float_inputs_as_they_are_without_normalization():
     np.testing.assert_allclose(qevo.normalize(data.test_images, data.mean, data.std), x[:4] - 100, rtol=1e-6)
 
 
+def test_from_batches_joins_an_iterable_of_batches_as_from_arrays_would():
+    x, y = _arrays(30)
+    batches = ((x[i:i + 8], y[i:i + 8]) for i in range(0, 30, 8))
+    got = qevo.Dataset.from_batches(batches, [(x[:5], y[:5])], val_size=6, seed=1)
+    want = qevo.Dataset.from_arrays((x, y), (x[:5], y[:5]), val_size=6, seed=1)
+    for split in ("train", "val", "test"):
+        for a, b in zip(got.split(split), want.split(split), strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert got.mean == want.mean and got.std == want.std
+    with pytest.raises(DataError, match="the test iterable gave no batch"):
+        qevo.Dataset.from_batches([(x, y)], [])
+    with pytest.raises(DataError, match=r"train batches must be \(inputs, labels\) pairs, got dict"):
+        qevo.Dataset.from_batches([{"image": x}], [(x, y)])
+
+
 @pytest.mark.parametrize("train_split, match", [
     ((np.zeros((5, 2), np.uint8), np.zeros(4, int)), r"train has 5 inputs and 4 labels"),
     ((np.zeros((5, 2), np.uint8), np.array([0, 1, 2, 3, -1])), r"train labels hold -1"),
