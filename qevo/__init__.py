@@ -7,10 +7,10 @@ processes) stays light:
 * models: ``get_model``, ``init_variables``, ``LeNet5``, ``CifarResNet``, ``MobileNetV2``, ``calibrate``,
   ``BatchNorm``; ``onednn_status`` (what runs the CPU convolutions: oneDNN, its version and the precision
   its kernels give ``model.precision="bfloat16"`` on this CPU, or XLA and why)
-* your own Flax Linen network: ``quantize_model`` (finds its Conv/Dense layers by tracing it
-  and quantizes them from outside; every method takes the result, or the network itself, as
-  ``model=``), ``QuantizedModel``, ``Layer``; your own arrays: ``Dataset.from_arrays``,
-  ``Dataset.from_batches``
+* your own Flax Linen or NNX network: ``quantize_model`` (finds its Conv/Dense layers by
+  tracing it and quantizes them from outside; ``run_train``, ``run_search`` and
+  ``run_compress`` take the result, or the network itself, as ``model=``),
+  ``QuantizedModel``, ``Layer``; your own arrays: ``Dataset.from_arrays``, ``Dataset.from_batches``
 * cost model: ``layer_table``, ``LayerTable``, ``bitops``, ``size_bits``, ``reference_flops``, ``reference_params``
 * data: ``load_dataset``, ``Dataset``, ``normalize``, ``augment``, ``write_image_folder``
 * population evaluation: ``PopulationEvaluator``, ``QATConfig``
