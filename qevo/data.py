@@ -184,9 +184,9 @@ class Dataset:
         if val is None:
             if not 0 <= val_size < len(y):
                 raise DataError(f"val_size={val_size} must be in 0..{len(y) - 1} (the train split has {len(y)})")
-            perm = np.random.default_rng(seed).permutation(len(y))
-            checked["val"] = (x[perm[:val_size]], y[perm[:val_size]])
-            x, y = x[perm[val_size:]], y[perm[val_size:]]
+            val_idx, train_idx = _carve(len(y), val_size, seed)
+            checked["val"] = (x[val_idx], y[val_idx])
+            x, y = x[train_idx], y[train_idx]
         channels = shape[-1] if shape else 1
         if normalize:  # normalize() divides by 255 first: statistics in those units
             values = x.reshape(-1, channels).astype(np.float64)
@@ -441,8 +441,7 @@ def _make_dataset(name: str, raw: _Raw, val_size: int, seed: int) -> Dataset:
         )
     # Both splits keep the seeded random order, so that any prefix (``max_train_images``,
     # a search's ``eval_images``) is a class-balanced sample even of a class-sorted archive.
-    perm = np.random.default_rng(seed).permutation(n)
-    val_idx, train_idx = perm[:val_size], perm[val_size:]
+    val_idx, train_idx = _carve(n, val_size, seed)
     train_images = raw.train_images[train_idx]
     mean, std = _channel_stats(train_images)
     return Dataset(
@@ -458,6 +457,13 @@ def _make_dataset(name: str, raw: _Raw, val_size: int, seed: int) -> Dataset:
         mean=mean,
         std=std,
     )
+
+
+def _carve(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(validation, train)`` indices of ``n`` train examples: a seeded random order, its
+    first ``val_size`` for validation."""
+    perm = np.random.default_rng(seed).permutation(n)
+    return perm[:val_size], perm[val_size:]
 
 
 def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:

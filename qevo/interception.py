@@ -35,7 +35,7 @@ from flax import traverse_util
 
 from qevo import quant
 from qevo.errors import ConfigError
-from qevo.layers import Bits, QuantOptions, conv2d
+from qevo.layers import CALIBRATION_QUANTILE, Bits, QuantOptions, conv2d, layer_key
 
 QUANTIZABLE = (nn.Conv, nn.Dense, nn.DenseGeneral)
 NORMALIZATION = (nn.BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
@@ -217,10 +217,10 @@ def _report(layers: tuple[Layer, ...], scope: _Scope, reported: list[str]) -> di
     state = {}
     if "calibration" in reported:
         state["calibration"] = {
-            _key(i): tuple(jnp.quantile(jnp.abs(v), CALIBRATION_QUANTILE) for v in scope.inputs[layer.path])
+            layer_key(i): tuple(jnp.quantile(jnp.abs(v), CALIBRATION_QUANTILE) for v in scope.inputs[layer.path])
             for i, layer in enumerate(layers)}
     if "layer_stats" in reported:
-        state["layer_stats"] = {_key(i): jnp.array([layer.macs, layer.weights], jnp.int32)
+        state["layer_stats"] = {layer_key(i): jnp.array([layer.macs, layer.weights], jnp.int32)
                                 for i, layer in enumerate(layers)}
     return state
 
@@ -360,13 +360,6 @@ class QuantizedNNX(_Protocol):
         pure = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(batch_stats)}
         return {**{k: v for k, v in pure.items() if v},
                 "quant": {"a_clip": jnp.ones((self.num_layers,), jnp.float32)}}
-
-
-CALIBRATION_QUANTILE = 0.9999
-
-
-def _key(index: int) -> str:
-    return f"layer_{index:03d}"
 
 
 def _found(scope: _Scope, params: dict, normalization: tuple[type, ...] = NORMALIZATION

@@ -84,16 +84,17 @@ class QuantContext:
     a_clip: jax.Array
 
 
-def _key(index: int) -> str:
+def layer_key(index: int) -> str:
+    """The key a layer's sown values take in the ``calibration`` and ``layer_stats`` collections."""
     return f"layer_{index:03d}"
 
 
 def _record(module: nn.Module, index: int, x: jax.Array, macs: int, n_weights: int) -> None:
     """Sow calibration statistics and static layer costs when those collections are mutable."""
     if module.is_mutable_collection("calibration"):
-        module.sow("calibration", _key(index), jnp.quantile(jnp.abs(x), CALIBRATION_QUANTILE))
+        module.sow("calibration", layer_key(index), jnp.quantile(jnp.abs(x), CALIBRATION_QUANTILE))
     if module.is_mutable_collection("layer_stats"):
-        module.sow("layer_stats", _key(index), jnp.array([macs, n_weights], jnp.int32))
+        module.sow("layer_stats", layer_key(index), jnp.array([macs, n_weights], jnp.int32))
 
 
 def _quantize(ctx: QuantContext, index: int, x, kernel, signed: bool, options: QuantOptions):

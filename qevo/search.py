@@ -294,12 +294,12 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, model=None, v
     if "float" in (cfg.search.start, cfg.final.start):
         if inputs.variables is None:
             float_vars, float_results = float_model(cfg, ds, model, workdir)
+            starts["float"] = calibrate(model, float_vars, calib)
         else:  # the user's own float model: its test accuracy for final.csv's float row
-            float_vars = inputs.variables
+            starts["float"] = calibrate(model, inputs.variables, calib)
             test = batch_eval_set(jnp.asarray(ds.test_images), jnp.asarray(ds.test_labels), cfg.train.eval_batch_size)
             float_results = {"test_accuracy": float(train.Trainer(cfg, ds, model, quantized=False).accuracy(
-                calibrate(model, float_vars, calib), None, test))}
-        starts["float"] = calibrate(model, float_vars, calib)
+                starts["float"], None, test))}
     if "scratch" in (cfg.search.start, cfg.final.start):
         fresh = init_variables(model, jax.random.fold_in(jax.random.key(cfg.seed), 7), ds.train_images.shape[1:])
         starts["scratch"] = calibrate(model, fresh, calib)

@@ -366,6 +366,13 @@ def test_lenet5_coevolution_on_real_mnist(lenet5_float, data_dir, tmp_path):
     assert abs(r["round_to_nearest"]["test_accuracy"] - r["round_to_nearest"]["fake_quant_test_accuracy"]) <= 2e-4, r
 
 
+def _resnet8():
+    """A ResNet-8 for 16x16 images, initialized, every activation clip at 3."""
+    model = CifarResNet(depth=8)
+    return model, {**init_variables(model, jax.random.key(0), (16, 16, 3)),
+                   "quant": {"a_clip": jnp.full(model.num_layers, 3.0)}}
+
+
 @pytest.mark.parametrize("augment", [True, False])
 def test_batch_statistics_are_those_of_the_float_models_training_images(augment):
     """A float model trained with ``train.augment`` learned under the normalisation of padded,
@@ -374,12 +381,10 @@ def test_batch_statistics_are_those_of_the_float_models_training_images(augment)
     XLA's convolution over 8,192 independently drawn crops and flips (numpy; 4-pixel zero
     padding, offsets 0..8, flip with probability 1/2). Bright images make the black borders
     of the crops move the moments far beyond the sampling error."""
-    model = CifarResNet(depth=8)
+    model, variables = _resnet8()
     rng = np.random.default_rng(0)
     images = rng.integers(150, 250, (256, 16, 16, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, 256).astype(np.int32)
-    variables = {**init_variables(model, jax.random.key(0), (16, 16, 3)),
-                 "quant": {"a_clip": jnp.full(model.num_layers, 3.0)}}
     cfg = coevolve.validate(config_lib.load(REPO / "configs" / "resnet20_cc_cpu.py", [
         f"train.augment={augment}", "coevolve.num_groups=1", "coevolve.group_size=8", "coevolve.bn_images=1024"]))
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -412,15 +417,13 @@ def _search_run(tmp_path, models: dict) -> str:
 def test_bits_from_a_search_model_gives_each_layer_its_own_level_range(tmp_path):
     """A front model's mixed widths: each layer's integer levels start at its own round to
     nearest and may move only inside its own width's range (2 bits: -1..1, 4 bits: -7..7)."""
-    model = CifarResNet(depth=8)
+    model, variables = _resnet8()
     w = [32, 2, 4, 8, 2, 4, 2, 32]
     a = [32, 4, 8, 4, 4, 8, 4, 32]
     run = _search_run(tmp_path, {"front_01": (w, a)})
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (64, 16, 16, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, 64).astype(np.int32)
-    variables = {**init_variables(model, jax.random.key(0), (16, 16, 3)),
-                 "quant": {"a_clip": jnp.full(model.num_layers, 3.0)}}
     cfg = coevolve.validate(config_lib.load(REPO / "configs" / "resnet20_cc_cpu.py", [
         f"bits_from={run}", "bits_model=front_01", "coevolve.num_groups=1", "coevolve.group_size=8",
         "coevolve.bn_images=64", "coevolve.radius=2"]))
