@@ -43,9 +43,9 @@ _EXPORTS = {
     "QuantOptions": ("qevo.layers", "QuantOptions"),
     "get_model": ("qevo.models", "get_model"),
     "init_variables": ("qevo.models", "init_variables"),
-    "LeNet5": ("qevo.models", "LeNet5"),
-    "CifarResNet": ("qevo.models", "CifarResNet"),
-    "MobileNetV2": ("qevo.models", "MobileNetV2"),
+    "LeNet5": ("qevo.networks", "LeNet5"),
+    "CifarResNet": ("qevo.networks", "CifarResNet"),
+    "MobileNetV2": ("qevo.networks", "MobileNetV2"),
     "calibrate": ("qevo.calibration", "calibrate"),
     "BatchNorm": ("qevo.layers", "BatchNorm"),
     "onednn_status": ("qevo.onednn", "status"),
@@ -137,7 +137,8 @@ if TYPE_CHECKING:  # the same names, visible to type checkers and IDEs (tests/te
         batch_statistics as integer_batch_statistics,
     )
     from qevo.layers import BatchNorm, Bits, QuantOptions
-    from qevo.models import CifarResNet, LeNet5, MobileNetV2, get_model, init_variables
+    from qevo.models import get_model, init_variables
+    from qevo.networks import CifarResNet, LeNet5, MobileNetV2
     from qevo.onednn import status as onednn_status
     from qevo.population import PopulationEvaluator, QATConfig
     from qevo.quant import quantize_activation, quantize_weight, validate_bits

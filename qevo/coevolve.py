@@ -70,7 +70,7 @@ from ml_collections import config_dict
 from qevo import checkpoint, intforward, train
 from qevo import config as config_lib
 from qevo.calibration import calibrate
-from qevo.data import augment, normalize
+from qevo.data import Dataset, augment, normalize
 from qevo.harness import RESULTS, StepLog, Stopwatch, environment, method, write_json
 from qevo.layers import Bits
 from qevo.population import (
@@ -550,6 +550,7 @@ class Prepared:
     problem: Problem
     test: tuple
     val: tuple
+    model_name: str
 
 
 def prepare_arrays(cfg: ml_collections.ConfigDict, model: nn.Module, variables: dict, mean, std, train_images,
@@ -561,7 +562,7 @@ def prepare_arrays(cfg: ml_collections.ConfigDict, model: nn.Module, variables: 
     """
     c = cfg.coevolve
     bits = integer_bits(cfg, model.num_layers)
-    paths = intforward.quantized_layers(model, variables, train_images.shape[1:])
+    paths = intforward.quantized_layers(model)
     rtn = intforward.integer_kernels(variables, paths, bits.w, cfg.quant.per_channel, cfg.quant.mode)
     if not rtn:
         raise config_lib.ConfigError("no layer is quantized: with quant.float_first_last=True "
@@ -574,7 +575,7 @@ def prepare_arrays(cfg: ml_collections.ConfigDict, model: nn.Module, variables: 
     if c.num_groups * c.group_size > runner.num_weights:
         raise config_lib.ConfigError(
             f"config coevolve.num_groups * coevolve.group_size = {c.num_groups * c.group_size} exceeds the "
-            f"{runner.num_weights} integer weights of {cfg.model.name}; lower one of them")
+            f"{runner.num_weights} integer weights of the model; lower one of them")
     if val_images.shape[0] == 0:
         raise config_lib.ConfigError("the coevolution reports validation accuracy per cycle: set data.val_size > 0")
     n_val = val_images.shape[0] if c.eval_images is None else min(c.eval_images, val_images.shape[0])
@@ -587,11 +588,13 @@ def prepare_arrays(cfg: ml_collections.ConfigDict, model: nn.Module, variables: 
     return bits, runner, problem
 
 
-def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> Prepared:
-    """Float model (calibrated), round-to-nearest levels, the runner and its problem."""
-    ds = train.load_data(cfg)
-    model = train.build_model(cfg, ds.num_classes)
-    variables, _ = float_model(cfg, ds, model, workdir)
+def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, model=None, variables: dict | None = None,
+            data: Dataset | None = None) -> Prepared:
+    """Float model (trained, loaded or the user's; calibrated), round-to-nearest levels, the
+    runner and its problem (``model``, ``variables``, ``data``: :func:`qevo.train.resolve_inputs`)."""
+    inputs = train.resolve_inputs(cfg, model, variables, data)
+    ds, model = inputs.ds, inputs.model
+    variables = float_model(cfg, ds, model, workdir)[0] if inputs.variables is None else inputs.variables
     variables = calibrate(model, variables, normalize(jnp.asarray(ds.train_images[:512]), ds.mean, ds.std))
     bits, runner, problem = prepare_arrays(cfg, model, variables, ds.mean, ds.std, ds.train_images, ds.train_labels,
                                   ds.val_images, ds.val_labels)
@@ -599,7 +602,7 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> Prepared:
     test = batch_eval_set(jnp.asarray(ds.test_images), jnp.asarray(ds.test_labels), eb)
     scores_all_val = int(problem.val[2].sum()) == len(ds.val_labels)  # the problem's batches are the whole split
     val = problem.val if scores_all_val else batch_eval_set(jnp.asarray(ds.val_images), jnp.asarray(ds.val_labels), eb)
-    return Prepared(cfg, ds, model, variables, bits, runner, problem, test, val)
+    return Prepared(cfg, ds, model, variables, bits, runner, problem, test, val, inputs.model_name)
 
 
 def initial_state(prep: Prepared) -> State:
@@ -676,15 +679,21 @@ def save_integer_model(path: pathlib.Path, prep: Prepared, genome: jax.Array, me
 
 
 @method
-def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
-    """The whole protocol (module docstring) in ``workdir``; returns ``results.json``'s dict."""
+def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, *, model=None, variables: dict | None = None,
+        data: Dataset | None = None) -> dict:
+    """The whole protocol (module docstring) in ``workdir``; returns ``results.json``'s dict.
+
+    From Python, ``model=`` (any Flax network, unchanged), ``variables=`` (its trained float
+    variables; None: trained here per ``cfg.train``) and ``data=`` (a
+    :class:`qevo.data.Dataset`) replace ``cfg.model`` and ``cfg.data``
+    (:func:`qevo.train.resolve_inputs`)."""
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
     watch = Stopwatch()
     c = cfg.coevolve
     with watch.stage("prepare"):
-        prep = prepare(cfg, workdir)
+        prep = prepare(cfg, workdir, model, variables, data)
         env = environment(prep.model, prep.variables, prep.ds.train_images.shape[1:], cfg.train.batch_size,
                           cfg.model.precision)
     runner, problem = prep.runner, prep.problem
@@ -701,7 +710,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
         rebatched = with_statistics(problem, start_state.batch_stats)
         scores["round_to_nearest_bn"] = {"val_accuracy": float(runner.accuracy(rebatched, problem.q0, prep.val)),
                                          "test_accuracy": float(runner.accuracy(rebatched, problem.q0, prep.test))}
-    log(f"{cfg.model.name} {describe(prep.bits)}: {runner.num_weights} integer weights; test accuracy: "
+    log(f"{prep.model_name} {describe(prep.bits)}: {runner.num_weights} integer weights; test accuracy: "
         + ", ".join(f"{k} {100 * v['test_accuracy']:.2f}%" for k, v in scores.items()))
 
     with watch.stage("coevolution"):
@@ -714,7 +723,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
                  "seconds": round(sum(r["seconds"] for r in history), 2),
                  "changed_weights": int(jnp.sum(genome != problem.q0)), "confident": history[-1]["confident"]}
     scores["coevolution"] = coevolved
-    meta = {"model": cfg.model.name, "dataset": cfg.data.name, "w_bits": prep.bits.w.tolist(),
+    meta = {"model": prep.model_name, "dataset": prep.ds.name, "w_bits": prep.bits.w.tolist(),
             "a_bits": prep.bits.a.tolist(), "test_accuracy": coevolved["test_accuracy"]}
     save_integer_model(workdir / INTEGER_MODEL, prep, genome, meta, state.batch_stats)
     if c.qat:
@@ -724,8 +733,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
                          "images": qat["images"], "epochs": qat["epochs"], "train_seconds": qat["train_seconds"]}
     log("test accuracy: " + ", ".join(f"{k} {100 * v['test_accuracy']:.2f}%" for k, v in scores.items()))
     results = {
-        "model": cfg.model.name,
-        "dataset": cfg.data.name,
+        "model": prep.model_name,
+        "dataset": prep.ds.name,
         "seed": cfg.seed,
         "w_bits": prep.bits.w.tolist(),
         "a_bits": prep.bits.a.tolist(),

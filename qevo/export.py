@@ -163,7 +163,7 @@ def binary_levels(kernel, per_channel: bool = True) -> intforward.IntKernel:
     return intforward.IntKernel(q=np.sign(kernel).astype(np.int8), scale=scale.astype(np.float32))
 
 
-def quantized_kernels(model: nn.Module, variables: dict, image_shape, bits: Bits, per_channel: bool = True,
+def quantized_kernels(model, variables: dict, bits: Bits, per_channel: bool = True,
                       mode: str = "absmax") -> dict[str, intforward.IntKernel]:
     """Integer levels of every layer whose weight width is below 32, equal (levels times
     scale) to :func:`qevo.quant.quantize_weight`'s fake quantization: ``sign(w) * mean|w|``
@@ -180,7 +180,7 @@ def quantized_kernels(model: nn.Module, variables: dict, image_shape, bits: Bits
     flat = traverse_util.flatten_dict(variables["params"], sep="/")
     w = np.asarray(bits.w)
     out = {}
-    for path, i in intforward.quantized_layers(model, variables, image_shape).items():
+    for path, i in intforward.quantized_layers(model).items():
         kernel = flat[f"{path}/kernel"]
         if w[i] == 1:
             out[path] = binary_levels(kernel, per_channel)
@@ -201,13 +201,17 @@ def _load_search(workdir: pathlib.Path, cfg, name: str, template: dict) -> tuple
     return _load_variables(folder / MODEL, template), bits, float(row["test_accuracy"])
 
 
-def load(workdir, name: str | None = None) -> Found:
+def load(workdir, name: str | None = None, *, model=None, data: Dataset | None = None) -> Found:
     """The model ``name`` of the finished run in ``workdir`` (default: the run's single result).
+
+    A run made from Python with a network and data of one's own (``model=``, ``data=`` of
+    its method) loads with the same ``model=`` and ``data=`` here.
 
     Raises:
       CheckpointError: ``workdir`` is not a finished qevo run folder, or its files are
         missing or corrupt.
-      ConfigError: ``name`` is not one of the run's models.
+      ConfigError: ``name`` is not one of the run's models, or the run was made with a
+        network of one's own and ``model=`` is missing.
     """
     workdir = pathlib.Path(workdir)
     if not workdir.is_dir():
@@ -225,8 +229,12 @@ def load(workdir, name: str | None = None) -> Found:
     if name not in available:
         raise ConfigError(f"--model {name!r} is not a model of this {KINDS[kind]} run; choose one of "
                           + ", ".join(available))
-    ds = train.load_data(cfg)
-    model = train.build_model(cfg, ds.num_classes)
+    if model is None and results.get("model", cfg.model.name) != cfg.model.name:
+        raise ConfigError(f"{workdir} was made from Python with a network of your own ({results['model']}); "
+                          f"export it from Python: qevo.export.export({str(workdir)!r}, name, out, model=..., "
+                          "data=...) with the run's model and data")
+    inputs = train.resolve_inputs(cfg, model, None, data)
+    ds, model = inputs.ds, inputs.model
     shape = ds.train_images.shape[1:]
     template = init_variables(model, jax.random.key(cfg.seed), shape)
     kernels, bits = {}, None
@@ -260,7 +268,7 @@ def load(workdir, name: str | None = None) -> Found:
             bits = Bits(w=np.asarray(uniform.w), a=np.asarray(uniform.a))
         accuracy = results["test_accuracy"]
     if bits is not None and not kernels:
-        kernels = quantized_kernels(model, variables, shape, bits, cfg.quant.per_channel, cfg.quant.mode)
+        kernels = quantized_kernels(model, variables, bits, cfg.quant.per_channel, cfg.quant.mode)
     arithmetic = "integer" if kind == "coevolve" and name != "float" else "float"
     if arithmetic == "integer":
         b = Bits(w=jnp.asarray(bits.w), a=jnp.asarray(bits.a))
@@ -317,15 +325,17 @@ def verify(found: Found, path, batch_size: int = 1000) -> dict:
     }
 
 
-def export(workdir, model: str | None = None, out="model.onnx", check: bool = False) -> dict:
-    """Export model ``model`` of the finished run in ``workdir`` to ``out`` (ONNX) and write
+def export(workdir, name: str | None = None, out="model.onnx", check: bool = False, *, model=None,
+           data: Dataset | None = None) -> dict:
+    """Export model ``name`` of the finished run in ``workdir`` to ``out`` (ONNX) and write
     ``out`` with suffix ``.json`` beside it.
 
     Args:
       workdir: the work folder of a qevo.search, qevo.compress, qevo.coevolve or qevo.train run.
-      model: a name of :func:`names` (default: the run's single result; a search needs one).
+      name: a name of :func:`names` (default: the run's single result; a search needs one).
       out: the ``.onnx`` path.
       check: also run the ONNX model in onnxruntime on the run's test split (:func:`verify`).
+      model, data: the network and data of one's own that the run was made with (:func:`load`).
 
     Returns:
       The JSON record: source, file, opset, widths and storage per layer, BitOps, size in
@@ -340,7 +350,7 @@ def export(workdir, model: str | None = None, out="model.onnx", check: bool = Fa
         raise ConfigError(f"exporting needs {' and '.join(missing or ['onnx'])}: "
                           "pip install 'qevo[export]' (from a clone: pip install -e '.[export]')")
     out = pathlib.Path(out)
-    found = load(workdir, model)
+    found = load(workdir, name, model=model, data=data)
     shape = found.ds.train_images.shape[1:]
     proto = onnxgraph.build(found.model, found.variables, found.bits, found.kernels, shape, found.ds.mean,
                             found.ds.std, name=f"{found.kind}_{found.name}", arithmetic=found.arithmetic)
@@ -349,7 +359,7 @@ def export(workdir, model: str | None = None, out="model.onnx", check: bool = Fa
     L = found.model.num_layers
     w = [FLOAT_BITS] * L if found.bits is None else np.asarray(found.bits.w).tolist()
     a = [FLOAT_BITS] * L if found.bits is None else np.asarray(found.bits.a).tolist()
-    paths = intforward.quantized_layers(found.model, found.variables, shape)
+    paths = intforward.quantized_layers(found.model)
     record = {
         "source": {"workdir": str(pathlib.Path(workdir).resolve()), "command": KINDS[found.kind],
                    "model": found.name},

@@ -18,6 +18,11 @@ its options ask for them and its geometry allows it.
 
 Modules with parameters that are not such layers (``nn.Embed``, ``nn.ConvTranspose``, a
 user's own kernel) stay float; normalization layers are float by design.
+
+qevo's own networks (:mod:`qevo.networks`) take this same path: nothing else in qevo
+quantizes a layer. Whatever else must act on a found layer's operation (the integer forward
+pass of :mod:`qevo.intforward`, the ONNX trace of :mod:`qevo.onnxgraph`) does so through an
+``override`` of ``apply``, which sees each call of the operation as a :class:`Call`.
 """
 
 from __future__ import annotations
@@ -35,10 +40,10 @@ from flax import traverse_util
 
 from qevo import quant
 from qevo.errors import ConfigError
-from qevo.layers import CALIBRATION_QUANTILE, Bits, QuantOptions, conv2d, layer_key
+from qevo.layers import CALIBRATION_QUANTILE, BatchNorm, Bits, QuantOptions, conv2d, layer_key
 
 QUANTIZABLE = (nn.Conv, nn.Dense, nn.DenseGeneral)
-NORMALIZATION = (nn.BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+NORMALIZATION = (nn.BatchNorm, BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -51,10 +56,14 @@ class Layer:
       kind: ``"conv"`` or ``"dense"``.
       kernel_shape: the kernel's shape (``HWIO`` for a 2-D convolution, ``[in, out]`` dense).
       groups: feature groups of a convolution (its input channels when depthwise); 1 for dense.
-      macs: multiply-accumulates per example, summed over every call of the module.
-      weights: the kernel's element count.
+      macs: multiply-accumulates per example, summed over every call of the module and of
+        the modules in ``shared``.
+      weights: the element count of the kernel and of those in ``shared``.
       signed: its input took negative values in the discovery trace (no ReLU before it), so
         activations quantize to symmetric levels.
+      shared: paths of other modules that take this layer's widths and clip range (a
+        ResNet's projection shortcut beside its block's first convolution).
+      name: how reports name the layer (its path unless :func:`quantize` was given names).
     """
 
     path: str
@@ -64,6 +73,13 @@ class Layer:
     macs: int
     weights: int
     signed: bool
+    shared: tuple[str, ...] = ()
+    name: str = ""
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The layer's own path and those of ``shared``."""
+        return (self.path, *self.shared)
 
 
 def _takes(module: nn.Module, name: str) -> bool:
@@ -91,17 +107,57 @@ def _nhwc(lhs, rhs, dimension_numbers) -> bool:
     return given == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
 
 
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """One call of a found layer's operation, as an ``override`` of ``apply`` sees it.
+
+    Attributes:
+      path: the calling module's path.
+      index: its layer's position ``i`` in the model's layers.
+      kind: ``"conv"`` or ``"dense"``.
+      lhs: the layer's float input, not quantized.
+      rhs: its float kernel, not quantized.
+      params: the operation's other arguments (``window_strides``, ``padding``,
+        ``dimension_numbers``, ``feature_group_count``, ... for a convolution;
+        ``dimension_numbers`` for a dense layer).
+      plain: a 2-D NHWC/HWIO convolution with square strides, ``"SAME"``/``"VALID"`` padding
+        and no dilation (``params``'s ``window_strides[0]``, ``padding`` and
+        ``feature_group_count`` describe it), or a dense ``[..., in] @ [in, out]``.
+      bits: the call's widths (None: float).
+      a_clip: float32 ``[L]`` activation clip ranges (None when ``bits`` is None).
+      signed: the layer takes signed activations.
+      options: the model's quantizer settings.
+      compute: ``compute(lhs, rhs)``: the operation itself on any operands (float, in the
+        kernels ``options`` ask for).
+    """
+
+    path: str
+    index: int
+    kind: str
+    lhs: jax.Array
+    rhs: jax.Array
+    params: dict
+    plain: bool
+    bits: Bits | None
+    a_clip: jax.Array | None
+    signed: bool
+    options: QuantOptions
+    compute: object
+
+
 class _Scope:
     """One traced call of a network: what its found layers quantize to, and what they record.
 
     ``index`` maps the known layer paths to their positions (None: discovery, where every
-    quantizable layer records and none quantizes); ``bits`` None keeps them float. Records:
-    per path the layer's inputs and operations ``(kind, kernel shape, MACs per example,
-    groups)``, and every called module's type."""
+    quantizable layer records and none quantizes); ``bits`` None keeps them float;
+    ``override(call)`` may replace a found layer's operation (None: it runs as usual).
+    Records: per path the layer's inputs and operations ``(kind, kernel shape, MACs per
+    example, groups)``, and every called module's type."""
 
     def __init__(self, index: dict[str, int] | None = None, bits: Bits | None = None, a_clip=None,
-                 options: QuantOptions = QuantOptions(), signed: tuple[bool, ...] = ()):
+                 options: QuantOptions = QuantOptions(), signed: tuple[bool, ...] = (), override=None):
         self.index, self.bits, self.a_clip, self.options, self.signed = index, bits, a_clip, options, signed
+        self.override = override
         self.inputs: dict[str, list] = {}
         self.ops: dict[str, list] = {}
         self.modules: dict[str, type] = {}
@@ -109,65 +165,85 @@ class _Scope:
     def takes(self, path: str) -> bool:
         return self.index is None or path in self.index
 
-    def operands(self, path: str, lhs, rhs):
-        """Record a layer's input; return its input and kernel fake-quantized at its widths."""
+    def run(self, path: str, kind: str, lhs, rhs, params: dict, plain: bool, compute):
+        """A found layer's operation on ``lhs`` and ``rhs``: overridden, or on its input and
+        kernel fake-quantized at its widths; the input and the operation are recorded."""
         self.inputs.setdefault(path, []).append(lhs)
-        if self.bits is None:
-            return lhs, rhs
-        i, o = self.index[path], self.options
-        lhs = quant.quantize_activation(lhs, self.bits.a[i], self.a_clip[i], signed=self.signed[i], mode=o.mode)
-        return lhs, quant.quantize_weight(rhs, self.bits.w[i], per_channel=o.per_channel, mode=o.mode)
-
-    def record(self, path: str, kind: str, rhs, macs: int, groups: int) -> None:
-        self.ops.setdefault(path, []).append((kind, tuple(rhs.shape), macs, groups))
+        out = None
+        if self.override is not None and self.index is not None:
+            i = self.index[path]
+            out = self.override(Call(path, i, kind, lhs, rhs, params, plain, self.bits, self.a_clip,
+                                     self.signed[i], self.options, compute))
+        if out is None and self.bits is None:
+            out = compute(lhs, rhs)
+        elif out is None:
+            i, o = self.index[path], self.options
+            x = quant.quantize_activation(lhs, self.bits.a[i], self.a_clip[i], signed=self.signed[i], mode=o.mode)
+            out = compute(x, quant.quantize_weight(rhs, self.bits.w[i], per_channel=o.per_channel, mode=o.mode))
+        macs = (_conv_macs(rhs, out, params["dimension_numbers"] or NHWC) if kind == "conv"
+                else _dot_macs(lhs, out, params["dimension_numbers"]))
+        self.ops.setdefault(path, []).append((kind, tuple(rhs.shape), macs, params.get("feature_group_count", 1)))
+        return out
 
 
 _SCOPE: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar("qevo_interception_scope", default=None)
 
 
+def _plain_conv(lhs, rhs, params: dict) -> bool:
+    """Whether a convolution is 2-D NHWC/HWIO with square strides, ``"SAME"``/``"VALID"``
+    padding, no dilation and no other option (what qevo's CPU kernels and integer layers take)."""
+    return (lhs.ndim == 4 and _nhwc(lhs, rhs, params["dimension_numbers"]) and len(set(params["window_strides"])) == 1
+            and isinstance(params["padding"], str) and params["padding"] in ("SAME", "VALID")
+            and params["batch_group_count"] == 1 and params["precision"] is None
+            and params["preferred_element_type"] is None
+            and all(d == 1 for d in (*(params["lhs_dilation"] or ()), *(params["rhs_dilation"] or ())))
+            and all(v is None for k, v in params.items() if k not in _CONV_ARGS))
+
+
+_CONV_ARGS = ("window_strides", "padding", "lhs_dilation", "rhs_dilation", "dimension_numbers", "feature_group_count",
+              "batch_group_count", "precision", "preferred_element_type")
+
+
 def _conv_op(path: str, original):
-    """A ``lax.conv_general_dilated`` for layer ``path``: inside a scope its input and kernel
-    are fake-quantized first, and 2-D NHWC/HWIO convolutions without dilation take
-    :func:`qevo.layers.conv2d` (qevo's CPU kernels); outside one it is ``original``."""
+    """A ``lax.conv_general_dilated`` for layer ``path``: inside a scope it runs as
+    :meth:`_Scope.run` says (fake-quantized, or overridden), 2-D NHWC/HWIO convolutions
+    without dilation through :func:`qevo.layers.conv2d` (qevo's CPU kernels, the float
+    network in ``options.precision``); outside one it is ``original``."""
 
     def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
              feature_group_count=1, batch_group_count=1, precision=None, preferred_element_type=None, **kwargs):
+        params = dict(window_strides=window_strides, padding=padding, lhs_dilation=lhs_dilation,
+                      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                      feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+                      precision=precision, preferred_element_type=preferred_element_type, **kwargs)
         scope = _SCOPE.get()
         if scope is None or not scope.takes(path):
-            return original(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-                            dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-                            batch_group_count=batch_group_count, precision=precision,
-                            preferred_element_type=preferred_element_type, **kwargs)
-        lhs, rhs = scope.operands(path, lhs, rhs)
-        plain = (lhs.ndim == 4 and _nhwc(lhs, rhs, dimension_numbers) and len(set(window_strides)) == 1
-                 and isinstance(padding, str) and padding in ("SAME", "VALID") and batch_group_count == 1
-                 and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-                 and all(v is None for v in kwargs.values()))
-        if plain and preferred_element_type is None and lhs.dtype == rhs.dtype == jnp.float32:
-            out = conv2d(lhs, rhs, window_strides[0], padding, feature_group_count, scope.options.conv)
-        else:
-            out = original(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-                           dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-                           batch_group_count=batch_group_count, precision=precision,
-                           preferred_element_type=preferred_element_type, **kwargs)
-        scope.record(path, "conv", rhs, _conv_macs(rhs, out, dimension_numbers or NHWC), feature_group_count)
-        return out
+            return original(lhs, rhs, **params)
+        plain = _plain_conv(lhs, rhs, params)
+
+        def compute(x, k):
+            if plain and x.dtype == k.dtype == jnp.float32:
+                precision = scope.options.precision if scope.bits is None else "float32"
+                return conv2d(x, k, window_strides[0], padding, feature_group_count, scope.options.conv, precision)
+            return original(x, k, **params)
+
+        return scope.run(path, "conv", lhs, rhs, params, plain, compute)
 
     return conv
 
 
 def _dot_op(path: str, original):
-    """A ``lax.dot_general`` for layer ``path``: inside a scope its left operand (the input)
-    and right operand (the kernel) are fake-quantized first; outside one it is ``original``."""
+    """A ``lax.dot_general`` for layer ``path``: inside a scope it runs as
+    :meth:`_Scope.run` says (fake-quantized, or overridden); outside one it is ``original``."""
 
     def dot(lhs, rhs, dimension_numbers, *args, **kwargs):
         scope = _SCOPE.get()
         if scope is None or not scope.takes(path):
             return original(lhs, rhs, dimension_numbers, *args, **kwargs)
-        lhs, rhs = scope.operands(path, lhs, rhs)
-        out = original(lhs, rhs, dimension_numbers, *args, **kwargs)
-        scope.record(path, "dense", rhs, _dot_macs(lhs, out, dimension_numbers), 1)
-        return out
+        plain = dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ())) and rhs.ndim == 2 and not args and all(
+            v is None for v in kwargs.values())
+        return scope.run(path, "dense", lhs, rhs, {"dimension_numbers": dimension_numbers, **kwargs}, plain,
+                         lambda x, k: original(x, k, dimension_numbers, *args, **kwargs))
 
     return dot
 
@@ -183,12 +259,21 @@ def _active(scope: _Scope):
 
 def _linen_interceptor(scope: _Scope):
     """``intercept_methods`` function: each found Linen layer's ``__call__`` runs with its
-    operation field swapped for :func:`_conv_op` / :func:`_dot_op`."""
+    operation field swapped for :func:`_conv_op` / :func:`_dot_op`; with
+    ``options.batch_axis``, each normalization layer that has an ``axis_name`` reduces over it."""
 
     def intercept(next_fun, args, kwargs, context):
         module = context.module
         path = _path(module)
         scope.modules.setdefault(path, type(module))
+        axis = scope.options.batch_axis
+        if context.method_name == "__call__" and axis is not None and isinstance(module, NORMALIZATION) \
+                and getattr(module, "axis_name", axis) is None:
+            object.__setattr__(module, "axis_name", axis)
+            try:
+                return next_fun(*args, **kwargs)
+            finally:
+                object.__setattr__(module, "axis_name", None)
         if context.method_name != "__call__" or not isinstance(module, QUANTIZABLE) or not scope.takes(path):
             return next_fun(*args, **kwargs)
         field = "conv_general_dilated" if isinstance(module, nn.Conv) else "dot_general"
@@ -217,18 +302,22 @@ def _report(layers: tuple[Layer, ...], scope: _Scope, reported: list[str]) -> di
     state = {}
     if "calibration" in reported:
         state["calibration"] = {
-            layer_key(i): tuple(jnp.quantile(jnp.abs(v), CALIBRATION_QUANTILE) for v in scope.inputs[layer.path])
+            layer_key(i): tuple(jnp.quantile(jnp.abs(v), CALIBRATION_QUANTILE)
+                                for path in layer.paths for v in scope.inputs.get(path, []))
             for i, layer in enumerate(layers)}
     if "layer_stats" in reported:
-        state["layer_stats"] = {layer_key(i): jnp.array([layer.macs, layer.weights], jnp.int32)
-                                for i, layer in enumerate(layers)}
+        state["layer_stats"] = {
+            layer_key(i): jnp.array([sum(op[2] for path in layer.paths for op in scope.ops.get(path, [])),
+                                     layer.weights], jnp.int32)
+            for i, layer in enumerate(layers)}
     return state
 
 
-def _scope_of(layers: tuple[Layer, ...], variables: dict, bits: Bits | None, options: QuantOptions) -> _Scope:
-    index = {layer.path: i for i, layer in enumerate(layers)}
+def _scope_of(layers: tuple[Layer, ...], variables: dict, bits: Bits | None, options: QuantOptions,
+              override=None) -> _Scope:
+    index = {path: i for i, layer in enumerate(layers) for path in layer.paths}
     a_clip = variables["quant"]["a_clip"] if bits is not None else None
-    return _Scope(index, bits, a_clip, options, tuple(layer.signed for layer in layers))
+    return _Scope(index, bits, a_clip, options, tuple(layer.signed for layer in layers), override)
 
 
 class _Protocol:
@@ -243,7 +332,7 @@ class _Protocol:
 
     @property
     def layer_names(self) -> tuple[str, ...]:
-        return tuple(layer.path for layer in self.layers)
+        return tuple(layer.name or layer.path for layer in self.layers)
 
     def clone(self, **updates):
         """A copy with ``updates`` (``options=...``) replaced."""
@@ -260,7 +349,8 @@ class QuantizedModel(_Protocol):
     ``quant`` (``{"a_clip": float32 [L]}``, the activation clip ranges,
     :func:`qevo.calibration.calibrate`). Two collections a qevo model reports are computed
     here rather than stored: ``"calibration"`` (the 99.99th percentile of each layer's
-    ``|input|``) and ``"layer_stats"`` (``[MACs per example, weights]`` per layer), under
+    ``|input|``) and ``"layer_stats"`` (``[MACs per example of this call's inputs, weights]``
+    per layer), under
     ``layer_<index>`` keys, when they are listed in ``mutable``.
 
     Attributes:
@@ -268,12 +358,14 @@ class QuantizedModel(_Protocol):
       layers: the found layers, in call order (:class:`Layer`).
       options: quantizer settings (``per_channel``, ``mode``) and the convolution kernels.
       float_others: the modules with parameters that stay float, ``(path, type name)``.
+      paths: the found layers' module paths (with their shared ones) in call order.
     """
 
     model: nn.Module
     layers: tuple[Layer, ...]
     options: QuantOptions = QuantOptions()
     float_others: tuple[tuple[str, str], ...] = ()
+    paths: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -281,10 +373,12 @@ class QuantizedModel(_Protocol):
         return type(self.model).__name__
 
     def apply(self, variables: dict, x, bits: Bits | None = None, train: bool = False, mutable=False,
-              rngs=None):
-        """Logits (and the updated collections when ``mutable`` lists any), as ``nn.Module.apply``."""
+              rngs=None, override=None):
+        """Logits (and the updated collections when ``mutable`` lists any), as
+        ``nn.Module.apply``; ``override(call: Call)`` may return a found layer's output in
+        place of its (fake-quantized) operation, or None to leave it."""
         own, reported = _split(mutable)
-        scope = _scope_of(self.layers, variables, bits, self.options)
+        scope = _scope_of(self.layers, variables, bits, self.options, override)
         kwargs = {"train": train} if _takes(self.model, "train") else {}
         with _active(scope), nn.intercept_methods(_linen_interceptor(scope)):
             out = self.model.apply({k: v for k, v in variables.items() if k != "quant"}, x, **kwargs,
@@ -323,6 +417,7 @@ class QuantizedNNX(_Protocol):
     layers: tuple[Layer, ...]
     options: QuantOptions = QuantOptions()
     float_others: tuple[tuple[str, str], ...] = ()
+    paths: tuple[str, ...] = ()
     name: str = ""
 
     def _merged(self, variables: dict):
@@ -335,8 +430,9 @@ class QuantizedNNX(_Protocol):
         return nnx.merge(self.graphdef, params, batch_stats, rest)
 
     def apply(self, variables: dict, x, bits: Bits | None = None, train: bool = False, mutable=False,
-              rngs=None):
-        """Logits (and the updated collections when ``mutable`` lists any), as ``nn.Module.apply``."""
+              rngs=None, override=None):
+        """Logits (and the updated collections when ``mutable`` lists any), as
+        :meth:`QuantizedModel.apply`."""
         from flax import nnx
 
         own, reported = _split(mutable)
@@ -344,7 +440,7 @@ class QuantizedNNX(_Protocol):
         model.train() if train else model.eval()
         if rngs and "dropout" in rngs:
             nnx.reseed(model, dropout=rngs["dropout"])
-        scope = _scope_of(self.layers, variables, bits, self.options)
+        scope = _scope_of(self.layers, variables, bits, self.options, override)
         with _active(scope):
             y = model(x)
         if not own and not reported:
@@ -362,28 +458,49 @@ class QuantizedNNX(_Protocol):
                 "quant": {"a_clip": jnp.ones((self.num_layers,), jnp.float32)}}
 
 
-def _found(scope: _Scope, params: dict, normalization: tuple[type, ...] = NORMALIZATION
-           ) -> tuple[tuple[Layer, ...], tuple[tuple[str, str], ...]]:
-    """The layers a discovery scope recorded, and the other parameter owners that stay float
-    (except ``normalization`` layers, float by design)."""
-    layers = tuple(
-        Layer(path=path, kind=ops[0][0], kernel_shape=ops[0][1], groups=ops[0][3],
-              macs=sum(op[2] for op in ops), weights=int(np.prod(ops[0][1])),
-              signed=any(bool(jnp.any(x < 0)) for x in scope.inputs[path]))
-        for path, ops in scope.ops.items())
+def _found(scope: _Scope, params: dict, negative: dict[str, bool], share=None, names=None,
+           normalization: tuple[type, ...] = NORMALIZATION) -> tuple[tuple[Layer, ...], tuple[tuple[str, str], ...]]:
+    """The layers a discovery scope recorded (a path that ``share`` maps to another takes
+    that layer's widths; ``names`` name them; ``negative``: whether a path's input took a
+    negative value), and the other parameter owners that stay float (except
+    ``normalization`` layers, float by design)."""
+    owner = {path: (share(path) if share else None) or path for path in scope.ops}
+    for path, target in owner.items():
+        if target not in scope.ops or owner[target] != target:
+            raise ConfigError(f"share maps layer {path} to {target}, which is no layer of its own; "
+                              f"map it to one of {[p for p in scope.ops if owner[p] == p]}")
+    mains = [path for path in scope.ops if owner[path] == path]
+    if names is not None and len(names) != len(mains):
+        raise ConfigError(f"{len(names)} layer names for {len(mains)} layers; give one name per layer")
+    layers = []
+    for i, path in enumerate(mains):
+        group = [path, *(p for p in scope.ops if p != path and owner[p] == path)]
+        ops = [op for p in group for op in scope.ops[p]]
+        layers.append(Layer(
+            path=path, kind=ops[0][0], kernel_shape=ops[0][1], groups=ops[0][3], macs=sum(op[2] for op in ops),
+            weights=sum(int(np.prod(scope.ops[p][0][1])) for p in group),
+            signed=any(negative[p] for p in group),
+            shared=tuple(group[1:]), name=names[i] if names is not None else path))
     owners = {path.rpartition("/")[0] for path in traverse_util.flatten_dict(params, sep="/")}
     others = tuple((path, scope.modules[path].__name__ if path in scope.modules else "?")
                    for path in sorted(owners - set(scope.ops))
                    if not (path in scope.modules and issubclass(scope.modules[path], normalization)))
-    return layers, others
+    return tuple(layers), others
 
 
-def _discover(run, name: str, sample) -> _Scope:
-    """Run ``run(scope)`` once as discovery; a network that fails on ``sample`` is a ConfigError."""
+def _discover(run, name: str, sample, arguments=lambda: ()) -> tuple[_Scope, dict, dict]:
+    """Trace ``run(sample, *arguments()) -> params`` once, jitted, as discovery: the scope's
+    records, the params, and per path whether each call's input took a negative value. A
+    network that fails on ``sample`` is a ConfigError."""
     scope = _Scope()
-    try:
+
+    def traced(sample, *args):
         with _active(scope):
-            run(scope)
+            params = run(sample, *args)
+        return params, {path: [jnp.any(x < 0) for x in xs] for path, xs in scope.inputs.items()}
+
+    try:
+        params, negative = jax.jit(traced)(sample, *arguments())
     except ConfigError:
         raise
     except Exception as e:  # the user's network on the user's sample: say which, keep the cause
@@ -392,55 +509,78 @@ def _discover(run, name: str, sample) -> _Scope:
     if not scope.ops:
         raise ConfigError(f"{name} has no quantizable layer (flax Conv, Dense/Linear or DenseGeneral/LinearGeneral); "
                           "qevo quantizes only those")
-    return scope
+    return scope, params, {path: any(bool(v) for v in values) for path, values in negative.items()}
+
+
+def _random_variables(model: nn.Module, sample, kwargs: dict) -> dict:
+    """Variables of ``model``'s structure holding random values, without compiling its
+    initializers: kernels ``N(0, 1/fan_in)`` (activations keep their scale through the
+    layers), other parameters ``N(0, 1)``, every other collection ones (running variances
+    stay positive). Enough to see which layers' inputs can be negative."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), sample, **kwargs))
+    rng = np.random.default_rng(0)
+
+    def fill(path, leaf):
+        if path[0].key != "params":
+            return np.ones(leaf.shape, leaf.dtype)
+        fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) >= 2 else 1
+        return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def quantize(model, sample: jax.Array | np.ndarray, variables: dict | None = None,
-             options: QuantOptions = QuantOptions(), key: jax.Array | None = None):
+             options: QuantOptions = QuantOptions(), share=None, names: tuple[str, ...] | None = None):
     """Find the quantizable layers of a Flax network by tracing it once on ``sample``.
 
     Args:
       model: a ``flax.linen`` module, called as ``model.apply(variables, x)`` (with
         ``train=`` when its ``__call__`` takes it), or a ``flax.nnx`` module, called as
         ``model(x)`` (a clone is quantized; the network itself stays as it is).
-      sample: a few inputs ``[N, ...]`` as the network takes them (normalized); their
-        signs decide which layers take signed activations.
-      variables: the Linen network's variables; None initializes them from ``key``.
+      sample: a few inputs ``[N, ...]`` as the network takes them (normalized); where a
+        layer's input takes a negative value on them, the layer takes signed activations.
+      variables: the Linen network's variables for that trace; None: random ones (see
+        :func:`_random_variables`; the structure is traced, nothing is compiled).
       options: quantizer settings and convolution kernels (:class:`qevo.layers.QuantOptions`).
-      key: the initialization key when ``variables`` is None (default ``key(0)``).
+      share: ``share(path) -> path | None``: the layer whose widths and clip range a found
+        layer takes instead of its own (a projection shortcut beside its block's first
+        convolution), or None for its own.
+      names: one name per layer (after ``share``) for reports; default: the paths.
 
     Returns:
       a :class:`QuantizedModel` (Linen) or :class:`QuantizedNNX` (NNX).
 
     Raises:
-      ConfigError: ``model`` is no Flax module, fails on ``sample``, or has no quantizable layer.
+      ConfigError: ``model`` is no Flax module, fails on ``sample``, has no quantizable
+        layer, or ``share`` or ``names`` do not fit its layers.
     """
     from flax import nnx
 
     sample = jnp.asarray(sample)
     if isinstance(model, nnx.Module):
-        return _quantize_nnx(model, sample, options)
+        return _quantize_nnx(model, sample, options, share, names)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a flax.linen or flax.nnx Module, got {type(model).__name__}")
     kwargs = {"train": False} if _takes(model, "train") else {}
-    found = {}
 
-    def run(scope):
-        found["variables"] = variables if variables is not None else model.init(
-            jax.random.key(0) if key is None else key, sample, **kwargs)
-        with nn.intercept_methods(_linen_interceptor(scope)):
-            model.apply(found["variables"], sample, **kwargs)
+    def run(sample, given):
+        with nn.intercept_methods(_linen_interceptor(_SCOPE.get())):
+            model.apply(given, sample, **kwargs)
+        return given.get("params", {})
 
-    scope = _discover(run, type(model).__name__, sample)
-    layers, others = _found(scope, found["variables"].get("params", {}))
-    return QuantizedModel(model=model, layers=layers, options=options, float_others=others)
+    def arguments():
+        return (variables if variables is not None else _random_variables(model, sample, kwargs),)
+
+    scope, params, negative = _discover(run, type(model).__name__, sample, arguments)
+    layers, others = _found(scope, params, negative, share, names)
+    return QuantizedModel(model=model, layers=layers, options=options, float_others=others, paths=tuple(scope.ops))
 
 
 NNX_QUANTIZABLE = ("Conv", "Linear", "LinearGeneral")
 NNX_NORMALIZATION = ("BatchNorm", "LayerNorm", "GroupNorm", "RMSNorm")
 
 
-def _quantize_nnx(model, sample, options: QuantOptions) -> QuantizedNNX:
+def _quantize_nnx(model, sample, options: QuantOptions, share, names) -> QuantizedNNX:
     from flax import nnx
 
     clone = nnx.clone(model)
@@ -453,13 +593,16 @@ def _quantize_nnx(model, sample, options: QuantOptions) -> QuantizedNNX:
             field = "conv_general_dilated" if conv else "dot_general"
             setattr(module, field, (_conv_op if conv else _dot_op)(name, getattr(module, field)))
 
-    def run(scope):
-        clone.eval()
-        scope.modules.update(types)
-        clone(sample)
-
-    scope = _discover(run, type(model).__name__, sample)
+    clone.eval()
     graphdef, params, batch_stats, rest = nnx.split(clone, nnx.Param, nnx.BatchStat, ...)
-    layers, others = _found(scope, nnx.to_pure_dict(params), tuple(getattr(nnx, t) for t in NNX_NORMALIZATION))
+
+    def run(sample):
+        _SCOPE.get().modules.update(types)
+        nnx.merge(graphdef, params, batch_stats, rest)(sample)
+        return {}
+
+    scope, _, negative = _discover(run, type(model).__name__, sample)
+    layers, others = _found(scope, nnx.to_pure_dict(params), negative, share, names,
+                            tuple(getattr(nnx, t) for t in NNX_NORMALIZATION))
     return QuantizedNNX(graphdef=graphdef, states=(params, batch_stats, rest), layers=layers, options=options,
-                        float_others=others, name=type(model).__name__)
+                        float_others=others, paths=tuple(scope.ops), name=type(model).__name__)

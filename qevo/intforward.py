@@ -37,7 +37,8 @@ from flax import struct, traverse_util
 
 from qevo import quant
 from qevo.errors import ConfigError
-from qevo.layers import BatchNorm, Bits, QConv, QDense, conv2d, conv_windows
+from qevo.interception import NORMALIZATION, Call
+from qevo.layers import Bits, conv_windows
 
 MAX_WEIGHT_BITS = 8  # of the integer forward pass (int8 operands)
 MAX_LEVEL_BITS = 16  # of :func:`weight_levels` (int16 levels above 8 bits, for the ONNX export)
@@ -94,23 +95,15 @@ def dequantize(k: IntKernel) -> jax.Array:
     return k.q.astype(jnp.float32) * k.scale
 
 
-def quantized_layers(model: nn.Module, variables: dict, input_shape: tuple[int, ...]) -> dict[str, int]:
-    """``{module path: layer index}`` of every quantizable layer, in call order.
+def quantized_layers(model) -> dict[str, int]:
+    """``{module path: layer index}`` of every quantizable layer of a qevo model, in call order.
 
     The path names the layer's parameters (``params[path...]["kernel"]``) as ``"a/b"``; a
-    ResNet shortcut convolution has its own path and shares its block's index.
+    layer's shared modules (a ResNet shortcut convolution) have their own paths and the
+    index of the layer they share widths with.
     """
-    found: dict[str, int] = {}
-
-    def record(next_fun, args, kwargs, context):
-        module = context.module
-        if context.method_name == "__call__" and isinstance(module, (QConv, QDense)):
-            found["/".join(module.path)] = module.index
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(record):
-        jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, *input_shape), jnp.float32), None), variables)
-    return found
+    index = {path: i for i, layer in enumerate(model.layers) for path in layer.paths}
+    return {path: index[path] for path in model.paths}
 
 
 def integer_kernels(variables: dict, layers: dict[str, int], w_bits, per_channel: bool = True,
@@ -195,12 +188,12 @@ def int_conv(x8: jax.Array, offset: jax.Array, q: jax.Array, strides: int, paddi
 ARITHMETICS = ("integer", "float")
 
 
-def apply(model: nn.Module, variables: dict, kernels: dict[str, IntKernel], bits: Bits, images: jax.Array,
+def apply(model, variables: dict, kernels: dict[str, IntKernel], bits: Bits, images: jax.Array,
           arithmetic: str = "integer") -> jax.Array:
     """Logits of ``model`` with the layers of ``kernels`` in integer arithmetic.
 
     Args:
-      model: a qevo model.
+      model: a qevo model (:class:`qevo.interception.QuantizedModel` or ``QuantizedNNX``).
       variables: its variables (``params`` for the float layers and biases, ``batch_stats``,
         calibrated ``quant/a_clip``); the kernels of the integer layers are not read.
       kernels: ``{module path: IntKernel}`` (:func:`integer_kernels`, or evolved levels).
@@ -214,54 +207,53 @@ def apply(model: nn.Module, variables: dict, kernels: dict[str, IntKernel], bits
 
     Returns:
       float32 logits ``[N, num_classes]``.
+
+    Raises:
+      ConfigError: an unknown ``arithmetic``, or an integer layer that is not a plain 2-D
+        convolution or dense layer (:class:`qevo.interception.Call`'s ``plain``).
     """
     if arithmetic not in ARITHMETICS:
         raise ConfigError(f"arithmetic must be one of {ARITHMETICS}, got {arithmetic!r}")
-
-    with nn.intercept_methods(_integer_layers(kernels, arithmetic)):
-        return model.apply(variables, images, bits, train=False)
+    return model.apply(variables, images, bits, train=False, override=integer_layers(kernels, arithmetic))
 
 
-def _integer_layers(kernels: dict[str, IntKernel], arithmetic: str):
-    """A Flax method interceptor that runs the layers of ``kernels`` on their integer levels."""
+def integer_layers(kernels: dict[str, IntKernel], arithmetic: str):
+    """An ``override`` of a qevo model's ``apply`` that runs the layers of ``kernels`` on their
+    integer levels (:func:`apply`); the model adds their biases."""
 
-    def integer(next_fun, args, kwargs, context):
-        module = context.module
-        path = "/".join(module.path)
-        if context.method_name != "__call__" or not isinstance(module, (QConv, QDense)) or path not in kernels:
-            return next_fun(*args, **kwargs)
-        x, ctx = args
-        k = kernels[path]
-        a_bits, clip = ctx.bits.a[module.index], ctx.a_clip[module.index]
+    def integer(call: Call):
+        k = kernels.get(call.path)
+        if k is None:
+            return None
+        a_bits, clip = call.bits.a[call.index], call.a_clip[call.index]
         if arithmetic == "float":
-            xq = quant.quantize_activation(x, a_bits, clip, signed=module.signed_input, mode=module.options.mode)
-            w = dequantize(k)
-            y = (conv2d(xq, w, module.strides, module.padding, module.groups, module.options.conv)
-                 if isinstance(module, QConv) else xq @ w)
+            xq = quant.quantize_activation(call.lhs, a_bits, clip, signed=call.signed, mode=call.options.mode)
+            return call.compute(xq, dequantize(k))
+        if not call.plain:
+            raise ConfigError(f"layer {call.path} is no plain 2-D NHWC convolution or [.., in] @ [in, out] dense "
+                              "layer; integer arithmetic takes only those (use arithmetic='float')")
+        x8, offset, step = _int8_input(call.lhs, a_bits, clip, call.signed)
+        if call.kind == "conv":
+            acc = int_conv(x8, offset, k.q, call.params["window_strides"][0], call.params["padding"],
+                           call.params["feature_group_count"])
         else:
-            x8, offset, step = _int8_input(x, a_bits, clip, module.signed_input)
-            if isinstance(module, QConv):
-                acc = int_conv(x8, offset, k.q, module.strides, module.padding, module.groups)
-            else:
-                acc = _int_matmul(x8, k.q) + offset * jnp.sum(k.q.astype(jnp.int32), axis=0)
-            y = acc.astype(jnp.float32) * (step * k.scale)
-        if isinstance(module, QDense) or module.use_bias:
-            y = y + module.get_variable("params", "bias")
-        return y
+            acc = _int_matmul(x8, k.q) + offset * jnp.sum(k.q.astype(jnp.int32), axis=0)
+        return acc.astype(jnp.float32) * (step * k.scale)
 
     return integer
 
 
-def batch_statistics(model: nn.Module, variables: dict, kernels: dict[str, IntKernel], bits: Bits,
+def batch_statistics(model, variables: dict, kernels: dict[str, IntKernel], bits: Bits,
                      images: jax.Array) -> dict:
     """BatchNorm statistics of the integer network, re-estimated on ``images``.
 
     One forward pass in training mode (float arithmetic, as :func:`apply` with
-    ``arithmetic="float"``): each BatchNorm normalises with the mean and (biased) variance of
-    its input over ``images`` and keeps them as its statistics. Integer levels shift each
-    channel's output distribution away from the float model's; this moves the
-    normalisation (the per-channel scale and offset after each convolution) with them.
-    No derivative is taken.
+    ``arithmetic="float"``) with every normalization layer's momentum at 0: each BatchNorm
+    normalises with the mean and (biased) variance of its input over ``images`` and keeps
+    them as its statistics. Integer levels shift each channel's output distribution away
+    from the float model's; this moves the normalisation (the per-channel scale and offset
+    after each convolution) with them. No derivative is taken. (Flax Linen networks; an NNX
+    network's BatchNorms keep their momentum.)
 
     Args:
       model, variables, kernels, bits: as :func:`apply`.
@@ -270,19 +262,20 @@ def batch_statistics(model: nn.Module, variables: dict, kernels: dict[str, IntKe
     Returns:
       the ``batch_stats`` collection (``variables["batch_stats"]``'s structure).
     """
-    layers = _integer_layers(kernels, "float")
 
-    def intercept(next_fun, args, kwargs, context):
+    def no_momentum(next_fun, args, kwargs, context):
         module = context.module
-        if context.method_name == "__call__" and isinstance(module, BatchNorm):
-            x = args[0]
-            axes = tuple(range(x.ndim - 1))
-            y = next_fun(*args, **kwargs)
-            module.put_variable("batch_stats", "mean", jnp.mean(x, axis=axes))
-            module.put_variable("batch_stats", "var", jnp.var(x, axis=axes))
-            return y
-        return layers(next_fun, args, kwargs, context)
+        if context.method_name != "__call__" or not isinstance(module, NORMALIZATION) \
+                or not hasattr(module, "momentum"):
+            return next_fun(*args, **kwargs)
+        momentum = module.momentum
+        object.__setattr__(module, "momentum", 0.0)
+        try:
+            return next_fun(*args, **kwargs)
+        finally:
+            object.__setattr__(module, "momentum", momentum)
 
-    with nn.intercept_methods(intercept):
-        _, updates = model.apply(variables, images, bits, train=True, mutable=["batch_stats"])
+    with nn.intercept_methods(no_momentum):
+        _, updates = model.apply(variables, images, bits, train=True, mutable=["batch_stats"],
+                                 override=integer_layers(kernels, "float"))
     return updates["batch_stats"]

@@ -1,14 +1,14 @@
-"""Quantizable Flax layers whose bit widths arrive as traced arrays.
+"""What quantized networks compute with: bit widths, quantizer settings, qevo's CPU
+convolutions and a BatchNorm with a fast gradient.
 
-Every model threads a :class:`QuantContext` through its call: the per-layer bit widths
-(``None`` for the plain float path) and the per-layer activation clip ranges. Each
-quantizable layer has a fixed ``index`` into those arrays; a shortcut convolution shares
-the index of the convolution it runs beside, so both take the same widths.
+A bit configuration (:class:`Bits`) gives each quantizable layer of a network a weight and
+an activation width as traced arrays, so a population of configurations is one compiled
+program; :mod:`qevo.interception` applies them to any Flax network's layers. Two Flax
+collections carry side information out of a quantized model's ``apply``, per layer under
+:func:`layer_key`:
 
-Two Flax collections carry side information out of an ``apply``:
-
-* ``"calibration"``: the 99.99th percentile of ``|input|`` per layer (for the clip ranges);
-* ``"layer_stats"``: per layer ``[MACs per image, weight count]`` (for the cost model).
+* ``"calibration"``: the 99.99th percentile of ``|input|`` (for the clip ranges);
+* ``"layer_stats"``: ``[MACs per image, weight count]`` (for the cost model).
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ class QuantOptions:
       conv: the convolution kernels, ``"xla"`` (XLA's convolution, any device) or ``"cpu"``
         (qevo's kernels for CPU devices, see :func:`conv2d`); see :func:`default_conv`.
       batch_axis: the mapped axis (``shard_map``) a training batch is split over, or None;
-        BatchNorm reduces its batch statistics over it (data-parallel training,
+        every normalization layer with an unset ``axis_name`` (qevo's and Flax's BatchNorm)
+        reduces its batch statistics over it (data-parallel training,
         :class:`qevo.train.Trainer`), so a split batch normalizes as the whole batch would.
       precision: the products of the float network's convolutions (the path without
         bit widths: float training and evaluation; fake-quantized networks are always
@@ -76,38 +77,9 @@ class Bits:
     a: jax.Array
 
 
-@struct.dataclass
-class QuantContext:
-    """What a quantizable layer reads: widths (or ``None`` for float) and clips ``[L]``."""
-
-    bits: Bits | None
-    a_clip: jax.Array
-
-
 def layer_key(index: int) -> str:
     """The key a layer's sown values take in the ``calibration`` and ``layer_stats`` collections."""
     return f"layer_{index:03d}"
-
-
-def _record(module: nn.Module, index: int, x: jax.Array, macs: int, n_weights: int) -> None:
-    """Sow calibration statistics and static layer costs when those collections are mutable."""
-    if module.is_mutable_collection("calibration"):
-        module.sow("calibration", layer_key(index), jnp.quantile(jnp.abs(x), CALIBRATION_QUANTILE))
-    if module.is_mutable_collection("layer_stats"):
-        module.sow("layer_stats", layer_key(index), jnp.array([macs, n_weights], jnp.int32))
-
-
-def _quantize(ctx: QuantContext, index: int, x, kernel, signed: bool, options: QuantOptions):
-    """Fake-quantize a layer's input and kernel; identity on the float path."""
-    if ctx.bits is None:
-        return x, kernel
-    x = quant.quantize_activation(
-        x, ctx.bits.a[index], ctx.a_clip[index], signed=signed, mode=options.mode
-    )
-    kernel = quant.quantize_weight(
-        kernel, ctx.bits.w[index], per_channel=options.per_channel, mode=options.mode
-    )
-    return x, kernel
 
 
 def _xla_conv2d(x, kernel, strides: int, padding: str, groups: int, precision: str = "float32") -> jax.Array:
@@ -364,63 +336,6 @@ class BatchNorm(nn.Module):
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * jax.lax.stop_gradient(mean)
             ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * jax.lax.stop_gradient(var)
         return y
-
-
-class QConv(nn.Module):
-    """2-D convolution (NHWC, HWIO kernel, no bias) with fake-quantized input and kernel.
-
-    Attributes:
-      features: output channels.
-      kernel_size: square kernel side.
-      index: position of this layer in the model's quantizable-layer order.
-      strides: square stride.
-      padding: ``"SAME"`` or ``"VALID"``.
-      groups: feature groups (``groups == in_channels`` is depthwise).
-      signed_input: the input can be negative (no ReLU before it).
-      options: static quantizer settings.
-    """
-
-    features: int
-    kernel_size: int
-    index: int
-    strides: int = 1
-    padding: str = "SAME"
-    groups: int = 1
-    use_bias: bool = False
-    signed_input: bool = False
-    options: QuantOptions = QuantOptions()
-
-    @nn.compact
-    def __call__(self, x: jax.Array, ctx: QuantContext) -> jax.Array:
-        in_ch = x.shape[-1]
-        shape = (self.kernel_size, self.kernel_size, in_ch // self.groups, self.features)
-        kernel = self.param("kernel", nn.initializers.variance_scaling(2.0, "fan_in", "normal"), shape)
-        x, k = _quantize(ctx, self.index, x, kernel, self.signed_input, self.options)
-        precision = self.options.precision if ctx.bits is None else "float32"
-        y = conv2d(x, k, self.strides, self.padding, self.groups, self.options.conv, precision)
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,))
-        macs = y.shape[1] * y.shape[2] * self.features * self.kernel_size**2 * (in_ch // self.groups)
-        _record(self, self.index, x, macs, kernel.size)
-        return y
-
-
-class QDense(nn.Module):
-    """Dense layer (kernel ``[in, out]``, float bias) with fake-quantized input and kernel."""
-
-    features: int
-    index: int
-    signed_input: bool = False
-    options: QuantOptions = QuantOptions()
-
-    @nn.compact
-    def __call__(self, x: jax.Array, ctx: QuantContext) -> jax.Array:
-        kernel = self.param("kernel", nn.initializers.variance_scaling(1.0, "fan_in", "normal"),
-                            (x.shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        x, k = _quantize(ctx, self.index, x, kernel, self.signed_input, self.options)
-        _record(self, self.index, x, kernel.size, kernel.size)
-        return x @ k + bias
 
 
 def collect_per_layer(tree, n_layers: int, reduce) -> list:

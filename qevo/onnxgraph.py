@@ -1,11 +1,11 @@
 """ONNX graph of a qevo model's inference forward pass, built from its own trace.
 
 The model is not described a second time: its forward pass (``model.apply(variables, x,
-bits, train=False)``) is traced once with :func:`jax.make_jaxpr` while
-``flax.linen.intercept_methods`` replaces every :class:`~qevo.layers.QConv`,
-:class:`~qevo.layers.QDense` and :class:`~qevo.layers.BatchNorm` call by a marker
-primitive that names the layer. The jaxpr is then walked once and each equation becomes
-ONNX nodes (``onnx.helper``):
+bits, train=False)``) is traced once with :func:`jax.make_jaxpr` while an ``override``
+(:class:`qevo.interception.Call`) replaces the operation of every quantizable layer, and
+``flax.linen.intercept_methods`` every :class:`~qevo.layers.BatchNorm` call, by a marker
+primitive that names the layer. A layer's bias is the model's own addition after it. The
+jaxpr is then walked once and each equation becomes ONNX nodes (``onnx.helper``):
 
 * a marker of a quantizable layer: its input activation quantized as
   :func:`qevo.quant.quantize_activation` does (``Clip`` to the layer's clip range, then
@@ -14,7 +14,8 @@ ONNX nodes (``onnx.helper``):
   not quantized), its kernel as integer levels with per-output-channel scales through
   ``DequantizeLinear``, as a uint8 index tensor gathered from its codebook (weight
   sharing: ``Cast`` + ``Gather``, which onnxruntime runs), or as float32; then ``Conv``
-  (between ``Transpose`` nodes: tensors stay NHWC as in JAX) or ``MatMul`` + ``Add``;
+  (between ``Transpose`` nodes: tensors stay NHWC as in JAX) or ``MatMul`` (plain 2-D
+  convolutions and ``[.., in] @ [in, out]`` dense layers only);
 * a BatchNorm right after such a layer (its only reader) folds into that layer's
   per-channel weight scale and bias (a negative factor negates the integer levels, so
   scales stay positive); any other BatchNorm is a ``Mul`` and an ``Add``;
@@ -27,7 +28,7 @@ ONNX nodes (``onnx.helper``):
   input; not ``QuantizeLinear``, which divides by the step and rounds some activations on
   a level boundary to the other side), ``ConvInteger``/``MatMulInteger`` with the int8
   kernel levels (exact int32 sums), ``Cast`` to float32, the rescale by
-  ``step * scale`` per output channel, the bias, and the BatchNorm after it unfolded,
+  ``step * scale`` per output channel, and the BatchNorm after it unfolded,
   ``(y - mean) * factor + bias``, all in float32 (a graph every runtime takes). XLA's CPU
   compiler fuses those multiply-adds into FMAs (one rounding where the graph rounds twice),
   and the float layers around the integer ones (the first and last by default) sum in
@@ -71,8 +72,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qevo import intforward, onednn
 from qevo.errors import ConfigError, ExportError
+from qevo.interception import Call
 from qevo.intforward import IntKernel
-from qevo.layers import BatchNorm, Bits, QConv, QDense
+from qevo.layers import BatchNorm, Bits
 from qevo.quant import FLOAT_BITS
 
 OPSET = 13
@@ -96,36 +98,57 @@ _marker = Primitive("qevo_export_layer")
 _marker.def_abstract_eval(lambda x, *, path, shape: jax.core.ShapedArray(shape, x.dtype))
 
 
-def _output_shape(module: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
-    if isinstance(module, QDense):
-        return (*shape[:-1], module.features)
-    if isinstance(module, QConv):
-        k, s = module.kernel_size, module.strides
-        side = [-(-n // s) if module.padding == "SAME" else (n - k) // s + 1 for n in shape[1:3]]
-        return (shape[0], *side, module.features)
-    return tuple(shape)
+@dataclasses.dataclass(frozen=True)
+class _Marked:
+    """What the graph needs of one quantizable layer: its position, input signedness, kind,
+    kernel shape and geometry (a :class:`qevo.interception.Call` without its arrays)."""
+
+    index: int
+    signed: bool
+    kind: str
+    kernel_shape: tuple[int, ...]
+    strides: int
+    padding: str
+    groups: int
 
 
-def trace(model: nn.Module, variables: dict, image_shape: tuple[int, ...], bits: Bits | None):
+def trace(model, variables: dict, image_shape: tuple[int, ...], bits: Bits | None):
     """The jaxpr of ``model``'s inference forward pass on one normalised float image
-    ``[1, *image_shape]``, with a marker equation per QConv/QDense/BatchNorm call, and
-    ``{module path: module}`` of the marked layers."""
-    modules: dict[str, nn.Module] = {}
+    ``[1, *image_shape]``, with a marker equation per quantizable layer and BatchNorm call,
+    and ``{path: _Marked | BatchNorm}`` of the marked ones.
 
-    def mark(next_fun, args, kwargs, context):
+    Raises:
+      ExportError: a quantizable layer that is no plain 2-D NHWC convolution or
+        ``[.., in] @ [in, out]`` dense layer.
+    """
+    marked: dict[str, _Marked | nn.Module] = {}
+
+    def layer(call: Call):
+        if not call.plain:
+            raise ExportError(f"layer {call.path} is no plain 2-D NHWC convolution (square strides, SAME/VALID "
+                              "padding) or [.., in] @ [in, out] dense layer; the export takes only those")
+        conv = call.kind == "conv"
+        marked[call.path] = _Marked(
+            index=call.index, signed=call.signed, kind=call.kind, kernel_shape=tuple(call.rhs.shape),
+            strides=call.params["window_strides"][0] if conv else 1, padding=call.params["padding"] if conv else "",
+            groups=call.params["feature_group_count"] if conv else 1)
+        shape = jax.eval_shape(call.compute, call.lhs, call.rhs).shape
+        return _marker.bind(call.lhs, path=call.path, shape=shape)
+
+    def norm(next_fun, args, kwargs, context):
         module = context.module
-        if context.method_name != "__call__" or not isinstance(module, (QConv, QDense, BatchNorm)):
+        if context.method_name != "__call__" or not isinstance(module, BatchNorm):
             return next_fun(*args, **kwargs)
         path = "/".join(module.path)
-        modules[path] = module
-        return _marker.bind(args[0], path=path, shape=_output_shape(module, args[0].shape))
+        marked[path] = module
+        return _marker.bind(args[0], path=path, shape=tuple(args[0].shape))
 
     def forward(x):
-        with nn.intercept_methods(mark):
-            return model.apply(variables, x, bits, train=False)
+        with nn.intercept_methods(norm):
+            return model.apply(variables, x, bits, train=False, override=layer)
 
     jaxpr = jax.make_jaxpr(forward)(jnp.zeros((1, *image_shape), jnp.float32))
-    return jaxpr, modules
+    return jaxpr, marked
 
 
 class _Graph:
@@ -163,9 +186,9 @@ def _operand(g: _Graph, value) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class _Layers:
-    """What the layer markers read: the modules, flat variables, widths, stored kernels, folds."""
+    """What the layer markers read: the marked layers, flat variables, widths, stored kernels, folds."""
 
-    modules: dict
+    modules: dict  # path -> _Marked | BatchNorm
     params: dict
     stats: dict
     bits: Bits | None
@@ -234,14 +257,15 @@ def _weights(g: _Graph, kernel, stored: Kernel | None, factor: np.ndarray | None
     return g.const(w.transpose(order).astype(np.float32), "weights")
 
 
-def _conv(g: _Graph, op: str, x: str, weights: list[str], module: QConv, in_shape: tuple[int, ...]) -> str:
-    """``op`` (``Conv`` or ``ConvInteger``) with ``module``'s kernel size, strides, padding
+def _conv(g: _Graph, op: str, x: str, weights: list[str], layer: _Marked, in_shape: tuple[int, ...]) -> str:
+    """``op`` (``Conv`` or ``ConvInteger``) with ``layer``'s kernel size, strides, padding
     and groups on the NHWC tensor ``x`` of shape ``in_shape`` (transposed to NCHW and back);
     ``weights``: the OIHW kernel (and the bias of a ``Conv``)."""
-    k, s = module.kernel_size, module.strides
-    pads = ([onednn.same_padding(n, k, s) for n in in_shape[1:3]] if module.padding == "SAME" else [(0, 0), (0, 0)])
+    kh, kw, s = *layer.kernel_shape[:2], layer.strides
+    pads = ([onednn.same_padding(n, k, s) for n, k in zip(in_shape[1:3], (kh, kw), strict=True)]
+            if layer.padding == "SAME" else [(0, 0), (0, 0)])
     nchw = g.node("Transpose", [x], perm=[0, 3, 1, 2])
-    y = g.node(op, [nchw, *weights], op.lower(), kernel_shape=[k, k], strides=[s, s], group=module.groups,
+    y = g.node(op, [nchw, *weights], op.lower(), kernel_shape=[kh, kw], strides=[s, s], group=layer.groups,
                pads=[pads[0][0], pads[1][0], pads[0][1], pads[1][1]])
     return g.node("Transpose", [y], f"{op.lower()}_nhwc", perm=[0, 2, 3, 1])
 
@@ -258,61 +282,59 @@ def _integer_layer(g: _Graph, layers: _Layers, path: str, x: str, in_shape: tupl
     float32 inverse step, ``Round`` half to even, ``Cast`` to uint8, or int8 for a signed
     input), ``ConvInteger``/``MatMulInteger`` with the int8 kernel levels (exact int32 sums),
     ``Cast`` to float32, the rescale by ``step * scale`` per output channel and the bias, then
-    the BatchNorm ``(y - mean) * factor + bias``, in float32.
+    the BatchNorm ``(y - mean) * factor + bias``, in float32 (the layer's own bias is the
+    model's addition after it).
 
     Raises:
       ConfigError: an activation width outside 2..8 or kernel levels that are not int8
         (the integer forward pass takes neither).
     """
-    module, kernel = layers.modules[path], layers.kernels[path]
-    bits, clip = int(layers.bits.a[module.index]), np.float32(layers.clips[module.index])
+    layer, kernel = layers.modules[path], layers.kernels[path]
+    bits, clip = int(layers.bits.a[layer.index]), np.float32(layers.clips[layer.index])
     q = np.asarray(kernel.q)
     if not intforward.MIN_ACTIVATION_BITS <= bits <= intforward.MAX_WEIGHT_BITS or q.dtype != np.int8:
         raise ConfigError(f"layer {path} has {bits}-bit activations and {q.dtype} levels; integer arithmetic takes "
                           f"{intforward.MIN_ACTIVATION_BITS}..{intforward.MAX_WEIGHT_BITS}-bit activations and "
                           "int8 levels")
-    signed = module.signed_input
+    signed = layer.signed
     step, inverse = (np.float32(v) for v in intforward.activation_step(bits, clip, signed))
     x = g.node("Clip", [x, g.const(-clip if signed else np.float32(0)), g.const(clip)])
     x = g.node("Round", [g.node("Mul", [x, g.const(inverse, "inverse")])])
     x = g.node("Cast", [x], "levels", to=TensorProto.INT8 if signed else TensorProto.UINT8)
-    if isinstance(module, QConv):
-        acc = _conv(g, "ConvInteger", x, [g.const(q.transpose(3, 2, 0, 1), "levels")], module, in_shape)
+    if layer.kind == "conv":
+        acc = _conv(g, "ConvInteger", x, [g.const(q.transpose(3, 2, 0, 1), "levels")], layer, in_shape)
     else:
         acc = g.node("MatMulInteger", [x, g.const(q, "levels")])
     y = g.node("Cast", [acc], "accumulator", to=TensorProto.FLOAT)
     rescale = (step * np.asarray(kernel.scale, np.float32)).astype(np.float32)
-    bias = layers.params.get(f"{path}/bias")
     norm = layers.folded.get(path)
     if norm is None:
-        return g.node("Mul", [y, g.const(rescale, "rescale")]) if bias is None else _affine(g, y, rescale, bias)
+        return g.node("Mul", [y, g.const(rescale, "rescale")])
     mean, factor, offset = layers.batch_norm(norm)
-    y = _affine(g, y, rescale, -mean) if bias is None else g.node("Sub", [_affine(g, y, rescale, bias), g.const(mean)])
-    return _affine(g, y, factor, offset)
+    return _affine(g, _affine(g, y, rescale, -mean), factor, offset)
 
 
 def _layer(g: _Graph, layers: _Layers, path: str, x: str, in_shape: tuple[int, ...]) -> str:
-    module = layers.modules[path]
-    if isinstance(module, BatchNorm):
+    """Nodes of a marked BatchNorm, or of a quantizable layer (its operation, without the
+    model's bias) with a folded BatchNorm."""
+    layer = layers.modules[path]
+    if isinstance(layer, BatchNorm):
         factor, offset = layers.affine(path)
         return g.node("Add", [g.node("Mul", [x, g.const(factor)]), g.const(offset)], "batch_norm")
     if layers.runs_integer(path):
         return _integer_layer(g, layers, path, x, in_shape)
-    conv = isinstance(module, QConv)
+    conv = layer.kind == "conv"
     if layers.bits is not None:
-        i = module.index
-        x = _quantize_input(g, x, int(layers.bits.a[i]), float(layers.clips[i]), module.signed_input)
+        x = _quantize_input(g, x, int(layers.bits.a[layer.index]), float(layers.clips[layer.index]), layer.signed)
     kernel = layers.params[f"{path}/kernel"]
-    bias = layers.params.get(f"{path}/bias", np.zeros(kernel.shape[-1], np.float32))
     factor = None
     if path in layers.folded:
         factor, offset = layers.affine(layers.folded[path])
-        bias = bias * factor + offset
     w = _weights(g, kernel, layers.kernels.get(path), factor, conv)
-    b = g.const(np.asarray(bias, np.float32), "bias")
     if not conv:
-        return g.node("Add", [g.node("MatMul", [x, w]), b], "dense")
-    return _conv(g, "Conv", x, [w, b], module, in_shape)
+        return g.node("MatMul", [x, w], "dense")
+    bias = [g.const(offset, "bias")] if factor is not None else []
+    return _conv(g, "Conv", x, [w, *bias], layer, in_shape)
 
 
 _BINARY = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "max": "Max", "min": "Min"}
@@ -387,7 +409,7 @@ def _emit(g: _Graph, layers: _Layers, eqn, ins: list) -> list:
                    pads=[pads[1][0], pads[2][0], pads[1][1], pads[2][1]])
         return [g.node("Transpose", [y], perm=[0, 2, 3, 1])]
     raise ExportError(f"the model uses the JAX operation {name!r}, which the export has no ONNX form for; "
-                      "export a model built from qevo's layers and the operations qevo's models use")
+                      "export a network of the operations qevo's own networks use")
 
 
 def _walk(g: _Graph, layers: _Layers, jaxpr, consts, args: list) -> list:
@@ -410,8 +432,8 @@ def _walk(g: _Graph, layers: _Layers, jaxpr, consts, args: list) -> list:
 
 
 def _folds(jaxpr, modules: dict) -> dict[str, str]:
-    """``{layer path: BatchNorm path}`` of the BatchNorms whose input is a QConv/QDense
-    output read by nothing else."""
+    """``{layer path: BatchNorm path}`` of the BatchNorms whose input is a quantizable
+    layer's output read by nothing else."""
     uses: dict = {}
     for eqn in jaxpr.eqns:
         for v in eqn.invars:
@@ -447,13 +469,14 @@ def opset_for(bits: Bits | None) -> int:
     return OPSET_16BIT if quantized.size and quantized.max() > 8 else OPSET
 
 
-def build(model: nn.Module, variables: dict, bits: Bits | None, kernels: dict[str, Kernel],
+def build(model, variables: dict, bits: Bits | None, kernels: dict[str, Kernel],
           image_shape: tuple[int, int, int], mean, std, name: str = "qevo",
           arithmetic: str = "float") -> onnx.ModelProto:
     """The ONNX model of ``model``'s inference forward pass.
 
     Args:
-      model: a qevo model (its layers' own convolution kernels are not traced).
+      model: a qevo model (:class:`qevo.interception.QuantizedModel`; its layers' own
+        convolution kernels are not traced).
       variables: its float variables (``params``; ``batch_stats``; ``quant/a_clip``).
       bits: concrete int ``[L]`` widths (``None``: the float network; a layer's input is
         quantized where its activation width is below 32).

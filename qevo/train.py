@@ -88,10 +88,11 @@ def quant_options(cfg: ml_collections.ConfigDict) -> QuantOptions:
                         precision=cfg.model.precision)
 
 
-def build_model(cfg: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-    """The model of ``cfg.model`` with the quantizer settings of ``cfg.quant``."""
+def build_model(cfg: ml_collections.ConfigDict, num_classes: int, input_shape: tuple[int, ...] | None = None):
+    """The model of ``cfg.model`` with the quantizer settings of ``cfg.quant``, its layers
+    found on images of ``input_shape`` (HWC; default: the network's usual input)."""
     kwargs = {"activation": cfg.model.activation} if cfg.model.name == "lenet5" else {}
-    return get_model(cfg.model.name, num_classes, quant_options(cfg), **kwargs)
+    return get_model(cfg.model.name, num_classes, quant_options(cfg), input_shape, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -129,7 +130,7 @@ def resolve_inputs(cfg: ml_collections.ConfigDict, model=None, variables: dict |
     if model is None:
         if variables is not None:
             raise config_lib.ConfigError("variables= belongs to model=; pass both, or neither")
-        return Inputs(ds, build_model(cfg, ds.num_classes), None, cfg.model.name)
+        return Inputs(ds, build_model(cfg, ds.num_classes, ds.train_images.shape[1:]), None, cfg.model.name)
     sample = normalize(jnp.asarray(ds.train_images[:64]), ds.mean, ds.std)
     quantized = model
     if not hasattr(model, "num_layers"):  # not yet a qevo model: a user's network

@@ -244,10 +244,11 @@ def test_from_arrays_refuses_bad_input_in_one_line(train_split, match):
 
 
 @pytest.mark.slow
-def test_the_example_searches_and_shares_a_users_network_on_real_mnist(data_dir, tmp_path):
+def test_the_example_takes_a_users_network_through_every_method_on_real_mnist(data_dir, tmp_path):
     """docs/examples/own_linen_model.py at its tiny budget: float training, then the search
-    (with its final training) and the weight sharing from those variables, of a Linen
-    network qevo does not ship, on MNIST arrays read with numpy."""
+    (with its final training), the weight sharing and the coevolution (at the search's w4a4
+    widths) from those variables, of a Linen network qevo does not ship, on MNIST arrays
+    read with numpy; the search's w4a4 model exported and scored in onnxruntime."""
     done = subprocess.run([sys.executable, str(REPO / "docs" / "examples" / "own_linen_model.py"), "--data",
                            str(data_dir), "--tiny", "--workdir", str(tmp_path / "run")],
                           capture_output=True, text=True, timeout=900, check=False)
@@ -263,6 +264,17 @@ def test_the_example_searches_and_shares_a_users_network_on_real_mnist(data_dir,
     searched = json.loads((tmp_path / "run" / "search" / "results.json").read_text())
     assert searched["model"] == "SmallCNN" and searched["dataset"] == "arrays"
     assert not (tmp_path / "run" / "search" / "float").exists()  # it started from the given variables
+    coevolved = json.loads((tmp_path / "run" / "coevolve" / "results.json").read_text())
+    with (tmp_path / "run" / "search" / "final.csv").open() as f:
+        w4a4 = next(row for row in csv.DictReader(f) if row["name"] == "w4a4")
+    assert coevolved["model"] == "SmallCNN" and coevolved["w_bits"] == [int(b) for b in w4a4["w_bits"].split()]
+    assert abs(coevolved["round_to_nearest"]["test_accuracy"]
+               - coevolved["round_to_nearest"]["fake_quant_test_accuracy"]) <= 2e-3  # integer = fake quant
+    record = json.loads((tmp_path / "run" / "w4a4.json").read_text())
+    check = record["verification"]
+    assert record["test_accuracy"] == float(w4a4["test_accuracy"]) and check["images"] == 1000
+    assert check["prediction_agreement"] >= 0.99
+    assert abs(check["onnxruntime_test_accuracy"] - record["test_accuracy"]) <= 0.005
 
 
 def test_an_objective_named_like_a_built_in_one_is_refused():

@@ -13,7 +13,7 @@ from qevo import checkpoint, intforward, quant
 from qevo.calibration import calibrate
 from qevo.data import load_dataset, normalize
 from qevo.layers import Bits, QuantOptions
-from qevo.models import CifarResNet, get_model, init_variables
+from qevo.models import get_model, init_variables
 from qevo.train import MODEL, uniform_bits
 
 
@@ -92,7 +92,7 @@ def mnist_lenet(tiny_lenet5_float, data_dir):
     variables, _ = checkpoint.load(pathlib.Path(tiny_lenet5_float) / MODEL,
                                    init_variables(model, jax.random.key(0), (28, 28, 1)))
     variables = calibrate(model, variables, normalize(ds.train_images[:512], ds.mean, ds.std))
-    layers = intforward.quantized_layers(model, variables, (28, 28, 1))
+    layers = intforward.quantized_layers(model)
     fake = jax.jit(lambda v, bits, x: model.apply(v, x, bits))
     integer = jax.jit(lambda v, kernels, bits, x: intforward.apply(model, v, kernels, bits, x))
     return model, variables, layers, normalize(ds.test_images, ds.mean, ds.std), fake, integer
@@ -100,10 +100,10 @@ def mnist_lenet(tiny_lenet5_float, data_dir):
 
 def test_integer_layers_use_int8_operands_and_int32_sums(mnist_lenet):
     model, variables, layers, *_ = mnist_lenet
-    assert layers == {"QConv_0": 0, "QConv_1": 1, "QDense_0": 2, "QDense_1": 3, "QDense_2": 4}
+    assert layers == {"Conv_0": 0, "Conv_1": 1, "Dense_0": 2, "Dense_1": 3, "Dense_2": 4}
     bits = uniform_bits(5, 4, 8)
     kernels = intforward.integer_kernels(variables, layers, np.asarray(bits.w))
-    assert sorted(kernels) == ["QConv_1", "QDense_0", "QDense_1"]  # first and last stay float
+    assert sorted(kernels) == ["Conv_1", "Dense_0", "Dense_1"]  # first and last stay float
     jaxpr = jax.make_jaxpr(lambda k, x: intforward.apply(model, variables, k, bits, x))(kernels,
                                                                                        jnp.zeros((2, 28, 28, 1)))
     assert _int8_dots(jaxpr.jaxpr) == [jnp.int32] * 3
@@ -164,15 +164,15 @@ def test_resnet_integer_forward_equals_fake_quant(conv):
     activations each.  Measured: 14 (XLA's convolution) and 15 (oneDNN) of the 16 images
     agree to 4e-7 of their largest logit, the others to 3e-4 and 1.2e-3; at least 12 must
     agree to 1e-5."""
-    model = CifarResNet(depth=8, options=QuantOptions(conv=conv))
+    model = get_model("resnet8", 10, QuantOptions(conv=conv), (16, 16, 3))
     x = jax.random.normal(jax.random.key(1), (16, 16, 16, 3))
     variables = init_variables(model, jax.random.key(0), (16, 16, 3))
     keys = iter(jax.random.split(jax.random.key(2), 64))
     stats = jax.tree_util.tree_map(lambda s: s + 0.1 * jnp.abs(jax.random.normal(next(keys), s.shape)),
                                    variables["batch_stats"])
     variables = {**variables, "batch_stats": stats, "quant": {"a_clip": jnp.full(model.num_layers, 3.0)}}
-    layers = intforward.quantized_layers(model, variables, (16, 16, 3))
-    assert layers["_BasicBlock_1/QConv_2"] == layers["_BasicBlock_1/QConv_0"]  # the shortcut shares the widths
+    layers = intforward.quantized_layers(model)
+    assert layers["_BasicBlock_1/Conv_2"] == layers["_BasicBlock_1/Conv_0"]  # the shortcut shares the widths
     bits = uniform_bits(model.num_layers, 4, 8)
     kernels = intforward.integer_kernels(variables, layers, np.asarray(bits.w))
     assert len(kernels) == len(layers) - 2
@@ -186,11 +186,11 @@ def test_resnet_integer_forward_equals_fake_quant(conv):
 def _resnet8_integer(w_bits: int):
     """A randomly initialised ResNet-8 (16 x 16 inputs) with round-to-nearest ``w_bits``-bit
     kernels and 8-bit activations, and a batch of 64 normal images for it."""
-    model = CifarResNet(depth=8)
+    model = get_model("resnet8", 10, input_shape=(16, 16, 3))
     x = jax.random.normal(jax.random.key(1), (64, 16, 16, 3))
     variables = init_variables(model, jax.random.key(0), (16, 16, 3))
     variables = {**variables, "quant": {"a_clip": jnp.full(model.num_layers, 3.0)}}
-    layers = intforward.quantized_layers(model, variables, (16, 16, 3))
+    layers = intforward.quantized_layers(model)
     bits = uniform_bits(model.num_layers, w_bits, 8)
     return model, variables, intforward.integer_kernels(variables, layers, np.asarray(bits.w)), bits, x
 

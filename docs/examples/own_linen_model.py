@@ -1,12 +1,14 @@
 """Your own Flax Linen network and your own arrays through qevo's float training, bit-width
-search and weight sharing.
+search, weight sharing, integer coevolution and ONNX export.
 
     python docs/examples/own_linen_model.py --data ../shared/data [--tiny] [--workdir runs/own_linen]
 
 The network below is plain Flax: qevo finds its convolutions and dense layers by tracing
 it and quantizes them from outside with per-layer bit widths. qevo trains it once in float;
-the search and the weight sharing both start from those variables. The arrays are MNIST
-read with numpy, standing in for any data of yours.
+the search, the weight sharing and the coevolution all start from those variables (the
+coevolution at the widths of the search's w4a4 model). The search's w4a4 model is then
+exported to ONNX and scored in onnxruntime. The arrays are MNIST read with numpy,
+standing in for any data of yours.
 """
 
 import argparse
@@ -63,12 +65,16 @@ def main():
     cfg.final.optimizer, cfg.final.learning_rate = "adam", 1e-3
     sharing = qevo.compress_defaults()
     sharing.sharing.report_formats = ("int8",)
+    integer = qevo.coevolve_defaults()
+    integer.bits_from, integer.bits_model = f"{args.workdir}/search", "w4a4"
     if args.tiny:
         cfg.train.epochs, cfg.train.warmup_epochs = 1, 0
         cfg.population_size, cfg.generations, cfg.search.initial_samples = 4, 1, 4
         cfg.search.qat_steps, cfg.final.max_models = 5, 2
         sharing.population_size, sharing.generations, sharing.sharing.refine = 4, 1, False
         sharing.sharing.k_max, sharing.sharing.k_values, sharing.sharing.eval_images = 8, (2, 4, 8), 100
+        integer.coevolve.cycles, integer.coevolve.num_groups, integer.coevolve.group_size = 1, 2, 64
+        integer.coevolve.population_size, integer.coevolve.eval_images, integer.coevolve.qat = 4, 300, False
 
     model = qevo.quantize_model(SmallCNN(), qevo.normalize(data.train_images[:64], data.mean, data.std))
     for layer in model.layers:
@@ -85,6 +91,15 @@ def main():
     shared = qevo.run_compress(sharing, f"{args.workdir}/sharing", model=model, variables=variables, data=data)
     int8 = shared["formats"]["int8"]
     print(f"shared   {100 * int8['test_accuracy']:6.2f}%  {int8['cr_weighted']:.1f}x smaller, k {shared['k']}")
+    coevolved = qevo.run_coevolve(integer, f"{args.workdir}/coevolve", model=model, variables=variables, data=data)
+    for kind in ("round_to_nearest", "coevolution"):
+        print(f"{kind:16s} {100 * coevolved[kind]['test_accuracy']:6.2f}%  (integer w4a4)")
+    record = qevo.export_onnx(f"{args.workdir}/search", "w4a4", f"{args.workdir}/w4a4.onnx", check=True,
+                              model=model, data=data)
+    check = record["verification"]
+    print(f"onnx w4a4 {100 * check['onnxruntime_test_accuracy']:6.2f}% in onnxruntime, "
+          f"{100 * record['test_accuracy']:6.2f}% in final.csv, {100 * check['prediction_agreement']:.2f}% "
+          "of predictions agree")
 
 if __name__ == "__main__":
     main()
