@@ -17,7 +17,7 @@ speed does not depend on either):
 
 Both count ``groups * population_size`` evaluations of one mini-batch each; qevo's time
 also holds its freeze/regroup/update work and the validation pass, so the ratio understates
-the evaluation speed-up. Prints JSON and writes ``benchmarks/results/coevolve_<platform>.json``.
+the evaluation speed-up. Prints JSON and writes ``benchmarks/results/coevolve_<device>/coevolve.json``.
 """
 
 from __future__ import annotations
@@ -140,9 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"command": "python -m benchmarks.coevolve " + " ".join(argv if argv is not None else sys.argv[1:]),
               **common.environment(),
               **measure(args.float_from, args.w_bits, args.groups, args.eval_images, args.repeats)}
-    default_out = REPO / "benchmarks" / "results" / f"coevolve_{jax.default_backend()}.json"
-    out = pathlib.Path(args.out) if args.out else default_out
-    return common.write(result, out)
+    return common.write(result, pathlib.Path(args.out) if args.out else common.result_path("coevolve"))
 
 
 if __name__ == "__main__":

@@ -8,11 +8,13 @@ import json
 import os
 import pathlib
 import platform
+import re
 import time
 
 import jax
 import numpy as np
 
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "evosax", "numpy", "pymoo", "scikit-learn", "moocore")
 
 
@@ -32,6 +34,22 @@ def cpu_name() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def device_tag() -> str:
+    """The device part of a results folder's name: ``cpu``, or the first device's kind in lower
+    case with ``_`` between words (``nvidia_h100_80gb_hbm3``)."""
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "_", device.device_kind.lower()).strip("_")
+
+
+def result_path(benchmark: str, quick: bool = False) -> pathlib.Path:
+    """Where ``python -m benchmarks.<benchmark>`` writes its report unless told otherwise:
+    ``benchmarks/results/<benchmark>_<device>[_quick]/<benchmark>.json``, one folder per run as
+    ``benchmarks/results/README.md`` names them."""
+    return RESULTS / f"{benchmark}_{device_tag()}{'_quick' if quick else ''}" / f"{benchmark}.json"
 
 
 def median_seconds(fn, repeats: int) -> float:

@@ -16,7 +16,7 @@ range optimisation (timed once), then:
 
 Seconds per run count the search (and for the headline the refinement and report);
 table and range seconds are reported once.  Prints JSON and writes
-``benchmarks/results/compress_lenet5_<platform>.json`` (or ``--out``).
+``benchmarks/results/compress_<device>/compress.json`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import jaxlib
 import ml_collections
 import numpy as np
 
+from benchmarks import common
 from qevo import compress
 from qevo import config as config_lib
 
@@ -136,8 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
                                        "seconds")}
                        for d in DRIVERS},
         }
-    default_out = REPO / "benchmarks" / "results" / f"compress_lenet5_{result['device']['platform']}.json"
-    out = pathlib.Path(args.out) if args.out else default_out
+    out = pathlib.Path(args.out) if args.out else common.result_path("compress")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     summary = {k: result[k] for k in ("float", "prepare_seconds")}
