@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import pathlib
 import statistics
-import sys
 import time
 
 import jax
@@ -137,8 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     jax.config.update("jax_threefry_partitionable", False)
-    result = {"command": "python -m benchmarks.coevolve " + " ".join(argv if argv is not None else sys.argv[1:]),
-              **common.environment(),
+    result = {**common.environment(),
               **measure(args.float_from, args.w_bits, args.groups, args.eval_images, args.repeats)}
     return common.write(result, pathlib.Path(args.out) if args.out else common.result_path("coevolve"))
 

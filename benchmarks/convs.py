@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 
 import flax.linen as nn
 import jax
@@ -84,8 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     jax.config.update("jax_threefry_partitionable", False)
-    report = {"command": " ".join(["python -m benchmarks.convs", *(argv if argv is not None else sys.argv[1:])]),
-              **common.environment(), **measure(args.repeats)}
+    report = {**common.environment(), **measure(args.repeats)}
     return common.write(report, common.result_path("convs"))
 
 

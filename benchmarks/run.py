@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import sys
 import time
 
 import jax
@@ -124,8 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     if gpu:
         names = [name for name in names if name not in CPU_ONLY]
     out = pathlib.Path(args.out) if args.out else common.result_path("run", args.quick)
-    report = {"command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
-              **common.environment(), "quick": args.quick, "benchmarks": {}, "seconds": {}}
+    report = {**common.environment(), "quick": args.quick, "benchmarks": {}, "seconds": {}}
     for name in names:
         print(f"== {name}", flush=True)
         start = time.perf_counter()

@@ -165,8 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {','.join(MODELS)}")
     out = pathlib.Path(args.out) if args.out else common.result_path("train_speed", args.quick)
-    report = {"command": "python -m benchmarks.train_speed " + " ".join(argv if argv is not None else sys.argv[1:]),
-              **common.environment(), "quick": args.quick, "repeats": repeats}
+    report = {**common.environment(), "quick": args.quick, "repeats": repeats}
     start = time.perf_counter()
     report["rows"] = measure(models, repeats, steps, not args.quick, args.with_xla)
     report["seconds"] = time.perf_counter() - start
