@@ -17,7 +17,7 @@ speed does not depend on either):
 
 Both count ``groups * population_size`` evaluations of one mini-batch each; qevo's time
 also holds its freeze/regroup/update work and the validation pass, so the ratio understates
-the evaluation speed-up. Prints JSON and writes ``benchmarks/results/coevolve_<platform>.json``.
+the evaluation speed-up. Prints JSON and writes ``benchmarks/results/coevolve_<device>/coevolve.json``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import pathlib
 import statistics
-import sys
 import time
 
 import jax
@@ -137,12 +136,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     jax.config.update("jax_threefry_partitionable", False)
-    result = {"command": "python -m benchmarks.coevolve " + " ".join(argv if argv is not None else sys.argv[1:]),
-              **common.environment(),
+    result = {**common.environment(),
               **measure(args.float_from, args.w_bits, args.groups, args.eval_images, args.repeats)}
-    default_out = REPO / "benchmarks" / "results" / f"coevolve_{jax.default_backend()}.json"
-    out = pathlib.Path(args.out) if args.out else default_out
-    return common.write(result, out)
+    return common.write(result, pathlib.Path(args.out) if args.out else common.result_path("coevolve"))
 
 
 if __name__ == "__main__":

@@ -16,25 +16,21 @@ range optimisation (timed once), then:
 
 Seconds per run count the search (and for the headline the refinement and report);
 table and range seconds are reported once.  Prints JSON and writes
-``benchmarks/results/compress_lenet5_<platform>.json`` (or ``--out``).
+``benchmarks/results/compress_<device>/compress.json`` (or ``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import platform
 import statistics
-import sys
 import time
 
 import jax
-import jaxlib
 import ml_collections
-import numpy as np
 
+from benchmarks import common
 from qevo import compress
 from qevo import config as config_lib
 
@@ -97,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     jax.config.update("jax_threefry_partitionable", False)
     cfg = compress.validate(config_lib.load(args.config, [f"float_from={args.float_from}"]))
-    load_before = list(os.getloadavg())
+    environment = common.environment()  # the load average before the runs
     start = time.perf_counter()
     prep = compress.prepare(cfg, pathlib.Path(args.float_from))
     prepare_seconds = time.perf_counter() - start
@@ -108,11 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     fmts = ("float32", "float16", "float8")
     result = {
         "benchmark": "weight-sharing compression of LeNet-5 (ReLU) on MNIST without retraining",
-        "command": "python -m benchmarks.compress " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "device": {"platform": jax.devices()[0].platform, "kind": jax.devices()[0].device_kind,
-                   "cpu_cores": os.cpu_count(), "machine": platform.machine(), "load_avg_before": load_before,
-                   "load_avg_after": list(os.getloadavg())},
-        "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "numpy": np.__version__},
+        **environment,
         "config": cfg.to_dict(),
         "float": {"val_accuracy": prep.float_val, "test_accuracy": prep.float_test},
         "prepare_seconds": {"total_with_float_load": round(prepare_seconds, 1),
@@ -136,10 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
                                        "seconds")}
                        for d in DRIVERS},
         }
-    default_out = REPO / "benchmarks" / "results" / f"compress_lenet5_{result['device']['platform']}.json"
-    out = pathlib.Path(args.out) if args.out else default_out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    common.write(result, pathlib.Path(args.out) if args.out else common.result_path("compress"), echo=False)
     summary = {k: result[k] for k in ("float", "prepare_seconds")}
     summary |= {f"{k}_median": result[k]["median"] for k in ("headline", "drivers") if k in result}
     print(json.dumps(summary, indent=2))

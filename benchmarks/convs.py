@@ -10,15 +10,13 @@ ResNets (32x32x3 -> 16, 3x3), LeNet-5's second layer and a ResNet-20 stage-1 lay
 :func:`qevo.layers.toeplitz_conv2d`: the forward pass of 1,000 images and the gradients of
 a 128-image batch.
 
-Prints JSON and writes ``benchmarks/results/convs_<platform>.json``.
+Prints JSON and writes ``benchmarks/results/convs_<device>/convs.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import pathlib
-import sys
 
 import flax.linen as nn
 import jax
@@ -28,7 +26,6 @@ from benchmarks import common
 from benchmarks.population import interleaved_medians
 from qevo import layers, onednn
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 # name: (input [H, W, C], kernel [K, K, C, O], padding, followed by 2x2 max pooling)
 LAYERS = {
     "lenet5_conv1": ((28, 28, 1), (5, 5, 1, 6), "SAME", True),
@@ -86,9 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     jax.config.update("jax_threefry_partitionable", False)
-    report = {"command": " ".join(["python -m benchmarks.convs", *(argv if argv is not None else sys.argv[1:])]),
-              **common.environment(), **measure(args.repeats)}
-    return common.write(report, RESULTS / f"convs_{jax.default_backend()}.json")
+    report = {**common.environment(), **measure(args.repeats)}
+    return common.write(report, common.result_path("convs"))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Benchmark: ONNX exports of finished runs, checked in onnxruntime on the whole test split.
 
     python -m benchmarks.export --model RUN:NAME [--model RUN:NAME ...] [--float RUN:NAME]
-        [--onnx-dir runs/export] [--out benchmarks/results/export.json]
+        [--onnx-dir runs/export] [--out benchmarks/results/export_<device>/export.json]
 
 Each ``RUN:NAME`` is exported with :func:`qevo.export.export` (``NAME`` empty for a run's
 single result) to ``<onnx-dir>/<run folder>_<name>.onnx`` and run in onnxruntime (CPU, default
@@ -52,7 +52,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--model", action="append", required=True, help="RUN:NAME, repeatable")
     parser.add_argument("--float", required=True, help="RUN:NAME of the float model the sizes are compared with")
     parser.add_argument("--onnx-dir", type=pathlib.Path, default=pathlib.Path("runs/export"))
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results/export.json"))
+    parser.add_argument("--out", type=pathlib.Path,
+                        help="JSON path (default benchmarks/results/export_<device>/export.json)")
     args = parser.parse_args(argv)
     env = common.environment()
     env["versions"].update({name: common.package_version(name) for name in ("onnx", "onnxruntime")})
@@ -61,7 +62,7 @@ def main(argv=None) -> dict:
     for m in models:
         m["bytes_over_float"] = round(m["bytes"] / reference["bytes"], 4)
     report = {**env, "benchmark": "export", "float": args.float, "models": models}
-    return common.write(report, args.out)
+    return common.write(report, args.out or common.result_path("export"))
 
 
 if __name__ == "__main__":

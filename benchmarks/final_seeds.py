@@ -45,8 +45,6 @@ def main(argv=None) -> dict:
     out = args.out or args.workdir / "final_seeds" / "final_seeds.json"
 
     report = {"benchmark": "final-training repeats of a bit-width search's final models under other seeds",
-              "command": (f"python -m benchmarks.final_seeds --workdir {args.workdir} --models {args.models} "
-                          f"--seeds {args.seeds}"),
               **common.environment(),
               "inputs": {"workdir": str(args.workdir), "models": names, "seeds": [cfg.seed, *seeds],
                          "final": cfg.final.to_dict()}}

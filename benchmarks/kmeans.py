@@ -11,7 +11,7 @@ params ``.npz``.  k runs over 1..50 (``--quick``: 2, 5, 16, 50).
 qevo: one jitted ``kmeans`` call over all pairs; compile time reported apart, then the
 median of 3 timed runs (``block_until_ready``).  scikit-learn: one pass of the loop,
 ``random_state=0``.  Also reported: SSE agreement (qevo SSE / scikit-learn inertia per pair).
-Prints JSON and writes ``benchmarks/results/kmeans_<platform>[_quick].json`` (or ``--out``).
+Prints JSON and writes ``benchmarks/results/kmeans_<device>[_quick]/kmeans.json`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -106,12 +106,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.kmeans", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="k in (2, 5, 16, 50) instead of 1..50")
     parser.add_argument("--params", help="saved params .npz; its >=2-D arrays are the layers")
-    parser.add_argument("--out", help="JSON path (default benchmarks/results/kmeans_<platform>[_quick].json)")
+    parser.add_argument("--out", help="JSON path (default benchmarks/results/kmeans_<device>[_quick]/kmeans.json)")
     parser.add_argument("--repeats", type=int, default=3, help="timed qevo runs (median reported)")
     args = parser.parse_args(argv)
     report = {**common.environment(), **measure(args.params, args.quick, args.repeats)}
-    name = f"kmeans_{jax.default_backend()}{'_quick' if args.quick else ''}.json"
-    return common.write(report, pathlib.Path(args.out or pathlib.Path(__file__).parent / "results" / name))
+    return common.write(report, pathlib.Path(args.out) if args.out else common.result_path("kmeans", args.quick))
 
 
 if __name__ == "__main__":

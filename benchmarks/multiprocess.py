@@ -1,7 +1,7 @@
 """Every method as two cooperating processes against one process, end to end on MNIST.
 
     python -m benchmarks.multiprocess --float-from RUN [--workdir runs/multiprocess]
-        [--out benchmarks/results/multiprocess/multiprocess.json]
+        [--out benchmarks/results/multiprocess_<device>/multiprocess.json]
 
 ``RUN`` is a finished LeNet-5 float run (``python -m qevo.train --config configs/lenet5.py``).
 Tiny runs of ``qevo.compress`` (NSGA-III, 6 individuals x 3 generations, the held-out pick),
@@ -70,11 +70,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--float-from", required=True, dest="float_run", help="a finished LeNet-5 float run folder")
     parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path("runs/multiprocess"))
     parser.add_argument("--out", type=pathlib.Path,
-                        default=pathlib.Path("benchmarks/results/multiprocess/multiprocess.json"))
+                        help="JSON path (default benchmarks/results/multiprocess_<device>/multiprocess.json)")
     args = parser.parse_args(argv)
     environment = common.environment()
     commands = {name: run(name, args.float_run, args.workdir) for name in COMMANDS}
-    return common.write({"benchmark": "two processes against one", "commands": commands, **environment}, args.out)
+    return common.write({"benchmark": "two processes against one", "commands": commands, **environment},
+                        args.out or common.result_path("multiprocess"))
 
 
 if __name__ == "__main__":

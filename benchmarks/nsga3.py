@@ -8,7 +8,7 @@ the two libraries' calls interleaved so that both see the same machine load.
 
     python -m benchmarks.nsga3 [--quick]
 
-Prints JSON and writes it to ``benchmarks/results/nsga3_<platform>[_quick].json``.
+Prints JSON and writes it to ``benchmarks/results/nsga3_<device>[_quick]/nsga3.json``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import pathlib
 import statistics
 import time
 
@@ -31,7 +30,6 @@ from benchmarks import common
 from qevo import nsga3
 
 PARTITIONS = {2: 99, 3: 12, 5: 6}  # Das-Dennis divisions: 100, 91 and 210 reference directions
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
 def qevo_call(F: np.ndarray, ref_dirs: np.ndarray, n_survive: int):
@@ -127,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     sizes = [100, 1000] if args.quick else [100, 1000, 10000]
     report = {**common.environment(), **measure(sizes, 5 if args.quick else 9, args.tilings)}
-    return common.write(report, RESULTS / f"nsga3_{jax.default_backend()}{'_quick' if args.quick else ''}.json")
+    return common.write(report, common.result_path("nsga3", args.quick))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ calibrated weights (throughput does not depend on the weights), all in the same 
 * with ``--memory``: the device memory the compiled scoring program needs at each P (XLA's
   memory analysis), the largest P that fits by a linear fit of it, and a run at that P.
 
-Prints JSON and writes ``benchmarks/results/population_<platform>[_quick].json``.
+Prints JSON and writes ``benchmarks/results/population_<device>[_quick]/population.json``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ from qevo.models import get_model, init_variables
 from qevo.population import PopulationEvaluator, QATConfig
 
 SHAPES = {"lenet5": (28, 28, 1), "resnet20": (32, 32, 3)}
-RESULTS = pathlib.Path(__file__).parent / "results"
 MEAN, STD = 0.5, 0.25
 # Dense peak FLOP/s of the SXM parts (NVIDIA data sheets): float32 on CUDA cores, and the
 # TF32 tensor cores that XLA may use for float32 convolutions at default precision.
@@ -241,9 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
     jax.config.update("jax_threefry_partitionable", False)
     report = {**common.environment(), **measure(**options(args)), "quick": args.quick}
-    default_out = RESULTS / f"population_{jax.default_backend()}{'_quick' if args.quick else ''}.json"
-    out = pathlib.Path(args.out) if args.out else default_out
-    return common.write(report, out)
+    return common.write(report, pathlib.Path(args.out) if args.out else common.result_path("population", args.quick))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ Runs, in this order, with each baseline measured in the same run:
 
 All inputs are random (speed does not depend on them), so no dataset is needed. The
 report is rewritten after each benchmark (a cut-short run keeps what finished) to
-``benchmarks/results/run_<device>[_quick].json`` or ``--out``. ``--quick`` takes about
+``benchmarks/results/run_<device>[_quick]/run.json`` or ``--out``. ``--quick`` takes about
 12 minutes on a 2-core CPU.
 """
 
@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import re
-import sys
 import time
 
 import jax
@@ -41,13 +39,6 @@ from benchmarks import coevolve, common, convs, kmeans, nsga3, population, scali
 
 BENCHMARKS = ("nsga3", "population", "coevolve", "kmeans", "scaling", "convs", "train_speed")
 CPU_ONLY = ("scaling", "convs")  # forced host devices, and convolution paths that only the CPU takes
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-
-
-def default_out(quick: bool) -> pathlib.Path:
-    device = jax.devices()[0]
-    kind = "cpu" if device.platform == "cpu" else re.sub(r"[^a-z0-9]+", "_", device.device_kind.lower()).strip("_")
-    return RESULTS / f"run_{kind}{'_quick' if quick else ''}.json"
 
 
 def run_one(name: str, quick: bool, gpu: bool, models: str) -> dict:
@@ -120,7 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", default=",".join(BENCHMARKS),
                         help=f"comma-separated subset of {','.join(BENCHMARKS)}")
     parser.add_argument("--models", default="lenet5,resnet20", help="models of the population benchmark")
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/run_<device>[_quick].json)")
+    parser.add_argument("--out", default=None,
+                        help="JSON path (default benchmarks/results/run_<device>[_quick]/run.json)")
     args = parser.parse_args(argv)
     names = args.only.split(",")
     unknown = sorted(set(names) - set(BENCHMARKS))
@@ -130,9 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
     gpu = jax.default_backend() != "cpu"
     if gpu:
         names = [name for name in names if name not in CPU_ONLY]
-    out = pathlib.Path(args.out) if args.out else default_out(args.quick)
-    report = {"command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
-              **common.environment(), "quick": args.quick, "benchmarks": {}, "seconds": {}}
+    out = pathlib.Path(args.out) if args.out else common.result_path("run", args.quick)
+    report = {**common.environment(), "quick": args.quick, "benchmarks": {}, "seconds": {}}
     for name in names:
         print(f"== {name}", flush=True)
         start = time.perf_counter()

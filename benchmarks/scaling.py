@@ -1,6 +1,6 @@
 """Scaling over devices and processes: population scoring and data-parallel training.
 
-    python -m benchmarks.scaling [--quick] [--out benchmarks/results/scaling/scaling.json]
+    python -m benchmarks.scaling [--quick] [--out benchmarks/results/scaling_<device>[_quick]/scaling.json]
 
 Three layouts, each in fresh processes on this host's CPU:
 
@@ -175,7 +175,7 @@ def measure(quick: bool) -> dict:
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
-    parser.add_argument("--out", default="benchmarks/results/scaling/scaling.json")
+    parser.add_argument("--out", help="JSON path (default benchmarks/results/scaling_<device>[_quick]/scaling.json)")
     parser.add_argument(WORKER, action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         return None
     import pathlib
 
-    return common.write(measure(args.quick), pathlib.Path(args.out))
+    out = pathlib.Path(args.out) if args.out else common.result_path("scaling", args.quick)
+    return common.write(measure(args.quick), out)
 
 
 if __name__ == "__main__":

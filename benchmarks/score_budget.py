@@ -42,8 +42,6 @@ def main(argv=None) -> dict:
     out = args.out or args.workdir / "score_budget.json"
 
     report = {"benchmark": "search scores of a finished search's final models against the QAT steps they take",
-              "command": (f"python -m benchmarks.score_budget --workdir {args.workdir} --models {args.models} "
-                          f"--steps {args.steps} --repeats {args.repeats}"),
               **common.environment(),
               "inputs": {"workdir": str(args.workdir), "models": names, "steps": steps, "repeats": args.repeats,
                          "eval_images": base["search"]["eval_images"], "final_epochs": base["final"]["epochs"]},

@@ -1,5 +1,5 @@
 """A finished ``qevo.search`` run's config and final models, as the benchmarks that revisit
-them (``final_seeds``, ``score_budget``) read them."""
+them (``final_seeds``, ``score_budget``, ``train_final``) read them."""
 
 from __future__ import annotations
 
@@ -12,6 +12,12 @@ import numpy as np
 
 from qevo import search
 from qevo.harness import fill_defaults
+
+
+def run_config(workdir: pathlib.Path) -> dict:
+    """The config of the search run in ``workdir`` as a dict, keys added to qevo since the run
+    at their defaults."""
+    return fill_defaults(json.loads((workdir / "config.json").read_text()), search.defaults().to_dict())
 
 
 def final_models(workdir: pathlib.Path, models: str,
@@ -28,7 +34,7 @@ def final_models(workdir: pathlib.Path, models: str,
       run at their defaults), ``final.csv``'s rows by name, the names in order, and their
       weight and activation widths, int32 ``[P, L]``.
     """
-    config = fill_defaults(json.loads((workdir / "config.json").read_text()), search.defaults().to_dict())
+    config = run_config(workdir)
     with open(workdir / "final.csv", newline="") as f:
         rows = {r["name"]: r for r in csv.DictReader(f)}
     names = models.split(",")

@@ -22,7 +22,7 @@ the three counts), then qevo in this one; ``qevo_over_torch`` is the ratio. With
 ``--with-xla`` qevo is also measured with ``QEVO_ONEDNN=0`` (XLA's convolutions, the path
 before oneDNN) in another child. Medians of ``--repeats`` timed calls after a warm-up.
 
-Prints JSON and a table; writes ``benchmarks/results/train_speed_<platform>[_quick].json``.
+Prints JSON and a table; writes ``benchmarks/results/train_speed_<device>[_quick]/train_speed.json``.
 ``--quick`` (3 repeats, fewer steps, no ``torch.compile``) takes about 6 minutes on a
 2-core CPU; the full run about 15.
 """
@@ -49,7 +49,6 @@ from qevo.layers import QuantOptions, default_conv
 from qevo.models import get_model, init_variables
 from qevo.train import Trainer, uniform_bits
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 # model: (input [H, W, C], training batch, forward images)
 MODELS = {"resnet20": ((32, 32, 3), 128, 1000), "mobilenetv2": ((128, 128, 3), 64, 256),
           "lenet5": ((28, 28, 1), 128, 1000)}
@@ -151,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--with-xla", action="store_true",
                         help="also measure qevo with XLA's convolutions (QEVO_ONEDNN=0)")
     parser.add_argument("--out", default=None,
-                        help="JSON path (default benchmarks/results/train_speed_<platform>[_quick].json)")
+                        help="JSON path (default benchmarks/results/train_speed_<device>[_quick]/train_speed.json)")
     parser.add_argument("--child-qevo", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 5)
@@ -165,11 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {','.join(MODELS)}")
-    platform = jax.devices()[0].platform
-    default_out = RESULTS / f"train_speed_{platform}{'_quick' if args.quick else ''}.json"
-    out = pathlib.Path(args.out) if args.out else default_out
-    report = {"command": "python -m benchmarks.train_speed " + " ".join(argv if argv is not None else sys.argv[1:]),
-              **common.environment(), "quick": args.quick, "repeats": repeats}
+    out = pathlib.Path(args.out) if args.out else common.result_path("train_speed", args.quick)
+    report = {**common.environment(), "quick": args.quick, "repeats": repeats}
     start = time.perf_counter()
     report["rows"] = measure(models, repeats, steps, not args.quick, args.with_xla)
     report["seconds"] = time.perf_counter() - start

@@ -110,7 +110,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) 
 # Above this many multiply-accumulates per individual QAT step (MACs per image x batch),
 # ``auto`` fine-tunes individuals one after another on accelerators: on an H100 a vmapped
 # ResNet-20 QAT step (5.2 G) ran at 0.78x the per-individual loop, a sequential map at
-# 1.0x, while LeNet-5 (0.05 G) gained 1.9x from vmap (benchmarks/results/run_nvidia_h100_80gb_hbm3.json).
+# 1.0x (benchmarks/results/run_nvidia_h100_80gb_hbm3/run.json), while LeNet-5 (0.05 G) gained 1.9x from vmap
+# (benchmarks/results/population_nvidia_h100_80gb_hbm3_first_run/nsga3_population.json).
 VMAP_QAT_MAX_MACS = 2**30
 
 

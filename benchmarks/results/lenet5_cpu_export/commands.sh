@@ -13,4 +13,4 @@ python -m benchmarks.export --float /work/runs_export/search:float \
     --model /work/runs_export/search:w4a4 --model /work/runs_export/search:w2a2 \
     --model /work/runs_export/sharing: --model /work/runs_export/sharing:int8 \
     --model /work/runs_export/coevolve: \
-    --onnx-dir /work/runs_export/onnx --out benchmarks/results/lenet5_export/export.json
+    --onnx-dir /work/runs_export/onnx --out benchmarks/results/lenet5_cpu_export/export.json
