@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=None)
     args = p.parse_args(own)
     trees = {"old": pathlib.Path(args.baseline).resolve(), "new": HERE}
-    for name, tree in trees.items():
+    for tree in trees.values():
         if not (tree / "qevo" / "__init__.py").is_file():
             raise SystemExit(f"--baseline {tree} holds no qevo/__init__.py; give a checkout of qevo")
     throughput: dict = {}

@@ -513,11 +513,13 @@ def integer_bits(cfg: ml_collections.ConfigDict, num_layers: int) -> Bits:
         with table.open(newline="") as f:
             rows = {row["name"]: row for row in csv.DictReader(f)}
         models = sorted(n for n, row in rows.items() if row.get("kind") != "float")
-        if cfg.bits_model not in models:
-            raise err(f"bits_model={cfg.bits_model!r} is not a final model of {cfg.bits_from}; choose one of {models}")
-        w, a = (np.asarray(rows[cfg.bits_model][k].split(), np.int32) for k in ("w_bits", "a_bits"))
+        widths = ([np.asarray(rows[cfg.bits_model][k].split(), np.int32) for k in ("w_bits", "a_bits")]
+                  if cfg.bits_model in models else None)
     except (csv.Error, KeyError, AttributeError, ValueError) as e:
         raise err(f"{table} is corrupt ({type(e).__name__}: {e}); rerun that search's final training") from e
+    if widths is None:
+        raise err(f"bits_model={cfg.bits_model!r} is not a final model of {cfg.bits_from}; choose one of {models}")
+    w, a = widths
     if w.shape != (num_layers,) or a.shape != (num_layers,):
         raise err(f"{cfg.bits_model} of {cfg.bits_from} has widths for {w.size} layers, this model "
                   f"({cfg.model.name}) has {num_layers}; take bits from a search of the same model")
@@ -594,6 +596,7 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, model=None, v
     runner and its problem (``model``, ``variables``, ``data``: :func:`qevo.train.resolve_inputs`)."""
     inputs = train.resolve_inputs(cfg, model, variables, data)
     ds, model = inputs.ds, inputs.model
+    integer_bits(cfg, model.num_layers)  # a bad bits_from is refused before the float model trains
     variables = float_model(cfg, ds, model, workdir)[0] if inputs.variables is None else inputs.variables
     variables = calibrate(model, variables, normalize(jnp.asarray(ds.train_images[:512]), ds.mean, ds.std))
     bits, runner, problem = prepare_arrays(cfg, model, variables, ds.mean, ds.std, ds.train_images, ds.train_labels,

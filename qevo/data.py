@@ -175,11 +175,12 @@ class Dataset:
             if x.shape[1:] != shape or x.dtype != checked["train"][0].dtype:
                 raise DataError(f"{k} inputs are {x.dtype} {x.shape[1:]} per example, train inputs "
                                 f"{checked['train'][0].dtype} {shape}; give every split the same shape and dtype")
-        top = max(int(y.max(initial=-1)) for _, y in checked.values()) + 1
-        num_classes = top if num_classes is None else num_classes
-        if top > num_classes:
-            raise DataError(f"labels reach {top - 1}, outside [0, num_classes={num_classes}); "
-                            "pass the right num_classes or fix the labels")
+        if num_classes is None:
+            num_classes = max(int(y.max(initial=-1)) for _, y in checked.values()) + 1
+        for k, (_, y) in checked.items():
+            if y.size and y.max() >= num_classes:
+                raise DataError(f"{k} labels hold {int(y.max())} (at example {int(y.argmax())}), outside "
+                                f"[0, num_classes={num_classes}); pass the right num_classes or fix the labels")
         x, y = checked["train"]
         if val is None:
             if not 0 <= val_size < len(y):
@@ -205,16 +206,21 @@ class Dataset:
         read once and joined; keyword arguments as :meth:`from_arrays`.
 
         Raises:
-          DataError: a split with no batch, or a batch that is not an ``(inputs, labels)`` pair.
+          DataError: a split with no batch, a batch that is not an ``(inputs, labels)`` pair (of
+            equal lengths), batches of inputs that differ in shape, or as :meth:`from_arrays`.
         """
 
         def joined(split: str, batches) -> tuple[np.ndarray, np.ndarray]:
             xs, ys = [], []
-            for batch in batches:
+            for i, batch in enumerate(batches):
                 if not isinstance(batch, tuple | list) or len(batch) != 2:
                     raise DataError(f"{split} batches must be (inputs, labels) pairs, got {type(batch).__name__}")
-                xs.append(np.asarray(batch[0]))
-                ys.append(np.asarray(batch[1]))
+                x, y = _checked_lengths(f"{split} batch {i}", *batch)
+                if xs and x.shape[1:] != xs[0].shape[1:]:
+                    raise DataError(f"{split} batch {i} holds inputs of shape {x.shape[1:]}, batch 0 of "
+                                    f"{xs[0].shape[1:]}; give every batch inputs of one shape")
+                xs.append(x)
+                ys.append(y)
             if not xs:
                 raise DataError(f"the {split} iterable gave no batch")
             return np.concatenate(xs), np.concatenate(ys)
@@ -227,23 +233,36 @@ class Dataset:
         return f"Dataset({self.name!r}, {shapes}, num_classes={self.num_classes})"
 
 
+def _checked_lengths(where: str, inputs, labels) -> tuple[np.ndarray, np.ndarray]:
+    """``(inputs [N, ...], labels [N])`` as numpy arrays; refuses other label shapes or lengths."""
+    x, y = np.asarray(inputs), np.asarray(labels)
+    if y.ndim == 2 and x.ndim >= 1 and len(x) == len(y):
+        raise DataError(f"{where} labels are {y.shape}, one row per input (one-hot?); give one integer class "
+                        "per input, shape [N] (e.g. labels.argmax(-1))")
+    if x.ndim < 1 or y.ndim != 1 or len(x) != len(y):
+        raise DataError(f"{where} has {len(x) if x.ndim else 0} inputs and {len(y) if y.ndim else 0} labels "
+                        f"(shapes {x.shape} and {y.shape}); give one integer label per input")
+    return x, y
+
+
 def _checked_split(split: str, inputs, labels) -> tuple[np.ndarray, np.ndarray]:
     """``(inputs, labels int32)`` of one split of :meth:`Dataset.from_arrays`, checked."""
-    x, y = np.asarray(inputs), np.asarray(labels)
-    if x.ndim < 1 or y.ndim != 1 or len(x) != len(y):
-        raise DataError(f"{split} has {len(x) if x.ndim else 0} inputs and {len(y) if y.ndim else 0} labels "
-                        f"(shapes {x.shape} and {y.shape}); give one integer label per input")
+    x, y = _checked_lengths(split, inputs, labels)
     if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
         raise DataError(f"{split} inputs are {x.dtype}; give uint8 (0..255) or float inputs")
     if np.issubdtype(x.dtype, np.floating):
-        if not np.all(np.isfinite(x)):
-            raise DataError(f"{split} inputs hold {int(np.sum(~np.isfinite(x)))} NaN or infinite values; "
-                            "clean or drop those examples")
+        bad = ~np.isfinite(x)
+        if bad.any():
+            rows = bad.any(axis=tuple(range(1, x.ndim)))
+            raise DataError(f"{split} inputs hold {int(bad.sum())} NaN or infinite values, in {int(rows.sum())} "
+                            f"of {len(x)} examples (the first: example {int(rows.argmax())}); clean or drop those "
+                            "examples")
         x = x.astype(np.float32)
     if not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{split} labels are {y.dtype}; give integer class labels")
     if y.size and y.min() < 0:
-        raise DataError(f"{split} labels hold {int(y.min())}; labels must be in [0, num_classes)")
+        raise DataError(f"{split} labels hold {int(y.min())} (at example {int(y.argmin())}), outside "
+                        "[0, num_classes); fix the labels")
     return x, y.astype(np.int32)
 
 

@@ -505,10 +505,11 @@ def _discover(run, name: str, sample, arguments=lambda: ()) -> tuple[_Scope, dic
         raise
     except Exception as e:  # the user's network on the user's sample: say which, keep the cause
         raise ConfigError(f"the model failed on a sample of shape {tuple(sample.shape)}: "
-                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; give it inputs of "
+                          "the shape it takes") from e
     if not scope.ops:
         raise ConfigError(f"{name} has no quantizable layer (flax Conv, Dense/Linear or DenseGeneral/LinearGeneral); "
-                          "qevo quantizes only those")
+                          "qevo quantizes only those: build its kernels with them (parameters of its own stay float)")
     return scope, params, {path: any(bool(v) for v in values) for path, values in negative.items()}
 
 

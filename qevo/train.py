@@ -33,6 +33,7 @@ from qevo import config as config_lib
 from qevo.calibration import calibrate
 from qevo.cost import layer_table
 from qevo.data import Dataset, augment, load_dataset, normalize
+from qevo.errors import QevoError
 from qevo.harness import CHECKPOINT, MODEL, RESULTS, Stopwatch, environment, method, progress, write_csv, write_json
 from qevo.interception import QuantizedModel, QuantizedNNX, quantize
 from qevo.layers import Bits, QuantOptions, default_conv
@@ -106,6 +107,36 @@ class Inputs:
     model_name: str
 
 
+def check_logits(model, input_shape: tuple[int, ...], num_classes: int, name: str) -> None:
+    """Refuse, before any training or search, a model that does not map inputs ``[N, *input_shape]``
+    to class scores ``[N, num_classes]``. Traced abstractly (``jax.eval_shape``: no compilation,
+    no arithmetic), from a traced initialization.
+
+    Raises:
+      ConfigError: the model fails on such inputs (e.g. images too small for it), or its
+        output is not ``[N, num_classes]`` (another width, a feature map, a tuple).
+    """
+    x = jax.ShapeDtypeStruct((2, *input_shape), jnp.float32)
+    try:
+        template = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), input_shape))
+        out = jax.eval_shape(lambda v, x: model.apply(v, x, None), template, x)
+    except QevoError:
+        raise
+    except Exception as e:  # the model on the data's shape: say which, keep the cause
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise config_lib.ConfigError(
+            f"the model {name} fails on inputs of shape {tuple(input_shape)} ({type(e).__name__}: {first}); "
+            "give it inputs of the size it takes (data.image_size) or a model made for this size") from e
+    shape = getattr(out, "shape", None)
+    if shape != (2, num_classes):
+        got = (f"a {type(out).__name__}" if shape is None else f"shape {shape}" if not shape or shape[0] != 2
+               else f"[N, {', '.join(map(str, shape[1:]))}]")
+        raise config_lib.ConfigError(
+            f"the model {name} outputs {got} for inputs [N, {', '.join(map(str, input_shape))}], but the labels "
+            f"need class scores [N, {num_classes}] ({num_classes} classes); end the model in one array of "
+            f"{num_classes} outputs per example (pool or flatten, then a last layer of {num_classes})")
+
+
 def resolve_inputs(cfg: ml_collections.ConfigDict, model=None, variables: dict | None = None,
                    data: Dataset | None = None) -> Inputs:
     """The data and model of a run: ``cfg.data`` and ``cfg.model``, or the user's own.
@@ -120,34 +151,33 @@ def resolve_inputs(cfg: ml_collections.ConfigDict, model=None, variables: dict |
         loads ``cfg.data``.
 
     Raises:
-      ConfigError: ``variables`` without ``model``, or a model whose output does not fit
-        the labels (``[N, num_classes]`` logits).
+      ConfigError: ``variables`` without ``model``, or a model that does not map the data's
+        inputs to ``[N, num_classes]`` logits (:func:`check_logits`).
     """
     if data is not None and not isinstance(data, Dataset):
         raise config_lib.ConfigError(f"data= must be a qevo Dataset (qevo.Dataset.from_arrays(...)), "
                                      f"got {type(data).__name__}")
     ds = load_data(cfg) if data is None else data
+    shape = ds.train_images.shape[1:]
     if model is None:
         if variables is not None:
             raise config_lib.ConfigError("variables= belongs to model=; pass both, or neither")
-        return Inputs(ds, build_model(cfg, ds.num_classes, ds.train_images.shape[1:]), None, cfg.model.name)
-    sample = normalize(jnp.asarray(ds.train_images[:64]), ds.mean, ds.std)
+        model = build_model(cfg, ds.num_classes, shape)
+        check_logits(model, shape, ds.num_classes, cfg.model.name)
+        return Inputs(ds, model, None, cfg.model.name)
     quantized = model
     if not hasattr(model, "num_layers"):  # not yet a qevo model: a user's network
+        sample = normalize(jnp.asarray(ds.train_images[:64]), ds.mean, ds.std)
         quantized = quantize(model, sample, variables, quant_options(cfg))
         if quantized.float_others:
             print("qevo: kept float (not Conv, Dense or DenseGeneral): " + ", ".join(
                 f"{path} ({kind})" for path, kind in quantized.float_others), file=sys.stderr, flush=True)
-    template = init_variables(quantized, jax.random.key(cfg.seed), ds.train_images.shape[1:])
-    out = jax.eval_shape(lambda v: quantized.apply(v, sample[:2], None), template)
-    if out.shape != (2, ds.num_classes):
-        raise config_lib.ConfigError(
-            f"the model's output is {out.shape[1:]} per example, but the labels need {ds.num_classes} class "
-            f"scores ({ds.num_classes} classes); give the model a last layer of {ds.num_classes} outputs")
+    name = quantized.name if isinstance(quantized, QuantizedModel | QuantizedNNX) else type(quantized).__name__
+    check_logits(quantized, shape, ds.num_classes, name)
     if variables is not None:
+        template = init_variables(quantized, jax.random.key(cfg.seed), shape)
         variables = {k: v for k, v in variables.items() if k in template}
         variables = {**variables, "quant": template["quant"]}
-    name = quantized.name if isinstance(quantized, QuantizedModel | QuantizedNNX) else type(quantized).__name__
     return Inputs(ds, quantized, variables, name)
 
 

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from conftest import run_command
 from qevo import cli, harness
 from qevo import config as config_lib
 from qevo.errors import CheckpointError, ConfigError, DataError, PopulationMemoryError
@@ -161,6 +163,29 @@ def test_bad_work_folders_give_one_line(tmp_path, capsys):
         assert err.startswith(f"qevo.search: error: {message}") and len(err.strip().splitlines()) == 1, err
     assert a_file.read_text() == "x" and (corrupt / "config.json").read_text() == '{"seed": 0, "da'
 
+
+
+@pytest.mark.parametrize("module, config", [("qevo.train", "lenet5.py"), ("qevo.search", "lenet5.py"),
+                                            ("qevo.compress", "lenet5_sharing.py"), ("qevo.coevolve", "lenet5_cc.py")])
+def test_images_too_small_for_the_model_end_each_command_with_one_line(module, config, data_dir, tmp_path):
+    """LeNet-5 on 4x4 MNIST: its second convolution would have a negative size. Every command
+    refuses it with status 2 and one line, before any training (nothing but config.json written)."""
+    out = run_command(module, config, tmp_path / "run", ["--config.data.image_size=4"], data_dir, timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    line = rf"{module}: error: the model [^\n]*4, 4, 1\)[^\n]*\w+Error: [^\n]*; give it inputs of the [^\n]*\n"
+    assert re.fullmatch(line, out.stderr), out.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["config.json"]
+
+
+def test_a_missing_bits_from_run_ends_the_coevolution_with_one_line_before_training(data_dir, tmp_path):
+    out = run_command("qevo.coevolve", "lenet5_cc.py", tmp_path / "run",
+                      [f"--config.bits_from={tmp_path / 'search'}", "--config.bits_model=front_01"], data_dir,
+                      timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr == (f"qevo.coevolve: error: bits_from='{tmp_path / 'search'}' holds no finished qevo.search "
+                          f"run ({tmp_path / 'search' / 'final.csv'} is missing); point it at a search work folder "
+                          "or its committed results\n")
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["config.json"]
 
 
 def test_a_changed_config_is_refused_once_the_run_has_state(tmp_path):

@@ -7,6 +7,7 @@ the slow one uses the 5-epoch float LeNet-5 of ``conftest``.
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -446,17 +447,37 @@ def test_bits_from_a_search_model_gives_each_layer_its_own_level_range(tmp_path)
 @pytest.mark.parametrize("extra, models, message", [
     (["bits_from={run}"], {"front_01": ([32, 4, 4, 4, 32], [32, 4, 4, 4, 32])}, "bits_from needs bits_model"),
     (["bits_from={run}", "bits_model=front_07"], {"front_01": ([32, 4, 4, 4, 32], [32, 4, 4, 4, 32])},
-     r"bits_model='front_07' is not a final model of .*; choose one of \['front_01'\]"),
+     r"bits_model='front_07' is not a final model of {run}; choose one of \['front_01'\]$"),
     (["bits_from={run}", "bits_model=front_01"], {"front_01": ([32, 4, 4, 32], [32, 4, 4, 32])},
-     r"front_01 of .* has widths for 4 layers, this model \(lenet5\) has 5"),
+     r"front_01 of {run} has widths for 4 layers, this model \(lenet5\) has 5; take bits from a search of the "
+     r"same model$"),
     (["bits_from={run}", "bits_model=front_01"], {"front_01": ([32, 1, 4, 4, 32], [32, 4, 4, 4, 32])},
-     r"front_01 of .* has weight widths \[1\]; integer training takes 2..8 bits"),
+     r"front_01 of {run} has weight widths \[1\]; integer training takes 2..8 bits"),
+    (["bits_from={run}/none", "bits_model=front_01"], {},
+     r"bits_from='{run}/none' holds no finished qevo.search run \({run}/none/final.csv is missing\); point it at "
+     r"a search work folder or its committed results$"),
 ])
 def test_bad_bits_from_is_refused_in_one_line(tmp_path, extra, models, message):
     run = _search_run(tmp_path, models)
     cfg = coevolve.validate(config_lib.load(REPO / "configs" / "lenet5_cc.py", [e.format(run=run) for e in extra]))
-    with pytest.raises(config_lib.ConfigError, match=message):
+    with pytest.raises(config_lib.ConfigError) as err:
         coevolve.integer_bits(cfg, 5)
+    assert re.match(message.format(run=re.escape(run)), str(err.value)) and "\n" not in str(err.value), err.value
+
+
+def test_bad_bits_from_is_refused_before_the_float_model_trains(tmp_path, monkeypatch):
+    run = _search_run(tmp_path, {"front_01": ([32, 4, 4, 4, 32], [32, 4, 4, 4, 32])})
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (40, 28, 28, 1)).astype(np.uint8), rng.integers(0, 10, 40)
+    monkeypatch.setattr(train, "load_data", lambda cfg: train.Dataset.from_arrays((x, y), (x, y), val_size=8))
+    monkeypatch.setattr(coevolve, "float_model", lambda *args: pytest.fail("the float model was trained"))
+    for model, message in (("front_07", "bits_model='front_07' is not a final model of "),
+                           ("front_01", f"front_01 of {run} has widths for 5 layers, this model (resnet20) has 20; ")):
+        cfg = coevolve.validate(config_lib.load(REPO / "configs" / "resnet20_cc_cpu.py", [
+            f"bits_from={run}", f"bits_model={model}", "data.val_size=8"]))
+        with pytest.raises(config_lib.ConfigError) as err:
+            coevolve.prepare(cfg, tmp_path / "cc")
+        assert str(err.value).startswith(message), err.value
 
 
 def test_bits_from_reads_a_committed_search_model():

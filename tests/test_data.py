@@ -405,3 +405,72 @@ def test_mixed_folder_loads_as_rgb_and_channels_1_is_pils_luma(tmp_path):
     assert one.train_images.shape[-1] == 1
     assert sorted(map(bytes, np.concatenate([one.train_images, one.test_images]))) == sorted(map(bytes, luma))
     assert any(np.array_equal(x, colour["img00.png"]) for x in np.concatenate([ds.train_images, ds.test_images]))
+
+
+def _split(n=12, shape=(3, 3, 1), dtype=np.uint8, classes=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, *shape)).astype(dtype), rng.integers(0, classes, n)
+
+
+def _bad(case):
+    """``(train, test, keyword arguments)`` of :meth:`Dataset.from_arrays` with one bad input."""
+    (x, y), test = _split(), _split(5, seed=1)
+    if case == "lengths":
+        return (x, y[:11]), test, {}
+    if case == "one-hot":
+        return (x, np.eye(4, dtype=np.int64)[y]), test, {}
+    if case == "label too high":
+        y_test = test[1].copy()
+        y_test[3] = 7
+        return (x, y), (test[0], y_test), {"num_classes": 4}
+    if case == "negative label":
+        y = y.copy()
+        y[5] = -2
+        return (x, y), test, {}
+    x = x.astype(np.float32)
+    x[4, 1, 2, 0], x[4, 0, 0, 0], x[9, 2, 2, 0] = np.nan, np.inf, -np.inf
+    return (x, y), (test[0].astype(np.float32), test[1]), {}
+
+
+BAD_INPUT = {
+    "lengths": "train has 12 inputs and 11 labels (shapes (12, 3, 3, 1) and (11,)); give one integer label per input",
+    "one-hot": "train labels are (12, 4), one row per input (one-hot?); give one integer class per input, shape [N] "
+               "(e.g. labels.argmax(-1))",
+    "label too high": "test labels hold 7 (at example 3), outside [0, num_classes=4); pass the right num_classes "
+                      "or fix the labels",
+    "negative label": "train labels hold -2 (at example 5), outside [0, num_classes); fix the labels",
+    "non-finite": "train inputs hold 3 NaN or infinite values, in 2 of 12 examples (the first: example 4); clean or "
+                  "drop those examples",
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_from_arrays_names_the_bad_input_in_one_line(case):
+    train, test, kwargs = _bad(case)
+    with pytest.raises(DataError) as err:
+        Dataset.from_arrays(train, test, **kwargs)
+    assert str(err.value) == BAD_INPUT[case]
+
+
+@pytest.mark.parametrize("case", ["label too high", "negative label", "non-finite"])
+def test_from_batches_checks_the_joined_splits_as_from_arrays(case):
+    """Batches of 5, 5 and 2: the example named is the position in the joined split."""
+    (x, y), (tx, ty), kwargs = _bad(case)
+    with pytest.raises(DataError) as err:
+        Dataset.from_batches([(x[i:i + 5], y[i:i + 5]) for i in (0, 5, 10)], [(tx[:3], ty[:3]), (tx[3:], ty[3:])],
+                             **kwargs)
+    assert str(err.value) == BAD_INPUT[case]
+
+
+def test_from_batches_names_the_bad_batch_in_one_line():
+    x, y = _split()
+    cases = [
+        ([(x[:5], y[:5]), (x[5:], y[5:11])],
+         "train batch 1 has 7 inputs and 6 labels (shapes (7, 3, 3, 1) and (6,)); give one integer label per input"),
+        ([(x[:5], y[:5]), (x[5:, :2], y[5:])],
+         "train batch 1 holds inputs of shape (2, 3, 1), batch 0 of (3, 3, 1); give every batch inputs of one shape"),
+    ]
+    for train, message in cases:
+        with pytest.raises(DataError) as err:
+            Dataset.from_batches(train, [(x, y)])
+        assert str(err.value) == message

@@ -155,15 +155,29 @@ def test_modules_with_parameters_that_are_not_layers_stay_float_and_are_listed()
     assert model.float_others == (("WithScale_0", "WithScale"),)  # its own "gain"; LayerNorm is float by design
 
 
-def test_a_network_without_quantizable_layers_is_refused_in_one_line():
-    class Pool(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return x.mean(axis=(1, 2)) * self.param("w", nn.initializers.ones, (1,))
+class Pool(nn.Module):
+    """No quantizable layer: a parameter of its own over pooled features."""
 
-    with pytest.raises(ConfigError, match=r"^Pool has no quantizable layer \(flax Conv, Dense/Linear or "
-                                          r"DenseGeneral/LinearGeneral\)"):
+    @nn.compact
+    def __call__(self, x):
+        return x.mean(axis=(1, 2)) * self.param("w", nn.initializers.ones, (1,))
+
+
+NO_LAYER = ("Pool has no quantizable layer (flax Conv, Dense/Linear or DenseGeneral/LinearGeneral); qevo quantizes "
+            "only those: build its kernels with them (parameters of its own stay float)")
+
+
+def test_a_network_without_quantizable_layers_is_refused_in_one_line():
+    with pytest.raises(ConfigError) as err:
         qevo.quantize_model(Pool(), _sample((2, 4, 4, 3)))
+    assert str(err.value) == NO_LAYER
+
+
+def test_a_search_of_a_network_without_quantizable_layers_stops_before_training(tmp_path):
+    data = qevo.Dataset.from_arrays(train=_arrays(), test=_arrays(10, seed=1), val_size=5)
+    with pytest.raises(ConfigError) as err:
+        search.run(qevo.search_defaults(), tmp_path, model=Pool(), data=data)
+    assert str(err.value) == NO_LAYER and list(tmp_path.iterdir()) == []
 
 
 def test_a_network_that_fails_on_the_sample_says_so_in_one_line():
@@ -187,15 +201,52 @@ def _arrays(n=40, shape=(6, 6, 1), classes=3, seed=0, dtype=np.uint8):
     return x, rng.integers(0, classes, n)
 
 
-def test_a_model_whose_output_does_not_fit_the_labels_is_refused():
-    class Wide(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return nn.Dense(7)(x.reshape(x.shape[0], -1))
+class Wide(nn.Module):
+    """7 class scores."""
 
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(7)(x.reshape(x.shape[0], -1))
+
+
+class FeatureMap(nn.Module):
+    """A 3-channel map per example, not pooled."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Conv(3, (3, 3))(x)
+
+
+class WithAux(nn.Module):
+    """The right scores, but in a tuple."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(3)(x.reshape(x.shape[0], -1))
+        return h, h
+
+
+class NNXFive(nnx.Module):
+    def __init__(self):
+        self.linear = nnx.Linear(36, 5, rngs=nnx.Rngs(0))
+
+    def __call__(self, x):
+        return self.linear(x.reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("make, got", [
+    (Wide, "Wide outputs [N, 7]"),
+    (FeatureMap, "FeatureMap outputs [N, 6, 6, 3]"),
+    (WithAux, "WithAux outputs a tuple"),
+    (NNXFive, "NNXFive outputs [N, 5]"),
+])
+def test_a_model_whose_output_does_not_fit_the_labels_is_refused(make, got):
     data = qevo.Dataset.from_arrays(train=_arrays(), test=_arrays(10, seed=1), val_size=5)
-    with pytest.raises(ConfigError, match=r"output is \(7,\) per example, but the labels need 3 class scores"):
-        train.resolve_inputs(qevo.search_defaults(), Wide(), None, data)
+    with pytest.raises(ConfigError) as err:
+        train.resolve_inputs(qevo.search_defaults(), make(), None, data)
+    assert str(err.value) == (f"the model {got} for inputs [N, 6, 6, 1], but the labels need class scores [N, 3] "
+                              "(3 classes); end the model in one array of 3 outputs per example (pool or flatten, "
+                              "then a last layer of 3)")
 
 
 def test_from_arrays_carves_a_seeded_validation_split_and_standardizes():
@@ -233,9 +284,9 @@ def test_from_batches_joins_an_iterable_of_batches_as_from_arrays_would():
 @pytest.mark.parametrize("train_split, match", [
     ((np.zeros((5, 2), np.uint8), np.zeros(4, int)), r"train has 5 inputs and 4 labels"),
     ((np.zeros((5, 2), np.uint8), np.array([0, 1, 2, 3, -1])), r"train labels hold -1"),
-    ((np.full((5, 2), np.nan, np.float32), np.zeros(5, int)), r"train inputs hold 10 NaN or infinite values"),
+    ((np.full((5, 2), np.nan, np.float32), np.zeros(5, int)), r"train inputs hold 10 NaN or infinite values, in 5 "),
     ((np.zeros((5, 2), np.int64), np.zeros(5, int)), r"train inputs are int64; give uint8"),
-    ((np.zeros((5, 2), np.uint8), np.array([0, 1, 2, 5, 1])), r"labels reach 5, outside \[0, num_classes=3\)"),
+    ((np.zeros((5, 2), np.uint8), np.array([0, 1, 2, 5, 1])), r"train labels hold 5 \(at example 3\), outside "),
 ])
 def test_from_arrays_refuses_bad_input_in_one_line(train_split, match):
     with pytest.raises(DataError, match=match):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -50,6 +51,20 @@ def test_bad_input_gives_one_clear_line(args, message, data_dir, tmp_path):
     out = _train(args, data_dir, tmp_path)
     assert out.returncode == 2, out.stderr[-3000:]
     assert message in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
+
+
+def test_a_config_model_that_cannot_take_the_images_is_refused_before_training(tmp_path):
+    """LeNet-5's second convolution (5x5, VALID) after a 2x2 pool needs images of at least 10
+    pixels: on 8x8 images its features would be empty, on 4x4 of negative size."""
+    rng = np.random.default_rng(0)
+    for side in (8, 4):
+        x, y = rng.integers(0, 256, (20, side, side, 1)).astype(np.uint8), rng.integers(0, 10, 20)
+        data = train.Dataset.from_arrays((x, y), (x, y), val_size=4)
+        with pytest.raises(config_lib.ConfigError) as err:
+            train.run(config_lib.load(REPO / "configs" / "lenet5.py"), tmp_path, data=data)
+        assert re.fullmatch(rf"the model [^\n]*{side}, {side}, 1\)[^\n]*\w+Error: [^\n]*; give it inputs of the [^\n]*",
+                            str(err.value)), str(err.value)
+        assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("conv, platform, kernels", [("auto", "cpu", "cpu"), ("auto", "gpu", "xla"),
