@@ -11,6 +11,10 @@ processes) stays light:
   tracing it and quantizes them from outside; ``run_train``, ``run_search`` and
   ``run_compress`` take the result, or the network itself, as ``model=``),
   ``QuantizedModel``, ``Layer``; your own arrays: ``Dataset.from_arrays``, ``Dataset.from_batches``
+* your own loss and metric: ``loss=`` and ``metric=`` of ``run_train``, ``run_search``,
+  ``run_compress`` and ``run_coevolve`` (``qevo.losses``: jit-traceable ``loss(logits, labels)
+  -> []`` and per-example ``metric(logits, labels) -> [N]`` in [0, 1]; defaults ``cross_entropy``
+  and ``top1``); labels other than classes: ``Dataset.from_arrays(..., labels="any")``
 * cost model: ``layer_table``, ``LayerTable``, ``bitops``, ``size_bits``, ``reference_flops``, ``reference_params``
 * data: ``load_dataset``, ``Dataset``, ``normalize``, ``augment``, ``write_image_folder``
 * population evaluation: ``PopulationEvaluator``, ``QATConfig``
@@ -52,6 +56,8 @@ _EXPORTS = {
     "quantize_model": ("qevo.interception", "quantize"),
     "QuantizedModel": ("qevo.interception", "QuantizedModel"),
     "Layer": ("qevo.interception", "Layer"),
+    "cross_entropy": ("qevo.losses", "cross_entropy"),
+    "top1": ("qevo.losses", "top1"),
     "layer_table": ("qevo.cost", "layer_table"),
     "LayerTable": ("qevo.cost", "LayerTable"),
     "bitops": ("qevo.cost", "bitops"),
@@ -137,6 +143,7 @@ if TYPE_CHECKING:  # the same names, visible to type checkers and IDEs (tests/te
         batch_statistics as integer_batch_statistics,
     )
     from qevo.layers import BatchNorm, Bits, QuantOptions
+    from qevo.losses import cross_entropy, top1
     from qevo.models import get_model, init_variables
     from qevo.networks import CifarResNet, LeNet5, MobileNetV2
     from qevo.onednn import status as onednn_status

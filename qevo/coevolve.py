@@ -22,7 +22,8 @@ The method of SPEC section 3, gradient-free:
      ``num_groups * group_size`` least confident split into ``num_groups`` groups;
    * each group in turn (``lax.scan``), with everything else held at the context: a fresh
      training mini-batch; ``population_size`` assignments of the group, the context itself
-     and ``population_size - 1`` samples of the marginals; the cross-entropy of the integer
+     and ``population_size - 1`` samples of the marginals; the loss (cross-entropy unless
+     :func:`run` gets ``loss=``; per image: the loss of each image alone) of the integer
      network (:func:`qevo.intforward.apply`, computed in float arithmetic: the dequantized
      levels through the model's own convolutions, the same logits up to float rounding) for
      each, in one population call (vmapped or mapped per ``coevolve.strategy``, the
@@ -57,13 +58,13 @@ import math
 import pathlib
 import sys
 import time
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import struct
 from ml_collections import config_dict
 
@@ -73,6 +74,7 @@ from qevo.calibration import calibrate
 from qevo.data import Dataset, augment, normalize
 from qevo.harness import RESULTS, StepLog, Stopwatch, environment, method, write_json
 from qevo.layers import Bits
+from qevo.losses import cross_entropy, top1
 from qevo.population import (
     STRATEGIES,
     batch_eval_set,
@@ -284,7 +286,7 @@ class State:
 
 @struct.dataclass
 class CycleStats:
-    """One cycle, per group (``[num_groups]``): the context's cross-entropy and accuracy on
+    """One cycle, per group (``[num_groups]``): the context's loss and accuracy (mean metric) on
     the group's mini-batch before its step, the winner's loss, whether a sample beat the
     context; and, at the end, the fraction of confident weights and the validation accuracy."""
 
@@ -311,6 +313,9 @@ class Coevolution:
       augment: the float model trained on augmented images (``train.augment``): the images
         that BatchNorm statistics are re-estimated on are augmented the same way, since
         the network learned under the normalisation of that distribution.
+      loss: ``loss(logits, labels) -> float32 []``, the batch mean (:mod:`qevo.losses`;
+        jit-traceable); the samples are ranked by it, per image called on one-image batches.
+      metric: ``metric(logits, labels) -> float32 [N]`` in [0, 1]; accuracies are its mean.
     """
 
     model: nn.Module
@@ -321,6 +326,8 @@ class Coevolution:
     max_level: int | jax.Array
     devices: tuple | None = None
     augment: bool = False
+    loss: Callable = cross_entropy
+    metric: Callable = top1
 
     def __post_init__(self):
         devices = tuple(self.devices or jax.devices())
@@ -378,18 +385,18 @@ class Coevolution:
                                 arithmetic)
 
     def _accuracy(self, problem: Problem, genome: jax.Array, batches, arithmetic: str = "integer") -> jax.Array:
-        return batched_accuracy(lambda x: self.logits(problem, genome, x, arithmetic), batches)
+        return batched_accuracy(lambda x: self.logits(problem, genome, x, arithmetic), batches, self.metric)
 
     def population_loss(self, problem: Problem, context: jax.Array, idx: jax.Array, values: jax.Array,
                         images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Per-image cross-entropy ``float32 [P, B]`` and accuracy ``[P]`` of ``context`` with
-        the weights ``idx [G]`` set to each row of ``values int8 [P, G]``, on one mini-batch
-        of ``B`` images."""
+        """Per-image loss ``float32 [P, B]`` (:attr:`loss` of each image alone) and accuracy
+        (mean :attr:`metric`) ``[P]`` of ``context`` with the weights ``idx [G]`` set to each row
+        of ``values int8 [P, G]``, on one mini-batch of ``B`` images."""
         def one(row, shared):
             problem, context, idx, images, labels = shared
             logits = self.logits(problem, context.at[idx].set(row), images, "float")
-            return (optax.softmax_cross_entropy_with_integer_labels(logits, labels),
-                    jnp.mean(jnp.argmax(logits, -1) == labels))
+            per_image = jax.vmap(lambda z, y: self.loss(z[None], y[None]))(logits, labels)
+            return per_image, jnp.mean(self.metric(logits, labels).astype(jnp.float32))
 
         strategy, chunk = self._local
         return population_map(one, values, (problem, context, idx, images, labels), self.devices, strategy, chunk)
@@ -556,8 +563,10 @@ class Prepared:
 
 
 def prepare_arrays(cfg: ml_collections.ConfigDict, model: nn.Module, variables: dict, mean, std, train_images,
-                   train_labels, val_images, val_labels) -> tuple[Bits, Coevolution, Problem]:
-    """The runner and its problem for float ``variables`` (calibrated) and uint8 ``[N, H, W, C]`` splits.
+                   train_labels, val_images, val_labels, loss: Callable = cross_entropy,
+                   metric: Callable = top1) -> tuple[Bits, Coevolution, Problem]:
+    """The runner and its problem for float ``variables`` (calibrated) and uint8 ``[N, H, W, C]`` splits
+    (``loss``, ``metric``: :class:`Coevolution`'s).
 
     Returns the network's bit widths, the :class:`Coevolution` runner and the
     :class:`Problem` that starts from the round-to-nearest integer weights.
@@ -573,7 +582,7 @@ def prepare_arrays(cfg: ml_collections.ConfigDict, model: nn.Module, variables: 
     max_level = (levels[0] if len(set(levels)) == 1 else
                  jnp.concatenate([jnp.full(k.q.size, n, jnp.int32) for k, n in zip(rtn.values(), levels, strict=True)]))
     runner = Coevolution(model, {p: k.q.shape for p, k in rtn.items()}, mean, std, c, max_level,
-                         augment=cfg.train.augment)
+                         augment=cfg.train.augment, loss=loss, metric=metric)
     if c.num_groups * c.group_size > runner.num_weights:
         raise config_lib.ConfigError(
             f"config coevolve.num_groups * coevolve.group_size = {c.num_groups * c.group_size} exceeds the "
@@ -591,16 +600,18 @@ def prepare_arrays(cfg: ml_collections.ConfigDict, model: nn.Module, variables: 
 
 
 def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, model=None, variables: dict | None = None,
-            data: Dataset | None = None) -> Prepared:
+            data: Dataset | None = None, loss: Callable | None = None, metric: Callable | None = None) -> Prepared:
     """Float model (trained, loaded or the user's; calibrated), round-to-nearest levels, the
-    runner and its problem (``model``, ``variables``, ``data``: :func:`qevo.train.resolve_inputs`)."""
-    inputs = train.resolve_inputs(cfg, model, variables, data)
-    ds, model = inputs.ds, inputs.model
+    runner and its problem (``model``, ``variables``, ``data``, ``loss``, ``metric``:
+    :func:`qevo.train.resolve_inputs`)."""
+    inputs = train.resolve_inputs(cfg, model, variables, data, loss, metric)
+    ds, model, loss, metric = inputs.ds, inputs.model, inputs.loss, inputs.metric
     integer_bits(cfg, model.num_layers)  # a bad bits_from is refused before the float model trains
-    variables = float_model(cfg, ds, model, workdir)[0] if inputs.variables is None else inputs.variables
+    variables = (float_model(cfg, ds, model, workdir, loss, metric)[0] if inputs.variables is None
+                 else inputs.variables)
     variables = calibrate(model, variables, normalize(jnp.asarray(ds.train_images[:512]), ds.mean, ds.std))
     bits, runner, problem = prepare_arrays(cfg, model, variables, ds.mean, ds.std, ds.train_images, ds.train_labels,
-                                  ds.val_images, ds.val_labels)
+                                  ds.val_images, ds.val_labels, loss, metric)
     eb = cfg.train.eval_batch_size
     test = batch_eval_set(jnp.asarray(ds.test_images), jnp.asarray(ds.test_labels), eb)
     scores_all_val = int(problem.val[2].sum()) == len(ds.val_labels)  # the problem's batches are the whole split
@@ -667,7 +678,8 @@ def qat_baseline(prep: Prepared, images: int, workdir: pathlib.Path) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     bits = Bits(w=jnp.asarray(prep.bits.w), a=jnp.asarray(prep.bits.a))
     key = jax.random.fold_in(jax.random.key(cfg.seed), 5)
-    _, fitted = train.fit(qcfg, subset, prep.model, prep.variables, bits, workdir, key, "qat baseline")
+    trainer = train.Trainer(qcfg, subset, prep.model, quantized=True, loss=prep.runner.loss, metric=prep.runner.metric)
+    _, fitted = train.fit(qcfg, subset, prep.model, prep.variables, bits, workdir, key, "qat baseline", trainer)
     steps = qcfg.train.epochs * (subset.train_images.shape[0] // qcfg.train.batch_size)
     return {**fitted, "images": steps * qcfg.train.batch_size}
 
@@ -683,24 +695,29 @@ def save_integer_model(path: pathlib.Path, prep: Prepared, genome: jax.Array, me
 
 @method
 def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, *, model=None, variables: dict | None = None,
-        data: Dataset | None = None) -> dict:
+        data: Dataset | None = None, loss: Callable | None = None, metric: Callable | None = None) -> dict:
     """The whole protocol (module docstring) in ``workdir``; returns ``results.json``'s dict.
 
     From Python, ``model=`` (any Flax network, unchanged), ``variables=`` (its trained float
     variables; None: trained here per ``cfg.train``) and ``data=`` (a
     :class:`qevo.data.Dataset`) replace ``cfg.model`` and ``cfg.data``
-    (:func:`qevo.train.resolve_inputs`)."""
+    (:func:`qevo.train.resolve_inputs`). ``loss=`` (``loss(logits, labels) -> float32 []``,
+    the batch mean; default cross-entropy) is what the float model and the QAT baseline
+    train with and what ranks the coevolution's samples, and ``metric=`` (``metric(logits,
+    labels) -> float32 [N]`` in [0, 1]; default top-1) is what every accuracy averages; both
+    jit-traceable (:mod:`qevo.losses`)."""
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
     watch = Stopwatch()
     c = cfg.coevolve
     with watch.stage("prepare"):
-        prep = prepare(cfg, workdir, model, variables, data)
+        prep = prepare(cfg, workdir, model, variables, data, loss, metric)
         env = environment(prep.model, prep.variables, prep.ds.train_images.shape[1:], cfg.train.batch_size,
                           cfg.model.precision)
     runner, problem = prep.runner, prep.problem
-    fake_quant = train.Trainer(cfg, prep.ds, prep.model, quantized=False).accuracy
+    fake_quant = train.Trainer(cfg, prep.ds, prep.model, quantized=False, loss=runner.loss,
+                               metric=runner.metric).accuracy
     scores = {
         "float": {"val_accuracy": float(fake_quant(prep.variables, None, prep.val)),
                   "test_accuracy": float(fake_quant(prep.variables, None, prep.test))},

@@ -35,6 +35,9 @@ images are held out: the search never sees them, so the pick in step 4 is not ch
 noise that thousands of evaluations on the scoring images select for.  Step 5 reports on the
 whole validation and test splits.
 
+Accuracy throughout is the mean over the images of the run's per-example metric: top-1
+unless :func:`run` is given a ``metric=`` of the user's (:mod:`qevo.losses`).
+
 Fitness: Fit = 1 / sqrt((1 - ACC/ACC_t)^2 + (1 - CR/CR_t)^2) (maximised).  After each
 generation a target that the best value of the generation reached moves to that value plus
 its offset (``sharing.acc_offset``, ``sharing.cr_offset``).  With
@@ -423,17 +426,19 @@ class Prepared:
 
 
 def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, model=None, variables: dict | None = None,
-            data: Dataset | None = None) -> Prepared:
+            data: Dataset | None = None, loss: Callable | None = None, metric: Callable | None = None) -> Prepared:
     """Steps 0 to 2: float model, cluster table, range accuracy of every (layer, k)
-    (``model``, ``variables``, ``data``: :func:`qevo.train.resolve_inputs`)."""
+    (``model``, ``variables``, ``data``, ``loss``, ``metric``: :func:`qevo.train.resolve_inputs`)."""
     seconds = {}
-    inputs = resolve_inputs(cfg, model, variables, data)
+    inputs = resolve_inputs(cfg, model, variables, data, loss, metric)
     ds, model = inputs.ds, inputs.model
     t = time.perf_counter()
-    variables = inputs.variables if inputs.variables is not None else float_model(cfg, ds, model, workdir)[0]
+    variables = (inputs.variables if inputs.variables is not None
+                 else float_model(cfg, ds, model, workdir, inputs.loss, inputs.metric)[0])
     seconds["float_model"] = time.perf_counter() - t
     paths = sharing.kernel_paths(variables["params"])
-    evaluator = sharing.SharedEvaluator(model, ds.mean, ds.std, paths, strategy=cfg.sharing.strategy)
+    evaluator = sharing.SharedEvaluator(model, ds.mean, ds.std, paths, strategy=cfg.sharing.strategy,
+                                        metric=inputs.metric)
     if ds.val_images.shape[0] == 0:
         raise config_lib.ConfigError("the search needs a validation split: set data.val_size > 0")
     eb = cfg.train.eval_batch_size
@@ -694,17 +699,20 @@ def write_front(workdir: pathlib.Path, rows: list[dict], names: list[str], float
 
 @method
 def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, *, model=None, variables: dict | None = None,
-        data: Dataset | None = None) -> dict:
+        data: Dataset | None = None, loss: Callable | None = None, metric: Callable | None = None) -> dict:
     """The whole protocol (module docstring) in ``workdir``; returns ``results.json``'s dict.
 
     From Python, ``model=`` (any ``flax.linen`` network, unchanged: every ``kernel`` of its
     parameters is shared), ``variables=`` (its trained float variables; None: trained here)
-    and ``data=`` (a :class:`qevo.data.Dataset`) replace ``cfg.model`` and ``cfg.data``."""
+    and ``data=`` (a :class:`qevo.data.Dataset`) replace ``cfg.model`` and ``cfg.data``.
+    ``metric=`` (``metric(logits, labels) -> float32 [N]`` in [0, 1], jit-traceable; default
+    top-1) is what every accuracy of the run averages, the floor and fitness included;
+    ``loss=`` is what the float model trains with when it is trained here (:mod:`qevo.losses`)."""
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
     watch = Stopwatch()
-    prep = prepare(cfg, workdir, model, variables, data)
+    prep = prepare(cfg, workdir, model, variables, data, loss, metric)
     env = environment(prep.model, prep.variables, prep.ds.train_images.shape[1:], cfg.train.batch_size,
                       cfg.model.precision)
     names = [sharing.layer_name(p) for p in prep.paths]

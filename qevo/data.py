@@ -66,6 +66,7 @@ if TYPE_CHECKING:  # annotations only: the worker processes decoding images neve
     import jax
 
 DATASET_NAMES = ("mnist", "cifar10", "imagenette", "image_folder")
+LABEL_KINDS = ("classes", "any")  # Dataset.from_arrays(labels=...)
 SOURCES = ("auto", "local", "tfds")
 DATA_DIR_ENV = "QEVO_DATA_DIR"
 CACHE_DIR_ENV = "QEVO_CACHE_DIR"
@@ -120,12 +121,16 @@ _TFDS_HOSTS = {"mnist": "storage.googleapis.com", "cifar10": "www.cs.toronto.edu
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-    """A classification dataset held in memory.
+    """A dataset held in memory: a classification dataset, or a user's arrays with labels of their own kind.
 
     Images are uint8 arrays ``[N, H, W, C]`` (pixel values 0..255, C = 1 for MNIST, 3
-    otherwise); labels are int32 ``[N]`` in ``0..num_classes-1``. ``val_*`` are carved from
-    the original train split, ``train_*`` is the rest. ``mean``/``std`` are per channel,
-    over the ``train_*`` pixels scaled to [0, 1]; pass them to `normalize`.
+    otherwise; :meth:`from_arrays` also takes float inputs). Labels are int32 ``[N]`` in
+    ``0..num_classes-1``; or, from :meth:`from_arrays` with ``labels="any"``, int32 or
+    float32 ``[N, ...]`` of any shape per example (multi-label targets ``[N, K]``, regression
+    targets), read only by a user's ``loss=`` and ``metric=`` (:mod:`qevo.losses`), with
+    ``num_classes`` None and no ``class_names``. ``val_*`` are carved from the original train
+    split, ``train_*`` is the rest. ``mean``/``std`` are per channel, over the ``train_*``
+    pixels scaled to [0, 1]; pass them to `normalize`.
     """
 
     name: str
@@ -135,13 +140,13 @@ class Dataset:
     val_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
-    num_classes: int
+    num_classes: int | None
     class_names: tuple[str, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """``(images [N,H,W,C] uint8, labels [N] int32)`` of ``"train"``, ``"val"`` or ``"test"``."""
+        """``(images [N,H,W,C] uint8, labels [N] int32 (or [N, ...]))`` of ``"train"``, ``"val"`` or ``"test"``."""
         if name not in ("train", "val", "test"):
             raise ValueError(f"unknown split {name!r}; expected 'train', 'val' or 'test'")
         return getattr(self, f"{name}_images"), getattr(self, f"{name}_labels")
@@ -149,38 +154,53 @@ class Dataset:
     @classmethod
     def from_arrays(cls, train: tuple, test: tuple, val: tuple | None = None, *, val_size: int = 0,
                     seed: int = 0, num_classes: int | None = None, normalize: bool = True,
-                    name: str = "arrays") -> Dataset:
+                    name: str = "arrays", labels: str = "classes") -> Dataset:
         """A dataset of a user's own arrays.
 
         Args:
-          train, test: ``(inputs [N, ...], labels [N])``. Inputs are uint8 (0..255, as
-            images) or float; labels integers in ``0..num_classes-1``.
+          train, test: ``(inputs [N, ...], labels)``. Inputs are uint8 (0..255, as images)
+            or float. Labels as ``labels`` says: int ``[N]`` class indices, or any kind.
           val: ``(inputs, labels)`` of a validation split; None carves ``val_size``
             examples from ``train`` in a seeded random order (as :func:`load_dataset` does).
           val_size, seed: the carved validation split.
-          num_classes: default ``max(label) + 1`` over every split.
+          num_classes: with class labels, default ``max(label) + 1`` over every split.
           normalize: standardize each channel (the last axis) with the mean and standard
             deviation of the train split; False feeds uint8 inputs as ``x / 255`` and float
             inputs as they are (up to float32 rounding).
           name: the dataset's name in results.
+          labels: ``"classes"`` (integers in ``0..num_classes-1``, one per example, what
+            qevo's default cross-entropy and top-1 read) or ``"any"``: integer, float or
+            bool labels ``[N, ...]`` of the same shape per example in every split (e.g.
+            ``[N, K]`` multi-label targets), kept as int32 or float32 (bool as 0/1 float32),
+            for a ``loss=`` and ``metric=`` of the user's (:mod:`qevo.losses`); the
+            dataset then has ``num_classes`` None.
 
         Raises:
-          DataError: mismatched lengths, labels out of range, NaN or infinite inputs, other
-            dtypes, or splits whose examples differ in shape.
+          ConfigError: ``labels`` not one of those two, or ``num_classes`` with ``labels="any"``.
+          DataError: mismatched lengths, labels out of range, NaN or infinite inputs (or
+            float labels), other dtypes, or splits whose examples differ in shape.
         """
+        if labels not in LABEL_KINDS:
+            raise ConfigError(f"labels={labels!r} is not one of {LABEL_KINDS}")
+        if labels == "any" and num_classes is not None:
+            raise ConfigError("num_classes counts class labels; leave it out with labels='any'")
         splits = {"train": train, "test": test, **({"val": val} if val is not None else {})}
-        checked = {k: _checked_split(k, *v) for k, v in splits.items()}
+        checked = {k: _checked_split(k, *v, labels) for k, v in splits.items()}
+        for part, what in ((0, "inputs"), (1, "labels")):
+            first = checked["train"][part]
+            for k, arrays in checked.items():
+                a = arrays[part]
+                if a.shape[1:] != first.shape[1:] or a.dtype != first.dtype:
+                    raise DataError(f"{k} {what} are {a.dtype} {a.shape[1:]} per example, train {what} {first.dtype} "
+                                    f"{first.shape[1:]}; give every split the same shape and dtype")
         shape = checked["train"][0].shape[1:]
-        for k, (x, _) in checked.items():
-            if x.shape[1:] != shape or x.dtype != checked["train"][0].dtype:
-                raise DataError(f"{k} inputs are {x.dtype} {x.shape[1:]} per example, train inputs "
-                                f"{checked['train'][0].dtype} {shape}; give every split the same shape and dtype")
-        if num_classes is None:
-            num_classes = max(int(y.max(initial=-1)) for _, y in checked.values()) + 1
-        for k, (_, y) in checked.items():
-            if y.size and y.max() >= num_classes:
-                raise DataError(f"{k} labels hold {int(y.max())} (at example {int(y.argmax())}), outside "
-                                f"[0, num_classes={num_classes}); pass the right num_classes or fix the labels")
+        if labels == "classes":
+            top = max(int(y.max(initial=-1)) for _, y in checked.values()) + 1
+            num_classes = top if num_classes is None else num_classes
+            for k, (_, y) in checked.items():
+                if y.size and y.max() >= num_classes:
+                    raise DataError(f"{k} labels hold {int(y.max())} (at example {int(y.argmax())}), outside "
+                                    f"[0, num_classes={num_classes}); pass the right num_classes or fix the labels")
         x, y = checked["train"]
         if val is None:
             if not 0 <= val_size < len(y):
@@ -196,7 +216,7 @@ class Dataset:
             mean, std = np.zeros(channels), np.full(channels, 1.0 if x.dtype == np.uint8 else 1.0 / 255.0)
         return cls(name=name, train_images=x, train_labels=y, val_images=checked["val"][0],
                    val_labels=checked["val"][1], test_images=checked["test"][0], test_labels=checked["test"][1],
-                   num_classes=num_classes, class_names=tuple(str(i) for i in range(num_classes)),
+                   num_classes=num_classes, class_names=tuple(str(i) for i in range(num_classes or 0)),
                    mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std))
 
     @classmethod
@@ -215,7 +235,7 @@ class Dataset:
             for i, batch in enumerate(batches):
                 if not isinstance(batch, tuple | list) or len(batch) != 2:
                     raise DataError(f"{split} batches must be (inputs, labels) pairs, got {type(batch).__name__}")
-                x, y = _checked_lengths(f"{split} batch {i}", *batch)
+                x, y = _checked_lengths(f"{split} batch {i}", *batch, kwargs.get("labels", "classes"))
                 if xs and x.shape[1:] != xs[0].shape[1:]:
                     raise DataError(f"{split} batch {i} holds inputs of shape {x.shape[1:]}, batch 0 of "
                                     f"{xs[0].shape[1:]}; give every batch inputs of one shape")
@@ -233,21 +253,27 @@ class Dataset:
         return f"Dataset({self.name!r}, {shapes}, num_classes={self.num_classes})"
 
 
-def _checked_lengths(where: str, inputs, labels) -> tuple[np.ndarray, np.ndarray]:
-    """``(inputs [N, ...], labels [N])`` as numpy arrays; refuses other label shapes or lengths."""
+def _checked_lengths(where: str, inputs, labels, kind: str = "classes") -> tuple[np.ndarray, np.ndarray]:
+    """``(inputs [N, ...], labels)`` as numpy arrays, one label per input: class labels
+    ``[N]`` (``kind="classes"``), or ``[N, ...]`` (``"any"``); refuses other shapes or lengths."""
     x, y = np.asarray(inputs), np.asarray(labels)
-    if y.ndim == 2 and x.ndim >= 1 and len(x) == len(y):
+    classes = kind == "classes"
+    if classes and y.ndim == 2 and x.ndim >= 1 and len(x) == len(y):
         raise DataError(f"{where} labels are {y.shape}, one row per input (one-hot?); give one integer class "
-                        "per input, shape [N] (e.g. labels.argmax(-1))")
-    if x.ndim < 1 or y.ndim != 1 or len(x) != len(y):
+                        "per input, shape [N] (e.g. labels.argmax(-1)), or labels='any' with a loss= and "
+                        "metric= of yours")
+    if x.ndim < 1 or y.ndim < 1 or (classes and y.ndim != 1) or len(x) != len(y):
+        want = "one integer label per input" if classes else "labels [N, ...], one per input"
         raise DataError(f"{where} has {len(x) if x.ndim else 0} inputs and {len(y) if y.ndim else 0} labels "
-                        f"(shapes {x.shape} and {y.shape}); give one integer label per input")
+                        f"(shapes {x.shape} and {y.shape}); give {want}")
     return x, y
 
 
-def _checked_split(split: str, inputs, labels) -> tuple[np.ndarray, np.ndarray]:
-    """``(inputs, labels int32)`` of one split of :meth:`Dataset.from_arrays`, checked."""
-    x, y = _checked_lengths(split, inputs, labels)
+def _checked_split(split: str, inputs, labels, kind: str = "classes") -> tuple[np.ndarray, np.ndarray]:
+    """``(inputs, labels)`` of one split of :meth:`Dataset.from_arrays`, checked: class labels
+    as int32 ``[N]``; with ``kind="any"``, int32 or float32 ``[N, ...]``."""
+    x, y = _checked_lengths(split, inputs, labels, kind)
+    classes = kind == "classes"
     if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
         raise DataError(f"{split} inputs are {x.dtype}; give uint8 (0..255) or float inputs")
     if np.issubdtype(x.dtype, np.floating):
@@ -258,12 +284,29 @@ def _checked_split(split: str, inputs, labels) -> tuple[np.ndarray, np.ndarray]:
                             f"of {len(x)} examples (the first: example {int(rows.argmax())}); clean or drop those "
                             "examples")
         x = x.astype(np.float32)
+    if not classes:
+        return x, _checked_any_labels(split, y)
     if not np.issubdtype(y.dtype, np.integer):
-        raise DataError(f"{split} labels are {y.dtype}; give integer class labels")
+        raise DataError(f"{split} labels are {y.dtype}; give integer class labels, or pass labels='any' for "
+                        "labels of another kind with a loss= and metric= of yours")
     if y.size and y.min() < 0:
         raise DataError(f"{split} labels hold {int(y.min())} (at example {int(y.argmin())}), outside "
                         "[0, num_classes); fix the labels")
     return x, y.astype(np.int32)
+
+
+def _checked_any_labels(split: str, y: np.ndarray) -> np.ndarray:
+    """Labels of ``labels="any"``: integers as int32, floats (finite) and bools as float32."""
+    if y.dtype == np.bool_:
+        return y.astype(np.float32)
+    if np.issubdtype(y.dtype, np.integer):
+        return y.astype(np.int32)
+    if not np.issubdtype(y.dtype, np.floating):
+        raise DataError(f"{split} labels are {y.dtype}; give integer, float or bool labels")
+    if not np.all(np.isfinite(y)):
+        raise DataError(f"{split} labels hold {int(np.sum(~np.isfinite(y)))} NaN or infinite values; "
+                        "clean or drop those examples")
+    return y.astype(np.float32)
 
 
 def normalize(images, mean, std):

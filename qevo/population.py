@@ -18,6 +18,7 @@ divide), and on each device individuals run by one of three strategies:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -30,6 +31,7 @@ from qevo.cost import layer_table
 from qevo.data import normalize
 from qevo.errors import ConfigError, PopulationMemoryError
 from qevo.layers import Bits
+from qevo.losses import cross_entropy, top1
 from qevo.quant import validate_bits
 
 STRATEGIES = ("auto", "vmap", "map")
@@ -95,18 +97,6 @@ def sgd_or_adam(optimizer: str, learning_rate, momentum: float, nesterov: bool, 
                        optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov))
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
-    """Mean softmax cross-entropy of ``logits [N, C]`` against int ``labels [N]``.
-
-    With ``smoothing`` > 0 the target is the one-hot label mixed with the uniform
-    distribution: ``(1 - smoothing) * onehot + smoothing / C``.
-    """
-    if smoothing == 0.0:
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
-    return optax.softmax_cross_entropy(logits, targets).mean()
-
-
 # Above this many multiply-accumulates per individual QAT step (MACs per image x batch),
 # ``auto`` fine-tunes individuals one after another on accelerators: on an H100 a vmapped
 # ResNet-20 QAT step (5.2 G) ran at 0.78x the per-individual loop, a sequential map at
@@ -150,6 +140,10 @@ class PopulationEvaluator:
       qat: per-individual fine-tuning settings.
       devices: devices of the ``pop`` mesh (default: all, those of every process in a
         multi-process run).
+      loss: ``loss(logits, labels) -> float32 []`` the fine-tuning minimises
+        (:mod:`qevo.losses`; jit-traceable).
+      metric: ``metric(logits, labels) -> float32 [N]`` per-example score in [0, 1] that an
+        individual's score averages over the evaluation split (jit-traceable).
     """
 
     model: nn.Module
@@ -160,6 +154,8 @@ class PopulationEvaluator:
     chunk_size: int | None = None
     qat: QATConfig = QATConfig()
     devices: tuple | None = None
+    loss: Callable = cross_entropy
+    metric: Callable = top1
 
     def __post_init__(self):
         validate_strategy(self.strategy, self.chunk_size)  # fail now, not at the first call
@@ -173,17 +169,18 @@ class PopulationEvaluator:
 
     def __call__(self, variables, w_bits, a_bits, eval_images, eval_labels, *, key=None, train_images=None,
                  train_labels=None):
-        """Accuracy of every individual.
+        """Accuracy (the mean of :attr:`metric`; top-1 by default) of every individual.
 
         Args:
           variables: shared float variables (``params``, ``batch_stats``, calibrated ``quant``).
           w_bits, a_bits: int ``[P, L]`` widths in 1..32.
-          eval_images: uint8 ``[N, H, W, C]`` (ideally already on device); eval_labels int ``[N]``.
+          eval_images: uint8 ``[N, H, W, C]`` (ideally already on device); eval_labels ``[N, ...]``
+            (int ``[N]`` class indices for the default loss and metric).
           key: PRNG key for the fine-tuning mini-batches (needed when ``qat.steps > 0``).
           train_images, train_labels: the fine-tuning data (needed when ``qat.steps > 0``).
 
         Returns:
-          float32 ``[P]`` accuracy in [0, 1] (computed: the call blocks); NaN where the network
+          float32 ``[P]`` mean metric in [0, 1] (computed: the call blocks); NaN where the network
           produced non-finite logits.
 
         Raises:
@@ -255,7 +252,7 @@ class PopulationEvaluator:
         return self.model.apply(variables, x, bits, train=False)
 
     def _accuracy(self, variables, bits, batches):
-        return batched_accuracy(lambda x: self._logits(variables, bits, x), batches)
+        return batched_accuracy(lambda x: self._logits(variables, bits, x), batches, self.metric)
 
     def _finetune(self, variables, bits, key, train_x, train_y):
         qat = self.qat
@@ -268,7 +265,7 @@ class PopulationEvaluator:
         def loss_fn(trainable, stats, x, y, rng):
             v = {**frozen, **trainable, **({"batch_stats": stats} if stats is not None else {})}
             logits, updates = self._logits(v, bits, x, train=True, rng=rng)
-            return cross_entropy(logits, y), updates.get("batch_stats")
+            return self.loss(logits, y), updates.get("batch_stats")
 
         def step(carry, step_key):
             trainable, stats, opt_state = carry
@@ -332,31 +329,36 @@ def population_map(fn, xs, shared, devices: tuple, strategy: str, chunk: int | N
     return jax.tree_util.tree_map(lambda v: v[:n], out)
 
 
-def batched_accuracy(logits_fn, batches) -> jax.Array:
-    """Accuracy of ``logits_fn(uint8 images) -> logits`` over ``batches`` (from :func:`batch_eval_set`).
+def batched_accuracy(logits_fn, batches, metric: Callable = top1) -> jax.Array:
+    """Mean ``metric`` of ``logits_fn(uint8 images) -> logits`` over ``batches`` (from :func:`batch_eval_set`).
+
+    ``metric(logits, labels) -> [N]`` scores each example in [0, 1] (default :func:`qevo.losses.top1`:
+    the accuracy); the padding's scores are masked out, whatever they are.
 
     Returns float32 in [0, 1], or NaN when any logit is not finite.
     """
     images, labels, mask = batches
 
     def body(carry, batch):
-        correct, finite = carry
+        total, finite = carry
         x, y, m = batch
         logits = logits_fn(x)
-        correct = correct + jnp.sum((jnp.argmax(logits, -1) == y) & m, dtype=correct.dtype)
-        return (correct, finite & jnp.all(jnp.isfinite(logits))), None
+        total = total + jnp.sum(jnp.where(m, metric(logits, y).astype(jnp.float32), 0.0))
+        return (total, finite & jnp.all(jnp.isfinite(logits))), None
 
-    (correct, finite), _ = jax.lax.scan(body, (jnp.int32(0), jnp.bool_(True)), (images, labels, mask))
-    return jnp.where(finite, correct / jnp.sum(mask), jnp.nan).astype(jnp.float32)
+    (total, finite), _ = jax.lax.scan(body, (jnp.float32(0), jnp.bool_(True)), (images, labels, mask))
+    return jnp.where(finite, total / jnp.sum(mask), jnp.nan).astype(jnp.float32)
 
 
 def batch_eval_set(images: jax.Array, labels: jax.Array, batch_size: int):
-    """Pad and reshape ``[N, ...]`` to ``[B, batch, ...]`` with a validity mask ``[B, batch]``."""
+    """Pad and reshape images ``[N, ...]`` and labels ``[N, ...]`` (any shape per example) to
+    ``[B, batch, ...]``, with a validity mask bool ``[B, batch]`` (False on the zero padding)."""
     n = images.shape[0]
     batch_size = min(batch_size, n)
     pad = -n % batch_size
     mask = jnp.arange(n + pad) < n
     images = jnp.concatenate([images, jnp.zeros((pad, *images.shape[1:]), images.dtype)])
-    labels = jnp.concatenate([labels, jnp.zeros((pad,), labels.dtype)])
+    labels = jnp.concatenate([labels, jnp.zeros((pad, *labels.shape[1:]), labels.dtype)])
     shape = (-1, batch_size)
-    return images.reshape(*shape, *images.shape[1:]), labels.reshape(shape), mask.reshape(shape)
+    return (images.reshape(*shape, *images.shape[1:]), labels.reshape(*shape, *labels.shape[1:]),
+            mask.reshape(shape))

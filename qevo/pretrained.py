@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -21,8 +22,8 @@ from qevo.harness import MODEL, RESULTS
 from qevo.models import init_variables
 
 
-def float_model(cfg: ml_collections.ConfigDict, ds: Dataset, model: nn.Module,
-                workdir: pathlib.Path) -> tuple[dict, dict]:
+def float_model(cfg: ml_collections.ConfigDict, ds: Dataset, model: nn.Module, workdir: pathlib.Path,
+                loss: Callable | None = None, metric: Callable | None = None) -> tuple[dict, dict]:
     """Float variables and the results of the run that made them.
 
     Args:
@@ -30,6 +31,7 @@ def float_model(cfg: ml_collections.ConfigDict, ds: Dataset, model: nn.Module,
       ds: the dataset (for the input shape).
       model: the model built from ``cfg``.
       workdir: the command's work folder (the float model trains in ``workdir/float``).
+      loss, metric: what the float training minimises and scores (:func:`qevo.train.run`).
 
     Returns:
       ``(variables, results)``: the float ``params``/``batch_stats``/``quant`` and the
@@ -41,7 +43,7 @@ def float_model(cfg: ml_collections.ConfigDict, ds: Dataset, model: nn.Module,
         if not (folder / RESULTS).exists():
             float_cfg = ml_collections.ConfigDict(cfg.to_dict())
             float_cfg.train.w_bits = float_cfg.train.a_bits = 32
-            train.run(float_cfg, folder, model=model, data=ds)
+            train.run(float_cfg, folder, model=model, data=ds, loss=loss, metric=metric)
         distributed.sync("float model")  # process 0 wrote it; every process reads it
     else:
         folder = pathlib.Path(cfg.float_from)

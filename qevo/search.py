@@ -8,7 +8,8 @@ The protocol of the spec, section 1:
    ``generations`` generations. Each generation is one compiled population evaluation
    (``search.qat_steps`` steps of per-individual QAT from the float weights, on mini-batches
    drawn once per generation, or once for the whole search with ``search.shared_draws``;
-   then accuracy on the validation split); objectives (minimised) are ``search.objectives``
+   then accuracy on the validation split: the mean of a per-example metric, top-1 unless
+   :func:`run` gets ``metric=``); objectives (minimised) are ``search.objectives``
    (default error, BitOps, size). The first population holds the uniform configurations
    of ``search.uniform_seeds`` (default w8a8, w4a4, w2a2) and random genomes. The driver
    is NSGA-III (:mod:`qevo.nsga3`) with the integer variation of :mod:`qevo.variation`,
@@ -32,6 +33,7 @@ import pathlib
 import shutil
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -284,22 +286,24 @@ class Problem:
 
 
 def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, model=None, variables: dict | None = None,
-            data: Dataset | None = None, objectives: dict | None = None) -> Problem:
+            data: Dataset | None = None, objectives: dict | None = None, loss: Callable | None = None,
+            metric: Callable | None = None) -> Problem:
     """Data, float model (trained, loaded or the user's), calibration, cost table and evaluator
-    (``model``, ``variables``, ``data``: :func:`qevo.train.resolve_inputs`; ``objectives``: :func:`run`)."""
-    inputs = train.resolve_inputs(cfg, model, variables, data)
-    ds, model = inputs.ds, inputs.model
+    (``model``, ``variables``, ``data``, ``loss``, ``metric``: :func:`qevo.train.resolve_inputs`;
+    ``objectives``: :func:`run`)."""
+    inputs = train.resolve_inputs(cfg, model, variables, data, loss, metric)
+    ds, model, loss, metric = inputs.ds, inputs.model, inputs.loss, inputs.metric
     calib = normalize(jnp.asarray(ds.train_images[:512]), ds.mean, ds.std)
     starts, float_results = {}, {}
     if "float" in (cfg.search.start, cfg.final.start):
         if inputs.variables is None:
-            float_vars, float_results = float_model(cfg, ds, model, workdir)
+            float_vars, float_results = float_model(cfg, ds, model, workdir, loss, metric)
             starts["float"] = calibrate(model, float_vars, calib)
         else:  # the user's own float model: its test accuracy for final.csv's float row
             starts["float"] = calibrate(model, inputs.variables, calib)
             test = batch_eval_set(jnp.asarray(ds.test_images), jnp.asarray(ds.test_labels), cfg.train.eval_batch_size)
-            float_results = {"test_accuracy": float(train.Trainer(cfg, ds, model, quantized=False).accuracy(
-                starts["float"], None, test))}
+            trainer = train.Trainer(cfg, ds, model, quantized=False, loss=loss, metric=metric)
+            float_results = {"test_accuracy": float(trainer.accuracy(starts["float"], None, test))}
     if "scratch" in (cfg.search.start, cfg.final.start):
         fresh = init_variables(model, jax.random.fold_in(jax.random.key(cfg.seed), 7), ds.train_images.shape[1:])
         starts["scratch"] = calibrate(model, fresh, calib)
@@ -312,7 +316,7 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, model=None, v
     )
     evaluator = PopulationEvaluator(
         model, ds.mean, ds.std, eval_batch_size=cfg.train.eval_batch_size,
-        strategy=s.strategy, chunk_size=s.chunk_size, qat=qat,
+        strategy=s.strategy, chunk_size=s.chunk_size, qat=qat, loss=loss, metric=metric,
     )
     n_eval = ds.val_images.shape[0] if s.eval_images is None else min(s.eval_images, ds.val_images.shape[0])
     if n_eval < 1:
@@ -593,7 +597,7 @@ def train_final(cfg, problem: Problem, models: list[dict], workdir: pathlib.Path
     ``checkpoint.msgpack``) before ``model.msgpack`` was written gets it from that checkpoint;
     one that lost it otherwise trains again (to the same variables: the training is seeded)."""
     fcfg = final_config(cfg)
-    model = problem.evaluator.model
+    model, loss, metric = problem.evaluator.model, problem.evaluator.loss, problem.evaluator.metric
     final = workdir / "final"
     fitted = {}
     for m in models:
@@ -602,7 +606,7 @@ def train_final(cfg, problem: Problem, models: list[dict], workdir: pathlib.Path
         if (saved.get("w_bits"), saved.get("a_bits")) != (m["w_bits"], m["a_bits"]):
             continue
         if not (folder / MODEL).exists() and (folder / CHECKPOINT).exists():
-            trainer = train.Trainer(fcfg, problem.ds, model, quantized=True)
+            trainer = train.Trainer(fcfg, problem.ds, model, quantized=True, loss=loss, metric=metric)
             state, _ = checkpoint.load(folder / CHECKPOINT, trainer.init_state(problem.final_variables))
             checkpoint.save(folder / MODEL, state.variables, {"model": problem.model_name, "name": m["name"]})
         if (folder / MODEL).exists():
@@ -614,7 +618,7 @@ def train_final(cfg, problem: Problem, models: list[dict], workdir: pathlib.Path
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
         trainer = train.PopulationTrainer(fcfg, problem.ds, model, quantized=True, strategy=cfg.search.strategy,
-                                          chunk_size=cfg.search.chunk_size)
+                                          chunk_size=cfg.search.chunk_size, loss=loss, metric=metric)
         bits = Bits(w=np.array([m["w_bits"] for m in pending]), a=np.array([m["a_bits"] for m in pending]))
         key = jax.random.fold_in(jax.random.key(cfg.seed), 2)
         variables, results = train.fit_population(fcfg, problem.ds, problem.final_variables, bits, folders, key,
@@ -691,7 +695,8 @@ PARETO_COLUMNS = ["w_bits", "a_bits", "val_accuracy", "generation", "bitops", "s
 
 @method
 def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, *, model=None, variables: dict | None = None,
-        data: Dataset | None = None, objectives: dict | None = None) -> dict:
+        data: Dataset | None = None, objectives: dict | None = None, loss: Callable | None = None,
+        metric: Callable | None = None) -> dict:
     """The whole protocol in ``workdir`` (resuming where it stopped); returns the summary.
 
     From Python, ``model=`` (any ``flax.linen`` network, unchanged), ``variables=`` (its
@@ -701,12 +706,17 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, *, model=None, va
     adds named objectives, minimised beside ``search.objectives``: each
     ``f(w_bits, a_bits, table) -> [P]`` of a population's int widths ``[P, L]`` and the
     :class:`qevo.cost.LayerTable` (a latency lookup table, say); they go into the history,
-    ``pareto.csv`` and ``final.csv`` under their names."""
+    ``pareto.csv`` and ``final.csv`` under their names. ``loss=`` (``loss(logits, labels) ->
+    float32 []``, the batch mean; default cross-entropy) is what the float model, every
+    candidate's QAT and the final models train with; ``metric=`` (``metric(logits, labels) ->
+    float32 [N]``, per example in [0, 1]; default top-1) is what every accuracy averages, so
+    the ``error`` objective is one minus its mean. Both must be jit-traceable
+    (:mod:`qevo.losses`)."""
     cfg = with_objectives(cfg, objectives or {})
     watch = Stopwatch()
     workdir.mkdir(parents=True, exist_ok=True)
     with watch.stage("prepare"):
-        problem = prepare(cfg, workdir, model, variables, data, objectives)
+        problem = prepare(cfg, workdir, model, variables, data, objectives, loss, metric)
         env = environment(problem.evaluator.model, problem.variables, problem.ds.train_images.shape[1:],
                           cfg.train.batch_size, cfg.model.precision)
     with watch.stage("search"):

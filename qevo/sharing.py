@@ -22,6 +22,7 @@ import functools
 import hashlib
 import pathlib
 import re
+from collections.abc import Callable
 
 import flax.linen as nn
 import flax.struct
@@ -35,6 +36,7 @@ from qevo.codebook import CODEBOOK_BITS, check_format, model_compression_rates, 
 from qevo.data import normalize
 from qevo.errors import ConfigError
 from qevo.kmeans import kmeans, pack_layers
+from qevo.losses import top1
 from qevo.population import batched_accuracy, population_map, replicated_jit, resolve_strategy
 
 FORMAT_VERSION = 1
@@ -187,7 +189,7 @@ def compression_rates(k: jax.Array, sizes, fmt: str):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class SharedEvaluator:
-    """Accuracy of populations of weight-shared networks of one float model.
+    """Accuracy (the mean of ``metric``) of populations of weight-shared networks of one float model.
 
     Attributes:
       model: a qevo model, called on the float path (``bits=None``).
@@ -197,6 +199,8 @@ class SharedEvaluator:
       chunk_size: individuals per ``lax.map`` step for ``"map"``.
       devices: devices the population calls spread over (default: all, those of every
         process in a multi-process run); compile what calls them with :meth:`jit`.
+      metric: ``metric(logits, labels) -> float32 [N]``, a per-example score in [0, 1]
+        (default top-1; jit-traceable, :mod:`qevo.losses`).
     """
 
     model: nn.Module
@@ -206,6 +210,7 @@ class SharedEvaluator:
     strategy: str = "auto"
     chunk_size: int | None = None
     devices: tuple | None = None
+    metric: Callable = top1
 
     def __post_init__(self):
         devices = tuple(self.devices or jax.devices())
@@ -222,10 +227,10 @@ class SharedEvaluator:
         return population_map(lambda x, _: one(x), xs, (), self.devices, *self._local)
 
     def accuracy(self, variables: dict, kernels, batches) -> jax.Array:
-        """Accuracy (float32 in [0, 1], NaN on non-finite logits) of ``variables`` with ``kernels``."""
+        """Mean metric (float32 in [0, 1], NaN on non-finite logits) of ``variables`` with ``kernels``."""
         v = with_kernels(variables, self.paths, kernels)
         return batched_accuracy(lambda x: self.model.apply(v, normalize(x, self.mean, self.std), None, train=False),
-                                batches)
+                                batches, self.metric)
 
     def accuracy_of_k(self, variables, table: ClusterTable, centroids, k_idx, batches) -> jax.Array:
         """float32 ``[P]``: accuracy of each row of ``k_idx`` int32 ``[P, L]`` (see :func:`table_kernels`)."""

@@ -7,6 +7,9 @@ a rerun with the same ``--workdir`` resumes from it. Outputs in the work folder:
 validation accuracy, cumulative training seconds), ``model.msgpack`` (final variables),
 ``results.json`` (validation and test accuracy, wall time).
 
+Every accuracy here (history, results) is the mean of the run's metric over a split: top-1
+unless :func:`run` is given a ``metric=`` of the user's (:mod:`qevo.losses`).
+
 With ``train.w_bits``/``train.a_bits`` below 32 the run is QAT: the model starts from the
 float run in ``train.init_from``, clip ranges are calibrated, and every quantizable layer
 except (by default) the first and last trains through the straight-through estimator.
@@ -18,6 +21,7 @@ import dataclasses
 import pathlib
 import sys
 import time
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -37,11 +41,11 @@ from qevo.errors import QevoError
 from qevo.harness import CHECKPOINT, MODEL, RESULTS, Stopwatch, environment, method, progress, write_csv, write_json
 from qevo.interception import QuantizedModel, QuantizedNNX, quantize
 from qevo.layers import Bits, QuantOptions, default_conv
+from qevo.losses import cross_entropy, resolve_loss_metric, top1, training_loss
 from qevo.models import get_model, init_variables
 from qevo.population import (
     batch_eval_set,
     batched_accuracy,
-    cross_entropy,
     population_map,
     replicated_jit,
     resolve_strategy,
@@ -98,19 +102,23 @@ def build_model(cfg: ml_collections.ConfigDict, num_classes: int, input_shape: t
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Inputs:
-    """What a method computes on: the data, the qevo model and (given by the user) its float
-    variables. :func:`resolve_inputs` makes it from a config, or from a user's own objects."""
+    """What a method computes on: the data, the qevo model, (given by the user) its float
+    variables, and the loss and metric (:mod:`qevo.losses`, defaults filled in).
+    :func:`resolve_inputs` makes it from a config, or from a user's own objects."""
 
     ds: Dataset
     model: object
     variables: dict | None
     model_name: str
+    loss: Callable = cross_entropy
+    metric: Callable = top1
 
 
-def check_logits(model, input_shape: tuple[int, ...], num_classes: int, name: str) -> None:
+def check_logits(model, input_shape: tuple[int, ...], num_classes: int | None, name: str, classes: bool = True):
     """Refuse, before any training or search, a model that does not map inputs ``[N, *input_shape]``
-    to class scores ``[N, num_classes]``. Traced abstractly (``jax.eval_shape``: no compilation,
-    no arithmetic), from a traced initialization.
+    to class scores ``[N, num_classes]`` (with ``classes=False``: that fails on them at all).
+    Traced abstractly (``jax.eval_shape``: no compilation, no arithmetic), from a traced
+    initialization. Returns the output's abstract value for two examples.
 
     Raises:
       ConfigError: the model fails on such inputs (e.g. images too small for it), or its
@@ -128,17 +136,19 @@ def check_logits(model, input_shape: tuple[int, ...], num_classes: int, name: st
             f"the model {name} fails on inputs of shape {tuple(input_shape)} ({type(e).__name__}: {first}); "
             "give it inputs of the size it takes (data.image_size) or a model made for this size") from e
     shape = getattr(out, "shape", None)
-    if shape != (2, num_classes):
+    if classes and shape != (2, num_classes):
         got = (f"a {type(out).__name__}" if shape is None else f"shape {shape}" if not shape or shape[0] != 2
                else f"[N, {', '.join(map(str, shape[1:]))}]")
         raise config_lib.ConfigError(
             f"the model {name} outputs {got} for inputs [N, {', '.join(map(str, input_shape))}], but the labels "
             f"need class scores [N, {num_classes}] ({num_classes} classes); end the model in one array of "
             f"{num_classes} outputs per example (pool or flatten, then a last layer of {num_classes})")
+    return out
 
 
 def resolve_inputs(cfg: ml_collections.ConfigDict, model=None, variables: dict | None = None,
-                   data: Dataset | None = None) -> Inputs:
+                   data: Dataset | None = None, loss: Callable | None = None,
+                   metric: Callable | None = None) -> Inputs:
     """The data and model of a run: ``cfg.data`` and ``cfg.model``, or the user's own.
 
     Args:
@@ -149,22 +159,33 @@ def resolve_inputs(cfg: ml_collections.ConfigDict, model=None, variables: dict |
         the float model as ``cfg.train`` says).
       data: a :class:`qevo.data.Dataset` (:meth:`~qevo.data.Dataset.from_arrays`); None
         loads ``cfg.data``.
+      loss, metric: the user's (:mod:`qevo.losses`; None: cross-entropy and top-1),
+        checked on the model's output and the labels of two training examples.
 
     Raises:
-      ConfigError: ``variables`` without ``model``, or a model that does not map the data's
-        inputs to ``[N, num_classes]`` logits (:func:`check_logits`).
+      ConfigError: ``variables`` without ``model``, a model that does not map the data's
+        inputs to ``[N, num_classes]`` logits (:func:`check_logits`; any output with a loss
+        and metric of the user's), labels that are not classes (``labels="any"``) without a
+        model, loss and metric of the user's, or a loss or metric that does not fit the
+        model's output and the labels.
     """
     if data is not None and not isinstance(data, Dataset):
         raise config_lib.ConfigError(f"data= must be a qevo Dataset (qevo.Dataset.from_arrays(...)), "
                                      f"got {type(data).__name__}")
     ds = load_data(cfg) if data is None else data
+    if ds.num_classes is None and (model is None or loss is None or metric is None):
+        raise config_lib.ConfigError(
+            "data with labels='any' needs model=, loss= and metric= of yours: qevo's models end in class scores "
+            "and its default cross-entropy and top-1 read class labels")
     shape = ds.train_images.shape[1:]
+    labels = jax.ShapeDtypeStruct((2, *ds.train_labels.shape[1:]), ds.train_labels.dtype)
     if model is None:
         if variables is not None:
             raise config_lib.ConfigError("variables= belongs to model=; pass both, or neither")
         model = build_model(cfg, ds.num_classes, shape)
-        check_logits(model, shape, ds.num_classes, cfg.model.name)
-        return Inputs(ds, model, None, cfg.model.name)
+        out = check_logits(model, shape, ds.num_classes, cfg.model.name)
+        loss, metric = resolve_loss_metric(loss, metric, out, labels)
+        return Inputs(ds, model, None, cfg.model.name, loss, metric)
     quantized = model
     if not hasattr(model, "num_layers"):  # not yet a qevo model: a user's network
         sample = normalize(jnp.asarray(ds.train_images[:64]), ds.mean, ds.std)
@@ -173,12 +194,13 @@ def resolve_inputs(cfg: ml_collections.ConfigDict, model=None, variables: dict |
             print("qevo: kept float (not Conv, Dense or DenseGeneral): " + ", ".join(
                 f"{path} ({kind})" for path, kind in quantized.float_others), file=sys.stderr, flush=True)
     name = quantized.name if isinstance(quantized, QuantizedModel | QuantizedNNX) else type(quantized).__name__
-    check_logits(quantized, shape, ds.num_classes, name)
+    out = check_logits(quantized, shape, ds.num_classes, name, classes=loss is None or metric is None)
+    loss, metric = resolve_loss_metric(loss, metric, out, labels)
     if variables is not None:
         template = init_variables(quantized, jax.random.key(cfg.seed), shape)
         variables = {k: v for k, v in variables.items() if k in template}
         variables = {**variables, "quant": template["quant"]}
-    return Inputs(ds, quantized, variables, name)
+    return Inputs(ds, quantized, variables, name, loss, metric)
 
 
 def uniform_bits(num_layers: int, w: int, a: int, float_first_last: bool = True) -> Bits:
@@ -214,11 +236,16 @@ class Trainer:
     replicated, so any device count trains as one device would (up to the order of float
     sums). Augmentation draws for the whole batch before it is split; evaluation batches are
     split likewise.
+
+    It minimises ``loss(logits, labels) -> float32 []`` (default: cross-entropy with
+    ``train.label_smoothing``) and scores ``metric(logits, labels) -> float32 [N]`` (default:
+    top-1), both jit-traceable (:mod:`qevo.losses`): ``accuracy`` is the metric's mean.
     """
 
     def __init__(self, cfg: ml_collections.ConfigDict, ds: Dataset, model: nn.Module, quantized: bool,
-                 devices: tuple | None = None):
+                 devices: tuple | None = None, loss: Callable = cross_entropy, metric: Callable = top1):
         self.cfg, self.model = cfg, model
+        self.loss, self.metric = training_loss(loss, cfg.train.label_smoothing), metric
         self.mean, self.std = ds.mean, ds.std
         self.steps_per_epoch = ds.train_images.shape[0] // cfg.train.batch_size
         if self.steps_per_epoch < 1:
@@ -248,7 +275,7 @@ class Trainer:
         logits, updates = self.train_model.apply(
             v, normalize(x, self.mean, self.std), bits, train=True, mutable=["batch_stats"], rngs={"dropout": key}
         )
-        return cross_entropy(logits, y, self.cfg.train.label_smoothing), updates
+        return self.loss(logits, y), updates
 
     def _gradients(self, trainable, variables, bits, x, y, key):
         """``((loss, batch_stats updates), gradients)`` of the mean loss of the batch ``x``, ``y``;
@@ -295,7 +322,7 @@ class Trainer:
             return self.model.apply(variables, normalize(x, self.mean, self.std), bits, train=False)
 
         if self.train_model is self.model:
-            return batched_accuracy(lambda x: logits(variables, bits, x), batches)
+            return batched_accuracy(lambda x: logits(variables, bits, x), batches, self.metric)
 
         def split_logits(x):  # each device scores its share of the batch (padded to split evenly)
             pad = -x.shape[0] % self.mesh.size
@@ -305,7 +332,7 @@ class Trainer:
                                 check_vma=False)(variables, bits, x)
             return out[: x.shape[0] - pad]
 
-        return batched_accuracy(split_logits, batches)
+        return batched_accuracy(split_logits, batches, self.metric)
 
 
 def initial_variables(cfg, ds: Dataset, model: nn.Module, bits: Bits | None, key) -> dict:
@@ -337,13 +364,15 @@ class PopulationTrainer:
 
     Attributes:
       epoch: ``(state [P], bits [P, L], key, images, labels) -> (state [P], mean losses [P])``.
-      accuracy: ``(variables [P], bits [P, L], batches) -> float32 [P]``.
+      accuracy: ``(variables [P], bits [P, L], batches) -> float32 [P]``, the mean metric.
     """
 
     def __init__(self, cfg: ml_collections.ConfigDict, ds: Dataset, model: nn.Module, quantized: bool,
-                 devices: tuple | None = None, strategy: str = "auto", chunk_size: int | None = None):
+                 devices: tuple | None = None, strategy: str = "auto", chunk_size: int | None = None,
+                 loss: Callable = cross_entropy, metric: Callable = top1):
         self.devices = tuple(devices or jax.devices())
-        self.one = Trainer(cfg, ds, model, quantized, devices=self.devices[:1])  # one model's epoch and accuracy
+        # one model's epoch and accuracy
+        self.one = Trainer(cfg, ds, model, quantized, devices=self.devices[:1], loss=loss, metric=metric)
         platform = self.devices[0].platform
         step_macs = None
         if strategy == "auto" and platform != "cpu":
@@ -481,14 +510,19 @@ def fit_population(cfg: ml_collections.ConfigDict, ds: Dataset, variables: dict,
 
 
 @method
-def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, *, model=None, data: Dataset | None = None) -> dict:
+def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, *, model=None, data: Dataset | None = None,
+        loss: Callable | None = None, metric: Callable | None = None) -> dict:
     """Train per ``cfg`` in ``workdir`` (resuming from its checkpoint); returns the results dict.
 
     ``model`` and ``data`` (keywords, Python only) replace ``cfg.model`` and ``cfg.data``
-    with a user's own Linen network and :class:`qevo.data.Dataset` (:func:`resolve_inputs`)."""
+    with a user's own Linen network and :class:`qevo.data.Dataset` (:func:`resolve_inputs`).
+    ``loss`` (``loss(logits, labels) -> float32 []``, the batch mean; default cross-entropy)
+    is what the training minimises and ``metric`` (``metric(logits, labels) -> float32 [N]``
+    in [0, 1]; default top-1) what ``val_accuracy`` and ``test_accuracy`` average; both
+    jit-traceable (:mod:`qevo.losses`)."""
     watch = Stopwatch()
     with watch.stage("prepare"):
-        inputs = resolve_inputs(cfg, model, None, data)
+        inputs = resolve_inputs(cfg, model, None, data, loss, metric)
         ds, model = inputs.ds, inputs.model
         quantized = cfg.train.w_bits < 32 or cfg.train.a_bits < 32
         bits = (uniform_bits(model.num_layers, cfg.train.w_bits, cfg.train.a_bits, cfg.quant.float_first_last)
@@ -497,7 +531,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, *, model=None, da
         variables = initial_variables(cfg, ds, model, bits, init_key)
         env = environment(model, variables, ds.train_images.shape[1:], cfg.train.batch_size, cfg.model.precision)
     with watch.stage("train"):
-        variables, fitted = fit(cfg, ds, model, variables, bits, workdir, train_key, f"train {inputs.model_name}")
+        trainer = Trainer(cfg, ds, model, quantized, loss=inputs.loss, metric=inputs.metric)
+        variables, fitted = fit(cfg, ds, model, variables, bits, workdir, train_key, f"train {inputs.model_name}",
+                                trainer)
     checkpoint.save(workdir / MODEL, variables, {"model": inputs.model_name})
     results = {
         "model": inputs.model_name,

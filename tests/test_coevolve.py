@@ -5,6 +5,7 @@ Fast tests use the session's tiny float LeNet-5 (``conftest``) at 2 bits with a 
 the slow one uses the 5-epoch float LeNet-5 of ``conftest``.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -195,6 +196,26 @@ def test_derivative_check_flags_gradients(prepared):
 
 
 # --------------------------------------------------------------------------- the cycle
+
+
+def test_population_loss_is_each_images_loss_alone_and_takes_the_users_loss_and_metric(prepared):
+    """Per-image losses ``[P, B]`` and accuracies ``[P]`` of two assignments of 5 weights: by
+    default numpy's softmax cross-entropy and top-1 of each network's logits; with a user's
+    loss (the mean first logit) and metric (first logit above the second) those instead."""
+    runner, problem = prepared.runner, prepared.problem
+    idx = jnp.arange(5)
+    values = jnp.stack([problem.q0[idx], -problem.q0[idx]])  # 2-bit levels -1..1: both allowed
+    images, labels = problem.images[:32], np.asarray(problem.labels[:32])
+    custom = dataclasses.replace(runner, loss=lambda z, y: jnp.mean(z[:, 0]), metric=lambda z, y: z[:, 0] > z[:, 1])
+    default_out = jax.device_get(runner.population_loss(problem, problem.q0, idx, values, images, labels))
+    custom_out = jax.device_get(custom.population_loss(problem, problem.q0, idx, values, images, labels))
+    for i in range(2):
+        z = np.asarray(runner.logits(problem, problem.q0.at[idx].set(values[i]), images, "float"), np.float64)
+        logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+        np.testing.assert_allclose(default_out[0][i], -logp[np.arange(32), labels], rtol=2e-5, atol=1e-6)
+        assert default_out[1][i] == pytest.approx(np.mean(np.argmax(z, 1) == labels), abs=1e-7)
+        np.testing.assert_allclose(custom_out[0][i], z[:, 0], rtol=2e-5, atol=1e-6)
+        assert custom_out[1][i] == pytest.approx(np.mean(z[:, 0] > z[:, 1]), abs=1e-7)
 
 
 def test_cycle_keeps_the_best_and_valid_marginals(prepared):

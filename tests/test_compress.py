@@ -6,6 +6,7 @@ session's float LeNet-5 runs of ``conftest``.
 """
 
 import collections
+import dataclasses
 import json
 import pathlib
 import tarfile
@@ -99,6 +100,24 @@ def test_population_accuracy_matches_single_networks(lenet):
     sets = [jnp.stack(x) for x in zip(*(sharing.table_kernels(table, table.centroids, row, floats) for row in k_idx),
                                        strict=True)]
     np.testing.assert_array_equal(jax.jit(evaluator.accuracy_of_kernel_sets)(variables, sets, batches), acc)
+
+
+def test_a_users_metric_scores_the_shared_networks(lenet):
+    """``metric=`` replaces top-1 everywhere the sharing scores: each network's score is the
+    mean of the user's per-image metric (here: whether class 0 outscores class 1) by numpy, on
+    its own forward pass over the 200 images (two batches of 100)."""
+    model, variables, paths, table, evaluator, batches = lenet
+    first_wins = dataclasses.replace(evaluator, metric=lambda z, y: z[:, 0] > z[:, 1])
+    k_idx = jnp.array([[-1] * 5, [0, 1, 2, 3, 0]], jnp.int32)
+    got = np.asarray(jax.jit(first_wins.accuracy_of_k)(variables, table, table.centroids, k_idx, batches))
+    floats = sharing.get_kernels(variables["params"], paths)
+    images = np.asarray(batches[0]).reshape(-1, 28, 28, 1)
+    for row, score in zip(k_idx, got, strict=True):
+        v = sharing.with_kernels(variables, paths, sharing.table_kernels(table, table.centroids, row, floats))
+        z = np.asarray(model.apply(v, normalize(images, (0.13,), (0.31,)), None, train=False))
+        assert score == pytest.approx(np.mean(z[:, 0] > z[:, 1]), abs=1e-7)
+    top1 = np.asarray(jax.jit(evaluator.accuracy_of_k)(variables, table, table.centroids, k_idx, batches))
+    assert not np.array_equal(got, top1)
 
 
 def test_range_population_and_filter():

@@ -435,7 +435,7 @@ def _bad(case):
 BAD_INPUT = {
     "lengths": "train has 12 inputs and 11 labels (shapes (12, 3, 3, 1) and (11,)); give one integer label per input",
     "one-hot": "train labels are (12, 4), one row per input (one-hot?); give one integer class per input, shape [N] "
-               "(e.g. labels.argmax(-1))",
+               "(e.g. labels.argmax(-1)), or labels='any' with a loss= and metric= of yours",
     "label too high": "test labels hold 7 (at example 3), outside [0, num_classes=4); pass the right num_classes "
                       "or fix the labels",
     "negative label": "train labels hold -2 (at example 5), outside [0, num_classes); fix the labels",
@@ -474,3 +474,44 @@ def test_from_batches_names_the_bad_batch_in_one_line():
         with pytest.raises(DataError) as err:
             Dataset.from_batches(train, [(x, y)])
         assert str(err.value) == message
+
+
+def test_labels_any_keeps_multi_label_arrays_and_carves_them_with_their_inputs():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (30, 4, 4, 1)).astype(np.uint8)
+    y = rng.random((30, 3)) < 0.5
+    ds = Dataset.from_arrays((x, y), (x[:5], y[:5]), val_size=6, seed=2, labels="any")
+    perm = np.random.default_rng(2).permutation(30)  # the carve's seeded order, as for class labels
+    assert ds.train_labels.dtype == np.float32 and ds.train_labels.shape == (24, 3)
+    np.testing.assert_array_equal(ds.val_labels, y[perm[:6]].astype(np.float32))
+    np.testing.assert_array_equal(ds.train_images, x[perm[6:]])
+    np.testing.assert_array_equal(ds.train_labels, y[perm[6:]].astype(np.float32))
+    assert ds.num_classes is None and ds.class_names == ()
+    counts = Dataset.from_arrays((x, y.astype(np.int64) * 7), (x[:5], y[:5].astype(np.int64)), labels="any")
+    assert counts.train_labels.dtype == np.int32 and counts.train_labels.max() == 7  # no class range to fit
+    targets = Dataset.from_arrays((x, y[:, 0] * 2.5), (x[:5], y[:5, 0] * 1.0), labels="any")
+    assert targets.test_labels.shape == (5,) and targets.test_labels.dtype == np.float32
+
+
+@pytest.mark.parametrize("train_labels, test_labels, kind, match", [
+    (np.zeros((6, 3)), np.zeros((2, 3)), "classes", r"train labels are \(6, 3\), one row per input \(one-hot\?\)"),
+    (np.zeros(6), np.zeros(2), "classes", r"train labels are float64; give integer class labels, or pass labels='any'"),
+    (np.zeros((6, 3)), np.zeros((2, 2)), "any", r"test labels are float32 \(2,\) per example, train labels float32 "
+                                                r"\(3,\)"),
+    (np.zeros((6, 3)), np.zeros((2, 3), np.int32), "any", r"test labels are int32 \(3,\) per example, train labels "
+                                                          r"float32"),
+    (np.full((6, 3), np.nan), np.zeros((2, 3)), "any", r"train labels hold 18 NaN or infinite values"),
+    (np.array(["a"] * 6), np.zeros(2), "any", r"train labels are <U1; give integer, float or bool labels"),
+])
+def test_labels_of_another_kind_are_refused_in_one_line(train_labels, test_labels, kind, match):
+    x = np.zeros((6, 2), np.uint8)
+    with pytest.raises(DataError, match=match):
+        Dataset.from_arrays((x, train_labels), (x[:2], test_labels), labels=kind)
+
+
+def test_labels_argument_is_checked():
+    x, y = np.zeros((6, 2), np.uint8), np.zeros(6, int)
+    with pytest.raises(qevo.data.ConfigError, match=r"labels='multi' is not one of \('classes', 'any'\)"):
+        Dataset.from_arrays((x, y), (x, y), labels="multi")
+    with pytest.raises(qevo.data.ConfigError, match="num_classes counts class labels; leave it out with labels='any'"):
+        Dataset.from_arrays((x, y), (x, y), labels="any", num_classes=3)

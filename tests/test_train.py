@@ -200,6 +200,55 @@ def test_data_parallel_epoch_equals_one_device():
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
 
 
+def test_a_users_loss_and_metric_train_a_multi_label_head_over_two_devices_as_on_one():
+    """A LeNet-5 head of 3 logits against float labels ``[N, 3]`` trained with the user's binary
+    cross-entropy: one epoch over 2 devices (the labels split over the ``data`` axis with the
+    images) equals the epoch on one device up to float32 sums; its loss is numpy's on the
+    starting logits when no step was taken, and the accuracy (the user's metric, evaluation
+    batches of 15 split over the devices: one padded) equals numpy's on the trained logits."""
+    script = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp, numpy as np, optax
+        from qevo import data, train
+        from qevo.data import Dataset
+        from qevo.models import get_model, init_variables
+        from qevo.population import batch_eval_set
+        from qevo.search import defaults
+        rng = np.random.default_rng(0)
+        cfg = defaults()
+        cfg.train.epochs, cfg.train.batch_size = 1, 16
+        cfg.train.optimizer, cfg.train.learning_rate, cfg.train.warmup_epochs = "sgd", 0.05, 0
+        images = rng.integers(0, 256, (32, 28, 28, 1), dtype=np.uint8)
+        labels = (rng.random((32, 3)) < 0.5).astype(np.float32)
+        ds = Dataset("multi-label", images, labels, images, labels, images, labels, None, (), (0.5,), (0.25,))
+        model = get_model("lenet5", 3)
+        variables = init_variables(model, jax.random.key(0), images.shape[1:])
+        loss = lambda z, y: optax.sigmoid_binary_cross_entropy(z, y).mean()
+        right = lambda z, y: jnp.mean((z > 0) == (y > 0.5), axis=-1)
+        out = []
+        for devices in (jax.devices()[:1], jax.devices()[:2]):
+            trainer = train.Trainer(cfg, ds, model, quantized=False, devices=tuple(devices), loss=loss, metric=right)
+            state, mean_loss = trainer.epoch(trainer.init_state(variables), None, jax.random.key(1), images, labels)
+            z = np.asarray(model.apply(state.variables, data.normalize(images, ds.mean, ds.std), None))
+            accuracy = float(trainer.accuracy(state.variables, None, batch_eval_set(images, labels, 15)))
+            assert abs(accuracy - ((z > 0) == (labels > 0.5)).mean()) < 1e-6, accuracy
+            out.append((float(mean_loss), jax.device_get(state.variables), accuracy))
+        (loss1, v1, acc1), (loss2, v2, acc2) = out
+        z0 = np.asarray(model.apply(variables, data.normalize(images, ds.mean, ds.std), None), np.float64)
+        bce = np.mean(np.maximum(z0, 0) - z0 * labels + np.log1p(np.exp(-np.abs(z0))))
+        assert 0.5 * bce < loss1 < 1.5 * bce and abs(loss1 - loss2) < 1e-5, (bce, loss1, loss2)
+        assert abs(acc1 - acc2) < 1e-6, (acc1, acc2)  # sums of thirds: rounded in each order
+        for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(v1)[0], jax.tree_util.tree_leaves(v2)):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=str(path))
+        print("OK")
+        """
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
+                         check=False)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
 def test_batch_that_does_not_split_over_the_devices_is_refused():
     cfg = config_lib.defaults()
     cfg.train.batch_size = 15
