@@ -11,7 +11,7 @@ benchmark script and the same installed packages and oneDNN bridge. For every ro
 scoring or QAT, population size) it reports the median ``auto`` throughput of each tree
 over the rounds and their ratio ``new / old``.
 
-Prints JSON and writes ``benchmarks/results/trees_<platform>.json`` (or ``--out``).
+Prints JSON and writes ``benchmarks/results/trees_<device>/trees.json`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import numpy as np
 from benchmarks import common
 
 HERE = pathlib.Path(__file__).resolve().parent.parent
-RESULTS = HERE / "benchmarks" / "results"
 
 
 def commit(tree: pathlib.Path) -> str | None:
@@ -89,8 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
               "inputs": {"population_args": rest, "rounds": args.rounds,
                          "trees": {n: {"path": str(t), "commit": commit(t)} for n, t in trees.items()}},
               "rows": rows}
-    platform = report["device"]["platform"]
-    return common.write(report, pathlib.Path(args.out) if args.out else RESULTS / f"trees_{platform}.json")
+    return common.write(report, pathlib.Path(args.out) if args.out else common.result_path("trees"))
 
 
 if __name__ == "__main__":
