@@ -14,14 +14,13 @@ on the arrays' values. The labels are float32 ``[N, 3]``, not class indices: the
 made with ``labels="any"``.
 """
 
-import argparse
 import csv
-import gzip
 import pathlib
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import mnist_arrays
 import numpy as np
 import optax
 
@@ -56,29 +55,12 @@ def labels_right(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.mean((logits > 0) == (labels > 0.5), axis=-1)
 
 
-def idx(path: pathlib.Path) -> np.ndarray:
-    """An MNIST idx file as a numpy array."""
-    with gzip.open(path) as f:
-        raw = f.read()
-    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(raw[3])]
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * len(dims)).reshape(dims)
-
-
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=pathlib.Path, required=True, help="folder holding mnist/*.gz")
-    parser.add_argument("--workdir", default="runs/custom_loss")
-    parser.add_argument("--tiny", action="store_true", help="a budget of seconds, for the test suite")
-    args = parser.parse_args()
+    args = mnist_arrays.arguments(__doc__.splitlines()[0], "runs/custom_loss")
 
-    n_train, n_test = (3000, 1000) if args.tiny else (60000, 10000)
-    mnist = args.data / "mnist"
-    data = qevo.Dataset.from_arrays(
-        train=(idx(mnist / "train-images-idx3-ubyte.gz")[:n_train, :, :, None],
-               attributes(idx(mnist / "train-labels-idx1-ubyte.gz")[:n_train])),
-        test=(idx(mnist / "t10k-images-idx3-ubyte.gz")[:n_test, :, :, None],
-              attributes(idx(mnist / "t10k-labels-idx1-ubyte.gz")[:n_test])),
-        val_size=n_train // 10, labels="any")
+    (x_train, digits_train), (x_test, digits_test) = mnist_arrays.splits(args.data, args.tiny)
+    data = qevo.Dataset.from_arrays(train=(x_train, attributes(digits_train)), test=(x_test, attributes(digits_test)),
+                                    val_size=len(x_train) // 10, labels="any")
     guess = np.maximum(data.test_labels.mean(0), 1 - data.test_labels.mean(0)).mean()
 
     cfg = qevo.search_defaults()

@@ -6,11 +6,8 @@ NNX modules are called as ``model(x)``; qevo quantizes a clone of the network (i
 ``nnx.Conv`` and ``nnx.Linear`` layers) and leaves the one you built untouched.
 """
 
-import argparse
-import gzip
-import pathlib
 
-import numpy as np
+import mnist_arrays
 from flax import nnx
 
 import qevo
@@ -29,29 +26,11 @@ class NNXNet(nnx.Module):
         return self.head(x.reshape(x.shape[0], -1))
 
 
-def idx(path: pathlib.Path) -> np.ndarray:
-    """An MNIST idx file as a numpy array."""
-    with gzip.open(path) as f:
-        raw = f.read()
-    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(raw[3])]
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * len(dims)).reshape(dims)
-
-
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=pathlib.Path, required=True, help="folder holding mnist/*.gz")
-    parser.add_argument("--workdir", default="runs/own_nnx")
-    parser.add_argument("--tiny", action="store_true", help="a budget of seconds, for the test suite")
-    args = parser.parse_args()
+    args = mnist_arrays.arguments(__doc__.splitlines()[0], "runs/own_nnx")
 
-    n_train, n_test = (3000, 1000) if args.tiny else (60000, 10000)
-    mnist = args.data / "mnist"
-    data = qevo.Dataset.from_arrays(
-        train=(idx(mnist / "train-images-idx3-ubyte.gz")[:n_train, :, :, None],
-               idx(mnist / "train-labels-idx1-ubyte.gz")[:n_train]),
-        test=(idx(mnist / "t10k-images-idx3-ubyte.gz")[:n_test, :, :, None],
-              idx(mnist / "t10k-labels-idx1-ubyte.gz")[:n_test]),
-        val_size=n_train // 10)
+    train, test = mnist_arrays.splits(args.data, args.tiny)
+    data = qevo.Dataset.from_arrays(train=train, test=test, val_size=len(train[0]) // 10)
 
     cfg = qevo.search_defaults()
     cfg.train.epochs, cfg.train.optimizer, cfg.train.learning_rate = 4, "adam", 2e-3

@@ -11,13 +11,10 @@ exported to ONNX and scored in onnxruntime. The arrays are MNIST read with numpy
 standing in for any data of yours.
 """
 
-import argparse
-import gzip
-import pathlib
 
 import flax.linen as nn
 import jax
-import numpy as np
+import mnist_arrays
 
 import qevo
 
@@ -36,28 +33,11 @@ class SmallCNN(nn.Module):
         return nn.Dense(10)(x)
 
 
-def idx(path: pathlib.Path) -> np.ndarray:
-    """An MNIST idx file as a numpy array."""
-    with gzip.open(path) as f:
-        raw = f.read()
-    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(raw[3])]
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * len(dims)).reshape(dims)
-
-
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=pathlib.Path, required=True, help="folder holding mnist/*.gz")
-    parser.add_argument("--workdir", default="runs/own_linen")
-    parser.add_argument("--tiny", action="store_true", help="a budget of seconds, for the test suite")
-    args = parser.parse_args()
+    args = mnist_arrays.arguments(__doc__.splitlines()[0], "runs/own_linen")
 
-    n_train, n_test = (3000, 1000) if args.tiny else (60000, 10000)
-    mnist = args.data / "mnist"
-    train = (idx(mnist / "train-images-idx3-ubyte.gz")[:n_train, :, :, None],
-             idx(mnist / "train-labels-idx1-ubyte.gz")[:n_train])
-    test = (idx(mnist / "t10k-images-idx3-ubyte.gz")[:n_test, :, :, None],
-            idx(mnist / "t10k-labels-idx1-ubyte.gz")[:n_test])
-    data = qevo.Dataset.from_arrays(train=train, test=test, val_size=n_train // 10)
+    train, test = mnist_arrays.splits(args.data, args.tiny)
+    data = qevo.Dataset.from_arrays(train=train, test=test, val_size=len(train[0]) // 10)
 
     cfg = qevo.search_defaults()
     cfg.train.epochs, cfg.train.optimizer, cfg.train.learning_rate = 4, "adam", 2e-3
