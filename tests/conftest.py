@@ -55,6 +55,18 @@ def run_command(module: str, config: str, workdir: pathlib.Path, args=(), data_d
     )
 
 
+def on_cpu_devices(script: str, devices: int, env=None, timeout: int = 600):
+    """Run ``python -c <script>`` where JAX sees ``devices`` CPU devices (XLA's host device
+    count), from the repository; ``env`` adds variables. Returns the finished process."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+           **(env or {})}
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO, check=False)
+
+
 def run_main(module: str, config: str, workdir: pathlib.Path, args=(), data_dir=None) -> tuple[int, str]:
     """A command's entry point (``qevo.cli.main``) in this process, for fast error-path tests:
     ``(exit status, stderr)`` of ``python -m <module> --config configs/<config> --workdir <workdir> <args>``."""

@@ -7,10 +7,7 @@ the slow one uses the 5-epoch float LeNet-5 of ``conftest``.
 
 import dataclasses
 import json
-import os
 import re
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -18,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, Killed, kill_after_checkpoint, run_command, without_seconds
+from conftest import REPO, Killed, kill_after_checkpoint, on_cpu_devices, run_command, without_seconds
 from qevo import coevolve, train
 from qevo import config as config_lib
 from qevo.checkpoint import load as load_checkpoint
@@ -149,9 +146,7 @@ def test_population_map_shards_over_devices():
             np.testing.assert_array_equal(got, want)
         print("ok")
     """)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO, timeout=300,
-                         check=False)
+    out = on_cpu_devices(code, 4, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 

@@ -1,10 +1,7 @@
 """Population evaluator: strategies, sharding over devices, QAT, bad input; on synthetic images
 (``conftest.synthetic_digits``), as the engine needs no real data."""
 
-import os
 import pathlib
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -12,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import synthetic_digits
+from conftest import on_cpu_devices, synthetic_digits
 from qevo.calibration import calibrate
 from qevo.cost import layer_table
 from qevo.data import normalize
@@ -112,9 +109,7 @@ def test_four_host_devices_equal_one():
         print("OK")
         """
     )
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
-                         check=False)
+    out = on_cpu_devices(script, 4)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
 
 

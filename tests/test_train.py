@@ -3,15 +3,13 @@
 import json
 import os
 import re
-import subprocess
-import sys
 import textwrap
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, Killed, kill_after_checkpoint, run_command, synthetic_digits, without_seconds
+from conftest import REPO, Killed, kill_after_checkpoint, on_cpu_devices, run_command, synthetic_digits, without_seconds
 from qevo import config as config_lib
 from qevo import train
 from qevo.checkpoint import load as load_checkpoint
@@ -194,9 +192,7 @@ def test_data_parallel_epoch_equals_one_device():
         print("OK")
         """
     )
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
-                         check=False)
+    out = on_cpu_devices(script, 2)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
 
 
@@ -243,9 +239,7 @@ def test_a_users_loss_and_metric_train_a_multi_label_head_over_two_devices_as_on
         print("OK")
         """
     )
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
-                         check=False)
+    out = on_cpu_devices(script, 2)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
 
 
@@ -306,10 +300,7 @@ def test_models_trained_side_by_side_over_two_devices_equal_each_trained_alone()
         print("OK")
         """
     )
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
-                         check=False, cwd=REPO)
+    out = on_cpu_devices(script, 2, {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])})
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
 
 
