@@ -2,9 +2,9 @@
 [--workdir DIR]``.
 
 It joins a multi-process run where the environment asks for one (:mod:`qevo.distributed`),
-parses the flags, loads and validates the config, prepares the work folder
-(:func:`qevo.harness.prepare_workdir`, default ``runs/<config name>``), sets the
-process-wide compilation cache and runs the method. Errors a user can fix
+parses the flags, loads and validates the config, sets the process-wide compilation cache
+and runs the method in its work folder (default ``runs/<config name>``; the method prepares
+it, :func:`qevo.harness.method`). Errors a user can fix
 (:class:`qevo.errors.QevoError`) and device memory running out end the command with one
 line on stderr and exit status 2; anything else is a bug and keeps its traceback. Only the
 ``__main__`` hooks of the method modules import this module.
@@ -29,7 +29,7 @@ from qevo import config as config_lib
 from qevo import distributed
 from qevo.data import default_cache_dir
 from qevo.errors import ConfigError, PopulationMemoryError, QevoError
-from qevo.harness import MODEL, prepare_workdir
+from qevo.harness import MODEL
 from qevo.population import is_out_of_memory
 
 USER_ERRORS = (QevoError,)
@@ -92,17 +92,15 @@ def memory_settings(cfg: ml_collections.ConfigDict | None, workdir: pathlib.Path
     return out
 
 
-def main(prog: str, run: Callable[[ml_collections.ConfigDict, pathlib.Path], dict], validate, argv=None, *,
-         defaults: Callable[[], ml_collections.ConfigDict] = config_lib.defaults) -> int:
-    """Entry point shared by the commands: parse, validate, prepare the folder, run.
+def main(prog: str, run: Callable[[ml_collections.ConfigDict, pathlib.Path], dict], validate, argv=None) -> int:
+    """Entry point shared by the commands: parse, validate, run.
 
     Args:
       prog: module name for messages (``qevo.train``).
-      run: ``run(config, workdir) -> results dict`` (printed as JSON at the end).
+      run: ``run(config, workdir) -> results dict`` (a :func:`qevo.harness.method`, which
+        prepares the folder; printed as JSON at the end).
       validate: ``validate(config) -> config``, raising ``ConfigError``.
       argv: arguments (default ``sys.argv[1:]``).
-      defaults: the command's keys with their defaults (a work folder begun before a key
-        existed resumes where the key holds its default).
 
     Returns:
       Exit status: 0 on success, 2 on a user error or when the devices run out of memory
@@ -115,7 +113,7 @@ def main(prog: str, run: Callable[[ml_collections.ConfigDict, pathlib.Path], dic
         distributed.initialize()
         path, overrides, workdir = parse_args(sys.argv[1:] if argv is None else argv, prog)
         cfg = validate(config_lib.load(path, overrides))
-        workdir = prepare_workdir(workdir or pathlib.Path("runs") / path.stem, cfg, defaults())
+        workdir = workdir or pathlib.Path("runs") / path.stem
         results = run(cfg, workdir)
     except USER_ERRORS as e:
         settings = f"; {memory_settings(cfg, workdir)}" if isinstance(e, PopulationMemoryError) else ""

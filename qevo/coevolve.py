@@ -693,7 +693,7 @@ def save_integer_model(path: pathlib.Path, prep: Prepared, genome: jax.Array, me
     checkpoint.save(path, tree, meta)
 
 
-@method
+@method(defaults)
 def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, *, model=None, variables: dict | None = None,
         data: Dataset | None = None, loss: Callable | None = None, metric: Callable | None = None) -> dict:
     """The whole protocol (module docstring) in ``workdir``; returns ``results.json``'s dict.
@@ -771,4 +771,4 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, *, model=None, va
 if __name__ == "__main__":
     from qevo.cli import main
 
-    sys.exit(main("qevo.coevolve", run, validate, defaults=defaults))
+    sys.exit(main("qevo.coevolve", run, validate))

@@ -697,7 +697,7 @@ def write_front(workdir: pathlib.Path, rows: list[dict], names: list[str], float
         ax.legend()
 
 
-@method
+@method(defaults)
 def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, *, model=None, variables: dict | None = None,
         data: Dataset | None = None, loss: Callable | None = None, metric: Callable | None = None) -> dict:
     """The whole protocol (module docstring) in ``workdir``; returns ``results.json``'s dict.
@@ -771,4 +771,4 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, *, model=None, va
 if __name__ == "__main__":
     from qevo.cli import main
 
-    sys.exit(main("qevo.compress", run, validate, defaults=defaults))
+    sys.exit(main("qevo.compress", run, validate))

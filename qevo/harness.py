@@ -43,18 +43,25 @@ MODEL = "model.msgpack"
 RESULTS = "results.json"
 
 
-def method(run: Callable[..., dict]):
-    """Wrap a method's ``run(cfg, workdir, **inputs) -> results`` so that it runs under the
-    config's random-number setting (``cfg.threefry_partitionable``, recorded in
-    ``config.json``): the same stream from Python as from the command line. ``workdir`` may
-    be a str; keyword arguments (a user's ``model=``, ``data=``) pass through."""
+def method(defaults: Callable[[], ml_collections.ConfigDict]):
+    """Decorate a method's ``run(cfg, workdir, **inputs) -> results`` whose keys and defaults
+    ``defaults()`` gives: each call prepares ``workdir`` (:func:`prepare_workdir`: it writes
+    ``config.json``, and refuses a folder that holds a run of another config), then runs
+    under the config's random-number setting (``cfg.threefry_partitionable``, recorded in
+    ``config.json``). So a run from Python writes the same work folder, with the same random
+    streams, as the command. ``workdir`` may be a str; keyword arguments (a user's
+    ``model=``, ``data=``) pass through."""
 
-    @functools.wraps(run)
-    def wrapped(cfg: ml_collections.ConfigDict, workdir, **inputs) -> dict:
-        with random_streams(cfg):
-            return run(cfg, pathlib.Path(workdir), **inputs)
+    def decorate(run: Callable[..., dict]):
+        @functools.wraps(run)
+        def wrapped(cfg: ml_collections.ConfigDict, workdir, **inputs) -> dict:
+            folder = prepare_workdir(pathlib.Path(workdir), cfg, defaults())
+            with random_streams(cfg):
+                return run(cfg, folder, **inputs)
 
-    return wrapped
+        return wrapped
+
+    return decorate
 
 
 class StepLog:

@@ -693,7 +693,7 @@ FINAL_COLUMNS = ["name", "kind", "w_bits", "a_bits", "search_val_accuracy", "val
 PARETO_COLUMNS = ["w_bits", "a_bits", "val_accuracy", "generation", "bitops", "size", "flops", "params"]
 
 
-@method
+@method(defaults)
 def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, *, model=None, variables: dict | None = None,
         data: Dataset | None = None, objectives: dict | None = None, loss: Callable | None = None,
         metric: Callable | None = None) -> dict:
@@ -753,4 +753,4 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, *, model=None, va
 if __name__ == "__main__":
     from qevo.cli import main
 
-    sys.exit(main("qevo.search", run, validate, defaults=defaults))
+    sys.exit(main("qevo.search", run, validate))

@@ -509,7 +509,7 @@ def fit_population(cfg: ml_collections.ConfigDict, ds: Dataset, variables: dict,
     return state.variables, results
 
 
-@method
+@method(config_lib.defaults)
 def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, *, model=None, data: Dataset | None = None,
         loss: Callable | None = None, metric: Callable | None = None) -> dict:
     """Train per ``cfg`` in ``workdir`` (resuming from its checkpoint); returns the results dict.

@@ -102,8 +102,9 @@ def test_unknown_key_suggests_the_known_one(override, suggestion, tmp_path, caps
                           "known keys: data.channels, data.data_dir, ")
 
 
+@harness.method(config_lib.defaults)
 def _never_runs(cfg, workdir):
-    raise AssertionError("a refused input reached the method")
+    raise AssertionError("a refused input reached the method's body")
 
 
 @pytest.mark.parametrize("source, message", [
@@ -264,19 +265,19 @@ def test_step_log_commits_and_resumes(tmp_path):
     assert harness.StepLog(None, "cycle").resume(state) == (state, [])
 
 
-@harness.method
+@harness.method(config_lib.defaults)
 def _draw(cfg, workdir):
     return jax.random.normal(jax.random.key(0), (4,))
 
 
 @pytest.mark.parametrize("recorded", [False, True])
-def test_a_method_draws_the_stream_its_config_records_whatever_the_process_setting(recorded):
+def test_a_method_draws_the_stream_its_config_records_whatever_the_process_setting(recorded, tmp_path):
     cfg = config_lib.defaults()
     cfg.threefry_partitionable = recorded
     draws = {}
     for process in (False, True):
         with jax.threefry_partitionable(process):
-            draws[process] = (_draw(cfg, "unused"), jax.random.normal(jax.random.key(0), (4,)))
+            draws[process] = (_draw(cfg, tmp_path / str(process)), jax.random.normal(jax.random.key(0), (4,)))
     np.testing.assert_array_equal(draws[False][0], draws[True][0])
     np.testing.assert_array_equal(draws[False][0], draws[recorded][1])
     assert not np.array_equal(draws[False][1], draws[True][1])  # the two settings do draw differently
