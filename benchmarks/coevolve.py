@@ -36,8 +36,8 @@ from qevo import coevolve
 from qevo import config as config_lib
 from qevo.calibration import calibrate
 from qevo.data import normalize
+from qevo.losses import cross_entropy
 from qevo.models import get_model, init_variables
-from qevo.population import cross_entropy
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

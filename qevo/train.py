@@ -196,10 +196,10 @@ def resolve_inputs(cfg: ml_collections.ConfigDict, model=None, variables: dict |
     name = quantized.name if isinstance(quantized, QuantizedModel | QuantizedNNX) else type(quantized).__name__
     out = check_logits(quantized, shape, ds.num_classes, name, classes=loss is None or metric is None)
     loss, metric = resolve_loss_metric(loss, metric, out, labels)
-    if variables is not None:
-        template = init_variables(quantized, jax.random.key(cfg.seed), shape)
-        variables = {k: v for k, v in variables.items() if k in template}
-        variables = {**variables, "quant": template["quant"]}
+    if variables is not None:  # the collections a qevo model keeps, with fresh clip ranges
+        template = jax.eval_shape(lambda: init_variables(quantized, jax.random.key(cfg.seed), shape))
+        variables = {**{k: v for k, v in variables.items() if k in template},
+                     "quant": {"a_clip": jnp.ones((quantized.num_layers,), jnp.float32)}}
     return Inputs(ds, quantized, variables, name, loss, metric)
 
 

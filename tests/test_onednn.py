@@ -12,8 +12,8 @@ import pytest
 
 from qevo import layers, onednn
 from qevo.layers import QuantOptions
+from qevo.losses import cross_entropy
 from qevo.models import get_model, init_variables
-from qevo.population import cross_entropy
 
 ONEDNN_PLATFORM = sys.platform == "linux" and platform.machine() == "x86_64"
 pytestmark = pytest.mark.skipif(not ONEDNN_PLATFORM, reason="oneDNN's wheel is installed on x86-64 Linux only")

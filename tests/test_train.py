@@ -80,7 +80,7 @@ def test_label_smoothing_matches_the_formula():
     import jax.numpy as jnp
     import numpy as np
 
-    from qevo.population import cross_entropy
+    from qevo.losses import cross_entropy
 
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(5, 4)).astype(np.float32)
