@@ -3,7 +3,6 @@ them (``final_seeds``, ``score_budget``, ``train_final``) read them."""
 
 from __future__ import annotations
 
-import csv
 import json
 import pathlib
 from collections.abc import Callable
@@ -11,7 +10,7 @@ from collections.abc import Callable
 import numpy as np
 
 from qevo import search
-from qevo.harness import fill_defaults
+from qevo.harness import fill_defaults, read_rows
 
 
 def run_config(workdir: pathlib.Path) -> dict:
@@ -35,8 +34,7 @@ def final_models(workdir: pathlib.Path, models: str,
       weight and activation widths, int32 ``[P, L]``.
     """
     config = run_config(workdir)
-    with open(workdir / "final.csv", newline="") as f:
-        rows = {r["name"]: r for r in csv.DictReader(f)}
+    rows = read_rows(workdir / "final.csv")
     names = models.split(",")
     missing = [n for n in names if n not in rows or rows[n]["kind"] == "float"]
     if missing:

@@ -52,7 +52,6 @@ accuracy of float, round to nearest, coevolution and QAT, evaluations, wall seco
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 import pathlib
@@ -72,7 +71,7 @@ from qevo import checkpoint, intforward, train
 from qevo import config as config_lib
 from qevo.calibration import calibrate
 from qevo.data import Dataset, augment, normalize
-from qevo.harness import RESULTS, StepLog, Stopwatch, environment, method, write_json
+from qevo.harness import RESULTS, StepLog, Stopwatch, environment, method, read_rows, write_json
 from qevo.layers import Bits
 from qevo.losses import cross_entropy, top1
 from qevo.population import (
@@ -516,13 +515,12 @@ def integer_bits(cfg: ml_collections.ConfigDict, num_layers: int) -> Bits:
     if not table.is_file():
         raise err(f"bits_from={cfg.bits_from!r} holds no finished qevo.search run ({table} is missing); "
                   "point it at a search work folder or its committed results")
+    rows = read_rows(table)
     try:
-        with table.open(newline="") as f:
-            rows = {row["name"]: row for row in csv.DictReader(f)}
         models = sorted(n for n, row in rows.items() if row.get("kind") != "float")
         widths = ([np.asarray(rows[cfg.bits_model][k].split(), np.int32) for k in ("w_bits", "a_bits")]
                   if cfg.bits_model in models else None)
-    except (csv.Error, KeyError, AttributeError, ValueError) as e:
+    except (KeyError, AttributeError, ValueError) as e:
         raise err(f"{table} is corrupt ({type(e).__name__}: {e}); rerun that search's final training") from e
     if widths is None:
         raise err(f"bits_model={cfg.bits_model!r} is not a final model of {cfg.bits_from}; choose one of {models}")

@@ -48,7 +48,7 @@ from qevo import config as config_lib
 from qevo.codebook import CODEBOOK_BITS, key_bits
 from qevo.data import Dataset, normalize
 from qevo.errors import CheckpointError, ConfigError, QevoError
-from qevo.harness import CONFIG, MODEL, RESULTS, fill_defaults, write_json
+from qevo.harness import CONFIG, MODEL, RESULTS, fill_defaults, read_rows, write_json
 from qevo.layers import Bits
 from qevo.models import init_variables
 from qevo.quant import FLOAT_BITS
@@ -116,14 +116,11 @@ def run_kind(cfg: dict) -> str:
 
 
 def _rows(workdir: pathlib.Path) -> dict[str, dict]:
-    import csv
-
     path = workdir / "final.csv"
     if not path.is_file():
         raise CheckpointError(f"{workdir} holds no final.csv: the search has not finished its final training "
                               "(rerun it, with --config.final.enabled=True)")
-    with path.open() as f:
-        return {r["name"]: r for r in csv.DictReader(f)}
+    return read_rows(path)
 
 
 def names(workdir: pathlib.Path, kind: str, cfg: ml_collections.ConfigDict) -> list[str]:

@@ -227,6 +227,20 @@ def figure(path: pathlib.Path, size: tuple[float, float] = (6, 4)):
         plt.close(fig)
 
 
+def read_rows(path: pathlib.Path) -> dict[str, dict]:
+    """The rows of a CSV that :func:`write_csv` wrote (``final.csv``), as dicts of text by
+    their ``name`` column.
+
+    Raises:
+      CheckpointError: the file is corrupt (not CSV, or a row without a name).
+    """
+    try:
+        with path.open(newline="") as f:
+            return {row["name"]: row for row in csv.DictReader(f)}
+    except (csv.Error, KeyError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupt ({type(e).__name__}: {e}); rerun the command that wrote it") from e
+
+
 def write_csv(path: pathlib.Path, rows: list[dict], columns: list[str]) -> None:
     """Write ``rows`` (dicts) as CSV with ``columns``, atomically; lists (bit widths) as space-joined text."""
     buf = io.StringIO()
