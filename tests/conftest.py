@@ -83,8 +83,7 @@ def run_main(module: str, config: str, workdir: pathlib.Path, args=(), data_dir=
     env = {"QEVO_DATA_DIR": str(data_dir)} if data_dir else {}
     argv = ["--config", str(REPO / "configs" / config), "--workdir", str(workdir), *args]
     with mock.patch.dict(os.environ, env), contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        status = cli.main(module, mod.run, getattr(mod, "validate", config_lib.validate), argv,
-                          defaults=getattr(mod, "defaults", config_lib.defaults))
+        status = cli.main(module, mod.run, getattr(mod, "validate", config_lib.validate), argv)
     return status, err.getvalue()
 
 
