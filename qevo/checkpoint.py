@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import re
 
 import jax
 import numpy as np
@@ -99,22 +98,9 @@ def load(path: str | os.PathLike, target=None):
     except Exception as e:  # msgpack raises many types on garbage
         raise CheckpointError(f"checkpoint {path} is corrupt or not a qevo checkpoint ({type(e).__name__}: {e}); "
                               "delete it to start over") from e
-    state = _renamed_layers(state)
     if target is None:
         return state, meta
     return restore(state, target, path), meta
-
-
-_LEGACY_LAYER = re.compile(r"^Q(Conv|Dense)_(\d+)$")
-
-
-def _renamed_layers(tree):
-    """``tree`` with the module names of qevo's layers before its networks were plain Flax
-    (``QConv_<i>``, ``QDense_<i>``) renamed as Flax names them (``Conv_<i>``, ``Dense_<i>``):
-    the same modules, in the same order, so files saved then load now."""
-    if not isinstance(tree, dict):
-        return tree
-    return {(_LEGACY_LAYER.sub(r"\1_\2", k) if isinstance(k, str) else k): _renamed_layers(v) for k, v in tree.items()}
 
 
 def restore(state: dict, target, path: str | os.PathLike):

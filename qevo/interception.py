@@ -389,10 +389,11 @@ class QuantizedModel(_Protocol):
         return y, {**state, **_report(self.layers, scope, reported)}
 
     def init(self, key: jax.Array, x, bits: Bits | None = None, train: bool = False) -> dict:
-        """The network's variables for inputs like ``x``, plus ``quant/a_clip`` (ones, ``[L]``)."""
-        params_key, dropout_key = jax.random.split(key)
+        """The network's variables for inputs like ``x``, plus ``quant/a_clip`` (ones, ``[L]``):
+        ``key`` is the ``params`` stream (as ``nn.Module.init(key, ...)`` takes it), a key
+        folded from it the ``dropout`` stream."""
         kwargs = {"train": train} if _takes(self.model, "train") else {}
-        variables = self.model.init({"params": params_key, "dropout": dropout_key}, x, **kwargs)
+        variables = self.model.init({"params": key, "dropout": jax.random.fold_in(key, 1)}, x, **kwargs)
         return {**variables, "quant": {"a_clip": jnp.ones((self.num_layers,), jnp.float32)}}
 
 

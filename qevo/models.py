@@ -45,14 +45,14 @@ MODELS = {
 }
 
 _RESNET = re.compile(r"^resnet(\d+)$")
-_SHORTCUT = re.compile(r"^(.*_BasicBlock_\d+)/Conv_2$")
+_SHORTCUT = re.compile(r"^(.*_BasicBlock_\d+)/QConv_2$")
 
 
 def resnet_shortcut(path: str) -> str | None:
-    """The layer a CIFAR ResNet's projection shortcut (``_BasicBlock_<b>/Conv_2``) shares
-    its widths with: its block's first convolution (``_BasicBlock_<b>/Conv_0``)."""
+    """The layer a CIFAR ResNet's projection shortcut (``_BasicBlock_<b>/QConv_2``) shares
+    its widths with: its block's first convolution (``_BasicBlock_<b>/QConv_0``)."""
     match = _SHORTCUT.match(path)
-    return f"{match.group(1)}/Conv_0" if match else None
+    return f"{match.group(1)}/QConv_0" if match else None
 
 
 @functools.lru_cache(maxsize=32)

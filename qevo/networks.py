@@ -9,9 +9,10 @@ quantizes them from outside through :func:`qevo.interception.quantize`
 LeCun normal); normalization is :class:`qevo.layers.BatchNorm` (``flax.linen.BatchNorm``'s
 variables, a faster gradient).
 
-Modules are named by Flax's defaults (``Conv_0``, ``_BasicBlock_2/Conv_1``, ...), so the
-parameter paths of models saved before these networks were plain Flax load after
-:func:`qevo.checkpoint.load`'s renaming.
+The convolutions and dense layers are named ``QConv_<i>`` and ``QDense_<i>`` in creation
+order within each module, the names of the layers qevo built these networks from before
+they were plain Flax. Flax draws each module's initial weights from a stream keyed by its
+name, so the networks initialize exactly as before, and models saved before load unchanged.
 """
 
 from __future__ import annotations
@@ -27,14 +28,29 @@ _HE = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 _LECUN = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
 
 
-def _conv(features: int, size: int, strides: int = 1, groups: int = 1, padding: str = "SAME",
+class _Names:
+    """``QConv_<i>`` and ``QDense_<i>``, counted within one module's call (see the module docstring)."""
+
+    def __init__(self):
+        self.convs = self.denses = 0
+
+    def conv(self) -> str:
+        self.convs += 1
+        return f"QConv_{self.convs - 1}"
+
+    def dense(self) -> str:
+        self.denses += 1
+        return f"QDense_{self.denses - 1}"
+
+
+def _conv(names: _Names, features: int, size: int, strides: int = 1, groups: int = 1, padding: str = "SAME",
           bias: bool = False) -> nn.Conv:
     return nn.Conv(features, (size, size), (strides, strides), padding=padding, feature_group_count=groups,
-                   use_bias=bias, kernel_init=_HE)
+                   use_bias=bias, kernel_init=_HE, name=names.conv())
 
 
-def _dense(features: int) -> nn.Dense:
-    return nn.Dense(features, kernel_init=_LECUN)
+def _dense(names: _Names, features: int) -> nn.Dense:
+    return nn.Dense(features, kernel_init=_LECUN, name=names.dense())
 
 
 def _batch_norm(train: bool) -> BatchNorm:
@@ -59,29 +75,31 @@ class LeNet5(nn.Module):
         if self.activation not in ("relu", "tanh"):
             raise ConfigError(f"LeNet5 activation must be 'relu' or 'tanh', got {self.activation!r}")
         act = nn.relu if self.activation == "relu" else jnp.tanh
-        x = act(_conv(6, 5, bias=True)(x))
+        names = _Names()
+        x = act(_conv(names, 6, 5, bias=True)(x))
         x = nn.max_pool(x, (2, 2), (2, 2))
-        x = act(_conv(16, 5, padding="VALID", bias=True)(x))
+        x = act(_conv(names, 16, 5, padding="VALID", bias=True)(x))
         x = nn.max_pool(x, (2, 2), (2, 2)).reshape((x.shape[0], -1))
-        x = act(_dense(120)(x))
-        x = act(_dense(84)(x))
-        return _dense(self.num_classes)(x)
+        x = act(_dense(names, 120)(x))
+        x = act(_dense(names, 84)(x))
+        return _dense(names, self.num_classes)(x)
 
 
 class _BasicBlock(nn.Module):
-    """CIFAR ResNet basic block; a 1x1 projection shortcut (``Conv_2``) where the shape changes."""
+    """CIFAR ResNet basic block; a 1x1 projection shortcut (``QConv_2``) where the shape changes."""
 
     features: int
     strides: int
 
     @nn.compact
     def __call__(self, x, train: bool):
-        y = _conv(self.features, 3, self.strides)(x)
+        names = _Names()
+        y = _conv(names, self.features, 3, self.strides)(x)
         y = nn.relu(_batch_norm(train)(y))
-        y = _conv(self.features, 3)(y)
+        y = _conv(names, self.features, 3)(y)
         y = _batch_norm(train)(y)
         if self.strides != 1 or x.shape[-1] != self.features:
-            x = _conv(self.features, 1, self.strides)(x)
+            x = _conv(names, self.features, 1, self.strides)(x)
             x = _batch_norm(train)(x)
         return nn.relu(x + y)
 
@@ -115,13 +133,14 @@ class CifarResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         blocks = resnet_blocks(self.depth)
-        x = _conv(16, 3)(x)
+        names = _Names()
+        x = _conv(names, 16, 3)(x)
         x = nn.relu(_batch_norm(train)(x))
         for stage, features in enumerate((16, 32, 64)):
             for block in range(blocks):
                 x = _BasicBlock(features, 2 if stage > 0 and block == 0 else 1)(x, train)
         x = jnp.mean(x, axis=(1, 2))
-        return _dense(self.num_classes)(x)
+        return _dense(names, self.num_classes)(x)
 
 
 MOBILENET_V2_STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
@@ -154,7 +173,8 @@ class MobileNetV2(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = _conv(32, 3, 2)(x)
+        names = _Names()
+        x = _conv(names, 32, 3, 2)(x)
         x = nn.relu6(_batch_norm(train)(x))
         for expand, features, repeats, first_stride in MOBILENET_V2_STAGES:
             for r in range(repeats):
@@ -162,11 +182,11 @@ class MobileNetV2(nn.Module):
                 y = x
                 hidden = x.shape[-1] * expand
                 if expand != 1:
-                    y = nn.relu6(_batch_norm(train)(_conv(hidden, 1)(y)))
-                y = nn.relu6(_batch_norm(train)(_conv(hidden, 3, strides, groups=hidden)(y)))
-                y = _batch_norm(train)(_conv(features, 1)(y))
+                    y = nn.relu6(_batch_norm(train)(_conv(names, hidden, 1)(y)))
+                y = nn.relu6(_batch_norm(train)(_conv(names, hidden, 3, strides, groups=hidden)(y)))
+                y = _batch_norm(train)(_conv(names, features, 1)(y))
                 x = x + y if strides == 1 and x.shape[-1] == features else y
-        x = nn.relu6(_batch_norm(train)(_conv(1280, 1)(x)))
+        x = nn.relu6(_batch_norm(train)(_conv(names, 1280, 1)(x)))
         x = jnp.mean(x, axis=(1, 2))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return _dense(self.num_classes)(x)
+        return _dense(names, self.num_classes)(x)

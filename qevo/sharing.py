@@ -3,7 +3,7 @@ population accuracy, the seed's fitness, and the compressed-model file.
 
 A *shared layer* is every ``kernel`` of the model's ``params`` (biases, batch statistics
 and clip ranges stay float and are not counted in the compression rates).  Layers are in
-natural order of their parameter paths (``Conv_0``, ``Conv_1``, ..., ``Dense_0``, ...).
+natural order of their parameter paths (``QConv_0``, ``QConv_1``, ..., ``QDense_0``, ...).
 
 The k-means of every shared layer for every ``k`` in ``1..k_max`` is computed once, in
 batched calls of :func:`qevo.kmeans.kmeans`, into a :class:`ClusterTable`: a lookup
@@ -54,7 +54,7 @@ def kernel_paths(params: dict) -> tuple[tuple[str, ...], ...]:
 
 
 def layer_name(path: tuple[str, ...]) -> str:
-    """``"Conv_0/kernel"`` style name of a kernel path."""
+    """``"QConv_0/kernel"`` style name of a kernel path."""
     return "/".join(path)
 
 

@@ -268,9 +268,9 @@ def test_command_writes_every_output(tiny_lenet5_float, data_dir, tmp_path):
     assert result["qat"]["images"] <= 576
     saved, meta = load_checkpoint(run / "integer_model.msgpack")
     assert meta["test_accuracy"] == result["coevolution"]["test_accuracy"]
-    levels = saved["kernels"]["Dense_0"]["q"]
+    levels = saved["kernels"]["QDense_0"]["q"]
     assert levels.dtype == np.int8 and levels.shape == (400, 120) and np.abs(levels).max() <= 1
-    assert saved["kernels"]["Dense_0"]["scale"].shape == (120,)
+    assert saved["kernels"]["QDense_0"]["scale"].shape == (120,)
     history = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]
     assert [r["cycle"] for r in history] == [1, 2, 3] and history[-1]["evaluations"] == 36
 
@@ -354,7 +354,7 @@ def test_saved_kernels_reload_as_int_kernels(prepared, tmp_path):
     coevolve.save_integer_model(tmp_path / "m.msgpack", prepared, genome, {"note": 1})
     template = {"kernels": prepared.runner.kernels(genome, prepared.problem.scales), "variables": prepared.variables}
     tree, meta = load_checkpoint(tmp_path / "m.msgpack", template)
-    assert meta == {"note": 1} and isinstance(tree["kernels"]["Conv_1"], IntKernel)
+    assert meta == {"note": 1} and isinstance(tree["kernels"]["QConv_1"], IntKernel)
     np.testing.assert_array_equal(prepared.runner.flatten(tree["kernels"]), genome)
     val = prepared.problem.val
     acc = prepared.runner.accuracy(prepared.problem.replace(variables=tree["variables"]), genome, val)
@@ -415,7 +415,7 @@ def test_batch_statistics_are_those_of_the_float_models_training_images(augment)
     crops = np.stack([padded[i, y:y + 16, x:x + 16] for i, y, x in zip(pick, dy, dx, strict=True)])
     crops = np.where(flip[:, None, None, None], crops[:, :, ::-1], crops)
     x = (crops.astype(np.float32) / 255 - 0.5) / 0.25
-    y = jax.lax.conv_general_dilated(x, variables["params"]["Conv_0"]["kernel"], (1, 1), "SAME",
+    y = jax.lax.conv_general_dilated(x, variables["params"]["QConv_0"]["kernel"], (1, 1), "SAME",
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
     oracle_mean, oracle_var = np.mean(y, (0, 1, 2)), np.var(y, (0, 1, 2))
     close = np.allclose(stats["mean"], oracle_mean, atol=0.05 * oracle_var.max() ** 0.5) and np.allclose(

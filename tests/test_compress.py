@@ -50,10 +50,10 @@ def lenet():
 def test_layers_are_kernels_in_natural_order(lenet):
     _, _, paths, table, _, _ = lenet
     assert [sharing.layer_name(p) for p in paths] == [
-        "Conv_0/kernel", "Conv_1/kernel", "Dense_0/kernel", "Dense_1/kernel", "Dense_2/kernel"]
+        "QConv_0/kernel", "QConv_1/kernel", "QDense_0/kernel", "QDense_1/kernel", "QDense_2/kernel"]
     assert table.sizes == (150, 2400, 48000, 10080, 840)
-    assert sharing.kernel_paths({f"Conv_{i}": {"kernel": 0, "bias": 0} for i in (10, 2, 1)}) == (
-        ("Conv_1", "kernel"), ("Conv_2", "kernel"), ("Conv_10", "kernel"))
+    assert sharing.kernel_paths({f"QConv_{i}": {"kernel": 0, "bias": 0} for i in (10, 2, 1)}) == (
+        ("QConv_1", "kernel"), ("QConv_2", "kernel"), ("QConv_10", "kernel"))
 
 
 def test_compression_rates_equal_hand_computation():
@@ -227,7 +227,7 @@ def test_corrupt_or_mismatched_saved_model_is_refused(lenet, tmp_path):
     sharing.save_compressed(path, variables, paths, _layers(lenet), "float16", {})
     data = bytearray(path.read_bytes())
     tampered = tmp_path / "flipped.msgpack"
-    i = data.index(b"Dense_0") + 200
+    i = data.index(b"QDense_0") + 200
     tampered.write_bytes(bytes(data[:i]) + bytes([data[i] ^ 0x55]) + bytes(data[i + 1:]))
     with pytest.raises(CheckpointError, match="corrupt"):
         sharing.load_compressed(tampered, variables)
@@ -236,7 +236,7 @@ def test_corrupt_or_mismatched_saved_model_is_refused(lenet, tmp_path):
     with pytest.raises(CheckpointError, match="corrupt"):
         sharing.load_compressed(truncated, variables)
     other = init_variables(build_model(compress.defaults(), 7), jax.random.key(0), (28, 28, 1))  # 7 classes
-    with pytest.raises(CheckpointError, match=r"Dense_2/.* shape"):
+    with pytest.raises(CheckpointError, match=r"QDense_2/.* shape"):
         sharing.load_compressed(path, other)
     with pytest.raises(CheckpointError, match="no checkpoint"):
         sharing.load_compressed(tmp_path / "missing.msgpack", variables)
@@ -326,7 +326,7 @@ def test_nsga3_front_and_held_out_pick(tiny_lenet5_float, data_dir, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp_path / "run"
     header, *rows = (run / "front.csv").read_text().splitlines()
-    assert header.startswith("k_Conv_0/kernel,") and rows
+    assert header.startswith("k_QConv_0/kernel,") and rows
     assert header.endswith("val_accuracy,cr_mean,cr_weighted,held_out_accuracy")
     assert (run / "front.png").stat().st_size > 1000
     result = json.loads((run / "results.json").read_text())

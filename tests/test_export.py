@@ -161,7 +161,7 @@ def test_integer_graph_refuses_activations_the_integer_forward_pass_lacks():
                                        scale=np.ones(flat[f"{p}/kernel"].shape[-1], np.float32))
                for p in intforward.quantized_layers(model)}
     bits = Bits(w=np.array(w, np.int32), a=np.array([8, 16, 4, 3, 8], np.int32))
-    with pytest.raises(ConfigError, match=r"Conv_1 has 16-bit activations .* takes 2\.\.8-bit activations"):
+    with pytest.raises(ConfigError, match=r"QConv_1 has 16-bit activations .* takes 2\.\.8-bit activations"):
         onnxgraph.build(model, variables, bits, kernels, shape, (0.1,), (0.3,), arithmetic="integer")
 
 

@@ -100,10 +100,10 @@ def mnist_lenet(tiny_lenet5_float, data_dir):
 
 def test_integer_layers_use_int8_operands_and_int32_sums(mnist_lenet):
     model, variables, layers, *_ = mnist_lenet
-    assert layers == {"Conv_0": 0, "Conv_1": 1, "Dense_0": 2, "Dense_1": 3, "Dense_2": 4}
+    assert layers == {"QConv_0": 0, "QConv_1": 1, "QDense_0": 2, "QDense_1": 3, "QDense_2": 4}
     bits = uniform_bits(5, 4, 8)
     kernels = intforward.integer_kernels(variables, layers, np.asarray(bits.w))
-    assert sorted(kernels) == ["Conv_1", "Dense_0", "Dense_1"]  # first and last stay float
+    assert sorted(kernels) == ["QConv_1", "QDense_0", "QDense_1"]  # first and last stay float
     jaxpr = jax.make_jaxpr(lambda k, x: intforward.apply(model, variables, k, bits, x))(kernels,
                                                                                        jnp.zeros((2, 28, 28, 1)))
     assert _int8_dots(jaxpr.jaxpr) == [jnp.int32] * 3
@@ -172,7 +172,7 @@ def test_resnet_integer_forward_equals_fake_quant(conv):
                                    variables["batch_stats"])
     variables = {**variables, "batch_stats": stats, "quant": {"a_clip": jnp.full(model.num_layers, 3.0)}}
     layers = intforward.quantized_layers(model)
-    assert layers["_BasicBlock_1/Conv_2"] == layers["_BasicBlock_1/Conv_0"]  # the shortcut shares the widths
+    assert layers["_BasicBlock_1/QConv_2"] == layers["_BasicBlock_1/QConv_0"]  # the shortcut shares the widths
     bits = uniform_bits(model.num_layers, 4, 8)
     kernels = intforward.integer_kernels(variables, layers, np.asarray(bits.w))
     assert len(kernels) == len(layers) - 2

@@ -342,26 +342,3 @@ def test_killed_population_training_resumes_to_the_same_models(tmp_path, monkeyp
     for a, b in zip(jax.tree_util.tree_leaves(fresh), jax.tree_util.tree_leaves(expected), strict=True):
         np.testing.assert_array_equal(a, b)
 
-
-def test_a_model_saved_with_qevos_former_layer_names_loads_into_the_plain_flax_network(tmp_path):
-    """Float models saved when qevo's networks were built from its own QConv/QDense layers
-    (parameters under ``QConv_<i>``/``QDense_<i>``) load into the plain Flax networks
-    (``Conv_<i>``/``Dense_<i>``, the same modules in the same order) with every array in place."""
-    from qevo import checkpoint
-    from qevo.models import get_model, init_variables
-
-    model = get_model("resnet8", 10, input_shape=(8, 8, 3))
-    variables = jax.device_get(init_variables(model, jax.random.key(3), (8, 8, 3)))
-
-    def former(tree):
-        if not isinstance(tree, dict):
-            return tree
-        return {"Q" + k if k.startswith(("Conv_", "Dense_")) else k: former(v) for k, v in tree.items()}
-
-    old = former(variables)
-    assert "QConv_0" in old["params"] and "QConv_2" in old["params"]["_BasicBlock_1"]
-    checkpoint.save(tmp_path / "model.msgpack", old)
-    template = init_variables(model, jax.random.key(0), (8, 8, 3))
-    loaded, _ = checkpoint.load(tmp_path / "model.msgpack", template)
-    for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(variables), strict=True):
-        np.testing.assert_array_equal(got, want)
