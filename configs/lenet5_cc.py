@@ -1,7 +1,7 @@
 """LeNet-5 on MNIST, cooperative-coevolution training of integer weights (``python -m qevo.coevolve``).
 
 conv2, fc1 and fc2 (60,480 weights) as 4-bit integer levels with 8-bit activations; conv1
-and fc3 stay float (``quant.float_first_last``); ``--config.coevolve.w_bits=2`` (or 3) for
+and fc3 stay float (``quant.float_layers``); ``--config.coevolve.w_bits=2`` (or 3) for
 lower widths. 12 cycles of 32 groups of 256 weights, 16 networks per group on 512-image
 mini-batches: 6,144 evaluations, then the QAT baseline on the same 196,608 images.
 The float model trains as ``configs/lenet5.py`` does unless ``--config.float_from`` names

@@ -4,8 +4,8 @@ The method of SPEC section 3, gradient-free:
 
 0. the float model (trained in ``<workdir>/float`` or loaded from ``float_from``), its
    activation clip ranges calibrated; the layers of the bit configuration
-   (``coevolve.w_bits``/``a_bits`` on every layer, the first and last kept float with
-   ``quant.float_first_last``; or a search's per-layer widths: ``bits_from``, the search's
+   (``coevolve.w_bits``/``a_bits`` on every layer, those ``quant.float_layers`` selects
+   (the first and last by default) kept float; or a search's per-layer widths: ``bits_from``, the search's
    work folder, and ``bits_model``, one of its final models such as ``front_01``) get
    round-to-nearest integer levels ``q0`` (each layer within its own width) with fixed
    per-channel scales (``quant.mode``: ``"absmax"``, or ``"mse"``, the absmax clipped to the
@@ -500,12 +500,13 @@ def derivative_equations(jaxpr) -> list[str]:
 # --------------------------------------------------------------------------- the command
 
 
-def integer_bits(cfg: ml_collections.ConfigDict, num_layers: int) -> Bits:
-    """Concrete int32 ``[L]`` widths: ``coevolve.w_bits``/``a_bits``, first and last float with
-    ``quant.float_first_last``; or, with ``bits_from``, the per-layer widths of final model
+def integer_bits(cfg: ml_collections.ConfigDict, model) -> Bits:
+    """Concrete int32 ``[L]`` widths of ``model``'s layers: ``coevolve.w_bits``/``a_bits``, the
+    ``quant.float_layers`` float; or, with ``bits_from``, the per-layer widths of final model
     ``bits_model`` of that search run (the row of its ``final.csv``)."""
     if cfg.bits_from is None:
-        bits = train.uniform_bits(num_layers, cfg.coevolve.w_bits, cfg.coevolve.a_bits, cfg.quant.float_first_last)
+        bits = train.uniform_bits(model.num_layers, cfg.coevolve.w_bits, cfg.coevolve.a_bits,
+                                  train.float_layers(cfg, model))
         return Bits(w=np.asarray(bits.w), a=np.asarray(bits.a))
     err = config_lib.ConfigError
     if cfg.bits_model is None:
@@ -525,9 +526,9 @@ def integer_bits(cfg: ml_collections.ConfigDict, num_layers: int) -> Bits:
     if widths is None:
         raise err(f"bits_model={cfg.bits_model!r} is not a final model of {cfg.bits_from}; choose one of {models}")
     w, a = widths
-    if w.shape != (num_layers,) or a.shape != (num_layers,):
+    if w.shape != (model.num_layers,) or a.shape != (model.num_layers,):
         raise err(f"{cfg.bits_model} of {cfg.bits_from} has widths for {w.size} layers, this model "
-                  f"({cfg.model.name}) has {num_layers}; take bits from a search of the same model")
+                  f"({model.name}) has {model.num_layers}; take bits from a search of the same model")
     for name, widths, lo in (("weight", w, 2), ("activation", a, intforward.MIN_ACTIVATION_BITS)):
         bad = sorted({int(b) for b in widths if not (lo <= b <= 8 or b == 32)})
         if bad:
@@ -570,12 +571,12 @@ def prepare_arrays(cfg: ml_collections.ConfigDict, model: nn.Module, variables: 
     :class:`Problem` that starts from the round-to-nearest integer weights.
     """
     c = cfg.coevolve
-    bits = integer_bits(cfg, model.num_layers)
+    bits = integer_bits(cfg, model)
     paths = intforward.quantized_layers(model)
     rtn = intforward.integer_kernels(variables, paths, bits.w, cfg.quant.per_channel, cfg.quant.mode)
     if not rtn:
-        raise config_lib.ConfigError("no layer is quantized: with quant.float_first_last=True "
-                                     "the model needs more than two layers")
+        raise config_lib.ConfigError(f"no layer is quantized: quant.float_layers={cfg.quant.float_layers!r} keeps "
+                                     "every layer float; select fewer")
     levels = [intforward.max_level(int(bits.w[paths[p]])) for p in rtn]
     max_level = (levels[0] if len(set(levels)) == 1 else
                  jnp.concatenate([jnp.full(k.q.size, n, jnp.int32) for k, n in zip(rtn.values(), levels, strict=True)]))
@@ -604,7 +605,7 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, model=None, v
     :func:`qevo.train.resolve_inputs`)."""
     inputs = train.resolve_inputs(cfg, model, variables, data, loss, metric)
     ds, model, loss, metric = inputs.ds, inputs.model, inputs.loss, inputs.metric
-    integer_bits(cfg, model.num_layers)  # a bad bits_from is refused before the float model trains
+    integer_bits(cfg, model)  # a bad bits_from is refused before the float model trains
     variables = (float_model(cfg, ds, model, workdir, loss, metric)[0] if inputs.variables is None
                  else inputs.variables)
     variables = calibrate(model, variables, normalize(jnp.asarray(ds.train_images[:512]), ds.mean, ds.std))

@@ -8,10 +8,14 @@ values of the wrong type or range fail with one message naming the key and the f
 from __future__ import annotations
 
 import ast
+import copy
 import difflib
+import fnmatch
 import importlib.util
 import math
 import pathlib
+import sys
+from collections.abc import Sequence
 
 import ml_collections
 from ml_collections import config_dict
@@ -45,7 +49,10 @@ def defaults() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict({"name": "lenet5", "activation": "relu", "conv": "auto",
                                          "precision": "float32"})
     c.float_from = config_dict.placeholder(str)
-    c.quant = ml_collections.ConfigDict({"mode": "absmax", "per_channel": True, "float_first_last": True})
+    # float_layers: the quantizable layers that stay float, comma-separated selectors, each a
+    # layer's index in call order (negative from the end), its name or path, or a glob over
+    # either (resolved by float_layers()); "" quantizes every layer.
+    c.quant = ml_collections.ConfigDict({"mode": "absmax", "per_channel": True, "float_layers": "0,-1"})
     c.train = ml_collections.ConfigDict(
         {
             "epochs": 10,
@@ -96,6 +103,69 @@ SUFFIX_RANGES = {
     "chunk_size": (lambda v: v is None or (isinstance(v, int) and v >= 1), "an int >= 1, or None"),
     "val_size": (lambda v: isinstance(v, int) and v >= 0, "an int >= 0"),
 }
+
+
+# Keys renamed since an earlier release: old name -> (new name, value translation). Config
+# files, overrides and the config.json of earlier runs that use an old name keep working,
+# with a one-line notice, until the next release.
+RENAMED = {
+    "quant.float_first_last": ("quant.float_layers", lambda old: "0,-1" if old else ""),
+}
+
+
+def _renamed(name: str, value) -> tuple[str, object]:
+    """``(name, value)`` under the current key name, with a one-line notice for an old one."""
+    if name not in RENAMED:
+        return name, value
+    new, translate = RENAMED[name]
+    print(f"qevo: config key {name} is now {new}; read {name}={value!r} as {new}={translate(value)!r} "
+          "(the old name goes in the next release)", file=sys.stderr)
+    return new, translate(value)
+
+
+def upgrade(cfg: dict) -> dict:
+    """A nested config dict (a ``config.json``, or ``ConfigDict.to_dict()``) with every key of
+    :data:`RENAMED` moved to its new name, with a notice for each; others unchanged."""
+    out = copy.deepcopy(cfg)
+    for old in RENAMED:
+        *parents, leaf = old.split(".")
+        node = out
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            name, value = _renamed(old, node.pop(leaf))
+            node[name.rsplit(".", 1)[-1]] = value
+    return out
+
+
+def float_layers(spec: str, names: Sequence[str], paths: Sequence[str] = ()) -> tuple[int, ...]:
+    """Indices (ascending) of the layers ``quant.float_layers`` keeps float.
+
+    Args:
+      spec: comma-separated selectors: an int index in call order (negative counts from the
+        end), a layer's name or path, or a glob pattern over either (``"stage1.*"``); ``""``
+        selects none.
+      names: the ``L`` layer names (``model.layer_names``); ``paths``: their module paths.
+
+    Raises ``ConfigError`` for a selector that matches no layer.
+    """
+    chosen: set[int] = set()
+    for selector in (s.strip() for s in str(spec).split(",")):
+        if not selector:
+            continue
+        try:
+            index = int(selector)
+        except ValueError:
+            hits = {i for i, labels in enumerate(zip(names, paths or names, strict=True))
+                    if any(fnmatch.fnmatchcase(label, selector) for label in labels)}
+        else:
+            hits = {index % len(names)} if -len(names) <= index < len(names) else set()
+        if not hits:
+            raise ConfigError(f"config quant.float_layers={spec!r}: {selector!r} matches none of the "
+                              f"{len(names)} quantizable layers; use indices 0..{len(names) - 1}, negative "
+                              f"indices, or names/globs of {list(names)}")
+        chosen |= hits
+    return tuple(sorted(chosen))
 
 
 def flatten(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict:
@@ -172,6 +242,8 @@ def validate(cfg: ml_collections.ConfigDict,
       ``known`` with the values of ``cfg`` (keys the file leaves out keep their defaults).
     """
     known = defaults() if known is None else known
+    if any(name in RENAMED for name in flatten(cfg)):
+        cfg = ml_collections.ConfigDict(upgrade(cfg.to_dict()))
     check_keys(cfg, known)
     cfg = merge(known, cfg)
     flat = flatten(cfg)
@@ -210,12 +282,7 @@ def load(path: str | pathlib.Path, overrides: list[str] = ()) -> ml_collections.
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found; pass --config configs/<name>.py")
-    spec = importlib.util.spec_from_file_location(f"qevo_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as e:  # the file is the user's input: any error in it is theirs to fix
-        raise ConfigError(f"config file {path} failed to load: {type(e).__name__}: {e}") from e
+    module = _run_file(path, "config file")
     if not callable(getattr(module, "get_config", None)):
         raise ConfigError(f"config file {path} defines no get_config(); define one that returns a ConfigDict")
     try:
@@ -228,6 +295,36 @@ def load(path: str | pathlib.Path, overrides: list[str] = ()) -> ml_collections.
     for item in overrides:
         _override(cfg, item)
     return cfg
+
+
+def _run_file(path: pathlib.Path, what: str):
+    """The module that the Python file ``path`` defines, run as ``python path`` would (its
+    folder first on ``sys.path``, for the modules beside it); any error in it is a
+    ``ConfigError`` (the file is the user's input: its errors are theirs to fix)."""
+    spec = importlib.util.spec_from_file_location(f"qevo_user_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.resolve().parent))
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise ConfigError(f"{what} {path} failed to load: {type(e).__name__}: {e}") from e
+    finally:
+        sys.path.remove(str(path.resolve().parent))
+    return module
+
+
+def load_function(spec: str, flag: str):
+    """The function ``NAME`` of a Python file, from ``spec`` = ``"path/to/file.py:NAME"``
+    (``flag``, the option that gave it, names it in the errors)."""
+    path, sep, name = str(spec).rpartition(":")
+    if not sep or not path or not name.isidentifier():
+        raise ConfigError(f"{flag} {spec!r} must look like path/to/file.py:function")
+    if not pathlib.Path(path).is_file():
+        raise ConfigError(f"{flag} {spec!r}: the file {path} does not exist")
+    function = getattr(_run_file(pathlib.Path(path), flag), name, None)
+    if not callable(function):
+        raise ConfigError(f"{flag} {spec!r}: {path} defines no function {name}()")
+    return function
 
 
 def take_sections(cfg: ml_collections.ConfigDict, config_file: str | pathlib.Path,
@@ -247,14 +344,18 @@ def _override(cfg: ml_collections.ConfigDict, item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like --config.section.key=value")
     name, text = item.split("=", 1)
-    keys = flatten(cfg)
-    if name not in keys:
-        raise ConfigError(f"unknown config key {name!r} in override --config.{item}{_did_you_mean(name, keys)}; "
-                          f"known keys: {', '.join(sorted(keys))}")
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         value = text
+    keys = flatten(cfg)
+    if isinstance(keys.get(name), str):  # a text field takes the text as written: float_layers=0,-1
+        value = text
+    elif name not in keys:
+        name, value = _renamed(name, value)
+    if name not in keys:
+        raise ConfigError(f"unknown config key {name!r} in override --config.{item}{_did_you_mean(name, keys)}; "
+                          f"known keys: {', '.join(sorted(keys))}")
     _set(cfg, name, value, f"override --config.{item}")
 
 

@@ -64,7 +64,8 @@ KINDS = {"search": "qevo.search", "compress": "qevo.compress", "coevolve": "qevo
 # Each command's keys and defaults: a run begun before a key existed reads it at its default.
 DEFAULTS = {"search": search.defaults, "compress": compress.defaults, "coevolve": coevolve.defaults,
             "train": config_lib.defaults}
-USAGE = "usage: python -m qevo.export --workdir RUN [--model NAME] --out FILE.onnx [--verify]"
+USAGE = ("usage: python -m qevo.export --workdir RUN [--model NAME] --out FILE.onnx [--verify] "
+         "[--inputs FILE.py:FUNCTION (a run on a network of your own: FUNCTION() returns dict(model=..., data=...))]")
 
 
 @dataclasses.dataclass
@@ -218,7 +219,8 @@ def load(workdir, name: str | None = None, *, model=None, data: Dataset | None =
     kind = run_kind(raw)
     results = _read_json(workdir / RESULTS, f"its {KINDS[kind]} run has not finished; rerun it with this --workdir")
     defaults = DEFAULTS[kind]()
-    cfg = ml_collections.ConfigDict(fill_defaults(raw, json.loads(json.dumps(config_lib.to_dict(defaults)))))
+    cfg = ml_collections.ConfigDict(fill_defaults(config_lib.upgrade(raw),
+                                                  json.loads(json.dumps(config_lib.to_dict(defaults)))))
     available = names(workdir, kind, cfg)
     if name is None and kind == "search":
         raise ConfigError(f"a search run holds several models: pass --model, one of {', '.join(available)}")
@@ -228,8 +230,9 @@ def load(workdir, name: str | None = None, *, model=None, data: Dataset | None =
                           + ", ".join(available))
     if model is None and results.get("model", cfg.model.name) != cfg.model.name:
         raise ConfigError(f"{workdir} was made from Python with a network of your own ({results['model']}); "
-                          f"export it from Python: qevo.export.export({str(workdir)!r}, name, out, model=..., "
-                          "data=...) with the run's model and data")
+                          "pass --inputs FILE.py:FUNCTION, a function that returns dict(model=..., data=...) with the "
+                          f"run's network and data (from Python: qevo.export.export({str(workdir)!r}, name, out, "
+                          "model=..., data=...))")
     inputs = train.resolve_inputs(cfg, model, None, data)
     ds, model = inputs.ds, inputs.model
     shape = ds.train_images.shape[1:]
@@ -261,7 +264,7 @@ def load(workdir, name: str | None = None, *, model=None, data: Dataset | None =
         variables = _load_variables(workdir / MODEL, template)
         if cfg.train.w_bits < FLOAT_BITS or cfg.train.a_bits < FLOAT_BITS:
             uniform = train.uniform_bits(model.num_layers, cfg.train.w_bits, cfg.train.a_bits,
-                                         cfg.quant.float_first_last)
+                                         train.float_layers(cfg, model))
             bits = Bits(w=np.asarray(uniform.w), a=np.asarray(uniform.a))
         accuracy = results["test_accuracy"]
     if bits is not None and not kernels:
@@ -379,8 +382,18 @@ def export(workdir, name: str | None = None, out="model.onnx", check: bool = Fal
     return record
 
 
+def user_inputs(spec: str) -> dict:
+    """``--inputs FILE.py:FUNCTION``: the ``model=`` and ``data=`` that ``FUNCTION()`` returns
+    (a dict with either or both), for a run made from Python with a network of one's own."""
+    inputs = config_lib.load_function(spec, "--inputs")()
+    if not isinstance(inputs, dict) or not inputs or set(inputs) - {"model", "data"}:
+        raise ConfigError(f"--inputs {spec}: the function returned {type(inputs).__name__} "
+                          f"{sorted(inputs) if isinstance(inputs, dict) else ''}; return dict(model=..., data=...)")
+    return inputs
+
+
 def parse_args(argv: list[str]) -> dict:
-    """``--workdir``, ``--model``, ``--out`` (``--key value`` or ``--key=value``) and ``--verify``."""
+    """``--workdir``, ``--model``, ``--out``, ``--inputs`` (``--key value`` or ``--key=value``) and ``--verify``."""
     args, found = list(argv), {"verify": False}
     while args:
         arg = args.pop(0)
@@ -392,7 +405,7 @@ def parse_args(argv: list[str]) -> dict:
             args.insert(0, value)
         if arg == "--verify":
             found["verify"] = True
-        elif arg in ("--workdir", "--model", "--out") and args:
+        elif arg in ("--workdir", "--model", "--out", "--inputs") and args:
             found[arg[2:]] = args.pop(0)
         else:
             raise ConfigError(f"unexpected argument {arg!r}; {USAGE}")
@@ -406,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     """The command: export, print the JSON record; a user error is one line and exit status 2."""
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
-        record = export(args["workdir"], args.get("model"), args["out"], check=args["verify"])
+        record = export(args["workdir"], args.get("model"), args["out"], check=args["verify"],
+                        **(user_inputs(args["inputs"]) if "inputs" in args else {}))
     except QevoError as e:
         print(f"qevo.export: error: {e}", file=sys.stderr)
         return 2

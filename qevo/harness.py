@@ -174,7 +174,7 @@ def prepare_workdir(workdir: pathlib.Path, cfg: ml_collections.ConfigDict,
         workdir.mkdir(parents=True, exist_ok=True)
         if saved.exists():
             try:
-                previous = json.loads(saved.read_text())
+                previous = config_lib.upgrade(json.loads(saved.read_text()))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise CheckpointError(f"{saved} is corrupt ({e}); delete {workdir} to start over") from e
             started = any(p.name != CONFIG for p in workdir.iterdir())

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 import shutil
 import sys
@@ -64,7 +65,8 @@ from qevo.models import init_variables
 from qevo.population import PopulationEvaluator, QATConfig, batch_eval_set
 from qevo.pretrained import float_model
 
-OBJECTIVES = ("error", "bitops", "size", "flops", "params")
+COSTS = ("bitops", "size", "flops", "params")
+OBJECTIVES = ("error", *COSTS)
 DRIVERS = ("nsga3", "random", *drivers.EVOSAX_NAMES)
 SCALARIZATIONS = ("weighted", "tchebycheff", "budget")
 ALLOWED_BITS = (*range(1, 9), 16, 32)
@@ -101,6 +103,7 @@ def defaults() -> ml_collections.ConfigDict:
             "scalarization": "weighted",
             "weights": config_dict.placeholder(tuple),
             "budget": 0.5,
+            "constraints": "",
         }
     )
     c.final = ml_collections.ConfigDict(
@@ -152,6 +155,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise err("config generations and search.qat_steps must be >= 0, final.epochs and final.max_models >= 1")
     if not 0.0 <= s.crossover_prob <= 1.0 or not 0.0 <= s.budget <= 1.0:
         raise err("config search.crossover_prob and search.budget must lie in [0, 1]")
+    parse_constraints(s.constraints)
     n_ref = len(reference_directions(cfg))
     if cfg.population_size < max(n_ref, 2):
         raise err(
@@ -171,6 +175,27 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if s.initial_samples is not None and s.initial_samples < cfg.population_size:
         raise err(f"config search.initial_samples={s.initial_samples} must be >= population_size={cfg.population_size}")
     return cfg
+
+
+def parse_constraints(text: str) -> dict[str, float]:
+    """``search.constraints``, comma-separated upper bounds ``name<=value`` on a cost of
+    :func:`costs` or a user's objective, in its units (``"size<=4.8e5"``: at most 480,000
+    bits of weights), as ``{name: bound}``; ``""`` sets none."""
+    limits = {}
+    for item in (t.strip() for t in str(text).split(",")):
+        if not item:
+            continue
+        name, sep, value = (part.strip() for part in item.partition("<="))
+        try:
+            bound = float(value)
+        except ValueError:
+            bound = math.nan
+        if not sep or not name or not math.isfinite(bound) or bound <= 0 or name in limits:
+            raise config_lib.ConfigError(
+                f"config search.constraints={text!r}: {item!r} is no upper bound; write each as name<=number "
+                f"(a number > 0, each name once), e.g. search.constraints='size<=4.8e5,bitops<=2e8'")
+        limits[name] = bound
+    return limits
 
 
 def reference_directions(cfg: ml_collections.ConfigDict) -> np.ndarray:
@@ -214,10 +239,13 @@ class SearchSpace:
         return Bits(w=np.asarray(w), a=np.asarray(a))
 
 
-def make_space(cfg: ml_collections.ConfigDict, num_layers: int) -> SearchSpace:
-    searched = np.ones(num_layers, bool)
-    if cfg.quant.float_first_last and num_layers > 2:
-        searched[[0, -1]] = False
+def make_space(cfg: ml_collections.ConfigDict, model) -> SearchSpace:
+    """The genome of ``model``'s layers: every layer but those ``quant.float_layers`` keeps float."""
+    searched = np.ones(model.num_layers, bool)
+    searched[list(train.float_layers(cfg, model))] = False
+    if not searched.any():
+        raise config_lib.ConfigError(f"config quant.float_layers={cfg.quant.float_layers!r} keeps all "
+                                     f"{model.num_layers} layers float: nothing is left to search; select fewer")
     return SearchSpace(np.array(cfg.search.w_candidates, np.int32), np.array(cfg.search.a_candidates, np.int32),
                        searched)
 
@@ -258,6 +286,16 @@ class Problem:
                 **{name: np.asarray(f(w, a, self.table), np.float64).reshape(w.shape[0])
                    for name, f in self.extra_objectives.items()}}
 
+    def violation(self, bits: Bits) -> np.ndarray:
+        """float64 ``[P]``: how far each model exceeds ``search.constraints``, the sum over the
+        bounds of ``max(0, value / bound - 1)``; 0 where it keeps every bound."""
+        limits = parse_constraints(self.cfg.search.constraints)
+        values = self.costs(bits) if limits else {}
+        total = np.zeros(np.shape(bits.w)[0])
+        for name, bound in limits.items():
+            total += np.maximum(0.0, values[name] / bound - 1.0)
+        return total
+
     def objectives(self, genes: np.ndarray, key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
         """``(F [P, M] float64, validation accuracy [P])``; NaN error where the network diverged."""
         bits = self.space.decode(genes)
@@ -291,8 +329,13 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, model=None, v
     """Data, float model (trained, loaded or the user's), calibration, cost table and evaluator
     (``model``, ``variables``, ``data``, ``loss``, ``metric``: :func:`qevo.train.resolve_inputs`;
     ``objectives``: :func:`run`)."""
+    unknown = sorted(set(parse_constraints(cfg.search.constraints)) - {*COSTS, *(objectives or {})})
+    if unknown:
+        raise config_lib.ConfigError(f"config search.constraints bounds {unknown}, which are no costs; bound "
+                                     f"{COSTS} or a name of run(objectives=...)")
     inputs = train.resolve_inputs(cfg, model, variables, data, loss, metric)
     ds, model, loss, metric = inputs.ds, inputs.model, inputs.loss, inputs.metric
+    space = make_space(cfg, model)  # a bad quant.float_layers is refused before the float model trains
     calib = normalize(jnp.asarray(ds.train_images[:512]), ds.mean, ds.std)
     starts, float_results = {}, {}
     if "float" in (cfg.search.start, cfg.final.start):
@@ -323,7 +366,7 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, model=None, v
         raise config_lib.ConfigError("the search scores on the validation split: set data.val_size > 0")
     return Problem(
         cfg=cfg,
-        space=make_space(cfg, model.num_layers),
+        space=space,
         table=cost.layer_table(model, variables, ds.train_images.shape[1:]),
         evaluator=evaluator,
         variables=variables,
@@ -441,13 +484,15 @@ class SearchLoop:
         start = time.perf_counter()
         genes, x, dstate = self.propose(state, k_var)
         F, acc = self.problem.objectives(genes, k_eval)
+        violation = self.problem.violation(self.space.decode(genes))
+        F_select = self.penalized(F, violation)
         if self.driver is not None:
-            fitness = _scalarize(self.cfg, F, self.lower, self.upper)
+            fitness = _scalarize(self.cfg, F_select, self.lower, self.upper)
             dstate = self.driver.tell(k_tell, x, fitness, dstate)
-            pop_genes, pop_F, nsga = genes, F, state.nsga
+            pop_genes, pop_F, nsga = genes, F_select, state.nsga
         else:
             pool_genes = genes if gen == 0 else np.concatenate([state.genes, genes])
-            pool_F = F if gen == 0 else np.concatenate([state.objectives, F])
+            pool_F = F_select if gen == 0 else np.concatenate([state.objectives, F_select])
             idx, nsga = nsga3.survive(jnp.asarray(pool_F, state.nsga.ideal_point.dtype), self.ref_dirs,
                                       self.cfg.population_size, state.nsga, k_surv)
             idx = np.asarray(idx)
@@ -457,7 +502,15 @@ class SearchLoop:
             generation=gen, genes=pop_genes, objectives=pop_F, nsga=nsga, driver=dstate,
             evaluations=state.evaluations + len(genes), seconds=state.seconds + seconds,
         )
-        return new, {"genes": genes, "objectives": F, "accuracy": acc, "seconds": seconds}
+        return new, {"genes": genes, "objectives": F, "accuracy": acc, "violation": violation, "seconds": seconds}
+
+    def penalized(self, F: np.ndarray, violation: np.ndarray) -> np.ndarray:
+        """``F [P, M]`` as selection sees it: a model over ``search.constraints`` gets, in every
+        objective, the upper bound plus ``1 + violation`` times the objective's range, so every
+        model within the bounds dominates it and, among those over, the smaller excess wins
+        (Deb's constraint domination, in the ranking NSGA-III already does)."""
+        v = violation[:, None]
+        return np.where(v > 0, self.upper + (1.0 + v) * (self.upper - self.lower), F)
 
     def run(self) -> list[dict]:
         """Run (or resume) every generation; returns all history records."""
@@ -475,10 +528,10 @@ class SearchLoop:
                 {
                     "generation": state.generation, "genes": g.tolist(), "w_bits": w.tolist(), "a_bits": a.tolist(),
                     "objectives": dict(zip(self.cfg.search.objectives, map(_finite_or_none, f), strict=True)),
-                    "val_accuracy": _finite_or_none(acc),
+                    "val_accuracy": _finite_or_none(acc), "violation": float(v),
                 }
-                for g, w, a, f, acc in zip(rec["genes"], bits.w, bits.a, rec["objectives"], rec["accuracy"],
-                                           strict=True)
+                for g, w, a, f, acc, v in zip(rec["genes"], bits.w, bits.a, rec["objectives"], rec["accuracy"],
+                                              rec["violation"], strict=True)
             ]
             if not np.isfinite(rec["objectives"]).all(axis=1).any():
                 bar.close()
@@ -508,9 +561,10 @@ def _finite_or_none(v) -> float | None:
 
 
 def history_objectives(history: list[dict], names) -> np.ndarray:
-    """float64 ``[R, M]`` objectives of every record (NaN where missing)."""
-    return np.array([[np.nan if r["objectives"][n] is None else r["objectives"][n] for n in names] for r in history],
-                    np.float64).reshape(len(history), len(names))
+    """float64 ``[R, M]`` objectives of every record: NaN where missing, and in every column
+    of a model over ``search.constraints`` (so no front holds it)."""
+    return np.array([[np.nan if r["objectives"][n] is None or r.get("violation", 0.0) > 0 else r["objectives"][n]
+                      for n in names] for r in history], np.float64).reshape(len(history), len(names))
 
 
 def front_indices(F: np.ndarray) -> np.ndarray:

@@ -203,13 +203,17 @@ def resolve_inputs(cfg: ml_collections.ConfigDict, model=None, variables: dict |
     return Inputs(ds, quantized, variables, name, loss, metric)
 
 
-def uniform_bits(num_layers: int, w: int, a: int, float_first_last: bool = True) -> Bits:
-    """Widths ``w``/``a`` on every layer, first and last at 32 when ``float_first_last``."""
+def uniform_bits(num_layers: int, w: int, a: int, float_layers: tuple[int, ...] = (0, -1)) -> Bits:
+    """int32 ``[L]`` widths ``w``/``a`` on every layer, 32 (float) on the indices ``float_layers``."""
     wb = np.full(num_layers, w, np.int32)
     ab = np.full(num_layers, a, np.int32)
-    if float_first_last:
-        wb[[0, -1]] = ab[[0, -1]] = 32
+    wb[list(float_layers)] = ab[list(float_layers)] = 32
     return Bits(w=jnp.asarray(wb), a=jnp.asarray(ab))
+
+
+def float_layers(cfg: ml_collections.ConfigDict, model) -> tuple[int, ...]:
+    """The indices of ``model``'s layers that ``cfg.quant.float_layers`` keeps float."""
+    return config_lib.float_layers(cfg.quant.float_layers, model.layer_names, [layer.path for layer in model.layers])
 
 
 def make_optimizer(t: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -525,7 +529,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, *, model=None, da
         inputs = resolve_inputs(cfg, model, None, data, loss, metric)
         ds, model = inputs.ds, inputs.model
         quantized = cfg.train.w_bits < 32 or cfg.train.a_bits < 32
-        bits = (uniform_bits(model.num_layers, cfg.train.w_bits, cfg.train.a_bits, cfg.quant.float_first_last)
+        bits = (uniform_bits(model.num_layers, cfg.train.w_bits, cfg.train.a_bits, float_layers(cfg, model))
                 if quantized else None)
         init_key, train_key = jax.random.split(jax.random.key(cfg.seed))
         variables = initial_variables(cfg, ds, model, bits, init_key)

@@ -326,7 +326,7 @@ def test_bad_config_is_refused_with_the_fix(overrides, message):
          "qevo.coevolve: error: bits_from='/nonexistent/search' holds no finished qevo.search run"),
         (["--config.bits_from=benchmarks/results/resnet20_cpu_search3", "--config.bits_model=front_02"],
          "qevo.coevolve: error: front_02 of benchmarks/results/resnet20_cpu_search3 has widths for 20 layers, "
-         "this model (lenet5) has 5"),
+         "this model (LeNet5) has 5"),
     ],
 )
 def test_bad_input_gives_one_clear_line(args, message, tiny_lenet5_float, data_dir, tmp_path):
@@ -465,7 +465,7 @@ def test_bits_from_a_search_model_gives_each_layer_its_own_level_range(tmp_path)
     (["bits_from={run}", "bits_model=front_07"], {"front_01": ([32, 4, 4, 4, 32], [32, 4, 4, 4, 32])},
      r"bits_model='front_07' is not a final model of {run}; choose one of \['front_01'\]$"),
     (["bits_from={run}", "bits_model=front_01"], {"front_01": ([32, 4, 4, 32], [32, 4, 4, 32])},
-     r"front_01 of {run} has widths for 4 layers, this model \(lenet5\) has 5; take bits from a search of the "
+     r"front_01 of {run} has widths for 4 layers, this model \(LeNet5\) has 5; take bits from a search of the "
      r"same model$"),
     (["bits_from={run}", "bits_model=front_01"], {"front_01": ([32, 1, 4, 4, 32], [32, 4, 4, 4, 32])},
      r"front_01 of {run} has weight widths \[1\]; integer training takes 2..8 bits"),
@@ -477,7 +477,7 @@ def test_bad_bits_from_is_refused_in_one_line(tmp_path, extra, models, message):
     run = _search_run(tmp_path, models)
     cfg = coevolve.validate(config_lib.load(REPO / "configs" / "lenet5_cc.py", [e.format(run=run) for e in extra]))
     with pytest.raises(config_lib.ConfigError) as err:
-        coevolve.integer_bits(cfg, 5)
+        coevolve.integer_bits(cfg, get_model("lenet5", 10))
     assert re.match(message.format(run=re.escape(run)), str(err.value)) and "\n" not in str(err.value), err.value
 
 
@@ -488,7 +488,8 @@ def test_bad_bits_from_is_refused_before_the_float_model_trains(tmp_path, monkey
     monkeypatch.setattr(train, "load_data", lambda cfg: train.Dataset.from_arrays((x, y), (x, y), val_size=8))
     monkeypatch.setattr(coevolve, "float_model", lambda *args: pytest.fail("the float model was trained"))
     for model, message in (("front_07", "bits_model='front_07' is not a final model of "),
-                           ("front_01", f"front_01 of {run} has widths for 5 layers, this model (resnet20) has 20; ")):
+                           ("front_01", f"front_01 of {run} has widths for 5 layers, this model (CifarResNet) "
+                                        "has 20; ")):
         cfg = coevolve.validate(config_lib.load(REPO / "configs" / "resnet20_cc_cpu.py", [
             f"bits_from={run}", f"bits_model={model}", "data.val_size=8"]))
         with pytest.raises(config_lib.ConfigError) as err:
@@ -501,7 +502,7 @@ def test_bits_from_reads_a_committed_search_model():
     coevolution's widths, straight from its results folder."""
     cfg = coevolve.validate(config_lib.load(REPO / "configs" / "resnet20_cc_cpu.py", [
         "bits_from=" + str(REPO / "benchmarks" / "results" / "resnet20_cpu_search3"), "bits_model=front_02"]))
-    bits = coevolve.integer_bits(cfg, 20)
+    bits = coevolve.integer_bits(cfg, get_model("resnet20", 10))
     assert bits.w.tolist() == [32] + [4] * 10 + [2] + [4] * 7 + [32]
     assert bits.a.tolist() == [32] + [4] * 8 + [2] + [4] * 8 + [2, 32]
     assert coevolve.describe(bits).startswith("w[32, 4, 4")

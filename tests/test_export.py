@@ -3,6 +3,7 @@ onnxruntime, tiny runs of every command exported end to end, and one-line user e
 
 
 import json
+import re
 import subprocess
 import sys
 
@@ -318,6 +319,29 @@ def test_bad_input_is_one_line_and_status_2(runs, tmp_path, case, message):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("qevo.export: error: ") and message in lines[0], done.stderr
     assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("source, spec, message", [
+    (None, "inputs.py", "--inputs 'inputs.py' must look like path/to/file.py:function"),
+    (None, "absent.py:inputs", "the file absent.py does not exist"),
+    ("x = 1\n", "inputs.py:inputs", "inputs.py defines no function inputs()"),
+    ("import nowhere_at_all\n", "inputs.py:inputs", "failed to load: ModuleNotFoundError"),
+    ("def inputs():\n    return 3\n", "inputs.py:inputs", "the function returned int ; return dict(model=..."),
+    ("def inputs():\n    return {'modle': 1}\n", "inputs.py:inputs", "returned dict ['modle']; return dict("),
+])
+def test_inputs_of_ones_own_network_are_checked_in_one_line(source, spec, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    if source is not None:
+        (tmp_path / "inputs.py").write_text(source)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        export.user_inputs(spec)
+
+
+def test_inputs_import_the_modules_beside_their_file(tmp_path):
+    (tmp_path / "helper_beside.py").write_text("MODEL = 'the model'\n")
+    (tmp_path / "inputs.py").write_text("import helper_beside\n\n"
+                                        "def inputs():\n    return {'model': helper_beside.MODEL}\n")
+    assert export.user_inputs(f"{tmp_path / 'inputs.py'}:inputs") == {"model": "the model"}
 
 
 @pytest.mark.slow

@@ -328,6 +328,21 @@ def test_the_example_takes_a_users_network_through_every_method_on_real_mnist(da
     assert check["prediction_agreement"] >= 0.99
     assert abs(check["onnxruntime_test_accuracy"] - record["test_accuracy"]) <= 0.005
 
+    # The command exports a front model of that run, given the script's network and data.
+    command = [sys.executable, "-m", "qevo.export", "--workdir", str(tmp_path / "run" / "search"), "--model",
+               "front_00", "--out", str(tmp_path / "front_00.onnx"), "--verify"]
+    env = {**os.environ, "QEVO_DATA_DIR": str(data_dir), "QEVO_EXAMPLE_TINY": "1"}
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False, env=env, cwd=REPO)
+    assert refused.returncode == 2 and "pass --inputs FILE.py:FUNCTION" in refused.stderr, refused.stderr[-2000:]
+    exported = subprocess.run([*command, "--inputs", "docs/examples/own_linen_model.py:export_inputs"],
+                              capture_output=True, text=True, timeout=600, check=False, env=env, cwd=REPO)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    record = json.loads(exported.stdout)
+    with (tmp_path / "run" / "search" / "final.csv").open() as f:
+        front = next(row for row in csv.DictReader(f) if row["name"] == "front_00")
+    assert record["test_accuracy"] == float(front["test_accuracy"])
+    assert abs(record["verification"]["onnxruntime_test_accuracy"] - record["test_accuracy"]) <= 5e-4
+
 
 def test_an_objective_named_like_a_built_in_one_is_refused():
     with pytest.raises(ConfigError, match=r"objectives=\{'bitops': \.\.\.\} must map a new name"):

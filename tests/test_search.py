@@ -42,6 +42,11 @@ def _search(workdir, args, data_dir):
         (["--config.search.driver=nsga2"], "search.driver='nsga2' is not one of"),
         (["--config.search.uniform_seeds=((2, 2), (2, 2))"], "must list distinct (weight_bits, activation_bits)"),
         (["--config.search.uniform_seeds=((2, 2, 2),)"], "must list distinct (weight_bits, activation_bits)"),
+        (["--config.search.constraints=size<4e5"], "'size<4e5' is no upper bound; write each as name<=number"),
+        (["--config.search.constraints=size<=0"], "'size<=0' is no upper bound"),
+        (["--config.search.constraints=latency<=3"], "bounds ['latency'], which are no costs"),
+        (["--config.quant.float_layers=fc9"], "'fc9' matches none of the 5 quantizable layers"),
+        (["--config.quant.float_layers=conv*,fc*"], "keeps all 5 layers float: nothing is left to search"),
         (["--config.population_size=4", "--config.search.n_partitions=1",
           "--config.search.uniform_seeds=((8, 8), (4, 4), (2, 2), (2, 4), (4, 2))"],
          "gives 5 usable pairs, more than the first population's 4"),
@@ -94,6 +99,72 @@ def test_front_indices_keeps_distinct_finite_nondominated_rows():
 def _rows(path):
     with path.open() as fh:
         return list(csv.DictReader(fh))
+
+
+def test_float_layers_select_by_index_name_path_and_glob():
+    """LeNet-5's layers: names conv1, conv2, fc1, fc2, fc3 at paths QConv_0, QConv_1, QDense_0..2."""
+    from qevo.models import get_model
+
+    model = get_model("lenet5", 10)
+    cfg = search.defaults()
+    for spec, floats in (("0,-1", [0, 4]), ("", []), ("conv2", [1]), ("QDense_*", [2, 3, 4]), ("-2, conv1", [0, 3]),
+                         ("fc?,0", [0, 2, 3, 4])):
+        cfg.quant.float_layers = spec
+        searched = np.ones(5, bool)
+        searched[floats] = False
+        np.testing.assert_array_equal(search.make_space(cfg, model).searched, searched, err_msg=spec)
+    with pytest.raises(config_lib.ConfigError, match="'5' matches none of the 5 quantizable layers"):
+        cfg.quant.float_layers = "0,5"
+        search.make_space(cfg, model)
+
+
+def test_a_config_of_the_former_float_first_last_key_still_loads_with_a_notice(tmp_path, capsys):
+    old = search.defaults().to_dict()
+    del old["quant"]["float_layers"]
+    old["quant"]["float_first_last"] = False
+    cfg = search.validate(config_lib.ml_collections.ConfigDict(old))
+    assert cfg.quant.float_layers == ""
+    assert "config key quant.float_first_last is now quant.float_layers" in capsys.readouterr().err
+    # a run folder begun under the old key resumes under the new one
+    (tmp_path / "config.json").write_text(json.dumps({**old, "quant": {**old["quant"], "float_first_last": True}}))
+    (tmp_path / "checkpoint.msgpack").write_bytes(b"state")
+    cfg.quant.float_layers = "0,-1"
+    from qevo.harness import prepare_workdir
+
+    prepare_workdir(tmp_path, cfg, search.defaults())
+    assert json.loads((tmp_path / "config.json").read_text())["quant"]["float_layers"] == "0,-1"
+
+
+def test_constrained_selection_ranks_every_model_within_bounds_first():
+    """Deb's rule through the penalty: feasible before infeasible, and the smaller excess first."""
+    loop = search.SearchLoop.__new__(search.SearchLoop)
+    loop.lower, loop.upper = np.array([0.0, 10.0]), np.array([1.0, 50.0])
+    F = np.array([[0.02, 30.0], [0.1, 11.0], [0.0, 10.0], [0.05, 12.0]])
+    violation = np.array([0.0, 0.5, 0.1, 0.0])
+    import jax.numpy as jnp
+
+    from qevo import nsga3
+
+    rank = np.asarray(nsga3.non_dominated_rank(jnp.asarray(loop.penalized(F, violation))))
+    assert rank[0] == rank[3] == 0 and rank[2] == 1 and rank[1] == 2, rank
+
+
+@pytest.mark.slow
+def test_a_size_bound_keeps_the_front_within_it_and_float_layers_stay_float(tiny_lenet5_float, tmp_path, data_dir):
+    """conv1, fc2 and fc3 float, conv2 and fc1 searched; at most 5.6e5 bits of weights."""
+    args = [f"--config.float_from={tiny_lenet5_float}", *TINY, "--config.generations=3",
+            "--config.quant.float_layers=conv1,fc2,-1", "--config.search.constraints=size<=5.6e5"]
+    out = _search(tmp_path / "run", args, data_dir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    for r in history:
+        assert [r["w_bits"][i] for i in (0, 3, 4)] == [32] * 3 and [r["a_bits"][i] for i in (0, 3, 4)] == [32] * 3
+        assert r["violation"] == pytest.approx(max(0.0, r["objectives"]["size"] / 5.6e5 - 1.0))
+    assert any(r["violation"] > 0 for r in history) and any(r["violation"] == 0 for r in history)
+    front = _rows(tmp_path / "run" / "pareto.csv")
+    assert front and all(float(r["size"]) <= 5.6e5 for r in front)
+    feasible = [r for r in history if r["violation"] == 0]
+    assert len(front) <= len(feasible)
 
 
 def test_interrupted_search_resumes_to_the_same_front(tiny_lenet5_float, tmp_path, data_dir):

@@ -36,7 +36,7 @@ def main():
     cfg.train.epochs, cfg.train.optimizer, cfg.train.learning_rate = 4, "adam", 2e-3
     cfg.search.qat_optimizer, cfg.search.qat_learning_rate = "adam", 1e-3
     cfg.final.optimizer, cfg.final.learning_rate = "adam", 1e-3
-    cfg.quant.float_first_last = False  # three layers: search all of them
+    cfg.quant.float_layers = ""  # three layers: search all of them
     if args.tiny:
         cfg.train.epochs, cfg.train.warmup_epochs = 1, 0
         cfg.population_size, cfg.generations, cfg.search.initial_samples = 4, 1, 4

@@ -9,8 +9,16 @@ the search, the weight sharing and the coevolution all start from those variable
 coevolution at the widths of the search's w4a4 model). The search's w4a4 model is then
 exported to ONNX and scored in onnxruntime. The arrays are MNIST read with numpy,
 standing in for any data of yours.
+
+The command line exports the runs of this script too, given a function that returns the
+network and data they were made with (here :func:`export_inputs`):
+
+    QEVO_DATA_DIR=../shared/data python -m qevo.export --workdir runs/own_linen/search \
+        --model front_00 --out front_00.onnx --verify --inputs docs/examples/own_linen_model.py:export_inputs
 """
 
+import os
+import pathlib
 
 import flax.linen as nn
 import jax
@@ -33,11 +41,22 @@ class SmallCNN(nn.Module):
         return nn.Dense(10)(x)
 
 
+def own_data(data_dir: pathlib.Path, tiny: bool) -> qevo.Dataset:
+    """The arrays, as a qevo Dataset with a tenth of train held out for validation."""
+    train, test = mnist_arrays.splits(data_dir, tiny)
+    return qevo.Dataset.from_arrays(train=train, test=test, val_size=len(train[0]) // 10)
+
+
+def export_inputs() -> dict:
+    """``--inputs`` of ``python -m qevo.export``: the network and data of this script's runs,
+    the data from ``$QEVO_DATA_DIR`` (``QEVO_EXAMPLE_TINY=1`` for a run made with ``--tiny``)."""
+    return {"model": SmallCNN(),
+            "data": own_data(pathlib.Path(os.environ["QEVO_DATA_DIR"]), os.environ.get("QEVO_EXAMPLE_TINY") == "1")}
+
+
 def main():
     args = mnist_arrays.arguments(__doc__.splitlines()[0], "runs/own_linen")
-
-    train, test = mnist_arrays.splits(args.data, args.tiny)
-    data = qevo.Dataset.from_arrays(train=train, test=test, val_size=len(train[0]) // 10)
+    data = own_data(args.data, args.tiny)
 
     cfg = qevo.search_defaults()
     cfg.train.epochs, cfg.train.optimizer, cfg.train.learning_rate = 4, "adam", 2e-3
