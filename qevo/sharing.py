@@ -1,4 +1,4 @@
-"""Weight sharing of a trained network (SPEC section 2): cluster tables, shared networks,
+"""Weight sharing of a trained network (docs/spec.md#weight-sharing): cluster tables, shared networks,
 population accuracy, the seed's fitness, and the compressed-model file.
 
 A *shared layer* is every ``kernel`` of the model's ``params`` (biases, batch statistics
