@@ -46,6 +46,7 @@ def api_page() -> str:
 
 
 def on_files(files, config):
+    """The committed runs' files beside the pages, and the generated ``api.md``."""
     root = pathlib.Path(config.config_file_path).parent
     for path in sorted((root / RESULTS).rglob("*")):
         if path.is_file():
@@ -56,4 +57,5 @@ def on_files(files, config):
 
 
 def on_page_markdown(markdown, page, config, files):
+    """Links to ``../benchmarks/results/`` pointed at the published copies."""
     return re.sub(rf"\]\(\.\./{RESULTS}/", f"]({RESULTS}/", markdown)
