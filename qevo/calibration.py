@@ -14,11 +14,11 @@ def calibrate(model: nn.Module, variables, images: jax.Array):
 
     Args:
       model: a qevo model.
-      variables: its variables (``params``, ``batch_stats``, ``quant``).
+      variables (dict): its variables (``params``, ``batch_stats``, ``quant``).
       images: normalised float ``[N, H, W, C]``; a few hundred images suffice.
 
     Returns:
-      ``variables`` with a new ``quant/a_clip`` float32 ``[L]`` (floored at 1e-3).
+      variables (dict): ``variables`` with a new ``quant/a_clip`` float32 ``[L]`` (floored at 1e-3).
     """
     _, state = model.apply(variables, images, None, train=False, mutable=["calibration"])
     clips = collect_per_layer(state["calibration"], model.num_layers, lambda vals: jnp.max(jnp.stack(vals)))

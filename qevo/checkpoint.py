@@ -82,7 +82,7 @@ def load(path: str | os.PathLike, target=None):
 
     Args:
       path: a file written by :func:`save`.
-      target: a pytree of the expected structure (its leaves give shapes); ``None``
+      target (pytree | None): a pytree of the expected structure (its leaves give shapes); ``None``
         returns the raw nested dict of numpy arrays.
 
     Raises:

@@ -1,4 +1,5 @@
-"""Codebook formats and compression rates of weight sharing (SPEC section 2).
+"""Codebook formats and compression rates of weight sharing (docs/spec.md#compression-rate,
+docs/spec.md#codebook-formats).
 
 A shared layer stores, per weight, a key of ``b_key = max(ceil(log2 k), 1)`` bits into a
 codebook of ``k`` values of ``b_red`` bits (32, 16 or 8).  The seed's compression rate of
@@ -18,9 +19,9 @@ Codebook formats (``quantize_codebook``), each a round trip back to float32:
   even) to -127..127.
 
 The per-layer float32 scale of float8 and int8 is *not* counted in the compression rate:
-we keep the SPEC/seed formula as it is.  Counting it would lower CR_l by up to 16 % on
-LeNet-5's conv1 (150 weights, k = 2: 168 bits become 200), under 0.1 % on fc1 (48000
-weights), and a size-weighted LeNet-5 model CR by under 0.3 %.
+we keep the seed's formula (docs/spec.md#compression-rate) as it is.  Counting it would
+lower CR_l by up to 16 % on LeNet-5's conv1 (150 weights, k = 2: 168 bits become 200),
+under 0.1 % on fc1 (48000 weights), and a size-weighted LeNet-5 model CR by under 0.3 %.
 
 A codebook whose entries are all 0 stays all 0 in every format.
 """

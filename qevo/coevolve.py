@@ -1,6 +1,6 @@
 """Cooperative-coevolution training of integer weights: ``python -m qevo.coevolve --config configs/lenet5_cc.py``.
 
-The method of SPEC section 3, gradient-free:
+The method of docs/spec.md#coevolution, gradient-free:
 
 0. the float model (trained in ``<workdir>/float`` or loaded from ``float_from``), its
    activation clip ranges calibrated; the layers of the bit configuration

@@ -1,6 +1,6 @@
 """Weight-sharing compression: ``python -m qevo.compress --config configs/lenet5_sharing.py``.
 
-The seed's protocol (SPEC section 2), on the validation split:
+The seed's protocol (docs/spec.md#weight-sharing), on the validation split:
 
 0. the float model (trained in ``<workdir>/float`` or loaded from ``float_from``);
 1. the k-means of every shared layer for every k in ``1..sharing.k_max``, in batched calls,

@@ -158,11 +158,13 @@ class Dataset:
         """A dataset of a user's own arrays.
 
         Args:
-          train, test: ``(inputs [N, ...], labels)``. Inputs are uint8 (0..255, as images)
+          train: ``(inputs [N, ...], labels)``. Inputs are uint8 (0..255, as images)
             or float. Labels as ``labels`` says: int ``[N]`` class indices, or any kind.
+          test: ``(inputs, labels)`` of the test split, as ``train``.
           val: ``(inputs, labels)`` of a validation split; None carves ``val_size``
             examples from ``train`` in a seeded random order (as :func:`load_dataset` does).
-          val_size, seed: the carved validation split.
+          val_size: examples carved from ``train`` as the validation split.
+          seed: the seed of the carving's random order.
           num_classes: with class labels, default ``max(label) + 1`` over every split.
           normalize: standardize each channel (the last axis) with the mean and standard
             deviation of the train split; False feeds uint8 inputs as ``x / 255`` and float
@@ -412,9 +414,12 @@ def write_image_folder(
     its inputs). Written to a temporary file beside ``out``, then renamed.
 
     Args:
-      name, data_dir, cache_dir, source: as :func:`load_dataset`.
+      name: as :func:`load_dataset`.
       out: the archive's path; it must end in ``.tar.gz`` or ``.tgz``.
       image_size: side in pixels, or None to keep the stored size.
+      data_dir: as :func:`load_dataset`.
+      cache_dir: as :func:`load_dataset`.
+      source: as :func:`load_dataset`.
       quality: JPEG quality 1..95, or None for PNG.
 
     Returns:

@@ -239,7 +239,7 @@ def make_driver(name: str, population_size: int, num_genes: int, **strategy_kwar
         name: key of ``EVOSAX_STRATEGIES``.
         population_size: ``P``.
         num_genes: ``G``, the dimension of the relaxed box.
-        **strategy_kwargs: arguments of the strategy's constructor (e.g. ``std_schedule``
+        **strategy_kwargs (Any): arguments of the strategy's constructor (e.g. ``std_schedule``
             of ``simple_ga``), or fields of its params replacing the defaults (e.g.
             ``std_init`` of ``cma_es``, ``crossover_rate`` of ``de``); they override
             ``BOX_DEFAULTS``.

@@ -331,11 +331,13 @@ def export(workdir, name: str | None = None, out="model.onnx", check: bool = Fal
     ``out`` with suffix ``.json`` beside it.
 
     Args:
-      workdir: the work folder of a qevo.search, qevo.compress, qevo.coevolve or qevo.train run.
+      workdir (str | os.PathLike): the work folder of a qevo.search, qevo.compress, qevo.coevolve or qevo.train run.
       name: a name of :func:`names` (default: the run's single result; a search needs one).
-      out: the ``.onnx`` path.
+      out (str | os.PathLike): the ``.onnx`` path.
       check: also run the ONNX model in onnxruntime on the run's test split (:func:`verify`).
-      model, data: the network and data of one's own that the run was made with (:func:`load`).
+      model (flax.linen.Module | flax.nnx.Module | None): the network of one's own that the run was made
+        with (:func:`load`).
+      data: the data of one's own that the run was made with.
 
     Returns:
       The JSON record: source, file, opset, widths and storage per layer, BitOps, size in

@@ -536,21 +536,22 @@ def quantize(model, sample: jax.Array | np.ndarray, variables: dict | None = Non
     """Find the quantizable layers of a Flax network by tracing it once on ``sample``.
 
     Args:
-      model: a ``flax.linen`` module, called as ``model.apply(variables, x)`` (with
-        ``train=`` when its ``__call__`` takes it), or a ``flax.nnx`` module, called as
-        ``model(x)`` (a clone is quantized; the network itself stays as it is).
+      model (flax.linen.Module | flax.nnx.Module): a ``flax.linen`` module, called as
+        ``model.apply(variables, x)`` (with ``train=`` when its ``__call__`` takes it), or a
+        ``flax.nnx`` module, called as ``model(x)`` (a clone is quantized; the network itself
+        stays as it is).
       sample: a few inputs ``[N, ...]`` as the network takes them (normalized); where a
         layer's input takes a negative value on them, the layer takes signed activations.
       variables: the Linen network's variables for that trace; None: random ones (see
         :func:`_random_variables`; the structure is traced, nothing is compiled).
       options: quantizer settings and convolution kernels (:class:`qevo.layers.QuantOptions`).
-      share: ``share(path) -> path | None``: the layer whose widths and clip range a found
+      share (Callable | None): ``share(path) -> path | None``: the layer whose widths and clip range a found
         layer takes instead of its own (a projection shortcut beside its block's first
         convolution), or None for its own.
       names: one name per layer (after ``share``) for reports; default: the paths.
 
     Returns:
-      a :class:`QuantizedModel` (Linen) or :class:`QuantizedNNX` (NNX).
+      model (QuantizedModel | QuantizedNNX): a :class:`QuantizedModel` (Linen) or :class:`QuantizedNNX` (NNX).
 
     Raises:
       ConfigError: ``model`` is no Flax module, fails on ``sample``, has no quantizable

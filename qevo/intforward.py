@@ -113,7 +113,7 @@ def integer_kernels(variables: dict, layers: dict[str, int], w_bits, per_channel
     Args:
       variables: the model's float variables.
       layers: :func:`quantized_layers`.
-      w_bits: concrete int widths ``[L]``.
+      w_bits (array-like): concrete int widths ``[L]``.
       per_channel: per-output-channel scales.
       mode: the weight scale, ``"absmax"`` or ``"mse"`` (:func:`weight_levels`).
     """
@@ -193,7 +193,8 @@ def apply(model, variables: dict, kernels: dict[str, IntKernel], bits: Bits, ima
     """Logits of ``model`` with the layers of ``kernels`` in integer arithmetic.
 
     Args:
-      model: a qevo model (:class:`qevo.interception.QuantizedModel` or ``QuantizedNNX``).
+      model (QuantizedModel | QuantizedNNX): a qevo model (:class:`qevo.interception.QuantizedModel`
+        or ``QuantizedNNX``).
       variables: its variables (``params`` for the float layers and biases, ``batch_stats``,
         calibrated ``quant/a_clip``); the kernels of the integer layers are not read.
       kernels: ``{module path: IntKernel}`` (:func:`integer_kernels`, or evolved levels).
@@ -256,7 +257,10 @@ def batch_statistics(model, variables: dict, kernels: dict[str, IntKernel], bits
     network's BatchNorms keep their momentum.)
 
     Args:
-      model, variables, kernels, bits: as :func:`apply`.
+      model (QuantizedModel | QuantizedNNX): as :func:`apply`.
+      variables: as :func:`apply`.
+      kernels: as :func:`apply`.
+      bits: as :func:`apply`.
       images: normalised float32 ``[N, H, W, C]`` (a large batch: 1,024 images or more).
 
     Returns:

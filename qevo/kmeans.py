@@ -1,4 +1,4 @@
-"""Batched k-means of layer weights in pure JAX (weight sharing, SPEC section 2).
+"""Batched k-means of layer weights in pure JAX (weight sharing, docs/spec.md#clustering).
 
 Many (layer, k) pairs are clustered in one compiled call.  Each row of the batch is one
 layer's weights, padded to a common length ``n_max`` and masked; each row has its own

@@ -74,10 +74,12 @@ def resolve_loss_metric(loss: Callable | None = None, metric: Callable | None = 
     """``(loss, metric)`` with the defaults for None, checked.
 
     Args:
-      loss, metric: a user's functions (module docstring), or None.
-      logits, labels: arrays or ``jax.ShapeDtypeStruct`` of one batch (the model's output and
-        the dataset's labels); when given, both functions are traced on them (no computation)
-        and must give a float scalar and a ``[N]`` score.
+      loss: a user's loss (module docstring), or None.
+      metric: a user's metric (module docstring), or None.
+      logits (jax.Array | jax.ShapeDtypeStruct | None): the model's output on one batch (an
+        array or its shape); when given with ``labels``, both functions are traced on them (no
+        computation) and must give a float scalar and a ``[N]`` score.
+      labels (jax.Array | jax.ShapeDtypeStruct | None): the dataset's labels of that batch.
 
     Raises:
       ConfigError: something that is not a function, a function that fails on the batch

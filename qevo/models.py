@@ -67,7 +67,7 @@ def get_model(name: str, num_classes: int, options: QuantOptions | None = None,
         default devices (:func:`qevo.layers.default_conv`).
       input_shape: ``(H, W, C)`` of the images the layers are found on (their MACs);
         default :data:`INPUT_SHAPES`.
-      kwargs: the network's own settings (``activation`` of LeNet-5, ``dropout`` of MobileNetV2).
+      **kwargs (Any): the network's own settings (``activation`` of LeNet-5, ``dropout`` of MobileNetV2).
 
     Models are immutable: a call with the same arguments returns the same model, found once.
     """

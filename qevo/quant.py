@@ -152,7 +152,8 @@ def validate_bits(w_bits, a_bits, n_layers: int) -> tuple[np.ndarray, np.ndarray
     """Check a bit configuration (or a population of them) given as concrete arrays.
 
     Args:
-      w_bits, a_bits: integer arrays ``[L]`` or ``[P, L]``.
+      w_bits (array-like): integer widths ``[L]`` or ``[P, L]``.
+      a_bits (array-like): integer widths of the same shape.
       n_layers: the model's number of quantizable layers ``L``.
 
     Returns:

@@ -1,6 +1,6 @@
 """Bit-width search (QuantEA): ``python -m qevo.search --config configs/lenet5.py``.
 
-The protocol of the spec, section 1:
+The protocol of docs/spec.md#search-protocol:
 
 0. the float model is trained (or loaded from ``float_from``) and its activation clip
    ranges calibrated;

@@ -1,4 +1,4 @@
-"""Weight sharing of a trained network (SPEC section 2): cluster tables, shared networks,
+"""Weight sharing of a trained network (docs/spec.md#weight-sharing): cluster tables, shared networks,
 population accuracy, the seed's fitness, and the compressed-model file.
 
 A *shared layer* is every ``kernel`` of the model's ``params`` (biases, batch statistics
@@ -115,7 +115,7 @@ def build_table(kernels, k_max: int, *, n_iter: int = 50, call_bytes: int = _TAB
     (layer, k) pairs).
 
     Args:
-      kernels: L float arrays (any shapes), finite.
+      kernels (list): L float arrays (any shapes), finite.
       k_max: largest number of clusters, ``1 <= k_max <= min(n_l)``, at most 128 (the
         k-means DP start uses 256 bins).
       n_iter: Lloyd iteration cap.
@@ -398,7 +398,7 @@ def load_compressed(path, template: dict) -> tuple[dict, dict]:
     """Float variables of a saved compressed model (shared kernels expanded) and its meta.
 
     Args:
-      path: a file written by :func:`save_compressed`.
+      path (str | os.PathLike): a file written by :func:`save_compressed`.
       template: variables of the model it is loaded into (shapes are checked against it).
 
     Raises:

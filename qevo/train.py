@@ -479,7 +479,8 @@ def fit_population(cfg: ml_collections.ConfigDict, ds: Dataset, variables: dict,
     """QAT of ``P`` models side by side per ``cfg.train``, each from ``variables`` at its own widths.
 
     Args:
-      cfg, ds: the training settings and data.
+      cfg: the training settings.
+      ds: the data.
       variables: the starting variables, shared by every model.
       bits: int32 ``[P, L]`` widths, one row per model.
       folders: ``P`` folders; model ``i``'s ``history.csv`` (as :func:`fit`'s) goes to ``folders[i]``.

@@ -43,10 +43,10 @@ def uniform_genes(w_candidates, a_candidates, num_searched: int,
     """Genomes giving every searched layer the same weight and activation widths.
 
     Args:
-        w_candidates: int ``[Cw]``, weight bit-width candidates.
-        a_candidates: int ``[Ca]``, activation bit-width candidates.
+        w_candidates (array-like): int ``[Cw]``, weight bit-width candidates.
+        a_candidates (array-like): int ``[Ca]``, activation bit-width candidates.
         num_searched: number ``S`` of searched layers.
-        pairs: ``(weight_bits, activation_bits)`` configurations to build, in order; a pair
+        pairs (tuple): ``(weight_bits, activation_bits)`` configurations to build, in order; a pair
             with a width missing from its candidate set is skipped.
 
     Returns:
