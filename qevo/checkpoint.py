@@ -31,8 +31,8 @@ def read_history(path: str | os.PathLike, steps: int, unit: str = "steps", step_
 
     Without ``step_key`` a step is one line: the first ``steps`` lines, and lines after them
     (a step interrupted before its checkpoint) are dropped unread. With ``step_key`` a step
-    is every record whose ``record[step_key]`` names it: the records up to step ``steps``,
-    which must be there.
+    is every record whose ``record[step_key]`` names it by its index from 0: the records of
+    steps ``0 .. steps - 1``, the last of which must be there.
 
     Raises:
       CheckpointError: the history stops short of the checkpoint, or a line is corrupt.
@@ -40,9 +40,9 @@ def read_history(path: str | os.PathLike, steps: int, unit: str = "steps", step_
     path = pathlib.Path(path)
     lines = _lines(path)
     if step_key is not None:
-        records = [r for r in _parse_lines(path, lines) if r[step_key] <= steps]
-        if not any(r[step_key] == steps for r in records):
-            raise CheckpointError(f"{path} has no record of {step_key} {steps}, the checkpoint's; "
+        records = [r for r in _parse_lines(path, lines) if r[step_key] < steps]
+        if steps and not any(r[step_key] == steps - 1 for r in records):
+            raise CheckpointError(f"{path} has no record of {step_key} {steps - 1}, the checkpoint's last; "
                                   f"delete {path.parent} to start over")
         return records
     if len(lines) < steps:

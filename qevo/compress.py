@@ -55,7 +55,6 @@ also under ``"front"`` in ``results.json``, so that a user can pick a point).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import pathlib
 import sys
 import time
@@ -68,15 +67,14 @@ import ml_collections
 import numpy as np
 
 from qevo import config as config_lib
-from qevo import distributed, nsga3, sharing
+from qevo import distributed, nsga3, sharing, strategies
 from qevo.codebook import CODEBOOK_BITS, key_bits, quantize_codebook
 from qevo.data import Dataset
-from qevo.drivers import make_driver, relax_to_genes
 from qevo.harness import RESULTS, StepLog, Stopwatch, environment, figure, method, write_csv, write_json
+from qevo.loop import LoopState, evolve
 from qevo.population import batch_eval_set
 from qevo.pretrained import float_model
 from qevo.train import resolve_inputs
-from qevo.variation import make_offspring, random_genes
 
 EVOSAX_DRIVERS = ("simple_ga", "pso", "cma_es", "de")  # qevo.drivers names
 DRIVERS = (*EVOSAX_DRIVERS, "random", "nsga3")
@@ -198,28 +196,9 @@ class Scores:
 
 
 @flax.struct.dataclass
-class NSGA3Driver:
-    """NSGA-III population: genes int32 ``[P, L]``, objectives float32 ``[P, 2]``, normalisation."""
+class Targets:
+    """The seed's dynamic fitness targets, carried across generations: float32 ``[]`` each."""
 
-    genes: jax.Array
-    objectives: jax.Array
-    normalisation: nsga3.NSGA3State
-
-
-@flax.struct.dataclass
-class SearchState:
-    """Search state carried across generations (checkpointed).
-
-    Attributes:
-      driver: the evosax ``DriverState``, an :class:`NSGA3Driver`, or a dummy for ``random``.
-      key: raw uint32 ``[2]`` PRNG key.
-      generation: int32, generations done.
-      acc_target, cr_target: float32, the fitness targets.
-    """
-
-    driver: object
-    key: jax.Array
-    generation: jax.Array
     acc_target: jax.Array
     cr_target: jax.Array
 
@@ -265,75 +244,46 @@ def allowed_k(range_acc: np.ndarray, float_acc: float, max_loss: float,
     return allowed, counts
 
 
-class DriverSteps:
-    """Compiled generation steps of one driver on one problem.
+class Generation:
+    """The weight sharing's population call and its driver (:func:`qevo.loop.evolve`).
 
-    ``first(state, problem)`` and ``step(state, problem)`` each run one generation (ask,
-    population accuracy, fitness, tell, targets) as one compiled call and return
-    ``(state, Scores)``; ``first`` is the first generation (NSGA-III's random start).
+    ``score(problem, genes, targets)`` scores genomes int32 ``[P, L]`` (compiled once);
+    ``strategy`` is the ``sharing.driver``: NSGA-III on (1 - accuracy, 1 / size-weighted CR),
+    random genomes (kept by NSGA-III survival), or an evosax strategy minimising the seed's
+    fitness (:func:`minimised`).
     """
 
     def __init__(self, cfg: ml_collections.ConfigDict, evaluator: sharing.SharedEvaluator, num_layers: int):
-        s = cfg.sharing
-        self.name, self.cfg, self.evaluator = s.driver, cfg, evaluator
-        self.size, self.num_layers = cfg.population_size, num_layers
-        if self.name in EVOSAX_DRIVERS:
-            self.driver = make_driver(self.name, self.size, num_layers)
-        if self.name == "nsga3":
-            self.ref_dirs = jnp.asarray(nsga3.das_dennis(2, s.nsga3_partitions), jnp.float32)
-        self.first = evaluator.jit(functools.partial(self._generation, first=True))
-        self.step = evaluator.jit(functools.partial(self._generation, first=False))
+        self.cfg, self.evaluator, self.num_layers = cfg, evaluator, num_layers
+        self.score = evaluator.jit(self._score)
 
-    def init(self, key: jax.Array, acc_target: float, cr_target: float) -> SearchState:
-        """State before the first generation (``key``: raw uint32 key)."""
-        key, sub = jax.random.split(key)
-        if self.name in EVOSAX_DRIVERS:
-            driver = self.driver.init(sub)
-        elif self.name == "nsga3":
-            driver = NSGA3Driver(
-                genes=jnp.zeros((self.size, self.num_layers), jnp.int32),
-                objectives=jnp.zeros((self.size, 2), jnp.float32),
-                normalisation=nsga3.init_state(2),
-            )
-        else:
-            driver = jnp.zeros((), jnp.int32)
-        return SearchState(driver=driver, key=key, generation=jnp.int32(0),
-                           acc_target=jnp.float32(acc_target), cr_target=jnp.float32(cr_target))
+    def strategy(self, problem: Problem) -> strategies.Strategy:
+        s = self.cfg.sharing
+        if s.driver in EVOSAX_DRIVERS:
+            return strategies.Evosax(s.driver, self.cfg.population_size, problem.n_choices, lambda F: F[:, 0])
+        return strategies.NSGA3(self.cfg.population_size, problem.n_choices, nsga3.das_dennis(2, s.nsga3_partitions),
+                                offspring="random" if s.driver == "random" else "evolve")
 
-    def score(self, problem: Problem, genes: jax.Array, state: SearchState) -> Scores:
-        """Scores of genes int32 ``[P, L]`` (one population call)."""
+    def _score(self, problem: Problem, genes: jax.Array, targets: Targets) -> tuple[Scores, jax.Array, Targets]:
+        """``(scores, F, targets)``: the scores of ``genes``, what the driver minimises (NSGA-III's
+        objectives ``[P, 2]``, an evosax strategy's fitness ``[P, 1]``) and the moved targets."""
         k_idx = problem.allowed[jnp.arange(self.num_layers)[None, :], genes]
         acc = self.evaluator.accuracy_of_k(problem.variables, problem.table, problem.centroids, k_idx, problem.batches)
         cr_mean, cr_weighted = sharing.compression_rates(k_idx + 1, problem.table.sizes, self.cfg.sharing.codebook)
         cr = cr_weighted if self.cfg.sharing.fitness_cr == "weighted" else cr_mean
-        fit = sharing.seed_fitness(acc, cr, state.acc_target, state.cr_target)
-        return Scores(genes=genes, k=k_idx + 1, accuracy=acc, cr_mean=cr_mean, cr_weighted=cr_weighted, fit=fit)
+        fit = sharing.seed_fitness(acc, cr, targets.acc_target, targets.cr_target)
+        scores = Scores(genes=genes, k=k_idx + 1, accuracy=acc, cr_mean=cr_mean, cr_weighted=cr_weighted, fit=fit)
+        F = (minimised(self.cfg, problem, scores)[:, None] if self.cfg.sharing.driver in EVOSAX_DRIVERS
+             else _objectives(scores))
+        return scores, F, _move_targets(targets, problem, scores, self.cfg)
 
-    def _minimised(self, problem: Problem, scores: Scores) -> jax.Array:
-        if self.cfg.sharing.constrain_fitness:
-            return sharing.constrained_fitness(scores.fit, scores.accuracy, problem.floor)
-        return jnp.where(jnp.isfinite(scores.fit), -scores.fit, jnp.inf)
 
-    def _generation(self, state: SearchState, problem: Problem, *, first: bool):
-        key, k_ask, k_tell = jax.random.split(state.key, 3)
-        driver = state.driver
-        if self.name in EVOSAX_DRIVERS:
-            x, driver = self.driver.ask(k_ask, driver)
-            scores = self.score(problem, relax_to_genes(x, problem.n_choices), state)
-            driver = self.driver.tell(k_tell, x, self._minimised(problem, scores), driver)
-        elif self.name == "random" or first:
-            scores = self.score(problem, random_genes(k_ask, self.size, problem.n_choices), state)
-            if self.name == "nsga3":
-                driver = driver.replace(genes=scores.genes, objectives=_objectives(scores))
-        else:
-            children = make_offspring(k_ask, driver.genes, self.size, problem.n_choices)
-            scores = self.score(problem, children, state)
-            genes = jnp.concatenate([driver.genes, children])
-            objectives = jnp.concatenate([driver.objectives, _objectives(scores)])
-            idx, normalisation = nsga3.survive(objectives, self.ref_dirs, self.size, driver.normalisation, k_tell)
-            driver = NSGA3Driver(genes=genes[idx], objectives=objectives[idx], normalisation=normalisation)
-        state = state.replace(driver=driver, key=key, generation=state.generation + 1)
-        return _move_targets(state, problem, scores, self.cfg), scores
+def minimised(cfg: ml_collections.ConfigDict, problem: Problem, scores: Scores) -> jax.Array:
+    """float32 ``[P]``: the evosax drivers' fitness, the seed's Fit negated (constrained to the
+    accuracy floor with ``sharing.constrain_fitness``)."""
+    if cfg.sharing.constrain_fitness:
+        return sharing.constrained_fitness(scores.fit, scores.accuracy, problem.floor)
+    return jnp.where(jnp.isfinite(scores.fit), -scores.fit, jnp.inf)
 
 
 def _objectives(scores: Scores) -> jax.Array:
@@ -341,7 +291,7 @@ def _objectives(scores: Scores) -> jax.Array:
     return jnp.stack([1.0 - scores.accuracy, 1.0 / scores.cr_weighted], axis=1)
 
 
-def _move_targets(state: SearchState, problem: Problem, scores: Scores, cfg) -> SearchState:
+def _move_targets(targets: Targets, problem: Problem, scores: Scores, cfg) -> Targets:
     """The seed's dynamic targets: a target reached by the generation's best value (CR among
     the networks above the accuracy floor) moves to that value plus its offset."""
     s = cfg.sharing
@@ -349,9 +299,9 @@ def _move_targets(state: SearchState, problem: Problem, scores: Scores, cfg) -> 
     cr = scores.cr_weighted if s.fitness_cr == "weighted" else scores.cr_mean
     best_acc = jnp.max(acc)
     best_cr = jnp.max(jnp.where(acc >= problem.floor, cr, -jnp.inf))
-    return state.replace(
-        acc_target=jnp.where(best_acc >= state.acc_target, best_acc + s.acc_offset, state.acc_target),
-        cr_target=jnp.where(best_cr >= state.cr_target, best_cr + s.cr_offset, state.cr_target),
+    return Targets(
+        acc_target=jnp.where(best_acc >= targets.acc_target, best_acc + s.acc_offset, targets.acc_target),
+        cr_target=jnp.where(best_cr >= targets.cr_target, best_cr + s.cr_offset, targets.cr_target),
     )
 
 
@@ -486,30 +436,34 @@ def _problem(prep: Prepared, cfg: ml_collections.ConfigDict) -> Problem:
 
 
 def search(prep: Prepared, cfg: ml_collections.ConfigDict, workdir: pathlib.Path | None = None, log=None) -> list[dict]:
-    """Step 3: run ``cfg.generations`` generations; returns every record (see
-    :func:`scores_to_records`, plus ``generation``).  With ``workdir``, appends to
-    ``history.jsonl`` and checkpoints every generation, resuming from a checkpoint there."""
+    """Step 3: run ``cfg.generations`` generations (:func:`qevo.loop.evolve`); returns every
+    record (see :func:`scores_to_records`, plus ``generation``, from 1). With ``workdir``,
+    appends to ``history.jsonl`` and checkpoints every generation, resuming from a checkpoint
+    there."""
     problem = _problem(prep, cfg)
-    runner = DriverSteps(cfg, prep.evaluator, len(prep.paths))
+    generation = Generation(cfg, prep.evaluator, len(prep.paths))
     acc_target = cfg.sharing.acc_target if cfg.sharing.acc_target is not None else prep.float_score
-    state = runner.init(jax.random.PRNGKey(cfg.seed), acc_target, cfg.sharing.cr_target)
-    steps = StepLog(workdir, "generation", log=log)
-    state, lines = steps.resume(state)
-    for g in range(int(state.generation), cfg.generations):
-        t = time.perf_counter()
-        targets = (float(state.acc_target), float(state.cr_target))
-        state, scores = (runner.first if g == 0 else runner.step)(state, problem)
-        records = scores_to_records(scores)
-        seconds = time.perf_counter() - t
-        lines.append({"generation": g + 1, "acc_target": targets[0], "cr_target": targets[1], "seconds": seconds,
-                      "individuals": records})
-        steps.commit(state, lines, g + 1)
-        if log:
-            best = pick([r for x in lines for r in x["individuals"]], float(problem.floor), _cr_key(cfg))
-            log(f"gen {g + 1:3d}/{cfg.generations}  best CR {best['cr_weighted']:.2f} "
+    targets = Targets(acc_target=np.float32(acc_target), cr_target=np.float32(cfg.sharing.cr_target))
+
+    def evaluate(g: int, genes: jax.Array, key: jax.Array, targets: Targets):
+        # host values in and out: in a run of several processes each passes the same ones
+        # (qevo.population.replicated_jit) and the driver's steps run on every process alike
+        start = time.perf_counter()
+        scores, F, moved = generation.score(problem, np.asarray(genes), targets)
+        line = {"generation": g + 1, "acc_target": float(targets.acc_target), "cr_target": float(targets.cr_target),
+                "seconds": time.perf_counter() - start, "individuals": scores_to_records(scores)}
+        return np.asarray(F), [line], jax.device_get(moved)
+
+    def report(state: LoopState, lines: list[dict]) -> str:
+        best = pick([r for x in lines for r in x["individuals"]], float(problem.floor), _cr_key(cfg))
+        return (f"gen {state.generation:3d}/{cfg.generations}  best CR {best['cr_weighted']:.2f} "
                 f"(mean-of-layers {best['cr_mean']:.2f}) at val {100 * best['val_accuracy']:.2f}%  "
-                f"targets acc {100 * float(state.acc_target):.2f}% CR {float(state.cr_target):.2f}  "
-                f"{cfg.population_size / seconds:.1f} evals/s")
+                f"targets acc {100 * float(state.carry.acc_target):.2f}% CR {float(state.carry.cr_target):.2f}  "
+                f"{state.evaluations / state.seconds:.1f} evals/s")
+
+    _, lines = evolve(generation.strategy(problem), evaluate, base_key=jax.random.fold_in(jax.random.key(cfg.seed), 1),
+                      generations=cfg.generations, steps=StepLog(workdir, "generation", log=log),
+                      desc=f"sharing {prep.model_name}", carry=targets, report=report if log else None)
     return [{**r, "generation": x["generation"]} for x in lines for r in x["individuals"]]
 
 

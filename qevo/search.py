@@ -33,17 +33,15 @@ import math
 import pathlib
 import shutil
 import sys
-import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import struct
 from ml_collections import config_dict
 
-from qevo import checkpoint, cost, drivers, nsga3, train, variation
+from qevo import checkpoint, cost, drivers, nsga3, strategies, train, variation
 from qevo import config as config_lib
 from qevo.calibration import calibrate
 from qevo.data import Dataset, normalize
@@ -56,11 +54,11 @@ from qevo.harness import (
     environment,
     figure,
     method,
-    progress,
     write_csv,
     write_json,
 )
 from qevo.layers import Bits
+from qevo.loop import LoopState, evolve, step_keys
 from qevo.models import init_variables
 from qevo.population import PopulationEvaluator, QATConfig, batch_eval_set
 from qevo.pretrained import float_model
@@ -382,29 +380,6 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, model=None, v
     )
 
 
-@struct.dataclass
-class SearchState:
-    """What survives a generation (checkpointed after each one).
-
-    Attributes:
-      generation: generations completed (the initial population is generation 0).
-      genes: int32 ``[N, G]`` the current population.
-      objectives: float64 ``[N, M]`` its objectives.
-      nsga: NSGA-III normalisation memory.
-      driver: the evosax driver's state (``None`` for ``nsga3``/``random``).
-      evaluations: individuals evaluated so far.
-      seconds: wall time spent in generations so far.
-    """
-
-    generation: int
-    genes: np.ndarray
-    objectives: np.ndarray
-    nsga: nsga3.NSGA3State
-    driver: drivers.DriverState | None
-    evaluations: int
-    seconds: float
-
-
 def _scalarize(cfg: ml_collections.ConfigDict, F: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> jax.Array:
     m = F.shape[1]
     weights = jnp.asarray(cfg.search.weights if cfg.search.weights is not None else np.full(m, 1.0 / m), jnp.float32)
@@ -417,142 +392,94 @@ def _scalarize(cfg: ml_collections.ConfigDict, F: np.ndarray, lower: np.ndarray,
     return drivers.budget(F, limit, lower, upper, cost_index=1, error_index=0)
 
 
-class SearchLoop:
-    """The generation loop of one search run in one work folder (resumable)."""
+def base_key(cfg: ml_collections.ConfigDict) -> jax.Array:
+    """The search's key: generation ``g`` draws :func:`qevo.loop.step_keys` ``(base, g)``."""
+    return jax.random.fold_in(jax.random.key(cfg.seed), 1)
 
-    def __init__(self, cfg: ml_collections.ConfigDict, problem: Problem, workdir: pathlib.Path):
-        self.cfg, self.problem, self.workdir = cfg, problem, workdir
-        self.space = problem.space
-        self.ref_dirs = jnp.asarray(reference_directions(cfg), jnp.float32)
-        self.lower, self.upper = problem.bounds()
-        self.key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
-        evosax = cfg.search.driver in drivers.EVOSAX_NAMES
-        self.driver = (drivers.make_driver(cfg.search.driver, cfg.population_size, self.space.num_genes) if evosax
-                       else None)
 
-    def initial_state(self) -> SearchState:
-        m = len(self.cfg.search.objectives)
-        driver = self.driver.init(jax.random.fold_in(jax.random.key(self.cfg.seed), 3)) if self.driver else None
-        return SearchState(
-            generation=-1, genes=np.zeros((self.cfg.population_size, self.space.num_genes), np.int32),
-            objectives=np.zeros((self.cfg.population_size, m)),
-            nsga=nsga3.init_state(m, jnp.float64 if jax.config.x64_enabled else jnp.float32),
-            driver=driver, evaluations=0, seconds=0.0,
-        )
+def evaluation_key(cfg: ml_collections.ConfigDict, key: jax.Array) -> jax.Array:
+    """The key a generation's scores draw their QAT mini-batches with: its own ``key``, or with
+    ``search.shared_draws`` the first generation's, deliberately: common random numbers, so
+    that a genome scores the same in any generation and scores compare paired across the whole
+    search, not only within a generation (on ResNet-20 after 30 QAT steps one model's score
+    varies by about 0.8 points from draw to draw, more than the gaps between neighbouring
+    front models)."""
+    return step_keys(base_key(cfg), 0)[1] if cfg.search.shared_draws else key
 
-    def propose(self, state: SearchState,
-                key: jax.Array) -> tuple[np.ndarray, jax.Array | None, drivers.DriverState | None]:
-        """Genes ``[n, G]`` to evaluate this generation (and the driver's relaxed ``x`` and state)."""
-        cfg, n_choices = self.cfg, jnp.asarray(self.space.n_choices)
-        n = cfg.population_size
-        if self.driver is not None:
-            x, dstate = self.driver.ask(key, state.driver)
-            return np.asarray(drivers.relax_to_genes(x, n_choices)), x, dstate
+
+def penalized(F: np.ndarray, violation: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """``F [P, M]`` as selection sees it: a model over ``search.constraints`` gets, in every
+    objective, the upper bound plus ``1 + violation`` times the objective's range, so every
+    model within the bounds dominates it and, among those over, the smaller excess wins
+    (Deb's constraint domination, in the ranking NSGA-III already does)."""
+    v = violation[:, None]
+    return np.where(v > 0, upper + (1.0 + v) * (upper - lower), F)
+
+
+def make_strategy(cfg: ml_collections.ConfigDict, problem: Problem) -> strategies.Strategy:
+    """The driver of ``search.driver``: NSGA-III (``nsga3``; ``random``: uniform offspring
+    with NSGA-III survival) whose first population holds the uniform seeds, then random
+    genomes up to ``search.initial_samples``; or an evosax strategy on the scalarised
+    objectives."""
+    space, n = problem.space, cfg.population_size
+    n_choices = jnp.asarray(space.n_choices)
+    if cfg.search.driver in drivers.EVOSAX_NAMES:
+        lower, upper = problem.bounds()
+        return strategies.Evosax(cfg.search.driver, n, n_choices, lambda F: _scalarize(cfg, F, lower, upper))
+    seeds = variation.uniform_genes(space.w_candidates, space.a_candidates, space.num_genes // 2,
+                                    cfg.search.uniform_seeds)
+    total = cfg.search.initial_samples or n
+
+    def initial(key: jax.Array) -> jax.Array:
         k_new, k_dedupe = jax.random.split(key)
-        if state.generation < 0:
-            seeds = variation.uniform_genes(self.space.w_candidates, self.space.a_candidates, self.space.num_genes // 2,
-                                            cfg.search.uniform_seeds)
-            total = cfg.search.initial_samples or n
-            fresh = variation.random_genes(k_new, total - len(seeds), n_choices)
-            genes = variation.dedupe(k_dedupe, fresh, jnp.asarray(seeds), n_choices)
-            return np.concatenate([seeds, np.asarray(genes)])[:total], None, None
-        if cfg.search.driver == "random":
-            fresh = variation.random_genes(k_new, n, n_choices)
-        else:
-            fresh = variation.make_offspring(k_new, jnp.asarray(state.genes), n, n_choices, cfg.search.crossover_prob,
-                                             cfg.search.mutation_rate)
-        return np.asarray(variation.dedupe(k_dedupe, fresh, jnp.asarray(state.genes), n_choices)), None, None
+        fresh = variation.random_genes(k_new, total - len(seeds), n_choices)
+        genes = variation.dedupe(k_dedupe, fresh, jnp.asarray(seeds), n_choices)
+        return jnp.concatenate([jnp.asarray(seeds, jnp.int32), genes])[:total]
 
-    def keys(self, generation: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-        """Generation ``generation``'s keys: variation, evaluation, survival, driver update.
+    return strategies.NSGA3(n, n_choices, reference_directions(cfg), initial=initial,
+                            offspring="random" if cfg.search.driver == "random" else "evolve",
+                            crossover_prob=cfg.search.crossover_prob, mutation_rate=cfg.search.mutation_rate,
+                            dtype=jnp.float64 if jax.config.x64_enabled else jnp.float32)
 
-        The evaluation key draws the QAT mini-batches of every individual the generation scores
-        (one draw for all of them). With ``search.shared_draws`` every generation takes the first
-        generation's, deliberately: common random numbers, so that a genome scores the same in
-        any generation and scores compare paired across the whole search, not only within a
-        generation (on ResNet-20 after 30 QAT steps one model's score varies by about 0.8 points
-        from draw to draw, more than the gaps between neighbouring front models)."""
-        k_var, k_eval, k_surv, k_tell = jax.random.split(jax.random.fold_in(self.key, generation), 4)
-        if self.cfg.search.shared_draws:
-            k_eval = jax.random.split(jax.random.fold_in(self.key, 0), 4)[1]
-        return k_var, k_eval, k_surv, k_tell
 
-    def step(self, state: SearchState) -> tuple[SearchState, dict]:
-        """One generation: propose, evaluate in one compiled call, survive. Returns (state, record)."""
-        gen = state.generation + 1
-        k_var, k_eval, k_surv, k_tell = self.keys(gen)
-        start = time.perf_counter()
-        genes, x, dstate = self.propose(state, k_var)
-        F, acc = self.problem.objectives(genes, k_eval)
-        violation = self.problem.violation(self.space.decode(genes))
-        F_select = self.penalized(F, violation)
-        if self.driver is not None:
-            fitness = _scalarize(self.cfg, F_select, self.lower, self.upper)
-            dstate = self.driver.tell(k_tell, x, fitness, dstate)
-            pop_genes, pop_F, nsga = genes, F_select, state.nsga
-        else:
-            pool_genes = genes if gen == 0 else np.concatenate([state.genes, genes])
-            pool_F = F_select if gen == 0 else np.concatenate([state.objectives, F_select])
-            idx, nsga = nsga3.survive(jnp.asarray(pool_F, state.nsga.ideal_point.dtype), self.ref_dirs,
-                                      self.cfg.population_size, state.nsga, k_surv)
-            idx = np.asarray(idx)
-            pop_genes, pop_F = pool_genes[idx], pool_F[idx]
-        seconds = time.perf_counter() - start
-        new = SearchState(
-            generation=gen, genes=pop_genes, objectives=pop_F, nsga=nsga, driver=dstate,
-            evaluations=state.evaluations + len(genes), seconds=state.seconds + seconds,
-        )
-        return new, {"genes": genes, "objectives": F, "accuracy": acc, "violation": violation, "seconds": seconds}
+def generations(cfg: ml_collections.ConfigDict, problem: Problem, workdir: pathlib.Path | None) -> list[dict]:
+    """Run (or resume) the search's generations (:func:`qevo.loop.evolve`): generation 0 is the
+    first population, then ``cfg.generations`` more; returns every evaluated individual's
+    record (generation, genes, widths, objectives, validation accuracy, constraint violation)."""
+    lower, upper = problem.bounds()
+    names = tuple(cfg.search.objectives)
 
-    def penalized(self, F: np.ndarray, violation: np.ndarray) -> np.ndarray:
-        """``F [P, M]`` as selection sees it: a model over ``search.constraints`` gets, in every
-        objective, the upper bound plus ``1 + violation`` times the objective's range, so every
-        model within the bounds dominates it and, among those over, the smaller excess wins
-        (Deb's constraint domination, in the ranking NSGA-III already does)."""
-        v = violation[:, None]
-        return np.where(v > 0, self.upper + (1.0 + v) * (self.upper - self.lower), F)
+    def evaluate(generation: int, genes: jax.Array, key: jax.Array, carry):
+        genes = np.asarray(genes)
+        F, acc = problem.objectives(genes, evaluation_key(cfg, key))
+        bits = problem.space.decode(genes)
+        violation = problem.violation(bits)
+        if not np.isfinite(F).all(axis=1).any():
+            raise config_lib.ConfigError(
+                f"generation {generation}: all {len(genes)} candidates are infeasible (non-finite "
+                "accuracy or cost: their fine-tuning diverged); lower search.qat_learning_rate "
+                f"(now {cfg.search.qat_learning_rate}) and rerun in a new --workdir")
+        records = [
+            {"generation": generation, "genes": g.tolist(), "w_bits": w.tolist(), "a_bits": a.tolist(),
+             "objectives": dict(zip(names, map(_finite_or_none, f), strict=True)),
+             "val_accuracy": _finite_or_none(v_acc), "violation": float(v)}
+            for g, w, a, f, v_acc, v in zip(genes, bits.w, bits.a, F, acc, violation, strict=True)
+        ]
+        return penalized(F, violation, lower, upper), records, carry
 
-    def run(self) -> list[dict]:
-        """Run (or resume) every generation; returns all history records."""
-        steps = StepLog(self.workdir, "generation", step_key="generation",
-                        log=lambda msg: print(msg, file=sys.stderr))
-        state, history = steps.resume(self.initial_state())
-        state = state.replace(generation=int(state.generation), evaluations=int(state.evaluations),
-                              seconds=float(state.seconds))
-        total = self.cfg.generations + 1
-        bar = progress(total, state.generation + 1, f"search {self.problem.model_name}")
-        while state.generation + 1 < total:
-            state, rec = self.step(state)
-            bits = self.space.decode(rec["genes"])
-            records = [
-                {
-                    "generation": state.generation, "genes": g.tolist(), "w_bits": w.tolist(), "a_bits": a.tolist(),
-                    "objectives": dict(zip(self.cfg.search.objectives, map(_finite_or_none, f), strict=True)),
-                    "val_accuracy": _finite_or_none(acc), "violation": float(v),
-                }
-                for g, w, a, f, acc, v in zip(rec["genes"], bits.w, bits.a, rec["objectives"], rec["accuracy"],
-                                              rec["violation"], strict=True)
-            ]
-            if not np.isfinite(rec["objectives"]).all(axis=1).any():
-                bar.close()
-                raise config_lib.ConfigError(
-                    f"generation {state.generation}: all {len(records)} candidates are infeasible (non-finite "
-                    "accuracy or cost: their fine-tuning diverged); lower search.qat_learning_rate "
-                    f"(now {self.cfg.search.qat_learning_rate}) and rerun in a new --workdir")
-            history.extend(records)
-            steps.commit(state, history, state.generation)
-            F = history_objectives(history, self.cfg.search.objectives)
-            front = front_indices(F)
-            hv = nsga3.hypervolume((F[front] - self.lower) / (self.upper - self.lower), np.full(len(self.lower), 1.1))
-            best = max((r["val_accuracy"] or 0.0) for r in history)
-            bar.update(1)
-            bar.write(
-                f"gen {state.generation:3d}/{self.cfg.generations}  best acc {100 * best:.2f}%  front {len(front)}  "
-                f"hv {hv:.4f}  {len(rec['genes']) / rec['seconds']:.2f} eval/s",
-                file=sys.stderr,
-            )
-        bar.close()
-        return history
+    def report(state: LoopState, history: list[dict]) -> str:
+        F = history_objectives(history, names)
+        front = front_indices(F)
+        hv = nsga3.hypervolume((F[front] - lower) / (upper - lower), np.full(len(lower), 1.1))
+        best = max((r["val_accuracy"] or 0.0) for r in history)
+        return (f"gen {state.generation - 1:3d}/{cfg.generations}  best acc {100 * best:.2f}%  front {len(front)}  "
+                f"hv {hv:.4f}  {state.evaluations / state.seconds:.2f} eval/s")
+
+    steps = StepLog(workdir, "generation", step_key="generation", log=lambda msg: print(msg, file=sys.stderr))
+    _, history = evolve(make_strategy(cfg, problem), evaluate, base_key=base_key(cfg),
+                        generations=cfg.generations + 1, steps=steps, desc=f"search {problem.model_name}",
+                        report=report)
+    return history
 
 
 def _finite_or_none(v) -> float | None:
@@ -774,7 +701,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, *, model=None, va
         env = environment(problem.evaluator.model, problem.variables, problem.ds.train_images.shape[1:],
                           cfg.train.batch_size, cfg.model.precision)
     with watch.stage("search"):
-        history = SearchLoop(cfg, problem, workdir).run()
+        history = generations(cfg, problem, workdir)
     extra = list(problem.extra_objectives)
     write_csv(workdir / "pareto.csv", pareto_rows(cfg, problem, history), PARETO_COLUMNS + extra)
     with watch.stage("final"):

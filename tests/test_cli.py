@@ -240,16 +240,17 @@ def test_history_resume_policy(tmp_path):
 
 
 def test_history_of_several_records_per_step(tmp_path):
-    """With ``step_key``, a step is every record naming it: records past the checkpoint's
-    step are dropped, and a history that stops short of it is an error."""
+    """With ``step_key``, a step is every record naming its index: records past the
+    checkpoint's steps are dropped, and a history that stops short of them is an error."""
     from qevo.checkpoint import CheckpointError, read_history
 
     path = tmp_path / "history.jsonl"
     records = [{"generation": g, "i": i} for g in (0, 1, 2) for i in range(3)]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert read_history(path, 1, step_key="generation") == records[:6]
-    with pytest.raises(CheckpointError, match=r"history.jsonl has no record of generation 3, the checkpoint's"):
-        read_history(path, 3, step_key="generation")
+    assert read_history(path, 2, step_key="generation") == records[:6]
+    assert read_history(path, 0, step_key="generation") == []
+    with pytest.raises(CheckpointError, match=r"history.jsonl has no record of generation 3, the checkpoint's last"):
+        read_history(path, 4, step_key="generation")
 
 
 def test_step_log_commits_and_resumes(tmp_path):

@@ -24,6 +24,8 @@ from qevo import config as config_lib
 from qevo.checkpoint import CheckpointError
 from qevo.codebook import quantize_codebook
 from qevo.data import normalize
+from qevo.harness import StepLog
+from qevo.loop import evolve
 from qevo.models import init_variables
 from qevo.population import batch_eval_set
 from qevo.pretrained import float_model
@@ -252,18 +254,23 @@ def test_driver_generations(lenet, driver):
     problem = compress.Problem(variables=variables, table=table, centroids=table.centroids, batches=batches,
                                allowed=jnp.asarray(allowed), n_choices=jnp.array([2, 4, 4, 4, 4], jnp.int32),
                                floor=jnp.float32(0.0), float_accuracy=jnp.float32(0.1))
-    search = compress.DriverSteps(cfg, evaluator, 5)
-    state = search.init(jax.random.PRNGKey(0), 0.1, 10.0)
-    state, first = search.first(state, problem)
-    state, second = search.step(state, problem)
+    generation = compress.Generation(cfg, evaluator, 5)
+
+    def evaluate(g, genes, key, targets):
+        scores, F, moved = generation.score(problem, np.asarray(genes), targets)
+        return np.asarray(F), [scores], jax.device_get(moved)
+
+    targets = compress.Targets(acc_target=np.float32(0.1), cr_target=np.float32(10.0))
+    state, (first, second) = evolve(generation.strategy(problem), evaluate, base_key=jax.random.key(1), generations=2,
+                                    steps=StepLog(None, "generation"), desc="sharing", carry=targets)
+    assert state.generation == 2 and state.evaluations == 12
     for s in (first, second):
         assert s.k.shape == (6, 5) and s.accuracy.shape == (6,)
         assert set(np.asarray(s.k[:, 0]).tolist()) <= {2, 4}  # layer 0 only takes its allowed k
         _cr_mean, cr_weighted = sharing.compression_rates(s.k, table.sizes, "float32")
         np.testing.assert_allclose(s.cr_weighted, cr_weighted)
         assert np.all(np.isfinite(np.asarray(s.fit)))
-    assert int(state.generation) == 2
-    assert float(state.cr_target) >= float(jnp.max(second.cr_weighted))  # target moved past the best CR
+    assert float(state.carry.cr_target) >= float(jnp.max(second.cr_weighted))  # target moved past the best CR
 
 
 @pytest.mark.parametrize(

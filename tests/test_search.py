@@ -14,6 +14,7 @@ from conftest import REPO, run_command, run_main
 from qevo import checkpoint, search
 from qevo import config as config_lib
 from qevo.layers import Bits
+from qevo.loop import step_keys
 
 TINY = [
     "--config.population_size=8",
@@ -137,15 +138,14 @@ def test_a_config_of_the_former_float_first_last_key_still_loads_with_a_notice(t
 
 def test_constrained_selection_ranks_every_model_within_bounds_first():
     """Deb's rule through the penalty: feasible before infeasible, and the smaller excess first."""
-    loop = search.SearchLoop.__new__(search.SearchLoop)
-    loop.lower, loop.upper = np.array([0.0, 10.0]), np.array([1.0, 50.0])
-    F = np.array([[0.02, 30.0], [0.1, 11.0], [0.0, 10.0], [0.05, 12.0]])
-    violation = np.array([0.0, 0.5, 0.1, 0.0])
     import jax.numpy as jnp
 
     from qevo import nsga3
 
-    rank = np.asarray(nsga3.non_dominated_rank(jnp.asarray(loop.penalized(F, violation))))
+    F = np.array([[0.02, 30.0], [0.1, 11.0], [0.0, 10.0], [0.05, 12.0]])
+    violation = np.array([0.0, 0.5, 0.1, 0.0])
+    F_select = search.penalized(F, violation, np.array([0.0, 10.0]), np.array([1.0, 50.0]))
+    rank = np.asarray(nsga3.non_dominated_rank(jnp.asarray(F_select)))
     assert rank[0] == rank[3] == 0 and rank[2] == 1 and rank[1] == 2, rank
 
 
@@ -312,11 +312,13 @@ def test_shared_draws_score_a_genome_alike_in_every_generation(shared, tiny_lene
         f"float_from={tiny_lenet5_float}", "population_size=8", "search.qat_steps=3", "search.eval_images=500",
         "data.max_train_images=3000", f"search.shared_draws={shared}"]))
     problem = search.prepare(cfg, tmp_path)
-    loop = search.SearchLoop(cfg, problem, tmp_path)
-    state, first = loop.step(loop.initial_state())
-    state, _ = loop.step(state)
-    _, again = problem.objectives(first["genes"], loop.keys(2)[1])
+    cfg.generations = 2
+    history = search.generations(cfg, problem, tmp_path)
+    first = [r for r in history if r["generation"] == 0]
+    accuracy = np.array([r["val_accuracy"] for r in first])
+    key = search.evaluation_key(cfg, step_keys(search.base_key(cfg), 2)[1])
+    _, again = problem.objectives(np.array([r["genes"] for r in first]), key)
     if shared:
-        np.testing.assert_array_equal(again, first["accuracy"])
+        np.testing.assert_array_equal(again, accuracy)
     else:
-        assert np.abs(again - first["accuracy"]).max() > 0
+        assert np.abs(again - accuracy).max() > 0
