@@ -72,7 +72,7 @@ from qevo import distributed, nsga3, sharing
 from qevo.codebook import CODEBOOK_BITS, key_bits, quantize_codebook
 from qevo.data import Dataset
 from qevo.drivers import make_driver, relax_to_genes
-from qevo.harness import RESULTS, StepLog, Stopwatch, environment, figure, method, write_csv, write_json
+from qevo.harness import RESULTS, StepLog, Stopwatch, environment, figure, method, progress, write_csv, write_json
 from qevo.population import batch_eval_set
 from qevo.pretrained import float_model
 from qevo.train import resolve_inputs
@@ -495,6 +495,7 @@ def search(prep: Prepared, cfg: ml_collections.ConfigDict, workdir: pathlib.Path
     state = runner.init(jax.random.PRNGKey(cfg.seed), acc_target, cfg.sharing.cr_target)
     steps = StepLog(workdir, "generation", log=log)
     state, lines = steps.resume(state)
+    bar = progress(cfg.generations, int(state.generation), f"compress {prep.model_name}", show=log is not None)
     for g in range(int(state.generation), cfg.generations):
         t = time.perf_counter()
         targets = (float(state.acc_target), float(state.cr_target))
@@ -504,12 +505,12 @@ def search(prep: Prepared, cfg: ml_collections.ConfigDict, workdir: pathlib.Path
         lines.append({"generation": g + 1, "acc_target": targets[0], "cr_target": targets[1], "seconds": seconds,
                       "individuals": records})
         steps.commit(state, lines, g + 1)
-        if log:
-            best = pick([r for x in lines for r in x["individuals"]], float(problem.floor), _cr_key(cfg))
-            log(f"gen {g + 1:3d}/{cfg.generations}  best CR {best['cr_weighted']:.2f} "
-                f"(mean-of-layers {best['cr_mean']:.2f}) at val {100 * best['val_accuracy']:.2f}%  "
-                f"targets acc {100 * float(state.acc_target):.2f}% CR {float(state.cr_target):.2f}  "
-                f"{cfg.population_size / seconds:.1f} evals/s")
+        best = pick([r for x in lines for r in x["individuals"]], float(problem.floor), _cr_key(cfg))
+        bar.step(f"gen {g + 1:3d}/{cfg.generations}  best CR {best['cr_weighted']:.2f} "
+                 f"(mean-of-layers {best['cr_mean']:.2f}) at val {100 * best['val_accuracy']:.2f}%  "
+                 f"targets acc {100 * float(state.acc_target):.2f}% CR {float(state.cr_target):.2f}  "
+                 f"{cfg.population_size / seconds:.1f} evals/s")
+    bar.close()
     return [{**r, "generation": x["generation"]} for x in lines for r in x["individuals"]]
 
 

@@ -124,10 +124,59 @@ def environment(model, variables: dict, image_shape: tuple[int, ...], batch_size
     return {"device": jax.devices()[0].device_kind, "convolutions": convolutions}
 
 
-def progress(total: int, initial: int, desc: str) -> tqdm:
-    """The progress bar of a run's steps, on stderr and only on a terminal: a log written to a
-    file or pipe gets the per-step lines (``bar.write``) and the errors, without bar redraws."""
-    return tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, disable=None)
+def progress(total: int, initial: int, desc: str, show: bool = True) -> Progress:
+    """The progress of a run's ``total`` steps, ``initial`` of them done before this call
+    (:class:`Progress`); ``show=False`` shows nothing (a loop run from Python without a log)."""
+    return Progress(total, initial, desc, show)
+
+
+class Progress:
+    """The progress of a run's steps, the one every method's step loop reports through.
+
+    On a terminal, a bar on stderr; on any stderr (a log written to a file or a pipe gets no
+    bar redraws), the line each finished step passes to :meth:`step`, followed by the
+    estimated time left: the mean time of this call's steps times the steps left. The first
+    step of a call compiles its programs, so once a second step is measured the first is
+    left out of the mean.
+    """
+
+    def __init__(self, total: int, initial: int, desc: str, show: bool = True,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.total, self.initial, self.done, self.show, self.clock = total, initial, initial, show, clock
+        self.bar = tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, disable=None if show else True)
+        self._times = [clock()]  # when this call began, then when its first step ended
+
+    def step(self, line: str) -> None:
+        """One more step is done: advance the bar and write ``line`` with the time left."""
+        self.done += 1
+        now = self.clock()
+        if len(self._times) == 1:
+            self._times.append(now)
+        self.bar.update(1)
+        if self.show:
+            self.bar.write(line + (f"  ({duration(self.seconds_left(now))} left)" if self.done < self.total else ""),
+                           file=sys.stderr)
+
+    def seconds_left(self, now: float) -> float:
+        """The estimated seconds the steps left take, from this call's steps up to ``now``."""
+        begun, first = self._times
+        steps = self.done - self.initial
+        per_step = first - begun if steps == 1 else (now - first) / (steps - 1)
+        return per_step * (self.total - self.done)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` as a person reads a time: ``42 s``, ``7 min 05 s``, ``2 h 08 min``."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 class Stopwatch:

@@ -492,12 +492,8 @@ class SearchLoop:
             front = front_indices(F)
             hv = nsga3.hypervolume((F[front] - self.lower) / (self.upper - self.lower), np.full(len(self.lower), 1.1))
             best = max((r["val_accuracy"] or 0.0) for r in history)
-            bar.update(1)
-            bar.write(
-                f"gen {state.generation:3d}/{self.cfg.generations}  best acc {100 * best:.2f}%  front {len(front)}  "
-                f"hv {hv:.4f}  {len(rec['genes']) / rec['seconds']:.2f} eval/s",
-                file=sys.stderr,
-            )
+            bar.step(f"gen {state.generation:3d}/{self.cfg.generations}  best acc {100 * best:.2f}%  "
+                     f"front {len(front)}  hv {hv:.4f}  {len(rec['genes']) / rec['seconds']:.2f} eval/s")
         bar.close()
         return history
 

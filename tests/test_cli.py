@@ -361,6 +361,27 @@ def test_a_lock_is_released_when_the_run_fails_and_held_again_within_the_process
         _never_runs(config_lib.defaults(), tmp_path)
 
 
+def test_each_step_line_says_the_time_left_from_this_calls_measured_steps(capsys):
+    """Resumed after 4 of 8 steps: the first step of the call (30 s, it compiles) alone gives
+    the first estimate, and is left out of the later ones; the last line has none."""
+    times = iter([100.0, 130.0, 132.0, 134.5, 137.0])
+    bar = harness.Progress(8, 4, "steps", clock=lambda: next(times))
+    for line in "abcd":
+        bar.step(f"step {line}")
+    bar.close()
+    assert capsys.readouterr().err.splitlines() == ["step a  (1 min 30 s left)", "step b  (4 s left)",
+                                                    "step c  (2 s left)", "step d"]
+    quiet = harness.progress(2, 0, "steps", show=False)
+    quiet.step("not shown")
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("seconds, text", [(0.4, "0 s"), (59.6, "1 min 00 s"), (425, "7 min 05 s"),
+                                           (7690, "2 h 08 min"), (3599.7, "1 h 00 min")])
+def test_durations_read_as_a_person_says_them(seconds, text):
+    assert harness.duration(seconds) == text
+
+
 @harness.method(config_lib.defaults)
 def _draw(cfg, workdir):
     return jax.random.normal(jax.random.key(0), (4,))
