@@ -382,6 +382,61 @@ def test_durations_read_as_a_person_says_them(seconds, text):
     assert harness.duration(seconds) == text
 
 
+def test_a_config_sized_for_an_accelerator_says_so_in_one_line_at_start_on_a_cpu(data_dir, tmp_path):
+    """A tiny LeNet-5 budget in a file that declares it is sized for an accelerator: on this
+    CPU the command starts with one line (the float training's estimate, the CPU config),
+    then runs; each epoch's line but the last says the time left."""
+    (tmp_path / "tiny_cpu.py").write_text("")
+    big = tmp_path / "tiny.py"
+    big.write_text(f'from qevo import config\n\nSIZED_FOR = "accelerator"\nCPU_CONFIG = "tiny_cpu.py"\n\n\n'
+                   f'def get_config():\n    c = config.load({str(REPO / "configs" / "lenet5.py")!r})\n'
+                   f'    c.train.epochs = 2\n    c.data.max_train_images = 1024\n    return c\n')
+    out = run_command("qevo.train", str(big), tmp_path / "run", data_dir=data_dir, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    notes = [line for line in out.stderr.splitlines() if "sized for an accelerator" in line]
+    assert len(notes) == 1 and re.fullmatch(
+        rf"qevo\.train: {re.escape(str(big))} is sized for an accelerator and this is a CPU: its float training "
+        rf"\(2 epochs\) takes about \d+ s here \(from its training step, timed\); use "
+        rf"{re.escape(str(tmp_path / 'tiny_cpu.py'))} instead", notes[0]), notes
+    assert out.stderr.index(notes[0]) < out.stderr.index("epoch   1/2")
+    epochs = r"\nepoch   1/2  loss [^\n]*\(\d+ s\)  \(\d+ s left\)\nepoch   2/2  loss [^\n]*\(\d+ s\)\n"
+    assert re.search(epochs, out.stderr), out.stderr[-3000:]
+
+
+def test_the_sizing_note_needs_a_cpu_and_an_accelerator_config(tmp_path, monkeypatch):
+    resnet20 = REPO / "configs" / "resnet20.py"
+    cfg = config_lib.load(resnet20, ["float_from=runs/resnet20_float"])
+    assert cli.sizing_note("qevo.search", resnet20, cfg) == (
+        f"qevo.search: {resnet20} is sized for an accelerator and this is a CPU: its float model comes from "
+        f"float_from=runs/resnet20_float; use {REPO / 'configs' / 'resnet20_cpu.py'} instead")
+    vega = REPO / "configs" / "resnet20_vega.py"
+    assert cli.sizing_note("qevo.search", vega, config_lib.load(vega, ["float_from=f"])).endswith(
+        "float_from=f; no CPU-sized config of it exists: lower train.epochs and the method's budget to shorten it")
+    assert cli.sizing_note("qevo.search", REPO / "configs" / "resnet20_cpu.py", cfg) is None
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert cli.sizing_note("qevo.search", resnet20, cfg) is None
+
+
+def test_the_configs_declare_what_they_are_sized_for():
+    declared = {path.name: config_lib.sized_for(path) for path in sorted((REPO / "configs").glob("*.py"))}
+    accelerator = {name: cpu and cpu.name for name, (size, cpu) in declared.items() if size == "accelerator"}
+    assert accelerator == {"mobilenetv2_sharing.py": "mobilenetv2_cpu.py", "resnet20.py": "resnet20_cpu.py",
+                           "resnet20_cc.py": "resnet20_cc_cpu.py", "resnet20_vega.py": None}
+    assert all(size is None for name, (size, _) in declared.items() if name not in accelerator)
+
+
+@pytest.mark.parametrize("source, message", [
+    ('SIZED_FOR = "gpu"\n', "SIZED_FOR = 'gpu' is not one of ('accelerator', 'cpu')"),
+    ('SIZED_FOR = "accelerator"\nCPU_CONFIG = "none.py"\n', "CPU_CONFIG = 'none.py' names no config file beside it"),
+    ("SIZED_FOR = str(1)\n", "SIZED_FOR and CPU_CONFIG must be plain strings"),
+])
+def test_a_bad_size_declaration_is_one_line(source, message, tmp_path):
+    path = tmp_path / "x.py"
+    path.write_text(source + "def get_config():\n    return None\n")
+    with pytest.raises(ConfigError, match=re.escape(f"config file {path}: {message}")):
+        config_lib.sized_for(path)
+
+
 @harness.method(config_lib.defaults)
 def _draw(cfg, workdir):
     return jax.random.normal(jax.random.key(0), (4,))
