@@ -8,6 +8,9 @@ classifier), 2.2 M weights; the cluster table is built in several batched calls.
 
 from qevo.compress import defaults
 
+SIZED_FOR = "accelerator"  # on a CPU, every command says so at start (qevo.config.sized_for)
+CPU_CONFIG = "mobilenetv2_cpu.py"
+
 
 def get_config():
     c = defaults()

@@ -18,6 +18,9 @@ same protocol cut to a 2-core CPU.
 
 from qevo.search import defaults
 
+SIZED_FOR = "accelerator"  # on a CPU, every command says so at start (qevo.config.sized_for)
+CPU_CONFIG = "resnet20_cpu.py"
+
 
 def get_config():
     c = defaults()

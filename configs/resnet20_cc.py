@@ -15,6 +15,9 @@ import pathlib
 from qevo.coevolve import defaults
 from qevo.config import take_sections
 
+SIZED_FOR = "accelerator"  # on a CPU, every command says so at start (qevo.config.sized_for)
+CPU_CONFIG = "resnet20_cc_cpu.py"
+
 
 def get_config():
     c = take_sections(defaults(), pathlib.Path(__file__).with_name("resnet20.py"), ("data", "model", "train", "quant"))

@@ -10,6 +10,8 @@ front models trained 400 epochs from scratch. A GPU run:
 
 from qevo.search import defaults
 
+SIZED_FOR = "accelerator"  # on a CPU, every command says so at start (qevo.config.sized_for)
+
 
 def get_config():
     c = defaults()

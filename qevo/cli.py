@@ -4,7 +4,11 @@
 It joins a multi-process run where the environment asks for one (:mod:`qevo.distributed`),
 parses the flags, loads and validates the config, sets the process-wide compilation cache
 and runs the method in its work folder (default ``runs/<config name>``; the method prepares
-it, :func:`qevo.harness.method`). Errors a user can fix
+it, :func:`qevo.harness.method`), holding the folder's lock from before its first line
+(:func:`qevo.harness.workdir_lock`: the folder is checked, and a folder another run holds
+refused, before any work). A config file sized for an accelerator (:func:`qevo.config.sized_for`)
+run on a CPU is said so in one line at start, with the time its float training takes here
+(:func:`float_training_seconds`) and the CPU config to use instead. Errors a user can fix
 (:class:`qevo.errors.QevoError`) and device memory running out end the command with one
 line on stderr and exit status 2; anything else is a bug and keeps its traceback. Only the
 ``__main__`` hooks of the method modules import this module.
@@ -16,23 +20,28 @@ run skips most compilation.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
 import sys
+import time
 from collections.abc import Callable
 
 import jax
 import ml_collections
 
 from qevo import config as config_lib
-from qevo import distributed
+from qevo import distributed, harness, train
 from qevo.data import default_cache_dir
 from qevo.errors import ConfigError, PopulationMemoryError, QevoError
 from qevo.harness import MODEL
 from qevo.population import is_out_of_memory
 
 USER_ERRORS = (QevoError,)
+
+# Training steps timed for the estimate of a float training (:func:`float_training_seconds`).
+TIMED_STEPS = 3
 
 # The settings that decide how much device memory a command's programs take.
 MEMORY_KEYS = (
@@ -92,13 +101,54 @@ def memory_settings(cfg: ml_collections.ConfigDict | None, workdir: pathlib.Path
     return out
 
 
+def float_training_seconds(cfg: ml_collections.ConfigDict) -> float:
+    """An estimate of the wall seconds ``cfg``'s float training takes on this machine: the
+    run's own training step (its data, model and ``train`` settings, float) compiled for the
+    first :data:`TIMED_STEPS` mini-batches (at most), then timed on them, times the
+    mini-batches of every epoch. Compilation and evaluation are left out, and a step's time varies with the
+    machine's load: an estimate, not a promise. On this process's own devices."""
+    inputs = train.resolve_inputs(cfg)
+    ds, size = inputs.ds, cfg.train.batch_size
+    steps = max(1, min(TIMED_STEPS, ds.train_images.shape[0] // size))
+    few = dataclasses.replace(ds, train_images=ds.train_images[: steps * size],
+                              train_labels=ds.train_labels[: steps * size])
+    trainer = train.Trainer(cfg, few, inputs.model, quantized=False, devices=jax.local_devices(), loss=inputs.loss)
+    state = trainer.init_state(train.initial_variables(cfg, few, inputs.model, None, jax.random.key(cfg.seed)))
+    # The first call compiles for the initial state, the second for the state the first returns
+    # (placed on the devices' mesh): the third is timed.
+    for key in jax.random.split(jax.random.key(cfg.seed), 3):
+        start = time.perf_counter()
+        state, loss = trainer.epoch(state, None, key, few.train_images, few.train_labels)
+        jax.block_until_ready(loss)
+    per_step = (time.perf_counter() - start) / steps
+    return per_step * (ds.train_images.shape[0] // size) * cfg.train.epochs
+
+
+def sizing_note(prog: str, path: pathlib.Path, cfg: ml_collections.ConfigDict) -> str | None:
+    """The line a command starts with where its config file is sized for an accelerator
+    (:func:`qevo.config.sized_for`) and this process computes on a CPU: that, the time its
+    float training takes here (unless ``float_from`` names a trained one) and the CPU config
+    to use instead. None elsewhere. It never refuses the run."""
+    size, cpu_config = config_lib.sized_for(path)
+    if size != "accelerator" or jax.default_backend() != "cpu":
+        return None
+    if cfg.get("float_from") is None:
+        cost = (f"its float training ({cfg.train.epochs} epochs) takes about "
+                f"{harness.duration(float_training_seconds(cfg))} here (from its training step, timed)")
+    else:
+        cost = f"its float model comes from float_from={cfg.float_from}"
+    instead = (f"use {cpu_config} instead" if cpu_config is not None
+               else "no CPU-sized config of it exists: lower train.epochs and the method's budget to shorten it")
+    return f"{prog}: {path} is sized for an accelerator and this is a CPU: {cost}; {instead}"
+
+
 def main(prog: str, run: Callable[[ml_collections.ConfigDict, pathlib.Path], dict], validate, argv=None) -> int:
     """Entry point shared by the commands: parse, validate, run.
 
     Args:
       prog: module name for messages (``qevo.train``).
       run: ``run(config, workdir) -> results dict`` (a :func:`qevo.harness.method`, which
-        prepares the folder; printed as JSON at the end).
+        prepares the folder; printed as JSON at the end), called holding the folder's lock.
       validate: ``validate(config) -> config``, raising ``ConfigError``.
       argv: arguments (default ``sys.argv[1:]``).
 
@@ -114,7 +164,11 @@ def main(prog: str, run: Callable[[ml_collections.ConfigDict, pathlib.Path], dic
         path, overrides, workdir = parse_args(sys.argv[1:] if argv is None else argv, prog)
         cfg = validate(config_lib.load(path, overrides))
         workdir = workdir or pathlib.Path("runs") / path.stem
-        results = run(cfg, workdir)
+        with harness.workdir_lock(workdir):
+            note = sizing_note(prog, path, cfg) if distributed.is_writer() else None
+            if note is not None:
+                print(note, file=sys.stderr, flush=True)
+            results = run(cfg, workdir)
     except USER_ERRORS as e:
         settings = f"; {memory_settings(cfg, workdir)}" if isinstance(e, PopulationMemoryError) else ""
         print(f"{prog}: error: {e}{settings}", file=sys.stderr)

@@ -71,7 +71,7 @@ from qevo import checkpoint, intforward, train
 from qevo import config as config_lib
 from qevo.calibration import calibrate
 from qevo.data import Dataset, augment, normalize
-from qevo.harness import RESULTS, StepLog, Stopwatch, environment, method, read_rows, write_json
+from qevo.harness import RESULTS, StepLog, Stopwatch, environment, method, progress, read_rows, write_json
 from qevo.layers import Bits
 from qevo.losses import cross_entropy, top1
 from qevo.population import (
@@ -634,6 +634,7 @@ def evolve(prep: Prepared, workdir: pathlib.Path | None = None, log=None,
     steps = StepLog(workdir, "cycle", log=log)
     state, history = steps.resume(state)
     evals = c.num_groups * c.population_size
+    bar = progress(c.cycles, int(state.cycle), f"coevolve {prep.model_name}", show=log is not None)
     for cycle in range(int(state.cycle), c.cycles):
         start = time.perf_counter()
         state, stats = runner.cycle(state, problem)
@@ -653,11 +654,11 @@ def evolve(prep: Prepared, workdir: pathlib.Path | None = None, log=None,
         }
         history.append(record)
         steps.commit(state, history, cycle + 1)
-        if log:
-            log(f"cycle {cycle + 1:3d}/{c.cycles}  loss {record['loss']:.4f}  "
-                f"train acc {100 * record['train_accuracy']:.2f}%  val {100 * record['val_accuracy']:.2f}%  "
-                f"confident {100 * record['confident']:.1f}%  "
-                f"improved {record['improved_groups']}/{c.num_groups}  {evals / seconds:.0f} evals/s")
+        bar.step(f"cycle {cycle + 1:3d}/{c.cycles}  loss {record['loss']:.4f}  "
+                 f"train acc {100 * record['train_accuracy']:.2f}%  val {100 * record['val_accuracy']:.2f}%  "
+                 f"confident {100 * record['confident']:.1f}%  "
+                 f"improved {record['improved_groups']}/{c.num_groups}  {evals / seconds:.0f} evals/s")
+    bar.close()
     return state, history
 
 

@@ -3,6 +3,12 @@
 Every command reads a config file whose ``get_config()`` returns a ConfigDict built on
 :func:`defaults`; ``--config.section.key=value`` overrides any field. Unknown keys and
 values of the wrong type or range fail with one message naming the key and the fix.
+
+A config file may also declare, beside ``get_config()``, what its budget is sized for
+(:func:`sized_for`): ``SIZED_FOR = "accelerator"`` (a GPU or TPU run) and ``CPU_CONFIG =
+"<name>.py"``, the file beside it that cuts the same protocol to a CPU. A command run on a
+CPU with such a file says so in one line at start (:mod:`qevo.cli`). These are statements
+about the file, not keys of the run: they are not in ``config.json``.
 """
 
 from __future__ import annotations
@@ -325,6 +331,37 @@ def load_function(spec: str, flag: str):
     if not callable(function):
         raise ConfigError(f"{flag} {spec!r}: {path} defines no function {name}()")
     return function
+
+
+SIZES = ("accelerator", "cpu")
+
+
+def sized_for(path: str | pathlib.Path) -> tuple[str | None, pathlib.Path | None]:
+    """What the config file ``path`` declares its budget is sized for: ``(SIZED_FOR, the
+    CPU_CONFIG file)`` from its top-level ``SIZED_FOR = "accelerator"`` (or ``"cpu"``) and
+    ``CPU_CONFIG = "<name>.py"`` (a file beside it), each None where the file declares none.
+    Read from the file's text, as literals (the file is not run again).
+
+    Raises:
+      ConfigError: a declaration that is not such a literal, a size not in :data:`SIZES`,
+        or a ``CPU_CONFIG`` that names no file beside ``path``.
+    """
+    path = pathlib.Path(path)
+    declared = {}
+    try:
+        for node in ast.parse(path.read_text(), str(path)).body:
+            if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                    and node.targets[0].id in ("SIZED_FOR", "CPU_CONFIG")):
+                declared[node.targets[0].id] = ast.literal_eval(node.value)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ConfigError(f"config file {path}: SIZED_FOR and CPU_CONFIG must be plain strings ({e})") from e
+    size, cpu = declared.get("SIZED_FOR"), declared.get("CPU_CONFIG")
+    if size is not None and size not in SIZES:
+        raise ConfigError(f"config file {path}: SIZED_FOR = {size!r} is not one of {SIZES}")
+    if cpu is not None and not (isinstance(cpu, str) and (path.parent / cpu).is_file()):
+        raise ConfigError(f"config file {path}: CPU_CONFIG = {cpu!r} names no config file beside it; "
+                          "name one such as 'model_cpu.py'")
+    return size, None if cpu is None else path.parent / cpu
 
 
 def take_sections(cfg: ml_collections.ConfigDict, config_file: str | pathlib.Path,

@@ -60,7 +60,7 @@ import numpy as np
 from PIL import Image
 
 from qevo.errors import ConfigError, DataError, QevoError
-from qevo.files import atomic_path
+from qevo.files import atomic_path, unwritable
 
 if TYPE_CHECKING:  # annotations only: the worker processes decoding images never import jax
     import jax
@@ -415,7 +415,8 @@ def write_image_folder(
 
     Args:
       name: as :func:`load_dataset`.
-      out: the archive's path; it must end in ``.tar.gz`` or ``.tgz``.
+      out: the archive's path; it must end in ``.tar.gz`` or ``.tgz``, and this process must
+        be able to write it (checked before any image is read).
       image_size: side in pixels, or None to keep the stored size.
       data_dir: as :func:`load_dataset`.
       cache_dir: as :func:`load_dataset`.
@@ -430,6 +431,8 @@ def write_image_folder(
         raise ConfigError(f"archive name {out.name!r} must end in .tar.gz or .tgz")
     if quality is not None and (isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 95):
         raise ConfigError(f"quality must be an int in 1..95 (JPEG) or None (PNG), got {quality!r}")
+    if (problem := unwritable(out, "--out")) is not None:
+        raise ConfigError(problem)
     raw = _load_raw(name, data_dir, image_size, cache_dir, source)
     stem = out.name.removesuffix(".gz").removesuffix(".tar").removesuffix(".tgz")
     if quality is None:

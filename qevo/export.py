@@ -48,7 +48,7 @@ from qevo import config as config_lib
 from qevo.codebook import CODEBOOK_BITS, key_bits
 from qevo.data import Dataset, normalize
 from qevo.errors import CheckpointError, ConfigError, QevoError
-from qevo.harness import CONFIG, MODEL, RESULTS, fill_defaults, read_rows, write_json
+from qevo.harness import CONFIG, MODEL, RESULTS, check_output, fill_defaults, read_rows, write_json
 from qevo.layers import Bits
 from qevo.models import init_variables
 from qevo.quant import FLOAT_BITS
@@ -344,14 +344,15 @@ def export(workdir, name: str | None = None, out="model.onnx", check: bool = Fal
       bits, qevo's test accuracy (and the verification with ``check``).
 
     Raises:
-      CheckpointError, ConfigError: see :func:`load`.
+      CheckpointError, ConfigError: see :func:`load`; CheckpointError also where ``out``
+        cannot be written (checked first, :func:`qevo.harness.check_output`).
     """
     missing = [name for name, needed in (("onnx", True), ("onnxruntime", check))
                if needed and importlib.util.find_spec(name) is None]
     if onnxgraph is None or missing:
         raise ConfigError(f"exporting needs {' and '.join(missing or ['onnx'])}: "
                           "pip install 'qevo[export]' (from a clone: pip install -e '.[export]')")
-    out = pathlib.Path(out)
+    out = check_output(pathlib.Path(out), "--out")
     found = load(workdir, name, model=model, data=data)
     shape = found.ds.train_images.shape[1:]
     proto = onnxgraph.build(found.model, found.variables, found.bits, found.kernels, shape, found.ds.mean,

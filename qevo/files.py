@@ -1,4 +1,5 @@
-"""Atomic file writes, the one mechanism behind every output, checkpoint, cache and archive.
+"""Atomic file writes, the one mechanism behind every output, checkpoint, cache and archive,
+and the check every command makes of its output paths before any work (:func:`unwritable`).
 
 Kept free of jax so that the data-decoding worker processes can use it.  In a run of several
 processes only process 0 writes: :func:`qevo.distributed.initialize` calls
@@ -43,3 +44,36 @@ def atomic_path(path: str | os.PathLike):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def unwritable(path: str | os.PathLike, flag: str, folder: bool = False) -> str | None:
+    """Why this process cannot write the output ``path`` (a folder to make or fill with
+    ``folder``, else a file), as the one line a command ends with (``flag`` names the
+    argument: ``--workdir``, ``--out``); ``None`` where it can. Checked by writing: an empty
+    temporary file is made in, and removed from, the folder that would hold the output, or
+    the nearest folder above it that exists (missing folders are made later), so read-only
+    file systems, permissions and paths such as ``/proc/x`` all count, for root too."""
+    path = pathlib.Path(path)
+    reason = _unwritable(path, folder)
+    if reason is None:
+        return None
+    return f"{flag} {path} cannot be written ({reason}); pass a {'folder' if folder else 'file'} path you can write to"
+
+
+def _unwritable(path: pathlib.Path, folder: bool) -> str | None:
+    try:
+        if path.exists() and path.is_dir() != folder:
+            return "it is a folder, not a file" if path.is_dir() else "it is a file, not a folder"
+        where = path if folder else path.parent
+        existing = next(p for p in (where, *where.parents) if p.exists())
+    except OSError as e:
+        return f"{e.filename}: {e.strerror}"
+    if not existing.is_dir():
+        return f"{existing} is a file"
+    try:
+        fd, name = tempfile.mkstemp(dir=existing, prefix=".qevo-write-check.")
+    except OSError as e:
+        return f"no file can be made in {existing}: {e.strerror}"
+    os.close(fd)
+    os.unlink(name)
+    return None

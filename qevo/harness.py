@@ -3,8 +3,11 @@ and atomic writers, and the random-number setting a run is traced under.
 
 A work folder holds ``config.json`` (the resolved config; a different one is refused),
 ``checkpoint.msgpack`` or the method's own resumable state, ``history.*`` and, when the
-run is done, ``results.json``. :func:`method` wraps every method's ``run(cfg, workdir)`` so
-that it draws the same random numbers from Python as from its command (:mod:`qevo.cli`).
+run is done, ``results.json``; while a run is in it, ``run.lock`` (:func:`workdir_lock`: a
+second run on the folder is refused). :func:`method` wraps every method's ``run(cfg,
+workdir)`` so that it takes the lock and draws the same random numbers from Python as from
+its command (:mod:`qevo.cli`). Every output path is checked before any work
+(:func:`check_output`).
 
 Every ``results.json`` holds ``"seconds"``: the wall seconds this call spent in each stage
 of the method and ``"total"`` for the whole call (:class:`Stopwatch`); a resumed call counts
@@ -21,7 +24,9 @@ import csv
 import functools
 import io
 import json
+import os
 import pathlib
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -30,34 +35,38 @@ import jax
 import ml_collections
 from tqdm import tqdm
 
-from qevo import checkpoint, onednn
+from qevo import checkpoint, distributed, onednn
 from qevo import config as config_lib
 from qevo.checkpoint import atomic_write_bytes
 from qevo.errors import CheckpointError
-from qevo.files import atomic_path
+from qevo.files import atomic_path, unwritable
 
 CHECKPOINT = "checkpoint.msgpack"
 CONFIG = "config.json"
 HISTORY = "history.jsonl"
+LOCK = "run.lock"
 MODEL = "model.msgpack"
 RESULTS = "results.json"
 
 
 def method(defaults: Callable[[], ml_collections.ConfigDict]):
     """Decorate a method's ``run(cfg, workdir, **inputs) -> results`` whose keys and defaults
-    ``defaults()`` gives: each call prepares ``workdir`` (:func:`prepare_workdir`: it writes
-    ``config.json``, and refuses a folder that holds a run of another config), then runs
-    under the config's random-number setting (``cfg.threefry_partitionable``, recorded in
-    ``config.json``). So a run from Python writes the same work folder, with the same random
-    streams, as the command. ``workdir`` may be a str; keyword arguments (a user's
+    ``defaults()`` gives: each call holds ``workdir``'s lock (:func:`workdir_lock`: a folder
+    another live run holds is refused) while it prepares the folder (:func:`prepare_workdir`:
+    it writes ``config.json``, and refuses a folder that holds a run of another config) and
+    runs under the config's random-number setting (``cfg.threefry_partitionable``, recorded
+    in ``config.json``). So a run from Python writes the same work folder, with the same
+    random streams, as the command. ``workdir`` may be a str; keyword arguments (a user's
     ``model=``, ``data=``) pass through."""
 
     def decorate(run: Callable[..., dict]):
         @functools.wraps(run)
         def wrapped(cfg: ml_collections.ConfigDict, workdir, **inputs) -> dict:
-            folder = prepare_workdir(pathlib.Path(workdir), cfg, defaults())
-            with random_streams(cfg):
-                return run(cfg, folder, **inputs)
+            folder = pathlib.Path(workdir)
+            with workdir_lock(folder):
+                prepare_workdir(folder, cfg, defaults())
+                with random_streams(cfg):
+                    return run(cfg, folder, **inputs)
 
         return wrapped
 
@@ -115,10 +124,59 @@ def environment(model, variables: dict, image_shape: tuple[int, ...], batch_size
     return {"device": jax.devices()[0].device_kind, "convolutions": convolutions}
 
 
-def progress(total: int, initial: int, desc: str) -> tqdm:
-    """The progress bar of a run's steps, on stderr and only on a terminal: a log written to a
-    file or pipe gets the per-step lines (``bar.write``) and the errors, without bar redraws."""
-    return tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, disable=None)
+def progress(total: int, initial: int, desc: str, show: bool = True) -> Progress:
+    """The progress of a run's ``total`` steps, ``initial`` of them done before this call
+    (:class:`Progress`); ``show=False`` shows nothing (a loop run from Python without a log)."""
+    return Progress(total, initial, desc, show)
+
+
+class Progress:
+    """The progress of a run's steps, the one every method's step loop reports through.
+
+    On a terminal, a bar on stderr; on any stderr (a log written to a file or a pipe gets no
+    bar redraws), the line each finished step passes to :meth:`step`, followed by the
+    estimated time left: the mean time of this call's steps times the steps left. The first
+    step of a call compiles its programs, so once a second step is measured the first is
+    left out of the mean.
+    """
+
+    def __init__(self, total: int, initial: int, desc: str, show: bool = True,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.total, self.initial, self.done, self.show, self.clock = total, initial, initial, show, clock
+        self.bar = tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, disable=None if show else True)
+        self._times = [clock()]  # when this call began, then when its first step ended
+
+    def step(self, line: str) -> None:
+        """One more step is done: advance the bar and write ``line`` with the time left."""
+        self.done += 1
+        now = self.clock()
+        if len(self._times) == 1:
+            self._times.append(now)
+        self.bar.update(1)
+        if self.show:
+            self.bar.write(line + (f"  ({duration(self.seconds_left(now))} left)" if self.done < self.total else ""),
+                           file=sys.stderr)
+
+    def seconds_left(self, now: float) -> float:
+        """The estimated seconds the steps left take, from this call's steps up to ``now``."""
+        begun, first = self._times
+        steps = self.done - self.initial
+        per_step = first - begun if steps == 1 else (now - first) / (steps - 1)
+        return per_step * (self.total - self.done)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` as a person reads a time: ``42 s``, ``7 min 05 s``, ``2 h 08 min``."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 class Stopwatch:
@@ -158,6 +216,109 @@ def random_streams(cfg: ml_collections.ConfigDict):
         yield
 
 
+def check_output(path: pathlib.Path, flag: str, folder: bool = False) -> pathlib.Path:
+    """Refuse, before any work, an output path this process cannot write: ``path`` (a folder
+    with ``folder``, else a file; missing folders above it count as writable where they can
+    be made), named by its command-line ``flag`` (``--workdir``, ``--out``). The one check of
+    every command's outputs (:func:`qevo.files.unwritable`). Returns ``path``.
+
+    Raises:
+      CheckpointError: ``path`` cannot be written, saying why.
+    """
+    problem = unwritable(path, flag, folder)
+    if problem is not None:
+        raise CheckpointError(problem)
+    return path
+
+
+_held: set[pathlib.Path] = set()  # the lock files this process holds
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: pathlib.Path):
+    """Hold ``workdir``'s lock for the block: ``run.lock`` (JSON ``{"pid", "host"}``), made
+    before anything else is written there (the folder is checked, :func:`check_output`, and
+    made) and removed when the block ends, normally or by an exception.
+
+    A lock another live process holds (same host, its pid running; any pid on another host,
+    which cannot be checked from here) refuses the run. A lock whose process is gone (same
+    host, pid not running: a killed run) is stale: this run takes it over and says so in one
+    line on stderr. A lock this process already holds is entered again (the command holds it
+    around its method's ``run``, which takes it too). In a run of several processes only
+    the one that writes (:func:`qevo.distributed.is_writer`) takes it.
+
+    Raises:
+      CheckpointError: another run holds the folder (naming its pid and host), the lock file
+        is not a qevo lock, or the folder cannot be written.
+    """
+    lock = workdir.resolve() / LOCK
+    if lock in _held:
+        yield
+        return
+    check_output(workdir, "--workdir", folder=True)
+    if not distributed.is_writer():
+        yield
+        return
+    workdir.mkdir(parents=True, exist_ok=True)
+    _take(lock)
+    _held.add(lock)
+    try:
+        yield
+    finally:
+        _held.discard(lock)
+        lock.unlink(missing_ok=True)
+
+
+def _take(lock: pathlib.Path) -> None:
+    """Make ``lock`` naming this process, taking over a stale one (:func:`workdir_lock`)."""
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            holder = _holder(lock)
+            if holder is None:
+                continue  # released meanwhile
+            pid, host = holder["pid"], holder["host"]
+            if host != me["host"] or _alive(pid):
+                raise CheckpointError(
+                    f"{lock.parent} is in use by another run (pid {pid} on {host}, {lock}); wait for it to end or "
+                    f"pass another --workdir (if pid {pid} is no qevo run, delete {lock})") from None
+            print(f"qevo: {lock.parent} was locked by pid {pid}, which is no longer running; taking it over",
+                  file=sys.stderr, flush=True)
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(me) + "\n")
+        return
+    raise CheckpointError(f"{lock} changed hands while this run took it; rerun the command")
+
+
+def _holder(lock: pathlib.Path) -> dict | None:
+    """``{"pid", "host"}`` of ``lock``, or None where it has just gone."""
+    try:
+        holder = json.loads(lock.read_text())
+        if isinstance(holder, dict) and isinstance(holder.get("pid"), int) and isinstance(holder.get("host"), str):
+            return holder
+        problem = "no pid and host"
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        problem = str(e)
+    raise CheckpointError(f"{lock} is not a qevo lock ({problem}); if no run is using {lock.parent}, delete it")
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host is running."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def prepare_workdir(workdir: pathlib.Path, cfg: ml_collections.ConfigDict,
                     defaults: ml_collections.ConfigDict | None = None) -> pathlib.Path:
     """Create ``workdir`` and write ``config.json``. A different saved config is an error once
@@ -165,9 +326,8 @@ def prepare_workdir(workdir: pathlib.Path, cfg: ml_collections.ConfigDict,
     (a run that stopped before its first output) takes the new config. A key that the saved
     config lacks (one added to qevo since the run began) counts as unchanged where ``cfg``
     holds its value in ``defaults`` (the command's keys and defaults), which keep the earlier
-    behaviour. A path that is not a writable folder is an error."""
-    if workdir.exists() and not workdir.is_dir():
-        raise CheckpointError(f"--workdir {workdir} is a file, not a folder; pass a folder path")
+    behaviour. A path that is not a writable folder is an error (:func:`workdir_lock`, which
+    :func:`method` holds around this, checks it first); the lock file is not a run's state."""
     resolved = config_lib.to_dict(cfg)
     saved = workdir / CONFIG
     try:
@@ -177,7 +337,7 @@ def prepare_workdir(workdir: pathlib.Path, cfg: ml_collections.ConfigDict,
                 previous = config_lib.upgrade(json.loads(saved.read_text()))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise CheckpointError(f"{saved} is corrupt ({e}); delete {workdir} to start over") from e
-            started = any(p.name != CONFIG for p in workdir.iterdir())
+            started = any(p.name not in (CONFIG, LOCK) for p in workdir.iterdir())
             now = json.loads(json.dumps(resolved))
             known = json.loads(json.dumps(config_lib.to_dict(defaults))) if defaults is not None else {}
             if started and fill_defaults(previous, known) != now:

@@ -14,7 +14,6 @@ key, and a resumed run draws what an uninterrupted one draws.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -74,7 +73,8 @@ def evolve(strategy: Strategy, evaluate: Evaluate, *, base_key: jax.Array, gener
       steps: the work folder's step log (unit ``"generation"``).
       desc: the progress bar's label.
       carry: the method's initial carry.
-      report: ``report(state, history) -> str``, the line written after each generation.
+      report: ``report(state, history) -> str``, the line written after each generation
+        (with the estimated time left, :class:`qevo.harness.Progress`); None: no progress shown.
 
     Returns:
       ``(state, history)``: the final state and every record of every generation.
@@ -84,7 +84,7 @@ def evolve(strategy: Strategy, evaluate: Evaluate, *, base_key: jax.Array, gener
     state, history = steps.resume(initial)
     state = state.replace(generation=int(state.generation), evaluations=int(state.evaluations),
                           seconds=float(state.seconds))
-    bar = progress(generations, state.generation, desc)
+    bar = progress(generations, state.generation, desc, show=report is not None)
     try:
         while state.generation < generations:
             start = time.perf_counter()
@@ -97,9 +97,7 @@ def evolve(strategy: Strategy, evaluate: Evaluate, *, base_key: jax.Array, gener
                               seconds=state.seconds + time.perf_counter() - start)
             history.extend(records)
             steps.commit(state, history, state.generation)
-            bar.update(1)
-            if report is not None:
-                bar.write(report(state, history), file=sys.stderr)
+            bar.step(report(state, history) if report is not None else "")
     finally:
         bar.close()
     return state, history

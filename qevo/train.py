@@ -438,10 +438,9 @@ def _train_epochs(cfg, ds: Dataset, trainer, state: TrainState, bits, key: jax.A
                                 "train_seconds": round(meta["train_seconds"], 1)})
         checkpoint.save(ckpt, state, meta)
         on_epoch(meta["history"])
-        bar.update(1)
-        bar.write(f"epoch {epoch + 1:3d}/{cfg.train.epochs}  loss {np.mean(loss):.4f}  "
-                  f"val {100 * np.min(val_acc):.2f}{f'-{100 * np.max(val_acc):.2f}' if val_acc.size > 1 else ''}%  "
-                  f"({meta['train_seconds']:.0f} s)", file=sys.stderr)
+        bar.step(f"epoch {epoch + 1:3d}/{cfg.train.epochs}  loss {np.mean(loss):.4f}  "
+                 f"val {100 * np.min(val_acc):.2f}{f'-{100 * np.max(val_acc):.2f}' if val_acc.size > 1 else ''}%  "
+                 f"({meta['train_seconds']:.0f} s)")
     bar.close()
     return state, meta
 

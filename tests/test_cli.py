@@ -1,8 +1,12 @@
 """The command harness: --help, unknown keys, and runs that exhaust device memory."""
 
 import json
+import os
 import pathlib
 import re
+import socket
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import run_command
+from conftest import REPO, run_command
 from qevo import cli, harness
 from qevo import config as config_lib
 from qevo.errors import CheckpointError, ConfigError, DataError, PopulationMemoryError
@@ -155,14 +159,49 @@ def test_bad_work_folders_give_one_line(tmp_path, capsys):
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "config.json").write_text('{"seed": 0, "da')
-    for workdir, message in ((a_file, f"--workdir {a_file} is a file, not a folder; pass a folder path"),
-                             (a_file / "run", f"--workdir {a_file / 'run'} is not a writable folder ("),
+    proc = pathlib.Path("/proc/qevo_run")  # a folder no one can write in, root included
+    for workdir, message in ((a_file, f"--workdir {a_file} cannot be written (it is a file, not a folder); "
+                                      "pass a folder path you can write to"),
+                             (a_file / "run", f"--workdir {a_file / 'run'} cannot be written ({a_file} is a file); "
+                                              "pass a folder path you can write to"),
+                             (proc, f"--workdir {proc} cannot be written (no file can be made in /proc: "),
                              (corrupt, f"{corrupt / 'config.json'} is corrupt (")):
         assert cli.main("qevo.search", _never_runs, search.validate,
                         ["--config", CONFIG, "--workdir", str(workdir)]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"qevo.search: error: {message}") and len(err.strip().splitlines()) == 1, err
     assert a_file.read_text() == "x" and (corrupt / "config.json").read_text() == '{"seed": 0, "da'
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes in read-only folders; /proc stands for them above")
+def test_a_read_only_work_folder_gives_one_line(tmp_path, capsys):
+    from qevo import search
+
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        for workdir in (folder, folder / "run"):
+            assert cli.main("qevo.search", _never_runs, search.validate,
+                            ["--config", CONFIG, "--workdir", str(workdir)]) == 2
+            assert capsys.readouterr().err == (f"qevo.search: error: --workdir {workdir} cannot be written (no file "
+                                               f"can be made in {folder}: Permission denied); pass a folder path you "
+                                               "can write to\n")
+    finally:
+        folder.chmod(0o755)
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("module, config", [("qevo.train", "lenet5.py"), ("qevo.search", "lenet5.py"),
+                                            ("qevo.compress", "lenet5_sharing.py"), ("qevo.coevolve", "lenet5_cc.py")])
+def test_a_work_folder_under_a_file_ends_each_command_before_any_work(module, config, tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    out = run_command(module, config, a_file / "run", timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr == (f"{module}: error: --workdir {a_file / 'run'} cannot be written ({a_file} is a file); "
+                          "pass a folder path you can write to\n")
+    assert a_file.read_text() == "x"
 
 
 
@@ -264,6 +303,139 @@ def test_step_log_commits_and_resumes(tmp_path):
     np.testing.assert_array_equal(resumed["x"], [0, 1, 2])
     assert history == [{"cycle": 1}, {"cycle": 2}] and log == [f"resuming {tmp_path} after cycle 2"]
     assert harness.StepLog(None, "cycle").resume(state) == (state, [])
+
+
+@harness.method(config_lib.defaults)
+def _lock_holder(cfg, workdir):
+    """The pid the work folder's lock names while the method runs, and the files there."""
+    return {"pid": json.loads((workdir / harness.LOCK).read_text())["pid"],
+            "files": sorted(p.name for p in workdir.iterdir())}
+
+
+def test_a_held_work_folder_refuses_a_second_run_until_its_holder_is_gone(tmp_path, capsys):
+    """A live process that holds the lock (through the library) refuses the command and a run
+    from Python; once it is killed its lock is stale, and the next run takes it over."""
+    workdir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import pathlib, sys\nfrom qevo import harness\n"
+         "with harness.workdir_lock(pathlib.Path(sys.argv[1])):\n    print('held', flush=True)\n    sys.stdin.read()",
+         str(workdir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        lock = workdir / harness.LOCK
+        assert json.loads(lock.read_text()) == {"pid": holder.pid, "host": socket.gethostname()}
+        refusal = (f"{workdir} is in use by another run (pid {holder.pid} on {socket.gethostname()}, {lock}); "
+                   f"wait for it to end or pass another --workdir (if pid {holder.pid} is no qevo run, delete {lock})")
+        out = run_command("qevo.train", "lenet5.py", workdir, timeout=300)
+        assert (out.returncode, out.stderr) == (2, f"qevo.train: error: {refusal}\n")
+        with pytest.raises(CheckpointError) as err:
+            _never_runs(config_lib.defaults(), workdir)
+        assert str(err.value) == refusal
+        assert [p.name for p in workdir.iterdir()] == [harness.LOCK]  # refused before config.json
+    finally:
+        holder.kill()
+        holder.wait()
+    assert json.loads(lock.read_text())["pid"] == holder.pid  # a killed run leaves its lock
+    argv = ["--config", CONFIG, "--workdir", str(workdir)]
+    assert cli.main("qevo.train", _lock_holder, config_lib.validate, argv) == 0
+    out = capsys.readouterr()
+    assert out.err == f"qevo: {workdir} was locked by pid {holder.pid}, which is no longer running; taking it over\n"
+    assert json.loads(out.out) == {"pid": os.getpid(), "files": ["config.json", harness.LOCK]}
+    assert [p.name for p in workdir.iterdir()] == ["config.json"]  # released at the end
+
+
+def test_a_lock_is_released_when_the_run_fails_and_held_again_within_the_process(tmp_path):
+    @harness.method(config_lib.defaults)
+    def nested(cfg, workdir):
+        return _lock_holder(cfg, workdir)  # the same folder again, from inside the run
+
+    with harness.workdir_lock(tmp_path):
+        assert nested(config_lib.defaults(), tmp_path)["pid"] == os.getpid()
+        assert (tmp_path / harness.LOCK).exists()
+    assert not (tmp_path / harness.LOCK).exists()
+    with pytest.raises(AssertionError, match="a refused input reached"):
+        _never_runs(config_lib.defaults(), tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+    (tmp_path / harness.LOCK).write_text("{")
+    with pytest.raises(CheckpointError, match=rf"{tmp_path / harness.LOCK} is not a qevo lock \(.*\); if no run is "
+                                              rf"using {tmp_path}, delete it"):
+        _never_runs(config_lib.defaults(), tmp_path)
+
+
+def test_each_step_line_says_the_time_left_from_this_calls_measured_steps(capsys):
+    """Resumed after 4 of 8 steps: the first step of the call (30 s, it compiles) alone gives
+    the first estimate, and is left out of the later ones; the last line has none."""
+    times = iter([100.0, 130.0, 132.0, 134.5, 137.0])
+    bar = harness.Progress(8, 4, "steps", clock=lambda: next(times))
+    for line in "abcd":
+        bar.step(f"step {line}")
+    bar.close()
+    assert capsys.readouterr().err.splitlines() == ["step a  (1 min 30 s left)", "step b  (4 s left)",
+                                                    "step c  (2 s left)", "step d"]
+    quiet = harness.progress(2, 0, "steps", show=False)
+    quiet.step("not shown")
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("seconds, text", [(0.4, "0 s"), (59.6, "1 min 00 s"), (425, "7 min 05 s"),
+                                           (7690, "2 h 08 min"), (3599.7, "1 h 00 min")])
+def test_durations_read_as_a_person_says_them(seconds, text):
+    assert harness.duration(seconds) == text
+
+
+def test_a_config_sized_for_an_accelerator_says_so_in_one_line_at_start_on_a_cpu(data_dir, tmp_path):
+    """A tiny LeNet-5 budget in a file that declares it is sized for an accelerator: on this
+    CPU the command starts with one line (the float training's estimate, the CPU config),
+    then runs; each epoch's line but the last says the time left."""
+    (tmp_path / "tiny_cpu.py").write_text("")
+    big = tmp_path / "tiny.py"
+    big.write_text(f'from qevo import config\n\nSIZED_FOR = "accelerator"\nCPU_CONFIG = "tiny_cpu.py"\n\n\n'
+                   f'def get_config():\n    c = config.load({str(REPO / "configs" / "lenet5.py")!r})\n'
+                   f'    c.train.epochs = 2\n    c.data.max_train_images = 1024\n    return c\n')
+    out = run_command("qevo.train", str(big), tmp_path / "run", data_dir=data_dir, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    notes = [line for line in out.stderr.splitlines() if "sized for an accelerator" in line]
+    assert len(notes) == 1 and re.fullmatch(
+        rf"qevo\.train: {re.escape(str(big))} is sized for an accelerator and this is a CPU: its float training "
+        rf"\(2 epochs\) takes about \d+ s here \(from its training step, timed\); use "
+        rf"{re.escape(str(tmp_path / 'tiny_cpu.py'))} instead", notes[0]), notes
+    assert out.stderr.index(notes[0]) < out.stderr.index("epoch   1/2")
+    epochs = r"\nepoch   1/2  loss [^\n]*\(\d+ s\)  \(\d+ s left\)\nepoch   2/2  loss [^\n]*\(\d+ s\)\n"
+    assert re.search(epochs, out.stderr), out.stderr[-3000:]
+
+
+def test_the_sizing_note_needs_a_cpu_and_an_accelerator_config(tmp_path, monkeypatch):
+    resnet20 = REPO / "configs" / "resnet20.py"
+    cfg = config_lib.load(resnet20, ["float_from=runs/resnet20_float"])
+    assert cli.sizing_note("qevo.search", resnet20, cfg) == (
+        f"qevo.search: {resnet20} is sized for an accelerator and this is a CPU: its float model comes from "
+        f"float_from=runs/resnet20_float; use {REPO / 'configs' / 'resnet20_cpu.py'} instead")
+    vega = REPO / "configs" / "resnet20_vega.py"
+    assert cli.sizing_note("qevo.search", vega, config_lib.load(vega, ["float_from=f"])).endswith(
+        "float_from=f; no CPU-sized config of it exists: lower train.epochs and the method's budget to shorten it")
+    assert cli.sizing_note("qevo.search", REPO / "configs" / "resnet20_cpu.py", cfg) is None
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert cli.sizing_note("qevo.search", resnet20, cfg) is None
+
+
+def test_the_configs_declare_what_they_are_sized_for():
+    declared = {path.name: config_lib.sized_for(path) for path in sorted((REPO / "configs").glob("*.py"))}
+    accelerator = {name: cpu and cpu.name for name, (size, cpu) in declared.items() if size == "accelerator"}
+    assert accelerator == {"mobilenetv2_sharing.py": "mobilenetv2_cpu.py", "resnet20.py": "resnet20_cpu.py",
+                           "resnet20_cc.py": "resnet20_cc_cpu.py", "resnet20_vega.py": None}
+    assert all(size is None for name, (size, _) in declared.items() if name not in accelerator)
+
+
+@pytest.mark.parametrize("source, message", [
+    ('SIZED_FOR = "gpu"\n', "SIZED_FOR = 'gpu' is not one of ('accelerator', 'cpu')"),
+    ('SIZED_FOR = "accelerator"\nCPU_CONFIG = "none.py"\n', "CPU_CONFIG = 'none.py' names no config file beside it"),
+    ("SIZED_FOR = str(1)\n", "SIZED_FOR and CPU_CONFIG must be plain strings"),
+])
+def test_a_bad_size_declaration_is_one_line(source, message, tmp_path):
+    path = tmp_path / "x.py"
+    path.write_text(source + "def get_config():\n    return None\n")
+    with pytest.raises(ConfigError, match=re.escape(f"config file {path}: {message}")):
+        config_lib.sized_for(path)
 
 
 @harness.method(config_lib.defaults)

@@ -339,7 +339,11 @@ def test_data_command_writes_a_resized_archive_and_refuses_bad_input(tmp_path):
                           (["--name", "mnist", "--out", "m.tar.gz", "--quality", "100"], "an int in 1..95"),
                           (["--name", "image_folder", "--out", "m.tar.gz"], "needs --data-dir"),
                           (["--name", "cifar10", "--data-dir", str(tmp_path / "nowhere"), "--out", "c.tar.gz"],
-                           "nowhere")):
+                           "nowhere"),
+                          (["--name", "mnist", "--out", "m.tar.gz/m.tar.gz"],
+                           "--out m.tar.gz/m.tar.gz cannot be written (m.tar.gz is a file); pass a file path"),
+                          (["--name", "mnist", "--out", "/proc/qevo/m.tar.gz"],
+                           "--out /proc/qevo/m.tar.gz cannot be written (no file can be made in /proc: ")):
         bad = command(*args)
         assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 

@@ -3,6 +3,7 @@ onnxruntime, tiny runs of every command exported end to end, and one-line user e
 
 
 import json
+import pathlib
 import re
 import subprocess
 import sys
@@ -373,6 +374,20 @@ def test_a_search_rerun_writes_the_model_files_finished_models_lack(runs, tiny_l
     assert stderr.count("epoch   1/1") == 1
     for name, model in trained.items():
         assert (final / name / "model.msgpack").read_bytes() == model, name
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "proc"])
+def test_an_out_that_cannot_be_written_is_refused_before_any_work(tmp_path, where):
+    """Checked first: the run folder (missing here) is not even read."""
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    out, reason = {"under_a_file": (a_file / "x.onnx", f"{a_file} is a file"),
+                   "proc": (pathlib.Path("/proc/qevo/x.onnx"), "no file can be made in /proc: ")}[where]
+    done = _command(["--workdir", str(tmp_path / "nowhere"), "--out", str(out)])
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"qevo.export: error: --out {out} cannot be written ({reason}")
+    assert done.stderr.endswith("); pass a file path you can write to\n") and done.stderr.count("\n") == 1, done.stderr
+    assert a_file.read_text() == "x"
 
 
 def test_without_the_export_extra_the_answer_is_one_line(monkeypatch, tmp_path):
