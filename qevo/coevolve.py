@@ -73,6 +73,7 @@ from qevo.calibration import calibrate
 from qevo.data import Dataset, augment, normalize
 from qevo.harness import RESULTS, StepLog, Stopwatch, environment, method, progress, read_rows, write_json
 from qevo.layers import Bits
+from qevo.loop import base_key, init_key, step_keys
 from qevo.losses import cross_entropy, top1
 from qevo.population import (
     STRATEGIES,
@@ -272,14 +273,12 @@ class State:
       batch_stats: the context network's BatchNorm statistics (``{}`` for models without
         BatchNorm): re-estimated after every cycle on ``coevolve.bn_images`` training
         images (:func:`qevo.intforward.batch_statistics`), or the float model's with 0.
-      key: raw uint32 ``[2]`` PRNG key of the next cycle.
-      cycle: int32, cycles done.
+      cycle: int32, cycles done (cycle ``c`` draws :func:`qevo.loop.step_keys` ``(base, c)``).
     """
 
     probs: jax.Array
     context: jax.Array
     batch_stats: dict
-    key: jax.Array
     cycle: jax.Array
 
 
@@ -356,12 +355,11 @@ class Coevolution:
         return out
 
     def init_state(self, problem: Problem, key: jax.Array) -> State:
-        """Marginals around ``problem.q0``, context ``q0`` with its BatchNorm statistics, cycle 0
-        (``key``: raw uint32 key)."""
+        """Marginals around ``problem.q0``, context ``q0`` with its BatchNorm statistics drawn
+        with ``key``, cycle 0."""
         o = self.options
         return State(probs=initial_probs(problem.q0, self.max_level, o.radius, o.initial_mass), context=problem.q0,
-                     batch_stats=self.statistics(problem, problem.q0, jax.random.fold_in(key, 7)), key=key,
-                     cycle=jnp.int32(0))
+                     batch_stats=self.statistics(problem, problem.q0, key), cycle=jnp.int32(0))
 
     def _statistics(self, problem: Problem, genome: jax.Array, key: jax.Array) -> dict:
         """BatchNorm statistics of the network ``genome`` on ``coevolve.bn_images`` random
@@ -431,10 +429,11 @@ class Coevolution:
         context = context.at[idx].set(winner)
         return (probs, context), (loss[0], acc[0], loss[best], best > 0)
 
-    def _cycle(self, state: State, problem: Problem) -> tuple[State, CycleStats]:
-        """One cycle (module docstring, step 2): freeze, regroup, every group in turn."""
+    def _cycle(self, state: State, problem: Problem, keys: tuple) -> tuple[State, CycleStats]:
+        """One cycle (module docstring, step 2): freeze, regroup, every group in turn, with
+        ``keys`` (:func:`qevo.loop.step_keys`: regrouping, the groups' draws, statistics)."""
         o = self.options
-        key, group_key, step_key = jax.random.split(state.key, 3)
+        group_key, step_key, stats_key = keys
         problem = with_statistics(problem, state.batch_stats)
         context, frozen = freeze(state.probs, state.context, problem.q0, o.radius, o.threshold)
         groups = regroup(group_key, state.probs, o.num_groups, o.group_size)
@@ -445,11 +444,11 @@ class Coevolution:
             (groups, ~frozen[groups], keys),
         )
         confident = jnp.mean(jnp.max(probs, axis=1) >= o.threshold)
-        batch_stats = self._statistics(problem, context, jax.random.fold_in(key, 7))
+        batch_stats = self._statistics(problem, context, stats_key)
         val_accuracy = self._accuracy(with_statistics(problem, batch_stats), context, problem.val, "float")
         stats = CycleStats(loss=loss, accuracy=acc, best_loss=best, improved=improved, confident=confident,
                            val_accuracy=val_accuracy)
-        return State(probs=probs, context=context, batch_stats=batch_stats, key=key, cycle=state.cycle + 1), stats
+        return State(probs=probs, context=context, batch_stats=batch_stats, cycle=state.cycle + 1), stats
 
 
 def with_statistics(problem: Problem, batch_stats: dict) -> Problem:
@@ -619,8 +618,8 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, model=None, v
 
 
 def initial_state(prep: Prepared) -> State:
-    """The run's starting point: round to nearest, its BatchNorm statistics, the seed's key."""
-    return prep.runner.init_state(prep.problem, jax.random.PRNGKey(prep.cfg.seed))
+    """The run's starting point: round to nearest and its BatchNorm statistics."""
+    return prep.runner.init_state(prep.problem, init_key(base_key(prep.cfg.seed)))
 
 
 def evolve(prep: Prepared, workdir: pathlib.Path | None = None, log=None,
@@ -637,7 +636,7 @@ def evolve(prep: Prepared, workdir: pathlib.Path | None = None, log=None,
     bar = progress(c.cycles, int(state.cycle), f"coevolve {prep.model_name}", show=log is not None)
     for cycle in range(int(state.cycle), c.cycles):
         start = time.perf_counter()
-        state, stats = runner.cycle(state, problem)
+        state, stats = runner.cycle(state, problem, step_keys(base_key(prep.cfg.seed), cycle))
         stats = jax.device_get(stats)
         seconds = time.perf_counter() - start
         record = {

@@ -71,7 +71,7 @@ from qevo import distributed, nsga3, sharing, strategies
 from qevo.codebook import CODEBOOK_BITS, key_bits, quantize_codebook
 from qevo.data import Dataset
 from qevo.harness import RESULTS, StepLog, Stopwatch, environment, figure, method, write_csv, write_json
-from qevo.loop import LoopState, evolve
+from qevo.loop import LoopState, base_key, evolve
 from qevo.population import batch_eval_set
 from qevo.pretrained import float_model
 from qevo.train import resolve_inputs
@@ -461,7 +461,7 @@ def search(prep: Prepared, cfg: ml_collections.ConfigDict, workdir: pathlib.Path
                 f"targets acc {100 * float(state.carry.acc_target):.2f}% CR {float(state.carry.cr_target):.2f}  "
                 f"{state.evaluations / state.seconds:.1f} evals/s")
 
-    _, lines = evolve(generation.strategy(problem), evaluate, base_key=jax.random.fold_in(jax.random.key(cfg.seed), 1),
+    _, lines = evolve(generation.strategy(problem), evaluate, base_key=base_key(cfg.seed),
                       generations=cfg.generations, steps=StepLog(workdir, "generation", log=log),
                       desc=f"sharing {prep.model_name}", carry=targets, report=report if log else None)
     return [{**r, "generation": x["generation"]} for x in lines for r in x["individuals"]]

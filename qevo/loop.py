@@ -26,6 +26,16 @@ from qevo.harness import StepLog, progress
 from qevo.strategies import Strategy
 
 
+def base_key(seed: int) -> jax.Array:
+    """A run's base key, from its ``cfg.seed``."""
+    return jax.random.fold_in(jax.random.key(seed), 1)
+
+
+def init_key(base: jax.Array) -> jax.Array:
+    """The key of what a run draws before its first step (a strategy's ``init``)."""
+    return jax.random.fold_in(base, 2**31 - 1)
+
+
 def step_keys(base: jax.Array, step: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The keys of step ``step``: ``(ask, evaluate, tell)``, three of the four subkeys of
     ``fold_in(base, step)`` (the fourth is left for a method's own use)."""
@@ -67,8 +77,8 @@ def evolve(strategy: Strategy, evaluate: Evaluate, *, base_key: jax.Array, gener
     Args:
       strategy: the driver.
       evaluate: the method's population call (:data:`Evaluate`).
-      base_key: the run's key; generation ``g`` uses :func:`step_keys` ``(base_key, g)``
-        and the strategy's ``init`` the key ``fold_in(base_key, 2**31 - 1)``.
+      base_key: the run's key (:func:`base_key`); generation ``g`` uses :func:`step_keys`
+        ``(base_key, g)`` and the strategy's ``init`` :func:`init_key` ``(base_key)``.
       generations: the total, including those a resumed run already did.
       steps: the work folder's step log (unit ``"generation"``).
       desc: the progress bar's label.
@@ -79,7 +89,7 @@ def evolve(strategy: Strategy, evaluate: Evaluate, *, base_key: jax.Array, gener
     Returns:
       ``(state, history)``: the final state and every record of every generation.
     """
-    initial = LoopState(generation=0, strategy=strategy.init(jax.random.fold_in(base_key, 2**31 - 1)),
+    initial = LoopState(generation=0, strategy=strategy.init(init_key(base_key)),
                         carry=carry, evaluations=0, seconds=0.0)
     state, history = steps.resume(initial)
     state = state.replace(generation=int(state.generation), evaluations=int(state.evaluations),

@@ -58,7 +58,7 @@ from qevo.harness import (
     write_json,
 )
 from qevo.layers import Bits
-from qevo.loop import LoopState, evolve, step_keys
+from qevo.loop import LoopState, base_key, evolve, step_keys
 from qevo.models import init_variables
 from qevo.population import PopulationEvaluator, QATConfig, batch_eval_set
 from qevo.pretrained import float_model
@@ -392,11 +392,6 @@ def _scalarize(cfg: ml_collections.ConfigDict, F: np.ndarray, lower: np.ndarray,
     return drivers.budget(F, limit, lower, upper, cost_index=1, error_index=0)
 
 
-def base_key(cfg: ml_collections.ConfigDict) -> jax.Array:
-    """The search's key: generation ``g`` draws :func:`qevo.loop.step_keys` ``(base, g)``."""
-    return jax.random.fold_in(jax.random.key(cfg.seed), 1)
-
-
 def evaluation_key(cfg: ml_collections.ConfigDict, key: jax.Array) -> jax.Array:
     """The key a generation's scores draw their QAT mini-batches with: its own ``key``, or with
     ``search.shared_draws`` the first generation's, deliberately: common random numbers, so
@@ -404,7 +399,7 @@ def evaluation_key(cfg: ml_collections.ConfigDict, key: jax.Array) -> jax.Array:
     search, not only within a generation (on ResNet-20 after 30 QAT steps one model's score
     varies by about 0.8 points from draw to draw, more than the gaps between neighbouring
     front models)."""
-    return step_keys(base_key(cfg), 0)[1] if cfg.search.shared_draws else key
+    return step_keys(base_key(cfg.seed), 0)[1] if cfg.search.shared_draws else key
 
 
 def penalized(F: np.ndarray, violation: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
@@ -476,7 +471,7 @@ def generations(cfg: ml_collections.ConfigDict, problem: Problem, workdir: pathl
                 f"hv {hv:.4f}  {state.evaluations / state.seconds:.2f} eval/s")
 
     steps = StepLog(workdir, "generation", step_key="generation", log=lambda msg: print(msg, file=sys.stderr))
-    _, history = evolve(make_strategy(cfg, problem), evaluate, base_key=base_key(cfg),
+    _, history = evolve(make_strategy(cfg, problem), evaluate, base_key=base_key(cfg.seed),
                         generations=cfg.generations + 1, steps=steps, desc=f"search {problem.model_name}",
                         report=report)
     return history

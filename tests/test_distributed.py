@@ -56,6 +56,7 @@ def shared_and_coevolved(model, variables, ds) -> dict:
 
     from qevo import coevolve, sharing
     from qevo import config as config_lib
+    from qevo.loop import step_keys
     from qevo.population import batch_eval_set
 
     paths = sharing.kernel_paths(variables["params"])
@@ -69,7 +70,8 @@ def shared_and_coevolved(model, variables, ds) -> dict:
         "coevolve.batch_size=64", "coevolve.bn_images=0"]))
     _, runner, problem = coevolve.prepare_arrays(cfg, model, variables, ds.mean, ds.std, ds.train_images[:1000],
                                                  ds.train_labels[:1000], ds.val_images, ds.val_labels)
-    state, stats = runner.cycle(runner.init_state(problem, jax.random.PRNGKey(0)), problem)
+    state, stats = runner.cycle(runner.init_state(problem, jax.random.key(0)), problem,
+                                step_keys(jax.random.key(1), 0))
     return {"shared": np.asarray(shared_scores).tolist(), "coevolution_loss": np.asarray(stats.loss).tolist(),
             "coevolution_context": int(np.sum(np.asarray(state.context, np.int64) * np.arange(state.context.size)))}
 

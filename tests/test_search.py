@@ -14,7 +14,7 @@ from conftest import REPO, run_command, run_main
 from qevo import checkpoint, search
 from qevo import config as config_lib
 from qevo.layers import Bits
-from qevo.loop import step_keys
+from qevo.loop import base_key, step_keys
 
 TINY = [
     "--config.population_size=8",
@@ -316,7 +316,7 @@ def test_shared_draws_score_a_genome_alike_in_every_generation(shared, tiny_lene
     history = search.generations(cfg, problem, tmp_path)
     first = [r for r in history if r["generation"] == 0]
     accuracy = np.array([r["val_accuracy"] for r in first])
-    key = search.evaluation_key(cfg, step_keys(search.base_key(cfg), 2)[1])
+    key = search.evaluation_key(cfg, step_keys(base_key(cfg.seed), 2)[1])
     _, again = problem.objectives(np.array([r["genes"] for r in first]), key)
     if shared:
         np.testing.assert_array_equal(again, accuracy)
