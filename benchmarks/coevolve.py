@@ -36,6 +36,7 @@ from qevo import coevolve
 from qevo import config as config_lib
 from qevo.calibration import calibrate
 from qevo.data import normalize
+from qevo.loop import step_keys
 from qevo.losses import cross_entropy
 from qevo.models import get_model, init_variables
 
@@ -71,14 +72,14 @@ def measure(float_from: str | None, w_bits: int, groups: int, eval_images: int, 
         runner, problem = synthetic(cfg)
     evaluations = c.num_groups * c.population_size
 
-    state = runner.init_state(problem, jax.random.PRNGKey(0))
+    state, base = runner.init_state(problem, jax.random.key(0)), jax.random.key(1)
     start = time.perf_counter()
-    state, _ = jax.block_until_ready(runner.cycle(state, problem))
+    state, _ = jax.block_until_ready(runner.cycle(state, problem, step_keys(base, 0)))
     qevo_first = time.perf_counter() - start
     qevo_times = []
-    for _ in range(repeats):
+    for cycle in range(1, repeats + 1):
         start = time.perf_counter()
-        state, _ = jax.block_until_ready(runner.cycle(state, problem))
+        state, _ = jax.block_until_ready(runner.cycle(state, problem, step_keys(base, cycle)))
         qevo_times.append(time.perf_counter() - start)
 
     @jax.jit

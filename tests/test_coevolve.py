@@ -157,7 +157,7 @@ def test_population_map_shards_over_devices():
 def test_compiled_cycle_computes_no_derivative(prepared):
     runner = prepared.runner
     state = runner.init_state(prepared.problem, jax.random.PRNGKey(0))
-    jaxpr = jax.make_jaxpr(runner._cycle)(state, prepared.problem)
+    jaxpr = jax.make_jaxpr(runner._cycle)(state, prepared.problem, step_keys(jax.random.key(1), 0))
     assert coevolve.derivative_equations(jaxpr) == []
     text = str(jaxpr)
     assert "scan" in text and "dot_general" in text  # the inspected jaxpr holds the real loop
