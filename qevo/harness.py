@@ -49,7 +49,8 @@ MODEL = "model.msgpack"
 RESULTS = "results.json"
 
 
-def method(defaults: Callable[[], ml_collections.ConfigDict]):
+def method(defaults: Callable[[], ml_collections.ConfigDict],
+           resolve: Callable[..., ml_collections.ConfigDict] | None = None):
     """Decorate a method's ``run(cfg, workdir, **inputs) -> results`` whose keys and defaults
     ``defaults()`` gives: each call holds ``workdir``'s lock (:func:`workdir_lock`: a folder
     another live run holds is refused) while it prepares the folder (:func:`prepare_workdir`:
@@ -57,11 +58,14 @@ def method(defaults: Callable[[], ml_collections.ConfigDict]):
     runs under the config's random-number setting (``cfg.threefry_partitionable``, recorded
     in ``config.json``). So a run from Python writes the same work folder, with the same
     random streams, as the command. ``workdir`` may be a str; keyword arguments (a user's
-    ``model=``, ``data=``) pass through."""
+    ``model=``, ``data=``) pass through. ``resolve(cfg, **inputs) -> cfg``, where given, is the
+    config the run records and gets, with what the inputs add to it (the search's names of a
+    user's objectives)."""
 
     def decorate(run: Callable[..., dict]):
         @functools.wraps(run)
         def wrapped(cfg: ml_collections.ConfigDict, workdir, **inputs) -> dict:
+            cfg = resolve(cfg, **inputs) if resolve is not None else cfg
             folder = pathlib.Path(workdir)
             with workdir_lock(folder):
                 prepare_workdir(folder, cfg, defaults())

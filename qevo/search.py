@@ -669,7 +669,7 @@ FINAL_COLUMNS = ["name", "kind", "w_bits", "a_bits", "search_val_accuracy", "val
 PARETO_COLUMNS = ["w_bits", "a_bits", "val_accuracy", "generation", "bitops", "size", "flops", "params"]
 
 
-@method(defaults)
+@method(defaults, resolve=lambda cfg, objectives=None, **_: with_objectives(cfg, objectives or {}))
 def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, *, model=None, variables: dict | None = None,
         data: Dataset | None = None, objectives: dict | None = None, loss: Callable | None = None,
         metric: Callable | None = None) -> dict:
@@ -688,7 +688,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, *, model=None, va
     float32 [N]``, per example in [0, 1]; default top-1) is what every accuracy averages, so
     the ``error`` objective is one minus its mean. Both must be jit-traceable
     (:mod:`qevo.losses`)."""
-    cfg = with_objectives(cfg, objectives or {})
     watch = Stopwatch()
     workdir.mkdir(parents=True, exist_ok=True)
     with watch.stage("prepare"):

@@ -360,6 +360,8 @@ def test_the_latency_example_minimises_its_lookup_table_beside_error_and_bitops(
     assert done.returncode == 0, done.stderr[-3000:]
     first = json.loads((run / "history.jsonl").read_text().splitlines()[0])
     assert set(first["objectives"]) == {"error", "bitops", "latency_ms"}
+    # the run records the objective it minimised, so a rerun with it resumes and one without is refused
+    assert json.loads((run / "config.json").read_text())["search"]["objectives"] == ["error", "bitops", "latency_ms"]
     macs = [28 * 28 * 6 * 25, 10 * 10 * 16 * 6 * 25, 16 * 5 * 5 * 120, 120 * 84, 84 * 10]  # LeNet-5, by hand
     ns = {32: 1.0, 8: 0.25, 4: 0.2, 2: 0.15}
     with (run / "final.csv").open() as f:
