@@ -33,6 +33,7 @@ import math
 import pathlib
 import shutil
 import sys
+import time
 from collections.abc import Callable
 
 import jax
@@ -437,16 +438,20 @@ def make_strategy(cfg: ml_collections.ConfigDict, problem: Problem) -> strategie
                             dtype=jnp.float64 if jax.config.x64_enabled else jnp.float32)
 
 
-def generations(cfg: ml_collections.ConfigDict, problem: Problem, workdir: pathlib.Path | None) -> list[dict]:
+def generations(cfg: ml_collections.ConfigDict, problem: Problem,
+                workdir: pathlib.Path | None) -> tuple[LoopState, list[dict]]:
     """Run (or resume) the search's generations (:func:`qevo.loop.evolve`): generation 0 is the
-    first population, then ``cfg.generations`` more; returns every evaluated individual's
+    first population, then ``cfg.generations`` more. Returns the loop's final state (its
+    ``carry``: the seconds spent scoring, float64 ``[]``) and every evaluated individual's
     record (generation, genes, widths, objectives, validation accuracy, constraint violation)."""
     lower, upper = problem.bounds()
     names = tuple(cfg.search.objectives)
 
-    def evaluate(generation: int, genes: jax.Array, key: jax.Array, carry):
+    def evaluate(generation: int, genes: jax.Array, key: jax.Array, scoring: np.ndarray):
         genes = np.asarray(genes)
+        start = time.perf_counter()
         F, acc = problem.objectives(genes, evaluation_key(cfg, key))
+        scoring = scoring + (time.perf_counter() - start)
         bits = problem.space.decode(genes)
         violation = problem.violation(bits)
         if not np.isfinite(F).all(axis=1).any():
@@ -460,7 +465,7 @@ def generations(cfg: ml_collections.ConfigDict, problem: Problem, workdir: pathl
              "val_accuracy": _finite_or_none(v_acc), "violation": float(v)}
             for g, w, a, f, v_acc, v in zip(genes, bits.w, bits.a, F, acc, violation, strict=True)
         ]
-        return penalized(F, violation, lower, upper), records, carry
+        return penalized(F, violation, lower, upper), records, scoring
 
     def report(state: LoopState, history: list[dict]) -> str:
         F = history_objectives(history, names)
@@ -471,10 +476,19 @@ def generations(cfg: ml_collections.ConfigDict, problem: Problem, workdir: pathl
                 f"hv {hv:.4f}  {state.evaluations / state.seconds:.2f} eval/s")
 
     steps = StepLog(workdir, "generation", step_key="generation", log=lambda msg: print(msg, file=sys.stderr))
-    _, history = evolve(make_strategy(cfg, problem), evaluate, base_key=base_key(cfg.seed),
+    return evolve(make_strategy(cfg, problem), evaluate, base_key=base_key(cfg.seed),
                         generations=cfg.generations + 1, steps=steps, desc=f"search {problem.model_name}",
-                        report=report)
-    return history
+                        carry=np.float64(0.0), report=report)
+
+
+def throughput(state: LoopState) -> dict:
+    """The search's pace over all its generations (a resumed run's included):
+    ``evaluations_per_hour`` of generation time and ``scoring_share``, the share of that
+    time spent scoring (the population calls; the rest is variation, survival and writing)."""
+    seconds, scoring = float(state.seconds), float(state.carry)
+    return {"evaluations": int(state.evaluations), "generation_seconds": round(seconds, 2),
+            "evaluations_per_hour": round(3600 * state.evaluations / seconds, 1) if seconds > 0 else None,
+            "scoring_share": round(scoring / seconds, 4) if seconds > 0 else None}
 
 
 def _finite_or_none(v) -> float | None:
@@ -695,7 +709,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, *, model=None, va
         env = environment(problem.evaluator.model, problem.variables, problem.ds.train_images.shape[1:],
                           cfg.train.batch_size, cfg.model.precision)
     with watch.stage("search"):
-        history = generations(cfg, problem, workdir)
+        state, history = generations(cfg, problem, workdir)
     extra = list(problem.extra_objectives)
     write_csv(workdir / "pareto.csv", pareto_rows(cfg, problem, history), PARETO_COLUMNS + extra)
     with watch.stage("final"):
@@ -715,6 +729,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, *, model=None, va
         "dataset": problem.ds.name,
         "driver": cfg.search.driver,
         "evaluations": len(history),
+        "throughput": throughput(state),
         "front_size": len(front_indices(history_objectives(history, cfg.search.objectives))),
         "float_test_accuracy": float_acc,
         "final": [{k: r[k] for k in ("name", "test_accuracy", "bitops", "size") if k in r} for r in rows],

@@ -173,7 +173,11 @@ def test_interrupted_search_resumes_to_the_same_front(tiny_lenet5_float, tmp_pat
     assert full.returncode == 0, full.stderr[-3000:]
     history = (tmp_path / "full" / "history.jsonl").read_text().splitlines()
     assert len(history) == 8 * 6 and json.loads(history[-1])["generation"] == 5
-    seconds = json.loads((tmp_path / "full" / "results.json").read_text())["seconds"]
+    results = json.loads((tmp_path / "full" / "results.json").read_text())
+    pace = results["throughput"]
+    assert pace["evaluations"] == 48 and 0 < pace["scoring_share"] < 1
+    assert pace["evaluations_per_hour"] == pytest.approx(3600 * 48 / pace["generation_seconds"], rel=5e-3)
+    seconds = results["seconds"]
     assert sorted(seconds) == ["final", "prepare", "search", "total"]
     assert seconds["total"] >= seconds["prepare"] + seconds["search"] + seconds["final"] > 0
     for name in ("config.json", "history.jsonl", "pareto.csv", "final.csv", "pareto.png", "results.json",
@@ -313,7 +317,8 @@ def test_shared_draws_score_a_genome_alike_in_every_generation(shared, tiny_lene
         "data.max_train_images=3000", f"search.shared_draws={shared}"]))
     problem = search.prepare(cfg, tmp_path)
     cfg.generations = 2
-    history = search.generations(cfg, problem, tmp_path)
+    state, history = search.generations(cfg, problem, tmp_path)
+    assert state.evaluations == len(history) == 3 * 8 and 0 < float(state.carry) < state.seconds
     first = [r for r in history if r["generation"] == 0]
     accuracy = np.array([r["val_accuracy"] for r in first])
     key = search.evaluation_key(cfg, step_keys(base_key(cfg.seed), 2)[1])
