@@ -1,7 +1,6 @@
 """qevo: evolutionary compression of neural networks in JAX.
 
-The public API, imported lazily so that ``import qevo`` (and the data-decoding worker
-processes) stays light:
+The public API (``__all__``), by topic:
 
 * quantization: ``quantize_weight``, ``quantize_activation``, ``validate_bits``, ``Bits``, ``QuantOptions``
 * models: ``get_model``, ``init_variables``, ``LeNet5``, ``CifarResNet``, ``MobileNetV2``, ``calibrate``,
@@ -27,6 +26,9 @@ processes) stays light:
   operators live in ``qevo.variation``), ``make_driver``, ``Driver``, ``DriverState``,
   ``EVOSAX_STRATEGIES`` (relaxation and scalarisations in ``qevo.drivers``),
   ``search_defaults``, ``run_search``
+* evolution: ``Strategy`` (``init/ask/tell`` over integer genomes), ``NSGA3``, ``Evosax``;
+  ``evolve`` (the resumable generation loop the search and the weight sharing run on) and
+  ``step_keys`` (the keys of a step, from its number)
 * weight sharing: ``ClusterTable``, ``build_table``, ``SharedEvaluator``, ``seed_fitness``,
   ``save_compressed``, ``load_compressed``, ``compress_defaults``, ``run_compress``
 * integer forward: ``IntKernel``, ``weight_levels``, ``integer_kernels``, ``integer_apply``,
@@ -34,65 +36,107 @@ processes) stays light:
 * coevolution: ``Coevolution``, ``coevolve_defaults``, ``run_coevolve``, ``derivative_equations``
 * ONNX export (``pip install 'qevo[export]'``): ``export_onnx`` (``qevo.export.export``: the
   function behind ``python -m qevo.export``; the module's own name stays the module)
+
+Most names are imported with the package. The modules that are also commands, ``python -m
+qevo.<command>`` (``data``, ``train``, ``search``, ``compress``, ``coevolve``, ``export``), are
+imported when one of their names is first used, and so are ``qevo.population`` and
+``qevo.sharing``, which import ``qevo.data``: a module the package had imported would run a
+second time as the command (Python's runpy warns of it). ``EVOSAX_STRATEGIES`` waits too:
+importing evosax computes on the default device, and a process of a multi-process run must
+join (``qevo.distributed``) before any computation.
 """
 
 import importlib
 from typing import TYPE_CHECKING
 
-_EXPORTS = {
-    "quantize_weight": ("qevo.quant", "quantize_weight"),
-    "quantize_activation": ("qevo.quant", "quantize_activation"),
-    "validate_bits": ("qevo.quant", "validate_bits"),
-    "Bits": ("qevo.layers", "Bits"),
-    "QuantOptions": ("qevo.layers", "QuantOptions"),
-    "get_model": ("qevo.models", "get_model"),
-    "init_variables": ("qevo.models", "init_variables"),
-    "LeNet5": ("qevo.networks", "LeNet5"),
-    "CifarResNet": ("qevo.networks", "CifarResNet"),
-    "MobileNetV2": ("qevo.networks", "MobileNetV2"),
-    "calibrate": ("qevo.calibration", "calibrate"),
-    "BatchNorm": ("qevo.layers", "BatchNorm"),
-    "onednn_status": ("qevo.onednn", "status"),
-    "quantize_model": ("qevo.interception", "quantize"),
-    "QuantizedModel": ("qevo.interception", "QuantizedModel"),
-    "Layer": ("qevo.interception", "Layer"),
-    "cross_entropy": ("qevo.losses", "cross_entropy"),
-    "top1": ("qevo.losses", "top1"),
-    "layer_table": ("qevo.cost", "layer_table"),
-    "LayerTable": ("qevo.cost", "LayerTable"),
-    "bitops": ("qevo.cost", "bitops"),
-    "size_bits": ("qevo.cost", "size_bits"),
-    "reference_flops": ("qevo.cost", "reference_flops"),
-    "reference_params": ("qevo.cost", "reference_params"),
+# quantization
+from qevo.quant import quantize_weight
+from qevo.quant import quantize_activation
+from qevo.quant import validate_bits
+from qevo.layers import Bits
+from qevo.layers import QuantOptions
+
+# models
+from qevo.models import get_model
+from qevo.models import init_variables
+from qevo.networks import LeNet5
+from qevo.networks import CifarResNet
+from qevo.networks import MobileNetV2
+from qevo.calibration import calibrate
+from qevo.layers import BatchNorm
+from qevo.onednn import status as onednn_status
+
+# a user's own network, loss and metric
+from qevo.interception import quantize as quantize_model
+from qevo.interception import QuantizedModel
+from qevo.interception import Layer
+from qevo.losses import cross_entropy
+from qevo.losses import top1
+
+# cost model
+from qevo.cost import layer_table
+from qevo.cost import LayerTable
+from qevo.cost import bitops
+from qevo.cost import size_bits
+from qevo.cost import reference_flops
+from qevo.cost import reference_params
+
+# checkpoints
+from qevo.checkpoint import save as save_checkpoint
+from qevo.checkpoint import load as load_checkpoint
+
+# errors a user can fix
+from qevo.errors import QevoError
+from qevo.errors import ConfigError
+from qevo.errors import DataError
+from qevo.errors import CheckpointError
+from qevo.errors import PopulationMemoryError
+from qevo.errors import ExportError
+
+# bit-width search: genes and drivers
+from qevo.variation import random_genes
+from qevo.variation import uniform_genes
+from qevo.variation import make_offspring
+from qevo.drivers import make_driver
+from qevo.drivers import Driver
+from qevo.drivers import DriverState
+
+# evolution: one init/ask/tell protocol over flax.struct states, and one resumable loop
+from qevo.strategies import Strategy
+from qevo.strategies import NSGA3
+from qevo.strategies import Evosax
+from qevo.loop import evolve
+from qevo.loop import step_keys
+
+# integer forward
+from qevo.intforward import IntKernel
+from qevo.intforward import weight_levels
+from qevo.intforward import integer_kernels
+from qevo.intforward import apply as integer_apply
+from qevo.intforward import batch_statistics as integer_batch_statistics
+
+# The names imported when first used (the module docstring says why): name -> (module, name there).
+_LAZY = {
+    # data
     "load_dataset": ("qevo.data", "load_dataset"),
     "Dataset": ("qevo.data", "Dataset"),
-    "DataError": ("qevo.errors", "DataError"),
     "normalize": ("qevo.data", "normalize"),
     "augment": ("qevo.data", "augment"),
     "write_image_folder": ("qevo.data", "write_image_folder"),
+    # population evaluation
     "PopulationEvaluator": ("qevo.population", "PopulationEvaluator"),
     "QATConfig": ("qevo.population", "QATConfig"),
-    "PopulationMemoryError": ("qevo.errors", "PopulationMemoryError"),
-    "save_checkpoint": ("qevo.checkpoint", "save"),
-    "load_checkpoint": ("qevo.checkpoint", "load"),
-    "CheckpointError": ("qevo.errors", "CheckpointError"),
-    "QevoError": ("qevo.errors", "QevoError"),
-    "ConfigError": ("qevo.errors", "ConfigError"),
-    "ExportError": ("qevo.errors", "ExportError"),
-    "random_genes": ("qevo.variation", "random_genes"),
-    "uniform_genes": ("qevo.variation", "uniform_genes"),
-    "make_offspring": ("qevo.variation", "make_offspring"),
+    # training
     "run_train": ("qevo.train", "run"),
     "Trainer": ("qevo.train", "Trainer"),
     "fit": ("qevo.train", "fit"),
     "PopulationTrainer": ("qevo.train", "PopulationTrainer"),
     "fit_population": ("qevo.train", "fit_population"),
+    # bit-width search
+    "EVOSAX_STRATEGIES": ("qevo.drivers", "EVOSAX_STRATEGIES"),
     "search_defaults": ("qevo.search", "defaults"),
     "run_search": ("qevo.search", "run"),
-    "make_driver": ("qevo.drivers", "make_driver"),
-    "Driver": ("qevo.drivers", "Driver"),
-    "DriverState": ("qevo.drivers", "DriverState"),
-    "EVOSAX_STRATEGIES": ("qevo.drivers", "EVOSAX_STRATEGIES"),
+    # weight sharing
     "ClusterTable": ("qevo.sharing", "ClusterTable"),
     "build_table": ("qevo.sharing", "build_table"),
     "SharedEvaluator": ("qevo.sharing", "SharedEvaluator"),
@@ -101,68 +145,158 @@ _EXPORTS = {
     "load_compressed": ("qevo.sharing", "load_compressed"),
     "compress_defaults": ("qevo.compress", "defaults"),
     "run_compress": ("qevo.compress", "run"),
-    "IntKernel": ("qevo.intforward", "IntKernel"),
-    "weight_levels": ("qevo.intforward", "weight_levels"),
-    "integer_kernels": ("qevo.intforward", "integer_kernels"),
-    "integer_apply": ("qevo.intforward", "apply"),
-    "integer_batch_statistics": ("qevo.intforward", "batch_statistics"),
+    # coevolution
     "Coevolution": ("qevo.coevolve", "Coevolution"),
     "coevolve_defaults": ("qevo.coevolve", "defaults"),
     "run_coevolve": ("qevo.coevolve", "run"),
     "derivative_equations": ("qevo.coevolve", "derivative_equations"),
+    # ONNX export
     "export_onnx": ("qevo.export", "export"),
 }
 
-__all__ = sorted(_EXPORTS)
-
-if TYPE_CHECKING:  # the same names, visible to type checkers and IDEs (tests/test_api.py checks)
-    from qevo.calibration import calibrate
-    from qevo.checkpoint import load as load_checkpoint
-    from qevo.checkpoint import save as save_checkpoint
-    from qevo.coevolve import Coevolution, derivative_equations
+if TYPE_CHECKING:  # the same names, for type checkers and editors (tests/test_api.py checks)
+    from qevo.coevolve import Coevolution
     from qevo.coevolve import defaults as coevolve_defaults
+    from qevo.coevolve import derivative_equations
     from qevo.coevolve import run as run_coevolve
     from qevo.compress import defaults as compress_defaults
     from qevo.compress import run as run_compress
-    from qevo.cost import LayerTable, bitops, layer_table, reference_flops, reference_params, size_bits
-    from qevo.data import Dataset, augment, load_dataset, normalize, write_image_folder
-    from qevo.drivers import EVOSAX_STRATEGIES, Driver, DriverState, make_driver
-    from qevo.errors import CheckpointError, ConfigError, DataError, ExportError, PopulationMemoryError, QevoError
+    from qevo.data import Dataset
+    from qevo.data import augment
+    from qevo.data import load_dataset
+    from qevo.data import normalize
+    from qevo.data import write_image_folder
+    from qevo.drivers import EVOSAX_STRATEGIES
     from qevo.export import export as export_onnx
-    from qevo.interception import Layer, QuantizedModel
-    from qevo.interception import quantize as quantize_model
-    from qevo.intforward import (
-        IntKernel,
-        integer_kernels,
-        weight_levels,
-    )
-    from qevo.intforward import (
-        apply as integer_apply,
-    )
-    from qevo.intforward import (
-        batch_statistics as integer_batch_statistics,
-    )
-    from qevo.layers import BatchNorm, Bits, QuantOptions
-    from qevo.losses import cross_entropy, top1
-    from qevo.models import get_model, init_variables
-    from qevo.networks import CifarResNet, LeNet5, MobileNetV2
-    from qevo.onednn import status as onednn_status
-    from qevo.population import PopulationEvaluator, QATConfig
-    from qevo.quant import quantize_activation, quantize_weight, validate_bits
+    from qevo.population import PopulationEvaluator
+    from qevo.population import QATConfig
     from qevo.search import defaults as search_defaults
     from qevo.search import run as run_search
-    from qevo.sharing import ClusterTable, SharedEvaluator, build_table, load_compressed, save_compressed, seed_fitness
-    from qevo.train import PopulationTrainer, Trainer, fit, fit_population
+    from qevo.sharing import ClusterTable
+    from qevo.sharing import SharedEvaluator
+    from qevo.sharing import build_table
+    from qevo.sharing import load_compressed
+    from qevo.sharing import save_compressed
+    from qevo.sharing import seed_fitness
+    from qevo.train import PopulationTrainer
+    from qevo.train import Trainer
+    from qevo.train import fit
+    from qevo.train import fit_population
     from qevo.train import run as run_train
-    from qevo.variation import make_offspring, random_genes, uniform_genes
+
+__all__ = [
+    # quantization
+    "quantize_weight",
+    "quantize_activation",
+    "validate_bits",
+    "Bits",
+    "QuantOptions",
+
+    # models
+    "get_model",
+    "init_variables",
+    "LeNet5",
+    "CifarResNet",
+    "MobileNetV2",
+    "calibrate",
+    "BatchNorm",
+    "onednn_status",
+
+    # a user's own network, loss and metric
+    "quantize_model",
+    "QuantizedModel",
+    "Layer",
+    "cross_entropy",
+    "top1",
+
+    # cost model
+    "layer_table",
+    "LayerTable",
+    "bitops",
+    "size_bits",
+    "reference_flops",
+    "reference_params",
+
+    # data
+    "load_dataset",
+    "Dataset",
+    "normalize",
+    "augment",
+    "write_image_folder",
+
+    # population evaluation
+    "PopulationEvaluator",
+    "QATConfig",
+
+    # checkpoints
+    "save_checkpoint",
+    "load_checkpoint",
+
+    # errors a user can fix
+    "QevoError",
+    "ConfigError",
+    "DataError",
+    "CheckpointError",
+    "PopulationMemoryError",
+    "ExportError",
+
+    # training
+    "run_train",
+    "Trainer",
+    "fit",
+    "PopulationTrainer",
+    "fit_population",
+
+    # bit-width search
+    "random_genes",
+    "uniform_genes",
+    "make_offspring",
+    "make_driver",
+    "Driver",
+    "DriverState",
+    "EVOSAX_STRATEGIES",
+    "Strategy",
+    "NSGA3",
+    "Evosax",
+    "evolve",
+    "step_keys",
+    "search_defaults",
+    "run_search",
+
+    # weight sharing
+    "ClusterTable",
+    "build_table",
+    "SharedEvaluator",
+    "seed_fitness",
+    "save_compressed",
+    "load_compressed",
+    "compress_defaults",
+    "run_compress",
+
+    # integer forward
+    "IntKernel",
+    "weight_levels",
+    "integer_kernels",
+    "integer_apply",
+    "integer_batch_statistics",
+
+    # coevolution
+    "Coevolution",
+    "coevolve_defaults",
+    "run_coevolve",
+    "derivative_equations",
+
+    # ONNX export (onnx and onnxruntime are imported only when a model is exported)
+    "export_onnx",
+]
 
 
-def __getattr__(name):
-    if name not in _EXPORTS:
+def __getattr__(name: str):
+    if name not in _LAZY:
         raise AttributeError(f"module 'qevo' has no attribute {name!r}")
-    module, attr = _EXPORTS[name]
+    module, attr = _LAZY[name]
     return getattr(importlib.import_module(module), attr)
 
 
-def __dir__():
-    return __all__
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

@@ -47,6 +47,7 @@ import logging
 import multiprocessing
 import os
 import pathlib
+import runpy
 import socket
 import sys
 import tarfile
@@ -802,8 +803,7 @@ def _decode_all(items: Iterable[tuple[str, bytes]], image_size: int | None) -> l
     try:
         for chunk in _batched(items, _CHUNK):
             if pool is None and len(chunk) == _CHUNK and _num_workers() > 1:
-                pool = concurrent.futures.ProcessPoolExecutor(
-                    _num_workers(), mp_context=multiprocessing.get_context("spawn"))
+                pool = _decode_pool()
             future = None
             if pool is not None and not broken:
                 try:
@@ -831,6 +831,14 @@ def _decode_all(items: Iterable[tuple[str, bytes]], image_size: int | None) -> l
             stacklevel=1,
         )
     return out
+
+
+def _decode_pool() -> concurrent.futures.ProcessPoolExecutor:
+    """One worker process per available core, started with "spawn"; each runs
+    ``qevo/decode_worker.py`` first, so that it imports ``qevo.data`` without JAX."""
+    return concurrent.futures.ProcessPoolExecutor(
+        _num_workers(), mp_context=multiprocessing.get_context("spawn"),
+        initializer=runpy.run_path, initargs=(str(pathlib.Path(__file__).with_name("decode_worker.py")),))
 
 
 def _batched(items: Iterable, size: int) -> Iterator[list]:

@@ -53,12 +53,23 @@ from qevo.layers import Bits
 from qevo.models import init_variables
 from qevo.quant import FLOAT_BITS
 
-try:
-    from qevo import onnxgraph
-except ModuleNotFoundError as err:  # without the export extra the command still answers in one line
-    if err.name != "onnx":
-        raise
-    onnxgraph = None
+
+def _needs(missing: list[str]) -> ConfigError:
+    return ConfigError(f"exporting needs {' and '.join(missing)}: "
+                       "pip install 'qevo[export]' (from a clone: pip install -e '.[export]')")
+
+
+def _onnxgraph():
+    """:mod:`qevo.onnxgraph`, imported when a model is exported or loaded for export, not with
+    qevo: it needs onnx, an optional extra (without it, one line saying what to install)."""
+    try:
+        from qevo import onnxgraph
+    except ModuleNotFoundError as err:
+        if err.name != "onnx":
+            raise
+        raise _needs(["onnx"]) from None
+    return onnxgraph
+
 
 KINDS = {"search": "qevo.search", "compress": "qevo.compress", "coevolve": "qevo.coevolve", "train": "qevo.train"}
 # Each command's keys and defaults: a run begun before a key existed reads it at its default.
@@ -174,7 +185,7 @@ def quantized_kernels(model, variables: dict, bits: Bits, per_channel: bool = Tr
     if mode not in intforward.WEIGHT_MODES:
         raise ConfigError(f"quant.mode={mode!r}: the export stores weights as symmetric integer levels, "
                           f"which needs one of {intforward.WEIGHT_MODES}")
-    onnxgraph.opset_for(bits)
+    _onnxgraph().opset_for(bits)
     flat = traverse_util.flatten_dict(variables["params"], sep="/")
     w = np.asarray(bits.w)
     out = {}
@@ -246,7 +257,7 @@ def load(workdir, name: str | None = None, *, model=None, data: Dataset | None =
     elif kind == "compress":
         variables, shared, _ = sharing.read_compressed(workdir / f"compressed_{name}.msgpack", template)
         paths = sharing.kernel_paths(template["params"])
-        kernels = {"/".join(path[:-1]): onnxgraph.SharedKernel(indices, codebook)
+        kernels = {"/".join(path[:-1]): _onnxgraph().SharedKernel(indices, codebook)
                    for path, (indices, codebook) in zip(paths, shared, strict=True)}
         accuracy = results["formats"][name]["test_accuracy"]
     elif kind == "coevolve":
@@ -284,7 +295,7 @@ def size_bits(found: Found) -> float:
     """Size in bits: :func:`qevo.cost.size_bits`, or for shared kernels their keys and
     codebooks (``n * b_key + k * (b_codebook + b_key)``, :mod:`qevo.codebook`) plus 32 bits
     per other parameter."""
-    shared = [k for k in found.kernels.values() if isinstance(k, onnxgraph.SharedKernel)]
+    shared = [k for k in found.kernels.values() if isinstance(k, _onnxgraph().SharedKernel)]
     if shared:
         bits = CODEBOOK_BITS[found.name]
         stored = sum(int(k.indices.size) * int(key_bits(len(k.codebook)))
@@ -302,7 +313,7 @@ def storage(kernel, arithmetic: str = "float") -> str:
                 "float32 rescale per output channel")
     if isinstance(kernel, intforward.IntKernel):
         return f"{np.dtype(kernel.q.dtype).name} levels, float32 scale per output channel (DequantizeLinear)"
-    if isinstance(kernel, onnxgraph.SharedKernel):
+    if isinstance(kernel, _onnxgraph().SharedKernel):
         return (f"{np.dtype(kernel.indices.dtype).name} indices into a {len(kernel.codebook)}-entry float32 "
                 "codebook (Cast + Gather, run by onnxruntime)")
     return "float32"
@@ -314,7 +325,7 @@ def verify(found: Found, path, batch_size: int = 1000) -> dict:
     images, labels = found.ds.test_images, found.ds.test_labels
     ours = np.concatenate([np.asarray(found.forward(jnp.asarray(images[i:i + batch_size])))
                            for i in range(0, len(images), batch_size)])
-    theirs = onnxgraph.run(path, images, batch_size)
+    theirs = _onnxgraph().run(path, images, batch_size)
     return {
         "images": len(labels),
         "onnxruntime_test_accuracy": float(np.mean(np.argmax(theirs, -1) == labels)),
@@ -349,9 +360,9 @@ def export(workdir, name: str | None = None, out="model.onnx", check: bool = Fal
     """
     missing = [name for name, needed in (("onnx", True), ("onnxruntime", check))
                if needed and importlib.util.find_spec(name) is None]
-    if onnxgraph is None or missing:
-        raise ConfigError(f"exporting needs {' and '.join(missing or ['onnx'])}: "
-                          "pip install 'qevo[export]' (from a clone: pip install -e '.[export]')")
+    if missing:
+        raise _needs(missing)
+    onnxgraph = _onnxgraph()
     out = check_output(pathlib.Path(out), "--out")
     found = load(workdir, name, model=model, data=data)
     shape = found.ds.train_images.shape[1:]

@@ -247,6 +247,28 @@ def test_image_folder_errors(tmp_path):
         load_dataset("image_folder")
 
 
+def test_decoding_workers_import_no_jax_and_decode_as_this_process():
+    """qevo.data's pool of image-decoding processes: each runs qevo/decode_worker.py first, so
+    it imports qevo.data without qevo's __init__ (no JAX, no models; this process's main is not
+    re-run there), decodes as this process does, and a bad image there is a DataError here."""
+    items = []
+    for i, (mode, color) in enumerate([("RGB", (10, 200, 30)), ("L", 77), ("RGBA", (1, 2, 3, 4))]):
+        buf = io.BytesIO()
+        Image.new(mode, (7, 5), color).save(buf, "PNG")
+        items.append((f"{i}.png", buf.getvalue()))
+    here = qevo.data._decode_chunk(items, 4)
+    with qevo.data._decode_pool() as pool:
+        imported = pool.submit(eval, "__import__('qevo.data') and "  # as unpickling a decoding task does
+                               "sorted({'jax', 'flax', 'qevo.models'} & set(__import__('sys').modules))")
+        decoded = pool.submit(qevo.data._decode_chunk, items, 4).result()
+        with pytest.raises(DataError, match=r"cannot decode image bad\.png"):
+            pool.submit(qevo.data._decode_chunk, [("bad.png", b"not an image")], None).result()
+        assert imported.result() == []
+    assert [x.shape for x in decoded] == [(4, 4, 3), (4, 4, 1), (4, 4, 3)]
+    for ours, theirs in zip(here, decoded, strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+
+
 @pytest.mark.parametrize("cut", [4, 200])  # 4 bytes: only the gzip trailer, after every image
 def test_truncated_image_folder_tar(tmp_path, cut):
     root = make_image_folder(tmp_path / "pets", size=(64, 64))

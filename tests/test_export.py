@@ -391,7 +391,14 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_work(tmp_path, wher
 
 
 def test_without_the_export_extra_the_answer_is_one_line(monkeypatch, tmp_path):
-    monkeypatch.setattr(export, "onnxgraph", None)  # as when onnx is not installed
-    with pytest.raises(ConfigError, match=r"exporting needs onnx: pip install 'qevo\[export\]'"):
+    """As when onnx is not installed: the command says what to install, and so does loading
+    a quantized model for export, which imports qevo.onnxgraph (and onnx) only then."""
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    monkeypatch.delitem(sys.modules, "qevo.onnxgraph")
+    monkeypatch.delattr("qevo.onnxgraph")
+    needs = r"exporting needs onnx: pip install 'qevo\[export\]'"
+    with pytest.raises(ConfigError, match=needs):
         export.export(tmp_path, None, tmp_path / "x.onnx")
     assert not (tmp_path / "x.onnx").exists()
+    with pytest.raises(ConfigError, match=needs):
+        export.quantized_kernels(get_model("lenet5", 10), {"params": {}}, Bits(w=np.full(5, 4), a=np.full(5, 8)))
