@@ -3,7 +3,7 @@
 * The pages link the committed runs as ``../benchmarks/results/...``, the path that works
   in the repository; the site publishes those files under ``benchmarks/results/`` and the
   links are pointed there.
-* ``api.md`` is generated from the public API of ``qevo/__init__.py`` (``qevo._EXPORTS``):
+* ``api.md`` is generated from the public API of ``qevo/__init__.py`` (``qevo.__all__``):
   one section per module, its docstring and the names ``qevo`` exports from it; the
   modules a script uses directly in full.
 """
@@ -21,13 +21,20 @@ WHOLE = ("qevo.nsga3", "qevo.variation", "qevo.kmeans", "qevo.codebook", "qevo.l
 (docs/library.md), exported from ``qevo`` or not."""
 
 
+def exports() -> dict[str, tuple[str, str]]:
+    """``{public name: (defining module, name there)}`` of every name in ``qevo.__all__``:
+    those ``qevo`` imports when first used from its table, the others from the objects."""
+    import qevo
+
+    return {public: qevo._LAZY[public] if public in qevo._LAZY
+            else (getattr(qevo, public).__module__, getattr(qevo, public).__name__) for public in qevo.__all__}
+
+
 def api_page() -> str:
     """The API reference: per module, its docstring and the members ``qevo`` exports (all
     public members for the modules of :data:`WHOLE`)."""
-    import qevo
-
     by_module: dict[str, list[tuple[str, str]]] = {}
-    for public, (module, attr) in qevo._EXPORTS.items():
+    for public, (module, attr) in exports().items():
         by_module.setdefault(module, []).append((public, attr))
     lines = ["# API reference", "",
              "Everything `import qevo` exports, grouped by the module that defines it (`qevo.run_search` is "

@@ -78,9 +78,9 @@ class NSGA3:
     Offspring that repeat a survivor are re-mutated (:func:`qevo.variation.dedupe`).
     """
 
-    def __init__(self, population_size: int, n_choices, ref_dirs, initial: Initial | None = None,
-                 offspring: str = "evolve", crossover_prob: float = 0.9, mutation_rate: float | None = None,
-                 dtype=jnp.float32):
+    def __init__(self, population_size: int, n_choices: jax.Array, ref_dirs: jax.Array,
+                 initial: Initial | None = None, offspring: str = "evolve", crossover_prob: float = 0.9,
+                 mutation_rate: float | None = None, dtype: jnp.dtype = jnp.float32):
         self.size = population_size
         self.n_choices = jnp.asarray(n_choices, jnp.int32)
         self.ref_dirs = jnp.asarray(ref_dirs, jnp.float32)
@@ -134,7 +134,8 @@ class Evosax:
         weighted sum, Tchebycheff, budget).
     """
 
-    def __init__(self, name: str, population_size: int, n_choices, scalarize: Callable[[jax.Array], jax.Array]):
+    def __init__(self, name: str, population_size: int, n_choices: jax.Array,
+                 scalarize: Callable[[jax.Array], jax.Array]):
         self.n_choices = jnp.asarray(n_choices, jnp.int32)
         self.driver = drivers.make_driver(name, population_size, int(self.n_choices.shape[0]))
         self.scalarize = scalarize
