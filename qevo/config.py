@@ -211,6 +211,8 @@ def load(path: str | pathlib.Path, overrides: list[str] = ()) -> ml_collections.
     if not path.is_file():
         raise ConfigError(f"config file {path} not found; pass --config configs/<name>.py")
     spec = importlib.util.spec_from_file_location(f"qevo_config_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"config file {path} is not a Python file; pass --config configs/<name>.py")
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)

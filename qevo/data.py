@@ -55,7 +55,7 @@ import warnings
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -178,15 +178,16 @@ class Dataset:
 
         Raises:
           ConfigError: ``labels`` not one of those two, or ``num_classes`` with ``labels="any"``.
-          DataError: mismatched lengths, labels out of range, NaN or infinite inputs (or
-            float labels), other dtypes, or splits whose examples differ in shape.
+          DataError: a split that is not an ``(inputs, labels)`` pair, mismatched lengths, labels
+            out of range, NaN or infinite inputs (or float labels), other dtypes, or splits whose
+            examples differ in shape.
         """
         if labels not in LABEL_KINDS:
             raise ConfigError(f"labels={labels!r} is not one of {LABEL_KINDS}")
         if labels == "any" and num_classes is not None:
             raise ConfigError("num_classes counts class labels; leave it out with labels='any'")
         splits = {"train": train, "test": test, **({"val": val} if val is not None else {})}
-        checked = {k: _checked_split(k, *v, labels) for k, v in splits.items()}
+        checked = {k: _checked_split(k, *_pair(v, k), labels) for k, v in splits.items()}
         for part, what in ((0, "inputs"), (1, "labels")):
             first = checked["train"][part]
             for k, arrays in checked.items():
@@ -234,9 +235,8 @@ class Dataset:
         def joined(split: str, batches) -> tuple[np.ndarray, np.ndarray]:
             xs, ys = [], []
             for i, batch in enumerate(batches):
-                if not isinstance(batch, tuple | list) or len(batch) != 2:
-                    raise DataError(f"{split} batches must be (inputs, labels) pairs, got {type(batch).__name__}")
-                x, y = _checked_lengths(f"{split} batch {i}", *batch, kwargs.get("labels", "classes"))
+                where = f"{split} batch {i}"
+                x, y = _checked_lengths(where, *_pair(batch, where), kwargs.get("labels", "classes"))
                 if xs and x.shape[1:] != xs[0].shape[1:]:
                     raise DataError(f"{split} batch {i} holds inputs of shape {x.shape[1:]}, batch 0 of "
                                     f"{xs[0].shape[1:]}; give every batch inputs of one shape")
@@ -252,6 +252,14 @@ class Dataset:
     def __repr__(self) -> str:
         shapes = ", ".join(f"{s}={getattr(self, f'{s}_images').shape}" for s in ("train", "val", "test"))
         return f"Dataset({self.name!r}, {shapes}, num_classes={self.num_classes})"
+
+
+def _pair(value, where: str) -> tuple[Any, Any]:
+    """``value``, an ``(inputs, labels)`` pair, as a tuple; else a DataError naming ``where``."""
+    if not isinstance(value, tuple | list) or len(value) != 2:
+        got = f"{type(value).__name__} of {len(value)}" if isinstance(value, tuple | list) else type(value).__name__
+        raise DataError(f"{where} must be an (inputs, labels) pair, got a {got}")
+    return value[0], value[1]
 
 
 def _checked_lengths(where: str, inputs, labels, kind: str = "classes") -> tuple[np.ndarray, np.ndarray]:
