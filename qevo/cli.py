@@ -106,7 +106,7 @@ def main(prog: str, run: Callable[[ml_collections.ConfigDict, pathlib.Path], dic
       Exit status: 0 on success, 2 on a user error or when the devices run out of memory
       (one line on stderr; for memory, the config settings that decide it).
     """
-    if not jax.config.jax_compilation_cache_dir:
+    if not jax.config.jax_compilation_cache_dir:  # pyright: ignore[reportAttributeAccessIssue]  # a jax flag: dynamic
         jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "jax"))
     cfg = workdir = None
     try:

@@ -60,6 +60,7 @@ import pathlib
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -73,6 +74,7 @@ from qevo.codebook import CODEBOOK_BITS, key_bits, quantize_codebook
 from qevo.data import Dataset
 from qevo.drivers import make_driver, relax_to_genes
 from qevo.harness import RESULTS, StepLog, Stopwatch, environment, figure, method, write_csv, write_json
+from qevo.interception import QevoModel
 from qevo.population import batch_eval_set
 from qevo.pretrained import float_model
 from qevo.train import resolve_inputs
@@ -211,13 +213,14 @@ class SearchState:
     """Search state carried across generations (checkpointed).
 
     Attributes:
-      driver: the evosax ``DriverState``, an :class:`NSGA3Driver`, or a dummy for ``random``.
+      driver: the evosax ``DriverState``, an :class:`NSGA3Driver`, or a dummy for ``random``
+        (which one, the driver's name says).
       key: raw uint32 ``[2]`` PRNG key.
       generation: int32, generations done.
       acc_target, cr_target: float32, the fitness targets.
     """
 
-    driver: object
+    driver: Any
     key: jax.Array
     generation: jax.Array
     acc_target: jax.Array
@@ -324,7 +327,7 @@ class DriverSteps:
         elif self.name == "random" or first:
             scores = self.score(problem, random_genes(k_ask, self.size, problem.n_choices), state)
             if self.name == "nsga3":
-                driver = driver.replace(genes=scores.genes, objectives=_objectives(scores))
+                driver = dataclasses.replace(driver, genes=scores.genes, objectives=_objectives(scores))
         else:
             children = make_offspring(k_ask, driver.genes, self.size, problem.n_choices)
             scores = self.score(problem, children, state)
@@ -332,7 +335,7 @@ class DriverSteps:
             objectives = jnp.concatenate([driver.objectives, _objectives(scores)])
             idx, normalisation = nsga3.survive(objectives, self.ref_dirs, self.size, driver.normalisation, k_tell)
             driver = NSGA3Driver(genes=genes[idx], objectives=objectives[idx], normalisation=normalisation)
-        state = state.replace(driver=driver, key=key, generation=state.generation + 1)
+        state = dataclasses.replace(state, driver=driver, key=key, generation=state.generation + 1)
         return _move_targets(state, problem, scores, self.cfg), scores
 
 
@@ -349,7 +352,8 @@ def _move_targets(state: SearchState, problem: Problem, scores: Scores, cfg) -> 
     cr = scores.cr_weighted if s.fitness_cr == "weighted" else scores.cr_mean
     best_acc = jnp.max(acc)
     best_cr = jnp.max(jnp.where(acc >= problem.floor, cr, -jnp.inf))
-    return state.replace(
+    return dataclasses.replace(
+        state,
         acc_target=jnp.where(best_acc >= state.acc_target, best_acc + s.acc_offset, state.acc_target),
         cr_target=jnp.where(best_cr >= state.cr_target, best_cr + s.cr_offset, state.cr_target),
     )
@@ -405,7 +409,7 @@ class Prepared:
 
     cfg: ml_collections.ConfigDict
     ds: Dataset
-    model: object
+    model: QevoModel
     model_name: str
     evaluator: sharing.SharedEvaluator
     accuracy: Callable
@@ -549,7 +553,7 @@ class Choice:
 
     def summary(self) -> dict:
         """The step's figures for ``results.json``'s ``"search"``."""
-        out = {"val_accuracy_after_refinement": self.accuracy}
+        out: dict[str, float | None] = {"val_accuracy_after_refinement": self.accuracy}
         if "held_out_accuracy" in self.best:
             out.update(held_out_accuracy=self.best["held_out_accuracy"], candidates=len(self.front),
                        held_out_accuracy_after_refinement=self.refined_held_out)
@@ -569,6 +573,7 @@ def choose(prep: Prepared, cfg, records: list[dict], log=None) -> Choice:
         best = pick_held_out(prep, cfg, fronts if cr_key == "cr_weighted" else
                              held_out_accuracy(prep, cfg, front(records, cr_key)))
         if log:
+            assert prep.float_held_out is not None  # measured on the held-out images
             log(f"pick on {_count(prep.held_out)} held-out images: CR {best[cr_key]:.2f} at "
                 f"{100 * best['held_out_accuracy']:.2f}% (float {100 * prep.float_held_out:.2f}%)")
     layers, accuracy, refinement, refined_held_out = table_layers(prep, best["k"]), best["val_accuracy"], [], None

@@ -12,6 +12,7 @@ import difflib
 import importlib.util
 import math
 import pathlib
+from collections.abc import Sequence
 
 import ml_collections
 from ml_collections import config_dict
@@ -205,7 +206,7 @@ def validate(cfg: ml_collections.ConfigDict,
     return cfg
 
 
-def load(path: str | pathlib.Path, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+def load(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Load ``get_config()`` from a config file and apply ``section.key=value`` overrides."""
     path = pathlib.Path(path)
     if not path.is_file():

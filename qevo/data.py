@@ -740,7 +740,9 @@ def _tar_images(path: pathlib.Path, folders: dict[str, str]) -> Iterator[tuple[s
                 elif prefix != top:
                     raise DataError(f"{path} holds image folders under both {'/'.join(top) or '.'} and "
                                     f"{'/'.join(prefix) or '.'}; pack a single <root>/{{train,test}}/<class>/ tree")
-                yield folders[parts[-3]], parts[-2], f"{path}:{member.name}", tar.extractfile(member).read()
+                file = tar.extractfile(member)
+                assert file is not None  # a regular file's member (isfile above)
+                yield folders[parts[-3]], parts[-2], f"{path}:{member.name}", file.read()
             while stream.read(1 << 20):
                 pass
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
@@ -773,7 +775,7 @@ def _assemble(where: str, blobs: Iterable[tuple[str, str, str, bytes]], classes:
         raise DataError(f"{where}: class folders {untrained} have test images but no train images; "
                         "add <root>/train/<class>/ images for them or remove their test folders")
     index = {c: i for i, c in enumerate(classes)}
-    splits = {}
+    splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for split in ("train", "test"):
         rows = sorted((index[cls], fname, i) for i, (s, cls, fname) in enumerate(meta) if s == split)
         if not rows:
@@ -894,7 +896,8 @@ def _load_tfds(name: str, root: pathlib.Path | None, image_size: int | None, cac
             )
         import tensorflow_datasets as tfds
 
-        builder = tfds.builder(builder_name, data_dir=str(cache / "tfds"))
+        # Any: tfds types its builders loosely (as_dataset's decorated signature, optional features)
+        builder: Any = tfds.builder(builder_name, data_dir=str(cache / "tfds"))
         host = _TFDS_HOSTS[name]
         if manual is None and not _resolves(host) and not _prepared(builder):
             raise DataError(
@@ -911,9 +914,10 @@ def _load_tfds(name: str, root: pathlib.Path | None, image_size: int | None, cac
                 f"internet, point data_dir / ${DATA_DIR_ENV} at the offline archives and use source='local'"
             ) from e
         test_split = "validation" if name == "imagenette" else "test"
-        arrays = []
+        splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for split in ("train", test_split):
             if None in builder.info.features["image"].shape:
+                assert size is not None  # images of varying sizes are Imagenette's, which has a size above
                 pairs = [(_resize_stack(ex["image"][None], size)[0], ex["label"])
                          for ex in tfds.as_numpy(builder.as_dataset(split=split))]
                 images, labels = np.stack([p[0] for p in pairs]), np.array([p[1] for p in pairs])
@@ -922,8 +926,8 @@ def _load_tfds(name: str, root: pathlib.Path | None, image_size: int | None, cac
                 images, labels = batch["image"], batch["label"]
                 if size is not None:
                     images = _resize_stack(images, size)
-            arrays += [images.astype(np.uint8), labels.astype(np.int32)]
-        return _Raw(*arrays, tuple(builder.info.features["label"].names))
+            splits[split] = (images.astype(np.uint8), labels.astype(np.int32))
+        return _Raw(*splits["train"], *splits[test_split], tuple(builder.info.features["label"].names))
 
     return _cached(cache, name, size, ["tfds", builder_name], build)
 

@@ -307,7 +307,7 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, model=None, v
     if "scratch" in (cfg.search.start, cfg.final.start):
         fresh = init_variables(model, jax.random.fold_in(jax.random.key(cfg.seed), 7), ds.train_images.shape[1:])
         starts["scratch"] = calibrate(model, fresh, calib)
-    variables = starts[cfg.search.start]
+    start_variables = starts[cfg.search.start]
     s = cfg.search
     qat = QATConfig(
         steps=s.qat_steps, batch_size=s.qat_batch_size, learning_rate=s.qat_learning_rate,
@@ -324,9 +324,9 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, model=None, v
     return Problem(
         cfg=cfg,
         space=make_space(cfg, model.num_layers),
-        table=cost.layer_table(model, variables, ds.train_images.shape[1:]),
+        table=cost.layer_table(model, start_variables, ds.train_images.shape[1:]),
         evaluator=evaluator,
-        variables=variables,
+        variables=start_variables,
         final_variables=starts[cfg.final.start],
         float_results=float_results,
         model_name=inputs.model_name,
@@ -365,13 +365,13 @@ class SearchState:
 def _scalarize(cfg: ml_collections.ConfigDict, F: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> jax.Array:
     m = F.shape[1]
     weights = jnp.asarray(cfg.search.weights if cfg.search.weights is not None else np.full(m, 1.0 / m), jnp.float32)
-    F, lower, upper = (jnp.asarray(v, jnp.float32) for v in (F, lower, upper))
+    f, lo, hi = (jnp.asarray(v, jnp.float32) for v in (F, lower, upper))
     if cfg.search.scalarization == "weighted":
-        return drivers.weighted_sum(F, weights, lower, upper)
+        return drivers.weighted_sum(f, weights, lo, hi)
     if cfg.search.scalarization == "tchebycheff":
-        return drivers.tchebycheff(F, weights, lower, lower, upper)
-    limit = lower[1] + cfg.search.budget * (upper[1] - lower[1])
-    return drivers.budget(F, limit, lower, upper, cost_index=1, error_index=0)
+        return drivers.tchebycheff(f, weights, lo, lo, hi)
+    limit = lo[1] + cfg.search.budget * (hi[1] - lo[1])
+    return drivers.budget(f, limit, lo, hi, cost_index=1, error_index=0)
 
 
 class SearchLoop:
@@ -393,7 +393,7 @@ class SearchLoop:
         return SearchState(
             generation=-1, genes=np.zeros((self.cfg.population_size, self.space.num_genes), np.int32),
             objectives=np.zeros((self.cfg.population_size, m)),
-            nsga=nsga3.init_state(m, jnp.float64 if jax.config.x64_enabled else jnp.float32),
+            nsga=nsga3.init_state(m, jax.dtypes.canonicalize_dtype(jnp.float64)),
             driver=driver, evaluations=0, seconds=0.0,
         )
 
@@ -403,6 +403,7 @@ class SearchLoop:
         cfg, n_choices = self.cfg, jnp.asarray(self.space.n_choices)
         n = cfg.population_size
         if self.driver is not None:
+            assert state.driver is not None  # initial_state made it, with the driver
             x, dstate = self.driver.ask(key, state.driver)
             return np.asarray(drivers.relax_to_genes(x, n_choices)), x, dstate
         k_new, k_dedupe = jax.random.split(key)
@@ -442,6 +443,7 @@ class SearchLoop:
         genes, x, dstate = self.propose(state, k_var)
         F, acc = self.problem.objectives(genes, k_eval)
         if self.driver is not None:
+            assert x is not None and dstate is not None  # propose asked the driver
             fitness = _scalarize(self.cfg, F, self.lower, self.upper)
             dstate = self.driver.tell(k_tell, x, fitness, dstate)
             pop_genes, pop_F, nsga = genes, F, state.nsga
@@ -464,7 +466,7 @@ class SearchLoop:
         steps = StepLog(self.workdir, "generation", step_key="generation",
                         log=lambda msg: print(msg, file=sys.stderr))
         state, history = steps.resume(self.initial_state())
-        state = state.replace(generation=int(state.generation), evaluations=int(state.evaluations),
+        state = dataclasses.replace(state, generation=int(state.generation), evaluations=int(state.evaluations),
                               seconds=float(state.seconds))
         total = self.cfg.generations + 1
         bar = progress(total, state.generation + 1, f"search {self.problem.model_name}")
