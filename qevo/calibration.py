@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qevo.interception import QevoModel
 from qevo.layers import collect_per_layer
 
 
-def calibrate(model: nn.Module, variables, images: jax.Array):
+def calibrate(model: QevoModel, variables: dict, images: jax.Array) -> dict:
     """Set ``quant/a_clip`` to each layer's 99.99th-percentile ``|input|`` on ``images``.
 
     Args:

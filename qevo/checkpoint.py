@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+from typing import Any, TypeVar, overload
 
 import jax
 import numpy as np
@@ -17,6 +18,8 @@ from flax import serialization
 
 from qevo.errors import CheckpointError
 from qevo.files import atomic_path
+
+T = TypeVar("T")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -77,7 +80,11 @@ def save(path: str | os.PathLike, tree, meta: dict | None = None) -> None:
     atomic_write_bytes(path, serialization.msgpack_serialize(payload))
 
 
-def load(path: str | os.PathLike, target=None):
+@overload
+def load(path: str | os.PathLike, target: None = None) -> tuple[dict[str, Any], dict[str, Any]]: ...
+@overload
+def load(path: str | os.PathLike, target: T) -> tuple[T, dict[str, Any]]: ...
+def load(path, target=None):
     """Load ``(tree, meta)`` from ``path``.
 
     Args:
@@ -93,6 +100,8 @@ def load(path: str | os.PathLike, target=None):
         raise CheckpointError(f"no checkpoint at {path}")
     try:
         payload = serialization.msgpack_restore(path.read_bytes())
+        if not isinstance(payload, dict):
+            raise TypeError(f"it holds a {type(payload).__name__}, not a dict")
         meta = json.loads(payload["meta"])
         state = payload["tree"]
     except Exception as e:  # msgpack raises many types on garbage
@@ -103,7 +112,7 @@ def load(path: str | os.PathLike, target=None):
     return restore(state, target, path), meta
 
 
-def restore(state: dict, target, path: str | os.PathLike):
+def restore(state: dict, target: T, path: str | os.PathLike) -> T:
     """The pytree of ``target``'s structure holding ``state`` (a raw tree from :func:`load`
     without a target, read from ``path``, which the error names).
 
@@ -111,7 +120,8 @@ def restore(state: dict, target, path: str | os.PathLike):
       CheckpointError: ``state`` does not have ``target``'s structure and shapes.
     """
     try:
-        tree = serialization.from_state_dict(target, state)
+        # flax returns a tree of target's type; its return annotation does not say so
+        tree: T = serialization.from_state_dict(target, state)  # pyright: ignore[reportAssignmentType]
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path} does not match the expected structure: {e}") from e
     want = jax.tree_util.tree_map(np.shape, target)

@@ -112,7 +112,8 @@ def float_training_seconds(cfg: ml_collections.ConfigDict) -> float:
     steps = max(1, min(TIMED_STEPS, ds.train_images.shape[0] // size))
     few = dataclasses.replace(ds, train_images=ds.train_images[: steps * size],
                               train_labels=ds.train_labels[: steps * size])
-    trainer = train.Trainer(cfg, few, inputs.model, quantized=False, devices=jax.local_devices(), loss=inputs.loss)
+    trainer = train.Trainer(cfg, few, inputs.model, quantized=False, devices=tuple(jax.local_devices()),
+                            loss=inputs.loss)
     state = trainer.init_state(train.initial_variables(cfg, few, inputs.model, None, jax.random.key(cfg.seed)))
     # The first call compiles for the initial state, the second for the state the first returns
     # (placed on the devices' mesh): the third is timed.
@@ -156,7 +157,7 @@ def main(prog: str, run: Callable[[ml_collections.ConfigDict, pathlib.Path], dic
       Exit status: 0 on success, 2 on a user error or when the devices run out of memory
       (one line on stderr; for memory, the config settings that decide it).
     """
-    if not jax.config.jax_compilation_cache_dir:
+    if not jax.config.jax_compilation_cache_dir:  # pyright: ignore[reportAttributeAccessIssue]  # a jax flag: dynamic
         jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "jax"))
     cfg = workdir = None
     try:

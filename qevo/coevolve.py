@@ -59,7 +59,6 @@ import sys
 import time
 from collections.abc import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -72,6 +71,7 @@ from qevo import config as config_lib
 from qevo.calibration import calibrate
 from qevo.data import Dataset, augment, normalize
 from qevo.harness import RESULTS, StepLog, Stopwatch, environment, method, progress, read_rows, write_json
+from qevo.interception import QevoModel
 from qevo.layers import Bits
 from qevo.loop import base_key, init_key, step_keys
 from qevo.losses import cross_entropy, top1
@@ -307,7 +307,7 @@ class Coevolution:
       options: the ``coevolve`` config section.
       max_level: ``2^(b-1) - 1`` for the weight width ``b``; int32 ``[D]`` per weight where
         the layers' widths differ.
-      devices: devices of the ``pop`` mesh (default: all).
+      devices: devices of the ``pop`` mesh (default, empty: all).
       augment: the float model trained on augmented images (``train.augment``): the images
         that BatchNorm statistics are re-estimated on are augmented the same way, since
         the network learned under the normalisation of that distribution.
@@ -316,16 +316,20 @@ class Coevolution:
       metric: ``metric(logits, labels) -> float32 [N]`` in [0, 1]; accuracies are its mean.
     """
 
-    model: nn.Module
+    model: QevoModel
     layers: dict
     mean: tuple
     std: tuple
     options: ml_collections.ConfigDict
     max_level: int | jax.Array
-    devices: tuple | None = None
+    devices: tuple = ()
     augment: bool = False
     loss: Callable = cross_entropy
     metric: Callable = top1
+    _local: tuple[str, int | None] = dataclasses.field(init=False, repr=False)
+    cycle: jax.stages.Wrapped = dataclasses.field(init=False, repr=False)
+    accuracy: jax.stages.Wrapped = dataclasses.field(init=False, repr=False)
+    statistics: jax.stages.Wrapped = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self):
         devices = tuple(self.devices or jax.devices())
@@ -429,11 +433,12 @@ class Coevolution:
         context = context.at[idx].set(winner)
         return (probs, context), (loss[0], acc[0], loss[best], best > 0)
 
-    def _cycle(self, state: State, problem: Problem, keys: tuple) -> tuple[State, CycleStats]:
+    def _cycle(self, state: State, problem: Problem,
+               cycle_keys: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[State, CycleStats]:
         """One cycle (module docstring, step 2): freeze, regroup, every group in turn, with
-        ``keys`` (:func:`qevo.loop.step_keys`: regrouping, the groups' draws, statistics)."""
+        ``cycle_keys`` (:func:`qevo.loop.step_keys`: regrouping, the groups' draws, statistics)."""
         o = self.options
-        group_key, step_key, stats_key = keys
+        group_key, step_key, stats_key = cycle_keys
         problem = with_statistics(problem, state.batch_stats)
         context, frozen = freeze(state.probs, state.context, problem.q0, o.radius, o.threshold)
         groups = regroup(group_key, state.probs, o.num_groups, o.group_size)
@@ -453,7 +458,8 @@ class Coevolution:
 
 def with_statistics(problem: Problem, batch_stats: dict) -> Problem:
     """``problem`` whose network normalises with ``batch_stats`` (unchanged for ``{}``)."""
-    return problem.replace(variables={**problem.variables, "batch_stats": batch_stats}) if batch_stats else problem
+    return (dataclasses.replace(problem, variables={**problem.variables, "batch_stats": batch_stats}) if batch_stats
+            else problem)
 
 
 # --------------------------------------------------------------------------- derivative check
@@ -549,8 +555,8 @@ class Prepared:
     """A run's model, data and starting point (shared by the coevolution and the baselines)."""
 
     cfg: ml_collections.ConfigDict
-    ds: object
-    model: nn.Module
+    ds: Dataset
+    model: QevoModel
     variables: dict
     bits: Bits
     runner: Coevolution
@@ -560,7 +566,7 @@ class Prepared:
     model_name: str
 
 
-def prepare_arrays(cfg: ml_collections.ConfigDict, model: nn.Module, variables: dict, mean, std, train_images,
+def prepare_arrays(cfg: ml_collections.ConfigDict, model: QevoModel, variables: dict, mean, std, train_images,
                    train_labels, val_images, val_labels, loss: Callable = cross_entropy,
                    metric: Callable = top1) -> tuple[Bits, Coevolution, Problem]:
     """The runner and its problem for float ``variables`` (calibrated) and uint8 ``[N, H, W, C]`` splits
@@ -635,10 +641,10 @@ def evolve(prep: Prepared, workdir: pathlib.Path | None = None, log=None,
     evals = c.num_groups * c.population_size
     bar = progress(c.cycles, int(state.cycle), f"coevolve {prep.model_name}", show=log is not None)
     for cycle in range(int(state.cycle), c.cycles):
-        start = time.perf_counter()
+        began = time.perf_counter()
         state, stats = runner.cycle(state, problem, step_keys(base_key(prep.cfg.seed), cycle))
         stats = jax.device_get(stats)
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - began
         record = {
             "cycle": cycle + 1,
             "loss": float(np.mean(stats.loss)),

@@ -71,6 +71,7 @@ from qevo import distributed, nsga3, sharing, strategies
 from qevo.codebook import CODEBOOK_BITS, key_bits, quantize_codebook
 from qevo.data import Dataset
 from qevo.harness import RESULTS, StepLog, Stopwatch, environment, figure, method, write_csv, write_json
+from qevo.interception import QevoModel
 from qevo.loop import LoopState, base_key, evolve
 from qevo.population import batch_eval_set
 from qevo.pretrained import float_model
@@ -199,8 +200,8 @@ class Scores:
 class Targets:
     """The seed's dynamic fitness targets, carried across generations: float32 ``[]`` each."""
 
-    acc_target: jax.Array
-    cr_target: jax.Array
+    acc_target: jax.Array | np.ndarray
+    cr_target: jax.Array | np.ndarray
 
 
 def candidate_k(k_max: int, k_values=()) -> np.ndarray:
@@ -355,7 +356,7 @@ class Prepared:
 
     cfg: ml_collections.ConfigDict
     ds: Dataset
-    model: object
+    model: QevoModel
     model_name: str
     evaluator: sharing.SharedEvaluator
     accuracy: Callable
@@ -443,7 +444,8 @@ def search(prep: Prepared, cfg: ml_collections.ConfigDict, workdir: pathlib.Path
     problem = _problem(prep, cfg)
     generation = Generation(cfg, prep.evaluator, len(prep.paths))
     acc_target = cfg.sharing.acc_target if cfg.sharing.acc_target is not None else prep.float_score
-    targets = Targets(acc_target=np.float32(acc_target), cr_target=np.float32(cfg.sharing.cr_target))
+    targets = Targets(acc_target=np.asarray(acc_target, np.float32),
+                      cr_target=np.asarray(cfg.sharing.cr_target, np.float32))
 
     def evaluate(g: int, genes: jax.Array, key: jax.Array, targets: Targets):
         # host values in and out: in a run of several processes each passes the same ones
@@ -503,7 +505,7 @@ class Choice:
 
     def summary(self) -> dict:
         """The step's figures for ``results.json``'s ``"search"``."""
-        out = {"val_accuracy_after_refinement": self.accuracy}
+        out: dict[str, float | None] = {"val_accuracy_after_refinement": self.accuracy}
         if "held_out_accuracy" in self.best:
             out.update(held_out_accuracy=self.best["held_out_accuracy"], candidates=len(self.front),
                        held_out_accuracy_after_refinement=self.refined_held_out)
@@ -523,6 +525,7 @@ def choose(prep: Prepared, cfg, records: list[dict], log=None) -> Choice:
         best = pick_held_out(prep, cfg, fronts if cr_key == "cr_weighted" else
                              held_out_accuracy(prep, cfg, front(records, cr_key)))
         if log:
+            assert prep.float_held_out is not None  # measured on the held-out images
             log(f"pick on {_count(prep.held_out)} held-out images: CR {best[cr_key]:.2f} at "
                 f"{100 * best['held_out_accuracy']:.2f}% (float {100 * prep.float_held_out:.2f}%)")
     layers, accuracy, refinement, refined_held_out = table_layers(prep, best["k"]), best["val_accuracy"], [], None

@@ -283,7 +283,7 @@ def validate(cfg: ml_collections.ConfigDict,
     return cfg
 
 
-def load(path: str | pathlib.Path, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+def load(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Load ``get_config()`` from a config file and apply ``section.key=value`` overrides."""
     path = pathlib.Path(path)
     if not path.is_file():
@@ -308,6 +308,8 @@ def _run_file(path: pathlib.Path, what: str):
     folder first on ``sys.path``, for the modules beside it); any error in it is a
     ``ConfigError`` (the file is the user's input: its errors are theirs to fix)."""
     spec = importlib.util.spec_from_file_location(f"qevo_user_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"{what} {path} is not a Python file; pass a .py file")
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(path.resolve().parent))
     try:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qevo.interception import QevoModel
 from qevo.layers import collect_per_layer
 from qevo.quant import FLOAT_BITS
 
@@ -39,7 +39,7 @@ class LayerTable:
         return len(self.names)
 
 
-def layer_table(model: nn.Module, variables, input_shape: tuple[int, ...]) -> LayerTable:
+def layer_table(model: QevoModel, variables, input_shape: tuple[int, ...]) -> LayerTable:
     """Count MACs and weights of every quantizable layer for one image of ``input_shape`` (HWC)."""
     x = jnp.zeros((1, *input_shape), jnp.float32)
     _, state = model.apply(variables, x, None, train=False, mutable=["layer_stats"])

@@ -55,7 +55,7 @@ import warnings
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -180,15 +180,16 @@ class Dataset:
 
         Raises:
           ConfigError: ``labels`` not one of those two, or ``num_classes`` with ``labels="any"``.
-          DataError: mismatched lengths, labels out of range, NaN or infinite inputs (or
-            float labels), other dtypes, or splits whose examples differ in shape.
+          DataError: a split that is not an ``(inputs, labels)`` pair, mismatched lengths, labels
+            out of range, NaN or infinite inputs (or float labels), other dtypes, or splits whose
+            examples differ in shape.
         """
         if labels not in LABEL_KINDS:
             raise ConfigError(f"labels={labels!r} is not one of {LABEL_KINDS}")
         if labels == "any" and num_classes is not None:
             raise ConfigError("num_classes counts class labels; leave it out with labels='any'")
         splits = {"train": train, "test": test, **({"val": val} if val is not None else {})}
-        checked = {k: _checked_split(k, *v, labels) for k, v in splits.items()}
+        checked = {k: _checked_split(k, *_pair(v, k), labels) for k, v in splits.items()}
         for part, what in ((0, "inputs"), (1, "labels")):
             first = checked["train"][part]
             for k, arrays in checked.items():
@@ -236,9 +237,8 @@ class Dataset:
         def joined(split: str, batches) -> tuple[np.ndarray, np.ndarray]:
             xs, ys = [], []
             for i, batch in enumerate(batches):
-                if not isinstance(batch, tuple | list) or len(batch) != 2:
-                    raise DataError(f"{split} batches must be (inputs, labels) pairs, got {type(batch).__name__}")
-                x, y = _checked_lengths(f"{split} batch {i}", *batch, kwargs.get("labels", "classes"))
+                where = f"{split} batch {i}"
+                x, y = _checked_lengths(where, *_pair(batch, where), kwargs.get("labels", "classes"))
                 if xs and x.shape[1:] != xs[0].shape[1:]:
                     raise DataError(f"{split} batch {i} holds inputs of shape {x.shape[1:]}, batch 0 of "
                                     f"{xs[0].shape[1:]}; give every batch inputs of one shape")
@@ -254,6 +254,14 @@ class Dataset:
     def __repr__(self) -> str:
         shapes = ", ".join(f"{s}={getattr(self, f'{s}_images').shape}" for s in ("train", "val", "test"))
         return f"Dataset({self.name!r}, {shapes}, num_classes={self.num_classes})"
+
+
+def _pair(value, where: str) -> tuple[Any, Any]:
+    """``value``, an ``(inputs, labels)`` pair, as a tuple; else a DataError naming ``where``."""
+    if not isinstance(value, tuple | list) or len(value) != 2:
+        got = f"{type(value).__name__} of {len(value)}" if isinstance(value, tuple | list) else type(value).__name__
+        raise DataError(f"{where} must be an (inputs, labels) pair, got a {got}")
+    return value[0], value[1]
 
 
 def _checked_lengths(where: str, inputs, labels, kind: str = "classes") -> tuple[np.ndarray, np.ndarray]:
@@ -740,7 +748,9 @@ def _tar_images(path: pathlib.Path, folders: dict[str, str]) -> Iterator[tuple[s
                 elif prefix != top:
                     raise DataError(f"{path} holds image folders under both {'/'.join(top) or '.'} and "
                                     f"{'/'.join(prefix) or '.'}; pack a single <root>/{{train,test}}/<class>/ tree")
-                yield folders[parts[-3]], parts[-2], f"{path}:{member.name}", tar.extractfile(member).read()
+                file = tar.extractfile(member)
+                assert file is not None  # a regular file's member (isfile above)
+                yield folders[parts[-3]], parts[-2], f"{path}:{member.name}", file.read()
             while stream.read(1 << 20):
                 pass
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
@@ -773,7 +783,7 @@ def _assemble(where: str, blobs: Iterable[tuple[str, str, str, bytes]], classes:
         raise DataError(f"{where}: class folders {untrained} have test images but no train images; "
                         "add <root>/train/<class>/ images for them or remove their test folders")
     index = {c: i for i, c in enumerate(classes)}
-    splits = {}
+    splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for split in ("train", "test"):
         rows = sorted((index[cls], fname, i) for i, (s, cls, fname) in enumerate(meta) if s == split)
         if not rows:
@@ -894,7 +904,8 @@ def _load_tfds(name: str, root: pathlib.Path | None, image_size: int | None, cac
             )
         import tensorflow_datasets as tfds
 
-        builder = tfds.builder(builder_name, data_dir=str(cache / "tfds"))
+        # Any: tfds types its builders loosely (as_dataset's decorated signature, optional features)
+        builder: Any = tfds.builder(builder_name, data_dir=str(cache / "tfds"))
         host = _TFDS_HOSTS[name]
         if manual is None and not _resolves(host) and not _prepared(builder):
             raise DataError(
@@ -911,9 +922,10 @@ def _load_tfds(name: str, root: pathlib.Path | None, image_size: int | None, cac
                 f"internet, point data_dir / ${DATA_DIR_ENV} at the offline archives and use source='local'"
             ) from e
         test_split = "validation" if name == "imagenette" else "test"
-        arrays = []
+        splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for split in ("train", test_split):
             if None in builder.info.features["image"].shape:
+                assert size is not None  # images of varying sizes are Imagenette's, which has a size above
                 pairs = [(_resize_stack(ex["image"][None], size)[0], ex["label"])
                          for ex in tfds.as_numpy(builder.as_dataset(split=split))]
                 images, labels = np.stack([p[0] for p in pairs]), np.array([p[1] for p in pairs])
@@ -922,8 +934,8 @@ def _load_tfds(name: str, root: pathlib.Path | None, image_size: int | None, cac
                 images, labels = batch["image"], batch["label"]
                 if size is not None:
                     images = _resize_stack(images, size)
-            arrays += [images.astype(np.uint8), labels.astype(np.int32)]
-        return _Raw(*arrays, tuple(builder.info.features["label"].names))
+            splits[split] = (images.astype(np.uint8), labels.astype(np.int32))
+        return _Raw(*splits["train"], *splits[test_split], tuple(builder.info.features["label"].names))
 
     return _cached(cache, name, size, ["tfds", builder_name], build)
 

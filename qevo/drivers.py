@@ -12,11 +12,12 @@ Shapes: ``P`` individuals, ``G`` genes, ``M`` objectives.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-import flax
+import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
@@ -172,7 +173,7 @@ class DriverState:
         generation: int32 ``[]``, the number of ``tell`` calls so far.
     """
 
-    strategy: object
+    strategy: Any  # of the evosax strategy's own state class
     generation: jax.Array
 
 
@@ -221,7 +222,7 @@ class Driver:
                 lambda: self.strategy.ask(key, state.strategy, self.params))
         else:
             x, strategy_state = self.strategy.ask(key, state.strategy, self.params)
-        return x, state.replace(strategy=strategy_state)
+        return x, dataclasses.replace(state, strategy=strategy_state)
 
     def tell(self, key: jax.Array, x: jax.Array, fitness: jax.Array,
              state: DriverState) -> DriverState:

@@ -35,8 +35,8 @@ import json
 import pathlib
 import sys
 from collections.abc import Callable
+from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -49,6 +49,7 @@ from qevo.codebook import CODEBOOK_BITS, key_bits
 from qevo.data import Dataset, normalize
 from qevo.errors import CheckpointError, ConfigError, QevoError
 from qevo.harness import CONFIG, MODEL, RESULTS, check_output, fill_defaults, read_rows, write_json
+from qevo.interception import QevoModel
 from qevo.layers import Bits
 from qevo.models import init_variables
 from qevo.quant import FLOAT_BITS
@@ -99,7 +100,7 @@ class Found:
 
     kind: str
     name: str
-    model: nn.Module
+    model: QevoModel
     variables: dict
     bits: Bits | None
     kernels: dict
@@ -282,6 +283,7 @@ def load(workdir, name: str | None = None, *, model=None, data: Dataset | None =
         kernels = quantized_kernels(model, variables, bits, cfg.quant.per_channel, cfg.quant.mode)
     arithmetic = "integer" if kind == "coevolve" and name != "float" else "float"
     if arithmetic == "integer":
+        assert bits is not None  # a coevolution's widths, read above
         b = Bits(w=jnp.asarray(bits.w), a=jnp.asarray(bits.a))
         k = jax.tree_util.tree_map(jnp.asarray, kernels)
         forward = jax.jit(lambda x: intforward.apply(model, variables, k, b, normalize(x, ds.mean, ds.std)))
@@ -406,9 +408,10 @@ def user_inputs(spec: str) -> dict:
     return inputs
 
 
-def parse_args(argv: list[str]) -> dict:
+def parse_args(argv: list[str]) -> dict[str, Any]:
     """``--workdir``, ``--model``, ``--out``, ``--inputs`` (``--key value`` or ``--key=value``) and ``--verify``."""
-    args, found = list(argv), {"verify": False}
+    args = list(argv)
+    found: dict[str, Any] = {"verify": False}
     while args:
         arg = args.pop(0)
         if arg in ("-h", "--help"):

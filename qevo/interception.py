@@ -31,6 +31,8 @@ import contextlib
 import contextvars
 import dataclasses
 import inspect
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, overload
 
 import flax.linen as nn
 import jax
@@ -41,6 +43,9 @@ from flax import traverse_util
 from qevo import quant
 from qevo.errors import ConfigError
 from qevo.layers import CALIBRATION_QUANTILE, BatchNorm, Bits, QuantOptions, conv2d, layer_key
+
+if TYPE_CHECKING:
+    from flax import nnx
 
 QUANTIZABLE = (nn.Conv, nn.Dense, nn.DenseGeneral)
 NORMALIZATION = (nn.BatchNorm, BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
@@ -142,7 +147,7 @@ class Call:
     a_clip: jax.Array | None
     signed: bool
     options: QuantOptions
-    compute: object
+    compute: Callable[..., jax.Array]
 
 
 class _Scope:
@@ -154,7 +159,7 @@ class _Scope:
     Records: per path the layer's inputs and operations ``(kind, kernel shape, MACs per
     example, groups)``, and every called module's type."""
 
-    def __init__(self, index: dict[str, int] | None = None, bits: Bits | None = None, a_clip=None,
+    def __init__(self, index: dict[str, int] | None = None, bits: Bits | None = None, a_clip: jax.Array | None = None,
                  options: QuantOptions = QuantOptions(), signed: tuple[bool, ...] = (), override=None):
         self.index, self.bits, self.a_clip, self.options, self.signed = index, bits, a_clip, options, signed
         self.override = override
@@ -174,12 +179,13 @@ class _Scope:
             i = self.index[path]
             out = self.override(Call(path, i, kind, lhs, rhs, params, plain, self.bits, self.a_clip,
                                      self.signed[i], self.options, compute))
-        if out is None and self.bits is None:
-            out = compute(lhs, rhs)
-        elif out is None:
-            i, o = self.index[path], self.options
-            x = quant.quantize_activation(lhs, self.bits.a[i], self.a_clip[i], signed=self.signed[i], mode=o.mode)
-            out = compute(x, quant.quantize_weight(rhs, self.bits.w[i], per_channel=o.per_channel, mode=o.mode))
+        if out is None:
+            if self.index is None or self.bits is None or self.a_clip is None:  # discovery, or float
+                out = compute(lhs, rhs)
+            else:
+                i, o = self.index[path], self.options
+                x = quant.quantize_activation(lhs, self.bits.a[i], self.a_clip[i], signed=self.signed[i], mode=o.mode)
+                out = compute(x, quant.quantize_weight(rhs, self.bits.w[i], per_channel=o.per_channel, mode=o.mode))
         macs = (_conv_macs(rhs, out, params["dimension_numbers"] or NHWC) if kind == "conv"
                 else _dot_macs(lhs, out, params["dimension_numbers"]))
         self.ops.setdefault(path, []).append((kind, tuple(rhs.shape), macs, params.get("feature_group_count", 1)))
@@ -325,6 +331,7 @@ class _Protocol:
 
     layers: tuple[Layer, ...]
     options: QuantOptions
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]  # each model is a dataclass
 
     @property
     def num_layers(self) -> int:
@@ -372,14 +379,14 @@ class QuantizedModel(_Protocol):
         """The network's class name."""
         return type(self.model).__name__
 
-    def apply(self, variables: dict, x, bits: Bits | None = None, train: bool = False, mutable=False,
-              rngs=None, override=None):
+    def apply(self, variables: dict, x, bits: Bits | None = None, train: bool = False,
+              mutable: bool | str | list[str] = False, rngs: dict | None = None, override=None):
         """Logits (and the updated collections when ``mutable`` lists any), as
         ``nn.Module.apply``; ``override(call: Call)`` may return a found layer's output in
         place of its (fake-quantized) operation, or None to leave it."""
         own, reported = _split(mutable)
         scope = _scope_of(self.layers, variables, bits, self.options, override)
-        kwargs = {"train": train} if _takes(self.model, "train") else {}
+        kwargs: dict[str, Any] = {"train": train} if _takes(self.model, "train") else {}
         with _active(scope), nn.intercept_methods(_linen_interceptor(scope)):
             out = self.model.apply({k: v for k, v in variables.items() if k != "quant"}, x, **kwargs,
                                    mutable=own or False, rngs=rngs)
@@ -392,7 +399,7 @@ class QuantizedModel(_Protocol):
         """The network's variables for inputs like ``x``, plus ``quant/a_clip`` (ones, ``[L]``):
         ``key`` is the ``params`` stream (as ``nn.Module.init(key, ...)`` takes it), a key
         folded from it the ``dropout`` stream."""
-        kwargs = {"train": train} if _takes(self.model, "train") else {}
+        kwargs: dict[str, Any] = {"train": train} if _takes(self.model, "train") else {}
         variables = self.model.init({"params": key, "dropout": jax.random.fold_in(key, 1)}, x, **kwargs)
         return {**variables, "quant": {"a_clip": jnp.ones((self.num_layers,), jnp.float32)}}
 
@@ -413,7 +420,7 @@ class QuantizedNNX(_Protocol):
     ``name`` is the network's class name.
     """
 
-    graphdef: object
+    graphdef: nnx.GraphDef
     states: tuple
     layers: tuple[Layer, ...]
     options: QuantOptions = QuantOptions()
@@ -430,8 +437,8 @@ class QuantizedNNX(_Protocol):
             nnx.replace_by_pure_dict(batch_stats, variables["batch_stats"])
         return nnx.merge(self.graphdef, params, batch_stats, rest)
 
-    def apply(self, variables: dict, x, bits: Bits | None = None, train: bool = False, mutable=False,
-              rngs=None, override=None):
+    def apply(self, variables: dict, x, bits: Bits | None = None, train: bool = False,
+              mutable: bool | str | list[str] = False, rngs: dict | None = None, override=None):
         """Logits (and the updated collections when ``mutable`` lists any), as
         :meth:`QuantizedModel.apply`."""
         from flax import nnx
@@ -457,6 +464,9 @@ class QuantizedNNX(_Protocol):
         pure = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(batch_stats)}
         return {**{k: v for k, v in pure.items() if v},
                 "quant": {"a_clip": jnp.ones((self.num_layers,), jnp.float32)}}
+
+
+QevoModel = QuantizedModel | QuantizedNNX  # a network with qevo's model interface
 
 
 def _found(scope: _Scope, params: dict, negative: dict[str, bool], share=None, names=None,
@@ -490,14 +500,14 @@ def _found(scope: _Scope, params: dict, negative: dict[str, bool], share=None, n
 
 
 def _discover(run, name: str, sample, arguments=lambda: ()) -> tuple[_Scope, dict, dict]:
-    """Trace ``run(sample, *arguments()) -> params`` once, jitted, as discovery: the scope's
+    """Trace ``run(scope, sample, *arguments()) -> params`` once, jitted, as discovery: the scope's
     records, the params, and per path whether each call's input took a negative value. A
     network that fails on ``sample`` is a ConfigError."""
     scope = _Scope()
 
     def traced(sample, *args):
         with _active(scope):
-            params = run(sample, *args)
+            params = run(scope, sample, *args)
         return params, {path: [jnp.any(x < 0) for x in xs] for path, xs in scope.inputs.items()}
 
     try:
@@ -531,8 +541,14 @@ def _random_variables(model: nn.Module, sample, kwargs: dict) -> dict:
     return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
+@overload
+def quantize(model: nn.Module, sample: jax.Array | np.ndarray, variables: dict | None = None,
+             options: QuantOptions = ..., share=None, names: tuple[str, ...] | None = None) -> QuantizedModel: ...
+@overload
+def quantize(model: object, sample: jax.Array | np.ndarray, variables: dict | None = None,
+             options: QuantOptions = ..., share=None, names: tuple[str, ...] | None = None) -> QevoModel: ...
 def quantize(model, sample: jax.Array | np.ndarray, variables: dict | None = None,
-             options: QuantOptions = QuantOptions(), share=None, names: tuple[str, ...] | None = None):
+             options: QuantOptions = QuantOptions(), share=None, names: tuple[str, ...] | None = None) -> QevoModel:
     """Find the quantizable layers of a Flax network by tracing it once on ``sample``.
 
     Args:
@@ -564,10 +580,10 @@ def quantize(model, sample: jax.Array | np.ndarray, variables: dict | None = Non
         return _quantize_nnx(model, sample, options, share, names)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a flax.linen or flax.nnx Module, got {type(model).__name__}")
-    kwargs = {"train": False} if _takes(model, "train") else {}
+    kwargs: dict[str, Any] = {"train": False} if _takes(model, "train") else {}
 
-    def run(sample, given):
-        with nn.intercept_methods(_linen_interceptor(_SCOPE.get())):
+    def run(scope, sample, given):
+        with nn.intercept_methods(_linen_interceptor(scope)):
             model.apply(given, sample, **kwargs)
         return given.get("params", {})
 
@@ -599,8 +615,8 @@ def _quantize_nnx(model, sample, options: QuantOptions, share, names) -> Quantiz
     clone.eval()
     graphdef, params, batch_stats, rest = nnx.split(clone, nnx.Param, nnx.BatchStat, ...)
 
-    def run(sample):
-        _SCOPE.get().modules.update(types)
+    def run(scope, sample):
+        scope.modules.update(types)
         nnx.merge(graphdef, params, batch_stats, rest)(sample)
         return {}
 

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct, traverse_util
+from jax.typing import ArrayLike
 
 from qevo import quant
 from qevo.errors import ConfigError
@@ -52,8 +53,8 @@ class IntKernel:
     float kernel (``HWIO`` or ``[in, out]``) and ``scale`` float32 ``[O]``; the weight is
     ``q * scale``."""
 
-    q: jax.Array
-    scale: jax.Array
+    q: jax.Array | np.ndarray
+    scale: jax.Array | np.ndarray
 
 
 def max_level(bits: int) -> int:
@@ -92,7 +93,7 @@ def weight_levels(kernel: jax.Array, bits: int, per_channel: bool = True, mode: 
 
 def dequantize(k: IntKernel) -> jax.Array:
     """The float kernel ``q * scale`` (float32, the kernel's shape)."""
-    return k.q.astype(jnp.float32) * k.scale
+    return jnp.asarray(k.q, jnp.float32) * k.scale
 
 
 def quantized_layers(model) -> dict[str, int]:
@@ -117,7 +118,7 @@ def integer_kernels(variables: dict, layers: dict[str, int], w_bits, per_channel
       per_channel: per-output-channel scales.
       mode: the weight scale, ``"absmax"`` or ``"mse"`` (:func:`weight_levels`).
     """
-    flat = traverse_util.flatten_dict(variables["params"], sep="/")
+    flat: dict = traverse_util.flatten_dict(variables["params"], sep="/")
     w_bits = np.asarray(w_bits)
     return {path: weight_levels(flat[f"{path}/kernel"], int(w_bits[i]), per_channel, mode)
             for path, i in layers.items() if w_bits[i] < 32}
@@ -142,14 +143,14 @@ def activation_levels(x: jax.Array, bits: jax.Array, clip: jax.Array, signed: bo
     return jnp.round(jnp.clip(x, lo, clip) * inverse).astype(jnp.int32), step
 
 
-def activation_step(bits: jax.Array, clip: jax.Array, signed: bool) -> tuple[jax.Array, jax.Array]:
+def activation_step(bits: ArrayLike, clip: ArrayLike, signed: bool) -> tuple[jax.Array, jax.Array]:
     """``(step, inverse)`` of :func:`activation_levels`: float32 scalars, the value of one
     level (``clip / (2^(b-1)-1)`` signed, ``clip / (2^b-1)`` unsigned, as
     :func:`qevo.quant.quantize_activation` computes it) and the float32 reciprocal the clipped
     activations are multiplied by before rounding (0 where the step is 0)."""
     bits = jnp.asarray(bits, jnp.int32)
     n = (jnp.left_shift(jnp.int32(1), bits - 1 if signed else bits) - 1).astype(jnp.float32)
-    step = clip * (1.0 / jnp.maximum(n, 1.0))
+    step = jnp.asarray(clip) * (1.0 / jnp.maximum(n, 1.0))
     inverse = jnp.where(step > 0, 1.0 / jnp.where(step > 0, step, 1.0), 0.0)
     return step, inverse
 
@@ -161,12 +162,13 @@ def _int8_input(x, bits, clip, signed):
     return (levels - offset).astype(jnp.int8), offset, step
 
 
-def _int_matmul(x8: jax.Array, q: jax.Array) -> jax.Array:
+def _int_matmul(x8: jax.Array, q: jax.Array | np.ndarray) -> jax.Array:
     """int8 ``[..., K] @ [K, O]`` accumulated in int32."""
     return jax.lax.dot_general(x8, q, (((x8.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
 
 
-def int_conv(x8: jax.Array, offset: jax.Array, q: jax.Array, strides: int, padding: str, groups: int) -> jax.Array:
+def int_conv(x8: jax.Array, offset: jax.Array, q: jax.Array | np.ndarray, strides: int, padding: str,
+             groups: int) -> jax.Array:
     """int32 convolution of stored int8 activations (level - ``offset``) with int8 levels ``q [K, K, C/groups, O]``.
 
     Padding holds level 0; the offset is added back through the kernel's input sums, so the
@@ -226,6 +228,7 @@ def integer_layers(kernels: dict[str, IntKernel], arithmetic: str):
         k = kernels.get(call.path)
         if k is None:
             return None
+        assert call.bits is not None and call.a_clip is not None  # integer layers have widths
         a_bits, clip = call.bits.a[call.index], call.a_clip[call.index]
         if arithmetic == "float":
             xq = quant.quantize_activation(call.lhs, a_bits, clip, signed=call.signed, mode=call.options.mode)

@@ -59,6 +59,7 @@ from typing import NamedTuple
 
 import flax.struct
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 

@@ -19,6 +19,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from qevo import onednn, quant
@@ -71,10 +72,10 @@ class QuantOptions:
 
 @struct.dataclass
 class Bits:
-    """One bit configuration: ``w`` and ``a`` are int32 ``[L]`` (32 = float)."""
+    """One bit configuration: ``w`` and ``a`` are int32 ``[L]`` (32 = float), JAX or numpy arrays."""
 
-    w: jax.Array
-    a: jax.Array
+    w: jax.Array | np.ndarray
+    a: jax.Array | np.ndarray
 
 
 def layer_key(index: int) -> str:
@@ -107,7 +108,7 @@ def shifted_conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: str) 
     shapes; the backward pass is XLA's (faster than differentiating the sum).
     """
     k = kernel.shape[0]
-    y = 0.0
+    y = jnp.asarray(0.0)  # weakly typed, as 0.0: the sum keeps the inputs' dtype
     for window, tap in zip(conv_windows(x, k, strides, padding), kernel.reshape(k * k, -1), strict=True):
         y = y + window * tap
     return y
@@ -126,13 +127,13 @@ def _shifted_bwd(strides, padding, residuals, g):
 shifted_conv2d.defvjp(_shifted_fwd, _shifted_bwd)
 
 
-def _pad_same(x: jax.Array, k: int, strides: int, pad_value=0) -> jax.Array:
+def _pad_same(x: jax.Array, k: int, strides: int, pad_value: int | jax.Array = 0) -> jax.Array:
     """``x [N, H, W, C]`` padded on H and W as a ``"SAME"`` convolution of size ``k`` needs."""
     pads = [onednn.same_padding(x.shape[d], k, strides) for d in (1, 2)]
     return jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)), constant_values=pad_value)
 
 
-def conv_windows(x: jax.Array, k: int, strides: int, padding: str, pad_value=0) -> list[jax.Array]:
+def conv_windows(x: jax.Array, k: int, strides: int, padding: str, pad_value: int | jax.Array = 0) -> list[jax.Array]:
     """The ``k*k`` strided ``[N, H', W', C]`` windows of ``x [N, H, W, C]``, row-major over
     the kernel; ``"SAME"`` padding holds ``pad_value``."""
     if padding == "SAME":
@@ -216,7 +217,7 @@ def toeplitz_conv2d(x: jax.Array, kernel: jax.Array, padding: str) -> jax.Array:
     # shift[j, a, b] = 1 where input column a feeds output column b through kernel column j
     shift = (jnp.arange(w_pad)[None, :, None] == jnp.arange(w_out)[None, None, :] + jnp.arange(k)[:, None, None])
     rows = x.reshape(n, h_pad, w_pad * c)
-    y = 0.0
+    y = jnp.asarray(0.0)  # weakly typed, as 0.0: the sum keeps the inputs' dtype
     for i in range(k):
         band = jnp.einsum("jab,jco->acbo", shift.astype(kernel.dtype), kernel[i]).reshape(w_pad * c, w_out * o)
         y = y + rows[:, i:i + h_out] @ band
@@ -250,7 +251,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: str, groups: 
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, axis_name: str | None = None):
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float,
+                     axis_name: str | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Training-mode batch normalization over every axis but the last, with a hand-written
     gradient of two passes (the per-channel sums of ``dy`` and ``dy * x_hat``, then ``dx``).
 
@@ -331,7 +333,8 @@ class BatchNorm(nn.Module):
         ra_var = self.variable("batch_stats", "var", jnp.ones, (c,))
         if self.use_running_average:
             return (x - ra_mean.value) * (scale * jax.lax.rsqrt(ra_var.value + self.epsilon)) + bias
-        y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, self.axis_name)
+        # jax.custom_vjp under functools.partial loses batch_norm_train's return type
+        y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, self.axis_name)  # pyright: ignore[reportGeneralTypeIssues]
         if not self.is_initializing():
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * jax.lax.stop_gradient(mean)
             ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * jax.lax.stop_gradient(var)

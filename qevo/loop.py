@@ -14,6 +14,7 @@ key, and a resumed run draws what an uninterrupted one draws.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
@@ -92,8 +93,8 @@ def evolve(strategy: Strategy, evaluate: Evaluate, *, base_key: jax.Array, gener
     initial = LoopState(generation=0, strategy=strategy.init(init_key(base_key)),
                         carry=carry, evaluations=0, seconds=0.0)
     state, history = steps.resume(initial)
-    state = state.replace(generation=int(state.generation), evaluations=int(state.evaluations),
-                          seconds=float(state.seconds))
+    state = dataclasses.replace(state, generation=int(state.generation), evaluations=int(state.evaluations),
+                                seconds=float(state.seconds))
     bar = progress(generations, state.generation, desc, show=report is not None)
     try:
         while state.generation < generations:

@@ -76,8 +76,8 @@ def get_model(name: str, num_classes: int, options: QuantOptions | None = None,
         raise ConfigError(f"unknown model {name!r}; choose one of {sorted(MODELS)} (or resnet<6n+2>)")
     if options is None:
         options = QuantOptions(conv=default_conv(jax.devices()[0].platform))
-    module, names = MODELS[name](num_classes, **kwargs) if name in MODELS else _resnet(int(resnet.group(1)))(
-        num_classes, **kwargs)
+    build = _resnet(int(resnet.group(1))) if resnet else MODELS[name]
+    module, names = build(num_classes, **kwargs)
     shape = input_shape or INPUT_SHAPES["resnet" if resnet else name]
     sample = jax.random.normal(jax.random.key(0), (2, *shape), jnp.float32)
     share = resnet_shortcut if resnet else None

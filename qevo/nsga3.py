@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import itertools
 
-import flax
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -257,7 +257,7 @@ def normalize(F: jax.Array, state: NSGA3State, first_front: jax.Array | None = N
     """
     valid = _valid_rows(F)
     if first_front is None:
-        first_front = non_dominated_rank(F) == 0
+        first_front = jnp.equal(non_dominated_rank(F), 0)
     front = first_front & valid
     ideal = jnp.minimum(state.ideal_point, jnp.min(jnp.where(valid[:, None], F, jnp.inf), axis=0))
     worst_of_population = jnp.max(jnp.where(valid[:, None], F, -jnp.inf), axis=0)

@@ -53,7 +53,7 @@ def _dist_file(dist: str, suffix: str) -> pathlib.Path | None:
         return None
     for f in d.files or ():
         if str(f).replace("\\", "/").endswith(suffix):
-            return pathlib.Path(d.locate_file(f)).resolve()
+            return pathlib.Path(str(d.locate_file(f))).resolve()
     return None
 
 
@@ -193,7 +193,7 @@ def _equations(jaxpr: Jaxpr, primitive: str) -> list:
         for value in eqn.params.values():
             for sub in value if isinstance(value, tuple | list) else (value,):
                 if isinstance(sub, ClosedJaxpr | Jaxpr):
-                    found += _equations(getattr(sub, "jaxpr", sub), primitive)
+                    found += _equations(sub.jaxpr if isinstance(sub, ClosedJaxpr) else sub, primitive)
     return found
 
 

@@ -63,6 +63,7 @@ import math
 
 import flax.linen as nn
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 import onnx
@@ -216,7 +217,7 @@ class _Layers:
         return self.integer and isinstance(self.kernels.get(path), IntKernel)
 
 
-def _quantize_input(g: _Graph, x: str, bits: int, clip: float, signed: bool) -> str:
+def _quantize_input(g: _Graph, x: str, bits: int, clip: float | np.floating, signed: bool) -> str:
     """Nodes of :func:`qevo.quant.quantize_activation` (``"absmax"``/``"mse"``) on ``x``."""
     if bits >= FLOAT_BITS:
         return x
@@ -290,6 +291,7 @@ def _integer_layer(g: _Graph, layers: _Layers, path: str, x: str, in_shape: tupl
         (the integer forward pass takes neither).
     """
     layer, kernel = layers.modules[path], layers.kernels[path]
+    assert layers.bits is not None  # integer layers have widths
     bits, clip = int(layers.bits.a[layer.index]), np.float32(layers.clips[layer.index])
     q = np.asarray(kernel.q)
     if not intforward.MIN_ACTIVATION_BITS <= bits <= intforward.MAX_WEIGHT_BITS or q.dtype != np.int8:
@@ -539,7 +541,7 @@ def run(proto_or_path, images: np.ndarray, batch_size: int = 1000) -> np.ndarray
 
     model = proto_or_path.SerializeToString() if isinstance(proto_or_path, onnx.ModelProto) else str(proto_or_path)
     session = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
-    return np.concatenate([session.run(["logits"], {"images": images[i:i + batch_size]})[0]
+    return np.concatenate([np.asarray(session.run(["logits"], {"images": images[i:i + batch_size]})[0])
                            for i in range(0, len(images), batch_size)])
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from qevo.cost import layer_table
 from qevo.data import normalize
 from qevo.errors import ConfigError, PopulationMemoryError
+from qevo.interception import QevoModel
 from qevo.layers import Bits
 from qevo.losses import cross_entropy, top1
 from qevo.quant import validate_bits
@@ -138,7 +138,7 @@ class PopulationEvaluator:
       strategy: ``"auto"``, ``"vmap"`` or ``"map"``.
       chunk_size: individuals per ``lax.map`` step for ``"map"`` (``None`` = 1).
       qat: per-individual fine-tuning settings.
-      devices: devices of the ``pop`` mesh (default: all, those of every process in a
+      devices: devices of the ``pop`` mesh (default, empty: all, those of every process in a
         multi-process run).
       loss: ``loss(logits, labels) -> float32 []`` the fine-tuning minimises
         (:mod:`qevo.losses`; jit-traceable).
@@ -146,16 +146,17 @@ class PopulationEvaluator:
         individual's score averages over the evaluation split (jit-traceable).
     """
 
-    model: nn.Module
+    model: QevoModel
     mean: tuple[float, ...]
     std: tuple[float, ...]
     eval_batch_size: int = 1000
     strategy: str = "auto"
     chunk_size: int | None = None
     qat: QATConfig = QATConfig()
-    devices: tuple | None = None
+    devices: tuple = ()
     loss: Callable = cross_entropy
     metric: Callable = top1
+    _compiled: jax.stages.Wrapped = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self):
         validate_strategy(self.strategy, self.chunk_size)  # fail now, not at the first call
@@ -278,13 +279,13 @@ class PopulationEvaluator:
         stats = variables.get("batch_stats")
         carry = (trainable, stats, tx.init(trainable))
         (trainable, stats, _), _ = jax.lax.scan(step, carry, jax.random.split(key, qat.steps))
-        out = {**frozen, **trainable}
+        out = {**frozen, **trainable}  # pyright: ignore[reportGeneralTypeIssues]  # optax types its result as any pytree
         if stats is not None:
             out["batch_stats"] = stats
         return out
 
 
-def replicated_jit(fn, devices: tuple, **jit_kwargs):
+def replicated_jit(fn, devices: tuple, **jit_kwargs) -> jax.stages.Wrapped:
     """``jax.jit(fn)`` with every input and output replicated over ``devices``: the one way
     qevo compiles a function that spreads work over a mesh of them.
 

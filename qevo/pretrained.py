@@ -11,7 +11,6 @@ import json
 import pathlib
 from collections.abc import Callable
 
-import flax.linen as nn
 import jax
 import ml_collections
 
@@ -19,10 +18,11 @@ from qevo import checkpoint, distributed, train
 from qevo import config as config_lib
 from qevo.data import Dataset
 from qevo.harness import MODEL, RESULTS
+from qevo.interception import QevoModel
 from qevo.models import init_variables
 
 
-def float_model(cfg: ml_collections.ConfigDict, ds: Dataset, model: nn.Module, workdir: pathlib.Path,
+def float_model(cfg: ml_collections.ConfigDict, ds: Dataset, model: QevoModel, workdir: pathlib.Path,
                 loss: Callable | None = None, metric: Callable | None = None) -> tuple[dict, dict]:
     """Float variables and the results of the run that made them.
 

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.typing import ArrayLike
 from ml_collections import config_dict
 
 from qevo import checkpoint, cost, drivers, nsga3, strategies, train, variation
@@ -349,7 +350,7 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, model=None, v
     if "scratch" in (cfg.search.start, cfg.final.start):
         fresh = init_variables(model, jax.random.fold_in(jax.random.key(cfg.seed), 7), ds.train_images.shape[1:])
         starts["scratch"] = calibrate(model, fresh, calib)
-    variables = starts[cfg.search.start]
+    start_variables = starts[cfg.search.start]
     s = cfg.search
     qat = QATConfig(
         steps=s.qat_steps, batch_size=s.qat_batch_size, learning_rate=s.qat_learning_rate,
@@ -366,9 +367,9 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, model=None, v
     return Problem(
         cfg=cfg,
         space=space,
-        table=cost.layer_table(model, variables, ds.train_images.shape[1:]),
+        table=cost.layer_table(model, start_variables, ds.train_images.shape[1:]),
         evaluator=evaluator,
-        variables=variables,
+        variables=start_variables,
         final_variables=starts[cfg.final.start],
         float_results=float_results,
         model_name=inputs.model_name,
@@ -381,16 +382,16 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, model=None, v
     )
 
 
-def _scalarize(cfg: ml_collections.ConfigDict, F: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> jax.Array:
-    m = F.shape[1]
+def _scalarize(cfg: ml_collections.ConfigDict, F: ArrayLike, lower: np.ndarray, upper: np.ndarray) -> jax.Array:
+    m = jnp.shape(F)[1]
     weights = jnp.asarray(cfg.search.weights if cfg.search.weights is not None else np.full(m, 1.0 / m), jnp.float32)
-    F, lower, upper = (jnp.asarray(v, jnp.float32) for v in (F, lower, upper))
+    f, lo, hi = (jnp.asarray(v, jnp.float32) for v in (F, lower, upper))
     if cfg.search.scalarization == "weighted":
-        return drivers.weighted_sum(F, weights, lower, upper)
+        return drivers.weighted_sum(f, weights, lo, hi)
     if cfg.search.scalarization == "tchebycheff":
-        return drivers.tchebycheff(F, weights, lower, lower, upper)
-    limit = lower[1] + cfg.search.budget * (upper[1] - lower[1])
-    return drivers.budget(F, limit, lower, upper, cost_index=1, error_index=0)
+        return drivers.tchebycheff(f, weights, lo, lo, hi)
+    limit = lo[1] + cfg.search.budget * (hi[1] - lo[1])
+    return drivers.budget(f, limit, lo, hi, cost_index=1, error_index=0)
 
 
 def evaluation_key(cfg: ml_collections.ConfigDict, key: jax.Array) -> jax.Array:
@@ -435,7 +436,7 @@ def make_strategy(cfg: ml_collections.ConfigDict, problem: Problem) -> strategie
     return strategies.NSGA3(n, n_choices, reference_directions(cfg), initial=initial,
                             offspring="random" if cfg.search.driver == "random" else "evolve",
                             crossover_prob=cfg.search.crossover_prob, mutation_rate=cfg.search.mutation_rate,
-                            dtype=jnp.float64 if jax.config.x64_enabled else jnp.float32)
+                            dtype=jax.dtypes.canonicalize_dtype(jnp.float64))
 
 
 def generations(cfg: ml_collections.ConfigDict, problem: Problem,
@@ -447,8 +448,8 @@ def generations(cfg: ml_collections.ConfigDict, problem: Problem,
     lower, upper = problem.bounds()
     names = tuple(cfg.search.objectives)
 
-    def evaluate(generation: int, genes: jax.Array, key: jax.Array, scoring: np.ndarray):
-        genes = np.asarray(genes)
+    def evaluate(generation: int, asked: jax.Array, key: jax.Array, scoring: np.ndarray):
+        genes = np.asarray(asked)
         start = time.perf_counter()
         F, acc = problem.objectives(genes, evaluation_key(cfg, key))
         scoring = scoring + (time.perf_counter() - start)

@@ -24,7 +24,6 @@ import pathlib
 import re
 from collections.abc import Callable
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -35,6 +34,7 @@ from qevo import checkpoint
 from qevo.codebook import CODEBOOK_BITS, check_format, model_compression_rates, quantize_codebook
 from qevo.data import normalize
 from qevo.errors import ConfigError
+from qevo.interception import QevoModel
 from qevo.kmeans import kmeans, pack_layers
 from qevo.losses import top1
 from qevo.population import batched_accuracy, population_map, replicated_jit, resolve_strategy
@@ -60,7 +60,7 @@ def layer_name(path: tuple[str, ...]) -> str:
 
 def get_kernels(params: dict, paths) -> list[jax.Array]:
     """The kernels at ``paths`` of ``params``."""
-    flat = traverse_util.flatten_dict(params)
+    flat: dict = traverse_util.flatten_dict(params)
     return [flat[p] for p in paths]
 
 
@@ -197,20 +197,21 @@ class SharedEvaluator:
       paths: kernel paths of the shared layers.
       strategy: ``"auto"``, ``"vmap"`` or ``"map"`` (as :class:`qevo.population.PopulationEvaluator`).
       chunk_size: individuals per ``lax.map`` step for ``"map"``.
-      devices: devices the population calls spread over (default: all, those of every
+      devices: devices the population calls spread over (default, empty: all, those of every
         process in a multi-process run); compile what calls them with :meth:`jit`.
       metric: ``metric(logits, labels) -> float32 [N]``, a per-example score in [0, 1]
         (default top-1; jit-traceable, :mod:`qevo.losses`).
     """
 
-    model: nn.Module
+    model: QevoModel
     mean: tuple[float, ...]
     std: tuple[float, ...]
     paths: tuple[tuple[str, ...], ...]
     strategy: str = "auto"
     chunk_size: int | None = None
-    devices: tuple | None = None
+    devices: tuple = ()
     metric: Callable = top1
+    _local: tuple[str, int | None] = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self):
         devices = tuple(self.devices or jax.devices())
@@ -434,7 +435,7 @@ def read_compressed(path, template: dict) -> tuple[dict, list[tuple[np.ndarray, 
     if meta["layers"] != names:
         raise err(f"{path} holds shared layers {meta['layers']}, but this model has {names}; "
                   "load it into the model it was compressed from")
-    flat = dict(traverse_util.flatten_dict(jax.device_get(template["params"])))
+    flat: dict = traverse_util.flatten_dict(jax.device_get(template["params"]))
     params, shared = {}, {}
     for key, want in flat.items():
         name = "/".join(key)

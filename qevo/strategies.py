@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.typing import ArrayLike
 
 from qevo import drivers, nsga3, variation
 
@@ -40,7 +41,7 @@ class Strategy(Protocol):
 
     def ask(self, key: jax.Array, state: Any) -> tuple[jax.Array, Any]: ...
 
-    def tell(self, key: jax.Array, genes: jax.Array, F: jax.Array, state: Any) -> Any: ...
+    def tell(self, key: jax.Array, genes: ArrayLike, F: ArrayLike, state: Any) -> Any: ...
 
 
 @struct.dataclass
@@ -78,7 +79,7 @@ class NSGA3:
     Offspring that repeat a survivor are re-mutated (:func:`qevo.variation.dedupe`).
     """
 
-    def __init__(self, population_size: int, n_choices: jax.Array, ref_dirs: jax.Array,
+    def __init__(self, population_size: int, n_choices: ArrayLike, ref_dirs: ArrayLike,
                  initial: Initial | None = None, offspring: str = "evolve", crossover_prob: float = 0.9,
                  mutation_rate: float | None = None, dtype: jnp.dtype = jnp.float32):
         self.size = population_size
@@ -106,7 +107,7 @@ class NSGA3:
                                              self.mutation_rate)
         return variation.dedupe(k_dedupe, fresh, state.genes, self.n_choices), state
 
-    def tell(self, key: jax.Array, genes: jax.Array, F: jax.Array, state: PopulationState) -> PopulationState:
+    def tell(self, key: jax.Array, genes: ArrayLike, F: ArrayLike, state: PopulationState) -> PopulationState:
         genes, F = jnp.asarray(genes, jnp.int32), jnp.asarray(F, self.dtype)
         if int(state.generation) > 0:
             genes, F = jnp.concatenate([state.genes, genes]), jnp.concatenate([state.objectives, F])
@@ -134,7 +135,7 @@ class Evosax:
         weighted sum, Tchebycheff, budget).
     """
 
-    def __init__(self, name: str, population_size: int, n_choices: jax.Array,
+    def __init__(self, name: str, population_size: int, n_choices: ArrayLike,
                  scalarize: Callable[[jax.Array], jax.Array]):
         self.n_choices = jnp.asarray(n_choices, jnp.int32)
         self.driver = drivers.make_driver(name, population_size, int(self.n_choices.shape[0]))
@@ -148,6 +149,7 @@ class Evosax:
         x, driver = self.driver.ask(key, state.driver)
         return drivers.relax_to_genes(x, self.n_choices), RelaxedState(driver=driver, x=x)
 
-    def tell(self, key: jax.Array, genes: jax.Array, F: jax.Array, state: RelaxedState) -> RelaxedState:
+    def tell(self, key: jax.Array, genes: ArrayLike, F: ArrayLike, state: RelaxedState) -> RelaxedState:
         del genes  # evosax learns from the relaxed points it proposed
-        return state.replace(driver=self.driver.tell(key, state.x, self.scalarize(F), state.driver))
+        return RelaxedState(driver=self.driver.tell(key, state.x, self.scalarize(jnp.asarray(F)), state.driver),
+                            x=state.x)

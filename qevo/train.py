@@ -23,7 +23,6 @@ import sys
 import time
 from collections.abc import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -39,7 +38,7 @@ from qevo.cost import layer_table
 from qevo.data import Dataset, augment, load_dataset, normalize
 from qevo.errors import QevoError
 from qevo.harness import CHECKPOINT, MODEL, RESULTS, Stopwatch, environment, method, progress, write_csv, write_json
-from qevo.interception import QuantizedModel, QuantizedNNX, quantize
+from qevo.interception import QevoModel, QuantizedModel, QuantizedNNX, quantize
 from qevo.layers import Bits, QuantOptions, default_conv
 from qevo.losses import cross_entropy, resolve_loss_metric, top1, training_loss
 from qevo.models import get_model, init_variables
@@ -107,7 +106,7 @@ class Inputs:
     :func:`resolve_inputs` makes it from a config, or from a user's own objects."""
 
     ds: Dataset
-    model: object
+    model: QevoModel
     variables: dict | None
     model_name: str
     loss: Callable = cross_entropy
@@ -182,6 +181,7 @@ def resolve_inputs(cfg: ml_collections.ConfigDict, model=None, variables: dict |
     if model is None:
         if variables is not None:
             raise config_lib.ConfigError("variables= belongs to model=; pass both, or neither")
+        assert ds.num_classes is not None  # class labels: refused above otherwise
         model = build_model(cfg, ds.num_classes, shape)
         out = check_logits(model, shape, ds.num_classes, cfg.model.name)
         loss, metric = resolve_loss_metric(loss, metric, out, labels)
@@ -246,7 +246,7 @@ class Trainer:
     top-1), both jit-traceable (:mod:`qevo.losses`): ``accuracy`` is the metric's mean.
     """
 
-    def __init__(self, cfg: ml_collections.ConfigDict, ds: Dataset, model: nn.Module, quantized: bool,
+    def __init__(self, cfg: ml_collections.ConfigDict, ds: Dataset, model: QevoModel, quantized: bool,
                  devices: tuple | None = None, loss: Callable = cross_entropy, metric: Callable = top1):
         self.cfg, self.model = cfg, model
         self.loss, self.metric = training_loss(loss, cfg.train.label_smoothing), metric
@@ -314,7 +314,8 @@ class Trainer:
             trainable = {k: variables[k] for k in self.trainable}
             (loss, updates), grads = self._gradients(trainable, variables, bits, x, labels[idx], drop_key)
             upd, opt_state = self.tx.update(grads, opt_state, trainable)
-            variables = {**variables, **optax.apply_updates(trainable, upd), **updates}
+            # optax types apply_updates' result as any pytree; here it is the dict trainable is
+            variables = {**variables, **optax.apply_updates(trainable, upd), **updates}  # pyright: ignore[reportGeneralTypeIssues]
             return (variables, opt_state), loss
 
         keys = jax.random.split(key, self.steps_per_epoch)
@@ -339,7 +340,7 @@ class Trainer:
         return batched_accuracy(split_logits, batches, self.metric)
 
 
-def initial_variables(cfg, ds: Dataset, model: nn.Module, bits: Bits | None, key) -> dict:
+def initial_variables(cfg, ds: Dataset, model: QevoModel, bits: Bits | None, key) -> dict:
     """Fresh variables, or (QAT) the float model of ``train.init_from`` with calibrated clips."""
     shape = ds.train_images.shape[1:]
     variables = init_variables(model, key, shape)
@@ -371,7 +372,7 @@ class PopulationTrainer:
       accuracy: ``(variables [P], bits [P, L], batches) -> float32 [P]``, the mean metric.
     """
 
-    def __init__(self, cfg: ml_collections.ConfigDict, ds: Dataset, model: nn.Module, quantized: bool,
+    def __init__(self, cfg: ml_collections.ConfigDict, ds: Dataset, model: QevoModel, quantized: bool,
                  devices: tuple | None = None, strategy: str = "auto", chunk_size: int | None = None,
                  loss: Callable = cross_entropy, metric: Callable = top1):
         self.devices = tuple(devices or jax.devices())
@@ -445,7 +446,7 @@ def _train_epochs(cfg, ds: Dataset, trainer, state: TrainState, bits, key: jax.A
     return state, meta
 
 
-def fit(cfg: ml_collections.ConfigDict, ds: Dataset, model: nn.Module, variables: dict, bits: Bits | None,
+def fit(cfg: ml_collections.ConfigDict, ds: Dataset, model: QevoModel, variables: dict, bits: Bits | None,
         workdir: pathlib.Path, key: jax.Array, desc: str, trainer: Trainer | None = None) -> tuple[dict, dict]:
     """Train ``variables`` per ``cfg.train`` (float if ``bits`` is None, else QAT at ``bits``).
 

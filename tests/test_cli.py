@@ -130,6 +130,18 @@ def test_broken_config_file_gives_one_line(source, message, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
+def test_a_config_file_that_is_not_python_gives_one_line(tmp_path, capsys):
+    path = tmp_path / "resnet20.yaml"
+    path.write_text("model: resnet20\n")
+    from qevo import search
+
+    assert cli.main("qevo.search", _never_runs, search.validate,
+                    ["--config", str(path), "--workdir", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == (f"qevo.search: error: config file {path} is not a Python file; "
+                                       "pass --config configs/<name>.py\n")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("override, message", [
     ("search.qat_learning_rate=-1", "search.qat_learning_rate=-1.0 is out of range; use a number > 0"),
     ("search.qat_learning_rate=1e999", "search.qat_learning_rate=inf is not a finite number"),

@@ -260,7 +260,7 @@ def test_driver_generations(lenet, driver):
         scores, F, moved = generation.score(problem, np.asarray(genes), targets)
         return np.asarray(F), [scores], jax.device_get(moved)
 
-    targets = compress.Targets(acc_target=np.float32(0.1), cr_target=np.float32(10.0))
+    targets = compress.Targets(acc_target=np.asarray(0.1, np.float32), cr_target=np.asarray(10.0, np.float32))
     state, (first, second) = evolve(generation.strategy(problem), evaluate, base_key=jax.random.key(1), generations=2,
                                     steps=StepLog(None, "generation"), desc="sharing", carry=targets)
     assert state.generation == 2 and state.evaluations == 12

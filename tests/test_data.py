@@ -441,6 +441,8 @@ def _split(n=12, shape=(3, 3, 1), dtype=np.uint8, classes=4, seed=0):
 def _bad(case):
     """``(train, test, keyword arguments)`` of :meth:`Dataset.from_arrays` with one bad input."""
     (x, y), test = _split(), _split(5, seed=1)
+    if case == "not a pair":
+        return (x,), test, {}
     if case == "lengths":
         return (x, y[:11]), test, {}
     if case == "one-hot":
@@ -459,6 +461,7 @@ def _bad(case):
 
 
 BAD_INPUT = {
+    "not a pair": "train must be an (inputs, labels) pair, got a tuple of 1",
     "lengths": "train has 12 inputs and 11 labels (shapes (12, 3, 3, 1) and (11,)); give one integer label per input",
     "one-hot": "train labels are (12, 4), one row per input (one-hot?); give one integer class per input, shape [N] "
                "(e.g. labels.argmax(-1)), or labels='any' with a loss= and metric= of yours",

@@ -278,7 +278,7 @@ def test_from_batches_joins_an_iterable_of_batches_as_from_arrays_would():
     assert got.mean == want.mean and got.std == want.std
     with pytest.raises(DataError, match="the test iterable gave no batch"):
         qevo.Dataset.from_batches([(x, y)], [])
-    with pytest.raises(DataError, match=r"train batches must be \(inputs, labels\) pairs, got dict"):
+    with pytest.raises(DataError, match=r"train batch 0 must be an \(inputs, labels\) pair, got a dict"):
         qevo.Dataset.from_batches([{"image": x}], [(x, y)])
 
 
