@@ -288,7 +288,7 @@ def load(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> ml_collecti
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found; pass --config configs/<name>.py")
-    module = _run_file(path, "config file")
+    module = _run_file(path, "config file", "pass --config configs/<name>.py")
     if not callable(getattr(module, "get_config", None)):
         raise ConfigError(f"config file {path} defines no get_config(); define one that returns a ConfigDict")
     try:
@@ -303,13 +303,13 @@ def load(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> ml_collecti
     return cfg
 
 
-def _run_file(path: pathlib.Path, what: str):
+def _run_file(path: pathlib.Path, what: str, fix: str = "pass a .py file"):
     """The module that the Python file ``path`` defines, run as ``python path`` would (its
     folder first on ``sys.path``, for the modules beside it); any error in it is a
     ``ConfigError`` (the file is the user's input: its errors are theirs to fix)."""
     spec = importlib.util.spec_from_file_location(f"qevo_user_{path.stem}", path)
     if spec is None or spec.loader is None:
-        raise ConfigError(f"{what} {path} is not a Python file; pass a .py file")
+        raise ConfigError(f"{what} {path} is not a Python file; {fix}")
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(path.resolve().parent))
     try:
