@@ -88,7 +88,7 @@ def load(path, target=None):
     """Load ``(tree, meta)`` from ``path``.
 
     Args:
-      path: a file written by :func:`save`.
+      path (str | os.PathLike): a file written by :func:`save`.
       target (pytree | None): a pytree of the expected structure (its leaves give shapes); ``None``
         returns the raw nested dict of numpy arrays.
 
