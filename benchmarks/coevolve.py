@@ -32,19 +32,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from qevo import coevolve
 from qevo import config as config_lib
-from qevo.calibration import calibrate
-from qevo.data import normalize
-from qevo.loop import step_keys
-from qevo.losses import cross_entropy
-from qevo.models import get_model, init_variables
+from qevo.coevolve import config as coevolve_config
+from qevo.coevolve import method as coevolve_method
+from qevo.data.datasets import normalize
+from qevo.evolution.loop import step_keys
+from qevo.models.losses import cross_entropy
+from qevo.models.zoo import get_model, init_variables
+from qevo.quant.calibration import calibrate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def synthetic(cfg, n_train: int = 6000, n_val: int = 1000):
-    """``coevolve.prepare_arrays`` on random calibrated LeNet-5 weights and random uint8 MNIST-shaped images."""
+    """``coevolve_method.prepare_arrays`` on random calibrated LeNet-5 weights and random uint8 MNIST-shaped images."""
     rng = np.random.default_rng(0)
     shape = (28, 28, 1)
     images = rng.integers(0, 256, (n_train + n_val, *shape), dtype=np.uint8)
@@ -53,7 +54,8 @@ def synthetic(cfg, n_train: int = 6000, n_val: int = 1000):
     mean, std = (0.5,), (0.25,)
     variables = init_variables(model, jax.random.key(0), shape)
     variables = calibrate(model, variables, normalize(jnp.asarray(images[:512]), mean, std))
-    _, runner, problem = coevolve.prepare_arrays(cfg, model, variables, mean, std, images[:n_train], labels[:n_train],
+    _, runner, problem = coevolve_method.prepare_arrays(
+        cfg, model, variables, mean, std, images[:n_train], labels[:n_train],
                                         images[n_train:], labels[n_train:])
     return runner, problem
 
@@ -63,10 +65,10 @@ def measure(float_from: str | None, w_bits: int, groups: int, eval_images: int, 
     overrides = [f"coevolve.w_bits={w_bits}", f"coevolve.num_groups={groups}", f"coevolve.eval_images={eval_images}"]
     if float_from:
         overrides.append(f"float_from={float_from}")
-    cfg = coevolve.validate(config_lib.load(REPO / "configs" / "lenet5_cc.py", overrides))
+    cfg = coevolve_config.validate(config_lib.load(REPO / "configs" / "lenet5_cc.py", overrides))
     c = cfg.coevolve
     if float_from:
-        prep = coevolve.prepare(cfg, pathlib.Path(float_from))
+        prep = coevolve_method.prepare(cfg, pathlib.Path(float_from))
         runner, problem = prep.runner, prep.problem
     else:
         runner, problem = synthetic(cfg)

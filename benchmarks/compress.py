@@ -1,4 +1,4 @@
-"""Benchmark: weight-sharing compression of LeNet-5 on MNIST (``qevo.compress``), on real data.
+"""Benchmark: weight-sharing compression of LeNet-5 on MNIST (``qevo.sharing``), on real data.
 
     python -m benchmarks.compress --float-from runs/float_lenet5_relu [--seeds 3] \\
         [--driver-seeds 5] [--driver-population 8] [--driver-generations 6] [--out PATH]
@@ -31,8 +31,10 @@ import jax
 import ml_collections
 
 from benchmarks import common
-from qevo import compress
 from qevo import config as config_lib
+from qevo.sharing import config as sharing_config
+from qevo.sharing import method as sharing_method
+from qevo.sharing import report as sharing_report
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DRIVERS = ("simple_ga", "pso", "random", "nsga3")
@@ -46,31 +48,31 @@ def _with(cfg: ml_collections.ConfigDict, **changes) -> ml_collections.ConfigDic
         for p in parents:
             node = node[p]
         node[leaf] = value
-    return compress.validate(out)
+    return sharing_config.validate(out)
 
 
-def headline_run(prep: compress.Prepared, cfg, seed: int) -> dict:
+def headline_run(prep: sharing_method.Prepared, cfg, seed: int) -> dict:
     """The command's protocol after step 2 for one search seed (nothing written)."""
     cfg = _with(cfg, seed=seed)
     start = time.perf_counter()
-    chosen = compress.choose(prep, cfg, compress.search(prep, cfg))
-    formats = compress.report(prep, cfg, chosen.layers, None)
+    chosen = sharing_method.choose(prep, cfg, sharing_method.search(prep, cfg))
+    formats = sharing_report.report(prep, cfg, chosen.layers, None)
     return {"seed": seed, "k": chosen.best["k"], "focus": [x.focus for x in chosen.layers],
             "feasible": chosen.best["feasible"], "val_accuracy_searched": chosen.best["val_accuracy"],
             "val_accuracy_refined": chosen.accuracy, "formats": formats,
             "seconds": round(time.perf_counter() - start, 1)}
 
 
-def driver_run(prep: compress.Prepared, cfg, driver: str, seed: int, population: int, generations: int) -> dict:
+def driver_run(prep: sharing_method.Prepared, cfg, driver: str, seed: int, population: int, generations: int) -> dict:
     """One search of ``driver`` (no refinement, float32 codebooks)."""
     cfg = _with(cfg, seed=seed, population_size=population, generations=generations,
                 sharing__driver=driver, sharing__refine=False, sharing__report_formats=("float32",))
     start = time.perf_counter()
-    records = compress.search(prep, cfg)
+    records = sharing_method.search(prep, cfg)
     seconds = time.perf_counter() - start
-    chosen = compress.choose(prep, cfg, records)
+    chosen = sharing_method.choose(prep, cfg, records)
     best = chosen.best
-    fp32 = compress.report(prep, cfg, chosen.layers, None)["float32"]
+    fp32 = sharing_report.report(prep, cfg, chosen.layers, None)["float32"]
     return {"driver": driver, "seed": seed, "k": best["k"], "feasible": best["feasible"], "evaluations": len(records),
             "cr_weighted": fp32["cr_weighted"], "cr_mean": fp32["cr_mean"], "val_accuracy": fp32["val_accuracy"],
             "test_accuracy": fp32["test_accuracy"], "test_loss_points": fp32["test_loss_points"],
@@ -92,10 +94,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     jax.config.update("jax_threefry_partitionable", False)
-    cfg = compress.validate(config_lib.load(args.config, [f"float_from={args.float_from}"]))
+    cfg = sharing_config.validate(config_lib.load(args.config, [f"float_from={args.float_from}"]))
     environment = common.environment()  # the load average before the runs
     start = time.perf_counter()
-    prep = compress.prepare(cfg, pathlib.Path(args.float_from))
+    prep = sharing_method.prepare(cfg, pathlib.Path(args.float_from))
     prepare_seconds = time.perf_counter() - start
 
     headline = [headline_run(prep, cfg, s) for s in range(args.seeds)]

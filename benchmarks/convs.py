@@ -5,9 +5,9 @@
 Same run, timed round-robin (medians), on random inputs: the first layers of LeNet-5
 (28x28x1 -> 6, 5x5, then ReLU and 2x2 max pooling, as in the model) and of the CIFAR
 ResNets (32x32x3 -> 16, 3x3), LeNet-5's second layer and a ResNet-20 stage-1 layer
-(32x32x16 -> 16, 3x3), each through :func:`qevo.onednn.conv2d`, through
+(32x32x16 -> 16, 3x3), each through :func:`qevo.quant.onednn.conv2d`, through
 ``jax.lax.conv_general_dilated`` and, for single-channel inputs, through
-:func:`qevo.layers.toeplitz_conv2d`: the forward pass of 1,000 images and the gradients of
+:func:`qevo.quant.layers.toeplitz_conv2d`: the forward pass of 1,000 images and the gradients of
 a 128-image batch.
 
 Prints JSON and writes ``benchmarks/results/convs_<device>/convs.json``.
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from benchmarks import common
 from benchmarks.population import interleaved_medians
-from qevo import layers, onednn
+from qevo.quant import layers, onednn
 
 # name: (input [H, W, C], kernel [K, K, C, O], padding, followed by 2x2 max pooling)
 LAYERS = {

@@ -3,7 +3,7 @@
     python -m benchmarks.export --model RUN:NAME [--model RUN:NAME ...] [--float RUN:NAME]
         [--onnx-dir runs/export] [--out benchmarks/results/export_<device>/export.json]
 
-Each ``RUN:NAME`` is exported with :func:`qevo.export.export` (``NAME`` empty for a run's
+Each ``RUN:NAME`` is exported with :func:`qevo.export.exporter.export` (``NAME`` empty for a run's
 single result) to ``<onnx-dir>/<run folder>_<name>.onnx`` and run in onnxruntime (CPU, default
 graph optimisations) on the run's test split. Per model: the test accuracy the run
 reported, onnxruntime's and qevo's own forward pass's (now), the share of images whose
@@ -19,7 +19,7 @@ import pathlib
 import time
 
 from benchmarks import common
-from qevo import export
+from qevo.export import exporter
 
 
 def one(spec: str, onnx_dir: pathlib.Path) -> dict:
@@ -28,7 +28,7 @@ def one(spec: str, onnx_dir: pathlib.Path) -> dict:
     folder = pathlib.Path(run)
     out = onnx_dir / f"{folder.name}_{name or 'result'}.onnx"
     start = time.perf_counter()
-    record = export.export(folder, name or None, out, check=True)
+    record = exporter.export(folder, name or None, out, check=True)
     check = record.pop("verification")
     return {
         "run": str(folder), "name": record["source"]["model"], "command": record["source"]["command"],

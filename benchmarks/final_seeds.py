@@ -6,7 +6,7 @@ final models a difference, or the draw of one training run?
 
 The search trains each final model once, its mini-batches and augmentation drawn from the
 run's ``seed``. This trains the named rows of the run's ``final.csv`` again, once per other
-seed, by the search's own final training (:func:`qevo.search.train_final`, with ``seed``
+seed, by the search's own final training (:func:`qevo.search.final.train_final`, with ``seed``
 set to that value): the same budget (``final``), from the same float model, all models of
 a seed side by side. Each seed's training resumes per epoch from
 ``<workdir>/final_seeds/seed<S>/``. Prints JSON (default also written to
@@ -26,7 +26,9 @@ import ml_collections
 import numpy as np
 
 from benchmarks import common, search_run
-from qevo import search
+from qevo.search import config as search_config
+from qevo.search import final as search_final
+from qevo.search import problem as search_problem
 
 
 def main(argv=None) -> dict:
@@ -38,7 +40,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=pathlib.Path, help="JSON file (default <workdir>/final_seeds/final_seeds.json)")
     args = parser.parse_args(argv)
     config, rows, names, w, a = search_run.final_models(args.workdir, args.models, parser.error)
-    cfg = search.validate(ml_collections.ConfigDict(config))
+    cfg = search_config.validate(ml_collections.ConfigDict(config))
     seeds = [int(s) for s in args.seeds.split(",")]
     if cfg.seed in seeds or len(set(seeds)) != len(seeds):
         parser.error(f"--seeds {seeds} must be distinct and differ from the run's own seed {cfg.seed}")
@@ -48,7 +50,7 @@ def main(argv=None) -> dict:
               **common.environment(),
               "inputs": {"workdir": str(args.workdir), "models": names, "seeds": [cfg.seed, *seeds],
                          "final": cfg.final.to_dict()}}
-    problem = search.prepare(cfg, args.workdir)
+    problem = search_problem.prepare(cfg, args.workdir)
     models = [{"name": n, "w_bits": w[i].tolist(), "a_bits": a[i].tolist()} for i, n in enumerate(names)]
     accuracy = {n: [float(rows[n]["test_accuracy"])] for n in names}
     seconds = {}
@@ -56,7 +58,7 @@ def main(argv=None) -> dict:
         reseeded = ml_collections.ConfigDict(cfg.to_dict())
         reseeded.seed = seed
         start = time.perf_counter()
-        results = search.train_final(reseeded, problem, models, args.workdir / "final_seeds" / f"seed{seed}")
+        results = search_final.train_final(reseeded, problem, models, args.workdir / "final_seeds" / f"seed{seed}")
         seconds[seed] = round(time.perf_counter() - start, 1)
         for r in results:
             accuracy[r["name"]].append(r["test_accuracy"])

@@ -27,7 +27,7 @@ import numpy as np
 from sklearn.cluster import KMeans
 
 from benchmarks import common
-from qevo.kmeans import kmeans, pack_layers
+from qevo.sharing.kmeans import kmeans, pack_layers
 
 LENET5_SIZES = {"conv1": 150, "conv2": 2400, "fc1": 48000, "fc2": 10080, "fc3": 840}
 K_MAX = 50

@@ -4,7 +4,7 @@
         [--out benchmarks/results/multiprocess_<device>/multiprocess.json]
 
 ``RUN`` is a finished LeNet-5 float run (``python -m qevo.train --config configs/lenet5.py``).
-Tiny runs of ``qevo.compress`` (NSGA-III, 6 individuals x 3 generations, the held-out pick),
+Tiny runs of ``qevo.sharing`` (NSGA-III, 6 individuals x 3 generations, the held-out pick),
 ``qevo.coevolve`` (2-bit, 3 cycles, its QAT baseline) and ``qevo.search`` (6 individuals x 2
 generations, one front model and the baselines trained side by side) each run as two
 processes with one CPU device each, joined over the loopback address
@@ -24,7 +24,7 @@ from benchmarks import common
 from qevo.harness import without_seconds
 
 COMMANDS = {
-    "compress": ["qevo.compress", "configs/lenet5_sharing.py", "--config.population_size=6", "--config.generations=3",
+    "compress": ["qevo.sharing", "configs/lenet5_sharing.py", "--config.population_size=6", "--config.generations=3",
                  "--config.sharing.driver=nsga3", "--config.sharing.k_max=8", "--config.sharing.refine=False",
                  "--config.data.val_size=1000", "--config.sharing.eval_images=400",
                  "--config.sharing.report_formats=('float32','float8')"],

@@ -1,7 +1,7 @@
 """NSGA-III survival speed, qevo (jitted JAX) against pymoo 0.6, on the same inputs.
 
 For each population size N and objective count M, a merged population of 2N uniform random
-objective vectors is reduced to N survivors by ``qevo.nsga3.survive`` (float32, compiled
+objective vectors is reduced to N survivors by ``qevo.evolution.nsga3.survive`` (float32, compiled
 and warmed up, timed with ``block_until_ready``) and by pymoo's ReferenceDirectionSurvival
 (float64); each time is the median of several repeats from a fresh normalisation state,
 the two libraries' calls interleaved so that both see the same machine load.
@@ -27,7 +27,7 @@ from pymoo.core.population import Population
 from pymoo.core.problem import Problem
 
 from benchmarks import common
-from qevo import nsga3
+from qevo.evolution import nsga3
 
 PARTITIONS = {2: 99, 3: 12, 5: 6}  # Das-Dennis divisions: 100, 91 and 210 reference directions
 

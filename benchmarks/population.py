@@ -32,11 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from qevo.calibration import calibrate
-from qevo.cost import layer_table
-from qevo.data import normalize
-from qevo.models import get_model, init_variables
-from qevo.population import PopulationEvaluator, QATConfig
+from qevo.data.datasets import normalize
+from qevo.evolution.population import PopulationEvaluator, QATConfig
+from qevo.models.cost import layer_table
+from qevo.models.zoo import get_model, init_variables
+from qevo.quant.calibration import calibrate
 
 SHAPES = {"lenet5": (28, 28, 1), "resnet20": (32, 32, 3)}
 MEAN, STD = 0.5, 0.25

@@ -14,10 +14,10 @@ In each layout, on random weights and images:
 * a search generation's scoring: the population of ``configs/lenet5.py`` (16 individuals,
   20 QAT steps of 32 images each, then 1,000 validation images) through
   :class:`qevo.PopulationEvaluator`, the population split over every device;
-* a training step (batch 128) of LeNet-5 and of ResNet-20 through :class:`qevo.train.Trainer`,
+* a training step (batch 128) of LeNet-5 and of ResNet-20 through :class:`qevo.train.trainer.Trainer`,
   the batch split over every device;
 * an epoch (10 steps of 128 images) of 4 LeNet-5 QAT models side by side, as a search's
-  final models train (:class:`qevo.train.PopulationTrainer`), the models spread over every device.
+  final models train (:class:`qevo.train.trainer.PopulationTrainer`), the models spread over every device.
 
 Times are medians of repeats after compilation. Bytes communicated are the summed sizes of
 the collective operations (all-reduce, all-gather, ...) in the compiled program of one
@@ -66,9 +66,9 @@ def _train_step(name: str, repeats: int) -> dict:
     import numpy as np
 
     from benchmarks.population import Bench
-    from qevo import train
-    from qevo.data import Dataset
-    from qevo.search import defaults
+    from qevo.data.datasets import Dataset
+    from qevo.search.config import defaults
+    from qevo.train import trainer as training
 
     bench = Bench(name, 128, 0, 1)
     cfg = defaults()
@@ -77,7 +77,7 @@ def _train_step(name: str, repeats: int) -> dict:
     c = images.shape[-1]
     ds = Dataset("random", images, labels, images, labels, images, labels, 10, tuple("0123456789"),
                  (0.5,) * c, (0.25,) * c)
-    trainer = train.Trainer(cfg, ds, bench.model, quantized=False)  # one epoch is one step
+    trainer = training.Trainer(cfg, ds, bench.model, quantized=False)  # one epoch is one step
     state, key = trainer.init_state(bench.variables), jax.random.key(2)
     step = jax.jit(lambda t, v, x, y: trainer._gradients(t, v, None, x, y, key))
     hlo = step.lower({"params": bench.variables["params"]}, bench.variables, jnp.asarray(images),
@@ -88,14 +88,14 @@ def _train_step(name: str, repeats: int) -> dict:
 
 def _final_training(repeats: int) -> dict:
     """Seconds and bytes communicated per epoch of 4 LeNet-5 QAT models side by side
-    (:class:`qevo.train.PopulationTrainer`, 10 steps of 128 images each), spread over every device."""
+    (:class:`qevo.train.trainer.PopulationTrainer`, 10 steps of 128 images each), spread over every device."""
     import jax
 
     from benchmarks.population import Bench
-    from qevo import train
-    from qevo.data import Dataset
-    from qevo.layers import Bits
-    from qevo.search import defaults
+    from qevo.data.datasets import Dataset
+    from qevo.quant.layers import Bits
+    from qevo.search.config import defaults
+    from qevo.train import trainer as training
 
     bench = Bench("lenet5", 1280, 0, 1)
     cfg = defaults()
@@ -104,7 +104,7 @@ def _final_training(repeats: int) -> dict:
     bits = Bits(w=w, a=a)
     images, labels = np.asarray(bench.images), np.asarray(bench.labels)
     ds = Dataset("random", images, labels, images, labels, images, labels, 10, tuple("0123456789"), (0.5,), (0.25,))
-    trainer = train.PopulationTrainer(cfg, ds, bench.model, quantized=True)
+    trainer = training.PopulationTrainer(cfg, ds, bench.model, quantized=True)
     state, key = trainer.init_state(bench.variables, 4), jax.random.key(2)
     hlo = trainer.epoch.lower(state, bits, key, images, labels).compile().as_text()
     seconds = common.median_seconds(lambda: trainer.epoch(state, bits, key, images, labels), repeats)

@@ -24,7 +24,8 @@ import ml_collections
 import numpy as np
 
 from benchmarks import common, search_run
-from qevo import search
+from qevo.search import config as search_config
+from qevo.search import problem as search_problem
 
 
 def main(argv=None) -> dict:
@@ -50,7 +51,7 @@ def main(argv=None) -> dict:
     for s in steps:
         cfg = ml_collections.ConfigDict(base)
         cfg.search.qat_steps = s
-        problem = search.prepare(search.validate(cfg), args.workdir)
+        problem = search_problem.prepare(search_config.validate(cfg), args.workdir)
         start = time.perf_counter()
         accs = []
         for r in range(args.repeats):

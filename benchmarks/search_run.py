@@ -9,14 +9,14 @@ from collections.abc import Callable
 
 import numpy as np
 
-from qevo import search
 from qevo.harness import fill_defaults, read_rows
+from qevo.search import config as search_config
 
 
 def run_config(workdir: pathlib.Path) -> dict:
     """The config of the search run in ``workdir`` as a dict, keys added to qevo since the run
     at their defaults."""
-    return fill_defaults(json.loads((workdir / "config.json").read_text()), search.defaults().to_dict())
+    return fill_defaults(json.loads((workdir / "config.json").read_text()), search_config.defaults().to_dict())
 
 
 def final_models(workdir: pathlib.Path, models: str,

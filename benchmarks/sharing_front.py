@@ -20,26 +20,27 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from qevo import compress, sharing
+from qevo.evolution.population import batch_eval_set
 from qevo.harness import write_json
-from qevo.population import batch_eval_set
-from qevo.pretrained import float_model
-from qevo.train import build_model, load_data
+from qevo.models.inputs import build_model, load_data
+from qevo.sharing import clusters
+from qevo.sharing import config as sharing_config
+from qevo.train.pretrained import float_model
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True, type=pathlib.Path, help="a finished qevo.compress run (nsga3)")
+    parser.add_argument("--workdir", required=True, type=pathlib.Path, help="a finished qevo.sharing run (nsga3)")
     args = parser.parse_args(argv)
-    cfg = compress.validate(ml_collections.ConfigDict(json.loads((args.workdir / "config.json").read_text())))
+    cfg = sharing_config.validate(ml_collections.ConfigDict(json.loads((args.workdir / "config.json").read_text())))
     result = json.loads((args.workdir / "results.json").read_text())
     ds = load_data(cfg)
     model = build_model(cfg, ds.num_classes)
     variables, _ = float_model(cfg, ds, model, args.workdir)
-    paths = sharing.kernel_paths(variables["params"])
-    evaluator = sharing.SharedEvaluator(model, ds.mean, ds.std, paths)
-    floats = sharing.get_kernels(variables["params"], paths)
-    table = sharing.build_table(floats, cfg.sharing.k_max, n_iter=cfg.sharing.kmeans_iters)
+    paths = clusters.kernel_paths(variables["params"])
+    evaluator = clusters.SharedEvaluator(model, ds.mean, ds.std, paths)
+    floats = clusters.get_kernels(variables["params"], paths)
+    table = clusters.build_table(floats, cfg.sharing.k_max, n_iter=cfg.sharing.kmeans_iters)
     eb = cfg.train.eval_batch_size
     splits = {name: batch_eval_set(jnp.asarray(x), jnp.asarray(y), eb)
               for name, x, y in (("val", ds.val_images, ds.val_labels), ("test", ds.test_images, ds.test_labels))}
@@ -47,7 +48,7 @@ def main(argv=None) -> dict:
     float_acc = {name: float(accuracy(floats, b)) for name, b in splits.items()}
     rows = []
     for point in result["front"]:
-        kernels = sharing.table_kernels(table, table.centroids, jnp.asarray(np.asarray(point["k"]) - 1), floats)
+        kernels = clusters.table_kernels(table, table.centroids, jnp.asarray(np.asarray(point["k"]) - 1), floats)
         acc = {name: float(accuracy(kernels, b)) for name, b in splits.items()}
         rows.append({**point, "full_val_accuracy": acc["val"], "test_accuracy": acc["test"],
                      "test_loss_points": 100 * (float_acc["test"] - acc["test"])})

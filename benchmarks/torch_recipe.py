@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.torch_recipe --epochs 28 [--config configs/resnet20.py] [--bf16]
 [--cutout 16] [--out FILE]`` trains the ResNet-20 of ``benchmarks.torch_baseline`` on the
-split qevo trains on (``qevo.data.load_dataset``: CIFAR-10 from ``QEVO_DATA_DIR``, the
+split qevo trains on (``qevo.data.datasets.load_dataset``: CIFAR-10 from ``QEVO_DATA_DIR``, the
 config's validation images held out for its seed) with the float recipe read from the
 config's ``train`` section: SGD with momentum (Nesterov if set), its learning rate reached
 by a linear warm-up then cosine to 0 (per step), weight decay on convolution and dense
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from benchmarks import common
 from benchmarks.torch_baseline import ResNet20
 from qevo import config as config_lib
-from qevo.data import load_dataset
+from qevo.data.datasets import load_dataset
 
 
 def _tensor(images: np.ndarray, mean, std) -> torch.Tensor:

@@ -5,7 +5,7 @@
 --out runs/shared_front_1071``
 
 For a model the search did not train at the end (a run with ``final.enabled=False``, or a
-front point it left out): the search's own final training (:func:`qevo.search.train_final`)
+front point it left out): the search's own final training (:func:`qevo.search.final.train_final`)
 with the run's ``final`` budget, seed and float model. ``--w-bits`` and ``--a-bits`` give one
 width per layer, first and last included. The model's ``history.csv``, ``model.msgpack`` and
 ``results.json`` go to ``<out>/final/<name>/`` (rerun to resume per epoch); the report, with
@@ -20,7 +20,9 @@ import pathlib
 import ml_collections
 
 from benchmarks import common, search_run
-from qevo import search
+from qevo.search import config as search_config
+from qevo.search import final as search_final
+from qevo.search import problem as search_problem
 
 
 def _widths(text: str) -> list[int]:
@@ -37,12 +39,12 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if len(args.w_bits) != len(args.a_bits):
         parser.error(f"--w-bits has {len(args.w_bits)} widths and --a-bits {len(args.a_bits)}; give one per layer")
-    cfg = search.validate(ml_collections.ConfigDict(search_run.run_config(args.workdir)))
-    problem = search.prepare(cfg, args.workdir)
+    cfg = search_config.validate(ml_collections.ConfigDict(search_run.run_config(args.workdir)))
+    problem = search_problem.prepare(cfg, args.workdir)
     model = {"name": args.name, "kind": "front", "w_bits": args.w_bits, "a_bits": args.a_bits}
     report = {"benchmark": "final training of one model at given widths with a search run's final budget",
               **common.environment(), "inputs": {"workdir": str(args.workdir), **model, "final": cfg.final.to_dict()},
-              "results": search.train_final(cfg, problem, [model], args.out)}
+              "results": search_final.train_final(cfg, problem, [model], args.out)}
     return common.write(report, args.out / "train_final.json")
 
 

@@ -6,7 +6,7 @@ For each model, images/s of
 
 * ``float``: a training step (SGD with Nesterov momentum and weight decay 5e-4,
   BatchNorm in training mode, cross-entropy): qevo's own compiled epoch
-  (:class:`qevo.train.Trainer`, the path ``python -m qevo.train`` runs, no augmentation),
+  (:class:`qevo.train.trainer.Trainer`, the path ``python -m qevo.train`` runs, no augmentation),
   ``--steps`` steps per timed call;
 * ``float_bf16``: the same step with the convolutions' products in bfloat16
   (``model.precision="bfloat16"``: oneDNN's AMX/AVX512-BF16 kernels, float32 sums; PyTorch
@@ -43,11 +43,12 @@ import numpy as np
 
 from benchmarks import common
 from qevo import config as config_lib
-from qevo import onednn
-from qevo.data import Dataset, normalize
-from qevo.layers import QuantOptions, default_conv
-from qevo.models import get_model, init_variables
-from qevo.train import Trainer, uniform_bits
+from qevo.data.datasets import Dataset, normalize
+from qevo.models.inputs import uniform_bits
+from qevo.models.zoo import get_model, init_variables
+from qevo.quant import onednn
+from qevo.quant.layers import QuantOptions, default_conv
+from qevo.train.trainer import Trainer
 
 # model: (input [H, W, C], training batch, forward images)
 MODELS = {"resnet20": ((32, 32, 3), 128, 1000), "mobilenetv2": ((128, 128, 3), 64, 256),

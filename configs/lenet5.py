@@ -8,7 +8,7 @@
   scales a 2-bit fc1 loses 0.3 points more after the final epoch (98.88 against 99.08%).
 """
 
-from qevo.search import defaults
+from qevo.search.config import defaults
 
 
 def get_config():

@@ -14,7 +14,7 @@ first convolution, the same for every candidate, is then computed once per mini-
 
 import pathlib
 
-from qevo.coevolve import defaults
+from qevo.coevolve.config import defaults
 from qevo.config import take_sections
 
 

@@ -1,4 +1,4 @@
-"""LeNet-5 on MNIST, weight-sharing compression (``python -m qevo.compress``).
+"""LeNet-5 on MNIST, weight-sharing compression (``python -m qevo.sharing``).
 
 ReLU by default; ``--config.model.activation=tanh`` (or ``configs/lenet5_tanh_sharing.py``)
 gives the seed's tanh network.  The float model trains as ``configs/lenet5.py`` does
@@ -7,8 +7,8 @@ gives the seed's tanh network.  The float model trains as ``configs/lenet5.py`` 
 
 import pathlib
 
-from qevo.compress import defaults
 from qevo.config import take_sections
+from qevo.sharing.config import defaults
 
 
 def get_config():

@@ -1,4 +1,4 @@
-"""MobileNetV2 on Imagenette (224 px), weight-sharing compression (``python -m qevo.compress``).
+"""MobileNetV2 on Imagenette (224 px), weight-sharing compression (``python -m qevo.sharing``).
 
 Needs an accelerator: the float model trains here first (SGD, 40 epochs) unless
 ``--config.float_from`` names a trained ``python -m qevo.train`` run; each evaluation is a
@@ -6,10 +6,10 @@ forward pass over the 1,000-image validation split.  53 shared layers (every con
 classifier), 2.2 M weights; the cluster table is built in several batched calls.
 """
 
-from qevo.compress import defaults
+from qevo.sharing.config import defaults
 
 SIZED_FOR = "accelerator"  # on a CPU, every command says so at start (qevo.config.sized_for)
-CPU_CONFIG = "mobilenetv2_cpu.py"
+CPU_CONFIG = "mobilenetv2_sharing_cpu.py"
 
 
 def get_config():

@@ -16,7 +16,7 @@ same protocol cut to a 2-core CPU.
   w4a4.
 """
 
-from qevo.search import defaults
+from qevo.search.config import defaults
 
 SIZED_FOR = "accelerator"  # on a CPU, every command says so at start (qevo.config.sized_for)
 CPU_CONFIG = "resnet20_cpu.py"

@@ -12,7 +12,7 @@ float model and the quantizer (MSE-clipped per-channel scales) are those of
 
 import pathlib
 
-from qevo.coevolve import defaults
+from qevo.coevolve.config import defaults
 from qevo.config import take_sections
 
 SIZED_FOR = "accelerator"  # on a CPU, every command says so at start (qevo.config.sized_for)

@@ -8,7 +8,7 @@ front models trained 400 epochs from scratch. A GPU run:
 ``python -m qevo.search --config configs/resnet20_vega.py``.
 """
 
-from qevo.search import defaults
+from qevo.search.config import defaults
 
 SIZED_FOR = "accelerator"  # on a CPU, every command says so at start (qevo.config.sized_for)
 

@@ -10,24 +10,28 @@
 
 from __future__ import annotations
 
+import ast
 import pathlib
 import re
 
 from mkdocs.structure.files import File
 
 RESULTS = "benchmarks/results"
-WHOLE = ("qevo.nsga3", "qevo.variation", "qevo.kmeans", "qevo.codebook", "qevo.losses", "qevo.config")
+WHOLE = ("qevo.evolution.nsga3", "qevo.evolution.variation", "qevo.sharing.kmeans", "qevo.sharing.codebook",
+         "qevo.models.losses", "qevo.config")
 """Modules documented with every public member: the pieces a research script calls directly
 (docs/library.md), exported from ``qevo`` or not."""
 
 
 def exports() -> dict[str, tuple[str, str]]:
-    """``{public name: (defining module, name there)}`` of every name in ``qevo.__all__``:
-    those ``qevo`` imports when first used from its table, the others from the objects."""
+    """``{public name: (module, name there)}`` of every name in ``qevo.__all__``, from the
+    ``from qevo.x import y as z`` statements of ``qevo/__init__.py`` that import them."""
     import qevo
 
-    return {public: qevo._LAZY[public] if public in qevo._LAZY
-            else (getattr(qevo, public).__module__, getattr(qevo, public).__name__) for public in qevo.__all__}
+    tree = ast.parse(pathlib.Path(qevo.__file__).read_text())
+    imported = {(alias.asname or alias.name): (node.module, alias.name) for node in tree.body
+                if isinstance(node, ast.ImportFrom) and node.module for alias in node.names}
+    return {public: imported[public] for public in qevo.__all__}
 
 
 def api_page() -> str:
@@ -38,7 +42,7 @@ def api_page() -> str:
         by_module.setdefault(module, []).append((public, attr))
     lines = ["# API reference", "",
              "Everything `import qevo` exports, grouped by the module that defines it (`qevo.run_search` is "
-             "`qevo.search.run`), and the modules a script uses directly. Generated from the docstrings.", ""]
+             "`qevo.search.method.run`), and the modules a script uses directly. Generated from the docstrings.", ""]
     for module in [*by_module, *(m for m in WHOLE if m not in by_module)]:
         names = by_module.get(module, [])
         lines += [f"## `{module}`", ""]

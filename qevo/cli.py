@@ -14,7 +14,7 @@ line on stderr and exit status 2; anything else is a bug and keeps its traceback
 ``__main__`` hooks of the method modules import this module.
 
 Compiled programs are kept in JAX's persistent compilation cache (``$JAX_COMPILATION_CACHE_DIR``,
-else ``<qevo cache>/jax``, see :func:`qevo.data.default_cache_dir`), so a rerun or a resumed
+else ``<qevo cache>/jax``, see :func:`qevo.data.datasets.default_cache_dir`), so a rerun or a resumed
 run skips most compilation.
 """
 
@@ -32,11 +32,13 @@ import jax
 import ml_collections
 
 from qevo import config as config_lib
-from qevo import distributed, harness, train
-from qevo.data import default_cache_dir
+from qevo import distributed, harness
+from qevo.data.datasets import default_cache_dir
 from qevo.errors import ConfigError, PopulationMemoryError, QevoError
+from qevo.evolution.population import is_out_of_memory
 from qevo.harness import MODEL
-from qevo.population import is_out_of_memory
+from qevo.models import inputs as model_inputs
+from qevo.train import trainer as training
 
 USER_ERRORS = (QevoError,)
 
@@ -107,14 +109,14 @@ def float_training_seconds(cfg: ml_collections.ConfigDict) -> float:
     first :data:`TIMED_STEPS` mini-batches (at most), then timed on them, times the
     mini-batches of every epoch. Compilation and evaluation are left out, and a step's time varies with the
     machine's load: an estimate, not a promise. On this process's own devices."""
-    inputs = train.resolve_inputs(cfg)
+    inputs = model_inputs.resolve_inputs(cfg)
     ds, size = inputs.ds, cfg.train.batch_size
     steps = max(1, min(TIMED_STEPS, ds.train_images.shape[0] // size))
     few = dataclasses.replace(ds, train_images=ds.train_images[: steps * size],
                               train_labels=ds.train_labels[: steps * size])
-    trainer = train.Trainer(cfg, few, inputs.model, quantized=False, devices=tuple(jax.local_devices()),
+    trainer = training.Trainer(cfg, few, inputs.model, quantized=False, devices=tuple(jax.local_devices()),
                             loss=inputs.loss)
-    state = trainer.init_state(train.initial_variables(cfg, few, inputs.model, None, jax.random.key(cfg.seed)))
+    state = trainer.init_state(training.initial_variables(cfg, few, inputs.model, None, jax.random.key(cfg.seed)))
     # The first call compiles for the initial state, the second for the state the first returns
     # (placed on the devices' mesh): the third is timed.
     for key in jax.random.split(jax.random.key(cfg.seed), 3):

@@ -48,10 +48,10 @@ def defaults() -> ml_collections.ConfigDict:
             "max_test_images": config_dict.placeholder(int),
         }
     )
-    # conv: the convolution kernels, "auto" (by the platform of the devices, qevo.layers.default_conv),
+    # conv: the convolution kernels, "auto" (by the platform of the devices, qevo.quant.layers.default_conv),
     # "cpu" (qevo's CPU kernels) or "xla" (XLA's convolution, the reference). precision: the
     # products of the float network's convolutions, "float32" or "bfloat16" (float32 sums;
-    # AMX/AVX512-BF16 on a CPU, tensor cores on a GPU), qevo.layers.QuantOptions.
+    # AMX/AVX512-BF16 on a CPU, tensor cores on a GPU), qevo.quant.layers.QuantOptions.
     c.model = ml_collections.ConfigDict({"name": "lenet5", "activation": "relu", "conv": "auto",
                                          "precision": "float32"})
     c.float_from = config_dict.placeholder(str)
@@ -82,7 +82,7 @@ def defaults() -> ml_collections.ConfigDict:
     return c
 
 
-# Choices owned here and used by the layers that implement them (qevo.quant, qevo.layers).
+# Choices owned here and used by the layers that implement them (qevo.quant.quantizers, qevo.quant.layers).
 QUANT_MODES = ("absmax", "mse", "dorefa")
 CONV_KERNELS = ("cpu", "xla")
 PRECISIONS = ("float32", "bfloat16")
@@ -116,6 +116,13 @@ SUFFIX_RANGES = {
 # with a one-line notice, until the next release.
 RENAMED = {
     "quant.float_first_last": ("quant.float_layers", lambda old: "0,-1" if old else ""),
+}
+
+
+# Config files renamed since an earlier release: old file name -> new file name (in the same
+# folder). An old name keeps working, with a one-line notice, until the next release.
+RENAMED_FILES = {
+    "mobilenetv2_cpu.py": "mobilenetv2_sharing_cpu.py",
 }
 
 
@@ -286,6 +293,11 @@ def validate(cfg: ml_collections.ConfigDict,
 def load(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Load ``get_config()`` from a config file and apply ``section.key=value`` overrides."""
     path = pathlib.Path(path)
+    if not path.is_file() and path.name in RENAMED_FILES and path.with_name(RENAMED_FILES[path.name]).is_file():
+        new = path.with_name(RENAMED_FILES[path.name])
+        print(f"qevo: config file {path} is now {new}; reading {new} (the old name goes in the next release)",
+              file=sys.stderr)
+        path = new
     if not path.is_file():
         raise ConfigError(f"config file {path} not found; pass --config configs/<name>.py")
     module = _run_file(path, "config file", "pass --config configs/<name>.py")

@@ -2,7 +2,7 @@
 
 Every process runs the same command; :func:`initialize` makes each one a member of the
 same JAX cluster, after which ``jax.devices()`` lists the devices of every process and the
-population axis is laid over all of them (:func:`qevo.population.population_map`).
+population axis is laid over all of them (:func:`qevo.evolution.population.population_map`).
 
 How the processes find each other:
 

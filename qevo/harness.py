@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import functools
 import io
 import json
@@ -30,16 +31,18 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import ml_collections
 from tqdm import tqdm
 
-from qevo import checkpoint, distributed, onednn
+from qevo import checkpoint, distributed
 from qevo import config as config_lib
 from qevo.checkpoint import atomic_write_bytes
 from qevo.errors import CheckpointError
 from qevo.files import atomic_path, unwritable
+from qevo.quant import onednn
 
 CHECKPOINT = "checkpoint.msgpack"
 CONFIG = "config.json"
@@ -49,18 +52,78 @@ MODEL = "model.msgpack"
 RESULTS = "results.json"
 
 
-def method(defaults: Callable[[], ml_collections.ConfigDict],
+# The keys every ``results.json`` holds, with the same names for every method: which method
+# made the run (``method``), on which network and data, from which seed, in how many wall
+# seconds and where (``device``, ``convolutions``: :func:`environment`).
+ENVELOPE = ("method", "model", "dataset", "seed", "seconds", "device", "convolutions")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stored:
+    """A model of a finished run, as its method stored it (what :func:`qevo.export.exporter.load`
+    exports).
+
+    Attributes:
+      variables: the model's float variables.
+      bits: int32 ``[L]`` weight and activation widths, or ``None`` for a float network.
+      kernels: ``{module path: kernel}`` the method stored itself (integer levels, shared
+        codebooks); ``{}`` where the export quantizes the float kernels at ``bits``.
+      test_accuracy: the test accuracy the run reported for it.
+      arithmetic: ``"integer"`` where the model's own forward pass is integer arithmetic.
+    """
+
+    variables: dict
+    bits: Any
+    kernels: dict
+    test_accuracy: float
+    arithmetic: str = "float"
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One compression method, as the command layer, the export and the registry
+    (:mod:`qevo.methods`) see it.
+
+    Attributes:
+      name: the command's module, ``python -m qevo.<name>``, and the ``method`` that
+        ``config.json`` and ``results.json`` record.
+      defaults: ``defaults() -> ConfigDict``, every key of the method's config.
+      validate: ``validate(cfg) -> cfg``, raising ``ConfigError`` in one line.
+      run: ``run(cfg, workdir, **inputs) -> results`` (wrapped by :func:`method`).
+      models: ``models(workdir, cfg) -> names`` of the stored models of a finished run, the
+        default first.
+      load: ``load(workdir, cfg, name, model, template, results) -> Stored``: the stored
+        model ``name`` of the network ``model``, its variables read into the structure of
+        ``template``, at the accuracy ``results`` (the run's ``results.json``) reports.
+      section: the config section only this method has, which names the method of a run
+        recorded before ``config.json`` named it (``None``: the method without one).
+      several: whether a run holds several models, so that exporting one needs its name.
+    """
+
+    name: str
+    defaults: Callable[[], ml_collections.ConfigDict]
+    validate: Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict]
+    run: Callable[..., dict]
+    models: Callable[[pathlib.Path, ml_collections.ConfigDict], list[str]]
+    load: Callable[[pathlib.Path, ml_collections.ConfigDict, str, Any, dict, dict], Stored]
+    section: str | None = None
+    several: bool = False
+
+
+def method(name: str, defaults: Callable[[], ml_collections.ConfigDict],
            resolve: Callable[..., ml_collections.ConfigDict] | None = None):
-    """Decorate a method's ``run(cfg, workdir, **inputs) -> results`` whose keys and defaults
-    ``defaults()`` gives: each call holds ``workdir``'s lock (:func:`workdir_lock`: a folder
-    another live run holds is refused) while it prepares the folder (:func:`prepare_workdir`:
-    it writes ``config.json``, and refuses a folder that holds a run of another config) and
-    runs under the config's random-number setting (``cfg.threefry_partitionable``, recorded
-    in ``config.json``). So a run from Python writes the same work folder, with the same
-    random streams, as the command. ``workdir`` may be a str; keyword arguments (a user's
-    ``model=``, ``data=``) pass through. ``resolve(cfg, **inputs) -> cfg``, where given, is the
-    config the run records and gets, with what the inputs add to it (the search's names of a
-    user's objectives)."""
+    """Decorate the method ``name``'s ``run(cfg, workdir, **inputs) -> results`` whose keys and
+    defaults ``defaults()`` gives: each call holds ``workdir``'s lock (:func:`workdir_lock`: a
+    folder another live run holds is refused) while it prepares the folder
+    (:func:`prepare_workdir`: it writes ``config.json`` with the method's name, and refuses a
+    folder that holds a run of another config or method) and runs under the config's
+    random-number setting (``cfg.threefry_partitionable``, recorded in ``config.json``). The
+    results ``run`` returns are written to ``results.json`` with the envelope every method
+    shares (:data:`ENVELOPE`: ``method`` and ``seed`` added here; ``run`` gives the rest). So a
+    run from Python writes the same work folder, with the same random streams, as the
+    command. ``workdir`` may be a str; keyword arguments (a user's ``model=``, ``data=``) pass
+    through. ``resolve(cfg, **inputs) -> cfg``, where given, is the config the run records and
+    gets, with what the inputs add to it (the search's names of a user's objectives)."""
 
     def decorate(run: Callable[..., dict]):
         @functools.wraps(run)
@@ -68,13 +131,55 @@ def method(defaults: Callable[[], ml_collections.ConfigDict],
             cfg = resolve(cfg, **inputs) if resolve is not None else cfg
             folder = pathlib.Path(workdir)
             with workdir_lock(folder):
-                prepare_workdir(folder, cfg, defaults())
+                prepare_workdir(folder, cfg, defaults(), name)
                 with random_streams(cfg):
-                    return run(cfg, folder, **inputs)
+                    results = {"method": name, "seed": cfg.seed, **run(cfg, folder, **inputs)}
+                missing = [key for key in ENVELOPE if key not in results]
+                assert not missing, f"qevo.{name}'s results lack {missing}"
+                write_json(folder / RESULTS, results)
+            return results
 
         return wrapped
 
     return decorate
+
+
+def read_config(path: pathlib.Path) -> tuple[str | None, dict]:
+    """``(method, config)`` of a run's ``config.json``: the method that made it (``None`` for a
+    run recorded before ``config.json`` named it) and its resolved config, with renamed keys
+    translated (:func:`qevo.config.upgrade`).
+
+    Raises:
+      CheckpointError: the file is missing or corrupt.
+    """
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent} has no {path.name}: it is not the work folder of a qevo run")
+    try:
+        saved = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupt ({e}); delete {path.parent} to start over") from e
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path} is corrupt (not a JSON object); delete {path.parent} to start over")
+    name = saved.pop("method", None)
+    return name, config_lib.upgrade(saved)
+
+
+def float_folder(workdir: pathlib.Path, cfg: ml_collections.ConfigDict) -> pathlib.Path:
+    """Where a run's float model is: ``float_from``, else ``<workdir>/float``."""
+    return pathlib.Path(cfg.float_from) if cfg.get("float_from") else workdir / "float"
+
+
+def load_variables(path: pathlib.Path, template: dict) -> dict:
+    """The variables stored at ``path`` (a ``model.msgpack``), in the structure of ``template``."""
+    variables, _ = checkpoint.load(path, template)
+    return variables
+
+
+def stored_float(workdir: pathlib.Path, cfg: ml_collections.ConfigDict, template: dict, results: dict) -> Stored:
+    """The float model a run started from (:func:`float_folder`), at the test accuracy its
+    ``results.json`` reports under ``"float"``."""
+    return Stored(load_variables(float_folder(workdir, cfg) / MODEL, template), None, {},
+                  float(results["float"]["test_accuracy"]))
 
 
 class StepLog:
@@ -112,7 +217,7 @@ class StepLog:
 
 def environment(model, variables: dict, image_shape: tuple[int, ...], batch_size: int, precision: str) -> dict:
     """Where a run computes, for its ``results.json``: ``{"device": the first device's kind,
-    "convolutions": what runs the float network's convolutions}`` (:func:`qevo.onednn.record`
+    "convolutions": what runs the float network's convolutions}`` (:func:`qevo.quant.onednn.record`
     of its training forward pass on ``batch_size`` images of ``image_shape`` (HWC), traced,
     not run). Where ``precision`` (``model.precision``) asks for bfloat16 and the kernels of
     this machine keep float32, says so in one line on stderr."""
@@ -324,30 +429,32 @@ def _alive(pid: int) -> bool:
 
 
 def prepare_workdir(workdir: pathlib.Path, cfg: ml_collections.ConfigDict,
-                    defaults: ml_collections.ConfigDict | None = None) -> pathlib.Path:
-    """Create ``workdir`` and write ``config.json``. A different saved config is an error once
-    the folder holds anything else (a run's state); a folder that holds only ``config.json``
-    (a run that stopped before its first output) takes the new config. A key that the saved
-    config lacks (one added to qevo since the run began) counts as unchanged where ``cfg``
-    holds its value in ``defaults`` (the command's keys and defaults), which keep the earlier
-    behaviour. A path that is not a writable folder is an error (:func:`workdir_lock`, which
-    :func:`method` holds around this, checks it first); the lock file is not a run's state."""
+                    defaults: ml_collections.ConfigDict | None = None, name: str | None = None) -> pathlib.Path:
+    """Create ``workdir`` and write ``config.json``: the method ``name`` and the resolved config.
+    A different saved config or method is an error once the folder holds anything else (a
+    run's state); a folder that holds only ``config.json`` (a run that stopped before its
+    first output) takes the new config. A key that the saved config lacks (one added to qevo
+    since the run began) counts as unchanged where ``cfg`` holds its value in ``defaults``
+    (the command's keys and defaults), which keep the earlier behaviour; so does a saved
+    config without a method (one recorded before ``config.json`` named it). A path that is
+    not a writable folder is an error (:func:`workdir_lock`, which :func:`method` holds around
+    this, checks it first); the lock file is not a run's state."""
     resolved = config_lib.to_dict(cfg)
     saved = workdir / CONFIG
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         if saved.exists():
-            try:
-                previous = config_lib.upgrade(json.loads(saved.read_text()))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise CheckpointError(f"{saved} is corrupt ({e}); delete {workdir} to start over") from e
+            before, previous = read_config(saved)
             started = any(p.name not in (CONFIG, LOCK) for p in workdir.iterdir())
+            if started and before is not None and name is not None and before != name:
+                raise config_lib.ConfigError(f"{workdir} holds a qevo.{before} run, not a qevo.{name} one; "
+                                             "pass a new --workdir")
             now = json.loads(json.dumps(resolved))
             known = json.loads(json.dumps(config_lib.to_dict(defaults))) if defaults is not None else {}
             if started and fill_defaults(previous, known) != now:
                 raise config_lib.ConfigError(f"{workdir} holds a run with a different config ({saved}); "
                                              "pass a new --workdir or delete that folder")
-        write_json(saved, resolved)
+        write_json(saved, {**({"method": name} if name is not None else {}), **resolved})
     except OSError as e:
         raise CheckpointError(f"--workdir {workdir} is not a writable folder ({e.strerror}); "
                               "pass a folder you can write to") from e

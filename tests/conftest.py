@@ -37,7 +37,7 @@ def pytest_configure(config):
     this process then share with the commands the others start."""
     import jax
 
-    from qevo.data import default_cache_dir
+    from qevo.data.datasets import default_cache_dir
 
     jax.config.update("jax_threefry_partitionable", False)
     jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "jax"))
@@ -71,19 +71,18 @@ def run_main(module: str, config: str, workdir: pathlib.Path, args=(), data_dir=
     """A command's entry point (``qevo.cli.main``) in this process, for fast error-path tests:
     ``(exit status, stderr)`` of ``python -m <module> --config configs/<config> --workdir <workdir> <args>``."""
     import contextlib
-    import importlib
     import io
     from unittest import mock
 
     from qevo import cli
-    from qevo import config as config_lib
+    from qevo.methods import METHODS
 
-    mod = importlib.import_module(module)
+    method = METHODS[module.removeprefix("qevo.")]
     err = io.StringIO()
     env = {"QEVO_DATA_DIR": str(data_dir)} if data_dir else {}
     argv = ["--config", str(REPO / "configs" / config), "--workdir", str(workdir), *args]
     with mock.patch.dict(os.environ, env), contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        status = cli.main(module, mod.run, getattr(mod, "validate", config_lib.validate), argv)
+        status = cli.main(module, method.run, method.validate, argv)
     return status, err.getvalue()
 
 

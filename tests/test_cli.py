@@ -18,6 +18,7 @@ from conftest import REPO, run_command
 from qevo import cli, harness
 from qevo import config as config_lib
 from qevo.errors import CheckpointError, ConfigError, DataError, PopulationMemoryError
+from qevo.search import config as search_config
 
 CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "lenet5.py")
 
@@ -106,7 +107,11 @@ def test_unknown_key_suggests_the_known_one(override, suggestion, tmp_path, caps
                           "known keys: data.channels, data.data_dir, ")
 
 
-@harness.method(config_lib.defaults)
+# what a method's results hold besides its own figures (qevo.harness.ENVELOPE, with method and seed)
+ENVELOPE = {"model": "lenet5", "dataset": "mnist", "seconds": {"total": 0.0}, "device": "cpu", "convolutions": {}}
+
+
+@harness.method("train", config_lib.defaults)
 def _never_runs(cfg, workdir):
     raise AssertionError("a refused input reached the method's body")
 
@@ -121,9 +126,7 @@ def _never_runs(cfg, workdir):
 def test_broken_config_file_gives_one_line(source, message, tmp_path, capsys):
     path = tmp_path / "broken.py"
     path.write_text(source)
-    from qevo import search
-
-    assert cli.main("qevo.search", _never_runs, search.validate,
+    assert cli.main("qevo.search", _never_runs, search_config.validate,
                     ["--config", str(path), "--workdir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"qevo.search: error: config file {path}") and message in err, err
@@ -133,9 +136,8 @@ def test_broken_config_file_gives_one_line(source, message, tmp_path, capsys):
 def test_a_config_file_that_is_not_python_gives_one_line(tmp_path, capsys):
     path = tmp_path / "resnet20.yaml"
     path.write_text("model: resnet20\n")
-    from qevo import search
 
-    assert cli.main("qevo.search", _never_runs, search.validate,
+    assert cli.main("qevo.search", _never_runs, search_config.validate,
                     ["--config", str(path), "--workdir", str(tmp_path / "run")]) == 2
     assert capsys.readouterr().err == (f"qevo.search: error: config file {path} is not a Python file; "
                                        "pass --config configs/<name>.py\n")
@@ -154,17 +156,15 @@ def test_a_config_file_that_is_not_python_gives_one_line(tmp_path, capsys):
     ("data.max_train_images=-5", "data.max_train_images=-5 must be >= 1"),
 ])
 def test_numeric_keys_are_range_checked(override, message, tmp_path, capsys):
-    from qevo import search
 
     argv = ["--config", CONFIG, "--workdir", str(tmp_path / "run"), f"--config.{override}"]
-    assert cli.main("qevo.search", _never_runs, search.validate, argv) == 2
+    assert cli.main("qevo.search", _never_runs, search_config.validate, argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"qevo.search: error: config {message}"), err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
 def test_bad_work_folders_give_one_line(tmp_path, capsys):
-    from qevo import search
 
     a_file = tmp_path / "file"
     a_file.write_text("x")
@@ -178,7 +178,7 @@ def test_bad_work_folders_give_one_line(tmp_path, capsys):
                                               "pass a folder path you can write to"),
                              (proc, f"--workdir {proc} cannot be written (no file can be made in /proc: "),
                              (corrupt, f"{corrupt / 'config.json'} is corrupt (")):
-        assert cli.main("qevo.search", _never_runs, search.validate,
+        assert cli.main("qevo.search", _never_runs, search_config.validate,
                         ["--config", CONFIG, "--workdir", str(workdir)]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"qevo.search: error: {message}") and len(err.strip().splitlines()) == 1, err
@@ -187,14 +187,13 @@ def test_bad_work_folders_give_one_line(tmp_path, capsys):
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes in read-only folders; /proc stands for them above")
 def test_a_read_only_work_folder_gives_one_line(tmp_path, capsys):
-    from qevo import search
 
     folder = tmp_path / "read_only"
     folder.mkdir()
     folder.chmod(0o555)
     try:
         for workdir in (folder, folder / "run"):
-            assert cli.main("qevo.search", _never_runs, search.validate,
+            assert cli.main("qevo.search", _never_runs, search_config.validate,
                             ["--config", CONFIG, "--workdir", str(workdir)]) == 2
             assert capsys.readouterr().err == (f"qevo.search: error: --workdir {workdir} cannot be written (no file "
                                                f"can be made in {folder}: Permission denied); pass a folder path you "
@@ -205,7 +204,7 @@ def test_a_read_only_work_folder_gives_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("module, config", [("qevo.train", "lenet5.py"), ("qevo.search", "lenet5.py"),
-                                            ("qevo.compress", "lenet5_sharing.py"), ("qevo.coevolve", "lenet5_cc.py")])
+                                            ("qevo.sharing", "lenet5_sharing.py"), ("qevo.coevolve", "lenet5_cc.py")])
 def test_a_work_folder_under_a_file_ends_each_command_before_any_work(module, config, tmp_path):
     a_file = tmp_path / "file"
     a_file.write_text("x")
@@ -218,7 +217,7 @@ def test_a_work_folder_under_a_file_ends_each_command_before_any_work(module, co
 
 
 @pytest.mark.parametrize("module, config", [("qevo.train", "lenet5.py"), ("qevo.search", "lenet5.py"),
-                                            ("qevo.compress", "lenet5_sharing.py"), ("qevo.coevolve", "lenet5_cc.py")])
+                                            ("qevo.sharing", "lenet5_sharing.py"), ("qevo.coevolve", "lenet5_cc.py")])
 def test_images_too_small_for_the_model_end_each_command_with_one_line(module, config, data_dir, tmp_path):
     """LeNet-5 on 4x4 MNIST: its second convolution would have a negative size. Every command
     refuses it with status 2 and one line, before any training (nothing but config.json written)."""
@@ -317,11 +316,11 @@ def test_step_log_commits_and_resumes(tmp_path):
     assert harness.StepLog(None, "cycle").resume(state) == (state, [])
 
 
-@harness.method(config_lib.defaults)
+@harness.method("train", config_lib.defaults)
 def _lock_holder(cfg, workdir):
     """The pid the work folder's lock names while the method runs, and the files there."""
     return {"pid": json.loads((workdir / harness.LOCK).read_text())["pid"],
-            "files": sorted(p.name for p in workdir.iterdir())}
+            "files": sorted(p.name for p in workdir.iterdir()), **ENVELOPE}
 
 
 def test_a_held_work_folder_refuses_a_second_run_until_its_holder_is_gone(tmp_path, capsys):
@@ -352,12 +351,14 @@ def test_a_held_work_folder_refuses_a_second_run_until_its_holder_is_gone(tmp_pa
     assert cli.main("qevo.train", _lock_holder, config_lib.validate, argv) == 0
     out = capsys.readouterr()
     assert out.err == f"qevo: {workdir} was locked by pid {holder.pid}, which is no longer running; taking it over\n"
-    assert json.loads(out.out) == {"pid": os.getpid(), "files": ["config.json", harness.LOCK]}
-    assert [p.name for p in workdir.iterdir()] == ["config.json"]  # released at the end
+    results = json.loads(out.out)
+    assert {k: results[k] for k in ("pid", "files", "method")} == {
+        "pid": os.getpid(), "files": ["config.json", harness.LOCK], "method": "train"}
+    assert sorted(p.name for p in workdir.iterdir()) == ["config.json", "results.json"]  # released at the end
 
 
 def test_a_lock_is_released_when_the_run_fails_and_held_again_within_the_process(tmp_path):
-    @harness.method(config_lib.defaults)
+    @harness.method("train", config_lib.defaults)
     def nested(cfg, workdir):
         return _lock_holder(cfg, workdir)  # the same folder again, from inside the run
 
@@ -367,7 +368,7 @@ def test_a_lock_is_released_when_the_run_fails_and_held_again_within_the_process
     assert not (tmp_path / harness.LOCK).exists()
     with pytest.raises(AssertionError, match="a refused input reached"):
         _never_runs(config_lib.defaults(), tmp_path)
-    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "results.json"]
     (tmp_path / harness.LOCK).write_text("{")
     with pytest.raises(CheckpointError, match=rf"{tmp_path / harness.LOCK} is not a qevo lock \(.*\); if no run is "
                                               rf"using {tmp_path}, delete it"):
@@ -433,7 +434,7 @@ def test_the_sizing_note_needs_a_cpu_and_an_accelerator_config(tmp_path, monkeyp
 def test_the_configs_declare_what_they_are_sized_for():
     declared = {path.name: config_lib.sized_for(path) for path in sorted((REPO / "configs").glob("*.py"))}
     accelerator = {name: cpu and cpu.name for name, (size, cpu) in declared.items() if size == "accelerator"}
-    assert accelerator == {"mobilenetv2_sharing.py": "mobilenetv2_cpu.py", "resnet20.py": "resnet20_cpu.py",
+    assert accelerator == {"mobilenetv2_sharing.py": "mobilenetv2_sharing_cpu.py", "resnet20.py": "resnet20_cpu.py",
                            "resnet20_cc.py": "resnet20_cc_cpu.py", "resnet20_vega.py": None}
     assert all(size is None for name, (size, _) in declared.items() if name not in accelerator)
 
@@ -450,9 +451,9 @@ def test_a_bad_size_declaration_is_one_line(source, message, tmp_path):
         config_lib.sized_for(path)
 
 
-@harness.method(config_lib.defaults)
+@harness.method("train", config_lib.defaults)
 def _draw(cfg, workdir):
-    return jax.random.normal(jax.random.key(0), (4,))
+    return {"draw": jax.random.normal(jax.random.key(0), (4,)).tolist(), **ENVELOPE}
 
 
 @pytest.mark.parametrize("recorded", [False, True])
@@ -462,7 +463,7 @@ def test_a_method_draws_the_stream_its_config_records_whatever_the_process_setti
     draws = {}
     for process in (False, True):
         with jax.threefry_partitionable(process):
-            draws[process] = (_draw(cfg, tmp_path / str(process)), jax.random.normal(jax.random.key(0), (4,)))
+            draws[process] = (_draw(cfg, tmp_path / str(process))["draw"], jax.random.normal(jax.random.key(0), (4,)))
     np.testing.assert_array_equal(draws[False][0], draws[True][0])
     np.testing.assert_array_equal(draws[False][0], draws[recorded][1])
     assert not np.array_equal(draws[False][1], draws[True][1])  # the two settings do draw differently
@@ -505,9 +506,79 @@ def test_figure_is_written_whole_or_not_at_all(tmp_path):
 
 
 def test_fill_defaults_adds_only_the_keys_a_saved_config_lacks():
-    """A run's saved config read by a newer qevo (``qevo.export``): missing keys, nested too,
+    """A run's saved config read by a newer qevo (``qevo.export.exporter``): missing keys, nested too,
     take the command's defaults; saved values stay."""
     saved = {"seed": 1, "model": {"name": "lenet5"}}
     defaults = {"seed": 0, "threefry_partitionable": False, "model": {"name": "resnet20", "conv": "auto"}}
     assert harness.fill_defaults(saved, defaults) == {"seed": 1, "threefry_partitionable": False,
                                                       "model": {"name": "lenet5", "conv": "auto"}}
+
+
+# ---------------------------------------------------------------------------- the method table
+
+
+def test_config_json_records_the_method_and_a_folder_of_another_method_is_refused(tmp_path):
+    workdir = tmp_path / "run"
+    results = _lock_holder(config_lib.defaults(), workdir)
+    assert json.loads((workdir / "config.json").read_text())["method"] == "train"
+    assert {k: results[k] for k in ("method", "seed")} == {"method": "train", "seed": config_lib.defaults().seed}
+    assert json.loads((workdir / "results.json").read_text()) == results
+
+    @harness.method("search", config_lib.defaults)
+    def other(cfg, workdir):
+        raise AssertionError("a folder of another method reached the method's body")
+
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(workdir))} holds a qevo.train run, not a qevo.search "
+                                          "one; pass a new --workdir$"):
+        other(config_lib.defaults(), workdir)
+
+
+def test_a_method_whose_results_lack_the_envelope_is_a_bug(tmp_path):
+    @harness.method("train", config_lib.defaults)
+    def bare(cfg, workdir):
+        return {"model": "lenet5"}
+
+    with pytest.raises(AssertionError, match=r"qevo.train's results lack \['dataset', 'seconds', 'device', "):
+        bare(config_lib.defaults(), tmp_path)
+    assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize("recorded, section, method", [
+    (None, "sharing", "sharing"), (None, "coevolve", "coevolve"), (None, "search", "search"), (None, None, "train"),
+    ("compress", "sharing", "sharing"), ("search", "search", "search")])
+def test_the_method_of_a_run_comes_from_config_json_or_for_an_old_run_from_its_section(tmp_path, recorded, section,
+                                                                                      method):
+    from qevo.methods import METHODS, of_run
+
+    saved = {"seed": 3, **({section: {}} if section else {}), **({"method": recorded} if recorded else {})}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    found, cfg = of_run(tmp_path)
+    assert found is METHODS[method]
+    assert cfg.seed == 3 and "method" not in cfg
+    assert set(config_lib.flatten(cfg)) == set(config_lib.flatten(found.defaults()))  # every key, at its default
+
+
+def test_a_run_of_a_method_this_qevo_lacks_is_refused_in_one_line(tmp_path):
+    from qevo.methods import of_run
+
+    (tmp_path / "config.json").write_text(json.dumps({"method": "prune"}))
+    with pytest.raises(CheckpointError, match="names the method 'prune', which this qevo does not have "
+                                              r"\(it has train, search, sharing, coevolve\)"):
+        of_run(tmp_path)
+
+
+def test_a_renamed_config_file_loads_the_new_one_with_a_notice(capsys):
+    cfg = config_lib.load(REPO / "configs" / "mobilenetv2_cpu.py")
+    new = REPO / "configs" / "mobilenetv2_sharing_cpu.py"
+    assert cfg == config_lib.load(new)
+    assert capsys.readouterr().err == (f"qevo: config file {REPO / 'configs' / 'mobilenetv2_cpu.py'} is now {new}; "
+                                       f"reading {new} (the old name goes in the next release)\n")
+
+
+def test_the_former_command_name_runs_the_weight_sharing_with_a_notice(tmp_path):
+    out = run_command("qevo.compress", "lenet5_sharing.py", tmp_path / "run", ["--config.sharing.k_max=1"],
+                      timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.splitlines() == [
+        "qevo: python -m qevo.compress is now python -m qevo.sharing (the old name goes in the next release)",
+        "qevo.sharing: error: config sharing.k_max=1 is invalid; use an int in 2..128 (k ranges over 1..k_max)"]

@@ -16,13 +16,20 @@ import numpy as np
 import pytest
 
 from conftest import REPO, Killed, kill_after_checkpoint, on_cpu_devices, run_command, without_seconds
-from qevo import coevolve, train
 from qevo import config as config_lib
 from qevo.checkpoint import load as load_checkpoint
+from qevo.coevolve import algorithm as coevolve_algorithm
+from qevo.coevolve import config as coevolve_config
+from qevo.coevolve import method as coevolve_method
+from qevo.data.datasets import Dataset
+from qevo.evolution.loop import step_keys
+from qevo.evolution.population import population_map
 from qevo.harness import CHECKPOINT
-from qevo.intforward import IntKernel
-from qevo.loop import step_keys
-from qevo.models import get_model, init_variables
+from qevo.models import inputs as model_inputs
+from qevo.models.zoo import get_model, init_variables
+from qevo.quant import intforward
+from qevo.quant.intforward import IntKernel
+from qevo.train import trainer as training
 
 TINY = {
     "coevolve.w_bits": 2,
@@ -42,13 +49,13 @@ def _args(values: dict) -> list[str]:
 
 def _config(float_dir, data_dir, **extra):
     overrides = {**TINY, "float_from": str(float_dir), "data.data_dir": str(data_dir), **extra}
-    return coevolve.validate(config_lib.load(REPO / "configs" / "lenet5_cc.py",
+    return coevolve_config.validate(config_lib.load(REPO / "configs" / "lenet5_cc.py",
                                              [f"{k}={v}" for k, v in overrides.items()]))
 
 
 @pytest.fixture(scope="module")
 def prepared(tiny_lenet5_float, data_dir, tmp_path_factory):
-    return coevolve.prepare(_config(tiny_lenet5_float, data_dir), tmp_path_factory.mktemp("cc"))
+    return coevolve_method.prepare(_config(tiny_lenet5_float, data_dir), tmp_path_factory.mktemp("cc"))
 
 
 # --------------------------------------------------------------------------- EDA pieces
@@ -56,13 +63,14 @@ def prepared(tiny_lenet5_float, data_dir, tmp_path_factory):
 
 def test_initial_marginals_by_hand():
     q0 = jnp.array([-1, 0, 1], jnp.int8)  # 2-bit levels -1..1
-    np.testing.assert_allclose(coevolve.initial_probs(q0, 1, 1, 0.9), [[0, 0.9, 0.1], [0.05, 0.9, 0.05], [0.1, 0.9, 0]],
+    np.testing.assert_allclose(coevolve_algorithm.initial_probs(q0, 1, 1, 0.9),
+                               [[0, 0.9, 0.1], [0.05, 0.9, 0.05], [0.1, 0.9, 0]],
                                rtol=1e-6)
-    np.testing.assert_allclose(coevolve.initial_probs(q0, 1, 2, 0.9)[0], [0, 0, 0.9, 0.05, 0.05], rtol=1e-6)
+    np.testing.assert_allclose(coevolve_algorithm.initial_probs(q0, 1, 2, 0.9)[0], [0, 0, 0.9, 0.05, 0.05], rtol=1e-6)
     q0 = jnp.array([7, -5], jnp.int8)  # 4-bit levels -7..7
-    probs = coevolve.initial_probs(q0, 7, 2, 0.8)
+    probs = coevolve_algorithm.initial_probs(q0, 7, 2, 0.8)
     np.testing.assert_allclose(probs, [[0.1, 0.1, 0.8, 0, 0], [0.05, 0.05, 0.8, 0.05, 0.05]], rtol=1e-6)
-    np.testing.assert_array_equal(coevolve.allowed(q0, 7, 2), probs > 0)
+    np.testing.assert_array_equal(coevolve_algorithm.allowed(q0, 7, 2), probs > 0)
 
 
 def test_marginal_update_by_hand():
@@ -72,7 +80,7 @@ def test_marginal_update_by_hand():
     for i in range(2):
         want[i] = (1 - lr) * probs[i]
         want[i, best[i]] += lr
-    got = coevolve.update_marginals(jnp.asarray(probs), jnp.asarray(best), jnp.asarray(active), lr)
+    got = coevolve_algorithm.update_marginals(jnp.asarray(probs), jnp.asarray(best), jnp.asarray(active), lr)
     np.testing.assert_allclose(got, want, rtol=1e-6)
     np.testing.assert_allclose(np.sum(got, axis=1), 1.0, rtol=1e-6)
 
@@ -90,22 +98,23 @@ def test_select_accepts_a_sample_only_by_the_paired_margin():
     for z in (0.0, 0.5, 2.0):
         d = losses[best] - losses[0]
         want = best if d.mean() + z * d.std() / np.sqrt(64) < 0 else 0
-        assert int(coevolve.select(jnp.asarray(losses), z)) == want, z
-    assert best == 1 and int(coevolve.select(jnp.asarray(losses), 0.0)) == 1  # the noisy sample wins on its mean ...
-    assert int(coevolve.select(jnp.asarray(losses[[0, 2, 3]]), 2.0)) == 2  # ... the steady one on its margin
-    assert int(coevolve.select(jnp.asarray(losses), 2.0)) == 0  # a noisy best at z = 2 keeps the context
+        assert int(coevolve_algorithm.select(jnp.asarray(losses), z)) == want, z
+    # the noisy sample wins on its mean, the steady one on its margin
+    assert best == 1 and int(coevolve_algorithm.select(jnp.asarray(losses), 0.0)) == 1
+    assert int(coevolve_algorithm.select(jnp.asarray(losses[[0, 2, 3]]), 2.0)) == 2
+    assert int(coevolve_algorithm.select(jnp.asarray(losses), 2.0)) == 0  # a noisy best at z = 2 keeps the context
     broken = losses.copy()
     broken[0, 5] = np.inf  # a context of non-finite loss loses to any finite sample
-    assert int(coevolve.select(jnp.asarray(broken), 2.0)) == 1
+    assert int(coevolve_algorithm.select(jnp.asarray(broken), 2.0)) == 1
     broken[1, 3] = np.nan  # a sample of non-finite loss never wins
-    assert int(coevolve.select(jnp.asarray(broken), 2.0)) == 3
+    assert int(coevolve_algorithm.select(jnp.asarray(broken), 2.0)) == 3
 
 
 def test_freeze_fixes_confident_weights_at_their_most_likely_level():
     probs = jnp.array([[0.0, 0.99, 0.01], [0.96, 0.04, 0.0], [0.2, 0.5, 0.3], [0.0, 0.0, 1.0]])
     context = jnp.array([0, 1, -1, 2], jnp.int8)
     q0 = jnp.array([0, 1, 0, 2], jnp.int8)
-    fixed, frozen = coevolve.freeze(probs, context, q0, 1, 0.95)
+    fixed, frozen = coevolve_algorithm.freeze(probs, context, q0, 1, 0.95)
     np.testing.assert_array_equal(frozen, [True, True, False, True])
     np.testing.assert_array_equal(fixed, [0, 0, -1, 3])  # q0 + argmax - r; the unconfident keeps its context
 
@@ -115,7 +124,7 @@ def test_regroup_takes_the_least_confident_in_random_order_of_ties():
     probs = jnp.asarray(np.stack([conf, 1 - conf], axis=1), jnp.float32)
     orders = set()
     for seed in range(8):
-        groups = np.asarray(coevolve.regroup(jax.random.key(seed), probs, 2, 3))
+        groups = np.asarray(coevolve_algorithm.regroup(jax.random.key(seed), probs, 2, 3))
         assert groups.shape == (2, 3)
         assert set(groups[0]) == {1, 3, 6} and list(groups[1]) == [5, 2, 7]
         orders.add(tuple(groups[0]))
@@ -126,7 +135,7 @@ def test_regroup_takes_the_least_confident_in_random_order_of_ties():
 def test_population_map_strategies_agree(strategy, chunk):
     xs = jnp.arange(20.0).reshape(5, 4)
     fn = lambda row, shared: (jnp.sum(row**2) + shared[0], jnp.max(row[shared[1]]))  # noqa: E731
-    got = jax.jit(lambda x: coevolve.population_map(fn, x, (1.0, jnp.arange(2)), tuple(jax.devices()), strategy,
+    got = jax.jit(lambda x: population_map(fn, x, (1.0, jnp.arange(2)), tuple(jax.devices()), strategy,
                                                     chunk))(xs)
     np.testing.assert_array_equal(got[0], np.sum(np.asarray(xs) ** 2, axis=1) + 1.0)
     np.testing.assert_array_equal(got[1], np.asarray(xs)[:, 1])
@@ -136,7 +145,7 @@ def test_population_map_shards_over_devices():
     """Four host devices, a population of 5 (padded to 8): the same as one device."""
     code = textwrap.dedent("""
         import jax, jax.numpy as jnp, numpy as np
-        from qevo.coevolve import population_map
+        from qevo.evolution.population import population_map
         assert len(jax.devices()) == 4
         xs = jnp.arange(20.0).reshape(5, 4)
         fn = lambda row, shared: jnp.sum(row * shared[0]) + row[shared[1]].sum()
@@ -158,7 +167,7 @@ def test_compiled_cycle_computes_no_derivative(prepared):
     runner = prepared.runner
     state = runner.init_state(prepared.problem, jax.random.PRNGKey(0))
     jaxpr = jax.make_jaxpr(runner._cycle)(state, prepared.problem, step_keys(jax.random.key(1), 0))
-    assert coevolve.derivative_equations(jaxpr) == []
+    assert coevolve_algorithm.derivative_equations(jaxpr) == []
     text = str(jaxpr)
     assert "scan" in text and "dot_general" in text  # the inspected jaxpr holds the real loop
 
@@ -167,11 +176,11 @@ def test_derivative_check_flags_gradients(prepared):
     """The checker finds jax.grad (QAT's epoch, and a gradient slipped into the population
     loss), jax.vjp and jax.jvp."""
     runner, problem = prepared.runner, prepared.problem
-    trainer = train.Trainer(prepared.cfg, prepared.ds, prepared.model, quantized=True)
-    bits = train.uniform_bits(5, 2, 8)
+    trainer = training.Trainer(prepared.cfg, prepared.ds, prepared.model, quantized=True)
+    bits = model_inputs.uniform_bits(5, 2, 8)
     epoch = jax.make_jaxpr(trainer._epoch)(trainer.init_state(prepared.variables), bits, jax.random.key(0),
                                            problem.images, problem.labels)
-    found = coevolve.derivative_equations(epoch)
+    found = coevolve_algorithm.derivative_equations(epoch)
     assert found and any("transpose(" in f for f in found)
 
     idx = jnp.arange(8)
@@ -183,12 +192,12 @@ def test_derivative_check_flags_gradients(prepared):
                                                   problem.images[:32], problem.labels[:32])[0])
         return jax.grad(loss)(scales)
 
-    assert coevolve.derivative_equations(jax.make_jaxpr(with_gradient)(problem.scales))
+    assert coevolve_algorithm.derivative_equations(jax.make_jaxpr(with_gradient)(problem.scales))
     f = lambda w: jnp.tanh(w @ w)  # noqa: E731
     w = jnp.ones((3, 3))
-    assert coevolve.derivative_equations(jax.make_jaxpr(lambda w: jax.vjp(f, w)[1](w))(w))
-    assert coevolve.derivative_equations(jax.make_jaxpr(lambda w: jax.jvp(f, (w,), (w,))[1])(w))
-    assert coevolve.derivative_equations(jax.make_jaxpr(f)(w)) == []
+    assert coevolve_algorithm.derivative_equations(jax.make_jaxpr(lambda w: jax.vjp(f, w)[1](w))(w))
+    assert coevolve_algorithm.derivative_equations(jax.make_jaxpr(lambda w: jax.jvp(f, (w,), (w,))[1])(w))
+    assert coevolve_algorithm.derivative_equations(jax.make_jaxpr(f)(w)) == []
 
 
 # --------------------------------------------------------------------------- the cycle
@@ -221,7 +230,7 @@ def test_cycle_keeps_the_best_and_valid_marginals(prepared):
     assert np.all(stats.best_loss <= stats.loss) and np.array_equal(stats.improved, stats.best_loss < stats.loss)
     probs = np.asarray(new.probs)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
-    assert np.all(probs[~np.asarray(coevolve.allowed(problem.q0, 1, 1))] == 0)
+    assert np.all(probs[~np.asarray(coevolve_algorithm.allowed(problem.q0, 1, 1))] == 0)
     changed = np.flatnonzero(np.asarray(new.context) != np.asarray(problem.q0))
     moved = np.flatnonzero(np.any(probs != np.asarray(state.probs), axis=1))
     assert changed.size and set(changed) <= set(moved)
@@ -233,12 +242,12 @@ def test_cycle_keeps_the_best_and_valid_marginals(prepared):
 
 
 def test_interrupted_evolution_resumes_to_the_same_state(tiny_lenet5_float, data_dir, prepared, tmp_path):
-    whole_state, whole = coevolve.evolve(prepared, tmp_path / "whole")
-    first = coevolve.Prepared(**{**prepared.__dict__,
+    whole_state, whole = coevolve_method.evolve(prepared, tmp_path / "whole")
+    first = coevolve_method.Prepared(**{**prepared.__dict__,
                                  "cfg": _config(tiny_lenet5_float, data_dir, **{"coevolve.cycles": 1})})
-    coevolve.evolve(first, tmp_path / "split")
+    coevolve_method.evolve(first, tmp_path / "split")
     assert load_checkpoint(tmp_path / "split" / CHECKPOINT)[1] == {"cycle": 1}
-    state, history = coevolve.evolve(prepared, tmp_path / "split")
+    state, history = coevolve_method.evolve(prepared, tmp_path / "split")
     for a, b in zip(jax.tree_util.tree_leaves(whole_state), jax.tree_util.tree_leaves(state), strict=True):
         np.testing.assert_array_equal(a, b)
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
@@ -280,14 +289,14 @@ def test_command_writes_every_output(tiny_lenet5_float, data_dir, tmp_path):
 def test_killed_command_resumes_its_qat_baseline_to_the_same_results(tiny_lenet5_float, data_dir, tmp_path,
                                                                       monkeypatch, capsys):
     cfg = _config(tiny_lenet5_float, data_dir, **{"data.max_train_images": 500})  # QAT: 2 epochs of 288 images
-    whole = coevolve.run(cfg, tmp_path / "whole")
+    whole = coevolve_method.run(cfg, tmp_path / "whole")
     assert whole["qat"]["epochs"] == 2
     kill_after_checkpoint(monkeypatch, saves=1, folder="qat")
     with pytest.raises(Killed):
-        coevolve.run(cfg, tmp_path / "split")
+        coevolve_method.run(cfg, tmp_path / "split")
     monkeypatch.undo()
     capsys.readouterr()
-    resumed = coevolve.run(cfg, tmp_path / "split")
+    resumed = coevolve_method.run(cfg, tmp_path / "split")
     err = capsys.readouterr().err
     assert f"resuming {tmp_path / 'split'} after cycle 3" in err
     assert f"resuming {tmp_path / 'split' / 'qat'} after epoch 1" in err
@@ -314,7 +323,7 @@ def test_killed_command_resumes_its_qat_baseline_to_the_same_results(tiny_lenet5
 def test_bad_config_is_refused_with_the_fix(overrides, message):
     cfg = config_lib.load(REPO / "configs" / "lenet5_cc.py", [f"{k}={v}" for k, v in overrides.items()])
     with pytest.raises(config_lib.ConfigError) as err:
-        coevolve.validate(cfg)
+        coevolve_config.validate(cfg)
     assert message in str(err.value)
 
 
@@ -341,18 +350,18 @@ def test_groups_larger_than_the_network_are_refused(tiny_lenet5_float, data_dir,
     cfg = _config(tiny_lenet5_float, data_dir, **{"coevolve.num_groups": 1000, "coevolve.group_size": 256})
     with pytest.raises(config_lib.ConfigError,
                        match=r"num_groups \* coevolve.group_size = 256000 exceeds the 60480 integer weights"):
-        coevolve.prepare(cfg, tmp_path)
+        coevolve_method.prepare(cfg, tmp_path)
 
 
 @pytest.mark.parametrize("name", ["lenet5_cc.py", "resnet20_cc.py", "resnet20_cc_cpu.py"])
 def test_configs_load_and_validate(name):
-    cfg = coevolve.validate(config_lib.load(REPO / "configs" / name))
+    cfg = coevolve_config.validate(config_lib.load(REPO / "configs" / name))
     assert cfg.coevolve.w_bits == 4 and cfg.coevolve.a_bits == 8
 
 
 def test_saved_kernels_reload_as_int_kernels(prepared, tmp_path):
     genome = prepared.problem.q0
-    coevolve.save_integer_model(tmp_path / "m.msgpack", prepared, genome, {"note": 1})
+    coevolve_method.save_integer_model(tmp_path / "m.msgpack", prepared, genome, {"note": 1})
     template = {"kernels": prepared.runner.kernels(genome, prepared.problem.scales), "variables": prepared.variables}
     tree, meta = load_checkpoint(tmp_path / "m.msgpack", template)
     assert meta == {"note": 1} and isinstance(tree["kernels"]["QConv_1"], IntKernel)
@@ -403,10 +412,10 @@ def test_batch_statistics_are_those_of_the_float_models_training_images(augment)
     rng = np.random.default_rng(0)
     images = rng.integers(150, 250, (256, 16, 16, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, 256).astype(np.int32)
-    cfg = coevolve.validate(config_lib.load(REPO / "configs" / "resnet20_cc_cpu.py", [
+    cfg = coevolve_config.validate(config_lib.load(REPO / "configs" / "resnet20_cc_cpu.py", [
         f"train.augment={augment}", "coevolve.num_groups=1", "coevolve.group_size=8", "coevolve.bn_images=1024"]))
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-    _, runner, problem = coevolve.prepare_arrays(cfg, model, variables, mean, std, images, labels, images[:32],
+    _, runner, problem = coevolve_method.prepare_arrays(cfg, model, variables, mean, std, images, labels, images[:32],
                                                  labels[:32])
     stats = runner.statistics(problem, problem.q0, jax.random.PRNGKey(3))["BatchNorm_0"]
 
@@ -442,16 +451,17 @@ def test_bits_from_a_search_model_gives_each_layer_its_own_level_range(tmp_path)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (64, 16, 16, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, 64).astype(np.int32)
-    cfg = coevolve.validate(config_lib.load(REPO / "configs" / "resnet20_cc_cpu.py", [
+    cfg = coevolve_config.validate(config_lib.load(REPO / "configs" / "resnet20_cc_cpu.py", [
         f"bits_from={run}", "bits_model=front_01", "coevolve.num_groups=1", "coevolve.group_size=8",
         "coevolve.bn_images=64", "coevolve.radius=2"]))
-    bits, runner, problem = coevolve.prepare_arrays(cfg, model, variables, (0.5,) * 3, (0.25,) * 3, images, labels,
+    bits, runner, problem = coevolve_method.prepare_arrays(
+        cfg, model, variables, (0.5,) * 3, (0.25,) * 3, images, labels,
                                                     images[:16], labels[:16])
     assert bits.w.tolist() == w and bits.a.tolist() == a
-    probs = np.asarray(coevolve.initial_probs(problem.q0, runner.max_level, 2, 0.9))
+    probs = np.asarray(coevolve_algorithm.initial_probs(problem.q0, runner.max_level, 2, 0.9))
     levels = np.asarray(problem.q0)[:, None] + np.arange(-2, 3)
     start = 0
-    paths = coevolve.intforward.quantized_layers(model)
+    paths = intforward.quantized_layers(model)
     for path, shape in runner.layers.items():
         size, n = int(np.prod(shape)), 2 ** (w[paths[path]] - 1) - 1
         part = slice(start, start + size)
@@ -476,9 +486,10 @@ def test_bits_from_a_search_model_gives_each_layer_its_own_level_range(tmp_path)
 ])
 def test_bad_bits_from_is_refused_in_one_line(tmp_path, extra, models, message):
     run = _search_run(tmp_path, models)
-    cfg = coevolve.validate(config_lib.load(REPO / "configs" / "lenet5_cc.py", [e.format(run=run) for e in extra]))
+    overrides = [e.format(run=run) for e in extra]
+    cfg = coevolve_config.validate(config_lib.load(REPO / "configs" / "lenet5_cc.py", overrides))
     with pytest.raises(config_lib.ConfigError) as err:
-        coevolve.integer_bits(cfg, get_model("lenet5", 10))
+        coevolve_method.integer_bits(cfg, get_model("lenet5", 10))
     assert re.match(message.format(run=re.escape(run)), str(err.value)) and "\n" not in str(err.value), err.value
 
 
@@ -486,24 +497,24 @@ def test_bad_bits_from_is_refused_before_the_float_model_trains(tmp_path, monkey
     run = _search_run(tmp_path, {"front_01": ([32, 4, 4, 4, 32], [32, 4, 4, 4, 32])})
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (40, 28, 28, 1)).astype(np.uint8), rng.integers(0, 10, 40)
-    monkeypatch.setattr(train, "load_data", lambda cfg: train.Dataset.from_arrays((x, y), (x, y), val_size=8))
-    monkeypatch.setattr(coevolve, "float_model", lambda *args: pytest.fail("the float model was trained"))
+    monkeypatch.setattr(model_inputs, "load_data", lambda cfg: Dataset.from_arrays((x, y), (x, y), val_size=8))
+    monkeypatch.setattr(coevolve_method, "float_model", lambda *args: pytest.fail("the float model was trained"))
     for model, message in (("front_07", "bits_model='front_07' is not a final model of "),
                            ("front_01", f"front_01 of {run} has widths for 5 layers, this model (CifarResNet) "
                                         "has 20; ")):
-        cfg = coevolve.validate(config_lib.load(REPO / "configs" / "resnet20_cc_cpu.py", [
+        cfg = coevolve_config.validate(config_lib.load(REPO / "configs" / "resnet20_cc_cpu.py", [
             f"bits_from={run}", f"bits_model={model}", "data.val_size=8"]))
         with pytest.raises(config_lib.ConfigError) as err:
-            coevolve.prepare(cfg, tmp_path / "cc")
+            coevolve_method.prepare(cfg, tmp_path / "cc")
         assert str(err.value).startswith(message), err.value
 
 
 def test_bits_from_reads_a_committed_search_model():
     """The committed ResNet-20 search's front_02 (4-bit weights but one 2-bit layer) as the
     coevolution's widths, straight from its results folder."""
-    cfg = coevolve.validate(config_lib.load(REPO / "configs" / "resnet20_cc_cpu.py", [
+    cfg = coevolve_config.validate(config_lib.load(REPO / "configs" / "resnet20_cc_cpu.py", [
         "bits_from=" + str(REPO / "benchmarks" / "results" / "resnet20_cpu_search3"), "bits_model=front_02"]))
-    bits = coevolve.integer_bits(cfg, get_model("resnet20", 10))
+    bits = coevolve_method.integer_bits(cfg, get_model("resnet20", 10))
     assert bits.w.tolist() == [32] + [4] * 10 + [2] + [4] * 7 + [32]
     assert bits.a.tolist() == [32] + [4] * 8 + [2] + [4] * 8 + [2, 32]
-    assert coevolve.describe(bits).startswith("w[32, 4, 4")
+    assert coevolve_method.describe(bits).startswith("w[32, 4, 4")

@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from qevo import cost
-from qevo.models import get_model, init_variables
+from qevo.models import cost
+from qevo.models.zoo import get_model, init_variables
 
 
 def _table(name, shape):

@@ -1,4 +1,4 @@
-"""Tests of qevo.data on the stored real datasets and on small image folders made here."""
+"""Tests of qevo.data.datasets on the stored real datasets and on small image folders made here."""
 
 import importlib.util
 import io
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import qevo.data
-from qevo.data import CIFAR10_CLASSES, DataError, Dataset, load_dataset, normalize
+import qevo.data.datasets
+from qevo.data.datasets import CIFAR10_CLASSES, DataError, Dataset, load_dataset, normalize
+from qevo.errors import ConfigError
 
 CIFAR_MEAN = (0.4913, 0.4821, 0.4465)
 
@@ -126,7 +127,7 @@ def test_cifar10_second_load_hits_the_cache(cifar, data_dir, cifar_cache, monkey
     def no_decoding(*args):
         raise AssertionError("decoded again instead of loading the cache")
 
-    monkeypatch.setattr(qevo.data, "_decode_all", no_decoding)
+    monkeypatch.setattr(qevo.data.datasets, "_decode_all", no_decoding)
     again = load_dataset("cifar10", data_dir, cache_dir=cifar_cache)
     assert np.array_equal(again.train_images, cifar.train_images) and again.mean == cifar.mean
     assert len(list(cifar_cache.glob("*.npz"))) == 1 and not list(cifar_cache.glob("*.tmp"))
@@ -248,21 +249,21 @@ def test_image_folder_errors(tmp_path):
 
 
 def test_decoding_workers_import_no_jax_and_decode_as_this_process():
-    """qevo.data's pool of image-decoding processes: each runs qevo/decode_worker.py first, so
-    it imports qevo.data without qevo's __init__ (no JAX, no models; this process's main is not
+    """qevo.data.datasets's pool of image-decoding processes: each runs qevo/decode_worker.py first, so
+    it imports qevo.data.datasets without qevo's __init__ (no JAX, no models; this process's main is not
     re-run there), decodes as this process does, and a bad image there is a DataError here."""
     items = []
     for i, (mode, color) in enumerate([("RGB", (10, 200, 30)), ("L", 77), ("RGBA", (1, 2, 3, 4))]):
         buf = io.BytesIO()
         Image.new(mode, (7, 5), color).save(buf, "PNG")
         items.append((f"{i}.png", buf.getvalue()))
-    here = qevo.data._decode_chunk(items, 4)
-    with qevo.data._decode_pool() as pool:
-        imported = pool.submit(eval, "__import__('qevo.data') and "  # as unpickling a decoding task does
-                               "sorted({'jax', 'flax', 'qevo.models'} & set(__import__('sys').modules))")
-        decoded = pool.submit(qevo.data._decode_chunk, items, 4).result()
+    here = qevo.data.datasets._decode_chunk(items, 4)
+    with qevo.data.datasets._decode_pool() as pool:
+        imported = pool.submit(eval, "__import__('qevo.data.datasets') and "  # as unpickling a decoding task does
+                               "sorted({'jax', 'flax', 'qevo.models.zoo'} & set(__import__('sys').modules))")
+        decoded = pool.submit(qevo.data.datasets._decode_chunk, items, 4).result()
         with pytest.raises(DataError, match=r"cannot decode image bad\.png"):
-            pool.submit(qevo.data._decode_chunk, [("bad.png", b"not an image")], None).result()
+            pool.submit(qevo.data.datasets._decode_chunk, [("bad.png", b"not an image")], None).result()
         assert imported.result() == []
     assert [x.shape for x in decoded] == [(4, 4, 3), (4, 4, 1), (4, 4, 3)]
     for ours, theirs in zip(here, decoded, strict=True):
@@ -327,7 +328,7 @@ def test_written_image_folder_reloads_to_the_same_splits(tmp_path, quality):
     root = make_noise_folder(tmp_path / "src", {"cat": (5, 2), "ant": (4, 3), "bee": (6, 1)})
     source = load_dataset("image_folder", root, val_size=4, seed=3, cache_dir=tmp_path / "cache")
     out = tmp_path / "copy.tar.gz"
-    summary = qevo.data.write_image_folder("image_folder", out, data_dir=root, cache_dir=tmp_path / "cache",
+    summary = qevo.data.datasets.write_image_folder("image_folder", out, data_dir=root, cache_dir=tmp_path / "cache",
                                            quality=quality)
     assert summary["images"] == 21 and summary["bytes"] == out.stat().st_size and summary["image_size"] == 5
     with tarfile.open(out) as tar:
@@ -540,7 +541,7 @@ def test_labels_of_another_kind_are_refused_in_one_line(train_labels, test_label
 
 def test_labels_argument_is_checked():
     x, y = np.zeros((6, 2), np.uint8), np.zeros(6, int)
-    with pytest.raises(qevo.data.ConfigError, match=r"labels='multi' is not one of \('classes', 'any'\)"):
+    with pytest.raises(ConfigError, match=r"labels='multi' is not one of \('classes', 'any'\)"):
         Dataset.from_arrays((x, y), (x, y), labels="multi")
-    with pytest.raises(qevo.data.ConfigError, match="num_classes counts class labels; leave it out with labels='any'"):
+    with pytest.raises(ConfigError, match="num_classes counts class labels; leave it out with labels='any'"):
         Dataset.from_arrays((x, y), (x, y), labels="any", num_classes=3)

@@ -15,11 +15,11 @@ import pytest
 
 from conftest import REPO, synthetic_digits
 from qevo import distributed
-from qevo.calibration import calibrate
-from qevo.data import normalize
+from qevo.data.datasets import normalize
 from qevo.errors import ConfigError
-from qevo.models import get_model, init_variables
-from qevo.population import PopulationEvaluator
+from qevo.evolution.population import PopulationEvaluator
+from qevo.models.zoo import get_model, init_variables
+from qevo.quant.calibration import calibrate
 
 TESTS = pathlib.Path(__file__).parent
 
@@ -31,10 +31,10 @@ assert distributed.initialize()
 import jax, numpy as np
 jax.config.update("jax_threefry_partitionable", False)  # as conftest sets it for the test process
 from conftest import REPO, synthetic_digits
-from qevo.calibration import calibrate
-from qevo.data import normalize
-from qevo.models import get_model, init_variables
-from qevo.population import PopulationEvaluator
+from qevo.quant.calibration import calibrate
+from qevo.data.datasets import normalize
+from qevo.models.zoo import get_model, init_variables
+from qevo.evolution.population import PopulationEvaluator
 ds = synthetic_digits()
 model = get_model("lenet5", 10)
 v = init_variables(model, jax.random.key(0), (28, 28, 1))
@@ -54,21 +54,23 @@ def shared_and_coevolved(model, variables, ds) -> dict:
     networks (a population of 3) and one coevolution cycle (4 candidates per group), as numbers."""
     import jax.numpy as jnp
 
-    from qevo import coevolve, sharing
     from qevo import config as config_lib
-    from qevo.loop import step_keys
-    from qevo.population import batch_eval_set
+    from qevo.coevolve import config as coevolve_config
+    from qevo.coevolve import method as coevolve_method
+    from qevo.evolution.loop import step_keys
+    from qevo.evolution.population import batch_eval_set
+    from qevo.sharing import clusters
 
-    paths = sharing.kernel_paths(variables["params"])
-    table = sharing.build_table(sharing.get_kernels(variables["params"], paths), 4)
-    shared = sharing.SharedEvaluator(model, ds.mean, ds.std, paths)
+    paths = clusters.kernel_paths(variables["params"])
+    table = clusters.build_table(clusters.get_kernels(variables["params"], paths), 4)
+    shared = clusters.SharedEvaluator(model, ds.mean, ds.std, paths)
     rows = jnp.array([[-1] * 5, [3] * 5, [0, 1, 2, 3, 0]], jnp.int32)
     batches = batch_eval_set(jnp.asarray(ds.val_images), jnp.asarray(ds.val_labels), 100)
     shared_scores = shared.jit(shared.accuracy_of_k)(variables, table, table.centroids, rows, batches)
-    cfg = coevolve.validate(config_lib.load(REPO / "configs" / "lenet5_cc.py", [
+    cfg = coevolve_config.validate(config_lib.load(REPO / "configs" / "lenet5_cc.py", [
         "coevolve.w_bits=2", "coevolve.num_groups=2", "coevolve.group_size=64", "coevolve.population_size=4",
         "coevolve.batch_size=64", "coevolve.bn_images=0"]))
-    _, runner, problem = coevolve.prepare_arrays(cfg, model, variables, ds.mean, ds.std, ds.train_images[:1000],
+    _, runner, problem = coevolve_method.prepare_arrays(cfg, model, variables, ds.mean, ds.std, ds.train_images[:1000],
                                                  ds.train_labels[:1000], ds.val_images, ds.val_labels)
     state, stats = runner.cycle(runner.init_state(problem, jax.random.key(0)), problem,
                                 step_keys(jax.random.key(1), 0))
@@ -194,9 +196,9 @@ def test_importing_the_commands_computes_nothing():
     must start none (evosax starts one at import, so qevo imports it when a driver is made)."""
     script = ("import jax._src.xla_bridge as xb, sys\n"
               "backends, xb.backends = xb.backends, lambda *a, **k: sys.exit('a backend was started at import')\n"
-              "import qevo.search, qevo.compress, qevo.coevolve, qevo.train, qevo.cli, qevo.drivers\n"
+              "import qevo.search, qevo.sharing, qevo.coevolve, qevo.train, qevo.cli, qevo.evolution.drivers\n"
               "xb.backends = backends\n"
-              "print(sorted(c.__name__ for c in qevo.drivers.EVOSAX_STRATEGIES.values())[0])\n")
+              "print(sorted(c.__name__ for c in qevo.evolution.drivers.EVOSAX_STRATEGIES.values())[0])\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "CMA_ES"  # the evosax classes, once asked for

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qevo import drivers
+from qevo.evolution import drivers
 
 # 3 x 3 example: columns error, cost, size; lower/upper map them to [0, 1]
 F = jnp.array([[0.1, 2.0, 4.0],

@@ -18,12 +18,14 @@ from flax import traverse_util
 from onnx import numpy_helper
 
 from conftest import REPO, run_main
-from qevo import export, intforward, onnxgraph, sharing
-from qevo.data import normalize
+from qevo.data.datasets import normalize
 from qevo.errors import CheckpointError, ConfigError, ExportError
-from qevo.interception import quantize
-from qevo.layers import BatchNorm, Bits, QuantOptions
-from qevo.models import get_model, init_variables
+from qevo.export import exporter, onnxgraph
+from qevo.models.zoo import get_model, init_variables
+from qevo.quant import intforward
+from qevo.quant.interception import quantize
+from qevo.quant.layers import BatchNorm, Bits, QuantOptions
+from qevo.sharing import clusters
 
 MEAN, STD = (0.45, 0.5, 0.55), (0.2, 0.25, 0.3)
 
@@ -97,7 +99,7 @@ def test_graph_matches_the_fake_quantized_forward(case):
     mean, std = MEAN[:channels], STD[:channels]
     variables = _randomized(init_variables(model, jax.random.key(1), shape), 2)
     bits = Bits(w=np.array(w, np.int32), a=np.array(a, np.int32))
-    kernels = export.quantized_kernels(model, variables, bits, mode=model.options.mode)
+    kernels = exporter.quantized_kernels(model, variables, bits, mode=model.options.mode)
     proto = onnxgraph.build(model, variables, bits, kernels, shape, mean, std)
     images = np.random.default_rng(3).integers(0, 256, (16, *shape), dtype=np.uint8)
     ours = model.apply(variables, normalize(images, mean, std), Bits(w=jnp.asarray(w), a=jnp.asarray(a)))
@@ -127,8 +129,8 @@ INTEGER_CASES = {
 
 @pytest.mark.parametrize("case", sorted(INTEGER_CASES))
 def test_integer_graph_is_qevos_integer_forward(case):
-    """The integer graph against the oracle, :func:`qevo.intforward.apply` in integer
-    arithmetic, jitted as ``export.load`` runs it: the same predictions and logits."""
+    """The integer graph against the oracle, :func:`qevo.quant.intforward.apply` in integer
+    arithmetic, jitted as ``exporter.load`` runs it: the same predictions and logits."""
     make, shape, w, a = INTEGER_CASES[case]
     model = make()
     mean, std = MEAN[:shape[-1]], STD[:shape[-1]]
@@ -184,14 +186,14 @@ def test_float_graph_folds_batch_norm_and_keeps_no_quantizer():
 def test_shared_kernels_are_gathered_from_their_codebooks():
     model, shape = _zoo("lenet5", (28, 28, 1)), (28, 28, 1)
     variables = _randomized(init_variables(model, jax.random.key(0), shape), 6)
-    paths = sharing.kernel_paths(variables["params"])
+    paths = clusters.kernel_paths(variables["params"])
     rng = np.random.default_rng(7)
     kernels, expanded = {}, variables
-    for p, kernel in zip(paths, sharing.get_kernels(variables["params"], paths), strict=True):
+    for p, kernel in zip(paths, clusters.get_kernels(variables["params"], paths), strict=True):
         codebook = rng.normal(0, 0.2, 5).astype(np.float32)
         indices = rng.integers(0, 5, kernel.shape).astype(np.uint8)
-        kernels[sharing.layer_name(p[:-1])] = onnxgraph.SharedKernel(indices, codebook)
-    expanded = sharing.with_kernels(variables, paths, [k.codebook[k.indices] for k in kernels.values()])
+        kernels[clusters.layer_name(p[:-1])] = onnxgraph.SharedKernel(indices, codebook)
+    expanded = clusters.with_kernels(variables, paths, [k.codebook[k.indices] for k in kernels.values()])
     proto = onnxgraph.build(model, variables, None, kernels, shape, (0.1,), (0.3,))
     images = rng.integers(0, 256, (4, *shape), dtype=np.uint8)
     np.testing.assert_allclose(onnxgraph.run(proto, images),
@@ -224,7 +226,7 @@ RUNS = {
     "search": ("qevo.search", "lenet5.py", ["--config.population_size=4", "--config.generations=1",
                                              "--config.search.qat_steps=2", "--config.search.eval_images=300",
                                              "--config.final.max_models=1"]),
-    "compress": ("qevo.compress", "lenet5_sharing.py", ["--config.population_size=4", "--config.generations=1",
+    "compress": ("qevo.sharing", "lenet5_sharing.py", ["--config.population_size=4", "--config.generations=1",
                                                          "--config.sharing.k_max=8", "--config.sharing.refine=False",
                                                          "--config.sharing.report_formats=('float32','int8')"]),
     "coevolve": ("qevo.coevolve", "lenet5_cc.py", ["--config.coevolve.w_bits=2", "--config.coevolve.cycles=1",
@@ -261,7 +263,7 @@ def runs(tiny_lenet5_float, data_dir, tmp_path_factory):
 ])
 def test_each_kind_of_run_exports_and_runs_in_onnxruntime(runs, kind, name, storage, tmp_path):
     out = tmp_path / "model.onnx"
-    record = export.export(runs[kind], name, out, check=True)
+    record = exporter.export(runs[kind], name, out, check=True)
     onnx.checker.check_model(onnx.load(out), full_check=True)
     assert json.loads(out.with_suffix(".json").read_text()) == json.loads(json.dumps(record))
     check = record["verification"]
@@ -274,13 +276,13 @@ def test_each_kind_of_run_exports_and_runs_in_onnxruntime(runs, kind, name, stor
     assert all(layer["weights"].startswith(storage) for layer in (quantized or record["layers"][1:4]))
     if name == "w2a2":
         assert record["w_bits"] == record["a_bits"] == [32, 2, 2, 2, 32]
-        assert record["size_bits"] < 0.2 * export.export(runs[kind], "float", tmp_path / "f.onnx")["size_bits"]
+        assert record["size_bits"] < 0.2 * exporter.export(runs[kind], "float", tmp_path / "f.onnx")["size_bits"]
 
 
 def test_the_python_function_is_the_api_one():
     import qevo
 
-    assert qevo.export_onnx is export.export
+    assert qevo.export_onnx is exporter.export
 
 
 def _command(args):
@@ -335,14 +337,14 @@ def test_inputs_of_ones_own_network_are_checked_in_one_line(source, spec, messag
     if source is not None:
         (tmp_path / "inputs.py").write_text(source)
     with pytest.raises(ConfigError, match=re.escape(message)):
-        export.user_inputs(spec)
+        exporter.user_inputs(spec)
 
 
 def test_inputs_import_the_modules_beside_their_file(tmp_path):
     (tmp_path / "helper_beside.py").write_text("MODEL = 'the model'\n")
     (tmp_path / "inputs.py").write_text("import helper_beside\n\n"
                                         "def inputs():\n    return {'model': helper_beside.MODEL}\n")
-    assert export.user_inputs(f"{tmp_path / 'inputs.py'}:inputs") == {"model": "the model"}
+    assert exporter.user_inputs(f"{tmp_path / 'inputs.py'}:inputs") == {"model": "the model"}
 
 
 @pytest.mark.slow
@@ -353,19 +355,23 @@ def test_a_search_rerun_writes_the_model_files_finished_models_lack(runs, tiny_l
     trained again, alone now (it trained side by side with the others before), to the same bytes."""
     import ml_collections
 
-    from qevo import checkpoint, search, train
+    from qevo import checkpoint
     from qevo.harness import CHECKPOINT
+    from qevo.search import config as search_config
+    from qevo.search import final as search_final
+    from qevo.train import trainer as training
 
     final = runs["search"] / "final"
     trained = {name: (final / name / "model.msgpack").read_bytes() for name in ("w2a2", "w4a4")}
-    found = export.load(runs["search"], "w2a2")
+    found = exporter.load(runs["search"], "w2a2")
     saved = ml_collections.ConfigDict(json.loads((runs["search"] / "config.json").read_text()))
-    trainer = train.Trainer(search.final_config(search.validate(saved)), found.ds, found.model, quantized=True)
+    final = search_final.final_config(search_config.validate(saved))
+    trainer = training.Trainer(final, found.ds, found.model, quantized=True)
     checkpoint.save(final / "w2a2" / CHECKPOINT, trainer.init_state(found.variables), {})
     for name in trained:
         (final / name / "model.msgpack").unlink()
     with pytest.raises(CheckpointError, match=r"rerun `python -m qevo.search` with the same --workdir"):
-        export.load(runs["search"], "w2a2")
+        exporter.load(runs["search"], "w2a2")
     module, config, args = RUNS["search"]
     status, stderr = run_main(module, config, runs["search"],
                               [f"--config.float_from={tiny_lenet5_float}", *SMALL_DATA, *args], data_dir)
@@ -392,13 +398,13 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_work(tmp_path, wher
 
 def test_without_the_export_extra_the_answer_is_one_line(monkeypatch, tmp_path):
     """As when onnx is not installed: the command says what to install, and so does loading
-    a quantized model for export, which imports qevo.onnxgraph (and onnx) only then."""
+    a quantized model for export, which imports qevo.export.onnxgraph (and onnx) only then."""
     monkeypatch.setitem(sys.modules, "onnx", None)
-    monkeypatch.delitem(sys.modules, "qevo.onnxgraph")
-    monkeypatch.delattr("qevo.onnxgraph")
+    monkeypatch.delitem(sys.modules, "qevo.export.onnxgraph")
+    monkeypatch.delattr("qevo.export.onnxgraph")
     needs = r"exporting needs onnx: pip install 'qevo\[export\]'"
     with pytest.raises(ConfigError, match=needs):
-        export.export(tmp_path, None, tmp_path / "x.onnx")
+        exporter.export(tmp_path, None, tmp_path / "x.onnx")
     assert not (tmp_path / "x.onnx").exists()
     with pytest.raises(ConfigError, match=needs):
-        export.quantized_kernels(get_model("lenet5", 10), {"params": {}}, Bits(w=np.full(5, 4), a=np.full(5, 8)))
+        exporter.quantized_kernels(get_model("lenet5", 10), {"params": {}}, Bits(w=np.full(5, 4), a=np.full(5, 8)))

@@ -31,11 +31,13 @@ def test_the_package_keeps_its_layers():
 
 @pytest.mark.parametrize("module, line, broken", [
     # an upward import: a foundation reaching a method
-    ("quant.py", "import qevo.search", "qevo.quant -> qevo.search"),
+    ("quant/quantizers.py", "import qevo.search.method", "qevo.quant.quantizers -> qevo.search.method"),
     # the circle that once was: the harness importing the training method that imports it
     ("harness.py", "from qevo.train import MODEL as _M", "qevo.harness -> qevo.train"),
     # two independent methods importing each other
-    ("compress.py", "import qevo.coevolve", "qevo.compress -> qevo.coevolve"),
+    ("sharing/method.py", "import qevo.coevolve.method", "qevo.sharing.method -> qevo.coevolve.method"),
+    # the engine reaching the method table
+    ("evolution/loop.py", "import qevo.methods", "qevo.evolution.loop -> qevo.methods"),
 ])
 def test_an_upward_import_breaks_the_contract(tmp_path, module, line, broken):
     shutil.copytree(REPO / "qevo", tmp_path / "qevo", ignore=shutil.ignore_patterns("__pycache__"))

@@ -1,4 +1,4 @@
-"""A user's own Flax Linen network, unchanged, quantized from outside (qevo.interception),
+"""A user's own Flax Linen network, unchanged, quantized from outside (qevo.quant.interception),
 and a user's own arrays (Dataset.from_arrays)."""
 
 import csv
@@ -17,10 +17,12 @@ from flax import nnx
 from test_quant import np_quantize_activation, np_quantize_weight
 
 import qevo
-from qevo import search, train
 from qevo.config import ConfigError
 from qevo.errors import DataError
-from qevo.layers import Bits, QuantOptions
+from qevo.models import inputs as model_inputs
+from qevo.quant.layers import Bits, QuantOptions
+from qevo.search import config as search_config
+from qevo.search import method as search_method
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -66,7 +68,7 @@ def test_the_layer_table_and_bitops_of_a_users_network_by_hand():
     params = sum(int(np.size(v)) for v in jax.tree.leaves(variables["params"]))
     assert table.other_params == params - (54 + 54 + 48 + 4608 + 48)
     for b in (8, 4):
-        bits = train.uniform_bits(5, b, b)
+        bits = model_inputs.uniform_bits(5, b, b)
         want = 32 * 32 * macs[0] + b * b * (macs[1] + macs[2] + macs[3]) + 32 * 32 * macs[4]
         assert float(qevo.bitops(table, bits.w, bits.a)) == want
 
@@ -176,7 +178,7 @@ def test_a_network_without_quantizable_layers_is_refused_in_one_line():
 def test_a_search_of_a_network_without_quantizable_layers_stops_before_training(tmp_path):
     data = qevo.Dataset.from_arrays(train=_arrays(), test=_arrays(10, seed=1), val_size=5)
     with pytest.raises(ConfigError) as err:
-        search.run(qevo.search_defaults(), tmp_path, model=Pool(), data=data)
+        search_method.run(qevo.search_defaults(), tmp_path, model=Pool(), data=data)
     # nothing of the run but its config.json, as the command leaves
     assert str(err.value) == NO_LAYER and [p.name for p in tmp_path.iterdir()] == ["config.json"]
 
@@ -244,7 +246,7 @@ class NNXFive(nnx.Module):
 def test_a_model_whose_output_does_not_fit_the_labels_is_refused(make, got):
     data = qevo.Dataset.from_arrays(train=_arrays(), test=_arrays(10, seed=1), val_size=5)
     with pytest.raises(ConfigError) as err:
-        train.resolve_inputs(qevo.search_defaults(), make(), None, data)
+        model_inputs.resolve_inputs(qevo.search_defaults(), make(), None, data)
     assert str(err.value) == (f"the model {got} for inputs [N, 6, 6, 1], but the labels need class scores [N, 3] "
                               "(3 classes); end the model in one array of 3 outputs per example (pool or flatten, "
                               "then a last layer of 3)")
@@ -346,7 +348,7 @@ def test_the_example_takes_a_users_network_through_every_method_on_real_mnist(da
 
 def test_an_objective_named_like_a_built_in_one_is_refused():
     with pytest.raises(ConfigError, match=r"objectives=\{'bitops': \.\.\.\} must map a new name"):
-        search.with_objectives(qevo.search_defaults(), {"bitops": lambda w, a, t: w.sum(1)})
+        search_config.with_objectives(qevo.search_defaults(), {"bitops": lambda w, a, t: w.sum(1)})
 
 
 @pytest.mark.slow

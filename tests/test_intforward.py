@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from qevo import checkpoint, intforward, quant
-from qevo.calibration import calibrate
-from qevo.data import load_dataset, normalize
-from qevo.layers import Bits, QuantOptions
-from qevo.models import get_model, init_variables
-from qevo.train import MODEL, uniform_bits
+from qevo import checkpoint
+from qevo.data.datasets import load_dataset, normalize
+from qevo.harness import MODEL
+from qevo.models.inputs import uniform_bits
+from qevo.models.zoo import get_model, init_variables
+from qevo.quant import intforward, quantizers
+from qevo.quant.calibration import calibrate
+from qevo.quant.layers import Bits, QuantOptions
 
 
 @pytest.mark.parametrize("per_channel, mode", [(True, "absmax"), (False, "absmax"), (True, "mse")])
@@ -28,12 +30,13 @@ def test_weight_levels_times_scale_is_the_fake_quantizer(per_channel, mode):
             n = intforward.max_level(bits)
             assert k.q.dtype == jnp.int8 and k.q.shape == shape and k.scale.shape == (shape[-1],)
             assert int(jnp.max(jnp.abs(k.q))) == n
-            want = quant.quantize_weight(jnp.asarray(kernel), bits, per_channel=per_channel, mode=mode)
+            want = quantizers.quantize_weight(jnp.asarray(kernel), bits, per_channel=per_channel, mode=mode)
             np.testing.assert_array_equal(intforward.dequantize(k), want)
     wide = intforward.weight_levels(jnp.asarray(kernel), 16, per_channel, mode)
     assert wide.q.dtype == jnp.int16 and int(jnp.max(jnp.abs(wide.q))) == intforward.max_level(16)
     np.testing.assert_array_equal(intforward.dequantize(wide),
-                                  quant.quantize_weight(jnp.asarray(kernel), 16, per_channel=per_channel, mode=mode))
+                                  quantizers.quantize_weight(jnp.asarray(kernel), 16, per_channel=per_channel,
+                                                              mode=mode))
     with pytest.raises(ValueError, match=r"width in 2\.\.16"):
         intforward.weight_levels(jnp.ones((3, 3)), 17)
     with pytest.raises(ValueError, match="symmetric quantizer"):
@@ -48,7 +51,8 @@ def test_activation_levels_times_step_is_the_fake_quantizer(signed):
         levels, step = intforward.activation_levels(x, jnp.int32(bits), clip, signed)
         top = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
         assert int(levels.max()) == top and int(levels.min()) == (-top if signed else 0)
-        np.testing.assert_array_equal(levels * step, quant.quantize_activation(x, jnp.int32(bits), clip, signed=signed))
+        np.testing.assert_array_equal(levels * step,
+                                      quantizers.quantize_activation(x, jnp.int32(bits), clip, signed=signed))
 
 
 @pytest.mark.parametrize("k, strides, padding, groups",

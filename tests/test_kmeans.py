@@ -1,4 +1,4 @@
-"""Tests of qevo.kmeans (batched weight clustering) and qevo.codebook (formats, CR).
+"""Tests of qevo.sharing.kmeans (batched weight clustering) and qevo.sharing.codebook (formats, CR).
 
 Compiled configurations are shared between tests (each costs seconds of XLA compile on a
 small CPU): one [20, 48000] 1-D batch in 3 chunks, [1, 840] 1-D rows, [1, 840] 2-D rows.
@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 from sklearn.cluster import KMeans
 
-from qevo.codebook import (
+from qevo.sharing.codebook import (
     CODEBOOK_BITS,
     key_bits,
     layer_compression_rate,
     model_compression_rates,
     quantize_codebook,
 )
-from qevo.kmeans import kmeans, pack_layers, quantize_weights, tanh_transform
+from qevo.sharing.kmeans import kmeans, pack_layers, quantize_weights, tanh_transform
 
 # LeNet-5's weight tensors: conv1 5*5*1*6, conv2 5*5*6*16, fc1 400*120, fc2 120*84, fc3 84*10.
 LENET5_SIZES = {"conv1": 150, "conv2": 2400, "fc1": 48000, "fc2": 10080, "fc3": 840}
@@ -344,14 +344,14 @@ def test_kmeans_rejects_bad_k():
 
 
 def test_padded_layer_clustering_equals_the_unpadded_one():
-    """sharing.cluster_layer_2d pads a layer to a power of two and rounds the centroid slots up
+    """clusters.cluster_layer_2d pads a layer to a power of two and rounds the centroid slots up
     (to share compilations across layers): same clusters as k-means of the bare layer."""
-    from qevo import sharing
+    from qevo.sharing import clusters
 
     w = LAYERS["fc3"]
     spreads, focuses = np.array([2.0, 2.0, 0.0]), np.array([0.0, 6.0, 3.0])
     for k, slots in ((3, None), (5, 64), (16, None)):
-        cents, assign = sharing.cluster_layer_2d(w, k, spreads, focuses, k_slots=slots)
+        cents, assign = clusters.cluster_layer_2d(w, k, spreads, focuses, k_slots=slots)
         assert assign.shape == (3, w.size) and cents.shape == (3, slots or 1 << (k - 1).bit_length())
         values, mask = pack_layers([w])
         ref = kmeans(jnp.repeat(values, 3, axis=0), jnp.repeat(mask, 3, axis=0), jnp.full(3, k), k,

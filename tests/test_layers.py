@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qevo import onednn
-from qevo.layers import conv2d, dense_conv2d, patch_conv2d, shifted_conv2d, toeplitz_conv2d
+from qevo.quant import onednn
+from qevo.quant.layers import conv2d, dense_conv2d, patch_conv2d, shifted_conv2d, toeplitz_conv2d
 
 
 @pytest.mark.parametrize("padding", ["SAME", "VALID"])
@@ -91,10 +91,10 @@ def test_conv2d_equals_xla_on_every_path_without_onednn(shape, kernel, strides, 
 @pytest.mark.parametrize("train", [True, False])
 def test_batch_norm_equals_flax(train):
     """Outputs, running statistics and gradients (through a ReLU, as the models use it) of
-    :class:`qevo.layers.BatchNorm` against ``flax.linen.BatchNorm`` on the same variables."""
+    :class:`qevo.quant.layers.BatchNorm` against ``flax.linen.BatchNorm`` on the same variables."""
     import flax.linen as nn
 
-    from qevo.layers import BatchNorm
+    from qevo.quant.layers import BatchNorm
 
     rng = np.random.default_rng(5)
     x = jnp.asarray(3 + 2 * rng.standard_normal((4, 6, 5, 7)).astype(np.float32))

@@ -1,4 +1,4 @@
-"""A user's loss and metric (qevo.losses): the defaults against numpy, the checks before a
+"""A user's loss and metric (qevo.models.losses): the defaults against numpy, the checks before a
 run, masking of padded examples, the functions reaching the population evaluator, and
 docs/examples/custom_loss.py (a multi-label head) on real MNIST."""
 
@@ -17,13 +17,13 @@ import pytest
 
 import qevo
 from conftest import REPO, synthetic_digits
-from qevo import train
-from qevo.calibration import calibrate
 from qevo.config import ConfigError
-from qevo.data import normalize
-from qevo.losses import cross_entropy, resolve_loss_metric, top1, training_loss
-from qevo.models import get_model, init_variables
-from qevo.population import PopulationEvaluator, QATConfig, batch_eval_set, batched_accuracy
+from qevo.data.datasets import normalize
+from qevo.evolution.population import PopulationEvaluator, QATConfig, batch_eval_set, batched_accuracy
+from qevo.models import inputs as model_inputs
+from qevo.models.losses import cross_entropy, resolve_loss_metric, top1, training_loss
+from qevo.models.zoo import get_model, init_variables
+from qevo.quant.calibration import calibrate
 
 
 def _logits_and_labels():
@@ -114,13 +114,13 @@ def test_labels_that_are_not_classes_need_a_model_loss_and_metric_of_the_users()
     cfg = qevo.search_defaults()
     for model, loss in ((None, None), (Head(), None)):
         with pytest.raises(ConfigError, match=r"data with labels='any' needs model=, loss= and metric= of yours"):
-            train.resolve_inputs(cfg, model, None, data, loss, None)
+            model_inputs.resolve_inputs(cfg, model, None, data, loss, None)
     bce = lambda z, y: optax.sigmoid_binary_cross_entropy(z, y).mean()  # noqa: E731
     right = lambda z, y: jnp.mean((z > 0) == (y > 0.5), axis=-1)  # noqa: E731
-    inputs = train.resolve_inputs(cfg, Head(), None, data, bce, right)
+    inputs = model_inputs.resolve_inputs(cfg, Head(), None, data, bce, right)
     assert (inputs.loss, inputs.metric) == (bce, right) and inputs.ds.num_classes is None
     with pytest.raises(ConfigError, match=r"loss= fails on logits \(2, 3\) float32 and labels \(2, 3\) float32"):
-        train.resolve_inputs(cfg, Head(), None, data, cross_entropy, right)
+        model_inputs.resolve_inputs(cfg, Head(), None, data, cross_entropy, right)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""qevo.nsga3 against pymoo 0.6 as the oracle."""
+"""qevo.evolution.nsga3 against pymoo 0.6 as the oracle."""
 
 import concurrent.futures
 import itertools
@@ -25,7 +25,7 @@ from pymoo.problems import get_problem
 from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 from pymoo.util.ref_dirs import get_reference_directions
 
-from qevo import nsga3
+from qevo.evolution import nsga3
 
 
 def pymoo_rank(F):

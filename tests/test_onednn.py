@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qevo import layers, onednn
-from qevo.layers import QuantOptions
-from qevo.losses import cross_entropy
-from qevo.models import get_model, init_variables
+from qevo.models.losses import cross_entropy
+from qevo.models.zoo import get_model, init_variables
+from qevo.quant import layers, onednn
+from qevo.quant.layers import QuantOptions
 
 ONEDNN_PLATFORM = sys.platform == "linux" and platform.machine() == "x86_64"
 pytestmark = pytest.mark.skipif(not ONEDNN_PLATFORM, reason="oneDNN's wheel is installed on x86-64 Linux only")
@@ -183,8 +183,8 @@ def _small_integers(rng, shape):
 def test_each_primitive_computes_in_the_precision_onednn_reports(shape, kernel, strides, padding, groups, precision):
     """The forward pass and both gradients each compute exactly the float32 convolution of
     their operands, or exactly that of their operands rounded to bfloat16, whichever
-    oneDNN's implementation for this CPU says (:func:`qevo.onednn.rounds_to_bfloat16` of
-    :func:`qevo.onednn.implementations`); in float32 mode always the former.
+    oneDNN's implementation for this CPU says (:func:`qevo.quant.onednn.rounds_to_bfloat16` of
+    :func:`qevo.quant.onednn.implementations`); in float32 mode always the former.
 
     One operand of each primitive carries bits below bfloat16's precision, the other is a
     small integer, so both candidate results are exact in float32 whatever the order of
@@ -213,7 +213,7 @@ def test_each_primitive_computes_in_the_precision_onednn_reports(shape, kernel, 
 
 
 def test_record_names_the_implementations_of_every_convolution():
-    """:func:`qevo.onednn.record` of a program lists the implementations oneDNN picks for
+    """:func:`qevo.quant.onednn.record` of a program lists the implementations oneDNN picks for
     each of its convolutions, and a program without oneDNN calls as XLA's."""
     shapes = [((2, 16, 16, 8), (3, 3, 8, 16), 2, "SAME", 1), ((2, 8, 8, 16), (3, 3, 1, 16), 1, "SAME", 16)]
 
@@ -252,7 +252,7 @@ def test_xla_bfloat16_convolution_is_rounded_operands_summed_in_float32():
 def test_bfloat16_precision_holds_for_the_float_network_only():
     """A model with ``precision="bfloat16"`` asks oneDNN for bfloat16 products on its float
     path and exact float32 ones once it is fake-quantized (bit widths given)."""
-    from qevo.train import uniform_bits
+    from qevo.models.inputs import uniform_bits
 
     model = get_model("resnet20", 10, QuantOptions(conv="cpu", precision="bfloat16"))
     variables = init_variables(model, jax.random.key(0), (32, 32, 3))

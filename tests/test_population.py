@@ -10,12 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import on_cpu_devices, synthetic_digits
-from qevo.calibration import calibrate
-from qevo.cost import layer_table
-from qevo.data import normalize
-from qevo.layers import Bits
-from qevo.models import get_model, init_variables
-from qevo.population import (
+from qevo.data.datasets import normalize
+from qevo.evolution.population import (
     VMAP_QAT_MAX_MACS,
     PopulationEvaluator,
     PopulationMemoryError,
@@ -24,6 +20,10 @@ from qevo.population import (
     batched_accuracy,
     resolve_strategy,
 )
+from qevo.models.cost import layer_table
+from qevo.models.zoo import get_model, init_variables
+from qevo.quant.calibration import calibrate
+from qevo.quant.layers import Bits
 
 N_EVAL = 300
 
@@ -90,10 +90,10 @@ def test_four_host_devices_equal_one():
         sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})
         import jax, jax.numpy as jnp, numpy as np
         from conftest import synthetic_digits
-        from qevo.data import normalize
-        from qevo.calibration import calibrate
-        from qevo.models import get_model, init_variables
-        from qevo.population import PopulationEvaluator
+        from qevo.data.datasets import normalize
+        from qevo.quant.calibration import calibrate
+        from qevo.evolution.population import PopulationEvaluator
+        from qevo.models.zoo import get_model, init_variables
         assert len(jax.devices()) == 4, jax.devices()
         ds = synthetic_digits()
         model = get_model("lenet5", 10)

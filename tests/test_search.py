@@ -11,10 +11,14 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_command, run_main
-from qevo import checkpoint, search
+from qevo import checkpoint
 from qevo import config as config_lib
-from qevo.layers import Bits
-from qevo.loop import base_key, step_keys
+from qevo.evolution.loop import base_key, step_keys
+from qevo.quant.layers import Bits
+from qevo.search import config as search_config
+from qevo.search import final as search_final
+from qevo.search import generations as search_generations
+from qevo.search import problem as search_problem
 
 TINY = [
     "--config.population_size=8",
@@ -69,7 +73,7 @@ def test_one_config_file_serves_train_and_search():
     search's own; the search keeps every key it knows, filled from its defaults."""
     cfg = config_lib.load(REPO / "configs" / "lenet5.py")
     assert set(config_lib.validate(cfg)) == set(config_lib.defaults()) < set(cfg)
-    assert set(config_lib.flatten(search.validate(cfg))) == set(config_lib.flatten(search.defaults()))
+    assert set(config_lib.flatten(search_config.validate(cfg))) == set(config_lib.flatten(search_config.defaults()))
 
 
 def test_take_sections_replaces_only_the_named_sections(tmp_path):
@@ -77,24 +81,24 @@ def test_take_sections_replaces_only_the_named_sections(tmp_path):
     source.write_text("from qevo.config import defaults\n\n\ndef get_config():\n    c = defaults()\n"
                       "    c.seed, c.data.name, c.train.epochs, c.model.name = 5, 'cifar10', 7, 'resnet20'\n"
                       "    return c\n")
-    cfg = config_lib.take_sections(search.defaults(), source, ("data", "train"))
+    cfg = config_lib.take_sections(search_config.defaults(), source, ("data", "train"))
     assert (cfg.data.name, cfg.train.epochs) == ("cifar10", 7)
-    assert (cfg.seed, cfg.model.name) == (0, "lenet5") and cfg.search == search.defaults().search
+    assert (cfg.seed, cfg.model.name) == (0, "lenet5") and cfg.search == search_config.defaults().search
 
 
 def test_costs_of_a_population_equal_hand_computation():
-    from qevo.cost import LayerTable
+    from qevo.models.cost import LayerTable
 
     table = LayerTable(names=("a", "b"), macs=np.array([100, 10]), weights=np.array([20, 5]), other_params=7)
     bits = Bits(w=np.array([[8, 4], [2, 32]]), a=np.array([[8, 2], [4, 32]]))
-    c = search.costs(table, bits)
+    c = search_problem.costs(table, bits)
     np.testing.assert_allclose(c["bitops"], [100 * 64 + 10 * 8, 100 * 8 + 10 * 32 * 32])
     np.testing.assert_allclose(c["size"], [20 * 8 + 5 * 4 + 7 * 32, 20 * 2 + 5 * 32 + 7 * 32])
 
 
 def test_front_indices_keeps_distinct_finite_nondominated_rows():
     F = np.array([[0.1, 5.0], [0.2, 3.0], [0.1, 5.0], [0.3, 4.0], [np.nan, 1.0], [0.5, 1.0]])
-    np.testing.assert_array_equal(search.front_indices(F), [0, 1, 5])
+    np.testing.assert_array_equal(search_final.front_indices(F), [0, 1, 5])
 
 
 def _rows(path):
@@ -104,26 +108,26 @@ def _rows(path):
 
 def test_float_layers_select_by_index_name_path_and_glob():
     """LeNet-5's layers: names conv1, conv2, fc1, fc2, fc3 at paths QConv_0, QConv_1, QDense_0..2."""
-    from qevo.models import get_model
+    from qevo.models.zoo import get_model
 
     model = get_model("lenet5", 10)
-    cfg = search.defaults()
+    cfg = search_config.defaults()
     for spec, floats in (("0,-1", [0, 4]), ("", []), ("conv2", [1]), ("QDense_*", [2, 3, 4]), ("-2, conv1", [0, 3]),
                          ("fc?,0", [0, 2, 3, 4])):
         cfg.quant.float_layers = spec
         searched = np.ones(5, bool)
         searched[floats] = False
-        np.testing.assert_array_equal(search.make_space(cfg, model).searched, searched, err_msg=spec)
+        np.testing.assert_array_equal(search_problem.make_space(cfg, model).searched, searched, err_msg=spec)
     with pytest.raises(config_lib.ConfigError, match="'5' matches none of the 5 quantizable layers"):
         cfg.quant.float_layers = "0,5"
-        search.make_space(cfg, model)
+        search_problem.make_space(cfg, model)
 
 
 def test_a_config_of_the_former_float_first_last_key_still_loads_with_a_notice(tmp_path, capsys):
-    old = search.defaults().to_dict()
+    old = search_config.defaults().to_dict()
     del old["quant"]["float_layers"]
     old["quant"]["float_first_last"] = False
-    cfg = search.validate(config_lib.ml_collections.ConfigDict(old))
+    cfg = search_config.validate(config_lib.ml_collections.ConfigDict(old))
     assert cfg.quant.float_layers == ""
     assert "config key quant.float_first_last is now quant.float_layers" in capsys.readouterr().err
     # a run folder begun under the old key resumes under the new one
@@ -132,7 +136,7 @@ def test_a_config_of_the_former_float_first_last_key_still_loads_with_a_notice(t
     cfg.quant.float_layers = "0,-1"
     from qevo.harness import prepare_workdir
 
-    prepare_workdir(tmp_path, cfg, search.defaults())
+    prepare_workdir(tmp_path, cfg, search_config.defaults())
     assert json.loads((tmp_path / "config.json").read_text())["quant"]["float_layers"] == "0,-1"
 
 
@@ -140,11 +144,11 @@ def test_constrained_selection_ranks_every_model_within_bounds_first():
     """Deb's rule through the penalty: feasible before infeasible, and the smaller excess first."""
     import jax.numpy as jnp
 
-    from qevo import nsga3
+    from qevo.evolution import nsga3
 
     F = np.array([[0.02, 30.0], [0.1, 11.0], [0.0, 10.0], [0.05, 12.0]])
     violation = np.array([0.0, 0.5, 0.1, 0.0])
-    F_select = search.penalized(F, violation, np.array([0.0, 10.0]), np.array([1.0, 50.0]))
+    F_select = search_generations.penalized(F, violation, np.array([0.0, 10.0]), np.array([1.0, 50.0]))
     rank = np.asarray(nsga3.non_dominated_rank(jnp.asarray(F_select)))
     assert rank[0] == rank[3] == 0 and rank[2] == 1 and rank[1] == 2, rank
 
@@ -254,8 +258,9 @@ def test_lenet5_search_trains_front_and_baselines(lenet5_float, tmp_path, data_d
 
 
 def test_final_candidates_answer_each_baseline_then_spread_the_front():
-    cfg = search.validate(config_lib.load(REPO / "configs" / "lenet5.py", ["final.max_models=3"]))
-    space = search.SearchSpace(np.array([2, 4, 8]), np.array([2, 4, 8]), np.array([False, True, True, True, False]))
+    cfg = search_config.validate(config_lib.load(REPO / "configs" / "lenet5.py", ["final.max_models=3"]))
+    space = search_problem.SearchSpace(np.array([2, 4, 8]), np.array([2, 4, 8]),
+                                       np.array([False, True, True, True, False]))
 
     def record(bits, error, bitops, size):
         w = [32, *bits, 32]
@@ -272,7 +277,7 @@ def test_final_candidates_answer_each_baseline_then_spread_the_front():
         record((2, 4, 2), 0.050, 3.0, 3.0),  # on the front, spread fill
         record((2, 2, 4), 0.200, 8.0, 0.5),  # only on the full front (smallest size)
     ]
-    models = search.final_candidates(cfg, space, history)
+    models = search_final.final_candidates(cfg, space, history)
     front = [m for m in models if m["kind"] == "front"]
     # w2a2 has no cheaper mixed model; w4a4's answer is (4, 2, 4), w8a8's is (8, 4, 4); one slot left
     # for the spread over the rest of the error-BitOps front: its cheapest and dearest, (2, 4, 2) first.
@@ -281,14 +286,14 @@ def test_final_candidates_answer_each_baseline_then_spread_the_front():
     assert models[-1]["w_bits"] == [32, 2, 2, 2, 32] and models[-1]["a_bits"] == [32, 2, 2, 2, 32]
 
     cfg.final.max_models = 6  # room for the whole error-BitOps front, then the full front
-    front = [m["w_bits"][1:4] for m in search.final_candidates(cfg, space, history) if m["kind"] == "front"]
+    front = [m["w_bits"][1:4] for m in search_final.final_candidates(cfg, space, history) if m["kind"] == "front"]
     assert front == [[2, 4, 2], [4, 4, 2], [4, 2, 4], [8, 4, 4], [2, 2, 4]]
 
     # A uniform model that dominates every mixed one does not hide them: the mixed fronts answer.
     dominated = [record((8, 8, 8), 0.001, 0.1, 0.1), record((4, 2, 4), 0.015, 4.5, 4.0),
                  record((2, 4, 2), 0.050, 3.0, 3.0), record((4, 4, 8), 0.020, 5.0, 5.0)]
     cfg.final.max_models = 2
-    front = [m["w_bits"][1:4] for m in search.final_candidates(cfg, space, dominated) if m["kind"] == "front"]
+    front = [m["w_bits"][1:4] for m in search_final.final_candidates(cfg, space, dominated) if m["kind"] == "front"]
     assert front == [[2, 4, 2], [4, 2, 4]]
 
 
@@ -312,16 +317,16 @@ def test_shared_draws_score_a_genome_alike_in_every_generation(shared, tiny_lene
     key of generation 2, get exactly their first scores; with a draw per generation the QAT
     mini-batches differ and so do the scores."""
     monkeypatch.setenv("QEVO_DATA_DIR", str(data_dir))
-    cfg = search.validate(config_lib.load(REPO / "configs" / "lenet5.py", [
+    cfg = search_config.validate(config_lib.load(REPO / "configs" / "lenet5.py", [
         f"float_from={tiny_lenet5_float}", "population_size=8", "search.qat_steps=3", "search.eval_images=500",
         "data.max_train_images=3000", f"search.shared_draws={shared}"]))
-    problem = search.prepare(cfg, tmp_path)
+    problem = search_problem.prepare(cfg, tmp_path)
     cfg.generations = 2
-    state, history = search.generations(cfg, problem, tmp_path)
+    state, history = search_generations.generations(cfg, problem, tmp_path)
     assert state.evaluations == len(history) == 3 * 8 and 0 < float(state.carry) < state.seconds
     first = [r for r in history if r["generation"] == 0]
     accuracy = np.array([r["val_accuracy"] for r in first])
-    key = search.evaluation_key(cfg, step_keys(base_key(cfg.seed), 2)[1])
+    key = search_generations.evaluation_key(cfg, step_keys(base_key(cfg.seed), 2)[1])
     _, again = problem.objectives(np.array([r["genes"] for r in first]), key)
     if shared:
         np.testing.assert_array_equal(again, accuracy)

@@ -11,8 +11,12 @@ import pytest
 
 from conftest import REPO, Killed, kill_after_checkpoint, on_cpu_devices, run_command, synthetic_digits, without_seconds
 from qevo import config as config_lib
-from qevo import train
 from qevo.checkpoint import load as load_checkpoint
+from qevo.data.datasets import Dataset
+from qevo.harness import CHECKPOINT
+from qevo.models import inputs as model_inputs
+from qevo.train import method as train_method
+from qevo.train import trainer as training
 
 
 def _train(args, data_dir, tmp_path):
@@ -57,9 +61,9 @@ def test_a_config_model_that_cannot_take_the_images_is_refused_before_training(t
     rng = np.random.default_rng(0)
     for side in (8, 4):
         x, y = rng.integers(0, 256, (20, side, side, 1)).astype(np.uint8), rng.integers(0, 10, 20)
-        data = train.Dataset.from_arrays((x, y), (x, y), val_size=4)
+        data = Dataset.from_arrays((x, y), (x, y), val_size=4)
         with pytest.raises(config_lib.ConfigError) as err:
-            train.run(config_lib.load(REPO / "configs" / "lenet5.py"), tmp_path, data=data)
+            train_method.run(config_lib.load(REPO / "configs" / "lenet5.py"), tmp_path, data=data)
         assert re.fullmatch(rf"the model [^\n]*{side}, {side}, 1\)[^\n]*\w+Error: [^\n]*; give it inputs of the [^\n]*",
                             str(err.value)), str(err.value)
         assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # as the command leaves it
@@ -72,7 +76,7 @@ def test_model_conv_chooses_the_kernels_once(conv, platform, kernels, monkeypatc
     cfg = config_lib.defaults()
     cfg.model.conv = conv
     monkeypatch.setattr(jax, "devices", lambda *a: [type("Device", (), {"platform": platform})()])
-    model = train.build_model(cfg, 10)
+    model = model_inputs.build_model(cfg, 10)
     assert model.options.conv == kernels
 
 
@@ -80,7 +84,7 @@ def test_label_smoothing_matches_the_formula():
     import jax.numpy as jnp
     import numpy as np
 
-    from qevo.losses import cross_entropy
+    from qevo.models.losses import cross_entropy
 
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(5, 4)).astype(np.float32)
@@ -103,8 +107,8 @@ def test_weight_decay_on_kernels_leaves_norms_and_biases_alone(optimizer, builde
     import jax.numpy as jnp
 
     from qevo import config as config_lib
-    from qevo.population import QATConfig
-    from qevo.train import make_optimizer
+    from qevo.evolution.population import QATConfig
+    from qevo.train.trainer import make_optimizer
 
     def decay_updates(on):
         if builder == "search_qat":
@@ -128,14 +132,14 @@ def test_weight_decay_on_kernels_leaves_norms_and_biases_alone(optimizer, builde
 def test_killed_training_resumes_to_the_same_model(data_dir, tmp_path, monkeypatch, capsys):
     cfg = config_lib.load(REPO / "configs" / "lenet5.py",
                           ["train.epochs=3", "data.max_train_images=2000", f"data.data_dir={data_dir}"])
-    whole = train.run(cfg, tmp_path / "whole")
+    whole = train_method.run(cfg, tmp_path / "whole")
     kill_after_checkpoint(monkeypatch, saves=2)
     with pytest.raises(Killed):
-        train.run(cfg, tmp_path / "split")
-    assert load_checkpoint(tmp_path / "split" / train.CHECKPOINT)[1]["history"][-1]["epoch"] == 2
+        train_method.run(cfg, tmp_path / "split")
+    assert load_checkpoint(tmp_path / "split" / CHECKPOINT)[1]["history"][-1]["epoch"] == 2
     monkeypatch.undo()
     capsys.readouterr()
-    resumed = train.run(cfg, tmp_path / "split")
+    resumed = train_method.run(cfg, tmp_path / "split")
     assert f"resuming {tmp_path / 'split'} after epoch 2" in capsys.readouterr().err
     assert without_seconds([resumed]) == without_seconds([whole])
     assert list(whole["seconds"]) == ["prepare", "train", "total"] and whole["seconds"]["train"] > 0
@@ -155,12 +159,14 @@ def test_data_parallel_epoch_equals_one_device():
     script = textwrap.dedent(
         """
         import jax, jax.numpy as jnp, numpy as np
-        from qevo import data, train
-        from qevo.data import Dataset
-        from qevo.layers import QuantOptions
-        from qevo.models import get_model, init_variables
-        from qevo.population import batch_eval_set
-        from qevo.search import defaults
+        from qevo.data import datasets
+        from qevo.data.datasets import Dataset
+        from qevo.evolution.population import batch_eval_set
+        from qevo.models import inputs as model_inputs
+        from qevo.models.zoo import get_model, init_variables
+        from qevo.quant.layers import QuantOptions
+        from qevo.search.config import defaults
+        from qevo.train import trainer as training
         rng = np.random.default_rng(0)
         cfg = defaults()
         cfg.train.epochs, cfg.train.batch_size, cfg.train.augment = 1, 16, True
@@ -171,15 +177,15 @@ def test_data_parallel_epoch_equals_one_device():
                      (0.5,) * 3, (0.25,) * 3)
         model = get_model("resnet8", 10, QuantOptions(conv="xla"), (16, 16, 3))
         variables = init_variables(model, jax.random.key(0), images.shape[1:])
-        bits = train.uniform_bits(model.num_layers, 4, 3)
+        bits = model_inputs.uniform_bits(model.num_layers, 4, 3)
         jax.config.update("jax_enable_x64", True)
-        train.normalize = lambda x, m, s: data.normalize(x, m, s).astype(jnp.float64)
+        training.normalize = lambda x, m, s: datasets.normalize(x, m, s).astype(jnp.float64)
         variables = jax.tree_util.tree_map(lambda v: jnp.asarray(np.asarray(v), jnp.float64), variables)
         out = []
         for devices in (jax.devices()[:1], jax.devices()[:2]):
-            trainer = train.Trainer(cfg, ds, model, quantized=True, devices=tuple(devices))
+            trainer = training.Trainer(cfg, ds, model, quantized=True, devices=tuple(devices))
             state, loss = trainer.epoch(trainer.init_state(variables), bits, jax.random.key(1), images, labels)
-            logits = jax.jit(lambda v, x: model.apply(v, data.normalize(x, ds.mean, ds.std).astype(jnp.float64),
+            logits = jax.jit(lambda v, x: model.apply(v, datasets.normalize(x, ds.mean, ds.std).astype(jnp.float64),
                                                       bits))(state.variables, images)
             accuracy = trainer.accuracy(state.variables, bits, batch_eval_set(images, labels, 15))
             out.append((float(loss), jax.device_get(state.variables), float(accuracy),
@@ -205,11 +211,11 @@ def test_a_users_loss_and_metric_train_a_multi_label_head_over_two_devices_as_on
     script = textwrap.dedent(
         """
         import jax, jax.numpy as jnp, numpy as np, optax
-        from qevo import data, train
-        from qevo.data import Dataset
-        from qevo.models import get_model, init_variables
-        from qevo.population import batch_eval_set
-        from qevo.search import defaults
+        from qevo.data.datasets import Dataset, normalize
+        from qevo.evolution.population import batch_eval_set
+        from qevo.models.zoo import get_model, init_variables
+        from qevo.search.config import defaults
+        from qevo.train import trainer as training
         rng = np.random.default_rng(0)
         cfg = defaults()
         cfg.train.epochs, cfg.train.batch_size = 1, 16
@@ -223,14 +229,14 @@ def test_a_users_loss_and_metric_train_a_multi_label_head_over_two_devices_as_on
         right = lambda z, y: jnp.mean((z > 0) == (y > 0.5), axis=-1)
         out = []
         for devices in (jax.devices()[:1], jax.devices()[:2]):
-            trainer = train.Trainer(cfg, ds, model, quantized=False, devices=tuple(devices), loss=loss, metric=right)
+            trainer = training.Trainer(cfg, ds, model, quantized=False, devices=tuple(devices), loss=loss, metric=right)
             state, mean_loss = trainer.epoch(trainer.init_state(variables), None, jax.random.key(1), images, labels)
-            z = np.asarray(model.apply(state.variables, data.normalize(images, ds.mean, ds.std), None))
+            z = np.asarray(model.apply(state.variables, normalize(images, ds.mean, ds.std), None))
             accuracy = float(trainer.accuracy(state.variables, None, batch_eval_set(images, labels, 15)))
             assert abs(accuracy - ((z > 0) == (labels > 0.5)).mean()) < 1e-6, accuracy
             out.append((float(mean_loss), jax.device_get(state.variables), accuracy))
         (loss1, v1, acc1), (loss2, v2, acc2) = out
-        z0 = np.asarray(model.apply(variables, data.normalize(images, ds.mean, ds.std), None), np.float64)
+        z0 = np.asarray(model.apply(variables, normalize(images, ds.mean, ds.std), None), np.float64)
         bce = np.mean(np.maximum(z0, 0) - z0 * labels + np.log1p(np.exp(-np.abs(z0))))
         assert 0.5 * bce < loss1 < 1.5 * bce and abs(loss1 - loss2) < 1e-5, (bce, loss1, loss2)
         assert abs(acc1 - acc2) < 1e-6, (acc1, acc2)  # sums of thirds: rounded in each order
@@ -248,21 +254,21 @@ def test_batch_that_does_not_split_over_the_devices_is_refused():
     cfg.train.batch_size = 15
     ds = synthetic_digits(train=100, val=10, test=10)
     with pytest.raises(config_lib.ConfigError, match="does not split over the 2 devices"):
-        train.Trainer(cfg, ds, train.build_model(cfg, 10), quantized=False, devices=(jax.devices()[0],) * 2)
+        training.Trainer(cfg, ds, model_inputs.build_model(cfg, 10), quantized=False, devices=(jax.devices()[0],) * 2)
 
 
 def _population_setup(epochs: int):
     """LeNet-5 QAT settings, a small synthetic dataset, calibrated variables and three widths."""
-    from qevo.calibration import calibrate
-    from qevo.data import normalize
-    from qevo.layers import Bits
-    from qevo.models import init_variables
+    from qevo.data.datasets import normalize
+    from qevo.models.zoo import init_variables
+    from qevo.quant.calibration import calibrate
+    from qevo.quant.layers import Bits
 
     cfg = config_lib.defaults()
     cfg.train.update({"epochs": epochs, "batch_size": 64, "optimizer": "sgd", "learning_rate": 0.05,
                       "warmup_epochs": 0, "eval_batch_size": 100})
     ds = synthetic_digits(train=256, val=100, test=200)
-    model = train.build_model(cfg, 10)
+    model = model_inputs.build_model(cfg, 10)
     variables = init_variables(model, jax.random.key(0), (28, 28, 1))
     variables = calibrate(model, variables, normalize(ds.train_images[:256], ds.mean, ds.std))
     widths = np.array([[32, 4, 4, 4, 32], [32, 2, 3, 2, 32], [32, 8, 2, 6, 32]], np.int32)
@@ -272,22 +278,22 @@ def _population_setup(epochs: int):
 def test_models_trained_side_by_side_over_two_devices_equal_each_trained_alone():
     """Three QAT models as one population over 2 devices (two on one device, one and a pad on
     the other): each model's variables, losses and accuracies equal those of the same model
-    trained alone by :class:`qevo.train.Trainer` on one device."""
+    trained alone by :class:`qevo.train.trainer.Trainer` on one device."""
     script = textwrap.dedent(
         """
         import jax, jax.numpy as jnp, numpy as np
         from test_train import _population_setup
-        from qevo import train
-        from qevo.layers import Bits
-        from qevo.population import batch_eval_set
+        from qevo.evolution.population import batch_eval_set
+        from qevo.quant.layers import Bits
+        from qevo.train import trainer as training
         cfg, ds, model, variables, bits = _population_setup(epochs=1)
         key = jax.random.key(1)
         batches = batch_eval_set(jnp.asarray(ds.test_images), jnp.asarray(ds.test_labels), 100)
-        together = train.PopulationTrainer(cfg, ds, model, quantized=True, devices=tuple(jax.devices()[:2]))
+        together = training.PopulationTrainer(cfg, ds, model, quantized=True, devices=tuple(jax.devices()[:2]))
         assert together.local == ("map", 1)
         state, losses = together.epoch(together.init_state(variables, 3), bits, key, ds.train_images, ds.train_labels)
         accuracy = together.accuracy(state.variables, bits, batches)
-        alone = train.Trainer(cfg, ds, model, quantized=True, devices=tuple(jax.devices()[:1]))
+        alone = training.Trainer(cfg, ds, model, quantized=True, devices=tuple(jax.devices()[:1]))
         for i in range(3):
             b = Bits(w=jnp.asarray(bits.w[i]), a=jnp.asarray(bits.a[i]))
             one, loss = alone.epoch(alone.init_state(variables), b, key, ds.train_images, ds.train_labels)
@@ -308,14 +314,14 @@ def test_killed_population_training_resumes_to_the_same_models(tmp_path, monkeyp
     """Two epochs of a population killed after the first epoch's checkpoint resume to the
     models and histories of an unbroken run; a checkpoint of other widths is not resumed."""
     cfg, ds, model, variables, bits = _population_setup(epochs=2)
-    trainer = train.PopulationTrainer(cfg, ds, model, quantized=True)
+    trainer = training.PopulationTrainer(cfg, ds, model, quantized=True)
     key = jax.random.key(1)
 
     def fit(run, widths=bits):
         folders = [tmp_path / run / f"m{i}" for i in range(len(widths.w))]
         for folder in folders:
             folder.mkdir(parents=True, exist_ok=True)
-        out = train.fit_population(cfg, ds, variables, widths, folders, key, run, trainer,
+        out = training.fit_population(cfg, ds, variables, widths, folders, key, run, trainer,
                                    tmp_path / run / "checkpoint.msgpack")
         return out, [(f / "history.csv").read_text().splitlines() for f in folders]
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qevo import variation
+from qevo.evolution import variation
 
 N_CHOICES = jnp.array([3, 4, 1, 2, 3, 4, 1, 2], jnp.int32)  # G = 8, S = 4
 

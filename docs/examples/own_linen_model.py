@@ -62,7 +62,7 @@ def main():
     cfg.train.epochs, cfg.train.optimizer, cfg.train.learning_rate = 4, "adam", 2e-3
     cfg.search.qat_optimizer, cfg.search.qat_learning_rate = "adam", 1e-3
     cfg.final.optimizer, cfg.final.learning_rate = "adam", 1e-3
-    sharing = qevo.compress_defaults()
+    sharing = qevo.sharing_defaults()
     sharing.sharing.report_formats = ("int8",)
     integer = qevo.coevolve_defaults()
     integer.bits_from, integer.bits_model = f"{args.workdir}/search", "w4a4"
@@ -87,7 +87,7 @@ def main():
     results = qevo.run_search(cfg, f"{args.workdir}/search", model=model, variables=variables, data=data)
     for row in results["final"]:
         print(f"{row['name']:9s} {100 * row['test_accuracy']:6.2f}%  {row['bitops'] / 1e6:9.2f} M BitOps")
-    shared = qevo.run_compress(sharing, f"{args.workdir}/sharing", model=model, variables=variables, data=data)
+    shared = qevo.run_sharing(sharing, f"{args.workdir}/sharing", model=model, variables=variables, data=data)
     int8 = shared["formats"]["int8"]
     print(f"shared   {100 * int8['test_accuracy']:6.2f}%  {int8['cr_weighted']:.1f}x smaller, k {shared['k']}")
     coevolved = qevo.run_coevolve(integer, f"{args.workdir}/coevolve", model=model, variables=variables, data=data)

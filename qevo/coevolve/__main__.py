@@ -1,0 +1,10 @@
+"""``python -m qevo.coevolve --config configs/<name>.py [--config.key=value ...] [--workdir DIR]``:
+the command of :data:`qevo.coevolve.method.METHOD` (:func:`qevo.cli.main`)."""
+
+import sys
+
+from qevo.cli import main
+from qevo.coevolve.method import METHOD
+
+if __name__ == "__main__":
+    sys.exit(main(f"qevo.{METHOD.name}", METHOD.run, METHOD.validate))

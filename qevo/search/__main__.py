@@ -1,0 +1,10 @@
+"""``python -m qevo.search --config configs/<name>.py [--config.key=value ...] [--workdir DIR]``:
+the command of :data:`qevo.search.method.METHOD` (:func:`qevo.cli.main`)."""
+
+import sys
+
+from qevo.cli import main
+from qevo.search.method import METHOD
+
+if __name__ == "__main__":
+    sys.exit(main(f"qevo.{METHOD.name}", METHOD.run, METHOD.validate))
