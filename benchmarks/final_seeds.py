@@ -4,11 +4,11 @@ final models a difference, or the draw of one training run?
 ``python -m benchmarks.final_seeds --workdir runs/resnet20_cpu_search3
 --models w4a4,front_02,front_03 --seeds 1,2 [--out FILE]``
 
-The search trains each final model once, its mini-batches and augmentation drawn from the
-run's ``seed``. This trains the named rows of the run's ``final.csv`` again, once per other
-seed, by the search's own final training (:func:`qevo.search.final.train_final`, with ``seed``
-set to that value): the same budget (``final``), from the same float model, all models of
-a seed side by side. Each seed's training resumes per epoch from
+For a run finished with ``final.seeds=1`` (a new run sets ``final.seeds=N`` and gets this in
+its ``final.csv`` and ``results.json``): this trains the named rows of the run's ``final.csv``
+again, once per other seed, by the search's own final training
+(:func:`qevo.search.final.train_once`): the same budget (``final``), from the same float
+model, all models of a seed side by side. Each seed's training resumes per epoch from
 ``<workdir>/final_seeds/seed<S>/``. Prints JSON (default also written to
 ``<workdir>/final_seeds/final_seeds.json``): per model the test accuracy of every seed, the
 run's own first, their mean and sample standard deviation; and for each model after the
@@ -55,13 +55,11 @@ def main(argv=None) -> dict:
     accuracy = {n: [float(rows[n]["test_accuracy"])] for n in names}
     seconds = {}
     for seed in seeds:
-        reseeded = ml_collections.ConfigDict(cfg.to_dict())
-        reseeded.seed = seed
         start = time.perf_counter()
-        results = search_final.train_final(reseeded, problem, models, args.workdir / "final_seeds" / f"seed{seed}")
+        results = search_final.train_once(cfg, problem, models, args.workdir / "final_seeds" / f"seed{seed}", seed)
         seconds[seed] = round(time.perf_counter() - start, 1)
-        for r in results:
-            accuracy[r["name"]].append(r["test_accuracy"])
+        for name, r in results.items():
+            accuracy[name].append(r["test_accuracy"])
     report["test_accuracy"] = {n: common.spread(100 * np.asarray(v)) for n, v in accuracy.items()}
     first = np.asarray(accuracy[names[0]])
     report["minus_first"] = {n: common.spread(100 * (np.asarray(accuracy[n]) - first)) for n in names[1:]}

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from benchmarks import common, search_run
+from qevo.quant.layers import Bits
 from qevo.search import config as search_config
 from qevo.search import problem as search_problem
 
@@ -56,9 +57,7 @@ def main(argv=None) -> dict:
         accs = []
         for r in range(args.repeats):
             key = jax.random.fold_in(jax.random.key(cfg.seed), 1000 + r)
-            accs.append(np.asarray(problem.evaluator(problem.variables, w, a, problem.eval_images, problem.eval_labels,
-                                                     key=key, train_images=problem.train_images,
-                                                     train_labels=problem.train_labels), np.float64))
+            accs.append(problem.accuracy(len(problem.rungs) - 1, Bits(w=w, a=a), key))
         v = 100 * np.stack(accs)
         report["seconds"][s] = round(time.perf_counter() - start, 1)
         report["val_accuracy"][s] = {n: common.spread(v[:, i]) for i, n in enumerate(names)}

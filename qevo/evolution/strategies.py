@@ -73,7 +73,7 @@ class NSGA3:
         mutation at ``mutation_rate``, :func:`qevo.evolution.variation.make_offspring`) or ``"random"``
         (uniform genomes).
       crossover_prob: probability that a pair of parents is crossed.
-      mutation_rate: per-gene mutation probability (None: ``1 / G``).
+      mutation_rate: per-gene mutation probability, one for every gene or ``[G]`` (None: ``1 / G``).
       dtype: of the objectives and the normalisation.
 
     Offspring that repeat a survivor are re-mutated (:func:`qevo.evolution.variation.dedupe`).
@@ -81,7 +81,7 @@ class NSGA3:
 
     def __init__(self, population_size: int, n_choices: ArrayLike, ref_dirs: ArrayLike,
                  initial: Initial | None = None, offspring: str = "evolve", crossover_prob: float = 0.9,
-                 mutation_rate: float | None = None, dtype: jnp.dtype = jnp.float32):
+                 mutation_rate: float | ArrayLike | None = None, dtype: jnp.dtype = jnp.float32):
         self.size = population_size
         self.n_choices = jnp.asarray(n_choices, jnp.int32)
         self.ref_dirs = jnp.asarray(ref_dirs, jnp.float32)

@@ -18,6 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 FLOAT_BITS = 32  # bit width reported for layers that are not searched
 
@@ -115,7 +116,7 @@ def _other_values(key: jax.Array, genes: jax.Array, n_choices: jax.Array) -> jax
 
 @jax.jit
 def mutate(key: jax.Array, genes: jax.Array, n_choices: jax.Array,
-           rate: float | None = None) -> jax.Array:
+           rate: float | ArrayLike | None = None) -> jax.Array:
     """Random-reset mutation.
 
     Each gene with more than one choice is reset, with probability ``rate``, to a uniformly
@@ -125,7 +126,7 @@ def mutate(key: jax.Array, genes: jax.Array, n_choices: jax.Array,
         key: PRNG key.
         genes: int ``[P, G]``.
         n_choices: int ``[G]``.
-        rate: per-gene mutation probability; ``None`` means ``1 / G``.
+        rate: per-gene mutation probability, one for every gene or ``[G]``; ``None`` means ``1 / G``.
 
     Returns:
         int32 ``[P, G]``.
@@ -209,7 +210,7 @@ def dedupe(key: jax.Array, offspring: jax.Array, existing: jax.Array, n_choices:
 
 @functools.partial(jax.jit, static_argnames=("n_offspring",))
 def make_offspring(key: jax.Array, parents: jax.Array, n_offspring: int, n_choices: jax.Array,
-                   crossover_prob: float = 0.9, mutation_rate: float | None = None) -> jax.Array:
+                   crossover_prob: float = 0.9, mutation_rate: float | ArrayLike | None = None) -> jax.Array:
     """Offspring by random mating, uniform crossover, mutation and de-duplication.
 
     Both parents of each child are drawn uniformly at random from ``parents`` (NSGA-III
@@ -222,7 +223,7 @@ def make_offspring(key: jax.Array, parents: jax.Array, n_offspring: int, n_choic
         n_offspring: number of children (static).
         n_choices: int ``[G]``.
         crossover_prob: probability that a pair is crossed.
-        mutation_rate: per-gene mutation probability; ``None`` means ``1 / G``.
+        mutation_rate: per-gene mutation probability, one for every gene or ``[G]``; ``None`` means ``1 / G``.
 
     Returns:
         int32 ``[n_offspring, G]``.

@@ -6,6 +6,7 @@ objectives (:func:`with_objectives`).
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import ml_collections
@@ -41,7 +42,10 @@ def defaults() -> ml_collections.ConfigDict:
             "mutation_rate": config_dict.placeholder(float),
             "start": "float",
             "qat_steps": 20,
-            "shared_draws": False,
+            "rungs": (),
+            "promote": 0.25,
+            "sensitivity": False,
+            "shared_draws": True,
             "qat_batch_size": 128,
             "qat_learning_rate": 1e-3,
             "qat_optimizer": "sgd",
@@ -64,6 +68,7 @@ def defaults() -> ml_collections.ConfigDict:
             "optimizer": "sgd",
             "learning_rate": 1e-3,
             "max_models": 8,
+            "seeds": 1,
         }
     )
     return c
@@ -106,6 +111,16 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if not 0.0 <= s.crossover_prob <= 1.0 or not 0.0 <= s.budget <= 1.0:
         raise err("config search.crossover_prob and search.budget must lie in [0, 1]")
     parse_constraints(s.constraints)
+    rungs = tuple(tuple(r) for r in s.rungs)
+    if any(len(r) != 2 or not all(isinstance(v, int) and v >= 1 for v in r) for r in rungs) or any(
+            later[0] < earlier[0] or later[1] < earlier[1] for earlier, later in itertools.pairwise(rungs)):
+        raise err(f"config search.rungs={s.rungs} must list (qat_steps, eval_images) pairs of ints >= 1, neither "
+                  "falling from one rung to the next, e.g. ((5, 1000), (40, 5000)); () scores once at "
+                  "search.qat_steps and search.eval_images")
+    if not 0.0 < s.promote <= 1.0:
+        raise err(f"config search.promote={s.promote} must lie in (0, 1]: the share of a rung scored again at the next")
+    if not isinstance(cfg.final.seeds, int) or cfg.final.seeds < 1:
+        raise err(f"config final.seeds={cfg.final.seeds!r} must be an int >= 1: how often each final model trains")
     n_ref = len(reference_directions(cfg))
     if cfg.population_size < max(n_ref, 2):
         raise err(

@@ -109,11 +109,34 @@ def final_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def train_final(cfg, problem: Problem, models: list[dict], workdir: pathlib.Path) -> list[dict]:
-    """Train every model of ``models`` with the same budget (``final``), side by side.
+    """Train every model of ``models`` ``final.seeds`` times with the same budget (``final``),
+    side by side; returns one row per model (its widths, costs, and its accuracies: the mean
+    over the seeds, the test accuracy's sample standard deviation and each seed's).
+
+    Training ``r`` draws its mini-batches and augmentation from seed ``cfg.seed + r``, the
+    same for every model (so two models' accuracies of one seed are paired) and lives in
+    ``final/`` (``r = 0``) or ``final/seed<r>/``: :func:`train_once`."""
+    runs = [train_once(cfg, problem, models, workdir / "final" / (f"seed{r}" if r else ""), cfg.seed + r)
+            for r in range(cfg.final.seeds)]
+    rows = []
+    for m in models:
+        c = problem.costs(Bits(w=np.asarray([m["w_bits"]]), a=np.asarray([m["a_bits"]])))
+        val = [run[m["name"]]["val_accuracy"] for run in runs]
+        test = [run[m["name"]]["test_accuracy"] for run in runs]
+        rows.append({**m, "val_accuracy": float(np.mean(val)), "test_accuracy": float(np.mean(test)),
+                     "test_accuracy_std": float(np.std(test, ddof=1)) if len(test) > 1 else 0.0,
+                     "test_accuracies": [float(t) for t in test], "seeds": len(test),
+                     "epochs": runs[0][m["name"]]["epochs"], **{k: float(v[0]) for k, v in c.items()}})
+    return rows
+
+
+def train_once(cfg, problem: Problem, models: list[dict], final: pathlib.Path, seed: int) -> dict[str, dict]:
+    """Train every model of ``models`` once, side by side, drawing from ``seed``; returns each
+    model's results by name.
 
     The models not yet trained train as one population (:class:`qevo.train.trainer.PopulationTrainer`:
     spread over every device, run on each by ``search.strategy``), checkpointed after every
-    epoch in ``final/checkpoint.msgpack``. Each model's folder ``final/<name>/`` holds its
+    epoch in ``<final>/checkpoint.msgpack``. Each model's folder ``<final>/<name>/`` holds its
     ``history.csv``, its variables as ``model.msgpack`` (what :mod:`qevo.export.exporter` reads) and
     ``results.json``; a model with results for its widths and its ``model.msgpack`` is not
     trained again. A model finished by an earlier qevo (one after another, each with its own
@@ -121,7 +144,6 @@ def train_final(cfg, problem: Problem, models: list[dict], workdir: pathlib.Path
     one that lost it otherwise trains again (to the same variables: the training is seeded)."""
     fcfg = final_config(cfg)
     model, loss, metric = problem.evaluator.model, problem.evaluator.loss, problem.evaluator.metric
-    final = workdir / "final"
     fitted = {}
     for m in models:
         folder = final / m["name"]
@@ -141,23 +163,38 @@ def train_final(cfg, problem: Problem, models: list[dict], workdir: pathlib.Path
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
         trainer = training.PopulationTrainer(fcfg, problem.ds, model, quantized=True, strategy=cfg.search.strategy,
-                                          chunk_size=cfg.search.chunk_size, loss=loss, metric=metric)
+                                             chunk_size=cfg.search.chunk_size, loss=loss, metric=metric)
         bits = Bits(w=np.array([m["w_bits"] for m in pending]), a=np.array([m["a_bits"] for m in pending]))
-        key = jax.random.fold_in(jax.random.key(cfg.seed), 2)
+        key = jax.random.fold_in(jax.random.key(seed), 2)
         variables, results = training.fit_population(fcfg, problem.ds, problem.final_variables, bits, folders, key,
-                                                   f"final {len(pending)} models", trainer, final / CHECKPOINT)
+                                                     f"final {len(pending)} models, seed {seed}", trainer,
+                                                     final / CHECKPOINT)
         for i, (m, folder) in enumerate(zip(pending, folders, strict=True)):
             one = jax.tree_util.tree_map(lambda v, i=i: v[i], variables)
             checkpoint.save(folder / MODEL, one, {"model": problem.model_name, "name": m["name"]})
             fitted[m["name"]] = {**results[i], "w_bits": m["w_bits"], "a_bits": m["a_bits"]}
             write_json(folder / RESULTS, fitted[m["name"]])
-    rows = []
-    for m in models:
-        c = problem.costs(Bits(w=np.asarray([m["w_bits"]]), a=np.asarray([m["a_bits"]])))
-        f = fitted[m["name"]]
-        rows.append({**m, "val_accuracy": f["val_accuracy"], "test_accuracy": f["test_accuracy"],
-                     "epochs": f["epochs"], **{k: float(v[0]) for k, v in c.items()}})
-    return rows
+    return fitted
+
+
+def paired_differences(rows: list[dict]) -> list[dict]:
+    """For each uniform baseline of ``rows`` (:func:`train_final`'s), the front model with the
+    highest mean test accuracy among those that cost no more BitOps, against the baseline:
+    the mean over the seeds of their paired differences in test accuracy (front minus
+    baseline, same seed: same mini-batches, same test images) and its standard error
+    (sample standard deviation over sqrt of the seeds; 0 for one seed)."""
+    out = []
+    front = [r for r in rows if r["kind"] == "front"]
+    for b in (r for r in rows if r["kind"] == "baseline"):
+        cheaper = [r for r in front if r["bitops"] <= b["bitops"]]
+        if not cheaper:
+            continue
+        best = max(cheaper, key=lambda r: r["test_accuracy"])
+        d = np.asarray(best["test_accuracies"]) - np.asarray(b["test_accuracies"])
+        se = float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+        out.append({"baseline": b["name"], "model": best["name"], "bitops_ratio": best["bitops"] / b["bitops"],
+                    "difference": float(d.mean()), "standard_error": se, "seeds": len(d)})
+    return out
 
 
 def pareto_rows(cfg, problem: Problem, history: list[dict]) -> list[dict]:
@@ -172,6 +209,6 @@ def pareto_rows(cfg, problem: Problem, history: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: (r["bitops"], -r["val_accuracy"]))
 
 
-FINAL_COLUMNS = ["name", "kind", "w_bits", "a_bits", "search_val_accuracy", "val_accuracy", "test_accuracy", "epochs",
-                 "bitops", "size", "flops", "params"]
+FINAL_COLUMNS = ["name", "kind", "w_bits", "a_bits", "search_val_accuracy", "val_accuracy", "test_accuracy",
+                 "test_accuracy_std", "seeds", "epochs", "bitops", "size", "flops", "params"]
 PARETO_COLUMNS = ["w_bits", "a_bits", "val_accuracy", "generation", "bitops", "size", "flops", "params"]

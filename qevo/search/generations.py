@@ -7,6 +7,7 @@ record of every candidate, and the search's throughput (:func:`throughput`).
 
 from __future__ import annotations
 
+import json
 import pathlib
 import sys
 import time
@@ -20,12 +21,12 @@ from jax.typing import ArrayLike
 from qevo import config as config_lib
 from qevo.evolution import drivers, nsga3, strategies, variation
 from qevo.evolution.loop import LoopState, base_key, evolve, step_keys
-from qevo.harness import (
-    StepLog,
-)
+from qevo.harness import StepLog, write_json
 from qevo.search.config import reference_directions
 from qevo.search.final import front_indices, history_objectives
 from qevo.search.problem import Problem
+from qevo.search.sensitivity import extremes as gene_extremes
+from qevo.search.sensitivity import gene_sensitivity, ladder, mutation_rates
 
 
 def _scalarize(cfg: ml_collections.ConfigDict, F: ArrayLike, lower: np.ndarray, upper: np.ndarray) -> jax.Array:
@@ -38,6 +39,10 @@ def _scalarize(cfg: ml_collections.ConfigDict, F: ArrayLike, lower: np.ndarray, 
         return drivers.tchebycheff(f, weights, lo, lo, hi)
     limit = lo[1] + cfg.search.budget * (hi[1] - lo[1])
     return drivers.budget(f, limit, lo, hi, cost_index=1, error_index=0)
+
+
+SENSITIVITY = "sensitivity.json"
+SENSITIVITY_STREAM = 3  # fold_in(key(seed), 3): the sensitivity's QAT draws, apart from every other stream
 
 
 def evaluation_key(cfg: ml_collections.ConfigDict, key: jax.Array) -> jax.Array:
@@ -59,19 +64,29 @@ def penalized(F: np.ndarray, violation: np.ndarray, lower: np.ndarray, upper: np
     return np.where(v > 0, upper + (1.0 + v) * (upper - lower), F)
 
 
-def make_strategy(cfg: ml_collections.ConfigDict, problem: Problem) -> strategies.Strategy:
+def make_strategy(cfg: ml_collections.ConfigDict, problem: Problem,
+                  sensitivity: np.ndarray | None = None) -> strategies.Strategy:
     """The driver of ``search.driver``: NSGA-III (``nsga3``; ``random``: uniform offspring
-    with NSGA-III survival) whose first population holds the uniform seeds, then random
-    genomes up to ``search.initial_samples``; or an evosax strategy on the scalarised
-    objectives."""
+    with NSGA-III survival) whose first population holds the uniform seeds, then, with a
+    per-gene ``sensitivity`` (:func:`qevo.search.sensitivity.gene_sensitivity`), genomes along
+    its order for half the rest (:func:`~qevo.search.sensitivity.ladder`), then random genomes
+    up to ``search.initial_samples``; with ``sensitivity`` its mutation favours the genes that
+    cost little (:func:`~qevo.search.sensitivity.mutation_rates`). Or an evosax strategy on the
+    scalarised objectives."""
     space, n = problem.space, cfg.population_size
     n_choices = jnp.asarray(space.n_choices)
     if cfg.search.driver in drivers.EVOSAX_NAMES:
         lower, upper = problem.bounds()
         return strategies.Evosax(cfg.search.driver, n, n_choices, lambda F: _scalarize(cfg, F, lower, upper))
-    seeds = variation.uniform_genes(space.w_candidates, space.a_candidates, space.num_genes // 2,
-                                    cfg.search.uniform_seeds)
+    seeds = np.asarray(variation.uniform_genes(space.w_candidates, space.a_candidates, space.num_genes // 2,
+                                               cfg.search.uniform_seeds), np.int32).reshape(-1, space.num_genes)
     total = cfg.search.initial_samples or n
+    mutation_rate = cfg.search.mutation_rate
+    if sensitivity is not None:
+        lo, mid, hi = gene_extremes(problem)
+        along = ladder(sensitivity, lo, mid, hi, (total - len(seeds)) // 2)
+        seeds = np.concatenate([seeds, along[~(along[:, None] == seeds[None]).all(-1).any(-1)]])
+        mutation_rate = jnp.asarray(mutation_rates(sensitivity, mutation_rate or 1.0 / space.num_genes))
 
     def initial(key: jax.Array) -> jax.Array:
         k_new, k_dedupe = jax.random.split(key)
@@ -81,12 +96,24 @@ def make_strategy(cfg: ml_collections.ConfigDict, problem: Problem) -> strategie
 
     return strategies.NSGA3(n, n_choices, reference_directions(cfg), initial=initial,
                             offspring="random" if cfg.search.driver == "random" else "evolve",
-                            crossover_prob=cfg.search.crossover_prob, mutation_rate=cfg.search.mutation_rate,
+                            crossover_prob=cfg.search.crossover_prob, mutation_rate=mutation_rate,
                             dtype=jax.dtypes.canonicalize_dtype(jnp.float64))
 
 
-def generations(cfg: ml_collections.ConfigDict, problem: Problem,
-                workdir: pathlib.Path | None) -> tuple[LoopState, list[dict]]:
+def sensitivity_of(cfg: ml_collections.ConfigDict, problem: Problem, workdir: pathlib.Path | None) -> np.ndarray:
+    """The per-gene sensitivity (:func:`qevo.search.sensitivity.gene_sensitivity`), measured once
+    on its own key and kept in ``<workdir>/sensitivity.json``, which a resumed run reads."""
+    path = None if workdir is None else workdir / SENSITIVITY
+    if path is not None and path.is_file():
+        return np.asarray(json.loads(path.read_text())["genes"], np.float64)
+    values = gene_sensitivity(problem, jax.random.fold_in(jax.random.key(cfg.seed), SENSITIVITY_STREAM))
+    if path is not None:
+        write_json(path, {"genes": values.tolist()})
+    return values
+
+
+def generations(cfg: ml_collections.ConfigDict, problem: Problem, workdir: pathlib.Path | None,
+                sensitivity: np.ndarray | None = None) -> tuple[LoopState, list[dict]]:
     """Run (or resume) the search's generations (:func:`qevo.evolution.loop.evolve`): generation 0 is the
     first population, then ``cfg.generations`` more. Returns the loop's final state (its
     ``carry``: the seconds spent scoring, float64 ``[]``) and every evaluated individual's
@@ -97,7 +124,7 @@ def generations(cfg: ml_collections.ConfigDict, problem: Problem,
     def evaluate(generation: int, asked: jax.Array, key: jax.Array, scoring: np.ndarray):
         genes = np.asarray(asked)
         start = time.perf_counter()
-        F, acc = problem.objectives(genes, evaluation_key(cfg, key))
+        F, acc, rung = problem.objectives(genes, evaluation_key(cfg, key))
         scoring = scoring + (time.perf_counter() - start)
         bits = problem.space.decode(genes)
         violation = problem.violation(bits)
@@ -109,8 +136,8 @@ def generations(cfg: ml_collections.ConfigDict, problem: Problem,
         records = [
             {"generation": generation, "genes": g.tolist(), "w_bits": w.tolist(), "a_bits": a.tolist(),
              "objectives": dict(zip(names, map(_finite_or_none, f), strict=True)),
-             "val_accuracy": _finite_or_none(v_acc), "violation": float(v)}
-            for g, w, a, f, v_acc, v in zip(genes, bits.w, bits.a, F, acc, violation, strict=True)
+             "val_accuracy": _finite_or_none(v_acc), "violation": float(v), "rung": int(r)}
+            for g, w, a, f, v_acc, v, r in zip(genes, bits.w, bits.a, F, acc, violation, rung, strict=True)
         ]
         return penalized(F, violation, lower, upper), records, scoring
 
@@ -123,7 +150,7 @@ def generations(cfg: ml_collections.ConfigDict, problem: Problem,
                 f"hv {hv:.4f}  {state.evaluations / state.seconds:.2f} eval/s")
 
     steps = StepLog(workdir, "generation", step_key="generation", log=lambda msg: print(msg, file=sys.stderr))
-    return evolve(make_strategy(cfg, problem), evaluate, base_key=base_key(cfg.seed),
+    return evolve(make_strategy(cfg, problem, sensitivity), evaluate, base_key=base_key(cfg.seed),
                         generations=cfg.generations + 1, steps=steps, desc=f"search {problem.model_name}",
                         carry=np.float64(0.0), report=report)
 

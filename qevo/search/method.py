@@ -27,6 +27,7 @@ training checkpoint, ``model.msgpack`` with its variables, ``results.json``).
 
 from __future__ import annotations
 
+import json
 import pathlib
 from collections.abc import Callable
 
@@ -37,6 +38,7 @@ from qevo.data.datasets import Dataset
 from qevo.errors import CheckpointError
 from qevo.harness import (
     MODEL,
+    RESULTS,
     Method,
     Stopwatch,
     Stored,
@@ -56,12 +58,13 @@ from qevo.search.final import (
     final_candidates,
     front_indices,
     history_objectives,
+    paired_differences,
     pareto_rows,
     train_final,
 )
-from qevo.search.generations import generations, throughput
+from qevo.search.generations import generations, sensitivity_of, throughput
 from qevo.search.problem import prepare
-from qevo.search.report import plot
+from qevo.search.report import plot, plot_sensitivity
 
 
 @method("search", defaults, resolve=lambda cfg, objectives=None, **_: with_objectives(cfg, objectives or {}))
@@ -89,8 +92,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, *, model=None, va
         problem = prepare(cfg, workdir, model, variables, data, objectives, loss, metric)
         env = environment(problem.evaluator.model, problem.variables, problem.ds.train_images.shape[1:],
                           cfg.train.batch_size, cfg.model.precision)
+    sensitivity = None
+    if cfg.search.sensitivity:
+        with watch.stage("sensitivity"):
+            sensitivity = sensitivity_of(cfg, problem, workdir)
     with watch.stage("search"):
-        state, history = generations(cfg, problem, workdir)
+        state, history = generations(cfg, problem, workdir, sensitivity)
     extra = list(problem.extra_objectives)
     write_csv(workdir / "pareto.csv", pareto_rows(cfg, problem, history), PARETO_COLUMNS + extra)
     with watch.stage("final"):
@@ -105,6 +112,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, *, model=None, va
                      "test_accuracy": float_acc, **{k: float(v[0]) for k, v in float_costs.items()}})
     write_csv(workdir / "final.csv", rows, FINAL_COLUMNS + extra)
     plot(workdir / "pareto.png", history, final, float_acc, problem.table)
+    layers = [problem.table.names[i] for i in np.flatnonzero(problem.space.searched)]
+    if sensitivity is not None:
+        plot_sensitivity(workdir / "sensitivity.png", problem.table, problem.space.searched, sensitivity, final)
     results = {
         "model": problem.model_name,
         "dataset": problem.ds.name,
@@ -113,7 +123,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, *, model=None, va
         "throughput": throughput(state),
         "front_size": len(front_indices(history_objectives(history, cfg.search.objectives))),
         "float_test_accuracy": float_acc,
-        "final": [{k: r[k] for k in ("name", "test_accuracy", "bitops", "size") if k in r} for r in rows],
+        "final": [{k: r[k] for k in ("name", "test_accuracy", "test_accuracy_std", "bitops", "size") if k in r}
+                  for r in rows],
+        "final_seeds": cfg.final.seeds,
+        **({"sensitivity": {name: {"w": float(sensitivity[i]), "a": float(sensitivity[len(layers) + i])}
+                            for i, name in enumerate(layers)}} if sensitivity is not None else {}),
+        "against_baselines": paired_differences(final),
         "seconds": watch.seconds(),
         **env,
     }
@@ -127,7 +142,8 @@ def models(workdir: pathlib.Path, cfg: ml_collections.ConfigDict) -> list[str]:
 
 def load(workdir: pathlib.Path, cfg: ml_collections.ConfigDict, name: str, model: QevoModel, template: dict,
          results: dict) -> Stored:
-    """The final model ``name`` (a row of ``final.csv``): its trained variables and widths."""
+    """The final model ``name`` (a row of ``final.csv``): its trained variables and widths, as
+    its first training (``final/<name>/``, of the run's own seed) left them."""
     row = _final_rows(workdir)[name]
     bits = Bits(w=np.array(row["w_bits"].split(), np.int32), a=np.array(row["a_bits"].split(), np.int32))
     accuracy = float(row["test_accuracy"])
@@ -137,6 +153,8 @@ def load(workdir: pathlib.Path, cfg: ml_collections.ConfigDict, name: str, model
     if not (folder / MODEL).is_file():
         raise CheckpointError(f"{folder} holds no {MODEL} (a search finished before qevo saved final models); "
                               f"rerun `python -m qevo.search` with the same --workdir to write it")
+    if (folder / RESULTS).is_file():  # this model's own accuracy: final.csv's is the mean over final.seeds
+        accuracy = float(json.loads((folder / RESULTS).read_text())["test_accuracy"])
     return Stored(load_variables(folder / MODEL, template), bits, {}, accuracy)
 
 

@@ -7,6 +7,7 @@ constraint violation of every candidate), prepared from a config (:func:`prepare
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 from collections.abc import Callable
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from qevo import config as config_lib
 from qevo.data.datasets import Dataset, normalize
-from qevo.evolution import variation
+from qevo.evolution import nsga3, variation
 from qevo.evolution.population import PopulationEvaluator, QATConfig, batch_eval_set
 from qevo.models import cost
 from qevo.models import inputs as model_inputs
@@ -78,6 +79,25 @@ def costs(table: cost.LayerTable, bits: Bits) -> dict[str, np.ndarray]:
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class Rung:
+    """One fidelity of the scores: ``evaluator`` (its ``qat.steps`` of QAT per candidate) and
+    the validation images it scores on, uint8 ``images [N, H, W, C]`` and ``labels [N, ...]``."""
+
+    evaluator: PopulationEvaluator
+    images: jax.Array
+    labels: jax.Array
+
+
+def promoted(F: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` rows of ``F [P, M]`` (error first, then costs) promoted to the next
+    rung: by non-dominated rank, then by error; a row with a non-finite value last."""
+    finite = np.all(np.isfinite(F), axis=1)
+    rank = np.asarray(nsga3.non_dominated_rank(jnp.asarray(np.where(finite[:, None], F, np.nan), jnp.float32)))
+    error = np.where(finite, F[:, 0], np.inf)
+    return np.lexsort((error, rank, ~finite))[:k]
+
+
 @dataclasses.dataclass
 class Problem:
     """Everything needed to score genomes: ``objectives(genes, key) -> F [P, M]``."""
@@ -85,17 +105,27 @@ class Problem:
     cfg: ml_collections.ConfigDict
     space: SearchSpace
     table: cost.LayerTable
-    evaluator: PopulationEvaluator
+    rungs: tuple[Rung, ...]
     variables: dict
     final_variables: dict
     float_results: dict
     ds: Dataset
     model_name: str
     extra_objectives: dict
-    eval_images: jax.Array
-    eval_labels: jax.Array
     train_images: jax.Array
     train_labels: jax.Array
+
+    @property
+    def evaluator(self) -> PopulationEvaluator:
+        """The most accurate rung's evaluator (the last)."""
+        return self.rungs[-1].evaluator
+
+    def accuracy(self, rung: int, bits: Bits, key: jax.Array) -> np.ndarray:
+        """float64 ``[P]`` validation accuracy of widths ``[P, L]`` at ``rung`` (QAT mini-batches
+        drawn with ``key``)."""
+        r = self.rungs[rung]
+        return np.asarray(r.evaluator(self.variables, bits.w, bits.a, r.images, r.labels, key=key,
+                                      train_images=self.train_images, train_labels=self.train_labels), np.float64)
 
     def costs(self, bits: Bits) -> dict[str, np.ndarray]:
         """:func:`costs` and the user's objectives (``objectives=`` of :func:`run`), float64 ``[P]`` each."""
@@ -114,18 +144,25 @@ class Problem:
             total += np.maximum(0.0, values[name] / bound - 1.0)
         return total
 
-    def objectives(self, genes: np.ndarray, key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
-        """``(F [P, M] float64, validation accuracy [P])``; NaN error where the network diverged."""
+    def objectives(self, genes: np.ndarray, key: jax.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(F [P, M] float64, validation accuracy [P], rung [P])``; NaN error where the network
+        diverged. Every candidate is scored at the first rung; at each next rung the
+        ``search.promote`` share of the last rung's candidates (:func:`promoted`) is scored again,
+        more accurately, and keeps that score. ``rung`` is the last rung each reached. Every
+        candidate of a rung draws the same QAT mini-batches (``key``): scores are paired."""
         bits = self.space.decode(genes)
-        acc = np.asarray(
-            self.evaluator(
-                self.variables, bits.w, bits.a, self.eval_images, self.eval_labels,
-                key=key, train_images=self.train_images, train_labels=self.train_labels,
-            ),
-            np.float64,
-        )
-        values = {"error": 1.0 - acc, **self.costs(bits)}
-        return np.stack([values[o] for o in self.cfg.search.objectives], axis=1), acc
+        values = {"error": np.zeros(len(genes)), **self.costs(bits)}
+        names = self.cfg.search.objectives
+        reached = np.arange(len(genes))
+        acc, rung = np.zeros(len(genes)), np.zeros(len(genes), np.int32)
+        for i in range(len(self.rungs)):
+            if i:
+                F = np.stack([values[o][reached] for o in names], axis=1)
+                reached = reached[promoted(F, math.ceil(self.cfg.search.promote * len(reached)))]
+            acc[reached] = self.accuracy(i, Bits(w=bits.w[reached], a=bits.a[reached]), key)
+            values["error"][reached] = 1.0 - acc[reached]
+            rung[reached] = i
+        return np.stack([values[o] for o in names], axis=1), acc, rung
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-objective ``(lower, upper)``: error in [0, 1], costs between all-min and all-max widths."""
@@ -170,31 +207,33 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, model=None, v
         starts["scratch"] = calibrate(model, fresh, calib)
     start_variables = starts[cfg.search.start]
     s = cfg.search
-    qat = QATConfig(
-        steps=s.qat_steps, batch_size=s.qat_batch_size, learning_rate=s.qat_learning_rate,
-        momentum=s.qat_momentum, weight_decay=s.qat_weight_decay, weight_decay_on=cfg.train.weight_decay_on,
-        optimizer=s.qat_optimizer,
-    )
-    evaluator = PopulationEvaluator(
-        model, ds.mean, ds.std, eval_batch_size=cfg.train.eval_batch_size,
-        strategy=s.strategy, chunk_size=s.chunk_size, qat=qat, loss=loss, metric=metric,
-    )
-    n_eval = ds.val_images.shape[0] if s.eval_images is None else min(s.eval_images, ds.val_images.shape[0])
-    if n_eval < 1:
+    n_val = ds.val_images.shape[0]
+    if n_val < 1:
         raise config_lib.ConfigError("the search scores on the validation split: set data.val_size > 0")
+    rungs = []
+    for steps, images in tuple(tuple(r) for r in s.rungs) or ((s.qat_steps, s.eval_images or n_val),):
+        qat = QATConfig(
+            steps=steps, batch_size=s.qat_batch_size, learning_rate=s.qat_learning_rate,
+            momentum=s.qat_momentum, weight_decay=s.qat_weight_decay, weight_decay_on=cfg.train.weight_decay_on,
+            optimizer=s.qat_optimizer,
+        )
+        evaluator = PopulationEvaluator(
+            model, ds.mean, ds.std, eval_batch_size=cfg.train.eval_batch_size,
+            strategy=s.strategy, chunk_size=s.chunk_size, qat=qat, loss=loss, metric=metric,
+        )
+        n = min(images, n_val)
+        rungs.append(Rung(evaluator, jax.device_put(ds.val_images[:n]), jax.device_put(ds.val_labels[:n])))
     return Problem(
         cfg=cfg,
         space=space,
         table=cost.layer_table(model, start_variables, ds.train_images.shape[1:]),
-        evaluator=evaluator,
+        rungs=tuple(rungs),
         variables=start_variables,
         final_variables=starts[cfg.final.start],
         float_results=float_results,
         model_name=inputs.model_name,
         extra_objectives=dict(objectives or {}),
         ds=ds,
-        eval_images=jax.device_put(ds.val_images[:n_eval]),
-        eval_labels=jax.device_put(ds.val_labels[:n_eval]),
         train_images=jax.device_put(ds.train_images),
         train_labels=jax.device_put(ds.train_labels),
     )

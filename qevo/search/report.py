@@ -1,5 +1,6 @@
-"""The search's figure: ``pareto.png``, every evaluated candidate by BitOps and validation
-error, the front, and the final models and baselines at their test error.
+"""The search's figures: ``pareto.png``, every evaluated candidate by BitOps and validation
+error, the front, and the final models and baselines at their test error; with
+``search.sensitivity``, ``sensitivity.png``, the layers' sensitivity beside the front's widths.
 """
 
 from __future__ import annotations
@@ -8,9 +9,7 @@ import pathlib
 
 import numpy as np
 
-from qevo.harness import (
-    figure,
-)
+from qevo.harness import figure
 from qevo.models import cost
 
 
@@ -36,3 +35,27 @@ def plot(path: pathlib.Path, history: list[dict], final: list[dict], float_acc: 
         ax.set_xlabel("BitOps per image")
         ax.set_ylabel("accuracy (%)")
         ax.legend(fontsize=7, loc="lower right")
+
+
+def plot_sensitivity(path: pathlib.Path, table: cost.LayerTable, searched: np.ndarray, sensitivity: np.ndarray,
+                     final: list[dict]) -> None:
+    """``sensitivity.png``: per searched layer (bool ``searched [L]``), the accuracy points its weights and its
+    activations cost alone at their lowest width (bars, left axis), beside the weight widths
+    the trained front models give it (lines, right axis)."""
+    index = np.flatnonzero(searched)
+    layers = [table.names[i] for i in index]
+    x, n = np.arange(len(layers)), len(layers)
+    with figure(path, (max(6.0, 0.45 * n + 2), 4.5)) as ax:
+        ax.bar(x - 0.2, 100 * sensitivity[:n], 0.4, color="C0", label="weights at their lowest width")
+        ax.bar(x + 0.2, 100 * sensitivity[n:], 0.4, color="C1", label="activations at their lowest width")
+        ax.set_ylabel("validation accuracy lost alone (points)")
+        ax.set_xticks(x, layers, rotation=60, ha="right", fontsize=7)
+        ax.legend(fontsize=7, loc="upper left")
+        right = ax.twinx()
+        front = [r for r in final if r["kind"] == "front"]
+        for i, r in enumerate(front):
+            right.plot(x, np.asarray(r["w_bits"])[index], "o-", lw=0.8, ms=3, alpha=0.7,
+                       color=f"C{(i + 2) % 10}", label=f"{r['name']} weight bits")
+        right.set_ylabel("weight bits of the front models")
+        if front:
+            right.legend(fontsize=6, loc="upper right")
