@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -52,6 +53,10 @@ def _search(workdir, args, data_dir):
         (["--config.search.constraints=latency<=3"], "bounds ['latency'], which are no costs"),
         (["--config.quant.float_layers=fc9"], "'fc9' matches none of the 5 quantizable layers"),
         (["--config.quant.float_layers=conv*,fc*"], "keeps all 5 layers float: nothing is left to search"),
+        (["--config.search.rungs=((10, 1000), (5, 2000))"], "search.rungs=((10, 1000), (5, 2000)) must list"),
+        (["--config.search.rungs=((10,),)"], "must list (qat_steps, eval_images) pairs of ints >= 1"),
+        (["--config.search.promote=0.0"], "search.promote=0.0 must lie in (0, 1]"),
+        (["--config.final.seeds=0"], "final.seeds=0 must be an int >= 1"),
         (["--config.population_size=4", "--config.search.n_partitions=1",
           "--config.search.uniform_seeds=((8, 8), (4, 4), (2, 2), (2, 4), (4, 2))"],
          "gives 5 usable pairs, more than the first population's 4"),
@@ -332,3 +337,100 @@ def test_shared_draws_score_a_genome_alike_in_every_generation(shared, tiny_lene
         np.testing.assert_array_equal(again, accuracy)
     else:
         assert np.abs(again - accuracy).max() > 0
+
+
+def test_promotion_takes_the_lowest_ranks_then_the_lowest_errors():
+    F = np.array([[0.30, 1.0], [0.10, 3.0], [0.20, 2.0], [0.15, 3.0], [np.nan, 0.5], [0.12, 4.0], [0.35, 1.0]])
+    # ranks: 0.30@1, 0.10@3 and 0.20@2 are non-dominated (0.15@3 is dominated by 0.10@3, 0.12@4 too, 0.35@1 by
+    # 0.30@1); the NaN row comes last
+    assert search_problem.promoted(F, 3).tolist() == [1, 2, 0]
+    assert search_problem.promoted(F, 6).tolist() == [1, 2, 0, 5, 3, 6]
+    assert search_problem.promoted(F, 7).tolist()[-1] == 4
+
+
+def test_rungs_score_every_candidate_then_the_promoted_share_again(tiny_lenet5_float, tmp_path, data_dir,
+                                                                    monkeypatch):
+    """Every candidate is scored at the first rung; the ``search.promote`` share that ranks
+    best there is scored again at the second, and keeps that score; every candidate of a rung
+    draws the same mini-batches, so each score equals the rung's own score of it alone."""
+    monkeypatch.setenv("QEVO_DATA_DIR", str(data_dir))
+    cfg = search_config.validate(config_lib.load(REPO / "configs" / "lenet5.py", [
+        f"float_from={tiny_lenet5_float}", "population_size=8", "search.rungs=((1, 200), (3, 500))",
+        "search.promote=0.25", "data.max_train_images=3000"]))
+    problem = search_problem.prepare(cfg, tmp_path)
+    assert [r.evaluator.qat.steps for r in problem.rungs] == [1, 3]
+    assert [r.images.shape[0] for r in problem.rungs] == [200, 500]
+    genes = np.asarray(jax.random.randint(jax.random.key(3), (8, problem.space.num_genes), 0, 3), np.int32)
+    key = step_keys(base_key(cfg.seed), 1)[1]
+    F, acc, rung = problem.objectives(genes, key)
+    bits = problem.space.decode(genes)
+    first = problem.accuracy(0, bits, key)
+    F0 = F.copy()
+    F0[:, 0] = 1.0 - first
+    top = search_problem.promoted(F0, 2)
+    assert sorted(np.flatnonzero(rung == 1).tolist()) == sorted(top.tolist())
+    np.testing.assert_array_equal(acc[rung == 0], first[rung == 0])
+    again = problem.accuracy(1, Bits(w=bits.w[top], a=bits.a[top]), key)
+    np.testing.assert_array_equal(acc[top], again)
+    np.testing.assert_array_equal(F[:, 0], 1.0 - acc)
+
+
+def test_the_sensitivity_ladder_lowers_the_least_sensitive_genes_first():
+    from qevo.search import sensitivity
+
+    s = np.array([0.04, 0.001, 0.02, -0.01])  # gene order by sensitivity: 3, 1, 2, 0
+    lo, mid, hi = np.zeros(4, np.int32), np.ones(4, np.int32), np.full(4, 2, np.int32)
+    genomes = sensitivity.ladder(s, lo, mid, hi, 3)
+    assert genomes.tolist() == [[2, 2, 2, 0], [2, 1, 2, 1], [2, 0, 0, 0]]  # k = 1, 2, 3; middle at k = 2
+    rates = sensitivity.mutation_rates(s, 0.25)
+    assert rates.mean() == pytest.approx(0.25) and rates[3] == rates.max() and rates[0] == rates.min()
+    u = 1 / (1 + np.array([0.04, 0.001, 0.02, 0.0]) / 0.02)  # median of the positive sensitivities: 0.02
+    np.testing.assert_allclose(rates, 0.25 * 4 * u / u.sum())
+
+
+def test_paired_differences_against_each_baseline_equal_hand_computation():
+    rows = [
+        {"name": "front_00", "kind": "front", "bitops": 1.0, "test_accuracy": 0.90, "test_accuracies": [0.91, 0.89]},
+        {"name": "front_01", "kind": "front", "bitops": 2.0, "test_accuracy": 0.95, "test_accuracies": [0.96, 0.94]},
+        {"name": "w2a2", "kind": "baseline", "bitops": 1.5, "test_accuracy": 0.85, "test_accuracies": [0.84, 0.86]},
+        {"name": "w1a1", "kind": "baseline", "bitops": 0.5, "test_accuracy": 0.5, "test_accuracies": [0.5, 0.5]},
+    ]
+    (only,) = search_final.paired_differences(rows)  # no front model is as cheap as w1a1
+    d = np.array([0.91 - 0.84, 0.89 - 0.86])
+    assert only["baseline"] == "w2a2" and only["model"] == "front_00" and only["seeds"] == 2
+    assert only["difference"] == pytest.approx(d.mean())
+    assert only["standard_error"] == pytest.approx(d.std(ddof=1) / np.sqrt(2))
+    assert only["bitops_ratio"] == pytest.approx(1.0 / 1.5)
+
+
+@pytest.mark.slow
+def test_a_multi_fidelity_search_with_sensitivity_trains_every_final_model_per_seed(tiny_lenet5_float, tmp_path,
+                                                                                  data_dir):
+    args = [f"--config.float_from={tiny_lenet5_float}", *TINY, "--config.generations=1",
+            "--config.search.rungs=((1, 200), (3, 500))", "--config.search.sensitivity=True",
+            "--config.final.enabled=True", "--config.final.seeds=2", "--config.final.max_models=2"]
+    out = _search(tmp_path / "run", args, data_dir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "run"
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    for generation in (0, 1):
+        assert sum(r["rung"] for r in history if r["generation"] == generation) == 2  # ceil(0.25 x 8)
+    genes = json.loads((run / "sensitivity.json").read_text())["genes"]
+    results = json.loads((run / "results.json").read_text())
+    assert len(genes) == 6 and list(results["sensitivity"]) == ["conv2", "fc1", "fc2"]
+    assert results["sensitivity"]["fc1"] == {"w": genes[1], "a": genes[4]}
+    assert (run / "sensitivity.png").is_file() and results["final_seeds"] == 2
+    rows = _rows(run / "final.csv")
+    tested = {}
+    for r in rows:
+        if r["kind"] == "float":
+            continue
+        seeds = [json.loads((run / "final" / sub / r["name"] / "results.json").read_text())["test_accuracy"]
+                 for sub in ("", "seed1")]
+        tested[r["name"]] = np.asarray(seeds)
+        assert float(r["test_accuracy"]) == pytest.approx(np.mean(seeds))
+        assert float(r["test_accuracy_std"]) == pytest.approx(np.std(seeds, ddof=1))
+    for c in results["against_baselines"]:
+        d = tested[c["model"]] - tested[c["baseline"]]
+        assert c["difference"] == pytest.approx(d.mean())
+        assert c["standard_error"] == pytest.approx(d.std(ddof=1) / 2**0.5)
