@@ -6,7 +6,8 @@
   (``--8<-- "name.py"``, pymdownx.snippets) is that script, which a test of its own runs.
 * Every figure link, ``[82.27%](.../benchmarks/results/<run>/<file> "100 * front_01.test_accuracy")``,
   equals the expression in its title over fields of its file, to the decimals it shows: a
-  CSV field is ``<row name>.<column>``, a JSON field a dotted path (list items by index).
+  CSV field is ``<row name>.<column>``, a JSON field a dotted path (list items by index; a
+  top-level key alone).
 * The README's headline table quotes no figure outside such a link.
 * docs/troubleshooting.md lists every message qevo raises as a ``QevoError``: its stable
   fragment (the literal text before the first value put in, or a longer literal part).
@@ -42,7 +43,7 @@ RESULTS = "benchmarks/results/"
 # ---------------------------------------------------------------------------- figures
 
 LINK = re.compile(r'\[([^\]]+)\]\(([^)\s]+) "([^"]+)"\)')
-FIELD = re.compile(r"(?<![\w.])[A-Za-z_]\w*(?:\.\w+)+")
+FIELD = re.compile(r"(?<![\w.])[A-Za-z_]\w*(?:\.\w+)*")
 NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.(\d+))?")
 
 
