@@ -8,7 +8,8 @@
   equals the expression in its title over fields of its file, to the decimals it shows: a
   CSV field is ``<row name>.<column>``, a JSON field a dotted path (list items by index; a
   top-level key alone).
-* The README's headline table quotes no figure outside such a link.
+* The README's headline table, docs/results.md and docs/performance.md quote no figure
+  outside such a link.
 * docs/troubleshooting.md lists every message qevo raises as a ``QevoError``: its stable
   fragment (the literal text before the first value put in, or a longer literal part).
 * The docstrings cite docs/spec.md by anchors that exist, and no other specification.
@@ -165,6 +166,42 @@ def test_the_checker_catches_a_changed_figure_a_changed_file_and_an_unlinked_fig
     unlinked = readme.replace(f"[82.27%]({first.file.relative_to(REPO)} \"{first.expression}\")", "82.27%")
     assert unlinked != readme
     assert re.findall(r"\d+\.\d+", LINK.sub("", headline_rows(unlinked)[0])) == ["82.27"]
+
+
+FIGURE_PAGES = (REPO / "docs" / "results.md", REPO / "docs" / "performance.md")
+"""The pages of figures: every figure they quote is a figure link."""
+UNLINKED = re.compile(r"\d[\d,]*(?:\.\d+)?\s?[%\u00d7]|\d[\d,]*\.\d+")
+"""A figure written out: a number with decimals, a percentage or a ratio (a number and a times sign). Whole numbers
+are also settings (264 evaluations, P = 1024), so they are not told apart from figures."""
+
+
+def unlinked_figures(markdown: str) -> list[str]:
+    """The figures ``markdown`` quotes outside its figure links (code and link targets aside)."""
+    text = re.sub(r"```.*?```", "", markdown, flags=re.S)
+    text = re.sub(r"\]\([^)]*\)", "]", LINK.sub("", text))
+    return UNLINKED.findall(re.sub(r"`[^`]*`", "", text))
+
+
+@pytest.mark.parametrize("page", FIGURE_PAGES, ids=lambda p: p.name)
+def test_the_figure_pages_quote_each_figure_from_its_file(page):
+    markdown = page.read_text()
+    assert len(figures(page, markdown)) >= 40, f"{page.name}: its figures are no longer links"
+    unlinked = unlinked_figures(markdown)
+    assert not unlinked, (f"{page.name} quotes figures {unlinked} that link to no committed file; write each as "
+                          '[figure](../benchmarks/results/<run>/<file> "<expression>")')
+
+
+def test_the_figure_page_checks_catch_an_unlinked_and_a_changed_figure():
+    """The checks above on altered copies of docs/results.md: its first figure (a top-level
+    field of a JSON file) written without its link, and changed."""
+    page = FIGURE_PAGES[0]
+    markdown = page.read_text()
+    first = figures(page, markdown)[0]
+    assert (first.text, first.expression) == ("87.27%", "100 * test_accuracy") and disagreement(first) is None
+    link = f'[87.27%](../benchmarks/results/resnet20_cpu_float52_bf16/results.json "{first.expression}")'
+    assert unlinked_figures(markdown.replace(link, "87.27%")) == ["87.27%"]
+    changed = figures(page, markdown.replace("[87.27%]", "[87.72%]", 1))[0]
+    assert "shows 87.72, the file gives 87.26" in disagreement(changed)
 
 
 # ---------------------------------------------------------------------------- error messages
