@@ -3,20 +3,19 @@ them (``final_seeds``, ``score_budget``, ``train_final``) read them."""
 
 from __future__ import annotations
 
-import json
 import pathlib
 from collections.abc import Callable
 
 import numpy as np
 
-from qevo.harness import fill_defaults, read_rows
+from qevo.harness import fill_defaults, read_config, read_rows
 from qevo.search import config as search_config
 
 
 def run_config(workdir: pathlib.Path) -> dict:
     """The config of the search run in ``workdir`` as a dict, keys added to qevo since the run
     at their defaults."""
-    return fill_defaults(json.loads((workdir / "config.json").read_text()), search_config.defaults().to_dict())
+    return fill_defaults(read_config(workdir / "config.json")[1], search_config.defaults().to_dict())
 
 
 def final_models(workdir: pathlib.Path, models: str,

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from qevo.evolution.population import batch_eval_set
-from qevo.harness import write_json
+from qevo.harness import read_config, write_json
 from qevo.models.inputs import build_model, load_data
 from qevo.sharing import clusters
 from qevo.sharing import config as sharing_config
@@ -32,7 +32,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, type=pathlib.Path, help="a finished qevo.sharing run (nsga3)")
     args = parser.parse_args(argv)
-    cfg = sharing_config.validate(ml_collections.ConfigDict(json.loads((args.workdir / "config.json").read_text())))
+    cfg = sharing_config.validate(ml_collections.ConfigDict(read_config(args.workdir / "config.json")[1]))
     result = json.loads((args.workdir / "results.json").read_text())
     ds = load_data(cfg)
     model = build_model(cfg, ds.num_classes)

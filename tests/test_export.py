@@ -18,6 +18,7 @@ from flax import traverse_util
 from onnx import numpy_helper
 
 from conftest import REPO, run_main
+from qevo import harness
 from qevo.data.datasets import normalize
 from qevo.errors import CheckpointError, ConfigError, ExportError
 from qevo.export import exporter, onnxgraph
@@ -226,7 +227,7 @@ RUNS = {
     "search": ("qevo.search", "lenet5.py", ["--config.population_size=4", "--config.generations=1",
                                              "--config.search.qat_steps=2", "--config.search.eval_images=300",
                                              "--config.final.max_models=1"]),
-    "compress": ("qevo.sharing", "lenet5_sharing.py", ["--config.population_size=4", "--config.generations=1",
+    "sharing": ("qevo.sharing", "lenet5_sharing.py", ["--config.population_size=4", "--config.generations=1",
                                                          "--config.sharing.k_max=8", "--config.sharing.refine=False",
                                                          "--config.sharing.report_formats=('float32','int8')"]),
     "coevolve": ("qevo.coevolve", "lenet5_cc.py", ["--config.coevolve.w_bits=2", "--config.coevolve.cycles=1",
@@ -256,8 +257,8 @@ def runs(tiny_lenet5_float, data_dir, tmp_path_factory):
     ("search", "front_00", "int8 levels"),
     ("search", "w2a2", "int8 levels"),
     ("search", "float", "float32"),
-    ("compress", None, "uint8 indices into a"),
-    ("compress", "int8", "uint8 indices into a"),
+    ("sharing", None, "uint8 indices into a"),
+    ("sharing", "int8", "uint8 indices into a"),
     ("coevolve", None, "int8 levels"),
     ("train", None, "float32"),
 ])
@@ -303,8 +304,8 @@ def test_the_command_writes_the_model_and_prints_its_record(runs, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("case, message", [
     ("unknown_name", "--model 'front_99' is not a model of this qevo.search run; choose one of front_00"),
-    ("no_name", "a search run holds several models: pass --model, one of front_00"),
-    ("model_folder", "has no config.json: it is not the work folder of a qevo.search"),
+    ("no_name", "a qevo.search run holds several models: pass --model, one of front_00"),
+    ("model_folder", "has no config.json: it is not the work folder of a qevo run"),
     ("missing", "is not a folder; pass the work folder of a finished run"),
     ("bad_flag", "unexpected argument '--modle'"),
 ])
@@ -364,7 +365,7 @@ def test_a_search_rerun_writes_the_model_files_finished_models_lack(runs, tiny_l
     final = runs["search"] / "final"
     trained = {name: (final / name / "model.msgpack").read_bytes() for name in ("w2a2", "w4a4")}
     found = exporter.load(runs["search"], "w2a2")
-    saved = ml_collections.ConfigDict(json.loads((runs["search"] / "config.json").read_text()))
+    saved = ml_collections.ConfigDict(harness.read_config(runs["search"] / "config.json")[1])
     final = search_final.final_config(search_config.validate(saved))
     trainer = training.Trainer(final, found.ds, found.model, quantized=True)
     checkpoint.save(final / "w2a2" / CHECKPOINT, trainer.init_state(found.variables), {})

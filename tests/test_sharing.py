@@ -20,6 +20,7 @@ import pytest
 
 from conftest import REPO, Killed, kill_after_checkpoint, run_command, run_main, without_seconds
 from qevo import config as config_lib
+from qevo import harness
 from qevo.checkpoint import CheckpointError
 from qevo.data.datasets import normalize
 from qevo.evolution.loop import evolve
@@ -351,7 +352,7 @@ def test_nsga3_front_and_held_out_pick(tiny_lenet5_float, data_dir, tmp_path):
     assert cr == sorted(cr) and accuracy == sorted(accuracy, reverse=True)  # non-dominated: more CR, less accuracy
     assert (result["scoring_images"], result["held_out_images"]) == (400, 600)
 
-    cfg = sharing_config.validate(ml_collections.ConfigDict(json.loads((run / "config.json").read_text())))
+    cfg = sharing_config.validate(ml_collections.ConfigDict(harness.read_config(run / "config.json")[1]))
     ds = load_data(cfg)
     model = build_model(cfg, ds.num_classes)
     variables, _ = clusters.load_compressed(run / "compressed_float32.msgpack", init_variables(
