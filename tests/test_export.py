@@ -366,8 +366,8 @@ def test_a_search_rerun_writes_the_model_files_finished_models_lack(runs, tiny_l
     trained = {name: (final / name / "model.msgpack").read_bytes() for name in ("w2a2", "w4a4")}
     found = exporter.load(runs["search"], "w2a2")
     saved = ml_collections.ConfigDict(harness.read_config(runs["search"] / "config.json")[1])
-    final = search_final.final_config(search_config.validate(saved))
-    trainer = training.Trainer(final, found.ds, found.model, quantized=True)
+    fcfg = search_final.final_config(search_config.validate(saved))
+    trainer = training.Trainer(fcfg, found.ds, found.model, quantized=True)
     checkpoint.save(final / "w2a2" / CHECKPOINT, trainer.init_state(found.variables), {})
     for name in trained:
         (final / name / "model.msgpack").unlink()
