@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, Killed, kill_after_checkpoint, on_cpu_devices, run_command, without_seconds
+from helpers import REPO, Killed, kill_after_checkpoint, on_cpu_devices, run_command, without_seconds
 from qevo import coevolve, train
 from qevo import config as config_lib
 from qevo.checkpoint import load as load_checkpoint

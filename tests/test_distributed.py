@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, synthetic_digits
+from helpers import REPO, synthetic_digits
 from qevo import distributed
 from qevo.calibration import calibrate
 from qevo.data import normalize
@@ -30,7 +30,7 @@ from qevo import distributed
 assert distributed.initialize()
 import jax, numpy as np
 jax.config.update("jax_threefry_partitionable", False)  # as conftest sets it for the test process
-from conftest import REPO, synthetic_digits
+from helpers import REPO, synthetic_digits
 from qevo.calibration import calibrate
 from qevo.data import normalize
 from qevo.models import get_model, init_variables

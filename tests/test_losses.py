@@ -16,7 +16,7 @@ import optax
 import pytest
 
 import qevo
-from conftest import REPO, synthetic_digits
+from helpers import REPO, synthetic_digits
 from qevo import train
 from qevo.calibration import calibrate
 from qevo.config import ConfigError

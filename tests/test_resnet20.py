@@ -16,7 +16,7 @@ import json
 
 import pytest
 
-from conftest import run_command
+from helpers import run_command
 
 INNER_MACS = 16 * 2_359_296 + 2 * (1_179_648 + 131_072)
 FLOAT_MACS = 442_368 + 640

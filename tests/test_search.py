@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, run_command, run_main
+from helpers import REPO, run_command, run_main
 from qevo import checkpoint, search
 from qevo import config as config_lib
 from qevo.layers import Bits

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, Killed, kill_after_checkpoint, on_cpu_devices, run_command, synthetic_digits, without_seconds
+from helpers import REPO, Killed, kill_after_checkpoint, on_cpu_devices, run_command, synthetic_digits, without_seconds
 from qevo import config as config_lib
 from qevo import train
 from qevo.checkpoint import load as load_checkpoint
