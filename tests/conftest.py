@@ -34,11 +34,18 @@ def pytest_collection_modifyitems(config, items):
 def pytest_configure(config):
     """Match the command-line entry points: threefry keys that compile fast on the CPU, and
     their persistent compilation cache (``<qevo cache>/jax``), which the tests that run in
-    this process then share with the commands the others start."""
+    this process then share with the commands the others start. Unlike the commands, the tests
+    keep every program in that cache, not only those that take a second or more to compile
+    (JAX's default): the suite compiles hundreds of small programs, again at every run, and
+    a second run of the fast tier then loads them (on the 2-core CPU, tests/test_layers.py and
+    tests/test_quant.py take 15 s so against 47-52 s). The setting reaches the commands and
+    scripts the tests start through the environment."""
     import jax
 
     from qevo.data import default_cache_dir
 
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_threefry_partitionable", False)
     jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "jax"))
 
