@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import REPO, run_command, run_main
+from helpers import REPO, Killed, kill_after_checkpoint, run_command, run_main
 from qevo import checkpoint, search
 from qevo import config as config_lib
 from qevo.layers import Bits
@@ -167,6 +167,7 @@ def test_a_size_bound_keeps_the_front_within_it_and_float_layers_stay_float(tiny
     assert len(front) <= len(feasible)
 
 
+@pytest.mark.slow
 def test_interrupted_search_resumes_to_the_same_front(tiny_lenet5_float, tmp_path, data_dir):
     args = [f"--config.float_from={tiny_lenet5_float}", *TINY]
     full = _search(tmp_path / "full", args, data_dir)
@@ -205,6 +206,28 @@ def test_interrupted_search_resumes_to_the_same_front(tiny_lenet5_float, tmp_pat
     assert f"resuming {workdir} after generation {done}" in resumed.stderr
     assert _rows(tmp_path / "resumed" / "pareto.csv") == _rows(tmp_path / "full" / "pareto.csv")
     assert (tmp_path / "resumed" / "history.jsonl").read_text().splitlines() == history
+
+
+def test_killed_search_resumes_to_the_same_front(tiny_lenet5_float, tmp_path, data_dir, monkeypatch, capsys):
+    """The fast tier's resume check (the slow test above kills the command mid-generation): a
+    search of 3 generations of 8 killed right after generation 1 is checkpointed resumes to
+    the front and the history of an unbroken run."""
+    cfg = search.validate(config_lib.load(REPO / "configs" / "lenet5.py", [
+        f"float_from={tiny_lenet5_float}", f"data.data_dir={data_dir}", "population_size=8", "generations=2",
+        "search.qat_steps=2", "search.eval_images=300", "data.max_train_images=3000", "final.enabled=False"]))
+    whole = search.run(cfg, tmp_path / "whole")
+    kill_after_checkpoint(monkeypatch, saves=1)  # the first checkpoint: generation 1
+    with pytest.raises(Killed):
+        search.run(cfg, tmp_path / "split")
+    assert checkpoint.load(tmp_path / "split" / "checkpoint.msgpack")[1] == {"generation": 1}
+    monkeypatch.undo()
+    capsys.readouterr()
+    resumed = search.run(cfg, tmp_path / "split")
+    assert f"resuming {tmp_path / 'split'} after generation 1" in capsys.readouterr().err
+    history = (tmp_path / "whole" / "history.jsonl").read_text().splitlines()
+    assert len(history) == 3 * 8 and whole["evaluations"] == resumed["evaluations"] == 24
+    assert (tmp_path / "split" / "history.jsonl").read_text().splitlines() == history
+    assert _rows(tmp_path / "split" / "pareto.csv") == _rows(tmp_path / "whole" / "pareto.csv")
 
 
 @pytest.mark.parametrize("driver", ["simple_ga", "random"])
