@@ -38,16 +38,19 @@ def pytest_configure(config):
     keep every program in that cache, not only those that take a second or more to compile
     (JAX's default): the suite compiles hundreds of small programs, again at every run, and
     a second run of the fast tier then loads them (on the 2-core CPU, tests/test_layers.py and
-    tests/test_quant.py take 15 s so against 47-52 s). The setting reaches the commands and
-    scripts the tests start through the environment."""
+    tests/test_quant.py take 15 s so against 47-52 s). The cache and this setting reach the
+    commands and the scripts the tests start (``python -c``: several devices, several
+    processes) through the environment."""
     import jax
 
     from qevo.data import default_cache_dir
 
+    cache = str(default_cache_dir() / "jax")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_threefry_partitionable", False)
-    jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "jax"))
+    jax.config.update("jax_compilation_cache_dir", cache)
 
 
 @pytest.fixture(scope="session")
