@@ -277,6 +277,7 @@ def test_command_writes_every_output(tiny_lenet5_float, data_dir, tmp_path):
 
 
 
+@pytest.mark.slow
 def test_killed_command_resumes_its_qat_baseline_to_the_same_results(tiny_lenet5_float, data_dir, tmp_path,
                                                                       monkeypatch, capsys):
     cfg = _config(tiny_lenet5_float, data_dir, **{"data.max_train_images": 500})  # QAT: 2 epochs of 288 images

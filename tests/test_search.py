@@ -230,7 +230,7 @@ def test_killed_search_resumes_to_the_same_front(tiny_lenet5_float, tmp_path, da
     assert _rows(tmp_path / "split" / "pareto.csv") == _rows(tmp_path / "whole" / "pareto.csv")
 
 
-@pytest.mark.parametrize("driver", ["simple_ga", "random"])
+@pytest.mark.parametrize("driver", ["simple_ga", pytest.param("random", marks=pytest.mark.slow)])
 def test_other_drivers_run_and_write_a_front(driver, tiny_lenet5_float, tmp_path, data_dir):
     args = [f"--config.float_from={tiny_lenet5_float}", *TINY, "--config.generations=2",
             f"--config.search.driver={driver}"]

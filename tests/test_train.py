@@ -146,6 +146,7 @@ def test_killed_training_resumes_to_the_same_model(data_dir, tmp_path, monkeypat
     assert rows("split") == rows("whole") and len(rows("whole")) == 4
 
 
+@pytest.mark.slow
 def test_data_parallel_epoch_equals_one_device():
     """One epoch split over 2 devices (a ``data`` axis: BatchNorm statistics, its gradient sums
     and the gradients reduced over it) against the same epoch on one device, in float64 with
