@@ -36,13 +36,14 @@ def test_lenet5_five_epochs_reach_98_8_percent(lenet5_float):
 @pytest.mark.parametrize(
     "args, message",
     [
+        # a command each: a config error and a data error in the fast tier, the others in the full suite
         (["--config.train.epochz=3"], "unknown config key 'train.epochz'"),
-        (["--config.train.w_bits=0"], "impossible bit width"),
-        (["--config.data.name=svhn"], "data.name='svhn' is not one of"),
+        pytest.param(["--config.train.w_bits=0"], "impossible bit width", marks=pytest.mark.slow),
+        pytest.param(["--config.data.name=svhn"], "data.name='svhn' is not one of", marks=pytest.mark.slow),
         (["--config.data.data_dir=/nonexistent/qevo"], "/nonexistent/qevo"),
-        (["--config.train.w_bits=4"], "train.init_from"),
-        (["--config.train.epochs=2", "--config.train.warmup_epochs=2"],
-         "train.warmup_epochs=2 must be an int in 0..train.epochs-1"),
+        pytest.param(["--config.train.w_bits=4"], "train.init_from", marks=pytest.mark.slow),
+        pytest.param(["--config.train.epochs=2", "--config.train.warmup_epochs=2"],
+                     "train.warmup_epochs=2 must be an int in 0..train.epochs-1", marks=pytest.mark.slow),
     ],
 )
 def test_bad_input_gives_one_clear_line(args, message, data_dir, tmp_path):
