@@ -210,10 +210,10 @@ def test_interrupted_search_resumes_to_the_same_front(tiny_lenet5_float, tmp_pat
 
 def test_killed_search_resumes_to_the_same_front(tiny_lenet5_float, tmp_path, data_dir, monkeypatch, capsys):
     """The fast tier's resume check (the slow test above kills the command mid-generation): a
-    search of 3 generations of 8 killed right after generation 1 is checkpointed resumes to
+    search of 3 generations of 4 killed right after generation 1 is checkpointed resumes to
     the front and the history of an unbroken run."""
     cfg = search.validate(config_lib.load(REPO / "configs" / "lenet5.py", [
-        f"float_from={tiny_lenet5_float}", f"data.data_dir={data_dir}", "population_size=8", "generations=2",
+        f"float_from={tiny_lenet5_float}", f"data.data_dir={data_dir}", "population_size=4", "generations=2",
         "search.qat_steps=2", "search.eval_images=300", "data.max_train_images=3000", "final.enabled=False"]))
     whole = search.run(cfg, tmp_path / "whole")
     kill_after_checkpoint(monkeypatch, saves=1)  # the first checkpoint: generation 1
@@ -225,7 +225,7 @@ def test_killed_search_resumes_to_the_same_front(tiny_lenet5_float, tmp_path, da
     resumed = search.run(cfg, tmp_path / "split")
     assert f"resuming {tmp_path / 'split'} after generation 1" in capsys.readouterr().err
     history = (tmp_path / "whole" / "history.jsonl").read_text().splitlines()
-    assert len(history) == 3 * 8 and whole["evaluations"] == resumed["evaluations"] == 24
+    assert len(history) == 3 * 4 and whole["evaluations"] == resumed["evaluations"] == 12
     assert (tmp_path / "split" / "history.jsonl").read_text().splitlines() == history
     assert _rows(tmp_path / "split" / "pareto.csv") == _rows(tmp_path / "whole" / "pareto.csv")
 
@@ -234,8 +234,8 @@ def test_killed_search_resumes_to_the_same_front(tiny_lenet5_float, tmp_path, da
 def test_other_drivers_run_and_write_a_front(driver, tiny_lenet5_float, tmp_path, data_dir):
     args = [f"--config.float_from={tiny_lenet5_float}", *TINY, "--config.generations=2",
             f"--config.search.driver={driver}"]
-    out = _search(tmp_path / "run", args, data_dir)
-    assert out.returncode == 0, out.stderr[-3000:]
+    status, stderr = run_main("qevo.search", "lenet5.py", tmp_path / "run", args, data_dir)  # in this process
+    assert status == 0, stderr[-3000:]
     rows = _rows(tmp_path / "run" / "pareto.csv")
     assert rows and all(len(r["w_bits"].split()) == 5 for r in rows)
     assert json.loads((tmp_path / "run" / "results.json").read_text())["evaluations"] == 24
@@ -244,8 +244,8 @@ def test_other_drivers_run_and_write_a_front(driver, tiny_lenet5_float, tmp_path
 def test_first_population_holds_the_uniform_seeds_then_random_genomes(tiny_lenet5_float, tmp_path, data_dir):
     args = [f"--config.float_from={tiny_lenet5_float}", *TINY, "--config.generations=0",
             "--config.search.uniform_seeds=((2, 4), (8, 8), (4, 16))"]
-    out = _search(tmp_path / "run", args, data_dir)
-    assert out.returncode == 0, out.stderr[-3000:]
+    status, stderr = run_main("qevo.search", "lenet5.py", tmp_path / "run", args, data_dir)  # in this process
+    assert status == 0, stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
     inner = [(r["w_bits"][1:-1], r["a_bits"][1:-1]) for r in rows]
     # (4, 16) is skipped: 16 is not an activation candidate of configs/lenet5.py.
@@ -328,7 +328,7 @@ def test_a_generation_of_only_infeasible_candidates_stops_the_search(tiny_lenet5
     assert "search lenet5" not in stderr  # no progress bar off a terminal
 
 
-@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("shared", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_shared_draws_score_a_genome_alike_in_every_generation(shared, tiny_lenet5_float, tmp_path, data_dir,
                                                                 monkeypatch):
     """With ``search.shared_draws`` the first population's genomes, scored again with the
