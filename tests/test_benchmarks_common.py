@@ -11,7 +11,7 @@ import jax
 import pytest
 
 from benchmarks import common
-from conftest import REPO
+from helpers import REPO
 
 
 def _git(root, *args: str) -> str:

@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import REPO, run_command
+from helpers import REPO, run_command
 from qevo import cli, harness
 from qevo import config as config_lib
 from qevo.errors import CheckpointError, ConfigError, DataError, PopulationMemoryError

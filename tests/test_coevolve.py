@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, Killed, kill_after_checkpoint, on_cpu_devices, run_command, without_seconds
+from helpers import REPO, Killed, kill_after_checkpoint, on_cpu_devices, run_command, without_seconds
 from qevo import config as config_lib
 from qevo.checkpoint import load as load_checkpoint
 from qevo.coevolve import algorithm as coevolve_algorithm
@@ -286,6 +286,7 @@ def test_command_writes_every_output(tiny_lenet5_float, data_dir, tmp_path):
 
 
 
+@pytest.mark.slow
 def test_killed_command_resumes_its_qat_baseline_to_the_same_results(tiny_lenet5_float, data_dir, tmp_path,
                                                                       monkeypatch, capsys):
     cfg = _config(tiny_lenet5_float, data_dir, **{"data.max_train_images": 500})  # QAT: 2 epochs of 288 images
@@ -331,12 +332,14 @@ def test_bad_config_is_refused_with_the_fix(overrides, message):
     "args, message",
     [
         (["--config.coevolve.w_bits=9"], "qevo.coevolve: error: config coevolve.w_bits=9 is an impossible bit width"),
-        (["--config.coevolve.radiuz=1"], "unknown config key 'coevolve.radiuz'"),
+        # a command each: test_bad_config_is_refused_with_the_fix and test_bad_bits_from_is_refused_in_one_line
+        # check the other two's messages in the fast tier
+        pytest.param(["--config.coevolve.radiuz=1"], "unknown config key 'coevolve.radiuz'", marks=pytest.mark.slow),
         (["--config.bits_from=/nonexistent/search", "--config.bits_model=front_01"],
          "qevo.coevolve: error: bits_from='/nonexistent/search' holds no finished qevo.search run"),
-        (["--config.bits_from=benchmarks/results/resnet20_cpu_search3", "--config.bits_model=front_02"],
-         "qevo.coevolve: error: front_02 of benchmarks/results/resnet20_cpu_search3 has widths for 20 layers, "
-         "this model (LeNet5) has 5"),
+        pytest.param(["--config.bits_from=benchmarks/results/resnet20_cpu_search3", "--config.bits_model=front_02"],
+                     "qevo.coevolve: error: front_02 of benchmarks/results/resnet20_cpu_search3 has widths for 20 "
+                     "layers, this model (LeNet5) has 5", marks=pytest.mark.slow),
     ],
 )
 def test_bad_input_gives_one_clear_line(args, message, tiny_lenet5_float, data_dir, tmp_path):

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, synthetic_digits
+from helpers import REPO, synthetic_digits
 from qevo import distributed
 from qevo.data.datasets import normalize
 from qevo.errors import ConfigError
@@ -30,7 +30,7 @@ from qevo import distributed
 assert distributed.initialize()
 import jax, numpy as np
 jax.config.update("jax_threefry_partitionable", False)  # as conftest sets it for the test process
-from conftest import REPO, synthetic_digits
+from helpers import REPO, synthetic_digits
 from qevo.quant.calibration import calibrate
 from qevo.data.datasets import normalize
 from qevo.models.zoo import get_model, init_variables
@@ -45,7 +45,8 @@ ev = PopulationEvaluator(model, ds.mean, ds.std, eval_batch_size=100)
 scores = ev(v, w, a, ds.val_images, ds.val_labels)
 from test_distributed import shared_and_coevolved
 print(json.dumps({{"process": jax.process_index(), "devices": jax.device_count(), "writer": distributed.is_writer(),
-                  "scores": np.asarray(scores).tolist(), **shared_and_coevolved(model, v, ds)}}))
+                  "scores": np.asarray(scores).tolist(),
+                  **(shared_and_coevolved(model, v, ds) if {methods!r} else {{}})}}))
 """
 
 
@@ -95,12 +96,13 @@ def _processes(argv: list[str], count: int = 2, timeout: int = 900, env=None) ->
     return out
 
 
-def test_population_over_two_processes_equals_one_process():
+@pytest.mark.parametrize("methods", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_population_over_two_processes_equals_one_process(methods):
     """Five individuals (padded to six) over the two processes' devices: every process reads
-    every score, equal to the scores of one process on one device; so do the weight-shared
-    networks and a coevolution cycle (:func:`shared_and_coevolved`)."""
+    every score, equal to the scores of one process on one device; with ``methods`` (the full
+    suite), so do the weight-shared networks and a coevolution cycle (:func:`shared_and_coevolved`)."""
     runs = [json.loads(r.stdout.strip().splitlines()[-1])
-            for r in _processes(["-c", POPULATION_SCRIPT.format(tests=str(TESTS))])]
+            for r in _processes(["-c", POPULATION_SCRIPT.format(tests=str(TESTS), methods=methods)])]
     assert [(r["process"], r["devices"], r["writer"]) for r in runs] == [(0, 2, True), (1, 2, False)]
     ds = synthetic_digits()
     model = get_model("lenet5", 10)
@@ -112,6 +114,8 @@ def test_population_over_two_processes_equals_one_process():
     expected = np.asarray(one(v, w, a, ds.val_images, ds.val_labels)).tolist()
     assert runs[0]["scores"] == runs[1]["scores"] == expected
     assert len(set(expected)) > 2  # the individuals really differ
+    if not methods:
+        return
     alone = shared_and_coevolved(model, v, ds)
     assert {k: runs[0][k] for k in alone} == {k: runs[1][k] for k in alone} == alone
     assert len(set(alone["shared"])) == 3 and len(set(alone["coevolution_loss"])) == 2

@@ -17,7 +17,7 @@ import pytest
 from flax import traverse_util
 from onnx import numpy_helper
 
-from conftest import REPO, run_main
+from helpers import REPO, run_main
 from qevo import harness
 from qevo.data.datasets import normalize
 from qevo.errors import CheckpointError, ConfigError, ExportError

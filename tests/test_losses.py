@@ -16,7 +16,7 @@ import optax
 import pytest
 
 import qevo
-from conftest import REPO, synthetic_digits
+from helpers import REPO, synthetic_digits
 from qevo.config import ConfigError
 from qevo.data.datasets import normalize
 from qevo.evolution.population import PopulationEvaluator, QATConfig, batch_eval_set, batched_accuracy

@@ -1,5 +1,5 @@
 """Population evaluator: strategies, sharding over devices, QAT, bad input; on synthetic images
-(``conftest.synthetic_digits``), as the engine needs no real data."""
+(``helpers.synthetic_digits``), as the engine needs no real data."""
 
 import pathlib
 import textwrap
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import on_cpu_devices, synthetic_digits
+from helpers import on_cpu_devices, synthetic_digits
 from qevo.data.datasets import normalize
 from qevo.evolution.population import (
     VMAP_QAT_MAX_MACS,
@@ -89,7 +89,7 @@ def test_four_host_devices_equal_one():
         import sys
         sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})
         import jax, jax.numpy as jnp, numpy as np
-        from conftest import synthetic_digits
+        from helpers import synthetic_digits
         from qevo.data.datasets import normalize
         from qevo.quant.calibration import calibrate
         from qevo.evolution.population import PopulationEvaluator

@@ -1,5 +1,6 @@
 """ResNet-20 on real CIFAR-10 (JPEG copy) at a tiny budget: the bit-width search and the
-coevolution end to end, each from a one-epoch float model.
+coevolution end to end, each from a one-epoch float model (slow); in the fast tier, the
+costs the search writes, from the ResNet-20 layer table alone.
 
 No accuracy is asserted (the budget is far too small); costs are checked against
 multiply-accumulates and weights counted by hand, and the integer forward pass against
@@ -14,9 +15,15 @@ fake quantization. ResNet-20 (projection shortcuts) has 18 inner convolutions:
 import csv
 import json
 
+import jax
+import numpy as np
 import pytest
 
-from conftest import run_command
+from helpers import run_command
+from qevo.models import cost
+from qevo.models.zoo import get_model, init_variables
+from qevo.quant.layers import Bits
+from qevo.search import problem as search_problem
 
 INNER_MACS = 16 * 2_359_296 + 2 * (1_179_648 + 131_072)
 FLOAT_MACS = 442_368 + 640
@@ -46,6 +53,22 @@ def _from_float(module, config, overrides, float_run, data_dir, run):
     assert out.returncode == 0, out.stderr[-3000:]
 
 
+def test_resnet20_costs_equal_hand_counts():
+    """What the search writes as the costs of its uniform baselines and of float (``qevo.search.problem.costs``
+    of ResNet-20's layer table, one row per model): BitOps and weight bits against the counts
+    above, without data or training (the slow test reads them from a search's final.csv)."""
+    model = get_model("resnet20", 10)
+    table = cost.layer_table(model, init_variables(model, jax.random.key(0), (32, 32, 3)), (32, 32, 3))
+    assert len(table.names) == 20
+    inner = np.array([8, 4, 2, 32])
+    widths = np.tile(inner[:, None], (1, 20))
+    widths[:, 0] = widths[:, -1] = 32  # the first convolution and the classifier stay float
+    costs = search_problem.costs(table, Bits(w=widths, a=widths.copy()))
+    np.testing.assert_array_equal(costs["bitops"], inner * inner * INNER_MACS + 32 * 32 * FLOAT_MACS)
+    assert float(costs["size"][1]) - float(costs["size"][2]) == 2 * INNER_WEIGHTS  # w4a4 against w2a2
+
+
+@pytest.mark.slow
 def test_resnet20_search_writes_costs_by_hand(resnet20_float, data_dir, tmp_path):
     run = tmp_path / "run"
     _from_float("qevo.search", "resnet20_cpu.py",
@@ -71,6 +94,7 @@ def test_resnet20_search_writes_costs_by_hand(resnet20_float, data_dir, tmp_path
         assert 0.0 <= float(r["test_accuracy"]) <= 1.0
 
 
+@pytest.mark.slow
 def test_resnet20_coevolution_integer_forward_equals_fake_quant(resnet20_float, data_dir, tmp_path):
     run = tmp_path / "run"
     overrides = {"cycles": 1, "num_groups": 2, "group_size": 64, "population_size": 3, "batch_size": 16,

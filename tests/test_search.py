@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, run_command, run_main
+from helpers import REPO, Killed, kill_after_checkpoint, run_command, run_main
 from qevo import checkpoint
 from qevo import config as config_lib
 from qevo.evolution.loop import base_key, step_keys
@@ -19,6 +19,7 @@ from qevo.quant.layers import Bits
 from qevo.search import config as search_config
 from qevo.search import final as search_final
 from qevo.search import generations as search_generations
+from qevo.search import method as search_method
 from qevo.search import problem as search_problem
 
 TINY = [
@@ -176,6 +177,7 @@ def test_a_size_bound_keeps_the_front_within_it_and_float_layers_stay_float(tiny
     assert len(front) <= len(feasible)
 
 
+@pytest.mark.slow
 def test_interrupted_search_resumes_to_the_same_front(tiny_lenet5_float, tmp_path, data_dir):
     args = [f"--config.float_from={tiny_lenet5_float}", *TINY]
     full = _search(tmp_path / "full", args, data_dir)
@@ -216,12 +218,34 @@ def test_interrupted_search_resumes_to_the_same_front(tiny_lenet5_float, tmp_pat
     assert (tmp_path / "resumed" / "history.jsonl").read_text().splitlines() == history
 
 
-@pytest.mark.parametrize("driver", ["simple_ga", "random"])
+def test_killed_search_resumes_to_the_same_front(tiny_lenet5_float, tmp_path, data_dir, monkeypatch, capsys):
+    """The fast tier's resume check (the slow test above kills the command mid-generation): a
+    search of 3 generations of 4 killed right after generation 1 is checkpointed resumes to
+    the front and the history of an unbroken run."""
+    cfg = search_config.validate(config_lib.load(REPO / "configs" / "lenet5.py", [
+        f"float_from={tiny_lenet5_float}", f"data.data_dir={data_dir}", "population_size=4", "generations=2",
+        "search.qat_steps=2", "search.eval_images=300", "data.max_train_images=3000", "final.enabled=False"]))
+    whole = search_method.run(cfg, tmp_path / "whole")
+    kill_after_checkpoint(monkeypatch, saves=1)  # the first checkpoint: generation 1
+    with pytest.raises(Killed):
+        search_method.run(cfg, tmp_path / "split")
+    assert checkpoint.load(tmp_path / "split" / "checkpoint.msgpack")[1] == {"generation": 1}
+    monkeypatch.undo()
+    capsys.readouterr()
+    resumed = search_method.run(cfg, tmp_path / "split")
+    assert f"resuming {tmp_path / 'split'} after generation 1" in capsys.readouterr().err
+    history = (tmp_path / "whole" / "history.jsonl").read_text().splitlines()
+    assert len(history) == 3 * 4 and whole["evaluations"] == resumed["evaluations"] == 12
+    assert (tmp_path / "split" / "history.jsonl").read_text().splitlines() == history
+    assert _rows(tmp_path / "split" / "pareto.csv") == _rows(tmp_path / "whole" / "pareto.csv")
+
+
+@pytest.mark.parametrize("driver", ["simple_ga", pytest.param("random", marks=pytest.mark.slow)])
 def test_other_drivers_run_and_write_a_front(driver, tiny_lenet5_float, tmp_path, data_dir):
     args = [f"--config.float_from={tiny_lenet5_float}", *TINY, "--config.generations=2",
             f"--config.search.driver={driver}"]
-    out = _search(tmp_path / "run", args, data_dir)
-    assert out.returncode == 0, out.stderr[-3000:]
+    status, stderr = run_main("qevo.search", "lenet5.py", tmp_path / "run", args, data_dir)  # in this process
+    assert status == 0, stderr[-3000:]
     rows = _rows(tmp_path / "run" / "pareto.csv")
     assert rows and all(len(r["w_bits"].split()) == 5 for r in rows)
     assert json.loads((tmp_path / "run" / "results.json").read_text())["evaluations"] == 24
@@ -230,8 +254,8 @@ def test_other_drivers_run_and_write_a_front(driver, tiny_lenet5_float, tmp_path
 def test_first_population_holds_the_uniform_seeds_then_random_genomes(tiny_lenet5_float, tmp_path, data_dir):
     args = [f"--config.float_from={tiny_lenet5_float}", *TINY, "--config.generations=0",
             "--config.search.uniform_seeds=((2, 4), (8, 8), (4, 16))"]
-    out = _search(tmp_path / "run", args, data_dir)
-    assert out.returncode == 0, out.stderr[-3000:]
+    status, stderr = run_main("qevo.search", "lenet5.py", tmp_path / "run", args, data_dir)  # in this process
+    assert status == 0, stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
     inner = [(r["w_bits"][1:-1], r["a_bits"][1:-1]) for r in rows]
     # (4, 16) is skipped: 16 is not an activation candidate of configs/lenet5.py.
@@ -315,7 +339,7 @@ def test_a_generation_of_only_infeasible_candidates_stops_the_search(tiny_lenet5
     assert "search lenet5" not in stderr  # no progress bar off a terminal
 
 
-@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("shared", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_shared_draws_score_a_genome_alike_in_every_generation(shared, tiny_lenet5_float, tmp_path, data_dir,
                                                                 monkeypatch):
     """With ``search.shared_draws`` the first population's genomes, scored again with the

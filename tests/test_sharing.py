@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import REPO, Killed, kill_after_checkpoint, run_command, run_main, without_seconds
+from helpers import REPO, Killed, kill_after_checkpoint, run_command, run_main, without_seconds
 from qevo import config as config_lib
 from qevo import harness
 from qevo.checkpoint import CheckpointError

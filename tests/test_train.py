@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, Killed, kill_after_checkpoint, on_cpu_devices, run_command, synthetic_digits, without_seconds
+from helpers import REPO, Killed, kill_after_checkpoint, on_cpu_devices, run_command, synthetic_digits, without_seconds
 from qevo import config as config_lib
 from qevo.checkpoint import load as load_checkpoint
 from qevo.data.datasets import Dataset
@@ -40,13 +40,14 @@ def test_lenet5_five_epochs_reach_98_8_percent(lenet5_float):
 @pytest.mark.parametrize(
     "args, message",
     [
+        # a command each: a config error and a data error in the fast tier, the others in the full suite
         (["--config.train.epochz=3"], "unknown config key 'train.epochz'"),
-        (["--config.train.w_bits=0"], "impossible bit width"),
-        (["--config.data.name=svhn"], "data.name='svhn' is not one of"),
+        pytest.param(["--config.train.w_bits=0"], "impossible bit width", marks=pytest.mark.slow),
+        pytest.param(["--config.data.name=svhn"], "data.name='svhn' is not one of", marks=pytest.mark.slow),
         (["--config.data.data_dir=/nonexistent/qevo"], "/nonexistent/qevo"),
-        (["--config.train.w_bits=4"], "train.init_from"),
-        (["--config.train.epochs=2", "--config.train.warmup_epochs=2"],
-         "train.warmup_epochs=2 must be an int in 0..train.epochs-1"),
+        pytest.param(["--config.train.w_bits=4"], "train.init_from", marks=pytest.mark.slow),
+        pytest.param(["--config.train.epochs=2", "--config.train.warmup_epochs=2"],
+                     "train.warmup_epochs=2 must be an int in 0..train.epochs-1", marks=pytest.mark.slow),
     ],
 )
 def test_bad_input_gives_one_clear_line(args, message, data_dir, tmp_path):
@@ -131,7 +132,8 @@ def test_weight_decay_on_kernels_leaves_norms_and_biases_alone(optimizer, builde
 
 def test_killed_training_resumes_to_the_same_model(data_dir, tmp_path, monkeypatch, capsys):
     cfg = config_lib.load(REPO / "configs" / "lenet5.py",
-                          ["train.epochs=3", "data.max_train_images=2000", f"data.data_dir={data_dir}"])
+                          ["train.epochs=3", "data.max_train_images=2000", "data.max_test_images=1000",
+                           f"data.data_dir={data_dir}"])
     whole = train_method.run(cfg, tmp_path / "whole")
     kill_after_checkpoint(monkeypatch, saves=2)
     with pytest.raises(Killed):
@@ -150,6 +152,7 @@ def test_killed_training_resumes_to_the_same_model(data_dir, tmp_path, monkeypat
     assert rows("split") == rows("whole") and len(rows("whole")) == 4
 
 
+@pytest.mark.slow
 def test_data_parallel_epoch_equals_one_device():
     """One epoch split over 2 devices (a ``data`` axis: BatchNorm statistics, its gradient sums
     and the gradients reduced over it) against the same epoch on one device, in float64 with
