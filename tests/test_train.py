@@ -128,7 +128,8 @@ def test_weight_decay_on_kernels_leaves_norms_and_biases_alone(optimizer, builde
 
 def test_killed_training_resumes_to_the_same_model(data_dir, tmp_path, monkeypatch, capsys):
     cfg = config_lib.load(REPO / "configs" / "lenet5.py",
-                          ["train.epochs=3", "data.max_train_images=2000", "data.max_test_images=1000", f"data.data_dir={data_dir}"])
+                          ["train.epochs=3", "data.max_train_images=2000", "data.max_test_images=1000",
+                           f"data.data_dir={data_dir}"])
     whole = train.run(cfg, tmp_path / "whole")
     kill_after_checkpoint(monkeypatch, saves=2)
     with pytest.raises(Killed):
