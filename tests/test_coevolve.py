@@ -258,6 +258,7 @@ def test_interrupted_evolution_resumes_to_the_same_state(tiny_lenet5_float, data
 # --------------------------------------------------------------------------- the command
 
 
+@pytest.mark.slow
 def test_command_writes_every_output(tiny_lenet5_float, data_dir, tmp_path):
     args = [f"--config.float_from={tiny_lenet5_float}", *_args(TINY)]
     run = tmp_path / "run"
