@@ -3,7 +3,8 @@ multi-fidelity scoring with layer sensitivity and common random numbers, and eac
 switched off alone.
 
 ``python -m benchmarks.protocols --config configs/lenet5.py --float-from runs/lenet5/float
---workdir runs/protocols_lenet5 --reference 0.05,1.544e8 [--protocols old,new,...] [--out FILE]``
+--workdir runs/protocols_lenet5 --reference 0.05,1.544e8 [--protocols old,new,...] [--rungs R]
+[--seeds 3] [--out FILE]``
 
 Each protocol is ``python -m qevo.search`` with the overrides of :data:`PROTOCOLS` (plus
 ``--extra``), from the same float model, with ``final.seeds`` trainings of every final model
@@ -31,20 +32,23 @@ from benchmarks import common
 from qevo.evolution import nsga3
 from qevo.harness import read_rows
 
-RUNGS = "((10,2000),(40,100000))"  # 16 x 10 + 4 x 40 QAT steps: the 320 of 16 x 20 in one generation
+# The default rungs: LeNet-5's 16 x 10 + 4 x 40 QAT steps are the 320 of 16 x 20 (configs/lenet5.py) in one
+# generation, scored on 2,000 validation images, then the 4 promoted on all of them.
+RUNGS = "((10,2000),(40,100000))"
 PROTOCOLS = {
     "old": ["search.shared_draws=False", "search.rungs=()", "search.sensitivity=False"],
-    "new": ["search.shared_draws=True", f"search.rungs={RUNGS}", "search.sensitivity=True"],
+    "new": ["search.shared_draws=True", "search.rungs={rungs}", "search.sensitivity=True"],
     "no_rungs": ["search.shared_draws=True", "search.rungs=()", "search.sensitivity=True"],
-    "no_sensitivity": ["search.shared_draws=True", f"search.rungs={RUNGS}", "search.sensitivity=False"],
-    "draws_per_generation": ["search.shared_draws=False", f"search.rungs={RUNGS}", "search.sensitivity=True"],
+    "no_sensitivity": ["search.shared_draws=True", "search.rungs={rungs}", "search.sensitivity=False"],
+    "draws_per_generation": ["search.shared_draws=False", "search.rungs={rungs}", "search.sensitivity=True"],
 }
 
 
 def run_protocol(name: str, args) -> dict:
     """Run (or resume) one protocol's search; its ``results.json`` and ``final.csv`` rows."""
     folder = args.workdir / name
-    overrides = [*PROTOCOLS[name], f"final.seeds={args.seeds}", f"float_from={args.float_from}", *args.extra]
+    overrides = [*(o.format(rungs=args.rungs) for o in PROTOCOLS[name]), f"final.seeds={args.seeds}",
+                 f"float_from={args.float_from}", *args.extra]
     cmd = [sys.executable, "-m", "qevo.search", "--config", str(args.config), "--workdir", str(folder),
            *(f"--config.{o}" for o in overrides)]
     start = time.perf_counter()
@@ -92,6 +96,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--reference", required=True, help="hypervolume reference point: test error,BitOps")
     parser.add_argument("--protocols", default=",".join(PROTOCOLS), help=f"comma-separated, of {list(PROTOCOLS)}")
     parser.add_argument("--seeds", type=int, default=3, help="final.seeds: trainings of every final model")
+    parser.add_argument("--rungs", default=RUNGS, help=f"search.rungs of the protocols with rungs (default {RUNGS})")
     parser.add_argument("--extra", action="append", default=[], help="one more --config override for every protocol")
     parser.add_argument("--out", type=pathlib.Path)
     args = parser.parse_args(argv)
@@ -106,6 +111,7 @@ def main(argv=None) -> dict:
                            "baselines' BitOps, over final-training seeds",
               **common.environment(),
               "inputs": {"config": str(args.config), "float_from": str(args.float_from), "seeds": args.seeds,
+                         "rungs": args.rungs,
                          "reference": reference.tolist(), "extra": args.extra},
               "protocols": {}}
     for name in names:

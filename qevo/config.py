@@ -119,17 +119,6 @@ RENAMED = {
 }
 
 
-# Keys added since an earlier release whose default differs from the behaviour a run begun
-# before them had: key -> that behaviour's value. A run whose config.json lacks the key
-# resumes at this value, not at today's default (:func:`qevo.harness.fill_defaults`).
-ADDED = {
-    "search.shared_draws": False,
-    "search.rungs": (),
-    "search.sensitivity": False,
-    "final.seeds": 1,
-}
-
-
 # Config files renamed since an earlier release: old file name -> new file name (in the same
 # folder). An old name keeps working, with a one-line notice, until the next release.
 RENAMED_FILES = {

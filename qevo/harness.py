@@ -461,18 +461,16 @@ def prepare_workdir(workdir: pathlib.Path, cfg: ml_collections.ConfigDict,
     return workdir
 
 
-def fill_defaults(saved: dict, defaults: dict, prefix: str = "") -> dict:
+def fill_defaults(saved: dict, defaults: dict) -> dict:
     """``saved`` (a run's ``config.json`` as a dict) with each key it lacks, one added to qevo
-    since the run began, at the value that keeps the behaviour the run had: its entry in
-    :data:`qevo.config.ADDED` where the default has changed it, else its value in
-    ``defaults`` (the command's keys and defaults)."""
+    since the run began, at its value in ``defaults`` (the command's keys and defaults,
+    which keep the behaviour the run had: a key is added with the default that does)."""
     out = dict(saved)
     for key, default in defaults.items():
         if key not in out:
-            before = config_lib.ADDED.get(prefix + key, default)
-            out[key] = list(before) if isinstance(before, tuple) else before
+            out[key] = default
         elif isinstance(default, dict) and isinstance(out[key], dict):
-            out[key] = fill_defaults(out[key], default, f"{prefix}{key}.")
+            out[key] = fill_defaults(out[key], default)
     return out
 
 

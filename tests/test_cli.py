@@ -514,22 +514,18 @@ def test_fill_defaults_adds_only_the_keys_a_saved_config_lacks():
                                                       "model": {"name": "lenet5", "conv": "auto"}}
 
 
-def test_a_run_begun_before_a_key_resumes_at_the_behaviour_it_had():
-    """Keys whose default changed the behaviour (``qevo.config.ADDED``) fill in at their former
-    value, so a search recorded before common random numbers were the default resumes with a
-    draw per generation and a single rung."""
+def test_a_search_begun_before_rungs_sensitivity_and_final_seeds_resumes_as_it_ran():
+    """The search's keys added since a run began fill in at defaults that keep its behaviour:
+    one rung, no sensitivity, one final training, a draw per generation."""
     from qevo.search import config as search_config_
 
-    defaults = config_lib.to_dict(search_config_.defaults())
-    assert defaults["search"]["shared_draws"] is True
+    defaults = json.loads(json.dumps(config_lib.to_dict(search_config_.defaults())))
     saved = {k: v for k, v in defaults.items() if k not in ("search", "final")}
-    saved["search"] = {k: v for k, v in defaults["search"].items()
-                       if k not in ("shared_draws", "rungs", "sensitivity", "promote")}
+    saved["search"] = {k: v for k, v in defaults["search"].items() if k not in ("rungs", "sensitivity", "promote")}
     saved["final"] = {k: v for k, v in defaults["final"].items() if k != "seeds"}
-    filled = harness.fill_defaults(saved, json.loads(json.dumps(defaults)))
-    assert filled["search"]["shared_draws"] is False and filled["search"]["rungs"] == []
-    assert filled["search"]["sensitivity"] is False and filled["final"]["seeds"] == 1
-    assert filled["search"]["promote"] == defaults["search"]["promote"]  # no behaviour without rungs
+    filled = harness.fill_defaults(saved, defaults)
+    assert filled["search"]["rungs"] == [] and filled["search"]["sensitivity"] is False
+    assert filled["final"]["seeds"] == 1 and filled["search"]["shared_draws"] is False
 
 
 # ---------------------------------------------------------------------------- the method table

@@ -45,7 +45,7 @@ def defaults() -> ml_collections.ConfigDict:
             "rungs": (),
             "promote": 0.25,
             "sensitivity": False,
-            "shared_draws": True,
+            "shared_draws": False,
             "qat_batch_size": 128,
             "qat_learning_rate": 1e-3,
             "qat_optimizer": "sgd",
