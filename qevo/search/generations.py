@@ -25,7 +25,6 @@ from qevo.harness import StepLog, write_json
 from qevo.search.config import reference_directions
 from qevo.search.final import front_indices, history_objectives
 from qevo.search.problem import Problem
-from qevo.search.sensitivity import extremes as gene_extremes
 from qevo.search.sensitivity import gene_sensitivity, ladder, mutation_rates
 
 
@@ -83,7 +82,7 @@ def make_strategy(cfg: ml_collections.ConfigDict, problem: Problem,
     total = cfg.search.initial_samples or n
     mutation_rate = cfg.search.mutation_rate
     if sensitivity is not None:
-        lo, mid, hi = gene_extremes(problem)
+        lo, mid, hi = space.extremes()
         along = ladder(sensitivity, lo, mid, hi, (total - len(seeds)) // 2)
         seeds = np.concatenate([seeds, along[~(along[:, None] == seeds[None]).all(-1).any(-1)]])
         mutation_rate = jnp.asarray(mutation_rates(sensitivity, mutation_rate or 1.0 / space.num_genes))

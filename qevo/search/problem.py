@@ -52,6 +52,15 @@ class SearchSpace:
         s = int(self.searched.sum())
         return np.array([len(self.w_candidates)] * s + [len(self.a_candidates)] * s, np.int32)
 
+    def extremes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """int32 ``[G]`` each: per gene, the index of its lowest, middle and highest candidate width."""
+        s = int(self.searched.sum())
+        out = []
+        for pick in (lambda c: c[0], lambda c: c[len(c) // 2], lambda c: c[-1]):
+            w, a = pick(np.argsort(self.w_candidates)), pick(np.argsort(self.a_candidates))
+            out.append(np.array([w] * s + [a] * s, np.int32))
+        return out[0], out[1], out[2]
+
     def decode(self, genes) -> Bits:
         """Widths ``[P, L]`` of genes ``[P, G]``."""
         w, a = variation.decode(jnp.asarray(genes), self.w_candidates, self.a_candidates, self.searched)
@@ -166,12 +175,8 @@ class Problem:
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-objective ``(lower, upper)``: error in [0, 1], costs between all-min and all-max widths."""
-        s = int(self.space.searched.sum())
-        hi = np.concatenate([np.full(s, np.argmax(self.space.w_candidates)),
-                             np.full(s, np.argmax(self.space.a_candidates))])[None]
-        lo = np.concatenate([np.full(s, np.argmin(self.space.w_candidates)),
-                             np.full(s, np.argmin(self.space.a_candidates))])[None].astype(np.int32)
-        c_lo, c_hi = self.costs(self.space.decode(lo)), self.costs(self.space.decode(hi))
+        lo, _, hi = self.space.extremes()
+        c_lo, c_hi = self.costs(self.space.decode(lo[None])), self.costs(self.space.decode(hi[None]))
         ends = {o: sorted((c_lo[o][0], c_hi[o][0])) for o in c_lo}  # a user's objective may fall with width
         lower = np.array([0.0 if o == "error" else ends[o][0] for o in self.cfg.search.objectives])
         upper = np.array([1.0 if o == "error" else ends[o][1] for o in self.cfg.search.objectives])

@@ -19,22 +19,11 @@ def gene_sensitivity(problem: Problem, key: jax.Array) -> np.ndarray:
     widths), the validation accuracy of all genes at their highest candidate width minus that
     with this gene alone at its lowest, at the most accurate rung (its QAT included), every
     candidate on the mini-batches of ``key``. Negative where lowering the gene scored higher."""
-    lo, _, hi = extremes(problem)
+    lo, _, hi = problem.space.extremes()
     genes = np.tile(hi, (len(hi) + 1, 1))
     genes[np.arange(1, len(hi) + 1), np.arange(len(hi))] = lo
     acc = problem.accuracy(len(problem.rungs) - 1, problem.space.decode(genes), key)
     return acc[0] - acc[1:]
-
-
-def extremes(problem: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """int32 ``[G]`` each: per gene, the index of its lowest, middle and highest candidate width."""
-    space = problem.space
-    s = len(space.n_choices) // 2
-    out = []
-    for pick in (lambda c: c[0], lambda c: c[len(c) // 2], lambda c: c[-1]):
-        w, a = pick(np.argsort(space.w_candidates)), pick(np.argsort(space.a_candidates))
-        out.append(np.array([w] * s + [a] * s, np.int32))
-    return out[0], out[1], out[2]
 
 
 def ladder(sensitivity: np.ndarray, lo: np.ndarray, mid: np.ndarray, hi: np.ndarray, count: int) -> np.ndarray:
