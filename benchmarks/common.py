@@ -97,12 +97,14 @@ def median_seconds(fn, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def spread(values) -> dict:
+def spread(values, decimals: int | None = None) -> dict:
     """Repeated measurements as a report records them: the values (2 decimals), their mean and
-    sample standard deviation (3 decimals; None for one value), in the values' own unit."""
+    sample standard deviation (3 decimals; None for one value), in the values' own unit;
+    ``decimals`` rounds all three alike."""
     v = np.asarray(values, np.float64)
-    return {"values": [round(float(x), 2) for x in v], "mean": round(float(v.mean()), 3),
-            "std": round(float(v.std(ddof=1)), 3) if v.size > 1 else None}
+    each, summary = (2, 3) if decimals is None else (decimals, decimals)
+    return {"values": [round(float(x), each) for x in v], "mean": round(float(v.mean()), summary),
+            "std": round(float(v.std(ddof=1)), summary) if v.size > 1 else None}
 
 
 def environment() -> dict:

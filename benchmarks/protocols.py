@@ -31,6 +31,7 @@ import numpy as np
 from benchmarks import common
 from qevo.evolution import nsga3
 from qevo.harness import read_rows
+from qevo.search.final import final_folder
 
 # The default rungs: LeNet-5's 16 x 10 + 4 x 40 QAT steps are the 320 of 16 x 20 (configs/lenet5.py) in one
 # generation, scored on 2,000 validation images, then the 4 promoted on all of them.
@@ -66,7 +67,7 @@ def seed_accuracies(folder: pathlib.Path, names: list[str], seeds: int) -> np.nd
     out = np.zeros((seeds, len(names)))
     for r in range(seeds):
         for j, name in enumerate(names):
-            path = folder / "final" / (f"seed{r}" if r else "") / name / "results.json"
+            path = final_folder(folder, r) / name / "results.json"
             out[r, j] = json.loads(path.read_text())["test_accuracy"]
     return out
 
@@ -79,13 +80,6 @@ def hypervolumes(rows: list[dict], acc: np.ndarray, reference: np.ndarray, kinds
     bitops = np.array([float(rows[j]["bitops"]) for j in keep])
     return np.array([nsga3.hypervolume(np.stack([1.0 - acc[r, keep], bitops], axis=1) / reference, np.ones(2))
                      for r in range(acc.shape[0])])
-
-
-def _fine(values: np.ndarray) -> dict:
-    """Hypervolumes per seed, their mean and sample standard deviation, to 5 decimals (the
-    protocols differ in the third)."""
-    return {"values": [round(float(v), 5) for v in values], "mean": round(float(values.mean()), 5),
-            "std": round(float(values.std(ddof=1)), 5) if values.size > 1 else None}
 
 
 def main(argv=None) -> dict:
@@ -128,8 +122,9 @@ def main(argv=None) -> dict:
             "stage_seconds": r["seconds"],
             "evaluations": r["evaluations"],
             "throughput": r["throughput"],
-            "hypervolume_front": _fine(front_hv),
-            "hypervolume_front_and_baselines": _fine(all_hv),
+            # to 5 decimals: the protocols differ in the third
+            "hypervolume_front": common.spread(front_hv, decimals=5),
+            "hypervolume_front_and_baselines": common.spread(all_hv, decimals=5),
             "against_baselines": r["against_baselines"],
             "final": [{k: row[k] for k in ("name", "kind", "w_bits", "a_bits", "bitops", "test_accuracy",
                                            "test_accuracy_std")} for row in tested],

@@ -116,8 +116,7 @@ def train_final(cfg, problem: Problem, models: list[dict], workdir: pathlib.Path
     Training ``r`` draws its mini-batches and augmentation from seed ``cfg.seed + r``, the
     same for every model (so two models' accuracies of one seed are paired) and lives in
     ``final/`` (``r = 0``) or ``final/seed<r>/``: :func:`train_once`."""
-    runs = [train_once(cfg, problem, models, workdir / "final" / (f"seed{r}" if r else ""), cfg.seed + r)
-            for r in range(cfg.final.seeds)]
+    runs = [train_once(cfg, problem, models, final_folder(workdir, r), cfg.seed + r) for r in range(cfg.final.seeds)]
     rows = []
     for m in models:
         c = problem.costs(Bits(w=np.asarray([m["w_bits"]]), a=np.asarray([m["a_bits"]])))
@@ -128,6 +127,11 @@ def train_final(cfg, problem: Problem, models: list[dict], workdir: pathlib.Path
                      "test_accuracies": [float(t) for t in test], "seeds": len(test),
                      "epochs": runs[0][m["name"]]["epochs"], **{k: float(v[0]) for k, v in c.items()}})
     return rows
+
+
+def final_folder(workdir: pathlib.Path, r: int) -> pathlib.Path:
+    """Where final training ``r`` (of ``final.seeds``) keeps its models: ``final/``, then ``final/seed<r>/``."""
+    return workdir / "final" / (f"seed{r}" if r else "")
 
 
 def train_once(cfg, problem: Problem, models: list[dict], final: pathlib.Path, seed: int) -> dict[str, dict]:
