@@ -14,10 +14,10 @@ from collections.abc import Callable
 import jax
 import ml_collections
 
-from qevo import checkpoint, distributed
 from qevo import config as config_lib
+from qevo import distributed
 from qevo.data.datasets import Dataset
-from qevo.harness import MODEL, RESULTS
+from qevo.harness import MODEL, RESULTS, float_folder, load_variables
 from qevo.models.zoo import init_variables
 from qevo.quant.interception import QevoModel
 from qevo.train import method
@@ -38,23 +38,21 @@ def float_model(cfg: ml_collections.ConfigDict, ds: Dataset, model: QevoModel, w
       ``(variables, results)``: the float ``params``/``batch_stats``/``quant`` and the
       train run's ``results.json`` (test accuracy, wall time).
     """
+    folder = float_folder(workdir, cfg)
     if cfg.float_from is None:
-        folder = workdir / "float"
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / RESULTS).exists():
             float_cfg = ml_collections.ConfigDict(cfg.to_dict())
             float_cfg.train.w_bits = float_cfg.train.a_bits = 32
             method.run(float_cfg, folder, model=model, data=ds, loss=loss, metric=metric)
         distributed.sync("float model")  # process 0 wrote it; every process reads it
-    else:
-        folder = pathlib.Path(cfg.float_from)
-        if not (folder / MODEL).is_file():
-            raise config_lib.ConfigError(
-                f"float_from={cfg.float_from!r} holds no {MODEL}; "
-                "point it at a finished `python -m qevo.train` run folder"
-            )
+    elif not (folder / MODEL).is_file():
+        raise config_lib.ConfigError(
+            f"float_from={cfg.float_from!r} holds no {MODEL}; "
+            "point it at a finished `python -m qevo.train` run folder"
+        )
     template = init_variables(model, jax.random.key(cfg.seed), ds.train_images.shape[1:])
-    variables, _ = checkpoint.load(folder / MODEL, template)
+    variables = load_variables(folder / MODEL, template)
     results_path = folder / RESULTS
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     return variables, results
